@@ -1,0 +1,219 @@
+"""One error tree, one handler, one table from error type to HTTP status.
+
+    ModelMeterError                      (base: message, code, param)
+    ├── InvalidRequestError              invalid_request_error      422
+    │   └── MalformedRequestError        invalid_request_error      400  (unparseable JSON, bad multipart)
+    ├── AuthenticationError              authentication_error       401
+    ├── PermissionDeniedError            permission_error           403
+    │   └── TenantSuspendedError         permission_error           403  code=tenant_suspended
+    ├── NotFoundError                    not_found_error            404
+    ├── MethodNotAllowedError            invalid_request_error      405
+    ├── ConflictError                    conflict_error             409
+    ├── PayloadTooLargeError             request_too_large          413
+    ├── RateLimitError                   rate_limit_exceeded        429  (Retry-After)
+    ├── InsufficientQuotaError           insufficient_quota         429  (do not retry)
+    ├── OverloadedError                  overloaded                 429  (Retry-After)
+    ├── ServiceUnavailableError          service_unavailable        503
+    └── InternalError                    internal_error             500
+
+Every refusal leaves the service as one JSON envelope:
+``{"error": {"message": str, "type": str, "code": str | null, "param": str | null}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("modelmeter.errors")
+
+
+class ModelMeterError(Exception):
+    """Base of every error the platform reports to a client."""
+
+    type = "api_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code if code is not None else self.default_code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+
+class InvalidRequestError(ModelMeterError):
+    type = "invalid_request_error"
+
+
+class MalformedRequestError(InvalidRequestError):
+    default_code = "malformed_request"
+
+
+class AuthenticationError(ModelMeterError):
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(ModelMeterError):
+    type = "permission_error"
+
+
+class TenantSuspendedError(PermissionDeniedError):
+    default_code = "tenant_suspended"
+
+
+class NotFoundError(ModelMeterError):
+    type = "not_found_error"
+    default_code = "not_found"
+
+
+class MethodNotAllowedError(ModelMeterError):
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class ConflictError(ModelMeterError):
+    type = "conflict_error"
+    default_code = "conflict"
+
+
+class PayloadTooLargeError(ModelMeterError):
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimitError(ModelMeterError):
+    type = "rate_limit_exceeded"
+    default_code = "rate_limit_exceeded"
+
+
+class InsufficientQuotaError(ModelMeterError):
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
+class OverloadedError(ModelMeterError):
+    type = "overloaded"
+    default_code = "overloaded"
+
+
+class ServiceUnavailableError(ModelMeterError):
+    type = "service_unavailable"
+    default_code = "service_unavailable"
+
+
+class InternalError(ModelMeterError):
+    type = "internal_error"
+    default_code = "internal_error"
+
+
+# The one table from error class to HTTP status; the most specific class listed wins (MRO order).
+STATUS: dict[type[ModelMeterError], int] = {
+    ModelMeterError: 500,
+    InvalidRequestError: 422,
+    MalformedRequestError: 400,
+    AuthenticationError: 401,
+    PermissionDeniedError: 403,
+    NotFoundError: 404,
+    MethodNotAllowedError: 405,
+    ConflictError: 409,
+    PayloadTooLargeError: 413,
+    RateLimitError: 429,
+    InsufficientQuotaError: 429,
+    OverloadedError: 429,
+    ServiceUnavailableError: 503,
+    InternalError: 500,
+}
+
+
+def status_of(error: ModelMeterError) -> int:
+    """HTTP status of an error, from ``STATUS``."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]  # type: ignore[index]
+    return 500
+
+
+def error_response(error: ModelMeterError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=status_of(error), headers=error.headers)
+
+
+def _param_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def from_validation(exc: RequestValidationError) -> ModelMeterError:
+    """Translate FastAPI's validation error into ours, naming the first offending field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    kind = str(first.get("type", ""))
+    param = _param_of(first.get("loc", ()))
+    if kind in ("json_invalid", "json_type") or (kind == "model_attributes_type" and param is None):
+        return MalformedRequestError("Request body is not valid JSON.", param=None)
+    message = str(first.get("msg", "Invalid request."))
+    if kind == "extra_forbidden":
+        message = f"Unknown field '{param}'."
+        return InvalidRequestError(message, code="unknown_field", param=param)
+    text = f"{param}: {message}" if param else message
+    return InvalidRequestError(text, code="invalid_value", param=param)
+
+
+_HTTP_CLASSES: dict[int, type[ModelMeterError]] = {
+    400: MalformedRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    405: MethodNotAllowedError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    422: InvalidRequestError,
+}
+
+
+def from_http(exc: StarletteHTTPException) -> ModelMeterError:
+    cls = _HTTP_CLASSES.get(exc.status_code, InternalError if exc.status_code >= 500 else InvalidRequestError)
+    message = "Unknown route." if exc.status_code == 404 else str(exc.detail)
+    return cls(message, headers=exc.headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Register the one handler for every error path of the app."""
+
+    async def _ours(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ModelMeterError)
+        return error_response(exc)
+
+    async def _validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(from_validation(exc))
+
+    async def _http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(from_http(exc))
+
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(InternalError("The server had an error while processing the request."))
+
+    app.add_exception_handler(ModelMeterError, _ours)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,234 @@
+"""API keys: format, hashing, issuing, lookup (with a short TTL cache), scopes, revoke and roll.
+
+A key looks like ``mm_<32 random base62><6 base62 CRC32 checksum>`` (41 characters, ~190 random bits).
+The checksum lets a malformed or mutated key be refused without touching the database; only the key's
+SHA-256 is stored. The plaintext exists in exactly one response body and never in a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, col, select, update
+
+from modelmeter import clock
+from modelmeter.errors import AuthenticationError, PermissionDeniedError, TenantSuspendedError
+from modelmeter.gateway.tenants import ALL_SCOPES, ApiKey, ApiKeyCreate, Tenant
+from modelmeter.ids import new_id
+
+KEY_PREFIX = "mm_"
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_RANDOM_LEN = 32
+_CHECK_LEN = 6
+_KEY_RE = re.compile(rf"^{KEY_PREFIX}[0-9A-Za-z]{{{_RANDOM_LEN + _CHECK_LEN}}}$")
+INVALID_KEY_MESSAGE = "Invalid API key provided."
+
+
+def _b62(value: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        value, digit = divmod(value, 62)
+        out.append(_BASE62[digit])
+    return "".join(reversed(out))
+
+
+def _checksum(body: str) -> str:
+    return _b62(zlib.crc32(body.encode()), _CHECK_LEN)
+
+
+def generate_key() -> str:
+    """A fresh plaintext key (shown to the user once, never stored)."""
+    body = KEY_PREFIX + "".join(secrets.choice(_BASE62) for _ in range(_RANDOM_LEN))
+    return body + _checksum(body)
+
+
+def well_formed(key: str) -> bool:
+    """Format and checksum check: no database needed to refuse a typo or a forged key."""
+    if not _KEY_RE.match(key):
+        return False
+    body, check = key[:-_CHECK_LEN], key[-_CHECK_LEN:]
+    return hmac.compare_digest(_checksum(body), check)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    return key[: len(KEY_PREFIX) + 8]
+
+
+# --- issuing ---------------------------------------------------------------------------------------
+
+
+def issue_key(*, session: Session, tenant_id: str, data: ApiKeyCreate) -> tuple[ApiKey, str]:
+    """Create a key row; returns it with the plaintext, which the caller shows once."""
+    plaintext = generate_key()
+    scopes = data.scopes if data.scopes is not None else list(ALL_SCOPES)
+    row = ApiKey(
+        id=new_id("key"),
+        tenant_id=tenant_id,
+        name=data.name,
+        prefix=display_prefix(plaintext),
+        last4=plaintext[-4:],
+        key_hash=hash_key(plaintext),
+        scopes=",".join(sorted(set(scopes), key=ALL_SCOPES.index)),
+        created=clock.now_s(),
+        expires_at=data.expires_at,
+    )
+    session.add(row)
+    session.flush()
+    return row, plaintext
+
+
+def revoke_key(*, session: Session, key: ApiKey) -> ApiKey:
+    if key.revoked_at is None:
+        key.revoked_at = clock.now_s()
+        session.add(key)
+        session.flush()
+    return key
+
+
+def roll_key(*, session: Session, key: ApiKey, grace_s: int) -> tuple[ApiKey, str]:
+    """Issue a successor with the same name and scopes; the old key keeps working for ``grace_s``."""
+    now = clock.now_s()
+    successor_expiry = key.expires_at if key.expires_at is None or key.expires_at > now else None
+    new, plaintext = issue_key(
+        session=session,
+        tenant_id=key.tenant_id,
+        data=ApiKeyCreate(name=key.name, scopes=key.scope_list, expires_at=successor_expiry),  # type: ignore[arg-type]
+    )
+    end = now + grace_s
+    key.expires_at = end if key.expires_at is None else min(key.expires_at, end)
+    key.rolled_to = new.id
+    session.add(key)
+    session.flush()
+    return new, plaintext
+
+
+# --- lookup ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the key and the tenant state needed on the hot path."""
+
+    key_id: str
+    tenant_id: str
+    scopes: frozenset[str]
+    expires_at: int | None
+    tenant_status: str
+    plan: str
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise PermissionDeniedError(
+                f"This API key lacks the '{scope}' scope.", code="insufficient_scope", param="scope"
+            )
+
+
+class KeyAuthenticator:
+    """Resolves bearer keys to principals, caching hits and misses for ``ttl_s`` seconds.
+
+    Revocation and tenant changes made through this process invalidate the cache at once; other replicas
+    see them within ``ttl_s``. ``last_used_at`` is kept in memory and flushed in bulk by ``flush_last_used``.
+    """
+
+    def __init__(self, factory: sessionmaker[Session], *, ttl_s: float, max_entries: int = 100_000) -> None:
+        self._factory = factory
+        self._ttl = ttl_s
+        self._max = max_entries
+        self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._last_used: dict[str, int] = {}
+
+    def cached(self, key: str) -> tuple[bool, Principal | None]:
+        """(hit, principal) from the cache alone; a miss means the caller must ``load``."""
+        digest = hash_key(key)
+        with self._lock:
+            entry = self._cache.get(digest)
+            if entry is None or time.monotonic() - entry[0] > self._ttl:
+                return False, None
+            return True, entry[1]
+
+    def load(self, key: str) -> Principal | None:
+        """Database lookup (call from a worker thread); result cached."""
+        digest = hash_key(key)
+        with self._factory() as session:
+            row = session.exec(
+                select(ApiKey, Tenant).join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
+                .where(ApiKey.key_hash == digest)
+            ).first()
+        principal = None
+        if row is not None and row[0].revoked_at is None:
+            key_row, tenant = row
+            principal = Principal(
+                key_row.id, tenant.id, frozenset(key_row.scope_list), key_row.expires_at, tenant.status, tenant.plan
+            )
+        self._store(digest, principal)
+        return principal
+
+    def _store(self, digest: str, principal: Principal | None) -> None:
+        with self._lock:
+            self._cache[digest] = (time.monotonic(), principal)
+            self._cache.move_to_end(digest)
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+
+    def check(self, principal: Principal | None) -> Principal:
+        """Refuse unknown, revoked, expired keys (401, one message) and suspended tenants (403)."""
+        if principal is None or (principal.expires_at is not None and principal.expires_at <= clock.now_s()):
+            raise AuthenticationError(INVALID_KEY_MESSAGE)
+        if principal.tenant_status != "active":
+            raise TenantSuspendedError("This tenant is suspended; contact the operator.")
+        self._last_used[principal.key_id] = clock.now_s()
+        return principal
+
+    def invalidate(self, predicate: Callable[[Principal], bool] | None = None) -> None:
+        """Drop cached entries (all, or those matching ``predicate``); misses are always dropped."""
+        with self._lock:
+            if predicate is None:
+                self._cache.clear()
+                return
+            for digest in [d for d, (_, p) in self._cache.items() if p is None or predicate(p)]:
+                del self._cache[digest]
+
+    def flush_last_used(self) -> int:
+        """Write buffered ``last_used_at`` values in one transaction; returns rows touched."""
+        pending, self._last_used = self._last_used, {}
+        if not pending:
+            return 0
+        with self._factory() as session:
+            for key_id, ts in pending.items():
+                session.exec(  # type: ignore[call-overload]
+                    update(ApiKey)
+                    .where(col(ApiKey.id) == key_id)
+                    .where((col(ApiKey.last_used_at).is_(None)) | (col(ApiKey.last_used_at) < ts))
+                    .values(last_used_at=ts)
+                )
+            session.commit()
+        return len(pending)
+
+
+def parse_bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def admin_token_matches(token: str, expected: str) -> bool:
+    return hmac.compare_digest(token.encode(), expected.encode())

@@ -1,0 +1,104 @@
+"""Settings read from the environment (prefix ``MODELMETER_``); ``get_settings()`` is the dependency."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ADMIN_TOKEN_FILE = "admin_token"
+
+
+class Settings(BaseSettings):
+    """Every knob of the platform; the defaults run everything on one machine."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELMETER_", extra="ignore")
+
+    data_dir: Path = Path("./.modelmeter")
+    database_url: str | None = None
+    redis_url: str | None = None
+    admin_token: str | None = None
+    device: str = "auto"
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_live_mode: bool = False
+    plans_file: Path | None = None
+
+    # HTTP edge
+    max_body_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
+    key_cache_ttl_s: Annotated[float, Field(ge=0)] = 30.0
+    last_used_flush_s: Annotated[float, Field(gt=0)] = 60.0
+    default_key_grace_s: Annotated[int, Field(ge=0)] = 24 * 3600
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Serving
+    max_inputs_per_request: Annotated[int, Field(gt=0)] = 256
+    max_batch_tokens: Annotated[int, Field(gt=0)] = 16384
+    max_batch_size: Annotated[int, Field(gt=0)] = 64
+    max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
+    max_queue_requests: Annotated[int, Field(gt=0)] = 1024
+    pool_memory_mb: Annotated[int, Field(gt=0)] = 4096
+    torch_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per core
+
+    # Fine-tuning
+    start_worker: bool = True
+    max_file_bytes: Annotated[int, Field(gt=0)] = 50 * 1024 * 1024
+    max_file_rows: Annotated[int, Field(gt=0)] = 200_000
+    max_labels: Annotated[int, Field(ge=2)] = 100
+    max_text_chars: Annotated[int, Field(gt=0)] = 10_000
+    max_active_jobs_per_tenant: Annotated[int, Field(gt=0)] = 2
+    worker_poll_s: Annotated[float, Field(gt=0)] = 1.0
+    job_heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+
+    # Observability and economics
+    metrics_max_tenants: Annotated[int, Field(ge=0)] = 100
+    dashboard_link_ttl_s: Annotated[int, Field(gt=0)] = 3600
+    cpu_core_hour_cost: str = "0.05"
+    gpu_hour_cost: str = "2.50"
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured URL, or the SQLite file inside the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'modelmeter.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+
+def ensure_admin_token(settings: Settings) -> tuple[str, bool]:
+    """Return the admin token and whether it was generated now (first start).
+
+    An explicit ``MODELMETER_ADMIN_TOKEN`` wins; otherwise the token lives in the data dir (mode 0600).
+    """
+    if settings.admin_token:
+        return settings.admin_token, False
+    path = settings.data_dir / ADMIN_TOKEN_FILE
+    if path.exists():
+        token = path.read_text().strip()
+        settings.admin_token = token
+        return token, False
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    token = "mmadmin_" + secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    settings.admin_token = token
+    return token, True
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests build their own and pass them to ``create_app``)."""
+    return Settings()
