@@ -147,7 +147,7 @@ def status_of(error: ModelMeterError) -> int:
     """HTTP status of an error, from ``STATUS``."""
     for cls in type(error).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 500
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ADMIN_TOKEN_FILE = "admin_token"
+ADMIN_TOKEN_FILE = "admin_token"  # noqa: S105 (a file name)
 
 
 class Settings(BaseSettings):

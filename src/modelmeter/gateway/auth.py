@@ -210,7 +210,7 @@ class KeyAuthenticator:
             return 0
         with self._factory() as session:
             for key_id, ts in pending.items():
-                session.exec(  # type: ignore[call-overload]
+                session.exec(
                     update(ApiKey)
                     .where(col(ApiKey.id) == key_id)
                     .where((col(ApiKey.last_used_at).is_(None)) | (col(ApiKey.last_used_at) < ts))

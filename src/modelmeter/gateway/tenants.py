@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, StringConstraints
+from pydantic import StringConstraints
 from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel._compat import SQLModelConfig
 
 from modelmeter import clock
 from modelmeter.errors import NotFoundError
@@ -23,10 +24,10 @@ Email = Annotated[
 ]
 PlanId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Rpm = Annotated[int, Field(ge=1, le=1_000_000)]
-Tpm = Annotated[int, Field(ge=1, le=10_000_000_000)]
-Budget = Annotated[int, Field(ge=0, le=100_000_000_00)]
+Tpm = Annotated[int, Field(ge=1, le=1_000_000_000)]
+Budget = Annotated[int, Field(ge=0, le=1_000_000_000)]
 
-FORBID = ConfigDict(extra="forbid")
+FORBID = SQLModelConfig(extra="forbid")
 
 
 # --- tenants -------------------------------------------------------------------------------------

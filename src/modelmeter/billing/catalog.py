@@ -1,0 +1,82 @@
+"""The plan catalog: plans are data (product.md's plan object), packaged or the operator's own file."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer, field_validator
+
+from modelmeter.errors import InvalidRequestError
+
+PriceStr = Annotated[str, StringConstraints(pattern=r"^\d{1,9}(\.\d{1,10})?$")]
+
+
+class Plan(BaseModel):
+    """One plan. Prices are decimal strings in the currency's major unit; amounts are integer cents."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+    object: Literal["plan"] = "plan"
+    name: str
+    currency: Annotated[str, StringConstraints(pattern=r"^[a-z]{3}$")] = "usd"
+    base_fee_cents: Annotated[int, Field(ge=0)] = 0
+    included_tokens: Annotated[int, Field(ge=0)] = 0
+    included_requests: Annotated[int, Field(ge=0)] = 0
+    included_training_tokens: Annotated[int, Field(ge=0)] = 0
+    price_per_1k_tokens: Decimal = Decimal("0")
+    price_per_request: Decimal = Decimal("0")
+    price_per_1m_training_tokens: Decimal = Decimal("0")
+    rpm_limit: Annotated[int, Field(ge=1)]
+    tpm_limit: Annotated[int, Field(ge=1)]
+    hard_limit: bool = False
+
+    @field_validator("price_per_1k_tokens", "price_per_request", "price_per_1m_training_tokens", mode="before")
+    @classmethod
+    def _price(cls, value: Any) -> Decimal:
+        if not isinstance(value, str | int | Decimal) or isinstance(value, bool):
+            raise ValueError("prices are decimal strings, never floats")
+        price = Decimal(str(value))
+        if not price.is_finite() or price < 0:
+            raise ValueError("prices must be finite and non-negative")
+        return price
+
+    @field_serializer("price_per_1k_tokens", "price_per_request", "price_per_1m_training_tokens")
+    def _price_out(self, value: Decimal) -> str:
+        return f"{value:.4f}" if value == value.quantize(Decimal("0.0001")) else str(value)
+
+
+class PlanCatalog:
+    """The plans by id, in catalog order."""
+
+    def __init__(self, plans: list[Plan]) -> None:
+        if not plans:
+            raise ValueError("a plan catalog needs at least one plan")
+        self._plans = {p.id: p for p in plans}
+        if len(self._plans) != len(plans):
+            raise ValueError("plan ids must be unique")
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> PlanCatalog:
+        """The operator's file when given, else the packaged catalog."""
+        text = path.read_text() if path else (resources.files("modelmeter.billing") / "plans.json").read_text()
+        raw = json.loads(text)
+        return cls([Plan.model_validate(p) for p in raw["plans"]])
+
+    def get(self, plan_id: str) -> Plan:
+        try:
+            return self._plans[plan_id]
+        except KeyError:
+            raise InvalidRequestError(
+                f"Unknown plan '{plan_id}'. Known plans: {', '.join(self._plans)}.", code="unknown_plan", param="plan"
+            ) from None
+
+    def __contains__(self, plan_id: object) -> bool:
+        return plan_id in self._plans
+
+    def all(self) -> list[Plan]:
+        return list(self._plans.values())

@@ -1,0 +1,286 @@
+"""The ``modelmeter`` command: serve, worker, and admin verbs that mirror the admin API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from pydantic import BaseModel, ValidationError
+from sqlmodel import Session
+
+from modelmeter import clock, db
+from modelmeter.errors import ModelMeterError
+from modelmeter.gateway import auth
+from modelmeter.gateway.services import Services
+from modelmeter.gateway.tenants import (
+    ALL_SCOPES,
+    ApiKeyCreate,
+    ApiKeyPublic,
+    TenantCreate,
+    TenantPublic,
+    TenantUpdate,
+    create_tenant,
+    get_key,
+    get_tenant,
+    list_keys,
+    list_tenants,
+    update_tenant,
+)
+from modelmeter.settings import Settings, ensure_admin_token
+
+
+def _services() -> Services:
+    from modelmeter.gateway.app import build_services, prepare_database
+
+    services = build_services(Settings())
+    prepare_database(services)
+    return services
+
+
+@contextmanager
+def _session() -> Iterator[tuple[Services, Session]]:
+    services = _services()
+    try:
+        with db.session_scope(services.sessions) as session:
+            yield services, session
+    finally:
+        services.engine.dispose()
+
+
+def _emit(as_json: bool, payload: Any, human: Callable[[Any], str]) -> None:
+    if as_json:
+        click.echo(json.dumps(payload, indent=2, default=str))
+    else:
+        click.echo(human(payload))
+
+
+def _dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+def _fail(exc: Exception) -> None:
+    if isinstance(exc, ModelMeterError):
+        raise click.ClickException(f"{exc.message} ({exc.type})")
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        raise click.ClickException(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+    raise exc
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+def main(verbose: bool) -> None:
+    """modelmeter: a metered model-API platform for fine-tuned BERT models."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--worker/--no-worker", default=None, help="Start an in-process fine-tuning worker (default: on).")
+def serve(host: str, port: int, worker: bool | None) -> None:
+    """Run the gateway on embedded defaults (SQLite, local model store, the packaged base model)."""
+    import uvicorn
+
+    from modelmeter.gateway.app import create_app
+
+    settings = Settings()
+    if worker is not None:
+        settings.start_worker = worker
+    token, generated = ensure_admin_token(settings)
+    if generated:
+        click.echo(f"Admin token (shown once, kept in {settings.data_dir}/admin_token): {token}", err=True)
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level=settings.log_level)
+
+
+@main.group()
+def tenant() -> None:
+    """Create, list, show and update tenants."""
+
+
+def _tenant_line(t: dict[str, Any]) -> str:
+    return f"{t['id']}  {t['name']:<24} {t['email']:<28} plan={t['plan']:<6} status={t['status']}"
+
+
+@tenant.command("create")
+@click.option("--name", required=True)
+@click.option("--email", required=True)
+@click.option("--plan", default="free", show_default=True)
+@json_option
+def tenant_create(name: str, email: str, plan: str, as_json: bool) -> None:
+    try:
+        with _session() as (services, session):
+            data = TenantCreate(name=name, email=email, plan=plan)
+            services.plans.get(data.plan)
+            payload = _dump(TenantPublic.model_validate(create_tenant(session=session, data=data)))
+    except (ModelMeterError, ValidationError) as exc:
+        _fail(exc)
+    _emit(as_json, payload, lambda t: f"created {_tenant_line(t)}")
+
+
+@tenant.command("list")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@json_option
+def tenant_list(limit: int, as_json: bool) -> None:
+    with _session() as (_, session):
+        rows, has_more = list_tenants(session=session, limit=limit, after=None)
+        data = [_dump(TenantPublic.model_validate(t)) for t in rows]
+    _emit(as_json, {"object": "list", "data": data, "has_more": has_more},
+          lambda p: "\n".join(_tenant_line(t) for t in p["data"]) or "no tenants")
+
+
+@tenant.command("show")
+@click.argument("tenant_id")
+@json_option
+def tenant_show(tenant_id: str, as_json: bool) -> None:
+    try:
+        with _session() as (_, session):
+            payload = _dump(TenantPublic.model_validate(get_tenant(session=session, tenant_id=tenant_id)))
+    except ModelMeterError as exc:
+        _fail(exc)
+    _emit(as_json, payload, lambda t: "\n".join(f"{k:>22}: {v}" for k, v in t.items()))
+
+
+@tenant.command("update")
+@click.argument("tenant_id")
+@click.option("--plan")
+@click.option("--status", type=click.Choice(["active", "suspended"]))
+@click.option("--rpm-limit", type=int)
+@click.option("--tpm-limit", type=int)
+@click.option("--monthly-budget-cents", type=int)
+@json_option
+def tenant_update(tenant_id: str, as_json: bool, **fields: Any) -> None:
+    try:
+        with _session() as (services, session):
+            data = TenantUpdate(**{k: v for k, v in fields.items() if v is not None})
+            if data.plan is not None:
+                services.plans.get(data.plan)
+            row = update_tenant(session=session, tenant=get_tenant(session=session, tenant_id=tenant_id), data=data)
+            payload = _dump(TenantPublic.model_validate(row))
+    except (ModelMeterError, ValidationError) as exc:
+        _fail(exc)
+    _emit(as_json, payload, lambda t: f"updated {_tenant_line(t)}")
+
+
+@main.group()
+def key() -> None:
+    """Create, list, revoke and roll tenant API keys."""
+
+
+def _key_line(k: dict[str, Any]) -> str:
+    return f"{k['id']}  {k['prefix']}…{k['last4']}  {k['name']:<16} {','.join(k['scopes']):<32} {k['status']}"
+
+
+@key.command("create")
+@click.argument("tenant_id")
+@click.option("--name", default="default", show_default=True)
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(ALL_SCOPES), help="Repeatable; default all.")
+@click.option("--expires-at", type=int, help="Unix seconds.")
+@json_option
+def key_create(tenant_id: str, name: str, scopes: tuple[str, ...], expires_at: int | None, as_json: bool) -> None:
+    try:
+        with _session() as (_, session):
+            get_tenant(session=session, tenant_id=tenant_id)
+            data = ApiKeyCreate(name=name, scopes=list(scopes) or None, expires_at=expires_at)  # type: ignore[arg-type]
+            row, plaintext = auth.issue_key(session=session, tenant_id=tenant_id, data=data)
+            payload = {**_dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
+    except (ModelMeterError, ValidationError) as exc:
+        _fail(exc)
+    _emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k['key']}")
+
+
+@key.command("list")
+@click.argument("tenant_id")
+@json_option
+def key_list(tenant_id: str, as_json: bool) -> None:
+    try:
+        with _session() as (_, session):
+            get_tenant(session=session, tenant_id=tenant_id)
+            rows, has_more = list_keys(session=session, tenant_id=tenant_id, limit=1000, after=None)
+            data = [_dump(ApiKeyPublic.of(k, now=clock.now_s())) for k in rows]
+    except ModelMeterError as exc:
+        _fail(exc)
+    _emit(as_json, {"object": "list", "data": data, "has_more": has_more},
+          lambda p: "\n".join(_key_line(k) for k in p["data"]) or "no keys")
+
+
+@key.command("revoke")
+@click.argument("key_id")
+@json_option
+def key_revoke(key_id: str, as_json: bool) -> None:
+    try:
+        with _session() as (_, session):
+            row = auth.revoke_key(session=session, key=get_key(session=session, key_id=key_id))
+            payload = _dump(ApiKeyPublic.of(row, now=clock.now_s()))
+    except ModelMeterError as exc:
+        _fail(exc)
+    _emit(as_json, payload, lambda k: f"revoked {_key_line(k)}")
+
+
+@key.command("roll")
+@click.argument("key_id")
+@click.option("--grace", "grace_s", type=click.IntRange(0, 30 * 24 * 3600), help="Seconds the old key keeps working.")
+@json_option
+def key_roll(key_id: str, grace_s: int | None, as_json: bool) -> None:
+    try:
+        with _session() as (services, session):
+            old = get_key(session=session, key_id=key_id)
+            if old.status_at(clock.now_s()) != "active":
+                raise click.ClickException("only an active key can be rolled")
+            grace = services.settings.default_key_grace_s if grace_s is None else grace_s
+            row, plaintext = auth.roll_key(session=session, key=old, grace_s=grace)
+            payload = {**_dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
+    except ModelMeterError as exc:
+        _fail(exc)
+    _emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k['key']}")
+
+
+@main.command()
+@json_option
+def plans(as_json: bool) -> None:
+    """Show the plan catalog."""
+    from modelmeter.billing.catalog import PlanCatalog
+
+    catalog = PlanCatalog.load(Settings().plans_file)
+    data = [p.model_dump(mode="json") for p in catalog.all()]
+
+    def human(payload: dict[str, Any]) -> str:
+        return "\n".join(
+            f"{p['id']:<6} {p['name']:<16} fee={p['base_fee_cents']}¢ incl_tokens={p['included_tokens']} "
+            f"per_1k={p['price_per_1k_tokens']} per_req={p['price_per_request']} rpm={p['rpm_limit']} "
+            f"tpm={p['tpm_limit']} hard_limit={p['hard_limit']}"
+            for p in payload["data"]
+        )
+
+    _emit(as_json, {"object": "list", "data": data, "has_more": False}, human)
+
+
+@main.group("db")
+def db_group() -> None:
+    """Database administration."""
+
+
+@db_group.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending migration."""
+    settings = Settings()
+    engine = db.engine_from_settings(settings)
+    db.upgrade(engine)
+    click.echo(f"database at revision {db.current_revision(engine)}")
+    engine.dispose()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Every request dependency, declared once as an ``Annotated`` alias."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
+
+from fastapi import Depends, Query, Request
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
+
+from modelmeter.errors import AuthenticationError, PermissionDeniedError
+from modelmeter.gateway.auth import (
+    INVALID_KEY_MESSAGE,
+    Principal,
+    admin_token_matches,
+    parse_bearer,
+    well_formed,
+)
+from modelmeter.gateway.services import Services
+from modelmeter.settings import Settings
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_settings_dep(services: ServicesDep) -> Settings:
+    return services.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_session(services: ServicesDep) -> Iterator[Session]:
+    """A session per request; handlers commit explicitly, anything uncommitted is rolled back."""
+    with services.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _bearer(request: Request) -> str:
+    for value in request.query_params.values():
+        if value.startswith(("mm_", "mmadmin_")):
+            raise AuthenticationError(
+                "API keys are never accepted in the query string; use 'Authorization: Bearer <key>'.",
+                code="key_in_query",
+            )
+    token = parse_bearer(request.headers.get("authorization"))
+    if token is None:
+        raise AuthenticationError(
+            "Missing API key; pass it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+        )
+    return token
+
+
+async def _principal_of(services: Services, token: str) -> Principal | None:
+    if not well_formed(token):
+        return None
+    hit, principal = services.auth.cached(token)
+    if not hit:
+        principal = await run_in_threadpool(services.auth.load, token)
+    return principal
+
+
+async def current_principal(request: Request, services: ServicesDep) -> Principal:
+    """Authenticate the tenant key: malformed, unknown, revoked and expired keys get one 401 message."""
+    token = _bearer(request)
+    principal = services.auth.check(await _principal_of(services, token))
+    request.state.principal = principal
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+def scoped(scope: str) -> Callable[..., Any]:
+    async def dependency(principal: CurrentPrincipal) -> Principal:
+        principal.require(scope)
+        return principal
+
+    return dependency
+
+
+InferencePrincipal = Annotated[Principal, Depends(scoped("inference"))]
+FineTunePrincipal = Annotated[Principal, Depends(scoped("fine-tune"))]
+BillingPrincipal = Annotated[Principal, Depends(scoped("billing:read"))]
+
+
+async def require_admin(request: Request, services: ServicesDep) -> None:
+    """The admin token passes; a working tenant key gets 403; anything else 401."""
+    token = _bearer(request)
+    expected = services.settings.admin_token
+    if expected and admin_token_matches(token, expected):
+        return
+    principal = await _principal_of(services, token)
+    if principal is not None:
+        services.auth.check(principal)
+        raise PermissionDeniedError("Tenant API keys cannot call admin endpoints.", code="admin_only")
+    raise AuthenticationError(INVALID_KEY_MESSAGE)
+
+
+AdminDep = Depends(require_admin)
+
+
+class ListParams:
+    """``?limit=&after=`` cursor pagination, newest first (ids sort by creation)."""
+
+    def __init__(
+        self,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        after: Annotated[str | None, Query(max_length=128)] = None,
+    ) -> None:
+        self.limit = limit
+        self.after = after
+
+
+ListDep = Annotated[ListParams, Depends()]
+
+
+def list_body(data: list[Any], has_more: bool) -> dict[str, Any]:
+    """The one list envelope: ``{"object": "list", "data": [...], "has_more": bool}``."""
+    return {"object": "list", "data": data, "has_more": has_more}

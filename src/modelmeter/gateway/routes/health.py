@@ -1,0 +1,31 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from modelmeter.db import ping
+from modelmeter.errors import ServiceUnavailableError
+from modelmeter.gateway.deps import ServicesDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up and serving HTTP."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(services: ServicesDep) -> dict[str, Any]:
+    """Ready when the database answers."""
+    try:
+        await run_in_threadpool(ping, services.engine)
+    except Exception as exc:
+        message = f"Database unreachable: {type(exc).__name__}."
+        raise ServiceUnavailableError(message, code="database_unavailable") from exc
+    return {"status": "ready", "checks": {"database": "ok"}}

@@ -1,0 +1,28 @@
+"""The running platform's parts, built once per app and reached through ``deps``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session
+
+from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.gateway.auth import KeyAuthenticator
+from modelmeter.models.registry import ModelCache
+from modelmeter.settings import Settings
+
+
+@dataclass
+class Services:
+    """Everything a request may need; one instance per app, on ``app.state.services``."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    auth: KeyAuthenticator
+    plans: PlanCatalog
+    models: ModelCache
+    extras: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,8 @@
+"""Imports every table module so SQLModel's metadata is complete (migrations, tests)."""
+
+from __future__ import annotations
+
+
+def import_all_tables() -> None:
+    import modelmeter.gateway.tenants
+    import modelmeter.models.registry  # noqa: F401

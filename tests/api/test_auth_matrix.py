@@ -1,0 +1,99 @@
+"""Every route against every kind of caller: no key, bad key, tenant key on admin, admin token on tenant routes,
+a suspended tenant, and the happy path. Routes are read from the app, so new routes are covered automatically."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from modelmeter.gateway import auth
+from modelmeter.gateway.app import create_app
+from modelmeter.settings import Settings
+from tests.conftest import ADMIN, assert_envelope, bearer
+
+PUBLIC = {"/healthz", "/readyz", "/metrics", "/webhooks/stripe", "/dashboard", "/docs", "/docs/oauth2-redirect",
+          "/redoc", "/openapi.json"}
+
+
+def _routes(settings: Settings) -> list[tuple[str, str]]:
+    schema = create_app(settings).openapi()
+    return [
+        (method.upper(), path)
+        for path, operations in schema["paths"].items()
+        if path not in PUBLIC
+        for method in operations
+    ]
+
+
+def _concrete(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "x_missing", path)
+
+
+def _call(client: TestClient, method: str, path: str, headers: dict[str, str]) -> Any:
+    body = {} if method in ("POST", "PATCH", "PUT") else None
+    return client.request(method, _concrete(path), json=body, headers=headers)
+
+
+@pytest.fixture
+def callers(client: TestClient, make_tenant: Any, make_key: Any) -> dict[str, dict[str, str]]:
+    active = make_tenant()
+    suspended = make_tenant()
+    active_key = make_key(active["id"])["key"]
+    suspended_key = make_key(suspended["id"])["key"]
+    client.patch(f"/admin/tenants/{suspended['id']}", json={"status": "suspended"}, headers=ADMIN)
+    return {
+        "tenant": bearer(active_key),
+        "suspended": bearer(suspended_key),
+        "unknown": bearer(auth.generate_key()),
+        "garbage": bearer("not-a-key"),
+        "admin": ADMIN,
+        "none": {},
+    }
+
+
+def test_route_inventory_is_not_empty(settings: Settings) -> None:
+    paths = {p for _, p in _routes(settings)}
+    assert "/admin/tenants" in paths and "/v1/models" in paths
+
+
+def test_auth_matrix(client: TestClient, settings: Settings, callers: dict[str, dict[str, str]]) -> None:
+    for method, path in _routes(settings):
+        is_admin = path.startswith("/admin")
+        for who in ("none", "unknown", "garbage"):
+            assert_envelope(_call(client, method, path, callers[who]), 401, type_="authentication_error")
+        if is_admin:
+            assert_envelope(_call(client, method, path, callers["tenant"]), 403, type_="permission_error")
+            assert_envelope(_call(client, method, path, callers["suspended"]), 403, code="tenant_suspended")
+            assert _call(client, method, path, callers["admin"]).status_code not in (401, 403), (method, path)
+        else:
+            assert_envelope(_call(client, method, path, callers["admin"]), 401, type_="authentication_error")
+            assert_envelope(_call(client, method, path, callers["suspended"]), 403, code="tenant_suspended")
+            assert _call(client, method, path, callers["tenant"]).status_code not in (401, 403), (method, path)
+
+
+def test_public_routes_need_no_key(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+
+
+def test_readyz_is_503_when_database_is_gone(tmp_path: Any) -> None:
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/db.sqlite", admin_token="mmadmin_x",
+                        start_worker=False)
+    with TestClient(create_app(settings)) as client:
+        client.app.state.services.engine.dispose()  # type: ignore[attr-defined]
+        (tmp_path / "db.sqlite").unlink()
+        (tmp_path / "db.sqlite").mkdir()  # a directory where the database file was: unopenable
+        assert_envelope(client.get("/readyz"), 503, code="database_unavailable")
+
+
+def test_models_lists_platform_models(client: TestClient, make_tenant: Any, make_key: Any) -> None:
+    key = make_key(make_tenant()["id"])["key"]
+    body = client.get("/v1/models", headers=bearer(key)).json()
+    assert body["object"] == "list" and body["has_more"] is False
+    (model,) = body["data"]
+    assert model["id"] == "all-MiniLM-L6-v2" and model["object"] == "model"
+    assert model["owned_by"] == "modelmeter" and model["task"] == "feature-extraction"

@@ -1,0 +1,164 @@
+"""Shared fixtures: settings on SQLite (default) or PostgreSQL (MODELMETER_DATABASE_URL), the app, factories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from modelmeter import clock, db
+from modelmeter.gateway.app import create_app
+from modelmeter.settings import Settings
+from modelmeter.tables import import_all_tables
+
+ADMIN_TOKEN = "mmadmin_test-token-0123456789"
+PG_URL = os.environ.get("MODELMETER_DATABASE_URL", "")
+REDIS_URL = os.environ.get("MODELMETER_REDIS_URL", "")
+ON_POSTGRES = PG_URL.startswith("postgresql")
+
+import_all_tables()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file, copied for each test (migrating once is much faster)."""
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_ready() -> Iterator[None]:
+    engine = db.make_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    db.upgrade(engine)
+    engine.dispose()
+    yield
+
+
+def _truncate_pg() -> None:
+    engine = db.make_engine(PG_URL)
+    with engine.begin() as conn:
+        names = [r[0] for r in conn.execute(text(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+        ))]
+        if names:
+            conn.execute(text(f"TRUNCATE {', '.join(names)} CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database for this test."""
+    if ON_POSTGRES:
+        request.getfixturevalue("pg_ready")
+        _truncate_pg()
+        yield PG_URL
+        return
+    template: Path = request.getfixturevalue("sqlite_template")
+    target = tmp_path / "modelmeter.db"
+    shutil.copy(template, target)
+    yield f"sqlite:///{target}"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        redis_url=None,
+        admin_token=ADMIN_TOKEN,
+        start_worker=False,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+@pytest.fixture
+def app_factory(settings: Settings) -> Callable[..., Any]:
+    def make(**overrides: Any) -> Any:
+        return create_app(settings.model_copy(update=overrides))
+
+    return make
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def make_tenant(client: TestClient) -> Callable[..., dict[str, Any]]:
+    counter = iter(range(1, 10_000))
+
+    def make(**fields: Any) -> dict[str, Any]:
+        n = next(counter)
+        body = {"name": f"Tenant {n}", "email": f"t{n}@example.com", "plan": "payg", **fields}
+        response = client.post("/admin/tenants", json=body, headers=ADMIN)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    return make
+
+
+@pytest.fixture
+def make_key(client: TestClient) -> Callable[..., dict[str, Any]]:
+    def make(tenant_id: str, **fields: Any) -> dict[str, Any]:
+        response = client.post(f"/admin/tenants/{tenant_id}/keys", json=fields, headers=ADMIN)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    return make
+
+
+class FakeClock:
+    """A controllable clock for expiry, grace periods and billing periods."""
+
+    def __init__(self, start: float) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@pytest.fixture
+def fake_clock() -> Iterator[FakeClock]:
+    fake = FakeClock(clock.now())
+    clock.set_source(fake)
+    yield fake
+    clock.set_source(None)
+
+
+def assert_envelope(response: Any, status: int, *, type_: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The response is ``status`` with the contract's error envelope (and the given type/code)."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "code", "param"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    if type_ is not None:
+        assert error["type"] == type_, error
+    if code is not None:
+        assert error["code"] == code, error
+    return dict(error)

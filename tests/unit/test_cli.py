@@ -1,0 +1,56 @@
+"""The CLI verbs mirror the admin API, with human text by default and JSON with --json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from modelmeter.cli import main
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -> CliRunner:
+    monkeypatch.setenv("MODELMETER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MODELMETER_DATABASE_URL", database_url)
+    return CliRunner()
+
+
+def _json(runner: CliRunner, *args: str) -> dict:
+    result = runner.invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_tenant_and_key_verbs(runner: CliRunner) -> None:
+    tenant = _json(runner, "tenant", "create", "--name", "Acme", "--email", "ops@acme.test", "--plan", "pro")
+    assert tenant["plan"] == "pro" and tenant["status"] == "active"
+    assert [t["id"] for t in _json(runner, "tenant", "list")["data"]] == [tenant["id"]]
+    assert _json(runner, "tenant", "show", tenant["id"])["email"] == "ops@acme.test"
+    assert _json(runner, "tenant", "update", tenant["id"], "--status", "suspended")["status"] == "suspended"
+
+    key = _json(runner, "key", "create", tenant["id"], "--scope", "inference")
+    assert key["key"].startswith("mm_") and key["scopes"] == ["inference"]
+    listed = runner.invoke(main, ["key", "list", tenant["id"]])
+    assert key["prefix"] in listed.output and key["key"] not in listed.output
+    rolled = _json(runner, "key", "roll", key["id"], "--grace", "0")
+    assert rolled["key"] != key["key"]
+    assert _json(runner, "key", "revoke", rolled["id"])["status"] == "revoked"
+
+
+def test_human_output_and_errors(runner: CliRunner) -> None:
+    created = runner.invoke(main, ["tenant", "create", "--name", "Acme", "--email", "ops@acme.test"])
+    assert created.exit_code == 0 and created.output.startswith("created ten_")
+    bad_plan = runner.invoke(main, ["tenant", "create", "--name", "B", "--email", "b@b.co", "--plan", "gold"])
+    assert bad_plan.exit_code == 1 and "Unknown plan 'gold'" in bad_plan.output
+    missing = runner.invoke(main, ["tenant", "show", "ten_nope"])
+    assert missing.exit_code == 1 and "No tenant" in missing.output
+
+
+def test_plans_and_db_upgrade(runner: CliRunner) -> None:
+    plans = _json(runner, "plans")
+    assert [p["id"] for p in plans["data"]][:3] == ["free", "payg", "pro"]
+    upgraded = runner.invoke(main, ["db", "upgrade"])
+    assert upgraded.exit_code == 0 and "revision" in upgraded.output

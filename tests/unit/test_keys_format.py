@@ -1,0 +1,34 @@
+"""Key format: prefix, length, base62 body and checksum; the hash is not the key."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modelmeter.gateway import auth
+
+
+def test_generated_keys_are_well_formed_and_unique() -> None:
+    keys = {auth.generate_key() for _ in range(200)}
+    assert len(keys) == 200
+    for key in keys:
+        assert key.startswith("mm_") and len(key) == 41 and auth.well_formed(key)
+        assert auth.hash_key(key) != key and len(auth.hash_key(key)) == 64
+
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@given(st.integers(min_value=3, max_value=40), st.sampled_from(BASE62))
+def test_any_single_character_change_is_detected(position: int, replacement: str) -> None:
+    key = auth.generate_key()
+    mutated = key[:position] + replacement + key[position + 1:]
+    assert auth.well_formed(mutated) == (mutated == key)
+
+
+def test_parse_bearer() -> None:
+    assert auth.parse_bearer("Bearer abc") == "abc"
+    assert auth.parse_bearer("bearer  abc ") == "abc"
+    assert auth.parse_bearer("Basic abc") is None
+    assert auth.parse_bearer("Bearer ") is None
+    assert auth.parse_bearer(None) is None
