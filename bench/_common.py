@@ -47,3 +47,21 @@ async def run_for(
 
 def p50_ms(latencies: list[float]) -> float:
     return statistics.median(latencies) * 1000
+
+
+def shared_dir() -> Path:
+    """``shared/`` beside the repository (where CI and sessions lay it), or MODELMETER_SHARED_DIR."""
+    override = os.environ.get("MODELMETER_SHARED_DIR")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def sst2_rows(n: int | None = None, *, seed: int = 0) -> list[tuple[str, int]]:
+    """Rows of the GLUE SST-2 training split, shuffled with ``seed`` (all when ``n`` is None)."""
+    import random
+
+    lines = (shared_dir() / "data" / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    rows = [(s, int(label)) for s, label in (line.rsplit("\t", 1) for line in lines)]
+    random.Random(seed).shuffle(rows)
+    return rows if n is None else rows[:n]

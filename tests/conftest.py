@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -162,3 +164,58 @@ def assert_envelope(response: Any, status: int, *, type_: str | None = None, cod
     if code is not None:
         assert error["code"] == code, error
     return dict(error)
+
+
+@pytest.fixture
+def register_model(client: TestClient) -> Callable[..., str]:
+    """Save a tiny random BERT and register it (a tenant's model, or a platform model when tenant is None)."""
+    from modelmeter.models.registry import MlModel
+    from tests.tiny_bert import make_tiny_bert
+
+    services = client.app.state.services  # type: ignore[attr-defined]
+    counter = iter(range(1, 10_000))
+
+    def register(tenant_id: str | None, *, task: str = "text-classification", labels: list[str] | None = None,
+                 model_id: str | None = None) -> str:
+        model_id = model_id or f"tiny-{task.split('-')[0]}-{next(counter)}"
+        relative = Path("models") / (tenant_id or "platform") / model_id
+        make_tiny_bert(services.settings.data_dir / relative, task, labels)
+        with services.sessions() as session:
+            session.add(MlModel(
+                id=model_id, owner_tenant_id=tenant_id, base_model="tiny-bert", task=task,
+                labels_json=json.dumps(labels or ["negative", "positive"]) if task == "text-classification" else None,
+                artifact=str(relative), created=clock.now_s(),
+            ))
+            session.commit()
+        services.models.invalidate()
+        return model_id
+
+    return register
+
+
+class LiveServer:
+    def __init__(self, url: str, app: Any) -> None:
+        self.url = url
+        self.app = app
+
+
+@pytest.fixture
+def live_server(client: TestClient) -> Iterator[LiveServer]:
+    """The same app (and database) as ``client``, also served by uvicorn on a loopback port."""
+    import threading
+
+    import uvicorn
+
+    app = create_app(client.app.state.services.settings)  # type: ignore[attr-defined]
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield LiveServer(f"http://127.0.0.1:{port}", app)
+    server.should_exit = True
+    thread.join(timeout=30)

@@ -13,6 +13,7 @@
     ├── RateLimitError                   rate_limit_exceeded        429  (Retry-After)
     ├── InsufficientQuotaError           insufficient_quota         429  (do not retry)
     ├── OverloadedError                  overloaded                 429  (Retry-After)
+    ├── ClientDisconnectedError          client_closed_request      499  (nobody reads it)
     ├── ServiceUnavailableError          service_unavailable        503
     └── InternalError                    internal_error             500
 
@@ -114,6 +115,11 @@ class OverloadedError(ModelMeterError):
     default_code = "overloaded"
 
 
+class ClientDisconnectedError(ModelMeterError):
+    type = "client_closed_request"
+    default_code = "client_closed_request"
+
+
 class ServiceUnavailableError(ModelMeterError):
     type = "service_unavailable"
     default_code = "service_unavailable"
@@ -138,6 +144,7 @@ STATUS: dict[type[ModelMeterError], int] = {
     RateLimitError: 429,
     InsufficientQuotaError: 429,
     OverloadedError: 429,
+    ClientDisconnectedError: 499,
     ServiceUnavailableError: 503,
     InternalError: 500,
 }

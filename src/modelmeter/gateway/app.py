@@ -13,12 +13,15 @@ from starlette.concurrency import run_in_threadpool
 
 from modelmeter import db
 from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.metering import LedgerWriter
 from modelmeter.errors import install_handlers
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from modelmeter.gateway.routes import admin, health, inference
 from modelmeter.gateway.services import Services
+from modelmeter.models.backends import configure_torch_threads, resolve_device
 from modelmeter.models.registry import ModelCache, register_platform_models
+from modelmeter.models.serving import BatchCaps, ModelServer
 from modelmeter.settings import Settings, ensure_admin_token, get_settings
 
 log = logging.getLogger("modelmeter.gateway")
@@ -27,6 +30,7 @@ log = logging.getLogger("modelmeter.gateway")
 def build_services(settings: Settings) -> Services:
     """Connect to the database and build the request-independent parts (no I/O beyond the engine)."""
     ensure_admin_token(settings)
+    configure_torch_threads(settings.torch_threads)
     engine = db.engine_from_settings(settings)
     sessions = db.session_maker(engine)
     return Services(
@@ -36,6 +40,13 @@ def build_services(settings: Settings) -> Services:
         auth=KeyAuthenticator(sessions, ttl_s=settings.key_cache_ttl_s),
         plans=PlanCatalog.load(settings.plans_file),
         models=ModelCache(sessions),
+        server=ModelServer(
+            device=resolve_device(settings.device),
+            memory_budget_bytes=settings.pool_memory_mb * 1024 * 1024,
+            caps=BatchCaps(settings.max_batch_tokens, settings.max_batch_size, settings.max_wait_ms,
+                           settings.max_queue_requests),
+        ),
+        ledger=LedgerWriter(sessions),
     )
 
 
@@ -60,12 +71,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services: Services = app.state.services
     await run_in_threadpool(prepare_database, services)
     flusher = asyncio.create_task(_flush_loop(services))
+    services.ledger.start()
     try:
         yield
     finally:
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
+        await services.server.close()
+        await services.ledger.close()
         await run_in_threadpool(services.auth.flush_last_used)
         services.engine.dispose()
 

@@ -10,8 +10,10 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.metering import LedgerWriter
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.models.registry import ModelCache
+from modelmeter.models.serving import ModelServer
 from modelmeter.settings import Settings
 
 
@@ -25,4 +27,6 @@ class Services:
     auth: KeyAuthenticator
     plans: PlanCatalog
     models: ModelCache
+    server: ModelServer
+    ledger: LedgerWriter
     extras: dict[str, Any] = field(default_factory=dict)

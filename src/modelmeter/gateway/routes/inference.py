@@ -1,14 +1,97 @@
-"""Tenant inference routes: the model list (serving routes join it as they land)."""
+"""Tenant inference: ``/v1/models``, ``/v1/classify``, ``/v1/embeddings`` (OpenAI) and ``/models/{id}`` (Hugging Face).
+
+The request path: authenticate → resolve the model (in-memory registry) → tokenize and count → batcher
+(one forward pass shared with concurrent requests) → commit the usage row (group commit) → respond with
+``usage`` and the ``x-compute-tokens``/``x-queue-time``/``x-inference-time`` headers.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from modelmeter.gateway.deps import CurrentPrincipal, ServicesDep, list_body
+from modelmeter.errors import InvalidRequestError
+from modelmeter.gateway.deps import CurrentPrincipal, InferencePrincipal, ServicesDep, list_body
+from modelmeter.gateway.inference import Served, serve
 
 router = APIRouter(tags=["inference"])
+
+Text = Annotated[StrictStr, Field(min_length=1)]
+Inputs = Text | Annotated[list[Text], Field(min_length=1)]
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    input: Inputs
+    truncate: StrictBool = False
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request; token-array inputs and ``dimensions`` other than the model's are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    input: Inputs
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(gt=0)] | None = None
+    user: Annotated[StrictStr, Field(max_length=256)] | None = None
+    truncate: StrictBool = False
+
+
+class HFParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    top_k: Annotated[int, Field(gt=0)] | None = None
+    function_to_apply: Literal["softmax"] | None = None
+    truncate: StrictBool | None = None
+    truncation: StrictBool | None = None
+
+
+class HFRequest(BaseModel):
+    """The Hugging Face inference payload; feature-extraction knobs come at the root, classification's in
+    ``parameters`` (as ``huggingface_hub.InferenceClient`` sends them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: Inputs
+    parameters: HFParameters | None = None
+    options: dict[str, StrictBool] | None = None
+    normalize: StrictBool | None = None
+    truncate: StrictBool | None = None
+    truncation_direction: Literal["right", "Right"] | None = None
+    prompt_name: None = None
+    dimensions: None = None
+    encoding_format: Literal["float"] | None = None
+
+    def wants_truncation(self) -> bool:
+        params = self.parameters or HFParameters()
+        return bool(self.truncate or params.truncate or params.truncation)
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+def _usage(served: Served) -> dict[str, int]:
+    return {"prompt_tokens": served.tokens, "total_tokens": served.tokens}
+
+
+def _headers(response: Response, served: Served) -> None:
+    response.headers["x-compute-tokens"] = str(served.tokens)
+    response.headers["x-queue-time"] = f"{served.queue_s * 1000:.3f}"
+    response.headers["x-inference-time"] = f"{served.inference_s * 1000:.3f}"
+
+
+def _check_task(model_id: str, task: str, wanted: str, route: str) -> None:
+    if task != wanted:
+        raise InvalidRequestError(
+            f"The model '{model_id}' is a {task} model; {route} needs a {wanted} model.",
+            code="unsupported_task",
+            param="model",
+        )
 
 
 @router.get("/v1/models")
@@ -16,3 +99,66 @@ async def get_models(principal: CurrentPrincipal, services: ServicesDep) -> dict
     """The tenant's own models plus the platform's."""
     models = await services.models.visible(principal.tenant_id)
     return list_body([m.public() for m in models], False)
+
+
+@router.post("/v1/classify")
+async def classify(
+    body: ClassifyRequest, principal: InferencePrincipal, request: Request, response: Response
+) -> dict[str, Any]:
+    """Label each input with the model's classes: ``label``, ``score`` and every class's probability."""
+    served = await serve(
+        request, principal, body.model, _as_list(body.input), truncate=body.truncate, endpoint="classify",
+        check=lambda m: _check_task(m.id, m.task, "text-classification", "/v1/classify"),
+    )
+    _headers(response, served)
+    data = []
+    for index, scores in enumerate(served.results):
+        assert isinstance(scores, dict)
+        label = max(scores, key=scores.__getitem__)
+        data.append({"index": index, "label": label, "score": scores[label], "scores": scores})
+    return {"object": "list", "model": body.model, "data": data, "usage": _usage(served)}
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+@router.post("/v1/embeddings")
+async def embeddings(
+    body: EmbeddingsRequest, principal: InferencePrincipal, request: Request, response: Response
+) -> dict[str, Any]:
+    """OpenAI-compatible embeddings (mean-pooled, L2-normalised)."""
+    served = await serve(
+        request, principal, body.model, _as_list(body.input), truncate=body.truncate, endpoint="embeddings",
+        check=lambda m: _check_task(m.id, m.task, "feature-extraction", "/v1/embeddings"),
+        dimensions=body.dimensions,
+    )
+    _headers(response, served)
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}  # type: ignore[arg-type]
+        for i, v in enumerate(served.results)
+    ]
+    return {"object": "list", "data": data, "model": body.model, "usage": _usage(served)}
+
+
+@router.post("/models/{model:path}")
+async def hf_inference(
+    model: str, body: HFRequest, principal: InferencePrincipal, request: Request, response: Response
+) -> Any:
+    """Hugging Face inference format: classification answers ``[[{label, score}…]]``, feature extraction
+    answers one vector per input."""
+    served = await serve(
+        request, principal, model, _as_list(body.inputs), truncate=body.wants_truncation(), endpoint="hf",
+    )
+    _headers(response, served)
+    if served.task == "feature-extraction":
+        return served.results
+    top_k = body.parameters.top_k if body.parameters else None
+    ranked = []
+    for scores in served.results:
+        assert isinstance(scores, dict)
+        pairs = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
+        ranked.append([{"label": label, "score": score} for label, score in pairs])
+    return ranked

@@ -1,0 +1,137 @@
+"""The serving pipeline behind every inference route (HTTP-aware glue between auth, models and billing)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from modelmeter import clock
+from modelmeter.billing.metering import UsageRecord
+from modelmeter.errors import ClientDisconnectedError, InvalidRequestError, OverloadedError, ServiceUnavailableError
+from modelmeter.gateway.auth import Principal
+from modelmeter.gateway.services import Services
+from modelmeter.models.backends import BertBackend, Encoded, InputTooLong, Result
+from modelmeter.models.batching import Batcher, QueueFull, Submission
+from modelmeter.models.pool import ModelLoadError
+from modelmeter.models.registry import ModelInfo, artifact_path
+
+# Tokenizing this many characters takes long enough to be worth a thread hop off the event loop.
+_INLINE_TOKENIZE_CHARS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What a request got: one result per input, its billable tokens, and where its time went."""
+
+    model_id: str
+    task: str
+    results: list[Result]
+    tokens: int
+    queue_s: float
+    inference_s: float
+
+
+async def serve(
+    request: Request,
+    principal: Principal,
+    model_id: str,
+    texts: list[str],
+    *,
+    truncate: bool,
+    endpoint: str,
+    check: Callable[[ModelInfo], None] | None = None,
+    dimensions: int | None = None,
+) -> Served:
+    """Run ``texts`` through the tenant's model and commit the usage row before returning."""
+    services: Services = request.app.state.services
+    limit = services.settings.max_inputs_per_request
+    if len(texts) > limit:
+        raise InvalidRequestError(f"At most {limit} inputs per request.", code="too_many_inputs", param="input")
+    info = await services.models.get(principal.tenant_id, model_id)
+    if check is not None:
+        check(info)
+    path = artifact_path(info.artifact, services.settings.data_dir)
+    try:
+        async with services.server.use(info.id, path=path, task=info.task) as model:  # type: ignore[arg-type]
+            _check_dimensions(model.backend, dimensions)
+            encoded = await _tokenize(model.backend, texts, truncate)
+            submission = await _submit(request, model.batcher, encoded.ids)
+            device = model.backend.device.type
+    except ModelLoadError as exc:
+        raise ServiceUnavailableError(
+            f"The model '{model_id}' could not be loaded: {exc.reason}. Retry later.", code="model_unavailable"
+        ) from exc
+    await services.ledger.record(_record(request, principal, info, encoded, submission, endpoint, device))
+    return Served(info.id, info.task, submission.results, encoded.total_tokens, submission.queue_s,
+                  submission.inference_s)
+
+
+def _check_dimensions(backend: BertBackend, dimensions: int | None) -> None:
+    if dimensions is not None and dimensions != backend.dimensions:
+        raise InvalidRequestError(
+            f"This model returns {backend.dimensions}-dimensional embeddings; 'dimensions' cannot change that.",
+            code="unsupported_dimensions",
+            param="dimensions",
+        )
+
+
+async def _tokenize(backend: BertBackend, texts: list[str], truncate: bool) -> Encoded:
+    try:
+        if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:
+            return backend.tokenize(texts, truncate=truncate)
+        return await run_in_threadpool(backend.tokenize, texts, truncate=truncate)
+    except InputTooLong as exc:
+        raise InvalidRequestError(
+            f"Input {exc.index} has {exc.tokens} tokens; the model accepts at most {exc.max_length}. "
+            "Shorten it or set \"truncate\": true.",
+            code="context_length_exceeded",
+            param="input",
+        ) from exc
+
+
+async def _submit(request: Request, batcher: Batcher[Result], ids: list[list[int]]) -> Submission[Result]:
+    """Submit to the batcher while watching the connection: a departed client's inputs are dropped."""
+    work = asyncio.ensure_future(batcher.submit(ids))
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        raise ClientDisconnectedError("The client disconnected before its inputs were computed.")
+    try:
+        return work.result()
+    except QueueFull as exc:
+        raise OverloadedError(
+            "The model's queue is full; retry shortly.", headers={"Retry-After": "1"}
+        ) from exc
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _record(
+    request: Request, principal: Principal, info: ModelInfo, encoded: Encoded, submission: Submission[Any],
+    endpoint: str, device: str,
+) -> UsageRecord:
+    return UsageRecord(
+        request_id=request.state.request_id,
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        model_id=info.id,
+        created=clock.now_s(),
+        endpoint=endpoint,
+        device=device,
+        inputs=len(encoded.ids),
+        tokens=encoded.total_tokens,
+        queue_us=int(submission.queue_s * 1e6),
+        compute_us=int(submission.compute_s * 1e6),
+    )

@@ -1,0 +1,313 @@
+"""One model's queue and inference loop: requests in, token-budgeted batches through the model, results out.
+
+Shaped after text-embeddings-inference (``core/src/queue.rs``, ``infer.rs``) and Ray Serve
+(``serve/batching.py``): a request takes a permit before it is queued (none free: :class:`QueueFull`), the
+loop forms batches under a size cap and a padded-token cap, runs them one at a time in a dedicated worker
+thread, and resolves one future per request. It knows nothing of HTTP or tenants.
+
+When to dispatch: a request that finds the worker idle and the queue empty goes at once with whatever is
+queued by then (a lone request pays no wait). Requests that queued up while a batch was computing are
+dispatched as soon as the worker frees up if they fill a batch, otherwise after the oldest of them has
+waited ``max_wait_ms`` (which, under load, it usually already has).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar, cast
+
+log = logging.getLogger("modelmeter.models.batching")
+
+R = TypeVar("R")
+OnBatch = Callable[[int, int, int, float, float], None]
+
+
+class QueueFull(Exception):
+    """No permit is free: the batcher already holds ``max_queue`` requests."""
+
+
+class BatcherClosed(Exception):
+    """The batcher was closed before the request could be served."""
+
+
+@dataclass(frozen=True, slots=True)
+class Submission(Generic[R]):
+    """A served request: one result per input, in input order, and where its time went."""
+
+    results: list[R]
+    queue_s: float  # from submit until the first of its inputs started computing
+    inference_s: float  # from then until its last input was computed
+    compute_s: float = 0.0  # this request's share of its batches' forward time, by tokens
+
+
+@dataclass(eq=False, slots=True)
+class _Request(Generic[R]):
+    future: asyncio.Future[None]
+    results: list[R | None]
+    remaining: int
+    enqueued: float
+    started: float | None = None
+    finished: float = 0.0
+    compute_s: float = 0.0
+
+    def deliver(self, index: int, result: R, now: float, compute_share: float) -> None:
+        self.results[index] = result
+        self.compute_s += compute_share
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.finished = now
+            self.future.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@dataclass(eq=False, slots=True)
+class _Item(Generic[R]):
+    request: _Request[R]
+    index: int
+    ids: list[int]
+    enqueued: float
+    ready_at: float  # when waiting for a fuller batch stops being worth it
+
+
+class Batcher(Generic[R]):
+    """Per-model queue and inference loop; ``run`` is the backend's forward pass."""
+
+    def __init__(
+        self,
+        run: Callable[[list[list[int]]], list[R]],
+        *,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        on_batch: OnBatch | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if min(max_batch_tokens, max_batch_size, max_queue) <= 0 or max_wait_ms < 0:
+            raise ValueError("caps must be positive and max_wait_ms non-negative")
+        self._run = run
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._name = name
+        # Grouping by length looks this far into the queue: enough to find neighbours, cheap when deep.
+        self._lookahead = max(4 * max_batch_size, 256)
+        self._pending: deque[_Item[R]] = deque()
+        self._pending_tokens = 0
+        self._running: list[_Item[R]] = []
+        self._permits_used = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-forward")
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        """Inputs waiting for a batch (not counting the batch being computed)."""
+        return len(self._pending)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests holding a permit: queued or being computed."""
+        return self._permits_used
+
+    async def submit(self, ids: list[list[int]]) -> Submission[R]:
+        """Queue one request's inputs and wait for all their results; :class:`QueueFull` when no permit."""
+        if self._closed:
+            raise BatcherClosed(f"{self._name} is closed")
+        if self._permits_used >= self.max_queue:
+            raise QueueFull(f"{self._name} already holds {self.max_queue} requests")
+        self._permits_used += 1
+        try:
+            return await self._serve(ids)
+        finally:
+            self._permits_used -= 1
+
+    async def close(self) -> None:
+        """Stop the loop; queued and computing requests fail with :class:`BatcherClosed`."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        error = BatcherClosed(f"{self._name} was closed")
+        for item in self._pending:
+            item.request.fail(error)
+        self._pending.clear()
+        self._pending_tokens = 0
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> Batcher[R]:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def _serve(self, ids: list[list[int]]) -> Submission[R]:
+        now = time.perf_counter()
+        if not ids:
+            return Submission(results=[], queue_s=0.0, inference_s=0.0)
+        request = self._enqueue(ids, now)
+        try:
+            await request.future
+        except asyncio.CancelledError:
+            self._drop(request)
+            raise
+        started = request.started if request.started is not None else request.finished
+        results = cast(list[R], request.results)  # every slot is filled once the future resolved
+        return Submission(
+            results=results,
+            queue_s=started - now,
+            inference_s=request.finished - started,
+            compute_s=request.compute_s,
+        )
+
+    def _enqueue(self, ids: list[list[int]], now: float) -> _Request[R]:
+        loop = asyncio.get_running_loop()
+        request: _Request[R] = _Request(loop.create_future(), [None] * len(ids), len(ids), now)
+        # A request that finds the worker idle and nothing queued goes at once: there is nothing to wait for.
+        idle = not self._pending and not self._running
+        ready_at = now if idle else now + self.max_wait_s
+        self._pending.extend(_Item(request, i, row, now, ready_at) for i, row in enumerate(ids))
+        self._pending_tokens += sum(len(row) for row in ids)
+        if self._task is None:
+            self._task = loop.create_task(self._loop(), name=f"{self._name}-loop")
+        self._wakeup.set()
+        return request
+
+    def _drop(self, request: _Request[R]) -> None:
+        """Remove a departed or failed request's inputs from the queue."""
+        kept = [item for item in self._pending if item.request is not request]
+        self._pending = deque(kept)
+        self._pending_tokens = sum(len(item.ids) for item in kept)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                batch = await self._next_batch()
+                if batch:
+                    await self._execute(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must outlive any one bad batch
+                log.exception("%s: batch loop error", self._name)
+
+    async def _next_batch(self) -> list[_Item[R]]:
+        if self._pending:
+            await self._wait_to_fill()
+        else:
+            await self._wait_for_work()
+        return self._take()
+
+    async def _wait_for_work(self) -> None:
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _wait_to_fill(self) -> None:
+        deadline = self._pending[0].ready_at
+        while self._pending and not self._full():
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
+
+    def _full(self) -> bool:
+        return len(self._pending) >= self.max_batch_size or self._pending_tokens >= self.max_batch_tokens
+
+    def _take(self) -> list[_Item[R]]:
+        """Pop the oldest live input plus the queued inputs closest to it in length, within both caps."""
+        window = [self._pending.popleft() for _ in range(min(len(self._pending), self._lookahead))]
+        self._pending_tokens -= sum(len(item.ids) for item in window)
+        live = [item for item in window if not item.request.future.done()]
+        if not live:
+            return []
+        chosen = self._choose(live)
+        picked = {id(item) for item in chosen}
+        rest = [item for item in live if id(item) not in picked]
+        self._pending.extendleft(reversed(rest))
+        self._pending_tokens += sum(len(item.ids) for item in rest)
+        return chosen
+
+    def _choose(self, live: list[_Item[R]]) -> list[_Item[R]]:
+        # The oldest input always goes (no starvation); neighbours in length waste the least padding.
+        anchor = len(live[0].ids)
+        order = sorted(range(len(live)), key=lambda i: (abs(len(live[i].ids) - anchor), i))
+        chosen: list[_Item[R]] = []
+        width = 0
+        for i in order:
+            if len(chosen) == self.max_batch_size:
+                break
+            new_width = max(width, len(live[i].ids))
+            if chosen and (len(chosen) + 1) * new_width > self.max_batch_tokens:
+                continue
+            chosen.append(live[i])
+            width = new_width
+        return chosen
+
+    async def _execute(self, batch: list[_Item[R]]) -> None:
+        started = time.perf_counter()
+        for item in batch:
+            if item.request.started is None:
+                item.request.started = started
+        self._running = batch
+        try:
+            results, compute_s = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _timed, self._run, [item.ids for item in batch]
+            )
+            if len(results) != len(batch):
+                raise RuntimeError(f"run returned {len(results)} results for {len(batch)} inputs")
+        except asyncio.CancelledError:
+            self._fail(batch, BatcherClosed(f"{self._name} was closed"))
+            raise
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        finally:
+            self._running = []
+        self._deliver(batch, results, compute_s)
+        self._report(batch, started, compute_s)
+
+    def _deliver(self, batch: list[_Item[R]], results: list[R], compute_s: float) -> None:
+        now = time.perf_counter()
+        per_token = compute_s / max(1, sum(len(item.ids) for item in batch))
+        for item, result in zip(batch, results, strict=True):
+            item.request.deliver(item.index, result, now, per_token * len(item.ids))
+
+    def _fail(self, batch: list[_Item[R]], error: Exception) -> None:
+        log.warning("%s: batch of %d failed: %r", self._name, len(batch), error)
+        for request in {id(item.request): item.request for item in batch}.values():
+            request.fail(error)
+            self._drop(request)
+
+    def _report(self, batch: list[_Item[R]], started: float, compute_s: float) -> None:
+        if self._on_batch is None:
+            return
+        real = sum(len(item.ids) for item in batch)
+        padded = len(batch) * max(len(item.ids) for item in batch)
+        waited = started - min(item.enqueued for item in batch)
+        try:
+            self._on_batch(len(batch), real, padded, waited, compute_s)
+        except Exception:  # telemetry must never break serving
+            log.exception("%s: on_batch callback failed", self._name)
+
+
+def _timed(run: Callable[[list[list[int]]], list[R]], ids: list[list[int]]) -> tuple[list[R], float]:
+    started = time.perf_counter()
+    results = run(ids)
+    return results, time.perf_counter() - started

@@ -1,0 +1,27 @@
+"""The model pool behind the API: eviction under a small memory budget, reload on next use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from modelmeter.gateway.app import create_app
+from modelmeter.settings import Settings
+from tests.conftest import bearer
+
+
+def test_eviction_under_small_budget(settings: Settings, client: TestClient, make_tenant: Any, make_key: Any,
+                                     register_model: Any) -> None:
+    tenant = make_tenant()
+    key = make_key(tenant["id"])["key"]
+    first, second = register_model(tenant["id"]), register_model(tenant["id"])
+    small = settings.model_copy(update={"pool_memory_mb": 5})  # one tiny BERT (~4 MB) fits, two do not
+    with TestClient(create_app(small)) as http:
+        pool = http.app.state.services.server.pool  # type: ignore[attr-defined]
+        for model in (first, second, first):
+            response = http.post("/v1/classify", json={"model": model, "input": "x"}, headers=bearer(key))
+            assert response.status_code == 200, response.text
+            assert pool.loaded() == [model]
+            assert pool.used_bytes <= 5 * 1024 * 1024
+        assert (pool.load_count, pool.eviction_count) == (3, 2)

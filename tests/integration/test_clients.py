@@ -1,0 +1,55 @@
+"""The `openai` and `huggingface_hub` clients, unchanged, against a running server (uvicorn on loopback)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from huggingface_hub import InferenceClient
+from openai import OpenAI
+
+from tests.conftest import LiveServer
+
+
+@pytest.fixture
+def tenant(make_tenant: Any, make_key: Any) -> tuple[str, str]:
+    t = make_tenant()
+    return t["id"], make_key(t["id"])["key"]
+
+
+def test_openai_embeddings(live_server: LiveServer, tenant: Any, register_model: Any) -> None:
+    tenant_id, key = tenant
+    model = register_model(tenant_id, task="feature-extraction")
+    client = OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+    result = client.embeddings.create(model=model, input=["hello world", "a second, longer sentence"])
+    assert len(result.data) == 2 and len(result.data[0].embedding) == 32
+    assert result.usage.prompt_tokens == result.usage.total_tokens > 0
+    as_floats = client.embeddings.create(model=model, input="hello world", encoding_format="float")
+    np.testing.assert_allclose(as_floats.data[0].embedding, result.data[0].embedding, atol=1e-6)
+    models = [m.id for m in client.models.list()]
+    assert model in models and "all-MiniLM-L6-v2" in models
+
+
+def test_openai_errors_surface_as_sdk_exceptions(live_server: LiveServer, tenant: Any) -> None:
+    import openai
+
+    _, key = tenant
+    client = OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.embeddings.create(model="no-such-model", input="x")
+    assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
+    bad = OpenAI(base_url=f"{live_server.url}/v1", api_key="mm_wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.embeddings.create(model="all-MiniLM-L6-v2", input="x")
+
+
+def test_huggingface_inference_client(live_server: LiveServer, tenant: Any, register_model: Any) -> None:
+    tenant_id, key = tenant
+    classifier = register_model(tenant_id, labels=["negative", "positive"])
+    embedder = register_model(tenant_id, task="feature-extraction")
+    labels = InferenceClient(model=f"{live_server.url}/models/{classifier}", token=key).text_classification("great")
+    assert {e.label for e in labels} == {"negative", "positive"}
+    assert abs(sum(e.score for e in labels) - 1) < 1e-5
+    vectors = InferenceClient(model=f"{live_server.url}/models/{embedder}", token=key).feature_extraction("great")
+    assert vectors.shape == (1, 32)
