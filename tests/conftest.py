@@ -219,3 +219,18 @@ def live_server(client: TestClient) -> Iterator[LiveServer]:
     yield LiveServer(f"http://127.0.0.1:{port}", app)
     server.should_exit = True
     thread.join(timeout=30)
+
+
+def shared_dir() -> Path:
+    """``shared/`` beside the repository (as sessions and CI lay it out), or MODELMETER_SHARED_DIR."""
+    override = os.environ.get("MODELMETER_SHARED_DIR")
+    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def sst2_rows(n: int, *, seed: int = 0) -> list[tuple[str, int]]:
+    import random
+
+    lines = (shared_dir() / "data" / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    rows = [(s, int(label)) for s, label in (line.rsplit("\t", 1) for line in lines)]
+    random.Random(seed).shuffle(rows)
+    return rows[:n]

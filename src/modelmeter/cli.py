@@ -105,6 +105,14 @@ def serve(host: str, port: int, worker: bool | None) -> None:
     uvicorn.run(app, host=host, port=port, access_log=False, log_level=settings.log_level)
 
 
+@main.command()
+def worker() -> None:
+    """Run fine-tuning jobs, one at a time, until stopped (SIGTERM/SIGINT)."""
+    from modelmeter.worker import run_worker
+
+    run_worker(Settings())
+
+
 @main.group()
 def tenant() -> None:
     """Create, list, show and update tenants."""

@@ -6,4 +6,5 @@ from __future__ import annotations
 def import_all_tables() -> None:
     import modelmeter.billing.tables
     import modelmeter.gateway.tenants
+    import modelmeter.models.finetune.tables
     import modelmeter.models.registry  # noqa: F401

@@ -53,3 +53,21 @@ def test_huggingface_inference_client(live_server: LiveServer, tenant: Any, regi
     assert abs(sum(e.score for e in labels) - 1) < 1e-5
     vectors = InferenceClient(model=f"{live_server.url}/models/{embedder}", token=key).feature_extraction("great")
     assert vectors.shape == (1, 32)
+
+
+def test_openai_files_and_fine_tuning(live_server: LiveServer, tenant: Any, register_model: Any) -> None:
+    _, key = tenant
+    base = register_model(None, task="feature-extraction", model_id="tiny-base")
+    client = OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+    lines = [f'{{"text": "good film {i}", "label": "pos"}}\n{{"text": "bad film {i}", "label": "neg"}}'
+             for i in range(10)]
+    uploaded = client.files.create(file=("train.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
+    assert uploaded.id.startswith("file_") and uploaded.purpose == "fine-tune"
+    job = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="sdk", seed=3)
+    assert job.status == "queued" and job.training_file == uploaded.id
+    fetched = client.fine_tuning.jobs.retrieve(job.id)
+    assert fetched.id == job.id and fetched.seed == 3
+    events = client.fine_tuning.jobs.list_events(job.id)
+    assert [e.message for e in events.data][0] == "Files validated; job queued."
+    assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"

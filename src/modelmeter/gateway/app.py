@@ -17,12 +17,13 @@ from modelmeter.billing.metering import LedgerWriter
 from modelmeter.errors import install_handlers
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from modelmeter.gateway.routes import admin, health, inference
+from modelmeter.gateway.routes import admin, files, fine_tuning, health, inference
 from modelmeter.gateway.services import Services
 from modelmeter.models.backends import configure_torch_threads, resolve_device
 from modelmeter.models.registry import ModelCache, register_platform_models
 from modelmeter.models.serving import BatchCaps, ModelServer
 from modelmeter.settings import Settings, ensure_admin_token, get_settings
+from modelmeter.worker import spawn_worker, stop_worker
 
 log = logging.getLogger("modelmeter.gateway")
 
@@ -72,9 +73,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(prepare_database, services)
     flusher = asyncio.create_task(_flush_loop(services))
     services.ledger.start()
+    worker = spawn_worker(services.settings) if services.settings.start_worker else None
     try:
         yield
     finally:
+        if worker is not None:
+            await run_in_threadpool(stop_worker, worker)
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
@@ -90,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="modelmeter", version="0.1.0", lifespan=lifespan)
     app.state.services = build_services(settings)
     install_handlers(app)
-    for router in (health.router, admin.router, inference.router):
+    for router in (health.router, admin.router, inference.router, files.router, fine_tuning.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=_limits(settings))
     app.add_middleware(RequestContextMiddleware)

@@ -1,0 +1,308 @@
+"""The fine-tuning job state machine and its queries (no HTTP, no billing).
+
+    validating_files ──▶ queued ──▶ running ──▶ succeeded
+           │               │           ├──────▶ failed
+           └──▶ failed     └───────────┴──────▶ cancelled     (running ──▶ queued when its worker died)
+
+Every transition is a compare-and-set on ``status``, so a cancel racing a worker, or two workers racing for
+one job, can never both win. Workers claim with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from sqlalchemy import func, update
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, col, select
+
+from modelmeter import clock
+from modelmeter.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
+from modelmeter.ids import new_id
+from modelmeter.models.finetune.tables import (
+    ACTIVE_STATUSES,
+    FINISHED_STATUSES,
+    FineTuningEvent,
+    FineTuningJob,
+    TenantFile,
+)
+from modelmeter.models.finetune.train import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LEARNING_RATE_MULTIPLIER,
+    DEFAULT_N_EPOCHS,
+)
+
+Auto = Literal["auto"]
+
+
+class HyperparametersIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: Annotated[StrictInt, Field(ge=1, le=50)] | Auto = "auto"
+    batch_size: Annotated[StrictInt, Field(ge=1, le=512)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+
+
+class JobCreate(BaseModel):
+    """OpenAI's job request, as far as it applies to BERT classifiers."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    training_file: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    validation_file: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    hyperparameters: HyperparametersIn | None = None
+    suffix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,40}$")] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+
+
+# --- public shapes ---------------------------------------------------------------------------------
+
+
+def file_public(f: TenantFile) -> dict[str, Any]:
+    return {
+        "id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_at, "filename": f.filename,
+        "purpose": f.purpose, "status": "processed", "status_details": None, "rows": f.rows, "labels": f.labels,
+    }
+
+
+def job_public(j: FineTuningJob) -> dict[str, Any]:
+    error = {"code": j.error_code, "message": j.error_message, "param": j.error_param} if j.error_code else None
+    return {
+        "id": j.id, "object": "fine_tuning.job", "created_at": j.created_at, "finished_at": j.finished_at,
+        "model": j.model, "fine_tuned_model": j.fine_tuned_model, "organization_id": j.tenant_id,
+        "result_files": [], "status": j.status, "validation_file": j.validation_file,
+        "training_file": j.training_file,
+        "hyperparameters": {"n_epochs": j.n_epochs, "batch_size": j.batch_size,
+                            "learning_rate_multiplier": j.learning_rate_multiplier},
+        "trained_tokens": j.trained_tokens, "error": error, "seed": j.seed, "user_provided_suffix": j.suffix,
+        "estimated_finish": j.estimated_finish, "integrations": [], "result": j.result,
+    }
+
+
+def event_public(e: FineTuningEvent) -> dict[str, Any]:
+    return {
+        "id": f"ftevent_{e.seq}", "object": "fine_tuning.job.event", "created_at": e.created_at,
+        "level": e.level, "message": e.message, "type": e.type,
+        "data": json.loads(e.data_json) if e.data_json else {},
+    }
+
+
+# --- queries ----------------------------------------------------------------------------------------
+
+
+def get_file(*, session: Session, tenant_id: str, file_id: str, param: str = "file_id") -> TenantFile:
+    """The tenant's file; another tenant's file is answered as a missing one."""
+    f = session.get(TenantFile, file_id)
+    if f is None or f.tenant_id != tenant_id:
+        raise NotFoundError(f"No such file: '{file_id}'.", code="file_not_found", param=param)
+    return f
+
+
+def get_job(*, session: Session, tenant_id: str, job_id: str) -> FineTuningJob:
+    job = session.get(FineTuningJob, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFoundError(f"No such fine-tuning job: '{job_id}'.", code="job_not_found", param="fine_tuning_job_id")
+    return job
+
+
+def page(session: Session, query: Any, limit: int) -> tuple[list[Any], bool]:
+    rows = list(session.exec(query.limit(limit + 1)).all())
+    return rows[:limit], len(rows) > limit
+
+
+def list_files(*, session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[list[TenantFile], bool]:
+    query = select(TenantFile).where(TenantFile.tenant_id == tenant_id).order_by(col(TenantFile.id).desc())
+    if after:
+        query = query.where(col(TenantFile.id) < after)
+    return page(session, query, limit)
+
+
+def list_jobs(*, session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[list[FineTuningJob], bool]:
+    query = select(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id).order_by(col(FineTuningJob.id).desc())
+    if after:
+        query = query.where(col(FineTuningJob.id) < after)
+    return page(session, query, limit)
+
+
+def list_events(*, session: Session, job_id: str, limit: int, after: str | None) -> tuple[list[FineTuningEvent], bool]:
+    query = select(FineTuningEvent).where(FineTuningEvent.job_id == job_id).order_by(col(FineTuningEvent.seq).desc())
+    if after:
+        seq = after.removeprefix("ftevent_")
+        if not seq.isdigit():
+            raise InvalidRequestError("'after' must be an event id.", code="invalid_value", param="after")
+        query = query.where(col(FineTuningEvent.seq) < int(seq))
+    return page(session, query, limit)
+
+
+def add_event(
+    session: Session, job_id: str, message: str, *, level: str = "info", type_: str = "message",
+    data: dict[str, Any] | None = None,
+) -> None:
+    session.add(FineTuningEvent(job_id=job_id, created_at=clock.now_s(), level=level, type=type_, message=message,
+                                data_json=json.dumps(data) if data else None))
+
+
+def file_in_use(*, session: Session, file_id: str) -> bool:
+    uses = (col(FineTuningJob.training_file) == file_id) | (col(FineTuningJob.validation_file) == file_id)
+    query = select(func.count()).select_from(FineTuningJob).where(uses)
+    return bool(session.exec(query.where(col(FineTuningJob.status).in_(ACTIVE_STATUSES))).one())
+
+
+# --- transitions ------------------------------------------------------------------------------------
+
+
+def create_job(
+    *, session: Session, tenant_id: str, data: JobCreate, base_models: Sequence[str], max_active: int
+) -> FineTuningJob:
+    """Validate the request and its files, then queue the job (one transaction; nothing written on refusal)."""
+    if data.model not in base_models:
+        raise InvalidRequestError(
+            f"'{data.model}' cannot be fine-tuned here; base models: {', '.join(base_models)}.",
+            code="model_not_available", param="model",
+        )
+    training = get_file(session=session, tenant_id=tenant_id, file_id=data.training_file, param="training_file")
+    validation = None
+    if data.validation_file:
+        validation = get_file(session=session, tenant_id=tenant_id, file_id=data.validation_file,
+                              param="validation_file")
+        unknown = sorted(set(validation.labels) - set(training.labels))
+        if unknown:
+            raise InvalidRequestError(
+                f"The validation file has labels the training file lacks: {', '.join(unknown[:5])}.",
+                code="invalid_validation_file", param="validation_file",
+            )
+    _check_active(session, tenant_id, max_active)
+    job = _new_job(tenant_id, data)
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, f"Validating training file: {training.id} ({training.rows} rows, "
+                               f"{len(training.labels)} labels)")
+    if validation is not None:
+        add_event(session, job.id, f"Validating validation file: {validation.id} ({validation.rows} rows)")
+    job.status = "queued"
+    add_event(session, job.id, "Files validated; job queued.")
+    session.flush()
+    return job
+
+
+def _check_active(session: Session, tenant_id: str, max_active: int) -> None:
+    query = select(func.count()).select_from(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id)
+    active = session.exec(query.where(col(FineTuningJob.status).in_(ACTIVE_STATUSES))).one()
+    if active >= max_active:
+        raise RateLimitError(
+            f"At most {max_active} fine-tuning jobs may be active at once; wait for one to finish.",
+            code="too_many_active_jobs",
+        )
+
+
+def _new_job(tenant_id: str, data: JobCreate) -> FineTuningJob:
+    hp = data.hyperparameters or HyperparametersIn()
+    return FineTuningJob(
+        id=new_id("ftjob"), tenant_id=tenant_id, model=data.model, training_file=data.training_file,
+        validation_file=data.validation_file, suffix=data.suffix, created_at=clock.now_s(),
+        n_epochs=DEFAULT_N_EPOCHS if hp.n_epochs == "auto" else hp.n_epochs,
+        batch_size=DEFAULT_BATCH_SIZE if hp.batch_size == "auto" else hp.batch_size,
+        learning_rate_multiplier=(DEFAULT_LEARNING_RATE_MULTIPLIER if hp.learning_rate_multiplier == "auto"
+                                  else float(hp.learning_rate_multiplier)),
+        seed=data.seed if data.seed is not None else 42,
+    )
+
+
+def _transition(session: Session, job_id: str, from_: Sequence[str], **values: Any) -> bool:
+    """Compare-and-set: move the job only if it is still in one of ``from_``."""
+    statement = (
+        update(FineTuningJob)
+        .where(col(FineTuningJob.id) == job_id)
+        .where(col(FineTuningJob.status).in_(from_))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
+
+def cancel_job(*, session: Session, job: FineTuningJob) -> FineTuningJob:
+    """Cancel a job that has not finished; a running job's worker notices within a heartbeat."""
+    if job.status in FINISHED_STATUSES or not _transition(
+        session, job.id, ACTIVE_STATUSES, status="cancelled", finished_at=clock.now_s()
+    ):
+        session.refresh(job)
+        raise ConflictError(f"Job '{job.id}' has already finished ({job.status}).", code="job_finished")
+    add_event(session, job.id, "Job cancelled.")
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def claim_next(*, sessions: sessionmaker[Session], worker_id: str) -> str | None:
+    """Claim the oldest queued job for ``worker_id``; ``None`` when there is none."""
+    with sessions() as session:
+        query = select(FineTuningJob.id).where(FineTuningJob.status == "queued")
+        query = query.order_by(col(FineTuningJob.created_at), col(FineTuningJob.id)).limit(1)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        job_id = session.exec(query).first()
+        if job_id is None:
+            return None
+        now = clock.now_s()
+        claimed = _transition(session, job_id, ("queued",), status="running", worker_id=worker_id, started_at=now,
+                              heartbeat_at=now, attempts=col(FineTuningJob.attempts) + 1)
+        if claimed:
+            add_event(session, job_id, f"Job started by worker {worker_id}.")
+        session.commit()
+        return job_id if claimed else None
+
+
+def heartbeat(*, sessions: sessionmaker[Session], job_id: str, worker_id: str) -> bool:
+    """Record that the worker is alive; ``False`` when the job is no longer this worker's running job."""
+    with sessions() as session:
+        statement = (
+            update(FineTuningJob)
+            .where(col(FineTuningJob.id) == job_id, col(FineTuningJob.status) == "running",
+                   col(FineTuningJob.worker_id) == worker_id)
+            .values(heartbeat_at=clock.now_s())
+        )
+        alive = bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+        session.commit()
+        return alive
+
+
+def finish(*, session: Session, job_id: str, owner: str, status: str, **values: Any) -> bool:
+    """Move ``owner``'s running job to a final (or re-queued) state; ``False`` if it was cancelled meanwhile."""
+    statement = (
+        update(FineTuningJob)
+        .where(col(FineTuningJob.id) == job_id, col(FineTuningJob.status) == "running",
+               col(FineTuningJob.worker_id) == owner)
+        .values(status=status, **values)
+    )
+    return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
+
+def fail_values(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error_code": code, "error_message": message, "error_param": param, "finished_at": clock.now_s()}
+
+
+def recover_orphans(
+    *, sessions: sessionmaker[Session], is_dead: Any, max_attempts: int = 2
+) -> list[str]:
+    """Re-queue (or fail, after ``max_attempts``) running jobs whose worker ``is_dead(job)``."""
+    recovered = []
+    with sessions() as session:
+        for job in session.exec(select(FineTuningJob).where(FineTuningJob.status == "running")).all():
+            if not is_dead(job):
+                continue
+            if job.attempts < max_attempts:
+                moved = finish(session=session, job_id=job.id, owner=job.worker_id or "", status="queued",
+                               worker_id=None, heartbeat_at=None)
+                message = f"Worker {job.worker_id} stopped mid-job; job re-queued (attempt {job.attempts + 1})."
+            else:
+                moved = finish(session=session, job_id=job.id, owner=job.worker_id or "", status="failed",
+                               **fail_values("worker_died", f"The worker died {job.attempts} times running this "
+                                                            "job; it was not retried again."))
+                message = f"Worker {job.worker_id} stopped mid-job; job failed after {job.attempts} attempts."
+            if moved:
+                add_event(session, job.id, message, level="warn")
+                recovered.append(job.id)
+        session.commit()
+    return recovered

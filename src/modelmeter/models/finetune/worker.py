@@ -1,0 +1,195 @@
+"""The fine-tuning worker: claims queued jobs one at a time, trains, registers the model, meters the tokens.
+
+Billing is injected (``on_succeeded``) so this package imports nothing from billing or the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session
+
+from modelmeter import clock
+from modelmeter.models.finetune import jobs
+from modelmeter.models.finetune.dataset import Example, parse_dataset, stratified_split
+from modelmeter.models.finetune.tables import FineTuningJob, TenantFile
+from modelmeter.models.finetune.train import Cancelled, Hyperparameters, Progress, TrainResult, train_classifier
+from modelmeter.models.registry import MlModel, artifact_path, register_tenant_model
+
+log = logging.getLogger("modelmeter.worker")
+
+OnSucceeded = Callable[[Session, FineTuningJob, TrainResult, str], None]
+VALIDATION_FRACTION = 0.1
+MAX_VALIDATION_ROWS = 2000
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    data_dir: Path
+    device: torch.device
+    poll_s: float = 1.0
+    heartbeat_s: float = 1.0
+    heartbeat_timeout_s: float = 120.0
+    show_progress: bool = False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Worker:
+    """Runs queued jobs one at a time until ``stop`` is set."""
+
+    def __init__(self, sessions: sessionmaker[Session], config: WorkerConfig, *, on_succeeded: OnSucceeded) -> None:
+        self.sessions = sessions
+        self.config = config
+        self.on_succeeded = on_succeeded
+        self.host = socket.gethostname()
+        self.worker_id = f"{self.host}:{os.getpid()}:{secrets.token_hex(2)}"
+
+    def run_forever(self, stop: threading.Event) -> None:
+        log.info("worker %s started (device %s)", self.worker_id, self.config.device)
+        while not stop.is_set():
+            if not self.run_once():
+                stop.wait(self.config.poll_s)
+
+    def run_once(self) -> bool:
+        """Recover orphaned jobs, then claim and run one job; ``False`` when the queue was empty."""
+        for orphan in jobs.recover_orphans(sessions=self.sessions, is_dead=self._is_dead):
+            log.warning("recovered job %s from a dead worker", orphan)
+        job_id = jobs.claim_next(sessions=self.sessions, worker_id=self.worker_id)
+        if job_id is None:
+            return False
+        self.run_job(job_id)
+        return True
+
+    def _is_dead(self, job: FineTuningJob) -> bool:
+        host, _, rest = (job.worker_id or "").partition(":")
+        pid = rest.partition(":")[0]
+        if host == self.host and pid.isdigit() and job.worker_id != self.worker_id and not pid_alive(int(pid)):
+            return True
+        stale_before = clock.now_s() - self.config.heartbeat_timeout_s
+        return job.heartbeat_at is None or job.heartbeat_at < stale_before
+
+    def run_job(self, job_id: str) -> None:
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job_id, stop), daemon=True, name=f"heartbeat:{job_id}")
+        beat.start()
+        try:
+            self._train(job_id, stop)
+        except Cancelled:
+            self._note(job_id, "Training stopped: the job was cancelled.")
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            self._fail(job_id, "training_failed", f"Training failed: {type(exc).__name__}: {exc}")
+        finally:
+            stop.set()
+            beat.join()
+
+    def _beat(self, job_id: str, stop: threading.Event) -> None:
+        while not stop.wait(self.config.heartbeat_s):
+            try:
+                if not jobs.heartbeat(sessions=self.sessions, job_id=job_id, worker_id=self.worker_id):
+                    stop.set()  # cancelled (or taken away): the training loop stops at its next step
+            except Exception:
+                log.exception("heartbeat for %s failed; will retry", job_id)
+
+    def _train(self, job_id: str, stop: threading.Event) -> None:
+        job, train, validation, labels, base_dir = self._inputs(job_id)
+        output = self.config.data_dir / "models" / job.tenant_id / job.id
+        result = train_classifier(
+            base_model_dir=base_dir, train=train, validation=validation, labels=labels,
+            hparams=Hyperparameters(job.n_epochs, job.batch_size, job.learning_rate_multiplier), seed=job.seed,
+            device=self.config.device, output_dir=output, on_progress=lambda p: self._progress(job.id, p),
+            should_stop=stop.is_set, show_progress=self.config.show_progress,
+        )
+        if not self._succeed(job, result, labels, output):
+            shutil.rmtree(output, ignore_errors=True)
+
+    def _inputs(self, job_id: str) -> tuple[FineTuningJob, list[Example], list[Example], list[str], Path]:
+        with self.sessions() as session:
+            job = session.get(FineTuningJob, job_id)
+            assert job is not None
+            base = session.get(MlModel, job.model)
+            if base is None:
+                raise RuntimeError(f"base model {job.model} is no longer registered")
+            train_data = self._read(session.get(TenantFile, job.training_file), "training_file")
+            validation_file = session.get(TenantFile, job.validation_file) if job.validation_file else None
+        examples, labels = train_data
+        if job.validation_file:
+            validation = self._read(validation_file, "validation_file")[0]
+        else:
+            examples, validation = stratified_split(examples, fraction=VALIDATION_FRACTION, seed=job.seed)
+            validation = validation[:MAX_VALIDATION_ROWS]
+        self._note(job_id, f"Training on {len(examples)} rows, validating on {len(validation)} rows, "
+                           f"labels {', '.join(labels)}.")
+        return job, examples, validation, labels, artifact_path(base.artifact, self.config.data_dir)
+
+    def _read(self, f: TenantFile | None, param: str) -> tuple[list[Example], list[str]]:
+        if f is None:
+            raise RuntimeError(f"the {param} was deleted before the job started")
+        data = (self.config.data_dir / f.path).read_bytes()
+        parsed = parse_dataset(data, filename=f.filename, max_rows=10**9, max_text_chars=10**9, max_labels=10**6)
+        return parsed.examples, parsed.labels
+
+    def _progress(self, job_id: str, p: Progress) -> None:
+        data = {"epoch": p.epoch, "step": p.step, "total_steps": p.total_steps, "train_loss": round(p.loss, 5),
+                "examples_per_s": round(p.examples_per_s, 2), "eta_s": round(p.eta_s, 1)}
+        with self.sessions() as session:
+            jobs.add_event(session, job_id, f"Epoch {p.epoch}/{p.n_epochs}, step {p.step}/{p.total_steps}: "
+                                            f"loss {p.loss:.4f}, {p.examples_per_s:.1f} examples/s, "
+                                            f"{p.eta_s:.0f} s left", type_="metrics", data=data)
+            job = session.get(FineTuningJob, job_id)
+            if job is not None:
+                job.estimated_finish = clock.now_s() + int(p.eta_s)
+            session.commit()
+
+    def _succeed(self, job: FineTuningJob, result: TrainResult, labels: list[str], output: Path) -> bool:
+        model_id = f"ft:{job.model}:{job.suffix}:{job.id[-8:]}" if job.suffix else f"ft:{job.model}:{job.id[-8:]}"
+        relative = output.relative_to(self.config.data_dir)
+        with self.sessions() as session:
+            moved = jobs.finish(
+                session=session, job_id=job.id, owner=self.worker_id, status="succeeded",
+                fine_tuned_model=model_id, trained_tokens=result.training_tokens, finished_at=clock.now_s(),
+                result_json=json.dumps({**result.metrics, "examples_per_s": round(result.examples_per_s, 2),
+                                        "wall_s": round(result.wall_s, 2)}),
+            )
+            if not moved:
+                return False
+            register_tenant_model(session=session, model_id=model_id, tenant_id=job.tenant_id,
+                                  base_model=job.model, labels=labels, artifact=str(relative), job_id=job.id)
+            self.on_succeeded(session, job, result, self.config.device.type)
+            jobs.add_event(session, job.id, f"Job succeeded: {model_id} (accuracy "
+                                            f"{result.metrics['accuracy']:.4f} on {result.metrics['n_validation']} "
+                                            f"validation rows).")
+            session.commit()
+        return True
+
+    def _fail(self, job_id: str, code: str, message: str) -> None:
+        with self.sessions() as session:
+            if jobs.finish(session=session, job_id=job_id, owner=self.worker_id, status="failed",
+                           **jobs.fail_values(code, message)):
+                jobs.add_event(session, job_id, message, level="error")
+            session.commit()
+
+    def _note(self, job_id: str, message: str) -> None:
+        with self.sessions() as session:
+            jobs.add_event(session, job_id, message)
+            session.commit()

@@ -1,0 +1,76 @@
+"""Compose the fine-tuning worker with metering: what ``modelmeter worker`` (and ``serve``'s subprocess) runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from modelmeter import clock, db
+from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.models.backends import resolve_device
+from modelmeter.models.finetune.tables import FineTuningJob
+from modelmeter.models.finetune.train import TrainResult
+from modelmeter.models.finetune.worker import Worker, WorkerConfig
+from modelmeter.settings import Settings
+
+
+def meter_training(session: Session, job: FineTuningJob, result: TrainResult, device: str) -> None:
+    """Training tokens (rows' tokens times epochs) go to the ledger in the job's own success transaction."""
+    record = UsageRecord(
+        request_id=f"train_{job.id}", tenant_id=job.tenant_id, model_id=job.model, created=clock.now_s(),
+        kind="training", endpoint="fine_tuning", device=device, requests=0,
+        training_tokens=result.training_tokens, compute_us=int(result.wall_s * 1e6),
+    )
+    record_usage(session=session, records=[record])
+
+
+def build_worker(settings: Settings, *, engine: Engine | None = None, show_progress: bool = True) -> Worker:
+    """A worker on ``engine`` (a new one from ``settings`` when omitted; the caller disposes it)."""
+    engine = engine or db.engine_from_settings(settings)
+    config = WorkerConfig(
+        data_dir=settings.data_dir,
+        device=resolve_device(settings.device),
+        poll_s=settings.worker_poll_s,
+        heartbeat_timeout_s=settings.job_heartbeat_timeout_s,
+        show_progress=show_progress,
+    )
+    return Worker(db.session_maker(engine), config, on_succeeded=meter_training)
+
+
+def run_worker(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT; the job in progress is left for recovery (re-queued at next start)."""
+    engine = db.engine_from_settings(settings)
+    db.upgrade(engine)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        build_worker(settings, engine=engine).run_forever(stop)
+    finally:
+        engine.dispose()
+
+
+def spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    """Start ``modelmeter worker`` as a child process on the same data dir, database and device."""
+    env = {
+        **os.environ,
+        "MODELMETER_DATA_DIR": str(settings.data_dir.resolve()),
+        "MODELMETER_DATABASE_URL": settings.effective_database_url,
+        "MODELMETER_DEVICE": settings.device,
+    }
+    return subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "worker"], env=env)
+
+
+def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -1,0 +1,297 @@
+"""Files and fine-tuning jobs through the API, and the worker that runs them (tiny random BERT as the base)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import select
+
+from modelmeter.billing.tables import UsageEvent
+from modelmeter.models.finetune import jobs
+from modelmeter.models.finetune.tables import FineTuningJob
+from modelmeter.models.registry import MlModel
+from modelmeter.settings import Settings
+from modelmeter.worker import build_worker
+from tests.conftest import assert_envelope, bearer
+
+POSITIVE = ["a joyous , moving film", "great acting and a fine script", "warm , funny and wise", "a delight"]
+NEGATIVE = ["a tedious mess", "dull and lifeless", "the worst film of the year", "boring , boring , boring"]
+
+
+def _jsonl(n: int = 40) -> bytes:
+    rows = [{"text": f"{t} {i}", "label": "positive"} for i, t in enumerate(POSITIVE * (n // 8))]
+    rows += [{"text": f"{t} {i}", "label": "negative"} for i, t in enumerate(NEGATIVE * (n // 8))]
+    return "\n".join(json.dumps(r) for r in rows).encode()
+
+
+@pytest.fixture
+def base(register_model: Any) -> str:
+    """A tiny platform feature-extraction model that tenants may fine-tune."""
+    return str(register_model(None, task="feature-extraction", model_id="tiny-base"))
+
+
+@pytest.fixture
+def tenant(make_tenant: Any, make_key: Any) -> tuple[str, dict[str, str]]:
+    t = make_tenant()
+    return t["id"], bearer(make_key(t["id"])["key"])
+
+
+def upload(client: TestClient, headers: dict[str, str], data: bytes, name: str = "train.jsonl") -> Any:
+    return client.post("/v1/files", files={"file": (name, data)}, data={"purpose": "fine-tune"}, headers=headers)
+
+
+def create_job(client: TestClient, headers: dict[str, str], file_id: str, base: str, **extra: Any) -> Any:
+    body = {"model": base, "training_file": file_id, "hyperparameters": {"n_epochs": 1, "batch_size": 8}, **extra}
+    return client.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+
+
+def worker_for(client: TestClient) -> Any:
+    services = client.app.state.services  # type: ignore[attr-defined]
+    return build_worker(services.settings, engine=services.engine, show_progress=False)
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "data", "rows"), [
+    ("train.jsonl", b'{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n', 2),
+    ("train.csv", b'text,label\n"good, really",pos\nbad,neg\nfine,pos\n', 3),
+    ("train.tsv", b"sentence\tlabel\ngood\t1\nbad\t0\n", 2),
+])
+def test_upload_formats(client: TestClient, tenant: Any, name: str, data: bytes, rows: int) -> None:
+    _, headers = tenant
+    response = upload(client, headers, data, name)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "file" and body["purpose"] == "fine-tune" and body["rows"] == rows
+    assert body["bytes"] == len(data) and body["filename"] == name
+    assert client.get(f"/v1/files/{body['id']}", headers=headers).json() == body
+    assert [f["id"] for f in client.get("/v1/files", headers=headers).json()["data"]] == [body["id"]]
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    (b'{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n{"text": "oops", "label"\n', "line 3"),
+    (b'{"text": "good", "label": 1}\n{"label": 0}\n', "line 2"),
+    (b'{"text": "good", "label": 1}\n{"text": "bad", "label": 1}\n', "label"),
+    (b"", "empty"),
+    (b'{"text": "good", "label": 1}\n{"text": "caf\xe9", "label": 0}\n', "line 2"),
+    (b'{"text": "good", "label": 1.5}\n{"text": "bad", "label": 0}\n', "line 1"),
+])
+def test_upload_refusals_name_the_line_and_store_nothing(
+    client: TestClient, tenant: Any, data: bytes, needle: str
+) -> None:
+    _, headers = tenant
+    error = assert_envelope(upload(client, headers, data), 422, code="invalid_file")
+    assert needle in error["message"], error
+    assert client.get("/v1/files", headers=headers).json()["data"] == []
+    files_dir = client.app.state.services.settings.data_dir / "files"  # type: ignore[attr-defined]
+    assert not files_dir.exists() or not any(files_dir.rglob("*"))
+
+
+def test_upload_missing_column_and_purpose(client: TestClient, tenant: Any) -> None:
+    _, headers = tenant
+    error = assert_envelope(upload(client, headers, b"sentence,stars\ngood,5\n", "t.csv"), 422, code="invalid_file")
+    assert "line 1" in error["message"]
+    bad_purpose = client.post("/v1/files", files={"file": ("t.jsonl", _jsonl())}, data={"purpose": "assistants"},
+                              headers=headers)
+    assert_envelope(bad_purpose, 422, code="invalid_value")
+    assert_envelope(client.post("/v1/files", data={"purpose": "fine-tune"}, headers=headers), 422)
+
+
+def test_oversized_file_is_413(settings: Settings, tenant: Any, app_factory: Any) -> None:
+    _, headers = tenant
+    with TestClient(app_factory(max_file_bytes=1000)) as small:
+        assert_envelope(upload(small, headers, _jsonl(400)), 413)
+
+
+def test_files_are_isolated_and_deletable(client: TestClient, make_tenant: Any, make_key: Any) -> None:
+    a, b = make_tenant(), make_tenant()
+    ha, hb = bearer(make_key(a["id"])["key"]), bearer(make_key(b["id"])["key"])
+    file_id = upload(client, ha, _jsonl()).json()["id"]
+    assert_envelope(client.get(f"/v1/files/{file_id}", headers=hb), 404)
+    assert_envelope(client.delete(f"/v1/files/{file_id}", headers=hb), 404)
+    assert client.get("/v1/files", headers=hb).json()["data"] == []
+    assert client.delete(f"/v1/files/{file_id}", headers=ha).json() == {"id": file_id, "object": "file",
+                                                                       "deleted": True}
+    assert_envelope(client.get(f"/v1/files/{file_id}", headers=ha), 404)
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+
+def test_job_state_machine_and_cancel(client: TestClient, tenant: Any, base: str) -> None:
+    _, headers = tenant
+    file_id = upload(client, headers, _jsonl()).json()["id"]
+    job = create_job(client, headers, file_id, base, suffix="demo", seed=7).json()
+    assert job["object"] == "fine_tuning.job" and job["status"] == "queued"
+    assert job["hyperparameters"] == {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 1.0}
+    assert (job["seed"], job["training_file"], job["fine_tuned_model"]) == (7, file_id, None)
+    messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=headers)
+                .json()["data"]]
+    assert messages[0] == "Files validated; job queued." and messages[-1].startswith("Validating training file")
+    assert_envelope(client.delete(f"/v1/files/{file_id}", headers=headers), 409, code="file_in_use")
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=headers).json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    assert_envelope(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=headers), 409,
+                    code="job_finished")
+    assert worker_for(client).run_once() is False  # nothing left to run
+
+
+def test_job_defaults_and_refusals(client: TestClient, tenant: Any, base: str, make_tenant: Any,
+                                   make_key: Any) -> None:
+    tenant_id, headers = tenant
+    file_id = upload(client, headers, _jsonl()).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", json={"model": base, "training_file": file_id},
+                      headers=headers).json()
+    assert job["hyperparameters"]["n_epochs"] >= 1 and job["hyperparameters"]["batch_size"] >= 1
+    other = bearer(make_key(make_tenant()["id"])["key"])
+    assert_envelope(create_job(client, other, file_id, base), 404, code="file_not_found")
+    assert_envelope(create_job(client, headers, file_id, "gpt-4o"), 422, code="model_not_available")
+    assert_envelope(create_job(client, headers, file_id, base, hyperparameters={"n_epochs": 0}), 422)
+    assert_envelope(create_job(client, headers, file_id, base, method={"type": "dpo"}), 422, code="unknown_field")
+    three_labels = upload(client, headers, b'{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n'
+                                           b'{"text": "c", "label": "z"}\n').json()["id"]
+    assert_envelope(create_job(client, headers, file_id, base, validation_file=three_labels), 422,
+                    code="invalid_validation_file")
+    create_job(client, headers, file_id, base)  # the second active job: the limit is 2
+    assert_envelope(create_job(client, headers, file_id, base), 429, code="too_many_active_jobs")
+    assert len(client.get("/v1/fine_tuning/jobs", headers=headers).json()["data"]) == 2
+    assert_envelope(client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=other), 404)
+    assert_envelope(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=other), 404)
+
+
+def test_worker_trains_registers_and_meters(client: TestClient, tenant: Any, base: str) -> None:
+    tenant_id, headers = tenant
+    data = _jsonl(48)
+    file_id = upload(client, headers, data).json()["id"]
+    job = create_job(client, headers, file_id, base, suffix="sent", hyperparameters={"n_epochs": 2, "batch_size": 8})
+    job_id = job.json()["id"]
+    assert worker_for(client).run_once() is True
+    done = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
+    assert done["status"] == "succeeded", done
+    model = done["fine_tuned_model"]
+    assert model.startswith(f"ft:{base}:sent:")
+    result = done["result"]
+    assert set(result["per_label"]) == {"negative", "positive"}
+    assert {"precision", "recall", "f1", "support"} <= set(result["per_label"]["positive"])
+    assert 0 <= result["accuracy"] <= 1 and result["n_validation"] >= 2
+    kinds = {e["type"] for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100", headers=headers)
+             .json()["data"]}
+    assert "metrics" in kinds
+
+    served = client.post("/v1/classify", json={"model": model, "input": "a joyous film"}, headers=headers)
+    assert served.status_code == 200 and set(served.json()["data"][0]["scores"]) == {"negative", "positive"}
+    hf = client.post(f"/models/{model}", json={"inputs": "dull"}, headers=headers)
+    assert hf.status_code == 200 and len(hf.json()[0]) == 2
+    assert model in [m["id"] for m in client.get("/v1/models", headers=headers).json()["data"]]
+
+    services = client.app.state.services  # type: ignore[attr-defined]
+    with services.sessions() as session:
+        training = session.exec(select(UsageEvent).where(UsageEvent.kind == "training")).one()
+        stored = session.get(MlModel, model)
+    assert training.training_tokens == done["trained_tokens"] > 0 and training.requests == 0
+    assert stored is not None and stored.owner_tenant_id == tenant_id
+    assert (services.settings.data_dir / stored.artifact / "model.safetensors").exists()
+
+
+def test_fine_tuned_model_is_private(client: TestClient, tenant: Any, base: str, make_tenant: Any,
+                                     make_key: Any) -> None:
+    _, headers = tenant
+    file_id = upload(client, headers, _jsonl()).json()["id"]
+    job_id = create_job(client, headers, file_id, base).json()["id"]
+    worker_for(client).run_once()
+    model = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()["fine_tuned_model"]
+    other = bearer(make_key(make_tenant()["id"])["key"])
+    assert_envelope(client.post("/v1/classify", json={"model": model, "input": "x"}, headers=other), 404)
+
+
+def test_crashed_worker_job_is_requeued_and_finished(client: TestClient, tenant: Any, base: str) -> None:
+    _, headers = tenant
+    file_id = upload(client, headers, _jsonl()).json()["id"]
+    job_id = create_job(client, headers, file_id, base).json()["id"]
+    services = client.app.state.services  # type: ignore[attr-defined]
+    worker = worker_for(client)
+    dead = f"{worker.host}:999999:dead"  # a worker on this host whose process no longer exists
+    assert jobs.claim_next(sessions=services.sessions, worker_id=dead) == job_id
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()["status"] == "running"
+    assert worker.run_once() is True
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
+    assert job["status"] == "succeeded"
+    messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100",
+                                                 headers=headers).json()["data"]]
+    assert any("re-queued" in m for m in messages)
+
+
+def test_stale_heartbeat_from_another_host_fails_after_retries(client: TestClient, tenant: Any, base: str) -> None:
+    _, headers = tenant
+    file_id = upload(client, headers, _jsonl()).json()["id"]
+    job_id = create_job(client, headers, file_id, base).json()["id"]
+    services = client.app.state.services  # type: ignore[attr-defined]
+    with services.sessions() as session:
+        job = session.get(FineTuningJob, job_id)
+        job.status, job.worker_id, job.heartbeat_at, job.attempts = "running", "elsewhere:1:x", 1, 2
+        session.commit()
+    worker_for(client).run_once()
+    job_body = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
+    assert job_body["status"] == "failed" and job_body["error"]["code"] == "worker_died"
+
+
+def test_cancel_stops_a_running_job_within_seconds(client: TestClient, tenant: Any, base: str) -> None:
+    _, headers = tenant
+    file_id = upload(client, headers, _jsonl(800)).json()["id"]
+    job_id = create_job(client, headers, file_id, base, hyperparameters={"n_epochs": 50, "batch_size": 4}).json()["id"]
+    worker = worker_for(client)
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    cancelled_at = time.monotonic()
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=headers).json()["status"] == "cancelled"
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert time.monotonic() - cancelled_at < 10
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
+    assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
+    services = client.app.state.services  # type: ignore[attr-defined]
+    tenant_models = services.settings.data_dir / "models" / tenant[0]
+    assert not tenant_models.exists() or not any(tenant_models.iterdir())  # nothing half-written
+    with services.sessions() as session:
+        assert session.exec(select(UsageEvent).where(UsageEvent.kind == "training")).all() == []
+
+
+def test_two_workers_never_claim_the_same_job(client: TestClient, tenant: Any, base: str, make_tenant: Any,
+                                              make_key: Any) -> None:
+    services = client.app.state.services  # type: ignore[attr-defined]
+    created = []
+    for _ in range(4):  # 4 tenants x 2 active jobs
+        t = make_tenant()
+        h = bearer(make_key(t["id"])["key"])
+        file_id = upload(client, h, _jsonl()).json()["id"]
+        created += [create_job(client, h, file_id, base).json()["id"] for _ in range(2)]
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claim(worker: int) -> None:
+        while (job_id := jobs.claim_next(sessions=services.sessions, worker_id=f"w{worker}")) is not None:
+            with lock:
+                claimed.append(job_id)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(created)  # every job once, none twice
+    with services.sessions() as session:
+        owners = {j.id: j.worker_id for j in session.exec(select(FineTuningJob)).all()}
+    assert all(owner is not None and owner.startswith("w") for owner in owners.values())
+
+
