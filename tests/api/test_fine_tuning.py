@@ -144,7 +144,7 @@ def test_job_state_machine_and_cancel(client: TestClient, tenant: Any, base: str
 
 def test_job_defaults_and_refusals(client: TestClient, tenant: Any, base: str, make_tenant: Any,
                                    make_key: Any) -> None:
-    tenant_id, headers = tenant
+    _tenant_id, headers = tenant
     file_id = upload(client, headers, _jsonl()).json()["id"]
     job = client.post("/v1/fine_tuning/jobs", json={"model": base, "training_file": file_id},
                       headers=headers).json()

@@ -68,6 +68,6 @@ def test_openai_files_and_fine_tuning(live_server: LiveServer, tenant: Any, regi
     fetched = client.fine_tuning.jobs.retrieve(job.id)
     assert fetched.id == job.id and fetched.seed == 3
     events = client.fine_tuning.jobs.list_events(job.id)
-    assert [e.message for e in events.data][0] == "Files validated; job queued."
+    assert next(e.message for e in events.data) == "Files validated; job queued."
     assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
