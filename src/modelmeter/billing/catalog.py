@@ -8,8 +8,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
+from modelmeter.billing.pricing import METERED_CHARGES
 from modelmeter.errors import InvalidRequestError
 
 PriceStr = Annotated[str, StringConstraints(pattern=r"^\d{1,9}(\.\d{1,10})?$")]
@@ -45,9 +54,23 @@ class Plan(BaseModel):
             raise ValueError("prices must be finite and non-negative")
         return price
 
+    @model_validator(mode="after")
+    def _prices_exact(self) -> Plan:
+        """Every price must be a whole number of micro-cents per unit, so pricing stays exact integers."""
+        for charge in METERED_CHARGES:
+            try:
+                charge.unit_micro(self)
+            except ValueError:
+                price = getattr(self, charge.price_field)
+                raise ValueError(
+                    f"{charge.price_field} '{price:f}' is not a whole number of micro-cents (0.000001 cent) per "
+                    f"{charge.unit}: use at most {9 - len(str(charge.per_units))} decimal places"
+                ) from None
+        return self
+
     @field_serializer("price_per_1k_tokens", "price_per_request", "price_per_1m_training_tokens")
     def _price_out(self, value: Decimal) -> str:
-        return f"{value:.4f}" if value == value.quantize(Decimal("0.0001")) else str(value)
+        return f"{value:.4f}" if value == value.quantize(Decimal("0.0001")) else format(value.normalize(), "f")
 
 
 class PlanCatalog:

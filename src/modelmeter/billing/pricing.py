@@ -1,0 +1,286 @@
+"""Pricing: usage + plan -> priced invoice lines. Pure functions, exact integer arithmetic, no I/O.
+
+Units
+    Amounts are integer cents (the currency's minor unit, taken to be 1/100 of the major unit). Unit prices
+    are exact integers of micro-cents (1e-6 cent) per single unit: a plan's prices (``Decimal`` in the
+    major unit per 1, 1k or 1M units) must convert exactly, which ``Plan`` checks when it is loaded.
+    ``Line.unit_amount_decimal`` is the unit price in cents (Stripe's ``unit_amount_decimal``).
+
+Charge models (one function each; ``charge_model(code)`` picks the one for a line code)
+    ``base_fee``  flat fee, prorated by time: amount = half-up(base_fee_cents * seconds_on_plan /
+                  seconds_in_period), quantity 1. A line is emitted when the plan has a fee and was held
+                  for at least one second (even if the prorated amount rounds to 0 cents).
+    ``requests``, ``tokens``, ``training_tokens``  metered with an allowance: billable quantity =
+                  max(0, used - included); amount = half-up(quantity * unit micro-cents / 1e6).
+                  A line is emitted whenever ``used > 0``, also when it is all included (quantity 0,
+                  amount 0), so the invoice shows what was used; its description gives used and included.
+
+Rounding
+    Each line is rounded once, half-up (not banker's), to the cent; nothing is rounded before that, so a
+    client recomputes any line as ``quantity * unit_amount_decimal`` rounded half-up.
+
+Plan changes within a period (``price_period``)
+    Usage is priced by the plan in force when it was served; base fees are prorated by time on each plan;
+    allowances are per plan, not prorated. Segments on the same plan are merged first (their seconds and
+    usage summed), so each plan's allowance applies once per period and each of its lines is rounded once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Context, Decimal
+from fractions import Fraction
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from modelmeter.billing.catalog import Plan
+
+MICRO_PER_CENT = 1_000_000
+MICRO_PER_MAJOR = 100 * MICRO_PER_CENT
+SECONDS_PER_DAY = 86_400
+LINE_CODES = ("base_fee", "requests", "tokens", "training_tokens")
+
+
+def round_half_up_div(numerator: int, denominator: int) -> int:
+    """``numerator / denominator`` rounded half-up to an integer, exactly (both non-negative)."""
+    if numerator < 0 or denominator <= 0:
+        raise ValueError("round_half_up_div needs numerator >= 0 and denominator > 0")
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def unit_micro_cents(price_major: Decimal, per_units: int) -> int:
+    """Micro-cents per single unit for a price in the major unit per ``per_units`` units; exact or ValueError."""
+    if per_units <= 0:
+        raise ValueError("per_units must be positive")
+    if not price_major.is_finite() or price_major < 0:
+        raise ValueError(f"price {price_major} must be finite and non-negative")
+    micro = Fraction(price_major) * MICRO_PER_MAJOR / per_units
+    if micro.denominator != 1:
+        raise ValueError(f"price {price_major} per {per_units:,} is not a whole number of micro-cents per unit")
+    return micro.numerator
+
+
+def _plain(value: Decimal) -> Decimal:
+    """The same number without trailing zeros or a positive exponent: 0.002000 -> 0.002, 2E+1 -> 20."""
+    if value == 0:
+        return Decimal(0)
+    normal = value.normalize(Context(prec=len(value.as_tuple().digits)))
+    return Decimal(int(normal)) if normal == normal.to_integral_value() else normal
+
+
+def _cents_decimal(micro: int) -> Decimal:
+    """Micro-cents as an exact ``Decimal`` number of cents."""
+    return _plain(Decimal(f"{micro}e-6"))
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What was served: requests, inference tokens and training tokens."""
+
+    requests: int = 0
+    tokens: int = 0
+    training_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("requests", "tokens", "training_tokens"):
+            _check_count(name, getattr(self, name))
+
+    def __add__(self, other: object) -> Usage:
+        if not isinstance(other, Usage):
+            return NotImplemented
+        return Usage(self.requests + other.requests, self.tokens + other.tokens,
+                     self.training_tokens + other.training_tokens)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One priced invoice line: ``amount`` (cents) = half-up(``quantity`` * ``unit_amount_decimal`` cents)."""
+
+    code: str
+    description: str
+    quantity: int
+    unit_amount_decimal: Decimal
+    amount: int
+    plan: str
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready: the unit price as a plain decimal string, amounts as integers."""
+        return {"code": self.code, "description": self.description, "quantity": self.quantity,
+                "unit_amount_decimal": format(self.unit_amount_decimal, "f"), "amount": self.amount,
+                "plan": self.plan}
+
+
+@dataclass(frozen=True)
+class MeteredCharge:
+    """Where a metered charge reads its price, allowance and usage; ``per_units`` is the price's denominator."""
+
+    code: str
+    label: str
+    unit: str
+    per_units: int
+    price_field: str
+    included_field: str
+
+    def unit_micro(self, plan: Plan) -> int:
+        """The plan's exact price per single unit, in micro-cents."""
+        return unit_micro_cents(Decimal(getattr(plan, self.price_field)), self.per_units)
+
+    def included(self, plan: Plan) -> int:
+        """The plan's allowance for this charge."""
+        return int(getattr(plan, self.included_field))
+
+    def used(self, usage: Usage) -> int:
+        """The usage this charge meters."""
+        return int(getattr(usage, self.code))
+
+    def billable(self, plan: Plan, usage: Usage) -> int:
+        """Usage beyond the allowance."""
+        return max(0, self.used(usage) - self.included(plan))
+
+
+METERED_CHARGES = (
+    MeteredCharge("requests", "Requests", "request", 1, "price_per_request", "included_requests"),
+    MeteredCharge("tokens", "Tokens", "token", 1_000, "price_per_1k_tokens", "included_tokens"),
+    MeteredCharge("training_tokens", "Training tokens", "training token", 1_000_000,
+                  "price_per_1m_training_tokens", "included_training_tokens"),
+)
+
+
+def _days(seconds: int, *, whole: bool) -> str:
+    """Seconds as days with one decimal (half-up); ``whole`` drops ``.0`` for a whole number of days."""
+    if whole and seconds % SECONDS_PER_DAY == 0:
+        return str(seconds // SECONDS_PER_DAY)
+    tenths = round_half_up_div(seconds * 10, SECONDS_PER_DAY)
+    return "<0.1" if tenths == 0 and seconds > 0 else f"{tenths // 10}.{tenths % 10}"
+
+
+def _base_fee_description(plan: Plan, seconds_on_plan: int, seconds_in_period: int) -> str:
+    text = f"{plan.name} plan base fee"
+    if seconds_on_plan == seconds_in_period:
+        return text
+    return f"{text} ({_days(seconds_on_plan, whole=False)} of {_days(seconds_in_period, whole=True)} days)"
+
+
+def base_fee(plan: Plan, *, seconds_on_plan: int, seconds_in_period: int) -> Line | None:
+    """The flat base fee prorated by time on the plan; None when there is no fee or no time on the plan."""
+    if seconds_in_period <= 0 or not 0 <= seconds_on_plan <= seconds_in_period:
+        raise ValueError("need 0 <= seconds_on_plan <= seconds_in_period and seconds_in_period > 0")
+    if plan.base_fee_cents == 0 or seconds_on_plan == 0:
+        return None
+    exact = plan.base_fee_cents * seconds_on_plan
+    unit = _plain(Decimal(f"{round_half_up_div(exact * 10**12, seconds_in_period)}e-12"))
+    return Line(code="base_fee", description=_base_fee_description(plan, seconds_on_plan, seconds_in_period),
+                quantity=1, unit_amount_decimal=unit, amount=round_half_up_div(exact, seconds_in_period),
+                plan=plan.id)
+
+
+def metered(plan: Plan, *, code: str, used: int, included: int, unit_micro: int, label: str) -> Line | None:
+    """A metered charge with an allowance; a line whenever ``used > 0``, with quantity = usage beyond it."""
+    if code not in LINE_CODES[1:]:
+        raise ValueError(f"unknown metered charge {code!r}")
+    for name, value in (("used", used), ("included", included), ("unit_micro", unit_micro)):
+        _check_count(name, value)
+    if used == 0:
+        return None
+    quantity = max(0, used - included)
+    description = f"{label}: {used:,} used" + (f", {included:,} included" if included else "")
+    return Line(code=code, description=description, quantity=quantity,
+                unit_amount_decimal=_cents_decimal(unit_micro),
+                amount=round_half_up_div(quantity * unit_micro, MICRO_PER_CENT), plan=plan.id)
+
+
+def _metered_line(charge: MeteredCharge, plan: Plan, usage: Usage) -> Line | None:
+    return metered(plan, code=charge.code, used=charge.used(usage), included=charge.included(plan),
+                   unit_micro=charge.unit_micro(plan), label=charge.label)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of a period on one plan: how long it was held, and the usage served on it."""
+
+    seconds_on_plan: int
+    seconds_in_period: int
+    usage: Usage
+
+    def __post_init__(self) -> None:
+        if self.seconds_in_period <= 0 or not 0 <= self.seconds_on_plan <= self.seconds_in_period:
+            raise ValueError("need 0 <= seconds_on_plan <= seconds_in_period and seconds_in_period > 0")
+
+
+ChargeFn: TypeAlias = "Callable[[Plan, Segment], Line | None]"
+
+
+def _flat_prorated(plan: Plan, segment: Segment) -> Line | None:
+    return base_fee(plan, seconds_on_plan=segment.seconds_on_plan, seconds_in_period=segment.seconds_in_period)
+
+
+def _metered_model(charge: MeteredCharge) -> ChargeFn:
+    def price(plan: Plan, segment: Segment) -> Line | None:
+        return _metered_line(charge, plan, segment.usage)
+
+    return price
+
+
+CHARGE_MODELS: Mapping[str, ChargeFn] = MappingProxyType(
+    {"base_fee": _flat_prorated} | {charge.code: _metered_model(charge) for charge in METERED_CHARGES}
+)
+
+
+def charge_model(code: str) -> ChargeFn:
+    """The pricing function for a line code: ``(plan, segment) -> Line | None``."""
+    try:
+        return CHARGE_MODELS[code]
+    except KeyError:
+        raise ValueError(f"unknown charge {code!r}; known: {', '.join(LINE_CODES)}") from None
+
+
+def price_usage(plan: Plan, usage: Usage) -> list[Line]:
+    """The requests, tokens and training-token lines for usage served on one plan (no base fee)."""
+    lines = (_metered_line(charge, plan, usage) for charge in METERED_CHARGES)
+    return [line for line in lines if line is not None]
+
+
+def _merge(segments: Iterable[tuple[Plan, int, Usage]]) -> dict[Plan, tuple[int, Usage]]:
+    """Segments on the same plan summed, in order of first appearance."""
+    merged: dict[Plan, tuple[int, Usage]] = {}
+    for plan, seconds, usage in segments:
+        held, used = merged.get(plan, (0, Usage()))
+        merged[plan] = (held + seconds, used + usage)
+    return merged
+
+
+def price_period(segments: list[tuple[Plan, int, Usage]], *, seconds_in_period: int) -> list[Line]:
+    """All lines of one period: per plan held, its prorated base fee and the usage served on it.
+
+    ``segments`` are ``(plan, seconds_on_plan, usage)``; their seconds may not exceed the period.
+    """
+    if any(seconds < 0 for _, seconds, _ in segments) or sum(s for _, s, _ in segments) > seconds_in_period:
+        raise ValueError("segment seconds must be non-negative and fit in the period")
+    lines: list[Line] = []
+    for plan, (seconds, usage) in _merge(segments).items():
+        segment = Segment(seconds, seconds_in_period, usage)
+        priced = (charge_model(code)(plan, segment) for code in LINE_CODES)
+        lines.extend(line for line in priced if line is not None)
+    return lines
+
+
+def subtotal(lines: Iterable[Line]) -> int:
+    """The sum of the lines' amounts, in cents."""
+    return sum(line.amount for line in lines)
+
+
+def usage_cost_micro(plan: Plan, usage: Usage) -> int:
+    """The exact, unrounded cost of the usage charges (no base fee) in micro-cents, for budgets."""
+    return sum(charge.billable(plan, usage) * charge.unit_micro(plan) for charge in METERED_CHARGES)
+
+
+def marginal_cost_micro(plan: Plan, before: Usage, added: Usage) -> int:
+    """What ``added`` costs on top of ``before`` (allowance-aware), in exact micro-cents."""
+    return usage_cost_micro(plan, before + added) - usage_cost_micro(plan, before)
