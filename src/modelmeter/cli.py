@@ -275,6 +275,30 @@ def plans(as_json: bool) -> None:
     _emit(as_json, {"object": "list", "data": data, "has_more": False}, human)
 
 
+@main.group()
+def billing() -> None:
+    """Billing operations."""
+
+
+@billing.command("close")
+@click.option("--period", required=True, help="The finished month to close, YYYY-MM (UTC).")
+@json_option
+def billing_close(period: str, as_json: bool) -> None:
+    """Close a finished month into one invoice per tenant (running it again changes nothing)."""
+    from modelmeter.gateway.billing_ops import close_billing_period
+
+    services = _services()
+    try:
+        result = close_billing_period(services, period)
+    except ModelMeterError as exc:
+        _fail(exc)
+    finally:
+        services.engine.dispose()
+    _emit(as_json, result.public(), lambda r: (
+        f"period {r['period']} already closed ({r['invoices']} invoices)" if r["already_closed"]
+        else f"closed {r['period']}: {r['invoices']} invoices"))
+
+
 @main.group("db")
 def db_group() -> None:
     """Database administration."""

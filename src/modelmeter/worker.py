@@ -13,6 +13,7 @@ from sqlmodel import Session
 
 from modelmeter import clock, db
 from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.gateway.tenants import Tenant
 from modelmeter.models.backends import resolve_device
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.models.finetune.train import TrainResult
@@ -22,8 +23,10 @@ from modelmeter.settings import Settings
 
 def meter_training(session: Session, job: FineTuningJob, result: TrainResult, device: str) -> None:
     """Training tokens (rows' tokens times epochs) go to the ledger in the job's own success transaction."""
+    tenant = session.get(Tenant, job.tenant_id)
     record = UsageRecord(
         request_id=f"train_{job.id}", tenant_id=job.tenant_id, model_id=job.model, created=clock.now_s(),
+        plan=tenant.plan if tenant is not None else "",
         kind="training", endpoint="fine_tuning", device=device, requests=0,
         training_tokens=result.training_tokens, compute_us=int(result.wall_s * 1e6),
     )

@@ -13,11 +13,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
+from sqlalchemy import func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import sessionmaker
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
-from modelmeter.billing.tables import UsageEvent
+from modelmeter import clock
+from modelmeter.billing.catalog import Plan
+from modelmeter.billing.limits import Amount, Caps, QuotaStore
+from modelmeter.billing.pricing import METERED_CHARGES, MICRO_PER_CENT
+from modelmeter.billing.tables import BillingState, UsageEvent
+from modelmeter.errors import InsufficientQuotaError
 
 log = logging.getLogger("modelmeter.metering")
 
@@ -30,6 +36,7 @@ class UsageRecord:
     tenant_id: str
     model_id: str
     created: int
+    plan: str = ""
     key_id: str | None = None
     kind: str = "inference"
     endpoint: str = ""
@@ -47,11 +54,37 @@ def period_of(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m")
 
 
+def period_bounds(period: str) -> tuple[int, int]:
+    """``[start, end)`` of a ``YYYY-MM`` period in Unix seconds (UTC)."""
+    start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return int(start.timestamp()), int(end.timestamp())
+
+
+def next_period(period: str) -> str:
+    return period_of(period_bounds(period)[1])
+
+
+def closed_through(session: Session, *, lock: bool = False) -> str | None:
+    """The latest closed period. ``lock`` takes the row FOR SHARE on PostgreSQL, so a concurrent close
+    (which takes it FOR UPDATE) waits for this transaction and never misses its rows."""
+    query = select(BillingState.closed_through).where(BillingState.id == 1)
+    if lock and session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(read=True)
+    return session.exec(query).first()
+
+
 PeriodFor = Callable[[Session, Sequence[UsageRecord]], dict[str, str]]
 
 
-def default_periods(_: Session, records: Sequence[UsageRecord]) -> dict[str, str]:
-    return {r.request_id: period_of(r.created) for r in records}
+def default_periods(session: Session, records: Sequence[UsageRecord]) -> dict[str, str]:
+    """The month each record was served in, or the first open month when that one is already closed."""
+    closed = closed_through(session, lock=True)
+    periods = {}
+    for r in records:
+        period = period_of(r.created)
+        periods[r.request_id] = next_period(closed) if closed is not None and period <= closed else period
+    return periods
 
 
 def record_usage(*, session: Session, records: Sequence[UsageRecord], periods: PeriodFor = default_periods) -> int:
@@ -138,3 +171,85 @@ class LedgerWriter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+# --- quota and budget: reserve before compute, settle after the row is durable ---------------------------
+
+
+def quota_caps(plan: Plan, budget_cents: int | None, *, training: bool = False) -> Caps | None:
+    """The caps a request must fit: the plan's allowances when it has a hard limit, and the tenant's budget
+    (checked against the exact usage cost, allowances included). ``None`` when nothing caps the tenant."""
+    if not plan.hard_limit and budget_cents is None:
+        return None
+    priced = tuple(
+        x for charge in METERED_CHARGES for x in (charge.included(plan), charge.unit_micro(plan))
+    ) if budget_cents is not None else None
+    hard = plan.hard_limit
+    return Caps(
+        max_requests=plan.included_requests if hard and not training else None,
+        max_tokens=plan.included_tokens if hard and not training else None,
+        max_training_tokens=plan.included_training_tokens if hard and training else None,
+        max_cost_micro=budget_cents * MICRO_PER_CENT if budget_cents is not None else None,
+        priced=priced,  # type: ignore[arg-type]
+    )
+
+
+def ledger_totals(sessions: sessionmaker[Session], tenant_id: str, period: str) -> Amount:
+    """Committed usage of a tenant's period, from the ledger (the quota counters' baseline)."""
+    query = select(func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens))
+    with sessions() as session:
+        requests, tokens, training = session.exec(
+            query.where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)
+        ).one()
+    return Amount(requests=int(requests or 0), tokens=int(tokens or 0), training_tokens=int(training or 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Quota held for one request: released on failure, settled once its usage row is committed."""
+
+    tenant_id: str
+    period: str
+    amount: Amount
+    reservation_id: str | None  # None: nothing caps this tenant, usage is only counted
+
+
+class Meter:
+    """The billing side of the request path: reserve, then commit the usage row and settle (or release)."""
+
+    def __init__(self, *, sessions: sessionmaker[Session], ledger: LedgerWriter, quota: QuotaStore) -> None:
+        self._sessions = sessions
+        self.ledger = ledger
+        self.quota = quota
+
+    async def reserve(self, *, tenant_id: str, plan: Plan, budget_cents: int | None, amount: Amount,
+                      training: bool = False) -> Hold:
+        """Hold ``amount`` against the plan's hard limit and the budget; 429 ``insufficient_quota`` if it
+        does not fit (nothing is held then)."""
+        period = period_of(clock.now_s())
+        caps = quota_caps(plan, budget_cents, training=training)
+        if caps is None:
+            return Hold(tenant_id, period, amount, None)
+
+        async def baseline() -> Amount:
+            return await asyncio.to_thread(ledger_totals, self._sessions, tenant_id, period)
+
+        reservation = await self.quota.reserve(tenant_id, period, amount, caps, baseline=baseline)
+        if reservation is None:
+            raise InsufficientQuotaError(
+                "This request would exceed your plan's monthly quota or your budget; it was not served. "
+                "Do not retry: raise the budget or change plan."
+            )
+        return Hold(tenant_id, period, amount, reservation)
+
+    async def commit(self, hold: Hold, record: UsageRecord) -> None:
+        """Make the usage row durable, then turn the hold into committed usage."""
+        await self.ledger.record(record)
+        if hold.reservation_id is None:
+            await self.quota.add_committed(hold.tenant_id, hold.period, hold.amount)
+        else:
+            await self.quota.settle(hold.tenant_id, hold.period, hold.reservation_id, hold.amount)
+
+    async def release(self, hold: Hold) -> None:
+        if hold.reservation_id is not None:
+            await self.quota.release(hold.tenant_id, hold.period, hold.reservation_id)

@@ -13,11 +13,12 @@ from starlette.concurrency import run_in_threadpool
 
 from modelmeter import db
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.metering import LedgerWriter
+from modelmeter.billing.limits import make_limiters
+from modelmeter.billing.metering import LedgerWriter, Meter
 from modelmeter.errors import install_handlers
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from modelmeter.gateway.routes import admin, files, fine_tuning, health, inference
+from modelmeter.gateway.routes import admin, billing, files, fine_tuning, health, inference, usage
 from modelmeter.gateway.services import Services
 from modelmeter.models.backends import configure_torch_threads, resolve_device
 from modelmeter.models.registry import ModelCache, register_platform_models
@@ -34,6 +35,8 @@ def build_services(settings: Settings) -> Services:
     configure_torch_threads(settings.torch_threads)
     engine = db.engine_from_settings(settings)
     sessions = db.session_maker(engine)
+    ledger = LedgerWriter(sessions)
+    rate, quota = make_limiters(settings.redis_url)
     return Services(
         settings=settings,
         engine=engine,
@@ -47,7 +50,10 @@ def build_services(settings: Settings) -> Services:
             caps=BatchCaps(settings.max_batch_tokens, settings.max_batch_size, settings.max_wait_ms,
                            settings.max_queue_requests),
         ),
-        ledger=LedgerWriter(sessions),
+        ledger=ledger,
+        rate=rate,
+        quota=quota,
+        meter=Meter(sessions=sessions, ledger=ledger, quota=quota),
     )
 
 
@@ -84,6 +90,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await flusher
         await services.server.close()
         await services.ledger.close()
+        await services.rate.aclose()
+        await services.quota.aclose()
         await run_in_threadpool(services.auth.flush_last_used)
         services.engine.dispose()
 
@@ -94,7 +102,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="modelmeter", version="0.1.0", lifespan=lifespan)
     app.state.services = build_services(settings)
     install_handlers(app)
-    for router in (health.router, admin.router, inference.router, files.router, fine_tuning.router):
+    routers = (health, admin, inference, files, fine_tuning, usage, billing)
+    for router in (module.router for module in routers):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=_limits(settings))
     app.add_middleware(RequestContextMiddleware)

@@ -129,6 +129,9 @@ class Principal:
     expires_at: int | None
     tenant_status: str
     plan: str
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    monthly_budget_cents: int | None = None
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
@@ -173,7 +176,8 @@ class KeyAuthenticator:
         if row is not None and row[0].revoked_at is None:
             key_row, tenant = row
             principal = Principal(
-                key_row.id, tenant.id, frozenset(key_row.scope_list), key_row.expires_at, tenant.status, tenant.plan
+                key_row.id, tenant.id, frozenset(key_row.scope_list), key_row.expires_at, tenant.status, tenant.plan,
+                tenant.rpm_limit, tenant.tpm_limit, tenant.monthly_budget_cents,
             )
         self._store(digest, principal)
         return principal

@@ -11,8 +11,16 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter import clock
-from modelmeter.billing.metering import UsageRecord
-from modelmeter.errors import ClientDisconnectedError, InvalidRequestError, OverloadedError, ServiceUnavailableError
+from modelmeter.billing.limits import Amount, RateDecision, rate_headers
+from modelmeter.billing.metering import Hold, UsageRecord
+from modelmeter.errors import (
+    ClientDisconnectedError,
+    InsufficientQuotaError,
+    InvalidRequestError,
+    OverloadedError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
 from modelmeter.gateway.auth import Principal
 from modelmeter.gateway.services import Services
 from modelmeter.models.backends import BertBackend, Encoded, InputTooLong, Result
@@ -34,6 +42,7 @@ class Served:
     tokens: int
     queue_s: float
     inference_s: float
+    headers: dict[str, str]
 
 
 async def serve(
@@ -60,15 +69,51 @@ async def serve(
         async with services.server.use(info.id, path=path, task=info.task) as model:  # type: ignore[arg-type]
             _check_dimensions(model.backend, dimensions)
             encoded = await _tokenize(model.backend, texts, truncate)
-            submission = await _submit(request, model.batcher, encoded.ids)
-            device = model.backend.device.type
+            headers, hold = await _admit(services, principal, encoded.total_tokens)
+            try:
+                submission = await _submit(request, model.batcher, encoded.ids)
+                record = _record(request, principal, info, encoded, submission, endpoint, model.backend.device.type)
+                await services.meter.commit(hold, record)
+            except BaseException:
+                await asyncio.shield(services.meter.release(hold))
+                raise
     except ModelLoadError as exc:
         raise ServiceUnavailableError(
             f"The model '{model_id}' could not be loaded: {exc.reason}. Retry later.", code="model_unavailable"
         ) from exc
-    await services.ledger.record(_record(request, principal, info, encoded, submission, endpoint, device))
     return Served(info.id, info.task, submission.results, encoded.total_tokens, submission.queue_s,
-                  submission.inference_s)
+                  submission.inference_s, headers)
+
+
+async def _admit(services: Services, principal: Principal, tokens: int) -> tuple[dict[str, str], Hold]:
+    """Rate limits (RPM and TPM), then quota and budget: the request's cost is known before compute."""
+    plan = services.plans.get(principal.plan)
+    decision = await services.rate.check(
+        principal.tenant_id, rpm=principal.rpm_limit or plan.rpm_limit, tpm=principal.tpm_limit or plan.tpm_limit,
+        tokens=tokens,
+    )
+    headers = rate_headers(decision)
+    if not decision.allowed:
+        raise _rate_error(decision, headers, tokens)
+    try:
+        hold = await services.meter.reserve(tenant_id=principal.tenant_id, plan=plan,
+                                            budget_cents=principal.monthly_budget_cents,
+                                            amount=Amount(requests=1, tokens=tokens))
+    except InsufficientQuotaError as exc:
+        exc.headers.update(headers)
+        raise
+    return headers, hold
+
+
+def _rate_error(decision: RateDecision, headers: dict[str, str], tokens: int) -> RateLimitError:
+    if decision.reason == "too_large":
+        return RateLimitError(
+            f"This request has {tokens} tokens, more than your limit of {decision.limit_tokens} tokens per minute; "
+            "split it into smaller requests.", code="tokens_exceed_tpm_limit", headers=headers)
+    what = "requests" if decision.reason == "requests" else "tokens"
+    return RateLimitError(
+        f"Rate limit reached for {what} per minute; retry after {headers.get('Retry-After', '1')} s.",
+        headers=headers)
 
 
 def _check_dimensions(backend: BertBackend, dimensions: int | None) -> None:
@@ -128,6 +173,7 @@ def _record(
         key_id=principal.key_id,
         model_id=info.id,
         created=clock.now_s(),
+        plan=principal.plan,
         endpoint=endpoint,
         device=device,
         inputs=len(encoded.ids),

@@ -10,7 +10,8 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.metering import LedgerWriter
+from modelmeter.billing.limits import QuotaStore, RateLimiter
+from modelmeter.billing.metering import LedgerWriter, Meter
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.models.registry import ModelCache
 from modelmeter.models.serving import ModelServer
@@ -29,4 +30,7 @@ class Services:
     models: ModelCache
     server: ModelServer
     ledger: LedgerWriter
+    rate: RateLimiter
+    quota: QuotaStore
+    meter: Meter
     extras: dict[str, Any] = field(default_factory=dict)

@@ -10,6 +10,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from sqlmodel._compat import SQLModelConfig
 
 from modelmeter import clock
+from modelmeter.billing.invoicing import record_plan_change
 from modelmeter.errors import NotFoundError
 from modelmeter.ids import new_id
 
@@ -90,6 +91,7 @@ def create_tenant(*, session: Session, data: TenantCreate) -> Tenant:
     tenant = Tenant(id=new_id("ten"), name=data.name, email=data.email, plan=data.plan, created=now, updated=now)
     session.add(tenant)
     session.flush()
+    record_plan_change(session=session, tenant_id=tenant.id, plan=tenant.plan, at=now)
     return tenant
 
 
@@ -105,6 +107,7 @@ def update_tenant(*, session: Session, tenant: Tenant, data: TenantUpdate) -> Te
     now = clock.now_s()
     if "plan" in changes and changes["plan"] != tenant.plan:
         tenant.plan_changed_at = now
+        record_plan_change(session=session, tenant_id=tenant.id, plan=changes["plan"], at=now)
     if changes.get("billing_status") == "ok":
         tenant.past_due_since = None
     for field, value in changes.items():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from modelmeter import clock
 from modelmeter.errors import ConflictError
 from modelmeter.gateway import auth
+from modelmeter.gateway.billing_ops import close_billing_period
 from modelmeter.gateway.deps import AdminDep, ListDep, ServicesDep, SessionDep, list_body
 from modelmeter.gateway.tenants import (
     ApiKeyCreate,
@@ -98,6 +100,17 @@ def post_roll(
     session.commit()
     services.auth.invalidate(lambda p: p.key_id == key_id)
     return ApiKeyCreated(**ApiKeyPublic.of(new, now=clock.now_s()).model_dump(), key=plaintext)
+
+
+class CloseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    period: Annotated[str, StringConstraints(max_length=7)]
+
+
+@router.post("/billing/close")
+def post_close(data: CloseRequest, services: ServicesDep) -> dict[str, Any]:
+    """Close a finished month into one invoice per tenant; closing it again changes nothing."""
+    return close_billing_period(services, data.period).public()
 
 
 @router.get("/plans")

@@ -80,6 +80,7 @@ def _usage(served: Served) -> dict[str, int]:
 
 
 def _headers(response: Response, served: Served) -> None:
+    response.headers.update(served.headers)
     response.headers["x-compute-tokens"] = str(served.tokens)
     response.headers["x-queue-time"] = f"{served.queue_s * 1000:.3f}"
     response.headers["x-inference-time"] = f"{served.inference_s * 1000:.3f}"

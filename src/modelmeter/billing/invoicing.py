@@ -1,0 +1,216 @@
+"""Close a period into invoices, preview the running one, and read usage back from the ledger.
+
+Rules (see README "Billing"): usage is priced by the plan in force when it was served; a plan's base fee is
+prorated by the seconds the tenant held it in the period; each plan's allowances apply in full to the usage
+served on it. Closing a period is idempotent: a tenant's invoice for a period is written once, in the same
+transaction that advances ``billing_state.closed_through``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, col, select
+
+from modelmeter import clock
+from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.metering import period_bounds, period_of
+from modelmeter.billing.pricing import Line, Usage, price_period, subtotal
+from modelmeter.billing.tables import (
+    BillingClose,
+    BillingState,
+    Invoice,
+    InvoiceLine,
+    PlanChange,
+    UsageEvent,
+)
+from modelmeter.errors import ConflictError, InvalidRequestError
+from modelmeter.ids import new_id
+
+PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+
+
+def parse_period(period: str) -> str:
+    """Validate ``YYYY-MM`` (422 otherwise)."""
+    if not PERIOD_RE.match(period) or not 1970 <= int(period[:4]) <= 9999:
+        raise InvalidRequestError("period must look like YYYY-MM.", code="invalid_period", param="period")
+    return period
+
+
+def record_plan_change(*, session: Session, tenant_id: str, plan: str, at: int | None = None) -> None:
+    session.add(PlanChange(tenant_id=tenant_id, plan=plan, effective_at=clock.now_s() if at is None else at))
+
+
+def usage_by_plan(session: Session, tenant_id: str, period: str) -> dict[str, Usage]:
+    """Committed usage of a tenant's period, per plan it was served under."""
+    query = (
+        select(UsageEvent.plan, func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens),
+               func.sum(UsageEvent.training_tokens))
+        .where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)
+        .group_by(col(UsageEvent.plan))
+    )
+    return {plan: Usage(int(r or 0), int(t or 0), int(tr or 0)) for plan, r, t, tr in session.exec(query).all()}
+
+
+def plan_segments(session: Session, tenant_id: str, start: int, end: int) -> list[tuple[str, int]]:
+    """Seconds of ``[start, end)`` spent on each plan, in order of first use."""
+    changes = session.exec(
+        select(PlanChange.plan, PlanChange.effective_at).where(PlanChange.tenant_id == tenant_id)
+        .order_by(col(PlanChange.effective_at), col(PlanChange.id))
+    ).all()
+    seconds: dict[str, int] = {}
+    for i, (plan, effective) in enumerate(changes):
+        until = changes[i + 1][1] if i + 1 < len(changes) else end
+        overlap = min(until, end) - max(effective, start)
+        if overlap > 0:
+            seconds[plan] = seconds.get(plan, 0) + overlap
+    return list(seconds.items())
+
+
+def price_tenant_period(
+    session: Session, catalog: PlanCatalog, tenant_id: str, period: str, *, current_plan: str
+) -> list[Line]:
+    """The invoice lines of one tenant's period, from its plan history and its ledger."""
+    start, end = period_bounds(period)
+    segments = plan_segments(session, tenant_id, start, end) or [(current_plan, 0)]
+    usage = usage_by_plan(session, tenant_id, period)
+    held = {plan for plan, _ in segments}
+    for plan in [p for p in usage if p not in held]:  # usage recorded under a plan with no history row
+        segments.append((plan or current_plan, 0))
+    merged: dict[str, Usage] = {}
+    for plan, amount in usage.items():
+        key = plan or current_plan
+        merged[key] = merged.get(key, Usage()) + amount
+    triples = [(catalog.get(plan), secs, merged.get(plan, Usage())) for plan, secs in _dedupe(segments)]
+    return price_period(triples, seconds_in_period=end - start)
+
+
+def _dedupe(segments: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    out: dict[str, int] = {}
+    for plan, secs in segments:
+        out[plan] = out.get(plan, 0) + secs
+    return list(out.items())
+
+
+# --- public shapes -----------------------------------------------------------------------------------
+
+
+def line_public(line: Line | InvoiceLine) -> dict[str, Any]:
+    return {
+        "object": "line_item", "code": line.code, "plan": line.plan, "description": line.description,
+        "quantity": line.quantity, "unit_amount_decimal": str(line.unit_amount_decimal), "amount": line.amount,
+    }
+
+
+def invoice_public(invoice: Invoice, lines: Sequence[InvoiceLine]) -> dict[str, Any]:
+    return {
+        "id": invoice.id, "object": "invoice", "tenant_id": invoice.tenant_id, "period": invoice.period,
+        "status": invoice.status, "currency": invoice.currency, "period_start": invoice.period_start,
+        "period_end": invoice.period_end, "created": invoice.created,
+        "lines": {"object": "list", "data": [line_public(x) for x in lines], "has_more": False},
+        "subtotal": invoice.subtotal, "total": invoice.total, "sync_status": invoice.sync_status,
+        "stripe_invoice_id": invoice.stripe_invoice_id, "paid_at": invoice.paid_at,
+    }
+
+
+def preview(session: Session, catalog: PlanCatalog, tenant_id: str, plan: str, period: str | None = None
+            ) -> dict[str, Any]:
+    """The running (or given, not yet closed) period's invoice as it stands now."""
+    period = period or period_of(clock.now_s())
+    start, end = period_bounds(period)
+    lines = price_tenant_period(session, catalog, tenant_id, period, current_plan=plan)
+    total = subtotal(lines)
+    return {
+        "id": None, "object": "invoice", "tenant_id": tenant_id, "period": period, "status": "draft",
+        "currency": catalog.get(plan).currency, "period_start": start, "period_end": end, "created": None,
+        "lines": {"object": "list", "data": [line_public(x) for x in lines], "has_more": False},
+        "subtotal": total, "total": total, "sync_status": "not_synced", "stripe_invoice_id": None, "paid_at": None,
+    }
+
+
+def lines_of(session: Session, invoice_id: str) -> list[InvoiceLine]:
+    query = select(InvoiceLine).where(InvoiceLine.invoice_id == invoice_id).order_by(col(InvoiceLine.position))
+    return list(session.exec(query).all())
+
+
+def list_invoices(*, session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[list[Invoice], bool]:
+    query = select(Invoice).where(Invoice.tenant_id == tenant_id).order_by(col(Invoice.id).desc())
+    if after:
+        query = query.where(col(Invoice.id) < after)
+    rows = list(session.exec(query.limit(limit + 1)).all())
+    return rows[:limit], len(rows) > limit
+
+
+# --- closing -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CloseResult:
+    period: str
+    invoices: int
+    already_closed: bool
+    closed_at: int
+
+    def public(self) -> dict[str, Any]:
+        return {"object": "billing_close", "period": self.period, "invoices": self.invoices,
+                "already_closed": self.already_closed, "closed_at": self.closed_at}
+
+
+def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, period: str,
+                 tenants: Sequence[tuple[str, str, int]]) -> CloseResult:
+    """Close a finished month: one invoice per tenant that existed in it (``tenants``: id, plan, created).
+
+    Refuses a period that has not ended (409); a second close returns the first one's result unchanged.
+    """
+    start, end = period_bounds(parse_period(period))
+    if end > clock.now_s():
+        raise ConflictError(f"Period {period} has not ended yet.", code="period_not_ended", param="period")
+    with sessions() as session:
+        state = _lock_state(session)
+        done = session.get(BillingClose, period)
+        if done is not None:
+            return CloseResult(period, done.invoices, True, done.closed_at)
+        now = clock.now_s()
+        count = sum(_invoice_tenant(session, catalog, t, period, start, end, now) for t in tenants if t[2] < end)
+        session.add(BillingClose(period=period, closed_at=now, invoices=count))
+        if state.closed_through is None or period > state.closed_through:
+            state.closed_through = period
+        session.add(state)
+        session.commit()
+        return CloseResult(period, count, False, now)
+
+
+def _lock_state(session: Session) -> BillingState:
+    query = select(BillingState).where(BillingState.id == 1)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    state = session.exec(query).first()
+    if state is None:
+        state = BillingState(id=1)
+        session.add(state)
+        session.flush()
+    return state
+
+
+def _invoice_tenant(session: Session, catalog: PlanCatalog, tenant: tuple[str, str, int], period: str,
+                    start: int, end: int, now: int) -> int:
+    tenant_id, plan, _ = tenant
+    exists = session.exec(select(Invoice.id).where(Invoice.tenant_id == tenant_id, Invoice.period == period)).first()
+    if exists is not None:
+        return 0
+    lines = price_tenant_period(session, catalog, tenant_id, period, current_plan=plan)
+    total = subtotal(lines)
+    invoice = Invoice(id=new_id("in"), tenant_id=tenant_id, period=period, currency=catalog.get(plan).currency,
+                      subtotal=total, total=total, period_start=start, period_end=end, created=now)
+    session.add(invoice)
+    for position, line in enumerate(lines):
+        session.add(InvoiceLine(invoice_id=invoice.id, position=position, code=line.code, plan=line.plan,
+                                description=line.description, quantity=line.quantity,
+                                unit_amount_decimal=str(line.unit_amount_decimal), amount=line.amount))
+    session.flush()
+    return 1

@@ -1,0 +1,113 @@
+"""Usage read back from the ledger: time buckets grouped by model, key or plan, each with its cost.
+
+A bucket's cost is the usage charge of its requests at the plan's prices, allowances being consumed in time
+order within each period (so the costs of a period add up to its invoice's usage lines before rounding).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Literal
+
+from sqlalchemy import func, literal_column
+from sqlalchemy import select as sa_select
+from sqlmodel import Session, col, select
+
+from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.metering import period_bounds, period_of
+from modelmeter.billing.pricing import Usage, usage_cost_micro
+from modelmeter.billing.tables import UsageEvent
+from modelmeter.errors import InvalidRequestError
+
+GroupBy = Literal["model", "key", "plan"]
+WIDTHS = {"1h": 3600, "1d": 86400}
+MAX_SPAN = {"1h": 31 * 86400, "1d": 366 * 86400}
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    start: int
+    end: int
+    bucket_width: str
+    group_by: GroupBy | None
+
+    def check(self) -> UsageQuery:
+        if self.bucket_width not in WIDTHS:
+            raise InvalidRequestError("bucket_width must be 1h or 1d.", code="invalid_value", param="bucket_width")
+        if self.end <= self.start:
+            raise InvalidRequestError("end_time must be after start_time.", code="invalid_range", param="end_time")
+        if self.end - self.start > MAX_SPAN[self.bucket_width]:
+            days = MAX_SPAN[self.bucket_width] // 86400
+            raise InvalidRequestError(f"With bucket_width={self.bucket_width} a query may span at most {days} days.",
+                                      code="range_too_wide", param="end_time")
+        return self
+
+
+def _group_column(group_by: GroupBy | None) -> Any:
+    return {"model": col(UsageEvent.model_id), "key": col(UsageEvent.key_id), "plan": col(UsageEvent.plan)}.get(
+        group_by or "", literal_column("''"))
+
+
+def _rows(session: Session, tenant_id: str, q: UsageQuery) -> list[tuple[Any, ...]]:
+    """Aggregates from the start of the first period touched (allowances) to the end of the range."""
+    width = WIDTHS[q.bucket_width]
+    first = period_bounds(period_of(q.start))[0]
+    bucket = (col(UsageEvent.created) // width * width).label("bucket")
+    group = _group_column(q.group_by).label("grp")
+    query = (
+        sa_select(bucket, group, col(UsageEvent.period), col(UsageEvent.plan), func.sum(UsageEvent.requests),
+               func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens))
+        .where(col(UsageEvent.tenant_id) == tenant_id)
+        .where(col(UsageEvent.created) >= first, col(UsageEvent.created) < q.end)
+        .group_by("bucket", "grp", col(UsageEvent.period), col(UsageEvent.plan))
+        .order_by("bucket", "grp")
+    )
+    return [tuple(row) for row in session.execute(query).all()]
+
+
+def cents(micro: int) -> tuple[int, str]:
+    """Micro-cents as (integer cents rounded half-up, exact decimal string of cents)."""
+    exact = Decimal(micro) / Decimal(1_000_000)
+    return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP)), format(exact.normalize(), "f")
+
+
+def usage_buckets(session: Session, catalog: PlanCatalog, tenant_id: str, q: UsageQuery,
+                  current_plan: str) -> list[dict[str, Any]]:
+    """Buckets of ``q.bucket_width`` within ``[q.start, q.end)`` with per-group results."""
+    width = WIDTHS[q.bucket_width]
+    consumed: dict[tuple[str, str], Usage] = defaultdict(Usage)
+    results: dict[int, dict[Any, dict[str, int]]] = defaultdict(dict)
+    for bucket, group, period, plan, requests, tokens, training in _rows(session, tenant_id, q):
+        amount = Usage(int(requests or 0), int(tokens or 0), int(training or 0))
+        plan_obj = catalog.get(plan or current_plan)
+        before = consumed[(period, plan)]
+        consumed[(period, plan)] = before + amount
+        if int(bucket) < q.start - q.start % width:
+            continue
+        cost = usage_cost_micro(plan_obj, before + amount) - usage_cost_micro(plan_obj, before)
+        slot = results[int(bucket)].setdefault(group, {"requests": 0, "tokens": 0, "training_tokens": 0, "cost": 0})
+        for name, value in (("requests", amount.requests), ("tokens", amount.tokens),
+                            ("training_tokens", amount.training_tokens), ("cost", cost)):
+            slot[name] += value
+    return [_bucket(start, width, q.group_by, groups) for start, groups in sorted(results.items())]
+
+
+def _bucket(start: int, width: int, group_by: GroupBy | None, groups: dict[Any, dict[str, int]]) -> dict[str, Any]:
+    out = []
+    for group, slot in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        cost_cents, cost_exact = cents(slot["cost"])
+        result: dict[str, Any] = {"object": "usage.result", "requests": slot["requests"], "tokens": slot["tokens"],
+                                  "training_tokens": slot["training_tokens"], "cost_cents": cost_cents,
+                                  "cost_cents_decimal": cost_exact}
+        if group_by is not None:
+            result[{"model": "model", "key": "key_id", "plan": "plan"}[group_by]] = group
+        out.append(result)
+    return {"object": "bucket", "start_time": start, "end_time": start + width, "results": out}
+
+
+def period_usage(session: Session, tenant_id: str, period: str) -> Usage:
+    query = select(func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens))
+    r, t, tr = session.exec(query.where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)).one()
+    return Usage(int(r or 0), int(t or 0), int(tr or 0))

@@ -1,0 +1,63 @@
+"""Tenant billing: the subscription (plan, period, included and used quantities, budget) and invoices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from modelmeter import clock
+from modelmeter.billing import invoicing
+from modelmeter.billing.metering import period_bounds, period_of
+from modelmeter.billing.pricing import usage_cost_micro
+from modelmeter.billing.tables import Invoice
+from modelmeter.billing.usage import cents, period_usage
+from modelmeter.errors import NotFoundError
+from modelmeter.gateway.deps import BillingPrincipal, ListDep, ServicesDep, SessionDep, list_body
+from modelmeter.gateway.tenants import get_tenant
+
+router = APIRouter(prefix="/v1/billing", tags=["billing"])
+
+
+@router.get("/subscription")
+def subscription(principal: BillingPrincipal, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+    tenant = get_tenant(session=session, tenant_id=principal.tenant_id)
+    plan = services.plans.get(tenant.plan)
+    period = period_of(clock.now_s())
+    start, end = period_bounds(period)
+    used = period_usage(session, tenant.id, period)
+    spent_cents, spent_exact = cents(usage_cost_micro(plan, used))
+    budget = tenant.monthly_budget_cents
+    return {
+        "object": "subscription", "tenant_id": tenant.id, "plan": plan.model_dump(mode="json"),
+        "status": tenant.status, "billing_status": tenant.billing_status, "current_period": period,
+        "current_period_start": start, "current_period_end": end, "hard_limit": plan.hard_limit,
+        "included": {"requests": plan.included_requests, "tokens": plan.included_tokens,
+                     "training_tokens": plan.included_training_tokens},
+        "used": {"requests": used.requests, "tokens": used.tokens, "training_tokens": used.training_tokens},
+        "limits": {"rpm": tenant.rpm_limit or plan.rpm_limit, "tpm": tenant.tpm_limit or plan.tpm_limit},
+        "budget": {"monthly_budget_cents": budget, "spent_cents": spent_cents, "spent_cents_decimal": spent_exact,
+                   "remaining_cents": None if budget is None else max(0, budget - spent_cents)},
+    }
+
+
+@router.get("/invoices/upcoming")
+def upcoming(principal: BillingPrincipal, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+    """The running period's invoice as it stands now (status ``draft``)."""
+    tenant = get_tenant(session=session, tenant_id=principal.tenant_id)
+    return invoicing.preview(session, services.plans, tenant.id, tenant.plan)
+
+
+@router.get("/invoices")
+def invoices(principal: BillingPrincipal, session: SessionDep, page: ListDep) -> dict[str, Any]:
+    rows, has_more = invoicing.list_invoices(session=session, tenant_id=principal.tenant_id, limit=page.limit,
+                                             after=page.after)
+    return list_body([invoicing.invoice_public(i, invoicing.lines_of(session, i.id)) for i in rows], has_more)
+
+
+@router.get("/invoices/{invoice_id}")
+def invoice(invoice_id: str, principal: BillingPrincipal, session: SessionDep) -> dict[str, Any]:
+    row = session.get(Invoice, invoice_id)
+    if row is None or row.tenant_id != principal.tenant_id:
+        raise NotFoundError(f"No such invoice: '{invoice_id}'.", code="invoice_not_found", param="invoice_id")
+    return invoicing.invoice_public(row, invoicing.lines_of(session, row.id))

@@ -1,0 +1,32 @@
+"""``GET /v1/usage``: the tenant's usage in time buckets, grouped by model, key or plan, with costs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+
+from modelmeter import clock
+from modelmeter.billing.usage import UsageQuery, usage_buckets
+from modelmeter.gateway.deps import BillingPrincipal, ServicesDep, SessionDep, list_body
+
+router = APIRouter(tags=["usage"])
+
+Timestamp = Annotated[int, Query(ge=0, le=2**37)]
+
+
+@router.get("/v1/usage")
+def get_usage(
+    principal: BillingPrincipal,
+    services: ServicesDep,
+    session: SessionDep,
+    start_time: Timestamp,
+    end_time: Timestamp | None = None,
+    bucket_width: Literal["1h", "1d"] = "1d",
+    group_by: Literal["model", "key", "plan"] | None = None,
+) -> dict[str, Any]:
+    """Requests, tokens, training tokens and cost per bucket (buckets align to UTC hours or days)."""
+    query = UsageQuery(start_time, end_time if end_time is not None else clock.now_s() + 1, bucket_width,
+                       group_by).check()
+    buckets = usage_buckets(session, services.plans, principal.tenant_id, query, principal.plan)
+    return list_body(buckets, False)
