@@ -97,11 +97,11 @@ def record_usage(*, session: Session, records: Sequence[UsageRecord], periods: P
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     statement = (
         insert(UsageEvent)
-        .values(values)
         .on_conflict_do_nothing(index_elements=["request_id"])
         .returning(col(UsageEvent.request_id))
     )
-    return len(session.execute(statement).all())
+    # executemany with RETURNING (SQLAlchemy "insertmanyvalues"): one statement shape, cached compilation.
+    return len(session.execute(statement, values).all())
 
 
 class LedgerWriter:

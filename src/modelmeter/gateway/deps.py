@@ -21,7 +21,8 @@ from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async on purpose: FastAPI runs plain-def dependencies in a thread pool, a hop the hot path cannot afford.
     services: Services = request.app.state.services
     return services
 
@@ -29,7 +30,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings_dep(services: ServicesDep) -> Settings:
+async def get_settings_dep(services: ServicesDep) -> Settings:
     return services.settings
 
 

@@ -11,7 +11,8 @@ import base64
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from modelmeter.errors import InvalidRequestError
@@ -79,11 +80,15 @@ def _usage(served: Served) -> dict[str, int]:
     return {"prompt_tokens": served.tokens, "total_tokens": served.tokens}
 
 
-def _headers(response: Response, served: Served) -> None:
-    response.headers.update(served.headers)
-    response.headers["x-compute-tokens"] = str(served.tokens)
-    response.headers["x-queue-time"] = f"{served.queue_s * 1000:.3f}"
-    response.headers["x-inference-time"] = f"{served.inference_s * 1000:.3f}"
+def _respond(body: Any, served: Served) -> JSONResponse:
+    """Serialise directly (no per-float encoder walk: embeddings are long lists) with the serving headers."""
+    headers = {
+        **served.headers,
+        "x-compute-tokens": str(served.tokens),
+        "x-queue-time": f"{served.queue_s * 1000:.3f}",
+        "x-inference-time": f"{served.inference_s * 1000:.3f}",
+    }
+    return JSONResponse(body, headers=headers)
 
 
 def _check_task(model_id: str, task: str, wanted: str, route: str) -> None:
@@ -103,21 +108,18 @@ async def get_models(principal: CurrentPrincipal, services: ServicesDep) -> dict
 
 
 @router.post("/v1/classify")
-async def classify(
-    body: ClassifyRequest, principal: InferencePrincipal, request: Request, response: Response
-) -> dict[str, Any]:
+async def classify(body: ClassifyRequest, principal: InferencePrincipal, request: Request) -> JSONResponse:
     """Label each input with the model's classes: ``label``, ``score`` and every class's probability."""
     served = await serve(
         request, principal, body.model, _as_list(body.input), truncate=body.truncate, endpoint="classify",
         check=lambda m: _check_task(m.id, m.task, "text-classification", "/v1/classify"),
     )
-    _headers(response, served)
     data = []
     for index, scores in enumerate(served.results):
         assert isinstance(scores, dict)
         label = max(scores, key=scores.__getitem__)
         data.append({"index": index, "label": label, "score": scores[label], "scores": scores})
-    return {"object": "list", "model": body.model, "data": data, "usage": _usage(served)}
+    return _respond({"object": "list", "model": body.model, "data": data, "usage": _usage(served)}, served)
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:
@@ -127,39 +129,33 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
 
 
 @router.post("/v1/embeddings")
-async def embeddings(
-    body: EmbeddingsRequest, principal: InferencePrincipal, request: Request, response: Response
-) -> dict[str, Any]:
+async def embeddings(body: EmbeddingsRequest, principal: InferencePrincipal, request: Request) -> JSONResponse:
     """OpenAI-compatible embeddings (mean-pooled, L2-normalised)."""
     served = await serve(
         request, principal, body.model, _as_list(body.input), truncate=body.truncate, endpoint="embeddings",
         check=lambda m: _check_task(m.id, m.task, "feature-extraction", "/v1/embeddings"),
         dimensions=body.dimensions,
     )
-    _headers(response, served)
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}  # type: ignore[arg-type]
         for i, v in enumerate(served.results)
     ]
-    return {"object": "list", "data": data, "model": body.model, "usage": _usage(served)}
+    return _respond({"object": "list", "data": data, "model": body.model, "usage": _usage(served)}, served)
 
 
 @router.post("/models/{model:path}")
-async def hf_inference(
-    model: str, body: HFRequest, principal: InferencePrincipal, request: Request, response: Response
-) -> Any:
+async def hf_inference(model: str, body: HFRequest, principal: InferencePrincipal, request: Request) -> JSONResponse:
     """Hugging Face inference format: classification answers ``[[{label, score}…]]``, feature extraction
     answers one vector per input."""
     served = await serve(
         request, principal, model, _as_list(body.inputs), truncate=body.wants_truncation(), endpoint="hf",
     )
-    _headers(response, served)
     if served.task == "feature-extraction":
-        return served.results
+        return _respond(served.results, served)
     top_k = body.parameters.top_k if body.parameters else None
     ranked = []
     for scores in served.results:
         assert isinstance(scores, dict)
         pairs = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
         ranked.append([{"label": label, "score": score} for label, score in pairs])
-    return ranked
+    return _respond(ranked, served)
