@@ -78,7 +78,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
         database_url=database_url,
-        redis_url=None,
+        redis_url=REDIS_URL or None,
         admin_token=ADMIN_TOKEN,
         start_worker=False,
         _env_file=None,  # type: ignore[call-arg]

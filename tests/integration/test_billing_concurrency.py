@@ -1,0 +1,183 @@
+"""Limits, quotas and budgets under 64 concurrent requests (in-process, or Redis when configured), and two
+gateway processes sharing PostgreSQL and Redis enforcing one tenant's limit jointly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import select
+
+from modelmeter.billing.tables import UsageEvent
+from modelmeter.gateway.app import create_app
+from modelmeter.settings import Settings
+from tests.conftest import ADMIN, ADMIN_TOKEN, ON_POSTGRES, PG_URL, REDIS_URL, bearer
+
+TEST_PLANS = [
+    {"id": "quota10", "name": "Ten requests", "base_fee_cents": 0, "included_tokens": 100000,
+     "included_requests": 10, "rpm_limit": 10000, "tpm_limit": 10000000, "hard_limit": True},
+    {"id": "metered", "name": "Metered", "base_fee_cents": 0, "price_per_request": "0.0005",
+     "price_per_1k_tokens": "0.0200", "rpm_limit": 10000, "tpm_limit": 10000000},
+]
+
+
+@pytest.fixture
+def plans_settings(settings: Settings, tmp_path: Path) -> Settings:
+    packaged = json.loads((Path(__file__).parents[2] / "src/modelmeter/billing/plans.json").read_text())
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps({"plans": packaged["plans"] + TEST_PLANS}))
+    return settings.model_copy(update={"plans_file": path})
+
+
+def _ledger_count(client: TestClient, tenant_id: str) -> int:
+    with client.app.state.services.sessions() as session:  # type: ignore[attr-defined]
+        return len(session.exec(select(UsageEvent).where(UsageEvent.tenant_id == tenant_id)).all())
+
+
+async def _burst(settings: Settings, model: str, key: str, n: int = 64) -> list[httpx.Response]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return list(await asyncio.gather(*(
+                http.post("/v1/classify", json={"model": model, "input": "x"}, headers=bearer(key)) for _ in range(n)
+            )))
+
+
+def _setup(plans_settings: Settings, plan: str, **overrides: Any) -> tuple[TestClient, str, str, str]:
+    from tests.tiny_bert import make_tiny_bert
+
+    client = TestClient(create_app(plans_settings))
+    client.__enter__()
+    tenant = client.post("/admin/tenants", json={"name": "c", "email": "c@c.co", "plan": plan}, headers=ADMIN).json()
+    if overrides:
+        client.patch(f"/admin/tenants/{tenant['id']}", json=overrides, headers=ADMIN)
+    key = client.post(f"/admin/tenants/{tenant['id']}/keys", json={}, headers=ADMIN).json()["key"]
+    from modelmeter import clock
+    from modelmeter.models.registry import MlModel
+
+    services = client.app.state.services  # type: ignore[attr-defined]
+    make_tiny_bert(plans_settings.data_dir / "models" / tenant["id"] / "m", "text-classification")
+    with services.sessions() as session:
+        session.add(MlModel(id=f"m-{tenant['id']}", owner_tenant_id=tenant["id"], base_model="tiny", task=
+                            "text-classification", labels_json='["negative", "positive"]',
+                            artifact=f"models/{tenant['id']}/m", created=clock.now_s()))
+        session.commit()
+    return client, tenant["id"], key, f"m-{tenant['id']}"
+
+
+@pytest.mark.anyio
+async def test_hard_limit_admits_exactly_the_quota(plans_settings: Settings) -> None:
+    client, tenant_id, key, model = _setup(plans_settings, "quota10")
+    try:
+        responses = await _burst(plans_settings, model, key)
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(200) == 10 and codes.count(429) == 54
+        refused = next(r for r in responses if r.status_code == 429).json()["error"]
+        assert refused["type"] == "insufficient_quota" and refused["code"] == "insufficient_quota"
+        assert _ledger_count(client, tenant_id) == 10
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.anyio
+async def test_budget_is_never_overspent(plans_settings: Settings) -> None:
+    # Each request: "x" is 3 tokens → 0.05 + 3 × 0.002 = 0.056 cents; a 1-cent budget admits 17 of them.
+    client, tenant_id, key, model = _setup(plans_settings, "metered", monthly_budget_cents=1)
+    try:
+        responses = await _burst(plans_settings, model, key)
+        assert [r.status_code for r in responses].count(200) == 17
+        sub = client.get("/v1/billing/subscription", headers=bearer(key)).json()
+        assert sub["budget"]["spent_cents_decimal"] == "0.952"  # 17 × 0.056, never past 1 cent
+        assert _ledger_count(client, tenant_id) == 17
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.anyio
+async def test_rpm_limit_under_concurrency(plans_settings: Settings) -> None:
+    client, tenant_id, key, model = _setup(plans_settings, "metered", rpm_limit=5)
+    try:
+        responses = await _burst(plans_settings, model, key)
+        ok = [r for r in responses if r.status_code == 200]
+        limited = [r for r in responses if r.status_code == 429]
+        assert len(ok) == 5 and len(limited) == 59
+        assert limited[0].json()["error"]["type"] == "rate_limit_exceeded"
+        assert int(limited[0].headers["retry-after"]) >= 1
+        assert ok[0].headers["x-ratelimit-limit-requests"] == "5"
+        assert "ratelimit-policy" in ok[0].headers and "ratelimit" in ok[0].headers
+        assert _ledger_count(client, tenant_id) == 5
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# --- two gateway processes ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_gateway(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "MODELMETER_DATA_DIR": str(settings.data_dir), "MODELMETER_DATABASE_URL": PG_URL,
+           "MODELMETER_REDIS_URL": REDIS_URL, "MODELMETER_ADMIN_TOKEN": ADMIN_TOKEN,
+           "MODELMETER_PLANS_FILE": str(settings.plans_file)}
+    return subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "serve", "--port", str(port), "--no-worker"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_ready(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not become ready")
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not (ON_POSTGRES and REDIS_URL), reason="needs PostgreSQL and Redis (CI sets both)")
+async def test_two_gateways_share_one_limit(plans_settings: Settings) -> None:
+    client, tenant_id, key, model = _setup(plans_settings, "quota10", rpm_limit=1000)
+    ports = [_free_port(), _free_port()]
+    processes = [_start_gateway(plans_settings, port) for port in ports]
+    try:
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url in urls:
+            _wait_ready(url)
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def call(url: str) -> httpx.Response:
+                return await http.post(f"{url}/v1/classify", json={"model": model, "input": "x"}, headers=bearer(key))
+
+            warm = [await call(url) for url in urls]  # each replica loads the model and serves one request
+            assert [r.status_code for r in warm] == [200, 200]
+            responses = await asyncio.gather(*(call(urls[i % 2]) for i in range(40)))
+        codes = [r.status_code for r in responses]
+        assert codes.count(200) == 8 and codes.count(429) == 32  # 10 in all, across both replicas
+        assert _ledger_count(client, tenant_id) == 10
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+        client.__exit__(None, None, None)
