@@ -92,13 +92,13 @@ async def test_hard_limit_admits_exactly_the_quota(plans_settings: Settings) -> 
 
 @pytest.mark.anyio
 async def test_budget_is_never_overspent(plans_settings: Settings) -> None:
-    # Each request: "x" is 3 tokens → 0.05 + 3 × 0.002 = 0.056 cents; a 1-cent budget admits 17 of them.
+    # Each request: "x" is 3 tokens → 0.05 + 3 * 0.002 = 0.056 cents; a 1-cent budget admits 17 of them.
     client, tenant_id, key, model = _setup(plans_settings, "metered", monthly_budget_cents=1)
     try:
         responses = await _burst(plans_settings, model, key)
         assert [r.status_code for r in responses].count(200) == 17
         sub = client.get("/v1/billing/subscription", headers=bearer(key)).json()
-        assert sub["budget"]["spent_cents_decimal"] == "0.952"  # 17 × 0.056, never past 1 cent
+        assert sub["budget"]["spent_cents_decimal"] == "0.952"  # 17 * 0.056, never past 1 cent
         assert _ledger_count(client, tenant_id) == 17
     finally:
         client.__exit__(None, None, None)
