@@ -7,14 +7,17 @@ is not in the ledger; a request id recorded twice is a no-op (unique constraint,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import func
+from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
@@ -65,21 +68,21 @@ def next_period(period: str) -> str:
     return period_of(period_bounds(period)[1])
 
 
-def closed_through(session: Session, *, lock: bool = False) -> str | None:
+def closed_through(conn: Connection, *, lock: bool = False) -> str | None:
     """The latest closed period. ``lock`` takes the row FOR SHARE on PostgreSQL, so a concurrent close
     (which takes it FOR UPDATE) waits for this transaction and never misses its rows."""
-    query = select(BillingState.closed_through).where(BillingState.id == 1)
-    if lock and session.get_bind().dialect.name == "postgresql":
+    query = sa_select(col(BillingState.closed_through)).where(col(BillingState.id) == 1)
+    if lock and conn.dialect.name == "postgresql":
         query = query.with_for_update(read=True)
-    return session.exec(query).first()
+    return conn.execute(query).scalar()
 
 
-PeriodFor = Callable[[Session, Sequence[UsageRecord]], dict[str, str]]
+PeriodFor = Callable[[Connection, Sequence[UsageRecord]], dict[str, str]]
 
 
-def default_periods(session: Session, records: Sequence[UsageRecord]) -> dict[str, str]:
+def default_periods(conn: Connection, records: Sequence[UsageRecord]) -> dict[str, str]:
     """The month each record was served in, or the first open month when that one is already closed."""
-    closed = closed_through(session, lock=True)
+    closed = closed_through(conn, lock=True)
     periods = {}
     for r in records:
         period = period_of(r.created)
@@ -87,25 +90,33 @@ def default_periods(session: Session, records: Sequence[UsageRecord]) -> dict[st
     return periods
 
 
-def record_usage(*, session: Session, records: Sequence[UsageRecord], periods: PeriodFor = default_periods) -> int:
-    """Insert the rows (existing request ids are skipped); returns how many were new. Caller commits."""
+_INSERTS = {
+    name: dialect.insert(UsageEvent).on_conflict_do_nothing(index_elements=["request_id"])
+    .returning(col(UsageEvent.request_id))
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+
+
+def record_usage(
+    *, session: Session | Connection, records: Sequence[UsageRecord], periods: PeriodFor = default_periods
+) -> int:
+    """Insert the rows (existing request ids are skipped); returns how many were new. Caller commits.
+
+    Core statements on the connection, built once (the ORM adds ~0.4 ms a commit on this path)."""
     if not records:
         return 0
-    assigned = periods(session, records)
+    conn = session.connection() if isinstance(session, Session) else session
+    assigned = periods(conn, records)
     values = [{**asdict(r), "period": assigned[r.request_id]} for r in records]
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = (
-        insert(UsageEvent)
-        .on_conflict_do_nothing(index_elements=["request_id"])
-        .returning(col(UsageEvent.request_id))
-    )
-    # executemany with RETURNING (SQLAlchemy "insertmanyvalues"): one statement shape, cached compilation.
-    return len(session.execute(statement, values).all())
+    return len(conn.execute(_INSERTS[conn.dialect.name], values).all())
 
 
 class LedgerWriter:
-    """Group commit: requests enqueue their rows and wait; one writer commits everything pending at once."""
+    """Group commit: requests enqueue their rows and wait; one writer thread commits everything pending at once.
+
+    A dedicated thread fed by a queue (rather than a thread-pool hop per commit) keeps a lone request's wait
+    to one insert and two thread wake-ups; under load, whatever queued during a commit goes in the next one.
+    """
 
     def __init__(
         self,
@@ -115,62 +126,71 @@ class LedgerWriter:
         max_rows: int = 1000,
         on_commit: Callable[[Sequence[UsageRecord]], None] | None = None,
     ) -> None:
-        self._sessions = sessions
+        self._engine = sessions.kw["bind"]
         self._periods = periods
         self._max_rows = max_rows
         self._on_commit = on_commit
-        self._pending: list[tuple[UsageRecord, asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._queue: queue.SimpleQueue[tuple[UsageRecord, asyncio.Future[None]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._thread.start()
 
     async def record(self, record: UsageRecord) -> None:
         """Return once ``record`` is committed; raise if the commit failed (the request must not succeed)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((record, future))
-        self._wake.set()
+        self._queue.put((record, future))
         await asyncio.shield(future)
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                group, self._pending = self._pending[: self._max_rows], self._pending[self._max_rows :]
-                await self._commit(group)
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            group = []
+            while item is not None:
+                group.append(item)
+                if len(group) >= self._max_rows:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            stopping = item is None
+            if group:
+                self._commit(group)
 
-    async def _commit(self, group: list[tuple[UsageRecord, asyncio.Future[None]]]) -> None:
+    def _commit(self, group: list[tuple[UsageRecord, asyncio.Future[None]]]) -> None:
         records = [r for r, _ in group]
+        error: Exception | None = None
         try:
-            await asyncio.to_thread(self._write, records)
+            with self._engine.begin() as conn:
+                record_usage(session=conn, records=records, periods=self._periods)
         except Exception as exc:
             log.exception("ledger commit of %d rows failed", len(records))
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for _, future in group:
-            if not future.done():
-                future.set_result(None)
-        if self._on_commit is not None:
-            self._on_commit(records)
+            error = exc
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._resolve, group, error)
 
-    def _write(self, records: list[UsageRecord]) -> None:
-        with self._sessions() as session:
-            record_usage(session=session, records=records, periods=self._periods)
-            session.commit()
+    def _resolve(self, group: list[tuple[UsageRecord, asyncio.Future[None]]], error: Exception | None) -> None:
+        for _, future in group:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+        if error is None and self._on_commit is not None:
+            self._on_commit([r for r, _ in group])
 
     async def close(self) -> None:
-        """Commit what is pending, then stop."""
-        if self._pending:
-            await self._commit(self._pending)
-            self._pending = []
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Commit what is pending, then stop the writer thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
 
 
 # --- quota and budget: reserve before compute, settle after the row is durable ---------------------------
