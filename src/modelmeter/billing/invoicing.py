@@ -18,6 +18,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
+from modelmeter.billing import stripe_sync
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import period_bounds, period_of
 from modelmeter.billing.pricing import Line, Usage, price_period, subtotal
@@ -43,7 +44,9 @@ def parse_period(period: str) -> str:
 
 
 def record_plan_change(*, session: Session, tenant_id: str, plan: str, at: int | None = None) -> None:
-    session.add(PlanChange(tenant_id=tenant_id, plan=plan, effective_at=clock.now_s() if at is None else at))
+    change = PlanChange(tenant_id=tenant_id, plan=plan, effective_at=clock.now_s() if at is None else at)
+    session.add(change)
+    stripe_sync.enqueue_plan_change(session=session, change=change)
 
 
 def usage_by_plan(session: Session, tenant_id: str, period: str) -> dict[str, Usage]:
@@ -213,4 +216,5 @@ def _invoice_tenant(session: Session, catalog: PlanCatalog, tenant: tuple[str, s
                                 description=line.description, quantity=line.quantity,
                                 unit_amount_decimal=str(line.unit_amount_decimal), amount=line.amount))
     session.flush()
+    stripe_sync.enqueue_invoice(session=session, invoice=invoice, has_lines=bool(lines))
     return 1

@@ -10,6 +10,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from sqlmodel._compat import SQLModelConfig
 
 from modelmeter import clock
+from modelmeter.billing import stripe_sync
 from modelmeter.billing.invoicing import record_plan_change
 from modelmeter.errors import NotFoundError
 from modelmeter.ids import new_id
@@ -67,7 +68,9 @@ class Tenant(TenantBase, table=True):
     tpm_limit: int | None = None
     monthly_budget_cents: int | None = None
     stripe_customer_id: str | None = Field(default=None, max_length=255)
+    stripe_subscription_id: str | None = Field(default=None, max_length=255)
     past_due_since: int | None = None
+    suspension_reason: str | None = Field(default=None, max_length=32)  # set when billing suspended it
     plan_changed_at: int | None = None
     created: int
     updated: int
@@ -91,6 +94,7 @@ def create_tenant(*, session: Session, data: TenantCreate) -> Tenant:
     tenant = Tenant(id=new_id("ten"), name=data.name, email=data.email, plan=data.plan, created=now, updated=now)
     session.add(tenant)
     session.flush()
+    stripe_sync.enqueue_customer(session=session, tenant_id=tenant.id, email=tenant.email, name=tenant.name)
     record_plan_change(session=session, tenant_id=tenant.id, plan=tenant.plan, at=now)
     return tenant
 
@@ -110,6 +114,8 @@ def update_tenant(*, session: Session, tenant: Tenant, data: TenantUpdate) -> Te
         record_plan_change(session=session, tenant_id=tenant.id, plan=changes["plan"], at=now)
     if changes.get("billing_status") == "ok":
         tenant.past_due_since = None
+    if "status" in changes:
+        tenant.suspension_reason = None  # an operator's decision is not billing's to undo
     for field, value in changes.items():
         setattr(tenant, field, value)
     tenant.updated = now

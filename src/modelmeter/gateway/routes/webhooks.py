@@ -1,0 +1,58 @@
+"""Stripe webhooks: the signature is checked on the raw body before anything is read or written; each event
+is applied once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import stripe
+from fastapi import APIRouter, Request
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from modelmeter import clock
+from modelmeter.billing import stripe_sync
+from modelmeter.errors import MalformedRequestError, ServiceUnavailableError
+from modelmeter.gateway.deps import ServicesDep
+from modelmeter.gateway.services import Services
+
+router = APIRouter(tags=["webhooks"])
+
+SIGNATURE_TOLERANCE_S = 300
+
+
+@router.post("/webhooks/stripe")
+async def stripe_webhook(request: Request, services: ServicesDep) -> dict[str, Any]:
+    """Verify ``Stripe-Signature`` (HMAC-SHA256 of the raw body, 300 s tolerance), then apply the event once."""
+    secret = services.settings.stripe_webhook_secret
+    if not secret:
+        raise ServiceUnavailableError("Stripe webhooks are not configured (MODELMETER_STRIPE_WEBHOOK_SECRET).",
+                                      code="webhooks_not_configured")
+    event = _verified(await request.body(), request.headers.get("stripe-signature"), secret)
+    result = await run_in_threadpool(_apply, services, event)
+    if result.tenant_id is not None:
+        tenant_id = result.tenant_id
+        services.auth.invalidate(lambda p: p.tenant_id == tenant_id)
+    return result.public()
+
+
+def _verified(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
+    try:
+        return stripe_sync.verify_event(payload, signature, secret, tolerance=SIGNATURE_TOLERANCE_S)
+    except stripe.SignatureVerificationError:
+        raise MalformedRequestError("The Stripe-Signature header is missing, wrong or too old.",
+                                    code="invalid_signature", param="Stripe-Signature") from None
+    except ValueError:
+        raise MalformedRequestError("The body is not a Stripe event.") from None
+
+
+def _apply(services: Services, event: dict[str, Any]) -> stripe_sync.EventResult:
+    with services.sessions() as session:
+        try:
+            result = stripe_sync.handle_event(session=session, event=event, now=clock.now_s(),
+                                              grace_s=services.settings.past_due_grace_s)
+            session.commit()
+        except IntegrityError:  # the same event, delivered twice at once: the other delivery applied it
+            session.rollback()
+            return stripe_sync.EventResult("duplicate")
+        return result

@@ -1,0 +1,716 @@
+"""Stripe, exactly once, against localstripe (a stateful Stripe emulator started on a loopback port).
+
+Customers, subscriptions and invoices reach Stripe with our amounts; closing twice, re-sending, and crashing
+between the Stripe call and the mark create nothing twice; an unreachable Stripe loses nothing; webhooks are
+verified, applied once, and give the same state in any order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import requests
+import stripe
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from sqlmodel import Session, col, select
+
+from modelmeter.billing import stripe_sync
+from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.tables import Invoice, InvoiceLine, StripeEvent, StripeOutbox, StripePlan
+from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
+from modelmeter.gateway.tenants import Tenant
+from modelmeter.settings import Settings
+from tests.conftest import ADMIN, ON_POSTGRES, FakeClock, assert_envelope, bearer
+
+pytest.importorskip("localstripe")
+
+SECRET = "whsec_modelmeter_test_secret"
+GRACE_S = 3 * 24 * 3600
+
+
+def ts(*args: int) -> int:
+    return int(datetime(*args, tzinfo=UTC).timestamp())  # type: ignore[misc]
+
+
+# --- localstripe and the app -----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "localstripe exited"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError("localstripe did not start")
+
+
+# localstripe saves its whole state to /tmp/localstripe.pickle on every write and reloads it at start, so
+# instances running side by side (parallel test runs) corrupt each other: start from scratch, keep it in memory.
+LOCALSTRIPE = (
+    "import sys, localstripe.resources as r, localstripe.server as s; r.Store.dump_to_disk = lambda self: None; "
+    "sys.argv = ['localstripe', '--from-scratch', '--port', sys.argv[1]]; s.start()"
+)
+
+
+@pytest.fixture(scope="module")
+def localstripe() -> Iterator[str]:
+    """A fresh emulator for this module, on a free loopback port."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", LOCALSTRIPE, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def stripe_settings(settings: Settings, localstripe: str) -> Settings:
+    return settings.model_copy(update={
+        "stripe_api_key": "sk_test_modelmeter", "stripe_api_base": localstripe, "stripe_webhook_secret": SECRET,
+        "stripe_sync_interval_s": 3600, "stripe_max_network_retries": 0, "past_due_grace_s": GRACE_S,
+    })
+
+
+@pytest.fixture
+def app(stripe_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(stripe_settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def services_of(client: TestClient) -> Services:
+    return client.app.state.services  # type: ignore[attr-defined,no-any-return]
+
+
+def relay_of(client: TestClient) -> stripe_sync.StripeRelay:
+    relay = services_of(client).stripe
+    assert relay is not None
+    return relay
+
+
+@pytest.fixture
+def restart(app: TestClient) -> Iterator[Callable[[], stripe_sync.StripeRelay]]:
+    """A new relay on the same database, as after a process restart."""
+    made: list[stripe_sync.StripeRelay] = []
+
+    def make() -> stripe_sync.StripeRelay:
+        services = services_of(app)
+        relay = stripe_sync.relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans)
+        assert relay is not None
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.close()
+
+
+@pytest.fixture
+def api(localstripe: str) -> Iterator[stripe.StripeClient]:
+    """Our own view of the emulator, to count what the relay made."""
+    http = requests.Session()
+    yield stripe.StripeClient("sk_test_modelmeter", base_addresses={"api": localstripe},
+                              http_client=stripe.RequestsClient(session=http))
+    http.close()
+
+
+@pytest.fixture
+def october(fake_clock: FakeClock) -> FakeClock:
+    fake_clock.t = ts(2026, 10, 1)
+    return fake_clock
+
+
+def new_tenant(client: TestClient, plan: str = "payg") -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:10]
+    response = client.post("/admin/tenants", json={"name": f"Acme {tag}", "email": f"{tag}@example.com",
+                                                   "plan": plan}, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def use(client: TestClient, tenant: dict[str, Any], at: int, *, tokens: int, requests_: int = 1) -> None:
+    services = services_of(client)
+    records = [UsageRecord(request_id=uuid.uuid4().hex, tenant_id=tenant["id"], model_id="m", created=at,
+                           tokens=tokens, plan=tenant["plan"]) for _ in range(requests_)]
+    with services.sessions() as session:
+        record_usage(session=session, records=records)
+        session.commit()
+
+
+def close(client: TestClient, period: str) -> dict[str, Any]:
+    response = client.post("/admin/billing/close", json={"period": period}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def db(client: TestClient) -> Session:
+    return services_of(client).sessions()
+
+
+def invoice_of(client: TestClient, tenant_id: str) -> tuple[Invoice, list[InvoiceLine]]:
+    with db(client) as session:
+        invoice = session.exec(select(Invoice).where(Invoice.tenant_id == tenant_id)).one()
+        lines = session.exec(select(InvoiceLine).where(InvoiceLine.invoice_id == invoice.id)
+                             .order_by(col(InvoiceLine.position))).all()
+        return invoice, list(lines)
+
+
+def tenant_row(client: TestClient, tenant_id: str) -> Tenant:
+    with db(client) as session:
+        tenant = session.get(Tenant, tenant_id)
+        assert tenant is not None
+        return tenant
+
+
+def outbox(client: TestClient, tenant_id: str) -> list[StripeOutbox]:
+    with db(client) as session:
+        query = select(StripeOutbox).where(StripeOutbox.tenant_id == tenant_id).order_by(col(StripeOutbox.id))
+        return list(session.exec(query).all())
+
+
+def meta(obj: Any) -> dict[str, str]:
+    return dict(obj.to_dict().get("metadata") or {})
+
+
+def customers_of(api: stripe.StripeClient, tenant: dict[str, Any]) -> list[stripe.Customer]:
+    found = api.v1.customers.list(params={"email": tenant["email"], "limit": 100}).auto_paging_iter()
+    return [c for c in found if meta(c).get("tenant_id") == tenant["id"]]
+
+
+def live_subscriptions(api: stripe.StripeClient, customer_id: str) -> list[stripe.Subscription]:
+    return list(api.v1.subscriptions.list(params={"customer": customer_id, "limit": 100}).auto_paging_iter())
+
+
+def stripe_invoices_of(api: stripe.StripeClient, customer_id: str, invoice_id: str) -> list[stripe.Invoice]:
+    found = api.v1.invoices.list(params={"customer": customer_id, "limit": 100}).auto_paging_iter()
+    return [i for i in found if meta(i).get("mm_invoice_id") == invoice_id]
+
+
+def our_lines(api: stripe.StripeClient, stripe_invoice_id: str, invoice_id: str) -> list[Any]:
+    lines = api.v1.invoices.line_items.list(stripe_invoice_id, params={"limit": 100}).auto_paging_iter()
+    return [line for line in lines if meta(line).get("mm_invoice_id") == invoice_id]
+
+
+def billed_october(client: TestClient, clock: FakeClock, plan: str = "pro") -> dict[str, Any]:
+    """A tenant with October usage, and October closed."""
+    clock.t = ts(2026, 10, 1)
+    tenant = new_tenant(client, plan)
+    use(client, tenant, ts(2026, 10, 12), tokens=1_234_567, requests_=3)
+    clock.t = ts(2026, 11, 2)
+    close(client, "2026-10")
+    return tenant
+
+
+# --- mapping ---------------------------------------------------------------------------------------------------
+
+
+def test_tenant_becomes_a_customer_with_a_subscription(app: TestClient, api: stripe.StripeClient) -> None:
+    tenant = new_tenant(app, "pro")
+    rows = outbox(app, tenant["id"])
+    assert [(r.kind, r.status, r.idempotency_key) for r in rows] == [
+        ("customer", "pending", f"mm-customer-{tenant['id']}"),
+        ("subscription", "pending", f"mm-subscription-{rows[1].object_id}"),
+    ]
+    report = relay_of(app).tick()
+    assert [(r.kind, r.result) for r in report.rows] == [("customer", "done"), ("subscription", "done")]
+
+    (customer,) = customers_of(api, tenant)
+    assert (customer.email, customer.name) == (tenant["email"], tenant["name"])
+    stored = app.get(f"/admin/tenants/{tenant['id']}", headers=ADMIN).json()
+    assert stored["stripe_customer_id"] == customer.id
+    (subscription,) = live_subscriptions(api, customer.id)
+    assert subscription.id == tenant_row(app, tenant["id"]).stripe_subscription_id
+    assert subscription["plan"]["id"] == "mm_pro_usd_monthly" and subscription["plan"]["amount"] == 0
+    with db(app) as session:
+        assert session.get(StripePlan, "pro") is not None
+    assert relay_of(app).tick().rows == []  # nothing left to send
+
+
+def test_plan_change_moves_the_subscription(app: TestClient, api: stripe.StripeClient) -> None:
+    tenant = new_tenant(app, "payg")
+    relay_of(app).tick()
+    first = tenant_row(app, tenant["id"]).stripe_subscription_id
+    assert app.patch(f"/admin/tenants/{tenant['id']}", json={"plan": "pro"}, headers=ADMIN).status_code == 200
+    assert [r.kind for r in outbox(app, tenant["id"]) if r.status == "pending"] == ["subscription"]
+    relay_of(app).tick()
+    row = tenant_row(app, tenant["id"])
+    (live,) = live_subscriptions(api, str(row.stripe_customer_id))
+    assert live.id == row.stripe_subscription_id != first and live["plan"]["id"] == "mm_pro_usd_monthly"
+    assert api.v1.subscriptions.retrieve(str(first)).status == "canceled"
+
+
+def test_closed_invoice_reaches_stripe_with_our_amounts(app: TestClient, api: stripe.StripeClient,
+                                                        october: FakeClock) -> None:
+    tenant = billed_october(app, october)
+    invoice, lines = invoice_of(app, tenant["id"])
+    assert invoice.sync_status == "pending" and len(lines) >= 2 and invoice.total > 0
+    relay_of(app).tick()
+
+    invoice, lines = invoice_of(app, tenant["id"])
+    assert invoice.sync_status == "synced" and invoice.stripe_invoice_id
+    customer_id = str(tenant_row(app, tenant["id"]).stripe_customer_id)
+    (remote,) = stripe_invoices_of(api, customer_id, invoice.id)
+    assert remote.id == invoice.stripe_invoice_id and remote.total == invoice.total
+    remote_lines = our_lines(api, remote.id, invoice.id)
+    assert sum(line.amount for line in remote_lines) == invoice.total
+    assert sorted((int(x.metadata["mm_line"]), x.amount) for x in remote_lines) == [(x.position, x.amount)
+                                                                                     for x in lines]
+    assert {x.stripe_invoice_item_id for x in lines} == {x["invoice_item"] for x in remote_lines}
+    public = app.get(f"/admin/tenants/{tenant['id']}", headers=ADMIN).json()
+    assert public["stripe_customer_id"] == customer_id
+
+
+def test_closing_twice_and_sending_again_creates_no_duplicate(app: TestClient, api: stripe.StripeClient,
+                                                              october: FakeClock) -> None:
+    tenant = billed_october(app, october)
+    assert close(app, "2026-10")["already_closed"] is True
+    assert [r.kind for r in outbox(app, tenant["id"])] == ["customer", "subscription", "invoice"]
+    relay_of(app).tick()
+    with db(app) as session:  # as if the marks had been lost: every row must be sent again
+        for row in session.exec(select(StripeOutbox).where(StripeOutbox.tenant_id == tenant["id"])).all():
+            row.status = "pending"
+            session.add(row)
+        session.commit()
+    assert [r.result for r in relay_of(app).tick().rows] == ["done", "done", "done"]
+
+    invoice, lines = invoice_of(app, tenant["id"])
+    (customer,) = customers_of(api, tenant)
+    assert len(live_subscriptions(api, customer.id)) == 1
+    (remote,) = stripe_invoices_of(api, customer.id, invoice.id)
+    assert len(our_lines(api, remote.id, invoice.id)) == len(lines)
+
+
+# --- crashes between the Stripe call and the mark ---------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """The process dies (not an error the relay could handle)."""
+
+
+def crash_on(monkeypatch: pytest.MonkeyPatch, relay: stripe_sync.StripeRelay, kind: str) -> None:
+    """Fault injected after the Stripe call, before the row is marked done."""
+    complete = relay._complete
+
+    def dying(row: StripeOutbox, sent: stripe_sync.Sent) -> None:
+        if row.kind == kind:
+            raise Crash(kind)
+        complete(row, sent)
+
+    monkeypatch.setattr(relay, "_complete", dying)
+
+
+def test_restart_after_a_crash_between_call_and_mark_creates_no_duplicate(
+        app: TestClient, api: stripe.StripeClient, october: FakeClock, monkeypatch: pytest.MonkeyPatch,
+        restart: Callable[[], stripe_sync.StripeRelay]) -> None:
+    tenant = billed_october(app, october)
+    october.t = ts(2026, 11, 2)
+    for kind in ("customer", "subscription", "invoice"):
+        relay = restart()
+        crash_on(monkeypatch, relay, kind)
+        with pytest.raises(Crash):
+            relay.run_once()
+        (crashed,) = [r for r in outbox(app, tenant["id"]) if r.kind == kind]
+        assert crashed.status == "pending" and crashed.attempts == 1 and crashed.locked_until
+        assert restart().run_once().rows == []  # still leased by the dead process
+        october.advance(stripe_sync.LEASE_S + 1)
+    assert [r.result for r in restart().run_once().rows] == ["done"]
+
+    assert {r.status for r in outbox(app, tenant["id"])} == {"done"}
+    invoice, lines = invoice_of(app, tenant["id"])
+    (customer,) = customers_of(api, tenant)
+    assert len(live_subscriptions(api, customer.id)) == 1
+    (remote,) = stripe_invoices_of(api, customer.id, invoice.id)
+    assert invoice.stripe_invoice_id == remote.id and invoice.sync_status == "synced"
+    remote_lines = our_lines(api, remote.id, invoice.id)
+    assert len(remote_lines) == len(lines) and sum(x.amount for x in remote_lines) == invoice.total
+
+
+def test_crash_after_the_items_reuses_them(app: TestClient, api: stripe.StripeClient, october: FakeClock,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           restart: Callable[[], stripe_sync.StripeRelay]) -> None:
+    tenant = billed_october(app, october)
+    relay = restart()
+    create = relay._client.v1.invoices.create
+
+    def dying(*args: Any, **kwargs: Any) -> Any:
+        raise Crash("after the invoice items, before the invoice")
+
+    monkeypatch.setattr(relay._client.v1.invoices, "create", dying)
+    with pytest.raises(Crash):
+        relay.run_once()
+    monkeypatch.setattr(relay._client.v1.invoices, "create", create)
+    october.advance(stripe_sync.LEASE_S + 1)
+    assert [r.kind for r in restart().run_once().rows] == ["invoice"]
+
+    invoice, lines = invoice_of(app, tenant["id"])
+    (customer,) = customers_of(api, tenant)
+    (remote,) = stripe_invoices_of(api, customer.id, invoice.id)
+    assert len(our_lines(api, remote.id, invoice.id)) == len(lines) and remote.total == invoice.total
+
+
+# --- Stripe unreachable -----------------------------------------------------------------------------------------
+
+
+def test_unreachable_stripe_loses_nothing(stripe_settings: Settings, october: FakeClock,
+                                          restart: Callable[[], stripe_sync.StripeRelay], app: TestClient,
+                                          api: stripe.StripeClient) -> None:
+    down = stripe_settings.model_copy(update={"stripe_api_base": f"http://127.0.0.1:{_free_port()}"})
+    services = services_of(app)
+    dead = stripe_sync.relay_from_settings(down, sessions=services.sessions, catalog=services.plans)
+    assert dead is not None
+    tenant = billed_october(app, october)
+    try:
+        report = dead.tick()
+        again = dead.tick()
+    finally:
+        dead.close()
+    assert [(r.kind, r.result) for r in report.rows] == [("customer", "retry")] and again.rows == []
+    customer, subscription, invoice_row = outbox(app, tenant["id"])
+    assert (customer.status, customer.attempts) == ("pending", 1)
+    assert customer.next_attempt_at > october.t and "APIConnectionError" in str(customer.last_error)
+    assert (subscription.attempts, invoice_row.attempts) == (0, 0)  # held back behind the customer
+    assert invoice_of(app, tenant["id"])[0].sync_status == "pending"
+
+    october.advance(stripe_sync.backoff_s(1))
+    assert [r.result for r in restart().run_once().rows] == ["done", "done", "done"]
+    invoice, _ = invoice_of(app, tenant["id"])
+    assert invoice.sync_status == "synced"
+    assert len(stripe_invoices_of(api, str(tenant_row(app, tenant["id"]).stripe_customer_id), invoice.id)) == 1
+
+
+def test_relay_runs_inside_serve(stripe_settings: Settings, api: stripe.StripeClient) -> None:
+    with TestClient(create_app(stripe_settings.model_copy(update={"stripe_sync_interval_s": 1}))) as client:
+        tenant = new_tenant(client)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(r.status == "done" for r in outbox(client, tenant["id"])):
+            time.sleep(0.1)
+        assert {r.status for r in outbox(client, tenant["id"])} == {"done"}
+    assert len(customers_of(api, tenant)) == 1
+
+
+def test_cli_billing_sync(stripe_settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                          api: stripe.StripeClient) -> None:
+    from modelmeter.cli import main
+
+    env = {"MODELMETER_DATA_DIR": str(stripe_settings.data_dir), "MODELMETER_DATABASE_URL":
+           stripe_settings.effective_database_url, "MODELMETER_STRIPE_API_KEY": "sk_test_modelmeter",
+           "MODELMETER_STRIPE_API_BASE": str(stripe_settings.stripe_api_base)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+    created = runner.invoke(main, ["tenant", "create", "--name", "Cli", "--email", f"{uuid.uuid4().hex}@x.io",
+                                   "--json"])
+    assert created.exit_code == 0, created.output
+    tenant = json.loads(created.output)
+    synced = runner.invoke(main, ["billing", "sync", "--json"])
+    assert synced.exit_code == 0, synced.output
+    assert json.loads(synced.output)["sent"] == 2 and len(customers_of(api, tenant)) == 1
+    human = runner.invoke(main, ["billing", "sync"])
+    assert human.exit_code == 0 and "sent 0, retrying 0, failed 0" in human.output
+    monkeypatch.delenv("MODELMETER_STRIPE_API_KEY")
+    off = runner.invoke(main, ["billing", "sync"])
+    assert off.exit_code == 1 and "Stripe is off" in off.output
+
+
+# --- webhooks ---------------------------------------------------------------------------------------------------
+
+
+def sign(payload: str, secret: str = SECRET, at: int | None = None) -> str:
+    at = int(time.time()) if at is None else at
+    digest = hmac.new(secret.encode(), f"{at}.{payload}".encode(), hashlib.sha256).hexdigest()
+    return f"t={at},v1={digest}"
+
+
+def event(kind: str, obj: dict[str, Any], created: int, event_id: str | None = None) -> str:
+    return json.dumps({"id": event_id or f"evt_{uuid.uuid4().hex}", "object": "event", "type": kind,
+                       "created": created, "data": {"object": obj}})
+
+
+def invoice_event(kind: str, invoice_id: str, created: int, event_id: str | None = None) -> str:
+    obj = {"id": f"in_{invoice_id}", "object": "invoice", "customer": "cus_elsewhere",
+           "metadata": {"mm_invoice_id": invoice_id}, "status_transitions": {"paid_at": created}}
+    if kind == "invoice.payment_failed":
+        obj["status_transitions"] = {"paid_at": None}
+    return event(kind, obj, created, event_id)
+
+
+def deliver(client: TestClient, payload: str, signature: str | None = None) -> Any:
+    headers = {"content-type": "application/json", "stripe-signature": signature or sign(payload)}
+    return client.post("/webhooks/stripe", content=payload, headers=headers)
+
+
+def events_recorded(client: TestClient) -> int:
+    with db(client) as session:
+        return len(session.exec(select(StripeEvent)).all())
+
+
+@pytest.fixture
+def billed(app: TestClient, october: FakeClock) -> dict[str, Any]:
+    """A tenant (not synced: webhooks need only our invoice ids) with October and November invoices."""
+    tenant = new_tenant(app)
+    use(app, tenant, ts(2026, 10, 3), tokens=1000)
+    use(app, tenant, ts(2026, 11, 3), tokens=2000)
+    october.t = ts(2026, 12, 2)
+    close(app, "2026-10")
+    close(app, "2026-11")
+    with db(app) as session:
+        tenant["invoices"] = list(session.exec(select(Invoice.id).where(Invoice.tenant_id == tenant["id"])
+                                               .order_by(col(Invoice.period))).all())
+    return tenant
+
+
+@pytest.mark.parametrize("case", ["wrong_secret", "missing", "stale", "tampered", "garbage"])
+def test_bad_signatures_are_400_and_write_nothing(app: TestClient, billed: dict[str, Any], case: str) -> None:
+    payload = invoice_event("invoice.paid", billed["invoices"][0], int(time.time()))
+    signature = {
+        "wrong_secret": sign(payload, "whsec_not_ours"),
+        "missing": "",
+        "stale": sign(payload, at=int(time.time()) - 301),
+        "tampered": sign(payload),
+        "garbage": "t=abc,v1=zzz",
+    }[case]
+    body = payload.replace('"invoice.paid"', '"invoice.paid" ') if case == "tampered" else payload
+    headers = {"content-type": "application/json"} | ({"stripe-signature": signature} if signature else {})
+    response = app.post("/webhooks/stripe", content=body, headers=headers)
+    assert_envelope(response, 400, type_="invalid_request_error", code="invalid_signature")
+    assert events_recorded(app) == 0
+    assert invoice_of_id(app, billed["invoices"][0]).status == "open"
+
+
+def invoice_of_id(client: TestClient, invoice_id: str) -> Invoice:
+    with db(client) as session:
+        invoice = session.get(Invoice, invoice_id)
+        assert invoice is not None
+        return invoice
+
+
+def test_valid_signature_applies_once(app: TestClient, billed: dict[str, Any]) -> None:
+    at = int(time.time())
+    payload = invoice_event("invoice.paid", billed["invoices"][0], at, "evt_once")
+    first = deliver(app, payload)
+    assert first.status_code == 200 and first.json() == {"received": True, "outcome": "applied"}
+    assert deliver(app, payload).json() == {"received": True, "outcome": "duplicate"}
+    invoice = invoice_of_id(app, billed["invoices"][0])
+    assert (invoice.status, invoice.paid_at) == ("paid", at) and events_recorded(app) == 1
+    not_json = "{not json"
+    assert_envelope(deliver(app, not_json), 400, code="malformed_request")
+
+
+def test_unconfigured_webhooks_are_refused(app_factory: Callable[..., Any]) -> None:
+    with TestClient(app_factory(), raise_server_exceptions=False) as client:
+        payload = event("invoice.paid", {"id": "in_x"}, int(time.time()))
+        assert_envelope(deliver(client, payload), 503, code="webhooks_not_configured")
+
+
+def test_event_for_an_unknown_customer_changes_nothing(app: TestClient, billed: dict[str, Any]) -> None:
+    for kind in stripe_sync.HANDLED_EVENTS:
+        obj = {"id": "in_or_sub_unknown", "customer": "cus_unknown", "metadata": {}}
+        response = deliver(app, event(kind, obj, int(time.time())))
+        assert response.status_code == 200 and response.json()["outcome"] == "unknown_customer"
+    assert deliver(app, event("charge.refunded", {"id": "ch_1"}, 1)).json()["outcome"] == "unhandled"
+    assert events_recorded(app) == 0
+    assert tenant_row(app, billed["id"]).billing_status == "ok"
+    assert {invoice_of_id(app, i).status for i in billed["invoices"]} == {"open"}
+
+
+def test_failed_payment_past_due_then_suspended_after_grace(app: TestClient, billed: dict[str, Any],
+                                                            october: FakeClock, make_key_for: Any) -> None:
+    key = make_key_for(billed["id"])
+    failed_at = october.t
+    assert deliver(app, invoice_event("invoice.payment_failed", billed["invoices"][0], failed_at)).status_code == 200
+    tenant = app.get(f"/admin/tenants/{billed['id']}", headers=ADMIN).json()
+    assert (tenant["billing_status"], tenant["status"]) == ("past_due", "active")
+    assert tenant_row(app, billed["id"]).past_due_since == failed_at
+    assert app.get("/v1/billing/invoices", headers=key).status_code == 200
+
+    october.advance(GRACE_S - 1)
+    assert relay_of(app).enforce_grace() == []
+    october.advance(1)
+    assert relay_of(app).enforce_grace() == [billed["id"]]
+    assert tenant_row(app, billed["id"]).status == "suspended"
+    assert_envelope(app.get("/v1/billing/invoices", headers=key), 403, code="tenant_suspended")
+
+    assert deliver(app, invoice_event("invoice.paid", billed["invoices"][0], october.t)).status_code == 200
+    row = tenant_row(app, billed["id"])
+    assert (row.billing_status, row.past_due_since, row.status) == ("ok", None, "active")
+    assert app.get("/v1/billing/invoices", headers=key).status_code == 200
+
+
+def test_grace_is_also_enforced_on_the_next_event(app: TestClient, billed: dict[str, Any], october: FakeClock,
+                                                  make_key_for: Any) -> None:
+    key = make_key_for(billed["id"])
+    deliver(app, invoice_event("invoice.payment_failed", billed["invoices"][0], october.t))
+    assert app.get("/v1/billing/invoices", headers=key).status_code == 200  # cached as active
+    october.advance(GRACE_S)
+    deliver(app, invoice_event("invoice.payment_failed", billed["invoices"][1], october.t))
+    assert_envelope(app.get("/v1/billing/invoices", headers=key), 403, code="tenant_suspended")
+
+
+@pytest.fixture
+def make_key_for(app: TestClient) -> Callable[[str], dict[str, str]]:
+    def make(tenant_id: str) -> dict[str, str]:
+        response = app.post(f"/admin/tenants/{tenant_id}/keys", json={}, headers=ADMIN)
+        assert response.status_code == 201, response.text
+        return bearer(response.json()["key"])
+
+    return make
+
+
+def _final_state(client: TestClient, tenant: dict[str, Any]) -> tuple[Any, ...]:
+    row = tenant_row(client, tenant["id"])
+    invoices = [invoice_of_id(client, i) for i in tenant["invoices"]]
+    return (row.billing_status, row.past_due_since, row.status,
+            [(i.status, i.paid_at, i.payment_failed_at) for i in invoices])
+
+
+def test_repeated_and_reordered_webhooks_give_the_same_state(app: TestClient, october: FakeClock) -> None:
+    t0 = ts(2026, 12, 3)
+    tenants = []
+    october.t = ts(2026, 10, 1)
+    for _ in range(6):
+        tenants.append(new_tenant(app))
+        use(app, tenants[-1], ts(2026, 10, 3), tokens=500)
+        use(app, tenants[-1], ts(2026, 11, 3), tokens=700)
+    october.t = t0
+    close(app, "2026-10")
+    close(app, "2026-11")
+    states = []
+    for tenant, order in zip(tenants, itertools.permutations(range(3)), strict=True):
+        with db(app) as session:
+            tenant["invoices"] = list(session.exec(select(Invoice.id).where(Invoice.tenant_id == tenant["id"])
+                                                   .order_by(col(Invoice.period))).all())
+        october_invoice, november_invoice = tenant["invoices"]
+        events = [  # October: failed, then paid on the retry; November: failed, still unpaid
+            invoice_event("invoice.payment_failed", october_invoice, t0 + 10),
+            invoice_event("invoice.paid", october_invoice, t0 + 20),
+            invoice_event("invoice.payment_failed", november_invoice, t0 + 30),
+        ]
+        for index in order:
+            assert deliver(app, events[index]).status_code == 200
+            assert deliver(app, events[index]).json()["outcome"] == "duplicate"
+        states.append(_final_state(app, tenant))
+    assert all(state == states[0] for state in states), states
+    assert states[0] == ("past_due", t0 + 30, "active",
+                         [("paid", t0 + 20, t0 + 10), ("open", None, t0 + 30)])
+
+
+def test_an_older_failure_after_the_payment_does_not_set_past_due(app: TestClient, billed: dict[str, Any],
+                                                                   october: FakeClock) -> None:
+    invoice_id = billed["invoices"][0]
+    deliver(app, invoice_event("invoice.paid", invoice_id, october.t))
+    outcome = deliver(app, invoice_event("invoice.payment_failed", invoice_id, october.t - 60)).json()["outcome"]
+    assert outcome == "stale" and tenant_row(app, billed["id"]).billing_status == "ok"
+
+
+def test_subscription_deleted_suspends_only_the_current_one(app: TestClient, api: stripe.StripeClient,
+                                                            make_key_for: Any) -> None:
+    tenant = new_tenant(app, "payg")
+    key = make_key_for(tenant["id"])
+    relay_of(app).tick()
+    old = api.v1.subscriptions.retrieve(str(tenant_row(app, tenant["id"]).stripe_subscription_id))
+    app.patch(f"/admin/tenants/{tenant['id']}", json={"plan": "pro"}, headers=ADMIN)
+    relay_of(app).tick()
+    current = api.v1.subscriptions.retrieve(str(tenant_row(app, tenant["id"]).stripe_subscription_id))
+
+    superseded = deliver(app, event("customer.subscription.deleted", old.to_dict(), int(time.time())))
+    assert superseded.json()["outcome"] == "superseded" and tenant_row(app, tenant["id"]).status == "active"
+    assert app.get("/v1/billing/invoices", headers=key).status_code == 200
+    deleted = deliver(app, event("customer.subscription.deleted", current.to_dict(), int(time.time())))
+    assert deleted.json()["outcome"] == "applied"
+    row = tenant_row(app, tenant["id"])
+    assert (row.status, row.suspension_reason, row.stripe_subscription_id) == (
+        "suspended", "subscription_deleted", None)
+    assert_envelope(app.get("/v1/billing/invoices", headers=key), 403, code="tenant_suspended")
+
+
+# --- configuration ----------------------------------------------------------------------------------------------
+
+
+def test_live_keys_need_live_mode(settings: Settings) -> None:
+    live = settings.model_copy(update={"stripe_api_key": "sk_live_nope"})
+    with pytest.raises(stripe_sync.StripeConfigError, match="test-mode key"):
+        create_app(live)
+    relay = create_app(live.model_copy(update={"stripe_live_mode": True})).state.services.stripe
+    assert relay is not None
+    relay.close()
+
+
+def test_no_outbox_without_stripe(client: TestClient) -> None:
+    response = client.post("/admin/tenants", json={"name": "Off", "email": "off@example.com"}, headers=ADMIN)
+    with client.app.state.services.sessions() as session:  # type: ignore[attr-defined]
+        assert session.exec(select(StripeOutbox)).all() == []
+    assert response.json()["stripe_customer_id"] is None
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason="concurrent writers need PostgreSQL (SQLite has one writer)")
+def test_concurrent_deliveries_apply_once_and_serialise_per_tenant(app: TestClient, billed: dict[str, Any],
+                                                                    october: FakeClock) -> None:
+    october_invoice, november_invoice = billed["invoices"]
+    deliver(app, invoice_event("invoice.payment_failed", october_invoice, october.t))
+    same = invoice_event("invoice.paid", october_invoice, october.t + 10, "evt_same")
+    other = invoice_event("invoice.payment_failed", november_invoice, october.t + 20)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = [f.result().json()["outcome"] for f in [pool.submit(deliver, app, p) for p in [same] * 7 + [other]]]
+    assert sorted(outcomes) == ["applied", "applied"] + ["duplicate"] * 6
+    row = tenant_row(app, billed["id"])
+    assert (row.billing_status, row.past_due_since) == ("past_due", october.t + 20)
+    assert invoice_of_id(app, october_invoice).status == "paid"
+
+
+def test_run_once_drains_in_batches(app: TestClient) -> None:
+    tenants = [new_tenant(app) for _ in range(3)]
+    services = services_of(app)
+    client, close_client = stripe_sync.make_client(services.settings)
+    relay = stripe_sync.StripeRelay(client=client, sessions=services.sessions, catalog=services.plans, batch=2)
+    try:
+        assert [r.result for r in relay.run_once().rows] == ["done"] * 6
+    finally:
+        close_client()
+    assert all(tenant_row(app, t["id"]).stripe_subscription_id for t in tenants)
+
+
+def test_a_failed_invoice_shows_failed_and_retries_on_request(app: TestClient, api: stripe.StripeClient,
+                                                              october: FakeClock,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    tenant = billed_october(app, october)
+    relay = relay_of(app)
+
+    def refuse(*args: Any) -> Any:
+        raise stripe_sync.PermanentSyncError("amounts differ")
+
+    monkeypatch.setattr(relay, "_check_amounts", refuse)
+    assert [r.result for r in relay.tick().rows] == ["done", "done", "failed"]
+    invoice, _ = invoice_of(app, tenant["id"])
+    assert invoice.sync_status == "failed" and "amounts differ" in str(outbox(app, tenant["id"])[-1].last_error)
+    assert relay.tick().rows == []  # failed rows wait for an operator
+    monkeypatch.undo()
+    assert [r.result for r in relay.tick(retry_failed=True).rows] == ["done"]
+    invoice, lines = invoice_of(app, tenant["id"])
+    (customer,) = customers_of(api, tenant)
+    (remote,) = stripe_invoices_of(api, customer.id, invoice.id)
+    assert invoice.sync_status == "synced" and len(our_lines(api, remote.id, invoice.id)) == len(lines)
