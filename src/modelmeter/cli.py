@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -89,7 +91,9 @@ def main(verbose: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--worker/--no-worker", default=None, help="Start an in-process fine-tuning worker (default: on).")
-def serve(host: str, port: int, worker: bool | None) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Gateway processes sharing the port; their metrics are aggregated (multiprocess mode).")
+def serve(host: str, port: int, worker: bool | None, workers: int) -> None:
     """Run the gateway on embedded defaults (SQLite, local model store, the packaged base model)."""
     import uvicorn
 
@@ -101,8 +105,42 @@ def serve(host: str, port: int, worker: bool | None) -> None:
     token, generated = ensure_admin_token(settings)
     if generated:
         click.echo(f"Admin token (shown once, kept in {settings.data_dir}/admin_token): {token}", err=True)
+    if workers > 1:
+        _serve_processes(settings, host, port, workers)
+        return
     app = create_app(settings)
     uvicorn.run(app, host=host, port=port, access_log=False, log_level=settings.log_level)
+
+
+def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Several gateway processes on one socket, one fine-tuning worker beside them, metrics in multiprocess mode
+    (``PROMETHEUS_MULTIPROC_DIR``, else a fresh local temporary directory: never a volume another host shares)."""
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from modelmeter.worker import spawn_worker, stop_worker
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics_dir = Path(given) if given else Path(tempfile.mkdtemp(prefix="modelmeter-metrics-"))
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):
+        stale.unlink()
+    os.environ.update({"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir.resolve()), "MODELMETER_START_WORKER": "false",
+                       "MODELMETER_DATA_DIR": str(settings.data_dir.resolve())})
+    engine = db.engine_from_settings(settings)
+    db.upgrade(engine)  # once, here: the processes' own (no-op) upgrades then never race on a fresh database
+    engine.dispose()
+    child = spawn_worker(settings) if settings.start_worker else None
+    try:
+        uvicorn.run("modelmeter.gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    access_log=False, log_level=settings.log_level)
+    finally:
+        if child is not None:
+            stop_worker(child)
+        if not given:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @main.command()
@@ -297,6 +335,76 @@ def billing_close(period: str, as_json: bool) -> None:
     _emit(as_json, result.public(), lambda r: (
         f"period {r['period']} already closed ({r['invoices']} invoices)" if r["already_closed"]
         else f"closed {r['period']}: {r['invoices']} invoices"))
+
+
+@billing.command("sync")
+@click.option("--retry-failed", is_flag=True, help="Re-queue rows that gave up (once their cause is fixed).")
+@json_option
+def billing_sync(retry_failed: bool, as_json: bool) -> None:
+    """Send the pending Stripe outbox rows once and apply the past-due grace period."""
+    services = _services()
+    try:
+        if services.stripe is None:
+            raise click.ClickException("Stripe is off: set MODELMETER_STRIPE_API_KEY (an sk_test_ key).")
+        report = services.stripe.tick(retry_failed=retry_failed)
+    finally:
+        if services.stripe is not None:
+            services.stripe.close()
+        services.engine.dispose()
+    _emit(as_json, report.public(), lambda _: report.summary())
+
+
+@main.command("dashboard-link")
+@click.argument("tenant_id")
+@click.option("--base-url", help="The gateway's external URL (default: MODELMETER_PUBLIC_URL, else http://127.0.0.1:8000).")
+@click.option("--ttl", type=click.IntRange(1, 30 * 24 * 3600), help="Seconds the link works (default: "
+              "MODELMETER_DASHBOARD_LINK_TTL_S).")
+@json_option
+def dashboard_link(tenant_id: str, base_url: str | None, ttl: int | None, as_json: bool) -> None:
+    """Print a short-lived signed link to a tenant's dashboard page."""
+    from modelmeter.gateway.dashboard import issue_link
+
+    try:
+        with _session() as (services, session):
+            get_tenant(session=session, tenant_id=tenant_id)
+            base = base_url or services.settings.public_url or "http://127.0.0.1:8000"
+            payload = issue_link(services.settings, tenant_id, base, ttl_s=ttl).public()
+    except ModelMeterError as exc:
+        _fail(exc)
+    _emit(as_json, payload, lambda p: str(p["url"]))
+
+
+def _economics_line(r: dict[str, Any]) -> str:
+    from modelmeter.gateway.dashboard_page import money
+
+    who = r.get("tenant_id") or r.get("plan") or ""
+    ratio = f"{r['margin_ratio']}" if r["margin_ratio"] is not None else "-"
+    cost = f"{money(r['compute_cost_cents'], r['currency'])} ({r['compute_cost_cents_decimal']}¢)"
+    return (f"{who:<28} revenue={money(r['revenue_cents'], r['currency']):>12} cost={cost:<28} "
+            f"margin={money(r['margin_cents'], r['currency']):>12} ratio={ratio:<7} tokens={r['tokens']:,} "
+            f"cpu_ms={r['cpu_compute_ms']:,} gpu_ms={r['gpu_compute_ms']:,}")
+
+
+@main.command()
+@click.option("--period", help="The month, YYYY-MM (default: the running one).")
+@click.option("--group-by", type=click.Choice(["tenant", "plan"]), default="tenant", show_default=True)
+@json_option
+def economics(period: str | None, group_by: str, as_json: bool) -> None:
+    """Revenue against compute cost, and the margin, per tenant or per plan."""
+    from modelmeter.billing.economics import total
+    from modelmeter.gateway.economics import economics_report
+
+    try:
+        with _session() as (services, session):
+            rows = economics_report(session=session, catalog=services.plans, settings=services.settings,
+                                    period=period, group_by=group_by)  # type: ignore[arg-type]
+    except ModelMeterError as exc:
+        _fail(exc)
+    payload = {"object": "list", "data": [r.public() for r in rows], "has_more": False}
+    summary = total(rows, rows[0].period) if rows else None
+    _emit(as_json, payload, lambda p: "\n".join(
+        [_economics_line(r) for r in p["data"]] + ([_economics_line(summary.public())] if summary else [])
+    ) or "no tenants")
 
 
 @main.group("db")

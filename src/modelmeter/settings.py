@@ -55,11 +55,22 @@ class Settings(BaseSettings):
     worker_poll_s: Annotated[float, Field(gt=0)] = 1.0
     job_heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 120.0
 
+    # Stripe (the relay runs inside `serve` when stripe_api_key is set; see billing/stripe_sync.py)
+    stripe_sync_interval_s: Annotated[int, Field(ge=1)] = 10
+    stripe_max_network_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    stripe_timeout_s: Annotated[int, Field(gt=0)] = 30
+    stripe_max_attempts: Annotated[int, Field(ge=1)] = 10  # for errors Stripe will not fix by itself
+    past_due_grace_s: Annotated[int, Field(ge=0)] = 7 * 24 * 3600  # past_due this long -> suspended
+
     # Observability and economics
     metrics_max_tenants: Annotated[int, Field(ge=0)] = 100
     dashboard_link_ttl_s: Annotated[int, Field(gt=0)] = 3600
     cpu_core_hour_cost: str = "0.05"
     gpu_hour_cost: str = "2.50"
+    metrics_max_models: Annotated[int, Field(ge=0)] = 200
+    metrics_db_ttl_s: Annotated[float, Field(ge=0)] = 15.0  # scrape-time database gauges are cached this long
+    dashboard_secret: str | None = None  # signs dashboard links; derived from the admin token when unset
+    public_url: str | None = None  # the gateway's external base URL, for links made outside a request (CLI)
 
     @field_validator("data_dir")
     @classmethod

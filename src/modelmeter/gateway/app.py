@@ -9,16 +9,29 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter import db
+from modelmeter.billing import stripe_sync
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.limits import make_limiters
 from modelmeter.billing.metering import LedgerWriter, Meter
 from modelmeter.errors import install_handlers
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from modelmeter.gateway.routes import admin, billing, files, fine_tuning, health, inference, usage
+from modelmeter.gateway.routes import (
+    admin,
+    billing,
+    dashboard,
+    files,
+    fine_tuning,
+    health,
+    inference,
+    metrics,
+    usage,
+    webhooks,
+)
 from modelmeter.gateway.services import Services
 from modelmeter.models.backends import configure_torch_threads, resolve_device
 from modelmeter.models.registry import ModelCache, register_platform_models
@@ -29,15 +42,19 @@ from modelmeter.worker import spawn_worker, stop_worker
 log = logging.getLogger("modelmeter.gateway")
 
 
-def build_services(settings: Settings) -> Services:
-    """Connect to the database and build the request-independent parts (no I/O beyond the engine)."""
+def build_services(settings: Settings, *, registry: CollectorRegistry | None = None) -> Services:
+    """Connect to the database and build the request-independent parts (no I/O beyond the engine).
+
+    ``registry``: where the metrics are created (tests inject one); a fresh registry per app when omitted.
+    """
     ensure_admin_token(settings)
     configure_torch_threads(settings.torch_threads)
     engine = db.engine_from_settings(settings)
     sessions = db.session_maker(engine)
-    ledger = LedgerWriter(sessions)
+    telemetry = metrics.make_telemetry(settings, registry)
+    ledger = LedgerWriter(sessions, on_commit=telemetry.on_commit)
     rate, quota = make_limiters(settings.redis_url)
-    return Services(
+    services = Services(
         settings=settings,
         engine=engine,
         sessions=sessions,
@@ -49,12 +66,27 @@ def build_services(settings: Settings) -> Services:
             memory_budget_bytes=settings.pool_memory_mb * 1024 * 1024,
             caps=BatchCaps(settings.max_batch_tokens, settings.max_batch_size, settings.max_wait_ms,
                            settings.max_queue_requests),
+            on_batch=telemetry.batch_hook, on_load=telemetry.on_load, on_evict=telemetry.on_evict,
         ),
         ledger=ledger,
         rate=rate,
         quota=quota,
         meter=Meter(sessions=sessions, ledger=ledger, quota=quota),
+        telemetry=telemetry,
     )
+    metrics.instrument(services)
+    services.stripe = _stripe_relay(services)
+    return services
+
+
+def _stripe_relay(services: Services) -> stripe_sync.StripeRelay | None:
+    """The Stripe outbox relay when a key is set (refuses a live key unless live mode is on)."""
+
+    def invalidate(tenant_id: str) -> None:
+        services.auth.invalidate(lambda p: p.tenant_id == tenant_id)
+
+    return stripe_sync.relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans,
+                                           on_suspend=invalidate)
 
 
 def prepare_database(services: Services) -> None:
@@ -79,6 +111,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(prepare_database, services)
     flusher = asyncio.create_task(_flush_loop(services))
     services.ledger.start()
+    if services.stripe is not None:
+        services.stripe.start(services.settings.stripe_sync_interval_s)
     worker = spawn_worker(services.settings) if services.settings.start_worker else None
     try:
         yield
@@ -93,16 +127,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.rate.aclose()
         await services.quota.aclose()
         await run_in_threadpool(services.auth.flush_last_used)
+        if services.stripe is not None:
+            await services.stripe.aclose()
+        services.telemetry.close()
         services.engine.dispose()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The gateway app for ``settings`` (the environment's when omitted)."""
+def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None) -> FastAPI:
+    """The gateway app for ``settings`` (the environment's when omitted); metrics on ``registry`` if given."""
     settings = settings or get_settings()
     app = FastAPI(title="modelmeter", version="0.1.0", lifespan=lifespan)
-    app.state.services = build_services(settings)
+    app.state.services = build_services(settings, registry=registry)
     install_handlers(app)
-    routers = (health, admin, inference, files, fine_tuning, usage, billing)
+    routers = (health, metrics, admin, inference, files, fine_tuning, usage, billing, dashboard, webhooks)
     for router in (module.router for module in routers):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=_limits(settings))

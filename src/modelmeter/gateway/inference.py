@@ -62,6 +62,7 @@ async def serve(
     if len(texts) > limit:
         raise InvalidRequestError(f"At most {limit} inputs per request.", code="too_many_inputs", param="input")
     info = await services.models.get(principal.tenant_id, model_id)
+    request.state.model_id = info.id  # a registered model: safe as a metric label
     if check is not None:
         check(info)
     path = artifact_path(info.artifact, services.settings.data_dir)
@@ -74,6 +75,8 @@ async def serve(
                 submission = await _submit(request, model.batcher, encoded.ids)
                 record = _record(request, principal, info, encoded, submission, endpoint, model.backend.device.type)
                 await services.meter.commit(hold, record)
+                services.telemetry.observe_served(info.id, queue_s=submission.queue_s,
+                                                  inference_s=submission.inference_s)
             except BaseException:
                 await asyncio.shield(services.meter.release(hold))
                 raise
@@ -94,12 +97,14 @@ async def _admit(services: Services, principal: Principal, tokens: int) -> tuple
     )
     headers = rate_headers(decision)
     if not decision.allowed:
+        services.telemetry.rate_limited(principal.tenant_id, decision.reason)
         raise _rate_error(decision, headers, tokens)
     try:
         hold = await services.meter.reserve(tenant_id=principal.tenant_id, plan=plan,
                                             budget_cents=principal.monthly_budget_cents,
                                             amount=Amount(requests=1, tokens=tokens))
     except InsufficientQuotaError as exc:
+        services.telemetry.quota_refused(principal.tenant_id)
         exc.headers.update(headers)
         raise
     return headers, hold
@@ -153,6 +158,7 @@ async def _submit(request: Request, batcher: Batcher[Result], ids: list[list[int
     try:
         return work.result()
     except QueueFull as exc:
+        request.app.state.services.telemetry.overloaded(request.state.model_id)
         raise OverloadedError(
             "The model's queue is full; retry shortly.", headers={"Retry-After": "1"}
         ) from exc

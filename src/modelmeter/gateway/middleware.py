@@ -79,6 +79,17 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            _observe(scope, status, time.perf_counter() - started)
             if access_log.isEnabledFor(logging.INFO):
                 millis = (time.perf_counter() - started) * 1000
                 access_log.info("%s %s %d %.1fms %s", scope["method"], scope["path"], status, millis, request_id)
+
+
+def _observe(scope: Scope, status: int, seconds: float) -> None:
+    """Count the request by route template (never the raw path), method, status and resolved model."""
+    services = getattr(scope["app"].state, "services", None) if "app" in scope else None
+    if services is None:
+        return
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    model = scope.get("state", {}).get("model_id")
+    services.telemetry.observe_http(route=route, method=scope["method"], status=status, model=model, seconds=seconds)

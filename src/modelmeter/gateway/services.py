@@ -12,10 +12,12 @@ from sqlmodel import Session
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.limits import QuotaStore, RateLimiter
 from modelmeter.billing.metering import LedgerWriter, Meter
+from modelmeter.billing.stripe_sync import StripeRelay
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.models.registry import ModelCache
 from modelmeter.models.serving import ModelServer
 from modelmeter.settings import Settings
+from modelmeter.telemetry import Telemetry
 
 
 @dataclass
@@ -33,4 +35,6 @@ class Services:
     rate: RateLimiter
     quota: QuotaStore
     meter: Meter
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    stripe: StripeRelay | None = None  # set when a Stripe key is configured
     extras: dict[str, Any] = field(default_factory=dict)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from modelmeter import clock
@@ -12,6 +12,7 @@ from modelmeter.errors import ConflictError
 from modelmeter.gateway import auth
 from modelmeter.gateway.billing_ops import close_billing_period
 from modelmeter.gateway.deps import AdminDep, ListDep, ServicesDep, SessionDep, list_body
+from modelmeter.gateway.economics import economics_report
 from modelmeter.gateway.tenants import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -116,3 +117,14 @@ def post_close(data: CloseRequest, services: ServicesDep) -> dict[str, Any]:
 @router.get("/plans")
 def get_plans(services: ServicesDep) -> dict[str, Any]:
     return list_body([p.model_dump(mode="json") for p in services.plans.all()], False)
+
+
+@router.get("/economics")
+def get_economics(
+    services: ServicesDep, session: SessionDep, period: Annotated[str | None, Query(max_length=7)] = None,
+    group_by: Literal["tenant", "plan"] = "tenant",
+) -> dict[str, Any]:
+    """Revenue (invoices; the preview while open) against compute cost, and the margin, per tenant or plan."""
+    rows = economics_report(session=session, catalog=services.plans, settings=services.settings, period=period,
+                            group_by=group_by)
+    return list_body([r.public() for r in rows], False)

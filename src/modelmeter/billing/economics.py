@@ -1,0 +1,238 @@
+"""Unit economics: what each tenant and each plan earned in a period against the compute it cost.
+
+Revenue
+    A period's revenue is its invoice lines: the invoice's own lines once the period is closed, the preview's
+    (``invoicing.price_tenant_period``) while it is open. Each line names the plan it was priced under, so a
+    tenant that changed plan mid-period splits its revenue between the plans exactly as its invoice does.
+
+Compute cost
+    The ledger's ``compute_us`` (each request's share of its batch's forward time, and each training run's wall
+    time) priced by the row's device: CPU time at ``cpu_core_hour`` per core-hour times the cores torch uses,
+    accelerator time (``cuda``, anything not ``cpu``) at ``gpu_hour`` per GPU-hour.
+
+Exactness
+    Prices are decimal strings in the currency's major unit, converted once to integer micro-cents per hour.
+    A cost is kept as the exact integer ``cost_units`` = micro-cents x microseconds per hour, so sums stay
+    exact; it is rounded once, half-up, to integer cents (``compute_cost_cents``) when shown. No floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Literal
+
+from sqlalchemy import func
+from sqlalchemy import select as sa_select
+from sqlmodel import Session, col, select
+
+from modelmeter.billing import invoicing
+from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.metering import period_bounds
+from modelmeter.billing.pricing import MICRO_PER_CENT, round_half_up_div, unit_micro_cents
+from modelmeter.billing.tables import Invoice, UsageEvent
+
+US_PER_HOUR = 3_600_000_000
+_UNITS_PER_CENT = US_PER_HOUR * MICRO_PER_CENT
+GroupBy = Literal["tenant", "plan"]
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRef:
+    """What economics needs to know of a tenant (billing never imports the gateway's tenant table)."""
+
+    id: str
+    plan: str
+    created: int
+    monthly_budget_cents: int | None = None
+    status: str = "active"
+
+
+@dataclass(frozen=True, slots=True)
+class ComputePrices:
+    """Compute prices as exact integer micro-cents per hour, and the CPU cores one unit of CPU time uses."""
+
+    cpu_core_hour_micro: int
+    gpu_hour_micro: int
+    cores: int
+
+    @classmethod
+    def parse(cls, *, cpu_core_hour: str, gpu_hour: str, cores: int) -> ComputePrices:
+        """Prices as decimal strings in the major unit (``"0.05"`` dollars per core-hour)."""
+        if cores < 1:
+            raise ValueError("cores must be at least 1")
+        return cls(unit_micro_cents(Decimal(cpu_core_hour), 1), unit_micro_cents(Decimal(gpu_hour), 1), cores)
+
+    def cost_units(self, device: str, compute_us: int) -> int:
+        """The exact cost of ``compute_us`` on ``device``, in micro-cents x microseconds-per-hour."""
+        if device == "cpu":
+            return compute_us * self.cpu_core_hour_micro * self.cores
+        return compute_us * self.gpu_hour_micro
+
+
+def units_to_cents(units: int) -> int:
+    """Cost units rounded half-up to integer cents."""
+    return round_half_up_div(units, _UNITS_PER_CENT)
+
+
+def units_to_decimal_cents(units: int) -> str:
+    """Cost units as a decimal string of cents, to the micro-cent."""
+    exact = Decimal(units) / Decimal(_UNITS_PER_CENT)
+    return format(exact.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP), "f")
+
+
+@dataclass(slots=True)
+class Tally:
+    """Usage and compute of one group: counts, CPU and accelerator microseconds, exact cost units."""
+
+    requests: int = 0
+    tokens: int = 0
+    training_tokens: int = 0
+    cpu_us: int = 0
+    gpu_us: int = 0
+    cost_units: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.requests += other.requests
+        self.tokens += other.tokens
+        self.training_tokens += other.training_tokens
+        self.cpu_us += other.cpu_us
+        self.gpu_us += other.gpu_us
+        self.cost_units += other.cost_units
+
+
+@dataclass(slots=True)
+class EconomicsRow:
+    """One tenant, one plan, or one tenant on one plan: revenue, compute cost and margin in a period."""
+
+    period: str
+    currency: str
+    tenant_id: str | None = None
+    plan: str | None = None
+    revenue_cents: int = 0
+    revenue_source: str = "preview"
+    usage: Tally = field(default_factory=Tally)
+    plans: list[str] = field(default_factory=list)
+
+    @property
+    def compute_cost_cents(self) -> int:
+        return units_to_cents(self.usage.cost_units)
+
+    @property
+    def margin_cents(self) -> int:
+        return self.revenue_cents - self.compute_cost_cents
+
+    def margin_ratio(self) -> str | None:
+        """Margin over revenue as a 4-place decimal string; ``None`` without revenue."""
+        if self.revenue_cents == 0:
+            return None
+        ratio = Decimal(self.margin_cents) / Decimal(self.revenue_cents)
+        return format(ratio.quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP), "f")
+
+    def public(self) -> dict[str, Any]:
+        """The JSON shape of the admin API and the CLI."""
+        u = self.usage
+        body: dict[str, Any] = {"object": "unit_economics", "period": self.period}
+        body |= {"tenant_id": self.tenant_id} if self.tenant_id is not None else {}
+        body |= {"plan": self.plan} if self.plan is not None else {"plans": self.plans}
+        return body | {
+            "currency": self.currency, "revenue_cents": self.revenue_cents, "revenue_source": self.revenue_source,
+            "compute_cost_cents": self.compute_cost_cents,
+            "compute_cost_cents_decimal": units_to_decimal_cents(u.cost_units),
+            "margin_cents": self.margin_cents, "margin_ratio": self.margin_ratio(),
+            "requests": u.requests, "tokens": u.tokens, "training_tokens": u.training_tokens,
+            "cpu_compute_ms": u.cpu_us // 1000, "gpu_compute_ms": u.gpu_us // 1000,
+        }
+
+
+# --- queries ---------------------------------------------------------------------------------------------
+
+
+def ledger_tallies(session: Session, period: str, prices: ComputePrices) -> dict[tuple[str, str], Tally]:
+    """Usage and compute of a period per (tenant, plan it was served under), from the ledger."""
+    query = (
+        sa_select(col(UsageEvent.tenant_id), col(UsageEvent.plan), col(UsageEvent.device),
+                  func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens),
+                  func.sum(UsageEvent.compute_us))
+        .where(col(UsageEvent.period) == period)
+        .group_by(col(UsageEvent.tenant_id), col(UsageEvent.plan), col(UsageEvent.device))
+    )
+    tallies: dict[tuple[str, str], Tally] = {}
+    for tenant_id, plan, device, requests, tokens, training, compute_us in session.execute(query).all():
+        us = int(compute_us or 0)
+        cpu = device == "cpu"
+        tally = Tally(int(requests or 0), int(tokens or 0), int(training or 0), us if cpu else 0,
+                      0 if cpu else us, prices.cost_units(device, us))
+        tallies.setdefault((tenant_id, plan), Tally()).add(tally)
+    return tallies
+
+
+def tenant_revenue(session: Session, catalog: PlanCatalog, tenant: TenantRef, period: str
+                   ) -> tuple[dict[str, int], str]:
+    """Revenue cents per plan and its source: the closed invoice's lines, else the preview's."""
+    invoice = session.exec(
+        select(Invoice).where(Invoice.tenant_id == tenant.id, Invoice.period == period)
+    ).first()
+    if invoice is not None:
+        lines: Iterable[Any] = invoicing.lines_of(session, invoice.id)
+        source = "invoice"
+    else:
+        lines = invoicing.price_tenant_period(session, catalog, tenant.id, period, current_plan=tenant.plan)
+        source = "preview"
+    revenue: dict[str, int] = {}
+    for line in lines:
+        revenue[line.plan] = revenue.get(line.plan, 0) + line.amount
+    return revenue, source
+
+
+def period_economics(session: Session, catalog: PlanCatalog, prices: ComputePrices, period: str,
+                     tenants: Sequence[TenantRef]) -> list[EconomicsRow]:
+    """One row per (tenant, plan) with revenue or usage in ``period``, for tenants that existed in it."""
+    invoicing.parse_period(period)
+    end = period_bounds(period)[1]
+    tallies = ledger_tallies(session, period, prices)
+    rows: list[EconomicsRow] = []
+    for tenant in (t for t in tenants if t.created < end):
+        revenue, source = tenant_revenue(session, catalog, tenant, period)
+        used = {plan or tenant.plan: tally for (tid, plan), tally in tallies.items() if tid == tenant.id}
+        for plan in sorted(set(revenue) | set(used)):
+            row = EconomicsRow(period, catalog.get(plan).currency if plan in catalog else "usd", tenant.id, plan,
+                               revenue.get(plan, 0), source)
+            row.usage.add(used.get(plan, Tally()))
+            rows.append(row)
+    return rows
+
+
+# --- grouping --------------------------------------------------------------------------------------------
+
+
+def _merge(into: EconomicsRow, row: EconomicsRow) -> None:
+    into.revenue_cents += row.revenue_cents
+    into.usage.add(row.usage)
+    if row.revenue_source != into.revenue_source:
+        into.revenue_source = "mixed"
+    if row.plan is not None and row.plan not in into.plans:
+        into.plans.append(row.plan)
+
+
+def group(rows: Iterable[EconomicsRow], by: GroupBy) -> list[EconomicsRow]:
+    """Rows summed per tenant (with the plans it was on) or per plan."""
+    out: dict[str, EconomicsRow] = {}
+    for row in rows:
+        key = (row.tenant_id if by == "tenant" else row.plan) or ""
+        if key not in out:
+            first = EconomicsRow(row.period, row.currency, revenue_source=row.revenue_source)
+            out[key] = replace(first, tenant_id=row.tenant_id, plans=[]) if by == "tenant" else replace(
+                first, plan=row.plan)
+        _merge(out[key], row)
+    return list(out.values())
+
+
+def total(rows: Iterable[EconomicsRow], period: str, currency: str = "usd") -> EconomicsRow:
+    """Everything summed (the CLI's last line)."""
+    out = EconomicsRow(period, currency, plan="(all)")
+    for row in rows:
+        out.revenue_cents += row.revenue_cents
+        out.usage.add(row.usage)
+    return out

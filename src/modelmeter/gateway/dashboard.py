@@ -1,0 +1,147 @@
+"""The tenant dashboard: short-lived signed links, and the data behind the page.
+
+A link's token is ``<tenant id>.<expires_at>.<signature>``: the signature is HMAC-SHA256 over the tenant id and
+the expiry under a server secret (``MODELMETER_DASHBOARD_SECRET``, else derived from the admin token), compared
+in constant time. Nothing is stored: a link works until it expires, and rotating the secret revokes every link.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import Session
+
+from modelmeter import clock
+from modelmeter.billing import invoicing
+from modelmeter.billing.catalog import Plan, PlanCatalog
+from modelmeter.billing.metering import period_of
+from modelmeter.billing.pricing import Usage, usage_cost_micro
+from modelmeter.billing.usage import UsageQuery, cents, period_usage, usage_buckets
+from modelmeter.errors import AuthenticationError, TenantSuspendedError
+from modelmeter.gateway.tenants import Tenant
+from modelmeter.settings import Settings, ensure_admin_token
+
+_TOKEN_RE = re.compile(r"^(?P<tenant>[a-z]{1,16}_[0-9a-z]{1,64})\.(?P<exp>[0-9]{1,12})\.(?P<sig>[A-Za-z0-9_-]{43})$")
+_KEY_CONTEXT = b"modelmeter/dashboard-links/v1"
+INVALID_LINK = "This dashboard link is invalid or has expired; ask for a new one."
+DAY = 86_400
+CHART_DAYS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardLink:
+    url: str
+    expires_at: int
+
+    def public(self) -> dict[str, Any]:
+        return {"object": "dashboard_link", "url": self.url, "expires_at": self.expires_at}
+
+
+def signing_key(settings: Settings) -> bytes:
+    """The dashboard secret, or a key derived from the admin token (never the admin token itself)."""
+    if settings.dashboard_secret:
+        return settings.dashboard_secret.encode()
+    admin_token, _ = ensure_admin_token(settings)
+    return hmac.new(admin_token.encode(), _KEY_CONTEXT, hashlib.sha256).digest()
+
+
+def _signature(key: bytes, tenant_id: str, expires_at: int) -> str:
+    mac = hmac.new(key, f"{tenant_id}.{expires_at}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def issue_token(settings: Settings, tenant_id: str, *, ttl_s: int | None = None) -> tuple[str, int]:
+    """A signed token for ``tenant_id`` and its expiry (Unix seconds)."""
+    expires_at = clock.now_s() + (ttl_s if ttl_s is not None else settings.dashboard_link_ttl_s)
+    return f"{tenant_id}.{expires_at}.{_signature(signing_key(settings), tenant_id, expires_at)}", expires_at
+
+
+def issue_link(settings: Settings, tenant_id: str, base_url: str, *, ttl_s: int | None = None) -> DashboardLink:
+    """A link to ``tenant_id``'s dashboard page on the gateway at ``base_url``."""
+    token, expires_at = issue_token(settings, tenant_id, ttl_s=ttl_s)
+    return DashboardLink(f"{base_url.rstrip('/')}/dashboard?token={token}", expires_at)
+
+
+def verify_token(settings: Settings, token: str) -> tuple[str, int]:
+    """The tenant id and expiry of a genuine, unexpired token; 401 (one message) for anything else."""
+    match = _TOKEN_RE.fullmatch(token)
+    if match is None:
+        raise AuthenticationError(INVALID_LINK, code="invalid_dashboard_link")
+    tenant_id, expires_at = match["tenant"], int(match["exp"])
+    expected = _signature(signing_key(settings), tenant_id, expires_at)
+    if not hmac.compare_digest(expected.encode(), match["sig"].encode()):
+        raise AuthenticationError(INVALID_LINK, code="invalid_dashboard_link")
+    if expires_at <= clock.now_s():
+        raise AuthenticationError(INVALID_LINK, code="dashboard_link_expired")
+    return tenant_id, expires_at
+
+
+# --- the page's data ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DayUsage:
+    start: int
+    requests: int
+    tokens: int
+    cost_cents: int
+
+
+@dataclass(frozen=True)
+class PageData:
+    """Everything the page shows, read in one session."""
+
+    tenant: Tenant
+    plan: Plan
+    period: str
+    used: Usage
+    spent_cents: int
+    upcoming: dict[str, Any]
+    invoices: list[dict[str, Any]]
+    days: list[DayUsage]
+    expires_at: int
+    now: int
+
+
+def load_tenant(session: Session, tenant_id: str) -> Tenant:
+    """The link's tenant: gone → 401 (as a bad link), suspended → 403."""
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise AuthenticationError(INVALID_LINK, code="invalid_dashboard_link")
+    if tenant.status != "active":
+        raise TenantSuspendedError("This tenant is suspended; contact the operator.")
+    return tenant
+
+
+def daily_usage(session: Session, catalog: PlanCatalog, tenant: Tenant, now: int) -> list[DayUsage]:
+    """The last ``CHART_DAYS`` UTC days, oldest first, days without usage included."""
+    first = now - now % DAY - (CHART_DAYS - 1) * DAY
+    buckets = usage_buckets(session, catalog, tenant.id, UsageQuery(first, now + 1, "1d", None), tenant.plan)
+    by_start = {b["start_time"]: b["results"] for b in buckets}
+    days = []
+    for start in range(first, first + CHART_DAYS * DAY, DAY):
+        results = by_start.get(start, [])
+        days.append(DayUsage(start, sum(r["requests"] for r in results), sum(r["tokens"] for r in results),
+                             sum(r["cost_cents"] for r in results)))
+    return days
+
+
+def load_page(session: Session, catalog: PlanCatalog, tenant_id: str, expires_at: int) -> PageData:
+    """The dashboard of ``tenant_id``: this period's usage and spend, the upcoming and past invoices."""
+    tenant = load_tenant(session, tenant_id)
+    plan = catalog.get(tenant.plan)
+    now = clock.now_s()
+    period = period_of(now)
+    used = period_usage(session, tenant.id, period)
+    rows, _ = invoicing.list_invoices(session=session, tenant_id=tenant.id, limit=12, after=None)
+    return PageData(
+        tenant=tenant, plan=plan, period=period, used=used, spent_cents=cents(usage_cost_micro(plan, used))[0],
+        upcoming=invoicing.preview(session, catalog, tenant.id, tenant.plan),
+        invoices=[invoicing.invoice_public(i, invoicing.lines_of(session, i.id)) for i in rows],
+        days=daily_usage(session, catalog, tenant, now), expires_at=expires_at, now=now,
+    )

@@ -1,0 +1,39 @@
+"""The tenant dashboard: ``POST /v1/dashboard/links`` issues a short-lived signed link (``billing:read`` key);
+``GET /dashboard?token=…`` renders that tenant's page. A forged, expired or malformed token gets 401 and no data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from modelmeter.gateway.dashboard import issue_link, load_page, verify_token
+from modelmeter.gateway.dashboard_page import render
+from modelmeter.gateway.deps import BillingPrincipal, ServicesDep, SessionDep
+
+router = APIRouter(tags=["dashboard"])
+
+# The token is in the URL: keep it out of caches and out of the Referer of anything the page links to.
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'",
+}
+
+
+@router.post("/v1/dashboard/links")
+async def create_link(principal: BillingPrincipal, services: ServicesDep, request: Request) -> dict[str, Any]:
+    """A link to the caller's dashboard page, valid for ``MODELMETER_DASHBOARD_LINK_TTL_S`` seconds."""
+    base = services.settings.public_url or str(request.base_url)
+    return issue_link(services.settings, principal.tenant_id, base).public()
+
+
+@router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+def dashboard(services: ServicesDep, session: SessionDep, token: str = "") -> HTMLResponse:
+    """The tenant's usage over time, spend against budget and plan, the upcoming and past invoices."""
+    tenant_id, expires_at = verify_token(services.settings, token)
+    page = render(load_page(session, services.plans, tenant_id, expires_at))
+    return HTMLResponse(page, headers=_PAGE_HEADERS)

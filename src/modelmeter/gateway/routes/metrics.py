@@ -1,0 +1,40 @@
+"""``GET /metrics``: the Prometheus exposition (no auth: keep it off the public ingress), and the wiring of the
+scrape-time collectors onto the app's :class:`~modelmeter.telemetry.Telemetry`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from starlette.concurrency import run_in_threadpool
+
+from modelmeter.gateway.deps import ServicesDep
+from modelmeter.gateway.economics import compute_prices, tenant_refs
+from modelmeter.gateway.services import Services
+from modelmeter.settings import Settings
+from modelmeter.telemetry import DatabaseCollector, Telemetry, multiprocess_dir_from_env
+
+router = APIRouter(tags=["metrics"])
+
+
+def make_telemetry(settings: Settings, registry: CollectorRegistry | None = None) -> Telemetry:
+    """The app's metrics on ``registry`` (a fresh one when omitted); multiprocess when the environment says so."""
+    return Telemetry(registry, max_tenants=settings.metrics_max_tenants, max_models=settings.metrics_max_models,
+                     multiprocess_dir=multiprocess_dir_from_env())
+
+
+def instrument(services: Services) -> None:
+    """Watch the model server's queues and pool, and add the database gauges read at scrape time."""
+    settings = services.settings
+    services.telemetry.watch(services.server)
+    services.telemetry.add_scrape_collector(DatabaseCollector(
+        sessions=services.sessions, catalog=services.plans, prices=compute_prices(settings), tenants=tenant_refs,
+        max_tenants=settings.metrics_max_tenants, ttl_s=settings.metrics_db_ttl_s,
+    ))
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(services: ServicesDep) -> Response:
+    """Every metric in the Prometheus text format (aggregated over worker processes in multiprocess mode)."""
+    services.telemetry.refresh_live()
+    body = await run_in_threadpool(services.telemetry.exposition)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

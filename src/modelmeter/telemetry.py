@@ -1,0 +1,495 @@
+"""Every Prometheus metric of the platform, created on an injectable ``CollectorRegistry``.
+
+Naming: ``modelmeter_*``; counters end in ``_total``, latency histograms in ``_seconds``; gauges computed from
+the database at scrape time carry no suffix convention beyond their unit (``_cents``, ``_ratio``).
+
+Labels are bounded and never come from request data:
+    ``route``    the matched route's template (``/models/{model:path}``), ``unmatched`` otherwise; never a path
+    ``method``   a standard HTTP method or ``other``;  ``status``: the response's status code
+    ``model``    a registered model's id (the serving path only labels models it resolved), capped
+    ``tenant``   a tenant id, capped at ``max_tenants`` distinct values; later tenants are ``other``
+    ``reason``, ``state``, ``resource``, ``device``, ``plan``: small fixed sets (plans: the catalog)
+Keys, key ids, texts, emails and tenant names never appear in a label.
+
+Hot-path updates are counter increments and histogram observations; nothing here queries the database per
+request. Queue and pool gauges are refreshed after each batch, load and eviction and at scrape time; fine-tune
+jobs, the Stripe outbox, quota utilisation and unit economics are read from the database when Prometheus
+scrapes (:class:`DatabaseCollector`, cached for a few seconds).
+
+Multiprocess mode: when the gateway runs several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` must be set
+(to an empty directory) before ``prometheus_client`` is imported; every process then writes its values to
+files there and ``/metrics`` aggregates them with ``MultiProcessCollector``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+from sqlalchemy import func
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, col, select
+
+from modelmeter import __version__, clock
+from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.economics import ComputePrices, EconomicsRow, TenantRef, group, period_economics
+from modelmeter.billing.metering import UsageRecord, period_of
+from modelmeter.billing.pricing import MICRO_PER_CENT, Usage, usage_cost_micro
+from modelmeter.billing.tables import StripeOutbox
+from modelmeter.models.batching import OnBatch
+from modelmeter.models.finetune.tables import ACTIVE_STATUSES, FINISHED_STATUSES, FineTuningJob
+
+if TYPE_CHECKING:
+    from modelmeter.models.serving import ModelServer
+
+log = logging.getLogger("modelmeter.telemetry")
+
+OTHER = "other"
+NO_MODEL = "none"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+DEVICES = frozenset({"cpu", "cuda", "mps", "xpu"})
+RATE_REASONS = frozenset({"requests", "tokens", "too_large"})
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class LabelCap:
+    """The first ``limit`` distinct values keep their own label; every later one is ``other``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) >= self.limit:
+                return OTHER
+            self._seen.add(value)
+        return value
+
+
+class Telemetry:
+    """The platform's metrics and the hooks that update them; one per app (``services.telemetry``).
+
+    ``registry`` is where the metrics are created (tests inject their own and read values back with
+    ``registry.get_sample_value``). With ``multiprocess_dir`` the values live in that directory's files and
+    :meth:`exposition` aggregates every process's.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, max_tenants: int = 100, max_models: int = 200,
+                 multiprocess_dir: str | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            os.makedirs(multiprocess_dir, exist_ok=True)
+        self.tenant = LabelCap(max_tenants)
+        self.model = LabelCap(max_models)
+        self._scrape_collectors: list[Collector] = []
+        self._server: ModelServer | None = None
+        self._http_children: dict[tuple[str, str, int, str | None], tuple[Any, Any]] = {}
+        self._billing_cache: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._define_http()
+        self._define_billing()
+        self._define_serving()
+        self._define_pool()
+        if multiprocess_dir is None:
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                self.registry.register(_Forward(collector))
+
+    # --- definitions ---------------------------------------------------------------------------------
+
+    def _define_http(self) -> None:
+        r = self.registry
+        self.http_requests = Counter("modelmeter_http_requests_total", "HTTP requests by route template, method, "
+                                     "status and model (none outside the serving routes).",
+                                     ["route", "method", "status", "model"], registry=r)
+        self.http_duration = Histogram("modelmeter_http_request_duration_seconds", "Time from the first byte in to "
+                                       "the response's end, by route template.", ["route", "method"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.build_info = Gauge("modelmeter_build_info", "1, labelled with the running version.", ["version"],
+                                multiprocess_mode="max", registry=r)
+        self.build_info.labels(__version__).set(1)
+
+    def _define_billing(self) -> None:
+        r = self.registry
+        self.billable_requests = Counter("modelmeter_billable_requests_total", "Billed requests (committed to the "
+                                         "usage ledger) by tenant and model.", ["tenant", "model"], registry=r)
+        self.billable_tokens = Counter("modelmeter_billable_tokens_total", "Billed tokens (committed to the usage "
+                                       "ledger) by tenant and model.", ["tenant", "model"], registry=r)
+        self.compute_seconds = Counter("modelmeter_compute_seconds_total", "Forward-pass seconds attributed to "
+                                       "billed requests (the ledger's compute_us).", ["tenant", "model", "device"],
+                                       registry=r)
+        self.rate_refusals = Counter("modelmeter_rate_limit_refusals_total", "Requests refused by the RPM/TPM "
+                                     "limits.", ["tenant", "reason"], registry=r)
+        self.quota_refusals = Counter("modelmeter_quota_refusals_total", "Requests refused by the plan's hard limit "
+                                      "or the tenant's budget.", ["tenant"], registry=r)
+
+    def _define_serving(self) -> None:
+        r = self.registry
+        self.queue_seconds = Histogram("modelmeter_request_queue_seconds", "Time a served request waited for its "
+                                       "first batch.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("modelmeter_request_inference_seconds", "Time from a served request's "
+                                           "first batch to its last result.", ["model"], buckets=LATENCY_BUCKETS,
+                                           registry=r)
+        self.batch_size = Histogram("modelmeter_batch_size", "Inputs per batch.", ["model"],
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_padding = Histogram("modelmeter_batch_padding_ratio", "Share of a batch's padded tokens that is "
+                                       "padding.", ["model"], buckets=RATIO_BUCKETS, registry=r)
+        self.batch_tokens = Counter("modelmeter_batch_tokens_total", "Tokens through the model: real and padding.",
+                                    ["model", "kind"], registry=r)
+        self.batch_forward = Histogram("modelmeter_batch_forward_seconds", "Forward-pass time per batch.", ["model"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_wait = Histogram("modelmeter_batch_wait_seconds", "How long a batch's oldest input waited.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("modelmeter_queue_depth", "Inputs waiting for a batch.", ["model"],
+                                 multiprocess_mode="livesum", registry=r)
+        self.queue_requests = Gauge("modelmeter_queue_requests", "Requests holding a queue permit (queued or "
+                                    "computing).", ["model"], multiprocess_mode="livesum", registry=r)
+        self.queue_capacity = Gauge("modelmeter_queue_capacity_requests", "Queue permits per loaded model.",
+                                    ["model"], multiprocess_mode="livesum", registry=r)
+        self.queue_rejections = Counter("modelmeter_queue_rejections_total", "Requests refused because the model's "
+                                        "queue was full (429 overloaded).", ["model"], registry=r)
+
+    def _define_pool(self) -> None:
+        r = self.registry
+        self.pool_models = Gauge("modelmeter_pool_models", "Models loaded in the pool.",
+                                 multiprocess_mode="livesum", registry=r)
+        self.pool_bytes = Gauge("modelmeter_pool_bytes", "Bytes held by loaded models.", multiprocess_mode="livesum",
+                                registry=r)
+        self.pool_budget = Gauge("modelmeter_pool_budget_bytes", "The pool's memory budget.",
+                                 multiprocess_mode="livesum", registry=r)
+        self.model_loads = Counter("modelmeter_model_loads_total", "Model loads.", ["model"], registry=r)
+        self.model_load_seconds = Histogram("modelmeter_model_load_seconds", "Time to load a model.",
+                                            buckets=LOAD_BUCKETS, registry=r)
+        self.model_evictions = Counter("modelmeter_model_evictions_total", "Models evicted from the pool.",
+                                       ["model"], registry=r)
+
+    # --- hooks (hot path) --------------------------------------------------------------------------------
+
+    def observe_http(self, *, route: str, method: str, status: int, model: str | None, seconds: float) -> None:
+        """One finished HTTP request (``route`` is a template; ``model`` a resolved, registered model)."""
+        key = (route, method, status, model)
+        children = self._http_children.get(key)
+        if children is None:  # label lookups cost more than the update: keep the children (bounded label space)
+            verb = method if method in HTTP_METHODS else OTHER
+            children = (self.http_requests.labels(route, verb, str(status), self.model(model) if model else NO_MODEL),
+                        self.http_duration.labels(route, verb))
+            if len(self._http_children) < 10_000:
+                self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_served(self, model_id: str, *, queue_s: float, inference_s: float) -> None:
+        """Where a served request's time went."""
+        label = self.model(model_id)
+        self.queue_seconds.labels(label).observe(queue_s)
+        self.inference_seconds.labels(label).observe(inference_s)
+
+    def on_commit(self, records: Sequence[UsageRecord]) -> None:
+        """The ledger committed ``records``: count what is billed (``LedgerWriter(on_commit=...)``)."""
+        try:
+            for r in records:
+                requests, tokens, compute = self._billing_children(r.tenant_id, r.model_id, r.device)
+                requests.inc(r.requests)
+                tokens.inc(r.tokens)
+                compute.inc(r.compute_us / 1e6)
+        except Exception:  # metrics must never break the ledger writer
+            log.exception("counting committed usage failed")
+
+    def _billing_children(self, tenant_id: str, model_id: str, device: str) -> tuple[Any, Any, Any]:
+        key = (tenant_id, model_id, device)
+        children = self._billing_cache.get(key)
+        if children is None:
+            tenant, model = self.tenant(tenant_id), self.model(model_id)
+            children = (self.billable_requests.labels(tenant, model), self.billable_tokens.labels(tenant, model),
+                        self.compute_seconds.labels(tenant, model, device if device in DEVICES else OTHER))
+            if len(self._billing_cache) < 100_000:
+                self._billing_cache[key] = children
+        return children
+
+    def rate_limited(self, tenant_id: str, reason: str | None) -> None:
+        self.rate_refusals.labels(self.tenant(tenant_id), reason if reason in RATE_REASONS else OTHER).inc()
+
+    def quota_refused(self, tenant_id: str) -> None:
+        self.quota_refusals.labels(self.tenant(tenant_id)).inc()
+
+    def overloaded(self, model_id: str) -> None:
+        self.queue_rejections.labels(self.model(model_id)).inc()
+
+    def batch_hook(self, model_id: str) -> OnBatch:
+        """The batcher's ``on_batch(batch_size, real_tokens, padded_tokens, queue_s, compute_s)`` for a model."""
+        label = self.model(model_id)
+        size, padding, forward = (m.labels(label) for m in (self.batch_size, self.batch_padding, self.batch_forward))
+        wait, real_tokens = self.batch_wait.labels(label), self.batch_tokens.labels(label, "real")
+        pad_tokens = self.batch_tokens.labels(label, "padding")
+
+        def on_batch(batch_size: int, real: int, padded: int, queue_s: float, compute_s: float) -> None:
+            size.observe(batch_size)
+            padding.observe((padded - real) / padded if padded else 0.0)
+            real_tokens.inc(real)
+            pad_tokens.inc(padded - real)
+            forward.observe(compute_s)
+            wait.observe(queue_s)
+            self._refresh_model(model_id)
+
+        return on_batch
+
+    def on_load(self, model_id: str, seconds: float) -> None:
+        self.model_loads.labels(self.model(model_id)).inc()
+        self.model_load_seconds.observe(seconds)
+        self.refresh_live()
+
+    def on_evict(self, model_id: str) -> None:
+        label = self.model(model_id)
+        self.model_evictions.labels(label).inc()
+        for gauge in (self.queue_depth, self.queue_requests, self.queue_capacity):
+            gauge.labels(label).set(0)
+
+    # --- live gauges ---------------------------------------------------------------------------------
+
+    def watch(self, server: ModelServer) -> None:
+        """Read queue and pool gauges from ``server`` (after batches, loads and at scrape time)."""
+        self._server = server
+
+    def refresh_live(self) -> None:
+        """Set the pool and queue gauges from the watched server (call on its event loop)."""
+        if self._server is None:
+            return
+        pool = self._server.pool
+        self.pool_models.set(len(pool.loaded()))
+        self.pool_bytes.set(pool.used_bytes)
+        self.pool_budget.set(pool.memory_budget_bytes)
+        for model_id in pool.loaded():
+            self._refresh_model(model_id)
+
+    def _refresh_model(self, model_id: str) -> None:
+        served = self._server.pool.peek(model_id) if self._server is not None else None
+        if served is None:
+            return
+        label = self.model(model_id)
+        self.queue_depth.labels(label).set(served.batcher.queue_depth)
+        self.queue_requests.labels(label).set(served.batcher.requests_in_flight)
+        self.queue_capacity.labels(label).set(served.batcher.max_queue)
+
+    # --- exposition ------------------------------------------------------------------------------------
+
+    def add_scrape_collector(self, collector: Collector) -> None:
+        """A collector that computes its values at scrape time (exposed once, in multiprocess mode too)."""
+        self._scrape_collectors.append(collector)
+        if self.multiprocess_dir is None:
+            self.registry.register(collector)
+
+    def exposition_registry(self) -> CollectorRegistry:
+        """What ``/metrics`` serves: this process's registry, or every process's values aggregated."""
+        if self.multiprocess_dir is None:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)
+        for collector in self._scrape_collectors:
+            registry.register(collector)
+        return registry
+
+    def exposition(self) -> bytes:
+        """The text exposition format (may query the database: call off the event loop)."""
+        return generate_latest(self.exposition_registry())
+
+    def close(self) -> None:
+        """In multiprocess mode, drop this process's live gauges (its counters stay, as Prometheus expects)."""
+        if self.multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), self.multiprocess_dir)
+
+
+def multiprocess_dir_from_env() -> str | None:
+    """``PROMETHEUS_MULTIPROC_DIR`` when set (it must be set before prometheus_client is imported)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class _Forward(Collector):
+    """Expose a process-global collector (process, platform, GC) on another registry."""
+
+    def __init__(self, inner: Collector) -> None:
+        self._inner = inner
+
+    def collect(self) -> Iterable[Metric]:
+        return self._inner.collect()
+
+
+# --- scrape-time gauges from the database ---------------------------------------------------------------
+
+
+def outbox_backlog(session: Session) -> tuple[int, int, int | None]:
+    """Stripe outbox rows waiting (``pending``), given up (``failed``), and the oldest waiting row's ``created``."""
+    query = (select(StripeOutbox.status, func.count(), func.min(StripeOutbox.created))
+             .where(col(StripeOutbox.status).in_(("pending", "failed"))).group_by(col(StripeOutbox.status)))
+    found = {status: (int(count), oldest) for status, count, oldest in session.exec(query).all()}
+    pending, oldest = found.get("pending", (0, None))
+    return pending, found.get("failed", (0, None))[0], oldest
+
+
+def jobs_by_state(session: Session) -> dict[str, int]:
+    """Fine-tuning jobs per state (every state listed, zero included)."""
+    counts = dict.fromkeys((*ACTIVE_STATUSES, *FINISHED_STATUSES), 0)
+    query = select(FineTuningJob.status, func.count()).group_by(col(FineTuningJob.status))
+    for status, count in session.exec(query).all():
+        counts[status] = int(count)
+    return counts
+
+
+def quota_utilisation(catalog: PlanCatalog, tenant: TenantRef, used: Usage) -> dict[str, float]:
+    """How much of each cap a tenant has used this period (1.0 = exhausted); only capped resources."""
+    plan = catalog.get(tenant.plan) if tenant.plan in catalog else None
+    out: dict[str, float] = {}
+    if plan is not None and plan.hard_limit:
+        for resource, cap, value in (("requests", plan.included_requests, used.requests),
+                                     ("tokens", plan.included_tokens, used.tokens)):
+            out[resource] = float(Fraction(value, cap)) if cap else 1.0
+    if plan is not None and tenant.monthly_budget_cents is not None:
+        spent = Fraction(usage_cost_micro(plan, used), MICRO_PER_CENT)
+        budget = tenant.monthly_budget_cents
+        out["budget"] = float(spent / budget) if budget else 1.0
+    return out
+
+
+class _Families:
+    """The metric families one scrape of the database yields."""
+
+    def __init__(self) -> None:
+        g = GaugeMetricFamily
+        self.up = g("modelmeter_metrics_database_up", "1 when the last scrape could read the database.")
+        self.jobs = g("modelmeter_fine_tuning_jobs", "Fine-tuning jobs by state.", labels=["state"])
+        self.outbox = g("modelmeter_stripe_outbox_pending", "Stripe outbox rows waiting to be sent to Stripe.")
+        self.outbox_failed = g("modelmeter_stripe_outbox_failed", "Stripe outbox rows given up on (need "
+                               "`modelmeter billing sync --retry-failed`).")
+        self.outbox_age = g("modelmeter_stripe_outbox_oldest_pending_age_seconds", "Age of the oldest waiting "
+                            "Stripe outbox row (0 when none waits).")
+        self.quota = g("modelmeter_tenant_quota_utilisation_ratio", "Share of a capped tenant's monthly allowance "
+                       "or budget used this period (the most used tenants, up to the tenant cap).",
+                       labels=["tenant", "resource"])
+        self.tenants = g("modelmeter_tenants", "Tenants by plan and status.", labels=["plan", "status"])
+        labels = ["plan"]
+        self.plan_revenue = g("modelmeter_plan_revenue_cents", "Revenue this period by plan (invoice preview).",
+                              labels=labels)
+        self.plan_cost = g("modelmeter_plan_compute_cost_cents", "Compute cost this period by plan.", labels=labels)
+        self.plan_margin = g("modelmeter_plan_margin_cents", "Revenue minus compute cost this period by plan.",
+                             labels=labels)
+        labels = ["tenant"]
+        self.tenant_revenue = g("modelmeter_tenant_revenue_cents", "Revenue this period by tenant (the top "
+                                "tenants by revenue, up to the tenant cap).", labels=labels)
+        self.tenant_cost = g("modelmeter_tenant_compute_cost_cents", "Compute cost this period by tenant.",
+                             labels=labels)
+        self.tenant_margin = g("modelmeter_tenant_margin_cents", "Revenue minus compute cost this period by tenant.",
+                               labels=labels)
+
+    def all(self) -> list[Metric]:
+        return [m for m in vars(self).values() if isinstance(m, Metric)]
+
+
+class DatabaseCollector(Collector):
+    """Gauges read from the database when Prometheus scrapes, cached for ``ttl_s`` seconds.
+
+    Every replica exports the same values (they come from the shared database): aggregate them with ``max``.
+    """
+
+    def __init__(self, *, sessions: sessionmaker[Session], catalog: PlanCatalog, prices: ComputePrices,
+                 tenants: Callable[[Session], Sequence[TenantRef]], max_tenants: int, ttl_s: float) -> None:
+        self._sessions = sessions
+        self._catalog = catalog
+        self._prices = prices
+        self._tenants = tenants
+        self._max_tenants = max_tenants
+        self._ttl = ttl_s
+        self._cache: list[Metric] | None = None
+        self._at = 0.0
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            if self._cache is None or time.monotonic() - self._at >= self._ttl:
+                self._cache = self._gather()
+                self._at = time.monotonic()
+            return list(self._cache)
+
+    def _gather(self) -> list[Metric]:
+        families = _Families()
+        try:
+            with self._sessions() as session:
+                self._fill(session, families)
+            with self._sessions() as session:
+                self._outbox(session, families)
+            families.up.add_metric([], 1)
+        except Exception:
+            log.warning("metrics: reading the database failed", exc_info=True)
+            families.up.add_metric([], 0)
+        return families.all()
+
+    def _fill(self, session: Session, f: _Families) -> None:
+        for state, count in jobs_by_state(session).items():
+            f.jobs.add_metric([state], count)
+        tenants = list(self._tenants(session))
+        self._tenant_counts(tenants, f)
+        rows = period_economics(session, self._catalog, self._prices, period_of(clock.now_s()), tenants)
+        self._economics(rows, f)
+        self._quota(tenants, rows, f)
+
+    def _outbox(self, session: Session, f: _Families) -> None:
+        pending, failed, oldest = outbox_backlog(session)
+        f.outbox.add_metric([], pending)
+        f.outbox_failed.add_metric([], failed)
+        f.outbox_age.add_metric([], max(0, clock.now_s() - oldest) if oldest is not None else 0)
+
+    def _tenant_counts(self, tenants: Sequence[TenantRef], f: _Families) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for t in tenants:
+            key = (t.plan if t.plan in self._catalog else OTHER, t.status)
+            counts[key] = counts.get(key, 0) + 1
+        for (plan, status), count in sorted(counts.items()):
+            f.tenants.add_metric([plan, status], count)
+
+    def _economics(self, rows: list[EconomicsRow], f: _Families) -> None:
+        for row in group(rows, "plan"):
+            plan = [row.plan or OTHER]
+            f.plan_revenue.add_metric(plan, row.revenue_cents)
+            f.plan_cost.add_metric(plan, row.compute_cost_cents)
+            f.plan_margin.add_metric(plan, row.margin_cents)
+        per_tenant = sorted(group(rows, "tenant"), key=lambda r: (-r.revenue_cents, r.tenant_id or ""))
+        for row in per_tenant[: self._max_tenants]:
+            tenant = [row.tenant_id or OTHER]
+            f.tenant_revenue.add_metric(tenant, row.revenue_cents)
+            f.tenant_cost.add_metric(tenant, row.compute_cost_cents)
+            f.tenant_margin.add_metric(tenant, row.margin_cents)
+
+    def _quota(self, tenants: Sequence[TenantRef], rows: list[EconomicsRow], f: _Families) -> None:
+        used = {r.tenant_id: r.usage for r in group(rows, "tenant")}
+        ratios: dict[str, dict[str, float]] = {}
+        for tenant in tenants:
+            tally = used.get(tenant.id)
+            usage = Usage(tally.requests, tally.tokens, tally.training_tokens) if tally else Usage()
+            ratios[tenant.id] = quota_utilisation(self._catalog, tenant, usage)
+        capped = [t for t in ratios if ratios[t]]
+        top = sorted(capped, key=lambda t: (-max(ratios[t].values()), t))[: self._max_tenants]
+        for tenant_id in top:
+            for resource, ratio in ratios[tenant_id].items():
+                f.quota.add_metric([tenant_id, resource], ratio)

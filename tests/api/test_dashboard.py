@@ -1,0 +1,233 @@
+"""The tenant dashboard: signed links' life cycle, the page's content, the CLI verb, and the page in Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.cli import main
+from modelmeter.errors import AuthenticationError
+from modelmeter.gateway.dashboard import issue_token, verify_token
+from modelmeter.settings import Settings
+from tests.binaries import require_binary
+from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, LiveServer, assert_envelope, bearer
+
+DAY = 86_400
+
+
+def ts(*args: int) -> int:
+    return int(datetime(*args, tzinfo=UTC).timestamp())  # type: ignore[misc]
+
+
+@pytest.fixture
+def acme(make_tenant: Any, make_key: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    tenant = make_tenant(name="Acme Reviews", plan="pro")
+    return tenant, bearer(make_key(tenant["id"], scopes=["billing:read"])["key"])
+
+
+def new_link(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
+    response = client.post("/v1/dashboard/links", headers=headers)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def page_path(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}"
+
+
+def token_of(url: str) -> str:
+    return parse_qs(urlsplit(url).query)["token"][0]
+
+
+def refused(client: TestClient, token: str, secret_text: str, status: int = 401) -> None:
+    response = client.get("/dashboard", params={"token": token})
+    assert_envelope(response, status)
+    assert secret_text not in response.text
+
+
+def test_link_opens_the_tenants_page(client: TestClient, acme: Any, fake_clock: FakeClock) -> None:
+    _, headers = acme
+    link = new_link(client, headers)
+    assert link["object"] == "dashboard_link"
+    assert link["expires_at"] == fake_clock.t // 1 + client.app.state.services.settings.dashboard_link_ttl_s  # type: ignore[attr-defined]
+    assert link["url"].startswith("http://testserver/dashboard?token=")
+    page = client.get(page_path(link["url"]))
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Acme Reviews" in page.text and "Pro plan" in page.text and "<svg" in page.text
+    assert page.headers["cache-control"] == "no-store" and page.headers["referrer-policy"] == "no-referrer"
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    # Self-contained: no script, no stylesheet or image fetched from anywhere.
+    assert "<script" not in page.text and "<link" not in page.text and 'src="' not in page.text
+
+
+def test_link_expires(client: TestClient, acme: Any, fake_clock: FakeClock) -> None:
+    _, headers = acme
+    link = new_link(client, headers)
+    fake_clock.t = link["expires_at"] - 1
+    assert client.get(page_path(link["url"])).status_code == 200
+    fake_clock.t = link["expires_at"]
+    expired = client.get(page_path(link["url"]))
+    assert_envelope(expired, 401, type_="authentication_error", code="dashboard_link_expired")
+    assert "Acme Reviews" not in expired.text
+
+
+def test_forged_and_malformed_tokens_show_nothing(client: TestClient, acme: Any) -> None:
+    _, headers = acme
+    token = token_of(new_link(client, headers)["url"])
+    tenant_id, expires, signature = token.split(".")
+    flipped = signature[:-1] + ("A" if signature[-1] != "A" else "B")
+    for forged in (f"{tenant_id}.{expires}.{flipped}", f"{tenant_id}.{int(expires) + 3600}.{signature}",
+                   f"{tenant_id}.{expires}", "", "garbage", token + "x", f"{tenant_id}..{signature}",
+                   f"{tenant_id}.{expires}.{signature}=", ADMIN_TOKEN):
+        refused(client, forged, "Acme Reviews")
+    assert_envelope(client.get("/dashboard"), 401)
+
+
+def test_another_tenants_token_shows_only_that_tenant(client: TestClient, acme: Any, make_tenant: Any,
+                                                      make_key: Any) -> None:
+    _, headers = acme
+    other = make_tenant(name="Globex Sentiment")
+    other_link = new_link(client, bearer(make_key(other["id"])["key"]))
+    page = client.get(page_path(other_link["url"])).text
+    assert "Globex Sentiment" in page and "Acme Reviews" not in page
+    _, expires, signature = token_of(new_link(client, headers)["url"]).split(".")
+    refused(client, f"{other['id']}.{expires}.{signature}", "Globex Sentiment")
+
+
+def test_links_need_a_billing_key(client: TestClient, acme: Any, make_key: Any) -> None:
+    tenant, _ = acme
+    inference_only = bearer(make_key(tenant["id"], scopes=["inference"])["key"])
+    assert_envelope(client.post("/v1/dashboard/links", headers=inference_only), 403, code="insufficient_scope")
+    assert_envelope(client.post("/v1/dashboard/links"), 401)
+    assert_envelope(client.post("/v1/dashboard/links", headers=ADMIN), 401)
+
+
+def test_suspended_tenants_page_is_refused(client: TestClient, acme: Any) -> None:
+    tenant, headers = acme
+    link = new_link(client, headers)
+    client.patch(f"/admin/tenants/{tenant['id']}", json={"status": "suspended"}, headers=ADMIN)
+    refused(client, token_of(link["url"]), "Acme Reviews", status=403)
+
+
+def test_tokens_are_bound_to_the_server_secret(settings: Settings, fake_clock: FakeClock) -> None:
+    token, expires_at = issue_token(settings, "ten_abc", ttl_s=60)
+    assert verify_token(settings, token) == ("ten_abc", expires_at)
+    with pytest.raises(AuthenticationError):
+        verify_token(settings.model_copy(update={"dashboard_secret": "another secret"}), token)
+    with pytest.raises(AuthenticationError):
+        verify_token(settings.model_copy(update={"admin_token": "mmadmin_rotated"}), token)
+
+
+def seed_usage(client: TestClient, tenant_id: str, model: str, start: int, days: int) -> int:
+    """One ledger row per hour-ish block, with a weekly rhythm; returns the tokens recorded."""
+    services = client.app.state.services  # type: ignore[attr-defined]
+    records = []
+    for d in range(days):
+        weekday = (start // DAY + d + 4) % 7  # 1970-01-01 was a Thursday
+        per_day = 160_000 + 25_000 * (d % 5) - (90_000 if weekday >= 5 else 0)
+        for block in range(8):
+            records.append(UsageRecord(request_id=f"seed_{tenant_id}_{d}_{block}", tenant_id=tenant_id,
+                                       model_id=model, created=start + d * DAY + block * 3 * 3600 + 600,
+                                       plan="pro", tokens=per_day // 8, requests=40 + d % 7, inputs=40,
+                                       compute_us=9_000_000))
+    with services.sessions() as session:
+        record_usage(session=session, records=records)
+        session.commit()
+    return sum(r.tokens for r in records)
+
+
+def test_page_shows_usage_spend_and_invoices(client: TestClient, make_tenant: Any, make_key: Any,
+                                             fake_clock: FakeClock) -> None:
+    fake_clock.t = ts(2026, 9, 1)
+    tenant = make_tenant(name="Acme Reviews", plan="pro")
+    client.patch(f"/admin/tenants/{tenant['id']}", json={"monthly_budget_cents": 10_000}, headers=ADMIN)
+    headers = bearer(make_key(tenant["id"])["key"])
+    seed_usage(client, tenant["id"], "all-MiniLM-L6-v2", ts(2026, 9, 1), 50)
+    fake_clock.t = ts(2026, 10, 2)
+    assert client.post("/admin/billing/close", json={"period": "2026-09"}, headers=ADMIN).status_code == 200
+    fake_clock.t = ts(2026, 10, 20, 12)
+    (september,) = client.get("/v1/billing/invoices", headers=headers).json()["data"]
+    upcoming = client.get("/v1/billing/invoices/upcoming", headers=headers).json()
+    used = client.get("/v1/billing/subscription", headers=headers).json()["used"]
+
+    page = client.get(page_path(new_link(client, headers)["url"])).text
+    assert september["id"] in page and "2026-09" in page
+    assert f"${september['total'] // 100:,}.{september['total'] % 100:02d}" in page
+    assert f"${upcoming['total'] // 100:,}.{upcoming['total'] % 100:02d}" in page
+    assert f"{used['tokens']:,}" in page and "$100.00 monthly budget" in page
+    assert page.count("<rect") == 3 * 30  # three charts of thirty days
+
+
+def test_cli_prints_a_working_link(client: TestClient, acme: Any, settings: Settings,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    tenant, _ = acme
+    for name, value in (("DATA_DIR", str(settings.data_dir)), ("DATABASE_URL", settings.database_url or ""),
+                        ("ADMIN_TOKEN", ADMIN_TOKEN)):
+        monkeypatch.setenv(f"MODELMETER_{name}", value)
+    result = CliRunner().invoke(main, ["dashboard-link", tenant["id"], "--base-url", "https://gw.example/"])
+    assert result.exit_code == 0, result.output
+    url = result.output.strip()
+    assert url.startswith("https://gw.example/dashboard?token=")
+    assert "Acme Reviews" in client.get(page_path(url)).text
+    as_json = json.loads(CliRunner().invoke(main, ["dashboard-link", tenant["id"], "--ttl", "60", "--json"]).output)
+    assert as_json["url"].startswith("http://127.0.0.1:8000/dashboard?token=") and as_json["expires_at"] > 0
+    missing = CliRunner().invoke(main, ["dashboard-link", "ten_nope"])
+    assert missing.exit_code == 1 and "No tenant" in missing.output
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = struct.unpack(">II", header[16:24])
+    return width, height
+
+
+def screenshot(url: str, target: Path, profile: Path) -> None:
+    chromium = require_binary("chromium")
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={target}",
+               "--window-size=1280,1600", url]
+    done = subprocess.run(command, capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0 and target.exists(), done.stderr.decode(errors="replace")[-2000:]
+
+
+def test_page_in_headless_chromium(client: TestClient, live_server: LiveServer, make_tenant: Any, make_key: Any,
+                                   fake_clock: FakeClock, tmp_path: Path) -> None:
+    fake_clock.t = ts(2026, 9, 1)
+    tenant = make_tenant(name="Acme Reviews", email="ops@acme.test", plan="pro")
+    client.patch(f"/admin/tenants/{tenant['id']}", json={"monthly_budget_cents": 10_000}, headers=ADMIN)
+    key = make_key(tenant["id"])["key"]
+    seed_usage(client, tenant["id"], "all-MiniLM-L6-v2", ts(2026, 9, 1), 50)
+    fake_clock.t = ts(2026, 10, 2)
+    assert client.post("/admin/billing/close", json={"period": "2026-09"}, headers=ADMIN).status_code == 200
+    fake_clock.t = ts(2026, 10, 20, 12)
+    link = httpx.post(f"{live_server.url}/v1/dashboard/links", headers=bearer(key), timeout=30).json()
+    assert link["url"].startswith(live_server.url)
+
+    target = tmp_path / "dashboard.png"
+    screenshot(link["url"], target, tmp_path / "profile")
+    assert png_size(target) == (1280, 1600)
+    assert target.stat().st_size > 40_000, "the screenshot looks blank"
+    if os.environ.get("MODELMETER_UPDATE_SCREENSHOT"):
+        docs = Path(__file__).resolve().parents[2] / "docs"
+        docs.mkdir(exist_ok=True)
+        shutil.copy(target, docs / "dashboard.png")
+
+    forged = tmp_path / "forged.png"
+    screenshot(link["url"][:-2] + "xx", forged, tmp_path / "profile2")
+    assert forged.stat().st_size < target.stat().st_size // 4, "a forged link must render nothing like the page"
