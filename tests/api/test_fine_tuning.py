@@ -17,7 +17,7 @@ from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.models.registry import MlModel
 from modelmeter.settings import Settings
 from modelmeter.worker import build_worker
-from tests.conftest import assert_envelope, bearer
+from tests.conftest import ADMIN, assert_envelope, bearer
 
 POSITIVE = ["a joyous , moving film", "great acting and a fine script", "warm , funny and wise", "a delight"]
 NEGATIVE = ["a tedious mess", "dull and lifeless", "the worst film of the year", "boring , boring , boring"]
@@ -295,3 +295,23 @@ def test_two_workers_never_claim_the_same_job(client: TestClient, tenant: Any, b
     assert all(owner is not None and owner.startswith("w") for owner in owners.values())
 
 
+
+
+def test_training_quota_and_budget_are_checked_before_queueing(client: TestClient, make_tenant: Any,
+                                                              make_key: Any, base: str) -> None:
+    free = make_tenant(plan="free")  # 200,000 included training tokens, hard limit
+    headers = bearer(make_key(free["id"])["key"])
+    file_id = upload(client, headers, _jsonl(800)).json()["id"]
+    refused = create_job(client, headers, file_id, base, hyperparameters={"n_epochs": 50})
+    assert_envelope(refused, 429, type_="insufficient_quota")
+    accepted = create_job(client, headers, file_id, base, hyperparameters={"n_epochs": 1})
+    assert accepted.status_code == 200, accepted.text
+    assert len(client.get("/v1/fine_tuning/jobs", headers=headers).json()["data"]) == 1
+
+    payg = make_tenant(plan="payg")  # $2.00 per 1M training tokens: a 1-cent budget buys 5,000 tokens
+    client.patch(f"/admin/tenants/{payg['id']}", json={"monthly_budget_cents": 1}, headers=ADMIN)
+    payg_headers = bearer(make_key(payg["id"])["key"])
+    small = upload(client, payg_headers, _jsonl(40)).json()["id"]
+    assert_envelope(create_job(client, payg_headers, small, base, hyperparameters={"n_epochs": 50}), 429,
+                    code="insufficient_quota")
+    assert create_job(client, payg_headers, small, base, hyperparameters={"n_epochs": 1}).status_code == 200

@@ -273,3 +273,15 @@ class Meter:
     async def release(self, hold: Hold) -> None:
         if hold.reservation_id is not None:
             await self.quota.release(hold.tenant_id, hold.period, hold.reservation_id)
+
+
+def check_training_quota(*, plan: Plan, budget_cents: int | None, used: Amount, training_tokens: int) -> None:
+    """Refuse (429 ``insufficient_quota``) a fine-tuning job whose training tokens would pass the plan's hard
+    limit or the budget, given the period's ``used`` amounts (ledger plus jobs not yet finished)."""
+    total = used + Amount(training_tokens=training_tokens)
+    caps = quota_caps(plan, budget_cents, training=True)
+    if caps is not None and not caps.admit(total):
+        raise InsufficientQuotaError(
+            f"Training {training_tokens} tokens would exceed your plan's monthly training allowance or your budget; "
+            "the job was not created. Do not retry: raise the budget or change plan."
+        )

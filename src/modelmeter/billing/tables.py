@@ -1,10 +1,10 @@
-"""Billing tables: the usage ledger, plan history, billing periods, invoices and their lines."""
+"""Billing tables: the usage ledger, plan history, billing periods, invoices and their lines, Stripe sync."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import BigInteger, Column, Index, Integer, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 UsageKind = Literal["inference", "training"]
@@ -21,6 +21,7 @@ class UsageEvent(SQLModel, table=True):
     __table_args__ = (
         Index("ix_usage_event_tenant_created", "tenant_id", "created"),
         Index("ix_usage_event_tenant_period", "tenant_id", "period"),
+        Index("ix_usage_event_period", "period"),
     )
 
     # BIGINT on PostgreSQL; INTEGER on SQLite, where only that type aliases the autoincrementing rowid.
@@ -93,6 +94,7 @@ class Invoice(SQLModel, table=True):
     stripe_invoice_id: str | None = Field(default=None, max_length=255)
     sync_status: str = Field(default="not_synced", max_length=16)
     paid_at: int | None = None
+    payment_failed_at: int | None = None  # earliest invoice.payment_failed event (Stripe's ``created``)
 
 
 class InvoiceLine(SQLModel, table=True):
@@ -109,3 +111,58 @@ class InvoiceLine(SQLModel, table=True):
     quantity: int = Field(sa_column=Column(BigInteger, nullable=False))
     unit_amount_decimal: str = Field(max_length=40)
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    stripe_invoice_item_id: str | None = Field(default=None, max_length=255)
+
+
+class StripeOutbox(SQLModel, table=True):
+    """A Stripe mutation to make, written in the transaction of the change that causes it (transactional outbox).
+
+    Rows of one tenant are sent in ``id`` order; ``idempotency_key`` is deterministic (``mm-<kind>-<object_id>``).
+    ``status``: ``pending`` (waiting, retried with backoff), ``done``, ``failed`` (gave up; ``billing sync
+    --retry-failed`` re-queues). ``locked_until`` is the lease of the relay sending it.
+    """
+
+    __tablename__ = "stripe_outbox"
+    __table_args__ = (Index("ix_stripe_outbox_status_id", "status", "id"),)
+
+    id: int | None = Field(
+        default=None, sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    )
+    kind: str = Field(max_length=32)
+    object_id: str = Field(max_length=64)
+    tenant_id: str = Field(max_length=40, index=True)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    idempotency_key: str = Field(unique=True, max_length=255)
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: int
+    locked_until: int | None = None
+    last_error: str | None = Field(default=None, max_length=1000)
+    created: int
+    done_at: int | None = None
+    stripe_id: str | None = Field(default=None, max_length=255)
+
+
+class StripeEvent(SQLModel, table=True):
+    """A Stripe webhook event applied once: its id is the primary key, so a repeated delivery is a no-op."""
+
+    __tablename__ = "stripe_event"
+
+    id: str = Field(primary_key=True, max_length=255)
+    type: str = Field(max_length=64)
+    created: int
+    received_at: int
+    tenant_id: str | None = Field(default=None, max_length=40, index=True)
+    object_id: str | None = Field(default=None, max_length=255)
+    outcome: str = Field(max_length=32)
+
+
+class StripePlan(SQLModel, table=True):
+    """The Stripe Product and Plan that mirror one catalog plan."""
+
+    __tablename__ = "stripe_plan"
+
+    plan: str = Field(primary_key=True, max_length=64)
+    product_id: str = Field(max_length=255)
+    price_id: str = Field(max_length=255)
+    synced_at: int

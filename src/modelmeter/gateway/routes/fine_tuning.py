@@ -6,26 +6,53 @@ from typing import Any
 
 from fastapi import APIRouter
 from sqlmodel import select
+from starlette.concurrency import run_in_threadpool
 
+from modelmeter import clock
+from modelmeter.billing.limits import Amount
+from modelmeter.billing.metering import check_training_quota, ledger_totals, period_of
 from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep, list_body
+from modelmeter.gateway.services import Services
 from modelmeter.gateway.tenants import Tenant
 from modelmeter.models.finetune import jobs
+from modelmeter.models.finetune.dataset import parse_dataset
+from modelmeter.models.finetune.train import estimate_training_tokens
+from modelmeter.models.registry import artifact_path
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
 
 
 @router.post("/jobs")
 async def create_job(data: jobs.JobCreate, principal: FineTunePrincipal, services: ServicesDep) -> dict[str, Any]:
-    """Validate the files and queue a job; the worker picks it up."""
+    """Validate the files, check the training quota and budget, and queue a job; the worker picks it up."""
     visible = await services.models.visible(principal.tenant_id)
-    bases = [m.id for m in visible if m.owner_tenant_id is None and m.task == "feature-extraction"]
+    bases = {m.id: m for m in visible if m.owner_tenant_id is None and m.task == "feature-extraction"}
+    return await run_in_threadpool(_create_job, services, principal.tenant_id, data, bases)
+
+
+def _create_job(services: Services, tenant_id: str, data: jobs.JobCreate, bases: dict[str, Any]) -> dict[str, Any]:
     with services.sessions() as session:
-        # Serialise job creation per tenant so the active-job limit holds under concurrency.
-        session.exec(select(Tenant).where(Tenant.id == principal.tenant_id).with_for_update()).one()
-        job = jobs.create_job(session=session, tenant_id=principal.tenant_id, data=data, base_models=bases,
-                              max_active=services.settings.max_active_jobs_per_tenant)
+        training = jobs.validate_job(session=session, tenant_id=tenant_id, data=data, base_models=list(bases))
+    estimate = _estimate(services, training, bases[data.model].artifact, jobs.n_epochs_of(data))
+    with services.sessions() as session:
+        # Serialise job creation per tenant so the active-job limit and the training quota hold under concurrency.
+        tenant = session.exec(select(Tenant).where(Tenant.id == tenant_id).with_for_update()).one()
+        used = ledger_totals(services.sessions, tenant_id, period_of(clock.now_s()))
+        pending = jobs.active_estimates(session=session, tenant_id=tenant_id)
+        check_training_quota(plan=services.plans.get(tenant.plan), budget_cents=tenant.monthly_budget_cents,
+                             used=used + Amount(training_tokens=pending), training_tokens=estimate)
+        job = jobs.create_job(session=session, tenant_id=tenant_id, data=data, base_models=list(bases),
+                              max_active=services.settings.max_active_jobs_per_tenant, estimated_tokens=estimate)
         session.commit()
         return jobs.job_public(job)
+
+
+def _estimate(services: Services, training: Any, artifact: str, n_epochs: int) -> int:
+    data_dir = services.settings.data_dir
+    parsed = parse_dataset((data_dir / training.path).read_bytes(), filename=training.filename, max_rows=10**9,
+                           max_text_chars=10**9, max_labels=10**6)
+    texts = [example.text for example in parsed.examples]
+    return estimate_training_tokens(artifact_path(artifact, data_dir), texts, n_epochs)
 
 
 @router.get("/jobs")

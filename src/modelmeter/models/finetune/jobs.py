@@ -153,16 +153,33 @@ def file_in_use(*, session: Session, file_id: str) -> bool:
 # --- transitions ------------------------------------------------------------------------------------
 
 
-def create_job(
-    *, session: Session, tenant_id: str, data: JobCreate, base_models: Sequence[str], max_active: int
-) -> FineTuningJob:
-    """Validate the request and its files, then queue the job (one transaction; nothing written on refusal)."""
+def validate_job(*, session: Session, tenant_id: str, data: JobCreate, base_models: Sequence[str]) -> TenantFile:
+    """Check the base model and the files (404 for another tenant's file); returns the training file."""
     if data.model not in base_models:
         raise InvalidRequestError(
             f"'{data.model}' cannot be fine-tuned here; base models: {', '.join(base_models)}.",
             code="model_not_available", param="model",
         )
-    training = get_file(session=session, tenant_id=tenant_id, file_id=data.training_file, param="training_file")
+    return get_file(session=session, tenant_id=tenant_id, file_id=data.training_file, param="training_file")
+
+
+def n_epochs_of(data: JobCreate) -> int:
+    hp = data.hyperparameters or HyperparametersIn()
+    return DEFAULT_N_EPOCHS if hp.n_epochs == "auto" else hp.n_epochs
+
+
+def active_estimates(*, session: Session, tenant_id: str) -> int:
+    """Training tokens promised to this tenant's jobs that have not finished (they are not in the ledger yet)."""
+    query = select(func.sum(FineTuningJob.estimated_tokens)).where(FineTuningJob.tenant_id == tenant_id)
+    return int(session.exec(query.where(col(FineTuningJob.status).in_(ACTIVE_STATUSES))).one() or 0)
+
+
+def create_job(
+    *, session: Session, tenant_id: str, data: JobCreate, base_models: Sequence[str], max_active: int,
+    estimated_tokens: int | None = None,
+) -> FineTuningJob:
+    """Validate the request and its files, then queue the job (one transaction; nothing written on refusal)."""
+    training = validate_job(session=session, tenant_id=tenant_id, data=data, base_models=base_models)
     validation = None
     if data.validation_file:
         validation = get_file(session=session, tenant_id=tenant_id, file_id=data.validation_file,
@@ -175,6 +192,7 @@ def create_job(
             )
     _check_active(session, tenant_id, max_active)
     job = _new_job(tenant_id, data)
+    job.estimated_tokens = estimated_tokens
     session.add(job)
     session.flush()
     add_event(session, job.id, f"Validating training file: {training.id} ({training.rows} rows, "
@@ -202,7 +220,7 @@ def _new_job(tenant_id: str, data: JobCreate) -> FineTuningJob:
     return FineTuningJob(
         id=new_id("ftjob"), tenant_id=tenant_id, model=data.model, training_file=data.training_file,
         validation_file=data.validation_file, suffix=data.suffix, created_at=clock.now_s(),
-        n_epochs=DEFAULT_N_EPOCHS if hp.n_epochs == "auto" else hp.n_epochs,
+        n_epochs=n_epochs_of(data),
         batch_size=DEFAULT_BATCH_SIZE if hp.batch_size == "auto" else hp.batch_size,
         learning_rate_multiplier=(DEFAULT_LEARNING_RATE_MULTIPLIER if hp.learning_rate_multiplier == "auto"
                                   else float(hp.learning_rate_multiplier)),

@@ -54,6 +54,7 @@ class FineTuningJob(SQLModel, table=True):
     error_param: str | None = Field(default=None, max_length=64)
     fine_tuned_model: str | None = Field(default=None, max_length=128)
     trained_tokens: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    estimated_tokens: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     result_json: str | None = None
     created_at: int
     started_at: int | None = None

@@ -211,6 +211,13 @@ def _load_model(base_model_dir: Path, labels: list[str], device: torch.device) -
     return model
 
 
+def estimate_training_tokens(base_model_dir: Path, texts: list[str], n_epochs: int, max_length: int = 128) -> int:
+    """Billable training tokens of a job before it runs: every row's tokens (special tokens included, after
+    truncation, as training counts them) times the epochs. An upper bound when a hold-out is split off."""
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir), local_files_only=True)
+    return sum(len(ids) for ids in _encode(tokenizer, texts, max_length)) * n_epochs
+
+
 def _encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
     if not texts:
         return []
