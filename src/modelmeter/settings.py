@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     max_batch_tokens: Annotated[int, Field(gt=0)] = 16384
     max_batch_size: Annotated[int, Field(gt=0)] = 64
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
+    max_padding_ratio: Annotated[float, Field(ge=1)] = 1.3
     max_queue_requests: Annotated[int, Field(gt=0)] = 1024
     pool_memory_mb: Annotated[int, Field(gt=0)] = 4096
     torch_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per core

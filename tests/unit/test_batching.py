@@ -97,7 +97,7 @@ async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 async def test_results_come_back_in_input_order(model: Model) -> None:
     inputs = [seq(5, 100), seq(1, 200), seq(9, 300), seq(3, 400)]
-    async with make(model, max_batch_size=2) as batcher:
+    async with make(model, max_batch_size=2, max_padding_ratio=100) as batcher:
         submission = await batcher.submit(inputs)
     assert submission.results == [tuple(row) for row in inputs]
     assert len(model.batches) == 2
@@ -163,6 +163,24 @@ async def test_inputs_of_similar_length_are_grouped(model: Model) -> None:
         await asyncio.gather(first, mixed)
     assert [sorted(len(row) for row in batch) for batch in model.batches[1:]] == [[2, 3], [50, 51]]
     assert mixed.result().results == [tuple(seq(2)), tuple(seq(50)), tuple(seq(3)), tuple(seq(51))]
+
+
+async def test_padding_is_bounded_even_when_the_size_cap_allows_more(model: Model) -> None:
+    model.hold()
+    async with make(model, max_batch_size=64, max_padding_ratio=1.3) as batcher:
+        first = asyncio.create_task(batcher.submit([seq(1)]))
+        await until(model.entered.is_set)
+        lengths = [4, 40, 5, 41, 4, 42, 5, 43, 20, 21]
+        mixed = asyncio.create_task(batcher.submit([seq(n) for n in lengths]))
+        await until(lambda: batcher.queue_depth == len(lengths))
+        model.release()
+        await asyncio.gather(first, mixed)
+    for batch in model.batches[1:]:
+        widths = [len(row) for row in batch]
+        assert len(batch) * max(widths) <= 1.3 * sum(widths), widths
+        assert not (min(widths) <= 5 and max(widths) >= 40)  # short inputs never pay for long ones
+    assert len(model.batches) >= 3  # the ten inputs did not go as one batch of 43-token rows
+    assert mixed.result().results == [tuple(seq(n)) for n in lengths]
 
 
 async def test_queue_full_when_no_permit_is_free(model: Model) -> None:

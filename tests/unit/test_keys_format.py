@@ -32,3 +32,21 @@ def test_parse_bearer() -> None:
     assert auth.parse_bearer("Basic abc") is None
     assert auth.parse_bearer("Bearer ") is None
     assert auth.parse_bearer(None) is None
+
+
+def test_ids_are_unique_and_forked_children_do_not_repeat_the_parent() -> None:
+    import os
+
+    from modelmeter.ids import new_id
+
+    assert len({new_id("req") for _ in range(10_000)}) == 10_000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (child)
+        os.write(write, new_id("req").encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.close(write)
+    assert child[-12:] != new_id("req")[-12:]

@@ -65,7 +65,7 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
             device=resolve_device(settings.device),
             memory_budget_bytes=settings.pool_memory_mb * 1024 * 1024,
             caps=BatchCaps(settings.max_batch_tokens, settings.max_batch_size, settings.max_wait_ms,
-                           settings.max_queue_requests),
+                           settings.max_queue_requests, settings.max_padding_ratio),
             on_batch=telemetry.batch_hook, on_load=telemetry.on_load, on_evict=telemetry.on_evict,
         ),
         ledger=ledger,

@@ -145,7 +145,9 @@ class BertBackend:
         if not texts:
             return Encoded(ids=[], tokens=[])
         encoder = self._truncating if truncate else self._whole
-        ids = [encoding.ids for encoding in encoder.encode_batch(texts)]
+        # A lone text skips encode_batch's rayon fan-out, which would compete with torch for the cores.
+        batch = [encoder.encode(texts[0])] if len(texts) == 1 else encoder.encode_batch(texts)
+        ids = [encoding.ids for encoding in batch]
         for index, row in enumerate(ids):
             if len(row) > self._max_length:
                 raise InputTooLong(index, len(row), self._max_length)

@@ -89,6 +89,7 @@ class Batcher(Generic[R]):
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
+        max_padding_ratio: float = 1.3,
         on_batch: OnBatch | None = None,
         name: str = "batcher",
     ) -> None:
@@ -99,6 +100,7 @@ class Batcher(Generic[R]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
+        self.max_padding_ratio = max_padding_ratio
         self._on_batch = on_batch
         self._name = name
         # Grouping by length looks this far into the queue: enough to find neighbours, cheap when deep.
@@ -249,15 +251,19 @@ class Batcher(Generic[R]):
         anchor = len(live[0].ids)
         order = sorted(range(len(live)), key=lambda i: (abs(len(live[i].ids) - anchor), i))
         chosen: list[_Item[R]] = []
-        width = 0
+        width = real = 0
         for i in order:
             if len(chosen) == self.max_batch_size:
                 break
-            new_width = max(width, len(live[i].ids))
-            if chosen and (len(chosen) + 1) * new_width > self.max_batch_tokens:
+            n = len(live[i].ids)
+            new_width = max(width, n)
+            padded = (len(chosen) + 1) * new_width
+            # Padding is compute spent on nothing: inputs too far in length wait for a batch of their own,
+            # which the loop starts as soon as this one is done.
+            if chosen and (padded > self.max_batch_tokens or padded > self.max_padding_ratio * (real + n)):
                 continue
             chosen.append(live[i])
-            width = new_width
+            width, real = new_width, real + n
         return chosen
 
     async def _execute(self, batch: list[_Item[R]]) -> None:

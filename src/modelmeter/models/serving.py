@@ -25,6 +25,7 @@ class BatchCaps:
     max_batch_size: int
     max_wait_ms: float
     max_queue: int
+    max_padding_ratio: float = 1.3
 
 
 @dataclass(eq=False)
@@ -72,6 +73,7 @@ class ModelServer:
             max_batch_size=self._caps.max_batch_size,
             max_wait_ms=self._caps.max_wait_ms,
             max_queue=self._caps.max_queue,
+            max_padding_ratio=self._caps.max_padding_ratio,
             on_batch=self._on_batch(model_id) if self._on_batch else None,
             name=f"batcher:{model_id}",
         )
