@@ -39,7 +39,11 @@ from modelmeter.settings import Settings, ensure_admin_token
 def _services() -> Services:
     from modelmeter.gateway.app import build_services, prepare_database
 
-    services = build_services(Settings())
+    settings = Settings()
+    token, generated = ensure_admin_token(settings)
+    if generated:
+        click.echo(f"Admin token (shown once, kept in {settings.data_dir}/admin_token): {token}", err=True)
+    services = build_services(settings)
     prepare_database(services)
     return services
 
@@ -106,6 +110,11 @@ def serve(host: str, port: int, worker: bool | None, workers: int) -> None:
     if generated:
         click.echo(f"Admin token (shown once, kept in {settings.data_dir}/admin_token): {token}", err=True)
     if workers > 1:
+        if not settings.redis_url:
+            raise click.UsageError(
+                "--workers > 1 needs MODELMETER_REDIS_URL: rate limits and quotas must be shared by the processes, "
+                "or each would enforce its own copy."
+            )
         _serve_processes(settings, host, port, workers)
         return
     app = create_app(settings)

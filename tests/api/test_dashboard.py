@@ -183,7 +183,7 @@ def test_cli_prints_a_working_link(client: TestClient, acme: Any, settings: Sett
     url = result.output.strip()
     assert url.startswith("https://gw.example/dashboard?token=")
     assert "Acme Reviews" in client.get(page_path(url)).text
-    as_json = json.loads(CliRunner().invoke(main, ["dashboard-link", tenant["id"], "--ttl", "60", "--json"]).output)
+    as_json = json.loads(CliRunner().invoke(main, ["dashboard-link", tenant["id"], "--ttl", "60", "--json"]).stdout)
     assert as_json["url"].startswith("http://127.0.0.1:8000/dashboard?token=") and as_json["expires_at"] > 0
     missing = CliRunner().invoke(main, ["dashboard-link", "ten_nope"])
     assert missing.exit_code == 1 and "No tenant" in missing.output

@@ -131,7 +131,7 @@ def test_cli(client: TestClient, settings: Settings, october: dict[str, str], fa
         monkeypatch.setenv(f"MODELMETER_{name}", value)
     result = CliRunner().invoke(main, ["economics", "--period", "2026-10", "--group-by", "plan", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["data"] == economics(client, period="2026-10", group_by="plan")
+    assert json.loads(result.stdout)["data"] == economics(client, period="2026-10", group_by="plan")
     human = CliRunner().invoke(main, ["economics"])
     assert human.exit_code == 0 and october["pro"] in human.output and "(all)" in human.output
     assert "revenue=      $49.00" in human.output

@@ -238,8 +238,9 @@ def _gateway_env(settings: Settings, metrics_dir: Path) -> dict[str, str]:
     env.update({"MODELMETER_DATA_DIR": str(settings.data_dir), "MODELMETER_DATABASE_URL": settings.database_url or "",
                 "MODELMETER_ADMIN_TOKEN": ADMIN_TOKEN, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
                 "MODELMETER_LOG_LEVEL": "warning"})
-    if settings.redis_url:
-        env["MODELMETER_REDIS_URL"] = settings.redis_url
+    # Several processes must share rate and quota counters: `serve --workers` refuses to run without Redis,
+    # which runs on every machine of this kind (and in CI) even when the suite itself runs on embedded defaults.
+    env["MODELMETER_REDIS_URL"] = settings.redis_url or "redis://127.0.0.1:6379/15"
     return env
 
 

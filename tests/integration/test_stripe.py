@@ -426,10 +426,10 @@ def test_cli_billing_sync(stripe_settings: Settings, monkeypatch: pytest.MonkeyP
     created = runner.invoke(main, ["tenant", "create", "--name", "Cli", "--email", f"{uuid.uuid4().hex}@x.io",
                                    "--json"])
     assert created.exit_code == 0, created.output
-    tenant = json.loads(created.output)
+    tenant = json.loads(created.stdout)
     synced = runner.invoke(main, ["billing", "sync", "--json"])
     assert synced.exit_code == 0, synced.output
-    assert json.loads(synced.output)["sent"] == 2 and len(customers_of(api, tenant)) == 1
+    assert json.loads(synced.stdout)["sent"] == 2 and len(customers_of(api, tenant)) == 1
     human = runner.invoke(main, ["billing", "sync"])
     assert human.exit_code == 0 and "sent 0, retrying 0, failed 0" in human.output
     monkeypatch.delenv("MODELMETER_STRIPE_API_KEY")

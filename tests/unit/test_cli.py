@@ -21,7 +21,7 @@ def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -
 def _json(runner: CliRunner, *args: str) -> dict:
     result = runner.invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 def test_tenant_and_key_verbs(runner: CliRunner) -> None:
@@ -42,7 +42,7 @@ def test_tenant_and_key_verbs(runner: CliRunner) -> None:
 
 def test_human_output_and_errors(runner: CliRunner) -> None:
     created = runner.invoke(main, ["tenant", "create", "--name", "Acme", "--email", "ops@acme.test"])
-    assert created.exit_code == 0 and created.output.startswith("created ten_")
+    assert created.exit_code == 0 and created.stdout.startswith("created ten_")
     bad_plan = runner.invoke(main, ["tenant", "create", "--name", "B", "--email", "b@b.co", "--plan", "gold"])
     assert bad_plan.exit_code == 1 and "Unknown plan 'gold'" in bad_plan.output
     missing = runner.invoke(main, ["tenant", "show", "ten_nope"])
@@ -54,3 +54,17 @@ def test_plans_and_db_upgrade(runner: CliRunner) -> None:
     assert [p["id"] for p in plans["data"]][:3] == ["free", "payg", "pro"]
     upgraded = runner.invoke(main, ["db", "upgrade"])
     assert upgraded.exit_code == 0 and "revision" in upgraded.output
+
+
+def test_serve_refuses_several_processes_without_shared_limits(runner: CliRunner,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODELMETER_REDIS_URL", raising=False)
+    result = runner.invoke(main, ["serve", "--workers", "2"])
+    assert result.exit_code == 2 and "MODELMETER_REDIS_URL" in result.output
+
+
+def test_admin_token_is_printed_once_by_whichever_verb_runs_first(runner: CliRunner) -> None:
+    first = runner.invoke(main, ["tenant", "list"])
+    assert "Admin token (shown once" in first.stderr
+    second = runner.invoke(main, ["tenant", "list"])
+    assert "Admin token" not in second.stderr

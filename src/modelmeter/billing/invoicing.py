@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
@@ -173,6 +174,19 @@ def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, perio
     start, end = period_bounds(parse_period(period))
     if end > clock.now_s():
         raise ConflictError(f"Period {period} has not ended yet.", code="period_not_ended", param="period")
+    try:
+        return _close(sessions, catalog, period, tenants, start, end)
+    except IntegrityError:
+        # Another close of the same period won the race (SQLite has no row lock): report it, change nothing.
+        with sessions() as session:
+            done = session.get(BillingClose, period)
+            if done is None:
+                raise
+            return CloseResult(period, done.invoices, True, done.closed_at)
+
+
+def _close(sessions: sessionmaker[Session], catalog: PlanCatalog, period: str,
+           tenants: Sequence[tuple[str, str, int]], start: int, end: int) -> CloseResult:
     with sessions() as session:
         state = _lock_state(session)
         done = session.get(BillingClose, period)

@@ -21,7 +21,6 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
-from modelmeter import clock
 from modelmeter.billing.catalog import Plan
 from modelmeter.billing.limits import Amount, Caps, QuotaStore
 from modelmeter.billing.pricing import METERED_CHARGES, MICRO_PER_CENT
@@ -243,11 +242,11 @@ class Meter:
         self.quota = quota
 
     async def reserve(self, *, tenant_id: str, plan: Plan, budget_cents: int | None, amount: Amount,
-                      training: bool = False) -> Hold:
+                      at: int) -> Hold:
         """Hold ``amount`` against the plan's hard limit and the budget; 429 ``insufficient_quota`` if it
         does not fit (nothing is held then)."""
-        period = period_of(clock.now_s())
-        caps = quota_caps(plan, budget_cents, training=training)
+        period = period_of(at)  # the same instant stamps the usage row, so hold and row share a period
+        caps = quota_caps(plan, budget_cents)
         if caps is None:
             return Hold(tenant_id, period, amount, None)
 
@@ -263,12 +262,25 @@ class Meter:
         return Hold(tenant_id, period, amount, reservation)
 
     async def commit(self, hold: Hold, record: UsageRecord) -> None:
-        """Make the usage row durable, then turn the hold into committed usage."""
-        await self.ledger.record(record)
-        if hold.reservation_id is None:
-            await self.quota.add_committed(hold.tenant_id, hold.period, hold.amount)
-        else:
-            await self.quota.settle(hold.tenant_id, hold.period, hold.reservation_id, hold.amount)
+        """Make the usage row durable, then turn the hold into committed usage.
+
+        Once the row is written the request is billed, whatever happens next: the write is shielded from
+        cancellation, and a failure to settle the counters is logged, not raised (the hold expires on its own).
+        """
+        try:
+            await asyncio.shield(self.ledger.record(record))
+        except asyncio.CancelledError:
+            raise  # the shielded write goes on and commits: the hold is settled below only if we get there
+        except Exception:
+            await self.release(hold)  # the row was not written: nothing is billed, nothing is held
+            raise
+        try:
+            if hold.reservation_id is None:
+                await self.quota.add_committed(hold.tenant_id, hold.period, hold.amount)
+            else:
+                await self.quota.settle(hold.tenant_id, hold.period, hold.reservation_id, hold.amount)
+        except Exception:
+            log.exception("settling quota for %s failed; the hold expires on its own", record.request_id)
 
     async def release(self, hold: Hold) -> None:
         if hold.reservation_id is not None:

@@ -70,16 +70,16 @@ async def serve(
         async with services.server.use(info.id, path=path, task=info.task) as model:  # type: ignore[arg-type]
             _check_dimensions(model.backend, dimensions)
             encoded = await _tokenize(model.backend, texts, truncate)
-            headers, hold = await _admit(services, principal, encoded.total_tokens)
+            now = clock.now_s()
+            headers, hold = await _admit(services, principal, encoded.total_tokens, now)
             try:
                 submission = await _submit(request, model.batcher, encoded.ids)
-                record = _record(request, principal, info, encoded, submission, endpoint, model.backend.device.type)
-                await services.meter.commit(hold, record)
-                services.telemetry.observe_served(info.id, queue_s=submission.queue_s,
-                                                  inference_s=submission.inference_s)
             except BaseException:
-                await asyncio.shield(services.meter.release(hold))
+                await asyncio.shield(services.meter.release(hold))  # not served: not billed
                 raise
+            record = _record(request, principal, info, encoded, submission, endpoint, model.backend.device.type, now)
+            await services.meter.commit(hold, record)
+            services.telemetry.observe_served(info.id, queue_s=submission.queue_s, inference_s=submission.inference_s)
     except ModelLoadError as exc:
         raise ServiceUnavailableError(
             f"The model '{model_id}' could not be loaded: {exc.reason}. Retry later.", code="model_unavailable"
@@ -88,7 +88,7 @@ async def serve(
                   submission.inference_s, headers)
 
 
-async def _admit(services: Services, principal: Principal, tokens: int) -> tuple[dict[str, str], Hold]:
+async def _admit(services: Services, principal: Principal, tokens: int, now: int) -> tuple[dict[str, str], Hold]:
     """Rate limits (RPM and TPM), then quota and budget: the request's cost is known before compute."""
     plan = services.plans.get(principal.plan)
     decision = await services.rate.check(
@@ -102,7 +102,7 @@ async def _admit(services: Services, principal: Principal, tokens: int) -> tuple
     try:
         hold = await services.meter.reserve(tenant_id=principal.tenant_id, plan=plan,
                                             budget_cents=principal.monthly_budget_cents,
-                                            amount=Amount(requests=1, tokens=tokens))
+                                            amount=Amount(requests=1, tokens=tokens), at=now)
     except InsufficientQuotaError as exc:
         services.telemetry.quota_refused(principal.tenant_id)
         exc.headers.update(headers)
@@ -171,14 +171,14 @@ async def _disconnected(request: Request) -> None:
 
 def _record(
     request: Request, principal: Principal, info: ModelInfo, encoded: Encoded, submission: Submission[Any],
-    endpoint: str, device: str,
+    endpoint: str, device: str, created: int,
 ) -> UsageRecord:
     return UsageRecord(
         request_id=request.state.request_id,
         tenant_id=principal.tenant_id,
         key_id=principal.key_id,
         model_id=info.id,
-        created=clock.now_s(),
+        created=created,
         plan=principal.plan,
         endpoint=endpoint,
         device=device,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
@@ -37,4 +36,3 @@ class Services:
     meter: Meter
     telemetry: Telemetry = field(default_factory=Telemetry)
     stripe: StripeRelay | None = None  # set when a Stripe key is configured
-    extras: dict[str, Any] = field(default_factory=dict)

@@ -11,13 +11,12 @@ import asyncio
 import importlib
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from sqlalchemy.orm import sessionmaker
-from sqlmodel import Field, Session, SQLModel, col, or_, select
+from sqlmodel import Field, Session, SQLModel, select
 
 from modelmeter import clock
 from modelmeter.errors import NotFoundError
@@ -105,22 +104,6 @@ def register_tenant_model(
     )
     session.add(model)
     session.flush()
-    return model
-
-
-def visible_models(*, session: Session, tenant_id: str | None) -> Sequence[MlModel]:
-    """Platform models plus the tenant's own ready models (platform only when ``tenant_id`` is None)."""
-    owner = col(MlModel.owner_tenant_id)
-    query = select(MlModel).where(MlModel.status == "ready")
-    query = query.where(or_(owner.is_(None), owner == tenant_id) if tenant_id else owner.is_(None))
-    return session.exec(query.order_by(col(MlModel.created), col(MlModel.id))).all()
-
-
-def get_visible(*, session: Session, tenant_id: str, model_id: str) -> MlModel:
-    """The model if this tenant may call it; another tenant's model is answered as a missing one."""
-    model = session.get(MlModel, model_id)
-    if model is None or model.status != "ready" or model.owner_tenant_id not in (None, tenant_id):
-        raise NotFoundError(f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
     return model
 
 

@@ -84,8 +84,8 @@ def list_files(
     purpose: Annotated[str | None, Query(max_length=32)] = None,
 ) -> dict[str, Any]:
     rows, has_more = jobs.list_files(session=session, tenant_id=principal.tenant_id, limit=page.limit,
-                                     after=page.after)
-    return list_body([jobs.file_public(f) for f in rows if purpose in (None, f.purpose)], has_more)
+                                     after=page.after, purpose=purpose)
+    return list_body([jobs.file_public(f) for f in rows], has_more)
 
 
 @router.get("/v1/files/{file_id}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from sqlmodel import select
+from sqlalchemy import update
+from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter import clock
@@ -27,7 +28,13 @@ async def create_job(data: jobs.JobCreate, principal: FineTunePrincipal, service
     """Validate the files, check the training quota and budget, and queue a job; the worker picks it up."""
     visible = await services.models.visible(principal.tenant_id)
     bases = {m.id: m for m in visible if m.owner_tenant_id is None and m.task == "feature-extraction"}
-    return await run_in_threadpool(_create_job, services, principal.tenant_id, data, bases)
+    job = await run_in_threadpool(_create_job, services, principal.tenant_id, data, bases)
+    # The job's training tokens count against the quota and budget from now on (the estimate is an upper bound;
+    # the worker's ledger row has the exact figure, which the counters start from next period or restart).
+    await services.quota.add_committed(principal.tenant_id, period_of(job["created_at"]),
+                                       Amount(training_tokens=job["_estimate"]))
+    job.pop("_estimate")
+    return job
 
 
 def _create_job(services: Services, tenant_id: str, data: jobs.JobCreate, bases: dict[str, Any]) -> dict[str, Any]:
@@ -35,8 +42,10 @@ def _create_job(services: Services, tenant_id: str, data: jobs.JobCreate, bases:
         training = jobs.validate_job(session=session, tenant_id=tenant_id, data=data, base_models=list(bases))
     estimate = _estimate(services, training, bases[data.model].artifact, jobs.n_epochs_of(data))
     with services.sessions() as session:
-        # Serialise job creation per tenant so the active-job limit and the training quota hold under concurrency.
-        tenant = session.exec(select(Tenant).where(Tenant.id == tenant_id).with_for_update()).one()
+        # Serialise job creation per tenant so the active-job limit and the training quota hold under concurrency:
+        # a write first takes the row lock on PostgreSQL and the database's write lock on SQLite.
+        session.execute(update(Tenant).where(col(Tenant.id) == tenant_id).values(updated=col(Tenant.updated)))
+        tenant = session.exec(select(Tenant).where(Tenant.id == tenant_id)).one()
         used = ledger_totals(services.sessions, tenant_id, period_of(clock.now_s()))
         pending = jobs.active_estimates(session=session, tenant_id=tenant_id)
         check_training_quota(plan=services.plans.get(tenant.plan), budget_cents=tenant.monthly_budget_cents,
@@ -44,7 +53,7 @@ def _create_job(services: Services, tenant_id: str, data: jobs.JobCreate, bases:
         job = jobs.create_job(session=session, tenant_id=tenant_id, data=data, base_models=list(bases),
                               max_active=services.settings.max_active_jobs_per_tenant, estimated_tokens=estimate)
         session.commit()
-        return jobs.job_public(job)
+        return {**jobs.job_public(job), "_estimate": estimate}
 
 
 def _estimate(services: Services, training: Any, artifact: str, n_epochs: int) -> int:

@@ -112,8 +112,12 @@ def page(session: Session, query: Any, limit: int) -> tuple[list[Any], bool]:
     return rows[:limit], len(rows) > limit
 
 
-def list_files(*, session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[list[TenantFile], bool]:
+def list_files(
+    *, session: Session, tenant_id: str, limit: int, after: str | None, purpose: str | None = None
+) -> tuple[list[TenantFile], bool]:
     query = select(TenantFile).where(TenantFile.tenant_id == tenant_id).order_by(col(TenantFile.id).desc())
+    if purpose is not None:
+        query = query.where(TenantFile.purpose == purpose)
     if after:
         query = query.where(col(TenantFile.id) < after)
     return page(session, query, limit)
