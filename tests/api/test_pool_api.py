@@ -25,3 +25,21 @@ def test_eviction_under_small_budget(settings: Settings, client: TestClient, mak
             assert pool.loaded() == [model]
             assert pool.used_bytes <= 5 * 1024 * 1024
         assert (pool.load_count, pool.eviction_count) == (3, 2)
+
+
+def test_a_stale_model_snapshot_is_reloaded_once_under_concurrency(settings: Settings, client: TestClient) -> None:
+    import asyncio
+
+    from modelmeter.models.registry import ModelCache
+
+    services = client.app.state.services  # type: ignore[attr-defined]
+    cache = ModelCache(services.sessions, ttl_s=60)
+    reloads: list[int] = []
+    original = cache.refresh
+    cache.refresh = lambda: (reloads.append(1), original())[1]  # type: ignore[method-assign]
+
+    async def many() -> None:
+        await asyncio.gather(*(cache.visible("ten_x") for _ in range(32)))
+
+    asyncio.run(many())
+    assert reloads == [1]

@@ -158,6 +158,7 @@ class ModelCache:
         self._ttl = ttl_s
         self._models: dict[str, ModelInfo] = {}
         self._loaded_at = -float("inf")
+        self._refreshing = asyncio.Lock()
 
     def refresh(self) -> None:
         """Reload every ready model (blocking: call from a worker thread)."""
@@ -177,7 +178,9 @@ class ModelCache:
 
     async def _fresh(self) -> dict[str, ModelInfo]:
         if time.monotonic() - self._loaded_at > self._ttl:
-            await asyncio.to_thread(self.refresh)
+            async with self._refreshing:  # one reload at a time, however many requests find the snapshot stale
+                if time.monotonic() - self._loaded_at > self._ttl:
+                    await asyncio.to_thread(self.refresh)
         return self._models
 
     async def visible(self, tenant_id: str) -> list[ModelInfo]:
