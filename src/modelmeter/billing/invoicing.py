@@ -83,22 +83,10 @@ def price_tenant_period(
     start, end = period_bounds(period)
     segments = plan_segments(session, tenant_id, start, end) or [(current_plan, 0)]
     usage = usage_by_plan(session, tenant_id, period)
-    held = {plan for plan, _ in segments}
-    for plan in [p for p in usage if p not in held]:  # usage recorded under a plan with no history row
-        segments.append((plan or current_plan, 0))
-    merged: dict[str, Usage] = {}
-    for plan, amount in usage.items():
-        key = plan or current_plan
-        merged[key] = merged.get(key, Usage()) + amount
-    triples = [(catalog.get(plan), secs, merged.get(plan, Usage())) for plan, secs in _dedupe(segments)]
+    # price_period merges entries of the same plan: time held on it, and the usage served under it.
+    triples = [(catalog.get(plan), secs, Usage()) for plan, secs in segments]
+    triples += [(catalog.get(plan or current_plan), 0, amount) for plan, amount in usage.items()]
     return price_period(triples, seconds_in_period=end - start)
-
-
-def _dedupe(segments: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    out: dict[str, int] = {}
-    for plan, secs in segments:
-        out[plan] = out.get(plan, 0) + secs
-    return list(out.items())
 
 
 # --- public shapes -----------------------------------------------------------------------------------

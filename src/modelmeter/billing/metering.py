@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 
 from modelmeter.billing.catalog import Plan
 from modelmeter.billing.limits import Amount, Caps, QuotaStore
-from modelmeter.billing.pricing import METERED_CHARGES, MICRO_PER_CENT
+from modelmeter.billing.pricing import METERED_CHARGES, MICRO_PER_CENT, Usage
 from modelmeter.billing.tables import BillingState, UsageEvent
 from modelmeter.errors import InsufficientQuotaError
 
@@ -213,14 +213,21 @@ def quota_caps(plan: Plan, budget_cents: int | None, *, training: bool = False) 
     )
 
 
-def ledger_totals(sessions: sessionmaker[Session], tenant_id: str, period: str) -> Amount:
-    """Committed usage of a tenant's period, from the ledger (the quota counters' baseline)."""
+def period_usage(session: Session, tenant_id: str, period: str) -> Usage:
+    """Committed usage of a tenant's period, from the ledger."""
     query = select(func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens))
+    r, t, tr = session.exec(query.where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)).one()
+    return Usage(int(r or 0), int(t or 0), int(tr or 0))
+
+
+def as_amount(usage: Usage) -> Amount:
+    return Amount(requests=usage.requests, tokens=usage.tokens, training_tokens=usage.training_tokens)
+
+
+def ledger_totals(sessions: sessionmaker[Session], tenant_id: str, period: str) -> Amount:
+    """The quota counters' baseline: the period's committed usage."""
     with sessions() as session:
-        requests, tokens, training = session.exec(
-            query.where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)
-        ).one()
-    return Amount(requests=int(requests or 0), tokens=int(tokens or 0), training_tokens=int(training or 0))
+        return as_amount(period_usage(session, tenant_id, period))
 
 
 @dataclass(frozen=True, slots=True)

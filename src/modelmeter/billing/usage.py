@@ -13,11 +13,11 @@ from typing import Any, Literal
 
 from sqlalchemy import func, literal_column
 from sqlalchemy import select as sa_select
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import period_bounds, period_of
-from modelmeter.billing.pricing import Usage, usage_cost_micro
+from modelmeter.billing.pricing import Usage, marginal_cost_micro
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.errors import InvalidRequestError
 
@@ -86,7 +86,7 @@ def usage_buckets(session: Session, catalog: PlanCatalog, tenant_id: str, q: Usa
         consumed[(period, plan)] = before + amount
         if int(bucket) < q.start - q.start % width:
             continue
-        cost = usage_cost_micro(plan_obj, before + amount) - usage_cost_micro(plan_obj, before)
+        cost = marginal_cost_micro(plan_obj, before, amount)
         slot = results[int(bucket)].setdefault(group, {"requests": 0, "tokens": 0, "training_tokens": 0, "cost": 0})
         for name, value in (("requests", amount.requests), ("tokens", amount.tokens),
                             ("training_tokens", amount.training_tokens), ("cost", cost)):
@@ -105,9 +105,3 @@ def _bucket(start: int, width: int, group_by: GroupBy | None, groups: dict[Any, 
             result[{"model": "model", "key": "key_id", "plan": "plan"}[group_by]] = group
         out.append(result)
     return {"object": "bucket", "start_time": start, "end_time": start + width, "results": out}
-
-
-def period_usage(session: Session, tenant_id: str, period: str) -> Usage:
-    query = select(func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens))
-    r, t, tr = session.exec(query.where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)).one()
-    return Usage(int(r or 0), int(t or 0), int(tr or 0))

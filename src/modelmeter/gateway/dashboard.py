@@ -19,9 +19,9 @@ from sqlmodel import Session
 from modelmeter import clock
 from modelmeter.billing import invoicing
 from modelmeter.billing.catalog import Plan, PlanCatalog
-from modelmeter.billing.metering import period_of
+from modelmeter.billing.metering import period_of, period_usage
 from modelmeter.billing.pricing import Usage, usage_cost_micro
-from modelmeter.billing.usage import UsageQuery, cents, period_usage, usage_buckets
+from modelmeter.billing.usage import UsageQuery, cents, usage_buckets
 from modelmeter.errors import AuthenticationError, TenantSuspendedError
 from modelmeter.gateway.tenants import Tenant
 from modelmeter.settings import Settings, ensure_admin_token

@@ -8,10 +8,10 @@ from fastapi import APIRouter
 
 from modelmeter import clock
 from modelmeter.billing import invoicing
-from modelmeter.billing.metering import period_bounds, period_of
+from modelmeter.billing.metering import period_bounds, period_of, period_usage
 from modelmeter.billing.pricing import usage_cost_micro
 from modelmeter.billing.tables import Invoice
-from modelmeter.billing.usage import cents, period_usage
+from modelmeter.billing.usage import cents
 from modelmeter.errors import NotFoundError
 from modelmeter.gateway.deps import BillingPrincipal, ListDep, ServicesDep, SessionDep, list_body
 from modelmeter.gateway.tenants import get_tenant

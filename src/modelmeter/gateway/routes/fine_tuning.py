@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from modelmeter import clock
 from modelmeter.billing.limits import Amount
-from modelmeter.billing.metering import check_training_quota, ledger_totals, period_of
+from modelmeter.billing.metering import as_amount, check_training_quota, period_of, period_usage
 from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep, list_body
 from modelmeter.gateway.services import Services
 from modelmeter.gateway.tenants import Tenant
@@ -46,7 +46,7 @@ def _create_job(services: Services, tenant_id: str, data: jobs.JobCreate, bases:
         # a write first takes the row lock on PostgreSQL and the database's write lock on SQLite.
         session.execute(update(Tenant).where(col(Tenant.id) == tenant_id).values(updated=col(Tenant.updated)))
         tenant = session.exec(select(Tenant).where(Tenant.id == tenant_id)).one()
-        used = ledger_totals(services.sessions, tenant_id, period_of(clock.now_s()))
+        used = as_amount(period_usage(session, tenant_id, period_of(clock.now_s())))
         pending = jobs.active_estimates(session=session, tenant_id=tenant_id)
         check_training_quota(plan=services.plans.get(tenant.plan), budget_cents=tenant.monthly_budget_cents,
                              used=used + Amount(training_tokens=pending), training_tokens=estimate)
