@@ -23,7 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from modelmeter.gateway.app import create_app
-from modelmeter.models.serving import ModelServer, ServedModel
+from modelmeter.models.pool import ModelPool
+from modelmeter.models.serving import ModelServer, ModelSource, SharedBase
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -45,14 +46,14 @@ class NoopBackend:
         ids = [[101, *range(len(t.split())), 102] for t in texts]
         return Encoded(ids=ids, tokens=[len(i) for i in ids])
 
-    def forward(self, batch: list[list[int]]) -> list[list[float]]:
+    def forward(self, batch: list[list[int]], tags: Any = None) -> list[list[float]]:
         return [[0.5, 0.5, 0.5, 0.5] for _ in batch]
 
 
 def install_noop(app: FastAPI) -> None:
     server: ModelServer = app.state.services.server
 
-    def load(model_id: str) -> ServedModel:
+    def load(model_id: str) -> SharedBase:
         from modelmeter.models.batching import Batcher
 
         backend = NoopBackend()
@@ -60,9 +61,10 @@ def install_noop(app: FastAPI) -> None:
         batcher: Batcher[Any] = Batcher(backend.forward, max_batch_tokens=caps.max_batch_tokens,
                                         max_batch_size=caps.max_batch_size, max_wait_ms=caps.max_wait_ms,
                                         max_queue=caps.max_queue, name="noop")
-        return ServedModel(model_id, backend, batcher)  # type: ignore[arg-type]
+        adapters: ModelPool[Any] = ModelPool(lambda _: None, 1)  # type: ignore[arg-type,return-value]
+        return SharedBase(model_id, backend, batcher, adapters, {})  # type: ignore[arg-type]
 
-    server.pool._loader = load  # type: ignore[assignment]
+    server.bases._loader = load  # type: ignore[assignment]
 
     @app.post("/bench/unmetered")
     async def unmetered(request: Request) -> JSONResponse:
@@ -71,7 +73,7 @@ def install_noop(app: FastAPI) -> None:
 
         info = await app.state.services.models.get("", MODEL)
         path = artifact_path(info.artifact, app.state.services.settings.data_dir)
-        async with server.use(MODEL, path=path, task=info.task) as model:
+        async with server.use(ModelSource(MODEL, path, info.task)) as model:
             encoded = model.backend.tokenize([body["input"]], truncate=False)
             submission = await model.batcher.submit(encoded.ids)
         return JSONResponse({"object": "list", "data": [{"object": "embedding", "index": 0,

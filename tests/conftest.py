@@ -193,6 +193,41 @@ def register_model(client: TestClient) -> Callable[..., str]:
     return register
 
 
+@pytest.fixture
+def register_adapter(client: TestClient, register_model: Callable[..., str]) -> Callable[..., str]:
+    """Save a tiny LoRA adapter on a tiny platform base (registered on first use) and register it for a tenant."""
+    from modelmeter.models.registry import MlModel, artifact_path
+    from tests.tiny_bert import make_tiny_adapter
+
+    services = client.app.state.services  # type: ignore[attr-defined]
+    counter = iter(range(1, 10_000))
+    bases: dict[str, Path] = {}
+
+    def register(tenant_id: str, *, labels: list[str] | None = None, rank: int = 4, base: str = "tiny-base",
+                 model_id: str | None = None) -> str:
+        if base not in bases:
+            register_model(None, task="feature-extraction", model_id=base)
+            with services.sessions() as session:
+                row = session.get(MlModel, base)
+                assert row is not None
+                bases[base] = artifact_path(row.artifact, services.settings.data_dir)
+        n = next(counter)
+        model_id = model_id or f"ft:{base}:lora:{n:08d}"
+        names = labels or ["negative", "positive"]
+        relative = Path("models") / tenant_id / f"adapter-{n}"
+        make_tiny_adapter(services.settings.data_dir / relative, bases[base], names, rank=rank, seed=n)
+        with services.sessions() as session:
+            session.add(MlModel(
+                id=model_id, owner_tenant_id=tenant_id, base_model=base, task="text-classification",
+                labels_json=json.dumps(names), artifact=str(relative), created=clock.now_s(), training_type="lora",
+            ))
+            session.commit()
+        services.models.invalidate()
+        return model_id
+
+    return register
+
+
 class LiveServer:
     def __init__(self, url: str, app: Any) -> None:
         self.url = url

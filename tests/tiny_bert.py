@@ -41,3 +41,33 @@ def _build(task: str, labels: list[str] | None) -> PreTrainedModel:
     config.id2label = dict(enumerate(names))
     config.label2id = {name: i for i, name in enumerate(names)}
     return BertForSequenceClassification(config)
+
+
+def make_tiny_adapter(path: Path, base: Path, labels: list[str], *, rank: int = 4, seed: int = 0,
+                      alpha: int | None = None) -> Path:
+    """Save a LoRA adapter for the tiny base as a fine-tune would (PEFT's files plus our metadata), with random,
+    non-zero factors and head so that every adapter computes something different."""
+    from modelmeter.models.finetune import recipes
+
+    training = recipes.LoraTraining(rank=rank, alpha=alpha or 2 * rank)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification.from_pretrained(base, num_labels=len(labels), local_files_only=True)
+        module = recipes.prepare(model, training)
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    param.normal_(0.0, 0.3 if "lora" in name else 1.0)
+    path.mkdir(parents=True, exist_ok=True)
+    recipes.save(module, None, training, labels=labels, base_model="tiny-base", directory=path)
+    return path
+
+
+def merged_classifier(base: Path, adapter: Path, n_labels: int) -> PreTrainedModel:
+    """The adapter merged into a copy of the base by PEFT itself: the reference a served row must equal."""
+    from peft import PeftModel
+
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=n_labels, local_files_only=True)
+    merged: PreTrainedModel = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.eval()
+    return merged

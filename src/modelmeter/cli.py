@@ -124,6 +124,7 @@ def serve(host: str, port: int, worker: bool | None, workers: int) -> None:
 def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> None:
     """Several gateway processes on one socket, one fine-tuning worker beside them, metrics in multiprocess mode
     (``PROMETHEUS_MULTIPROC_DIR``, else a fresh local temporary directory: never a volume another host shares)."""
+    import inspect
     import shutil
     import tempfile
 
@@ -143,8 +144,12 @@ def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> 
     engine.dispose()
     child = spawn_worker(settings) if settings.start_worker else None
     try:
+        # A process importing torch on a busy machine can take longer than uvicorn's 5 s default to answer its
+        # first health check, and would be killed and restarted forever.
+        supported = "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters
+        patience: dict[str, Any] = {"timeout_worker_healthcheck": 60} if supported else {}
         uvicorn.run("modelmeter.gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    access_log=False, log_level=settings.log_level)
+                    access_log=False, log_level=settings.log_level, **patience)
     finally:
         if child is not None:
             stop_worker(child)

@@ -43,7 +43,11 @@ class Settings(BaseSettings):
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
     max_padding_ratio: Annotated[float, Field(ge=1)] = 1.3
     max_queue_requests: Annotated[int, Field(gt=0)] = 1024
-    pool_memory_mb: Annotated[int, Field(gt=0)] = 4096
+    pool_memory_mb: Annotated[int, Field(gt=0)] = 4096  # full model copies (full fine-tunes)
+    adapter_pool_mb: Annotated[int, Field(gt=0)] = 2048  # resident LoRA adapters, per base model
+    # Device pages for adapters (two tiers, backed by host memory): unset = 1024 on CUDA, one tier on the CPU;
+    # 0 = one tier; N = N MiB of device pages (on the CPU too, where it only serves tests of the mechanism).
+    adapter_device_mb: Annotated[int, Field(ge=0)] | None = None
     torch_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per core
 
     # Fine-tuning

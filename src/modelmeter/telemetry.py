@@ -115,6 +115,7 @@ class Telemetry:
         self._define_billing()
         self._define_serving()
         self._define_pool()
+        self._define_adapters()
         if multiprocess_dir is None:
             for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
                 self.registry.register(_Forward(collector))
@@ -186,6 +187,25 @@ class Telemetry:
                                             buckets=LOAD_BUCKETS, registry=r)
         self.model_evictions = Counter("modelmeter_model_evictions_total", "Models evicted from the pool.",
                                        ["model"], registry=r)
+
+    def _define_adapters(self) -> None:
+        r = self.registry
+        self.adapters_resident = Gauge("modelmeter_adapters_resident", "LoRA adapters resident on a base model.",
+                                       ["model"], multiprocess_mode="livesum", registry=r)
+        self.adapter_pool_bytes = Gauge("modelmeter_adapter_pool_bytes", "Bytes held by resident adapters.",
+                                        ["model"], multiprocess_mode="livesum", registry=r)
+        self.adapter_pool_budget = Gauge("modelmeter_adapter_pool_budget_bytes", "The adapter pool's budget, per "
+                                         "base model.", ["model"], multiprocess_mode="livesum", registry=r)
+        self.adapter_loads = Counter("modelmeter_adapter_loads_total", "Adapters loaded onto a base model.",
+                                     ["model"], registry=r)
+        self.adapter_load_seconds = Histogram("modelmeter_adapter_load_seconds", "Time to read and place one "
+                                              "adapter.", buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_evictions = Counter("modelmeter_adapter_evictions_total", "Adapters evicted from a base "
+                                         "model's pool.", ["model"], registry=r)
+        self.batch_adapters = Histogram("modelmeter_batch_adapters", "Distinct adapters in a batch that has any.",
+                                        ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.adapter_device_copies = Counter("modelmeter_adapter_device_copies_total", "Adapters copied from host "
+                                             "memory into device pages (two-tier pools).", ["model"], registry=r)
 
     # --- hooks (hot path) --------------------------------------------------------------------------------
 
@@ -268,6 +288,26 @@ class Telemetry:
         for gauge in (self.queue_depth, self.queue_requests, self.queue_capacity):
             gauge.labels(label).set(0)
 
+    def on_adapter_load(self, base_id: str, adapter_id: str, seconds: float) -> None:
+        self.adapter_loads.labels(self.model(base_id)).inc()
+        self.adapter_load_seconds.observe(seconds)
+        self.refresh_live()
+
+    def on_adapter_evict(self, base_id: str, adapter_id: str) -> None:
+        self.adapter_evictions.labels(self.model(base_id)).inc()
+
+    def adapter_batch_hook(self, base_id: str) -> Callable[[int, int], None]:
+        """The shared base's per-batch callback: distinct adapters in the batch, adapters copied to the device."""
+        label = self.model(base_id)
+        distinct, copies = self.batch_adapters.labels(label), self.adapter_device_copies.labels(label)
+
+        def on_adapter_batch(n_adapters: int, copied: int) -> None:
+            distinct.observe(n_adapters)
+            if copied:
+                copies.inc(copied)
+
+        return on_adapter_batch
+
     # --- live gauges ---------------------------------------------------------------------------------
 
     def watch(self, server: ModelServer) -> None:
@@ -284,9 +324,16 @@ class Telemetry:
         self.pool_budget.set(pool.memory_budget_bytes)
         for model_id in pool.loaded():
             self._refresh_model(model_id)
+        for base in self._server.shared_bases():
+            label = self.model(base.model_id)
+            self.adapters_resident.labels(label).set(len(base.adapters.loaded()))
+            self.adapter_pool_bytes.labels(label).set(base.adapters.used_bytes)
+            self.adapter_pool_budget.labels(label).set(base.adapters.memory_budget_bytes)
+            self._refresh_model(base.model_id)
 
     def _refresh_model(self, model_id: str) -> None:
-        served = self._server.pool.peek(model_id) if self._server is not None else None
+        server = self._server
+        served = (server.pool.peek(model_id) or server.bases.peek(model_id)) if server is not None else None
         if served is None:
             return
         label = self.model(model_id)

@@ -165,11 +165,20 @@ def test_job_defaults_and_refusals(client: TestClient, tenant: Any, base: str, m
     assert_envelope(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=other), 404)
 
 
-def test_worker_trains_registers_and_meters(client: TestClient, tenant: Any, base: str) -> None:
+@pytest.mark.parametrize(("training_type", "stored", "artifact"), [
+    (None, {"type": "lora", "rank": 8, "alpha": 16}, "adapter_model.safetensors"),
+    ({"type": "lora", "rank": 4}, {"type": "lora", "rank": 4, "alpha": 8}, "adapter_model.safetensors"),
+    ({"type": "full"}, {"type": "full"}, "model.safetensors"),
+])
+def test_worker_trains_registers_and_meters(client: TestClient, tenant: Any, base: str, training_type: Any,
+                                            stored: dict[str, Any], artifact: str) -> None:
     tenant_id, headers = tenant
     data = _jsonl(48)
     file_id = upload(client, headers, data).json()["id"]
-    job = create_job(client, headers, file_id, base, suffix="sent", hyperparameters={"n_epochs": 2, "batch_size": 8})
+    extra = {"training_type": training_type} if training_type else {}
+    job = create_job(client, headers, file_id, base, suffix="sent", hyperparameters={"n_epochs": 2, "batch_size": 8},
+                     **extra)
+    assert job.json()["training_type"] == stored
     job_id = job.json()["id"]
     assert worker_for(client).run_once() is True
     done = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
@@ -193,10 +202,38 @@ def test_worker_trains_registers_and_meters(client: TestClient, tenant: Any, bas
     services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         training = session.exec(select(UsageEvent).where(UsageEvent.kind == "training")).one()
-        stored = session.get(MlModel, model)
+        model_row = session.get(MlModel, model)
     assert training.training_tokens == done["trained_tokens"] > 0 and training.requests == 0
-    assert stored is not None and stored.owner_tenant_id == tenant_id
-    assert (services.settings.data_dir / stored.artifact / "model.safetensors").exists()
+    assert model_row is not None and model_row.owner_tenant_id == tenant_id
+    assert model_row.training_type == stored["type"]
+    assert (services.settings.data_dir / model_row.artifact / artifact).exists()
+    listed = {m["id"]: m for m in client.get("/v1/models", headers=headers).json()["data"]}[model]
+    assert (listed["base_model"], listed["training_type"]) == (base, stored["type"])
+    assert done["training_type"] == stored
+    server = services.server
+    assert (model in server.pool.loaded()) == (stored["type"] == "full")  # adapters run on the shared base
+
+
+@pytest.mark.parametrize(("training_type", "param"), [
+    ({"type": "lora", "rank": 0}, "training_type.rank"),
+    ({"type": "lora", "rank": 65}, "training_type.rank"),
+    ({"type": "lora", "rank": "8"}, "training_type.rank"),
+    ({"type": "lora", "rank": 8.5}, "training_type.rank"),
+    ({"type": "lora", "alpha": 0}, "training_type.alpha"),
+    ({"type": "prefix"}, "training_type.type"),
+    ({"rank": 8}, "training_type.type"),
+    ({"type": "lora", "dropout": 0.1}, "training_type.dropout"),
+    ({"type": "full", "rank": 8}, "training_type"),
+    ("lora", "training_type"),
+])
+def test_training_type_refusals_name_the_field_and_write_nothing(client: TestClient, tenant: Any, base: str,
+                                                                  training_type: Any, param: str) -> None:
+    _, headers = tenant
+    file_id = upload(client, headers, _jsonl()).json()["id"]
+    response = create_job(client, headers, file_id, base, training_type=training_type)
+    error = assert_envelope(response, 422)
+    assert error["param"] == param, error
+    assert client.get("/v1/fine_tuning/jobs", headers=headers).json()["data"] == []
 
 
 def test_fine_tuned_model_is_private(client: TestClient, tenant: Any, base: str, make_tenant: Any,

@@ -36,6 +36,7 @@ class Model:
     """
 
     batches: list[list[list[int]]] = field(default_factory=list)
+    tags: list[list[Any]] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
     entered: threading.Event = field(default_factory=threading.Event)
     delay_s: float = 0.0
@@ -43,8 +44,9 @@ class Model:
     def __post_init__(self) -> None:
         self.gate.set()
 
-    def __call__(self, ids: list[list[int]]) -> list[tuple[int, ...]]:
+    def __call__(self, ids: list[list[int]], tags: list[Any] | None = None) -> list[tuple[int, ...]]:
         self.batches.append(ids)
+        self.tags.append(list(tags or []))
         self.entered.set()
         self.gate.wait(timeout=5)
         time.sleep(self.delay_s)
@@ -78,7 +80,7 @@ def model() -> Iterator[Model]:
     fake.release()  # never leave the worker thread blocked
 
 
-def make(model: Callable[[list[list[int]]], list[Any]], **options: Any) -> Batcher[Any]:
+def make(model: Callable[[list[list[int]], list[Any]], list[Any]], **options: Any) -> Batcher[Any]:
     settings: dict[str, Any] = {"max_batch_tokens": 10_000, "max_batch_size": 64, "max_wait_ms": 0.0}
     settings |= {"max_queue": 64} | options
     return Batcher(model, **settings)
@@ -298,3 +300,29 @@ async def test_batching_a_real_backend_changes_nothing(task: str, tmp_path: Path
         flat = list(batched.values()) if isinstance(batched, dict) else batched
         expected = list(single.values()) if isinstance(single, dict) else single
         assert flat == pytest.approx(expected, abs=1e-5)
+
+
+async def test_tags_reach_the_forward_pass_and_compute_is_shared_by_tokens(model: Model) -> None:
+    """Requests of different tags (tenants' adapters) in one batch: each row arrives with its own request's tag,
+    and each request is attributed its tokens' share of the batch's forward time, the shares summing to it."""
+    log = BatchLog()
+    model.delay_s = 0.01
+    async with make(model, on_batch=log, max_padding_ratio=100) as batcher:
+        model.hold()
+        blocker = asyncio.create_task(batcher.submit([seq(1)], tag="warm"))
+        await asyncio.to_thread(model.entered.wait, 5)
+        waiting = [asyncio.create_task(batcher.submit([seq(n, 10 * n)], tag=f"t{n}")) for n in (2, 3, 5)]
+        waiting.append(asyncio.create_task(batcher.submit([seq(4, 900), seq(6, 950)], tag="two-rows")))
+        await until(lambda: batcher.queue_depth == 5)
+        model.release()
+        submissions = await asyncio.gather(*waiting)
+        await blocker
+    mixed = model.batches[-1]
+    assert sorted(map(len, mixed)) == [2, 3, 4, 5, 6]
+    by_first_id = {row[0]: tag for row, tag in zip(mixed, model.tags[-1], strict=True)}
+    assert by_first_id == {20: "t2", 30: "t3", 50: "t5", 900: "two-rows", 950: "two-rows"}
+    batch_compute = log.calls[-1][4]
+    tokens = [2, 3, 5, 10]
+    for submission, n in zip(submissions, tokens, strict=True):
+        assert submission.compute_s == pytest.approx(batch_compute * n / 20, rel=1e-9)
+    assert sum(s.compute_s for s in submissions) == pytest.approx(batch_compute, rel=1e-9)

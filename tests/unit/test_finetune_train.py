@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from modelmeter.models.finetune.dataset import Example
+from modelmeter.models.finetune.recipes import FullTraining, LoraTraining, training_from_public
 from modelmeter.models.finetune.train import (
     Cancelled,
     Hyperparameters,
@@ -63,6 +64,7 @@ def run(base: Path, output_dir: Path, **overrides: Any) -> TrainResult:
         "device": "cpu",
         "output_dir": output_dir,
         "max_length": MAX_LENGTH,
+        "training": FullTraining(),
     }
     return train_classifier(**(options | overrides))
 
@@ -211,3 +213,65 @@ def test_length_bucketed_batches_cover_every_row_once() -> None:
     assert sorted(map(len, batches))[1:] == [16] * 62
     assert batches == length_bucketed_batches(lengths, 16, random.Random(5))
     assert all(lengths[b[0]] <= lengths[b[-1]] for b in batches)
+
+
+# --- LoRA ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    return run(tiny_base, tmp_path_factory.mktemp("lora") / "adapter", training=LoraTraining(rank=4, alpha=8),
+               base_model="tiny-base")
+
+
+def test_lora_saves_only_the_adapter_and_head_as_safetensors(tiny_base: Path, lora: TrainResult) -> None:
+    out = lora.output_dir
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_meta.json",
+                                                     "adapter_model.safetensors"]
+    meta = json.loads((out / "adapter_meta.json").read_text())
+    assert meta == {"format": 1, "base_model": "tiny-base", "labels": LABELS, "rank": 4, "alpha": 8,
+                    "target_modules": ["query", "key", "value", "dense"]}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, "tiny-base")
+    weights = load_file(out / "adapter_model.safetensors")
+    assert all("lora_" in name or name.startswith("base_model.model.classifier.") for name in weights)
+    # Every linear of both encoder layers (q, k, v, attention output, intermediate, output) and the pooler.
+    assert sum("lora_A" in name for name in weights) == 2 * 6 + 1
+    assert weights["base_model.model.classifier.weight"].shape == (2, 32)
+    base_bytes = (tiny_base / "model.safetensors").stat().st_size
+    assert (out / "adapter_model.safetensors").stat().st_size < base_bytes / 20
+
+
+def test_lora_trains_the_factors_and_the_head_only(tiny_base: Path, lora: TrainResult) -> None:
+    weights = load_file(lora.output_dir / "adapter_model.safetensors")
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert any(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: non-zero means it was trained
+    assert lora.metrics["n_validation"] == len(VALIDATION)
+    assert lora.training_tokens == token_count(tiny_base, TRAIN)
+
+
+def test_lora_is_deterministic_under_its_seed(tiny_base: Path, lora: TrainResult, tmp_path: Path) -> None:
+    again = run(tiny_base, tmp_path / "again", training=LoraTraining(rank=4, alpha=8), base_model="tiny-base")
+    first = load_file(lora.output_dir / "adapter_model.safetensors")
+    second = load_file(again.output_dir / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_lora_learning_rate_is_its_own_base_times_the_multiplier() -> None:
+    hparams = Hyperparameters(learning_rate_multiplier=2.0)
+    assert hparams.learning_rate(LoraTraining()) == pytest.approx(2 * LoraTraining().base_learning_rate)
+    assert hparams.learning_rate(FullTraining()) == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("rank", [0, 65])
+def test_lora_rank_is_bounded(rank: int) -> None:
+    with pytest.raises(ValueError, match="rank"):
+        LoraTraining(rank=rank)
+
+
+def test_stored_training_types() -> None:
+    assert training_from_public(None) == FullTraining()  # jobs from before adapters were full fine-tunes
+    assert training_from_public({"type": "full"}) == FullTraining()
+    assert training_from_public({"type": "lora", "rank": 16, "alpha": 32}) == LoraTraining(rank=16, alpha=32)
+    with pytest.raises(ValueError, match="unknown"):
+        training_from_public({"type": "prefix"})

@@ -35,11 +35,14 @@ from modelmeter.gateway.routes import (
 from modelmeter.gateway.services import Services
 from modelmeter.models.backends import configure_torch_threads, resolve_device
 from modelmeter.models.registry import ModelCache, register_platform_models
-from modelmeter.models.serving import BatchCaps, ModelServer
+from modelmeter.models.serving import AdapterConfig, AdapterHooks, BatchCaps, ModelServer
 from modelmeter.settings import Settings, ensure_admin_token, get_settings
+from modelmeter.telemetry import Telemetry
 from modelmeter.worker import spawn_worker, stop_worker
 
 log = logging.getLogger("modelmeter.gateway")
+MIB = 1024 * 1024
+DEFAULT_ADAPTER_DEVICE_MB = 1024
 
 
 def build_services(settings: Settings, *, registry: CollectorRegistry | None = None) -> Services:
@@ -61,13 +64,7 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
         auth=KeyAuthenticator(sessions, ttl_s=settings.key_cache_ttl_s),
         plans=PlanCatalog.load(settings.plans_file),
         models=ModelCache(sessions),
-        server=ModelServer(
-            device=resolve_device(settings.device),
-            memory_budget_bytes=settings.pool_memory_mb * 1024 * 1024,
-            caps=BatchCaps(settings.max_batch_tokens, settings.max_batch_size, settings.max_wait_ms,
-                           settings.max_queue_requests, settings.max_padding_ratio),
-            on_batch=telemetry.batch_hook, on_load=telemetry.on_load, on_evict=telemetry.on_evict,
-        ),
+        server=_model_server(settings, telemetry),
         ledger=ledger,
         rate=rate,
         quota=quota,
@@ -77,6 +74,25 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
     metrics.instrument(services)
     services.stripe = _stripe_relay(services)
     return services
+
+
+def _model_server(settings: Settings, telemetry: Telemetry) -> ModelServer:
+    device = resolve_device(settings.device)
+    device_mb = settings.adapter_device_mb
+    if device_mb is None:  # auto: two tiers on CUDA (device pages backed by host memory), one on the CPU
+        device_mb = DEFAULT_ADAPTER_DEVICE_MB if device.type == "cuda" else 0
+    adapters = AdapterConfig(budget_bytes=settings.adapter_pool_mb * MIB,
+                             device_bytes=device_mb * MIB if device_mb else None, max_labels=settings.max_labels)
+    return ModelServer(
+        device=device,
+        memory_budget_bytes=settings.pool_memory_mb * MIB,
+        caps=BatchCaps(settings.max_batch_tokens, settings.max_batch_size, settings.max_wait_ms,
+                       settings.max_queue_requests, settings.max_padding_ratio),
+        adapters=adapters,
+        on_batch=telemetry.batch_hook, on_load=telemetry.on_load, on_evict=telemetry.on_evict,
+        adapter_hooks=AdapterHooks(on_load=telemetry.on_adapter_load, on_evict=telemetry.on_adapter_evict,
+                                   on_batch=telemetry.adapter_batch_hook),
+    )
 
 
 def _stripe_relay(services: Services) -> stripe_sync.StripeRelay | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -17,6 +17,7 @@ from modelmeter.errors import (
     ClientDisconnectedError,
     InsufficientQuotaError,
     InvalidRequestError,
+    NotFoundError,
     OverloadedError,
     RateLimitError,
     ServiceUnavailableError,
@@ -27,6 +28,7 @@ from modelmeter.models.backends import BertBackend, Encoded, InputTooLong, Resul
 from modelmeter.models.batching import Batcher, QueueFull, Submission
 from modelmeter.models.pool import ModelLoadError
 from modelmeter.models.registry import ModelInfo, artifact_path
+from modelmeter.models.serving import ModelSource
 
 # Tokenizing this many characters takes long enough to be worth a thread hop off the event loop.
 _INLINE_TOKENIZE_CHARS = 4096
@@ -65,15 +67,15 @@ async def serve(
     request.state.model_id = info.id  # a registered model: safe as a metric label
     if check is not None:
         check(info)
-    path = artifact_path(info.artifact, services.settings.data_dir)
+    source = await _source(services, principal, info)
     try:
-        async with services.server.use(info.id, path=path, task=info.task) as model:  # type: ignore[arg-type]
+        async with services.server.use(source) as model:
             _check_dimensions(model.backend, dimensions)
             encoded = await _tokenize(model.backend, texts, truncate)
             now = clock.now_s()
             headers, hold = await _admit(services, principal, encoded.total_tokens, now)
             try:
-                submission = await _submit(request, model.batcher, encoded.ids)
+                submission = await _submit(request, model.batcher, encoded.ids, model.tag)
             except BaseException:
                 await asyncio.shield(services.meter.release(hold))  # not served: not billed
                 raise
@@ -86,6 +88,23 @@ async def serve(
         ) from exc
     return Served(info.id, info.task, submission.results, encoded.total_tokens, submission.queue_s,
                   submission.inference_s, headers)
+
+
+async def _source(services: Services, principal: Principal, info: ModelInfo) -> ModelSource:
+    """Where the model's files are; a LoRA adapter also names the platform base it runs on (from the registry,
+    never from the request)."""
+    data_dir = services.settings.data_dir
+    source = ModelSource(info.id, artifact_path(info.artifact, data_dir), info.task)  # type: ignore[arg-type]
+    if not info.is_adapter:
+        return source
+    try:
+        base = await services.models.get(principal.tenant_id, info.base_model)
+    except NotFoundError as exc:
+        raise ServiceUnavailableError(
+            f"The model '{info.id}' cannot be served: its base model '{info.base_model}' is not available.",
+            code="model_unavailable") from exc
+    base_source = ModelSource(base.id, artifact_path(base.artifact, data_dir), base.task)  # type: ignore[arg-type]
+    return replace(source, base=base_source)
 
 
 async def _admit(services: Services, principal: Principal, tokens: int, now: int) -> tuple[dict[str, str], Hold]:
@@ -144,9 +163,9 @@ async def _tokenize(backend: BertBackend, texts: list[str], truncate: bool) -> E
         ) from exc
 
 
-async def _submit(request: Request, batcher: Batcher[Result], ids: list[list[int]]) -> Submission[Result]:
+async def _submit(request: Request, batcher: Batcher[Result], ids: list[list[int]], tag: object) -> Submission[Result]:
     """Submit to the batcher while watching the connection: a departed client's inputs are dropped."""
-    work = asyncio.ensure_future(batcher.submit(ids))
+    work = asyncio.ensure_future(batcher.submit(ids, tag))
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)

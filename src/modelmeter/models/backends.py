@@ -7,8 +7,12 @@ A backend is one loaded model on one device. It knows nothing of HTTP, tenants o
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeAlias
@@ -153,8 +157,11 @@ class BertBackend:
                 raise InputTooLong(index, len(row), self._max_length)
         return Encoded(ids=ids, tokens=[len(row) for row in ids])
 
-    def forward(self, batch_ids: list[list[int]]) -> list[Result]:
-        """Run one padded batch; one result per input, independent of the rest of the batch."""
+    def forward(self, batch_ids: list[list[int]], tags: Sequence[object] | None = None) -> list[Result]:
+        """Run one padded batch; one result per input, independent of the rest of the batch.
+
+        ``tags`` (one per row, from the batcher) mean nothing to a single model; see ``AdapterBackend``.
+        """
         if not batch_ids:
             return []
         input_ids, mask = self._pad(batch_ids)
@@ -172,12 +179,7 @@ class BertBackend:
 
     def _embed(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[Result]:
         hidden = self._model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        # Pool in float32 even when the model runs in float16: sums over 512 tokens lose precision.
-        weights = mask.unsqueeze(-1).to(torch.float32)
-        summed = (hidden.to(torch.float32) * weights).sum(dim=1)
-        mean = summed / weights.sum(dim=1).clamp(min=1e-9)
-        vectors = torch.nn.functional.normalize(mean, p=2, dim=1)
-        return list(vectors.cpu().tolist())
+        return mean_pooled(hidden, mask)
 
     def _classify(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[Result]:
         logits = self._model(input_ids=input_ids, attention_mask=mask).logits
@@ -186,18 +188,47 @@ class BertBackend:
         return [dict(zip(labels, row, strict=True)) for row in probs]
 
 
+def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> list[Result]:
+    """Sentence vectors as sentence-transformers makes them: the mean of the real tokens, L2-normalised."""
+    # Pool in float32 even when the model runs in float16: sums over 512 tokens lose precision.
+    weights = mask.unsqueeze(-1).to(torch.float32)
+    summed = (hidden.to(torch.float32) * weights).sum(dim=1)
+    mean = summed / weights.sum(dim=1).clamp(min=1e-9)
+    vectors = torch.nn.functional.normalize(mean, p=2, dim=1)
+    return list(vectors.cpu().tolist())
+
+
+# Fine-tunes share their base's tokenizer: one pair of encoders per distinct tokenizer, not per loaded model
+# (each pair costs ~13 MB of resident memory for a BERT vocabulary; measured in bench/tenants.py's RSS figures).
+_ENCODER_CACHE: OrderedDict[tuple[str, int], tuple[Tokenizer, Tokenizer]] = OrderedDict()
+_ENCODER_CACHE_SIZE = 8
+_ENCODER_LOCK = threading.Lock()
+
+
 def _encoders(tokenizer: Tokenizer, max_length: int) -> tuple[Tokenizer, Tokenizer]:
     """Two copies configured once: without truncation, and truncating to ``max_length``.
 
     Reconfiguring one tokenizer per call (what ``PreTrainedTokenizerFast.__call__`` does) races when
-    requests tokenize from several threads ("Already borrowed"); encoding alone is safe to share.
+    requests tokenize from several threads ("Already borrowed"); encoding alone is safe to share, so models
+    with the same tokenizer share one pair.
     """
-    whole = Tokenizer.from_str(tokenizer.to_str())
+    spec = tokenizer.to_str()
+    key = (hashlib.sha256(spec.encode()).hexdigest(), max_length)
+    with _ENCODER_LOCK:
+        cached = _ENCODER_CACHE.get(key)
+        if cached is not None:
+            _ENCODER_CACHE.move_to_end(key)
+            return cached
+    whole = Tokenizer.from_str(spec)
     whole.no_truncation()
     whole.no_padding()
-    truncating = Tokenizer.from_str(tokenizer.to_str())
+    truncating = Tokenizer.from_str(spec)
     truncating.no_padding()
     truncating.enable_truncation(max_length)
+    with _ENCODER_LOCK:
+        _ENCODER_CACHE[key] = (whole, truncating)
+        while len(_ENCODER_CACHE) > _ENCODER_CACHE_SIZE:
+            _ENCODER_CACHE.popitem(last=False)
     return whole, truncating
 
 

@@ -3,7 +3,12 @@
 Shaped after text-embeddings-inference (``core/src/queue.rs``, ``infer.rs``) and Ray Serve
 (``serve/batching.py``): a request takes a permit before it is queued (none free: :class:`QueueFull`), the
 loop forms batches under a size cap and a padded-token cap, runs them one at a time in a dedicated worker
-thread, and resolves one future per request. It knows nothing of HTTP or tenants.
+thread, and resolves one future per request. It knows nothing of HTTP or tenants: a request may carry an opaque
+``tag`` that the forward pass receives beside each of its rows (the shared base uses it for the row's adapter).
+
+Forward passes run on an executor that the caller may share between batchers (``ModelServer`` gives every
+batcher on a device the same single thread: concurrent forwards on one CPU only contend for the same cores, and
+one thread allocating activations keeps one malloc arena instead of one per model).
 
 When to dispatch: a request that finds the worker idle and the queue empty goes at once with whatever is
 queued by then (a lone request pays no wait). Requests that queued up while a batch was computing are
@@ -20,11 +25,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 log = logging.getLogger("modelmeter.models.batching")
 
 R = TypeVar("R")
+Run = Callable[[list[list[int]], list[Any]], list[R]]
 OnBatch = Callable[[int, int, int, float, float], None]
 
 
@@ -74,16 +80,17 @@ class _Item(Generic[R]):
     request: _Request[R]
     index: int
     ids: list[int]
+    tag: Any
     enqueued: float
     ready_at: float  # when waiting for a fuller batch stops being worth it
 
 
 class Batcher(Generic[R]):
-    """Per-model queue and inference loop; ``run`` is the backend's forward pass."""
+    """Per-model queue and inference loop; ``run(ids, tags)`` is the backend's forward pass."""
 
     def __init__(
         self,
-        run: Callable[[list[list[int]]], list[R]],
+        run: Run[R],
         *,
         max_batch_tokens: int,
         max_batch_size: int,
@@ -92,6 +99,7 @@ class Batcher(Generic[R]):
         max_padding_ratio: float = 1.3,
         on_batch: OnBatch | None = None,
         name: str = "batcher",
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         if min(max_batch_tokens, max_batch_size, max_queue) <= 0 or max_wait_ms < 0:
             raise ValueError("caps must be positive and max_wait_ms non-negative")
@@ -111,7 +119,8 @@ class Batcher(Generic[R]):
         self._permits_used = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-forward")
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-forward")
         self._closed = False
 
     @property
@@ -124,30 +133,34 @@ class Batcher(Generic[R]):
         """Requests holding a permit: queued or being computed."""
         return self._permits_used
 
-    async def submit(self, ids: list[list[int]]) -> Submission[R]:
-        """Queue one request's inputs and wait for all their results; :class:`QueueFull` when no permit."""
+    async def submit(self, ids: list[list[int]], tag: Any = None) -> Submission[R]:
+        """Queue one request's inputs and wait for all their results; :class:`QueueFull` when no permit.
+
+        ``tag`` goes to the forward pass with each of the request's rows."""
         if self._closed:
             raise BatcherClosed(f"{self._name} is closed")
         if self._permits_used >= self.max_queue:
             raise QueueFull(f"{self._name} already holds {self.max_queue} requests")
         self._permits_used += 1
         try:
-            return await self._serve(ids)
+            return await self._serve(ids, tag)
         finally:
             self._permits_used -= 1
 
     async def close(self) -> None:
         """Stop the loop; queued and computing requests fail with :class:`BatcherClosed`."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         error = BatcherClosed(f"{self._name} was closed")
         for item in self._pending:
             item.request.fail(error)
         self._pending.clear()
         self._pending_tokens = 0
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> Batcher[R]:
         return self
@@ -155,11 +168,11 @@ class Batcher(Generic[R]):
     async def __aexit__(self, *_: object) -> None:
         await self.close()
 
-    async def _serve(self, ids: list[list[int]]) -> Submission[R]:
+    async def _serve(self, ids: list[list[int]], tag: Any) -> Submission[R]:
         now = time.perf_counter()
         if not ids:
             return Submission(results=[], queue_s=0.0, inference_s=0.0)
-        request = self._enqueue(ids, now)
+        request = self._enqueue(ids, tag, now)
         try:
             await request.future
         except asyncio.CancelledError:
@@ -174,13 +187,13 @@ class Batcher(Generic[R]):
             compute_s=request.compute_s,
         )
 
-    def _enqueue(self, ids: list[list[int]], now: float) -> _Request[R]:
+    def _enqueue(self, ids: list[list[int]], tag: Any, now: float) -> _Request[R]:
         loop = asyncio.get_running_loop()
         request: _Request[R] = _Request(loop.create_future(), [None] * len(ids), len(ids), now)
         # A request that finds the worker idle and nothing queued goes at once: there is nothing to wait for.
         idle = not self._pending and not self._running
         ready_at = now if idle else now + self.max_wait_s
-        self._pending.extend(_Item(request, i, row, now, ready_at) for i, row in enumerate(ids))
+        self._pending.extend(_Item(request, i, row, tag, now, ready_at) for i, row in enumerate(ids))
         self._pending_tokens += sum(len(row) for row in ids)
         if self._task is None:
             self._task = loop.create_task(self._loop(), name=f"{self._name}-loop")
@@ -274,7 +287,7 @@ class Batcher(Generic[R]):
         self._running = batch
         try:
             results, compute_s = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _timed, self._run, [item.ids for item in batch]
+                self._executor, _timed, self._run, [item.ids for item in batch], [item.tag for item in batch]
             )
             if len(results) != len(batch):
                 raise RuntimeError(f"run returned {len(results)} results for {len(batch)} inputs")
@@ -313,7 +326,7 @@ class Batcher(Generic[R]):
             log.exception("%s: on_batch callback failed", self._name)
 
 
-def _timed(run: Callable[[list[list[int]]], list[R]], ids: list[list[int]]) -> tuple[list[R], float]:
+def _timed(run: Run[R], ids: list[list[int]], tags: list[Any]) -> tuple[list[R], float]:
     started = time.perf_counter()
-    results = run(ids)
+    results = run(ids, tags)
     return results, time.perf_counter() - started

@@ -40,9 +40,14 @@ class ModelLoadError(Exception):
 class ModelPool(Generic[M]):
     """Models loaded on demand, kept in LRU order under ``memory_budget_bytes``.
 
-    The budget is enforced after each load (a model's size is known only once loaded), so memory may
-    briefly exceed it while a model loads. A model in use (see :meth:`use`) or just loaded is never
-    evicted; when only such models remain, the pool stays over budget until they are released.
+    A model's size is known only once loaded, so the pool makes room for it (evicting the least recently
+    used) when its load finishes and before admitting it: memory exceeds the budget only by the model being
+    loaded. A model in use (see :meth:`use`) or just loaded is never evicted; when only such models remain, the
+    pool stays over budget until they are released.
+
+    ``admit(model_id, model)`` runs on the event loop once room was made and before the model is visible (an
+    adapter pool writes the adapter into its resident stacks there); if it raises, the load fails.
+    ``on_evict`` runs before an evicted model is dropped and may release what ``admit`` took.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class ModelPool(Generic[M]):
         *,
         on_load: Callable[[str, float], None] | None = None,
         on_evict: Callable[[str], None] | None = None,
+        admit: Callable[[str, M], None] | None = None,
     ) -> None:
         if memory_budget_bytes <= 0:
             raise ValueError("memory_budget_bytes must be positive")
@@ -59,6 +65,7 @@ class ModelPool(Generic[M]):
         self._budget = memory_budget_bytes
         self._on_load = on_load
         self._on_evict = on_evict
+        self._admit_hook = admit
         self._models: OrderedDict[str, M] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._loading: dict[str, asyncio.Task[M]] = {}
@@ -101,6 +108,10 @@ class ModelPool(Generic[M]):
     async def use(self, model_id: str) -> AsyncIterator[M]:
         """Get the model and keep it from eviction until the block exits."""
         model = await self.get(model_id)
+        # Between a load finishing and this waiter resuming, another admission may have evicted the model:
+        # pin only the model that is still loaded (no await between the check and the pin).
+        while self._models.get(model_id) is not model:
+            model = await self.get(model_id)
         self._pins[model_id] += 1
         try:
             yield model
@@ -111,11 +122,12 @@ class ModelPool(Generic[M]):
                 self._enforce_budget(keep=None)
 
     def evict(self, model_id: str) -> bool:
-        """Drop a model now, even if in use (callers keep their reference); ``False`` if not loaded.
+        """Drop a model now; ``False`` if it is not loaded or is in use (what ``admit`` placed for it, such as an
+        adapter's rows in the resident stacks, must not be reused while a request still computes with it).
 
         ``on_evict`` runs first, so it can still :meth:`peek` the model (to close its batcher, say).
         """
-        if model_id not in self._models:
+        if model_id not in self._models or model_id in self._pins:
             return False
         _call_hook(self._on_evict, model_id)
         del self._models[model_id]
@@ -138,16 +150,22 @@ class ModelPool(Generic[M]):
         return model
 
     def _admit(self, model_id: str, model: M, seconds: float) -> None:
+        size = int(model.memory_bytes)
+        self._enforce_budget(keep=None, incoming=size)
+        if self._admit_hook is not None:
+            try:
+                self._admit_hook(model_id, model)
+            except Exception as exc:
+                raise ModelLoadError(model_id, f"{type(exc).__name__}: {exc}") from exc
         self._models[model_id] = model
-        self._sizes[model_id] = int(model.memory_bytes)
+        self._sizes[model_id] = size
         self.load_count += 1
-        log.info("loaded model %s (%d bytes) in %.2fs", model_id, self._sizes[model_id], seconds)
+        log.info("loaded model %s (%d bytes) in %.2fs", model_id, size, seconds)
         _call_hook(self._on_load, model_id, seconds)
-        self._enforce_budget(keep=model_id)
 
-    def _enforce_budget(self, *, keep: str | None) -> None:
+    def _enforce_budget(self, *, keep: str | None, incoming: int = 0) -> None:
         for model_id in list(self._models):
-            if self.used_bytes <= self._budget:
+            if self.used_bytes + incoming <= self._budget:
                 return
             if model_id != keep and model_id not in self._pins:
                 self.evict(model_id)

@@ -41,6 +41,8 @@ class MlModel(SQLModel, table=True):
     status: str = Field(default="ready", max_length=16)
     fine_tuning_job_id: str | None = Field(default=None, max_length=40)
     created: int
+    # "lora" (an adapter on ``base_model``, served in its batches) or "full"; NULL for platform models.
+    training_type: str | None = Field(default=None, max_length=16)
 
     @property
     def labels(self) -> list[str] | None:
@@ -58,12 +60,8 @@ class ModelPublic(SQLModel):
     task: str
     labels: list[str] | None = None
     created: int
-
-    @classmethod
-    def of(cls, model: MlModel) -> ModelPublic:
-        return cls(
-            id=model.id, owned_by=model.owned_by, task=model.task, labels=model.labels, created=model.created
-        )
+    base_model: str | None = None  # tenant models: the platform model it was fine-tuned from
+    training_type: str | None = None  # tenant models: "lora" or "full"
 
 
 def register_platform_models(*, session: Session) -> None:
@@ -90,9 +88,11 @@ def register_tenant_model(
     labels: list[str],
     artifact: str,
     job_id: str | None,
+    training_type: str = "full",
 ) -> MlModel:
     """Register a tenant's fine-tuned classifier (artifact relative to the data dir)."""
     model = MlModel(
+        training_type=training_type,
         id=model_id,
         owner_tenant_id=tenant_id,
         base_model=base_model,
@@ -127,19 +127,29 @@ class ModelInfo:
     labels: tuple[str, ...] | None
     artifact: str
     created: int
+    training_type: str | None = None
 
     @classmethod
     def of(cls, row: MlModel) -> ModelInfo:
         labels = tuple(row.labels) if row.labels is not None else None
-        return cls(row.id, row.owner_tenant_id, row.base_model, row.task, labels, row.artifact, row.created)
+        training = row.training_type or ("full" if row.owner_tenant_id else None)
+        return cls(row.id, row.owner_tenant_id, row.base_model, row.task, labels, row.artifact, row.created,
+                   training)
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.training_type == "lora"
 
     def public(self) -> ModelPublic:
+        tenant = self.owner_tenant_id is not None
         return ModelPublic(
             id=self.id,
             owned_by=self.owner_tenant_id or PLATFORM_OWNER,
             task=self.task,
             labels=list(self.labels) if self.labels is not None else None,
             created=self.created,
+            base_model=self.base_model if tenant else None,
+            training_type=self.training_type if tenant else None,
         )
 
     def visible_to(self, tenant_id: str) -> bool:

@@ -1,10 +1,23 @@
-"""A loaded model with its batcher, and the server that keeps them in the pool. No HTTP, no tenants."""
+"""The models a request can run on, loaded on demand, and the batcher each request joins. No HTTP, no tenants.
+
+Three kinds of model, one way in (:meth:`ModelServer.use`):
+- a **base** (a platform feature-extraction BERT) is loaded once and kept. It has one batcher, shared by its own
+  embedding rows and by the rows of every LoRA adapter trained on it, and its own adapter pool;
+- an **adapter** (a tenant's LoRA fine-tune) joins its base's batcher; the adapter pool keeps adapters resident
+  under ``adapter_budget_bytes`` (LRU) and loads them off the event loop;
+- a **full copy** (a tenant's full fine-tune) has its own backend and batcher in the memory-budgeted LRU pool.
+Every batcher on the device runs its forward passes on one shared thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +25,7 @@ from typing import Any
 
 import torch
 
+from modelmeter.models.adapters.backend import AdapterBackend, OnAdapterBatch, ResidentAdapter
 from modelmeter.models.backends import BertBackend, Result, Task
 from modelmeter.models.batching import Batcher, OnBatch
 from modelmeter.models.pool import ModelPool
@@ -28,9 +42,38 @@ class BatchCaps:
     max_padding_ratio: float = 1.3
 
 
+@dataclass(frozen=True, slots=True)
+class AdapterConfig:
+    """Adapter pool sizing: the resident budget, and the device tier (``None``: one tier, the CPU default)."""
+
+    budget_bytes: int
+    device_bytes: int | None = None
+    max_labels: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where a model's artifacts are; ``base`` is set for a LoRA adapter (the base it runs on)."""
+
+    model_id: str
+    path: Path
+    task: Task
+    base: ModelSource | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What a request runs on: the backend (tokenizer), the batcher to join and the tag its rows carry."""
+
+    model_id: str
+    backend: BertBackend
+    batcher: Batcher[Result]
+    tag: ResidentAdapter | None = None
+
+
 @dataclass(eq=False)
 class ServedModel:
-    """A backend and the batcher that feeds it."""
+    """A full model copy and the batcher that feeds it."""
 
     model_id: str
     backend: BertBackend
@@ -41,8 +84,33 @@ class ServedModel:
         return self.backend.memory_bytes
 
 
+@dataclass(eq=False)
+class SharedBase:
+    """A base model, its batcher (shared by every adapter on it) and its adapter pool."""
+
+    model_id: str
+    backend: AdapterBackend
+    batcher: Batcher[Result]
+    adapters: ModelPool[ResidentAdapter]
+    paths: dict[str, Path]
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.backend.memory_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterHooks:
+    """Telemetry for adapter pools, per base: ``on_load(base, adapter, s)``, ``on_evict(base, adapter)``,
+    ``on_batch(base)`` → the backend's per-batch callback."""
+
+    on_load: Callable[[str, str, float], None] | None = None
+    on_evict: Callable[[str, str], None] | None = None
+    on_batch: Callable[[str], OnAdapterBatch] | None = None
+
+
 class ModelServer:
-    """Loads models on first use into a memory-budgeted LRU pool, each with its own batcher."""
+    """Bases, their adapters and full copies, loaded on first use; one forward thread for the device."""
 
     def __init__(
         self,
@@ -50,24 +118,33 @@ class ModelServer:
         device: torch.device,
         memory_budget_bytes: int,
         caps: BatchCaps,
+        adapters: AdapterConfig | None = None,
         on_batch: Callable[[str], OnBatch | None] | None = None,
         on_load: Callable[[str, float], None] | None = None,
         on_evict: Callable[[str], None] | None = None,
+        adapter_hooks: AdapterHooks | None = None,
     ) -> None:
         self.device = device
         self._caps = caps
+        self._adapter_config = adapters or AdapterConfig(budget_bytes=1024 * 1024 * 1024)
         self._on_batch = on_batch
         self._on_evict = on_evict
-        self._sources: dict[str, tuple[Path, Task]] = {}
+        self._hooks = adapter_hooks or AdapterHooks()
+        self._sources: dict[str, ModelSource] = {}
         self._closing: set[asyncio.Task[Any]] = set()
+        self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{device.type}")
         self.pool: ModelPool[ServedModel] = ModelPool(
             self._load, memory_budget_bytes, on_load=on_load, on_evict=self._evicted
         )
+        # Bases are few (the platform's catalog) and hold their adapters: loaded once, never evicted.
+        self.bases: ModelPool[SharedBase] = ModelPool(self._load_base, sys.maxsize, on_load=on_load)
 
-    def _load(self, model_id: str) -> ServedModel:
-        path, task = self._sources[model_id]
-        backend = BertBackend.load(path, task=task, device=self.device)
-        batcher: Batcher[Result] = Batcher(
+    @property
+    def adapter_config(self) -> AdapterConfig:
+        return self._adapter_config
+
+    def _batcher(self, model_id: str, backend: BertBackend) -> Batcher[Result]:
+        return Batcher(
             backend.forward,
             max_batch_tokens=self._caps.max_batch_tokens,
             max_batch_size=self._caps.max_batch_size,
@@ -76,29 +153,102 @@ class ModelServer:
             max_padding_ratio=self._caps.max_padding_ratio,
             on_batch=self._on_batch(model_id) if self._on_batch else None,
             name=f"batcher:{model_id}",
+            executor=self._lane,
         )
-        return ServedModel(model_id, backend, batcher)
+
+    def _load(self, model_id: str) -> ServedModel:
+        source = self._sources[model_id]
+        backend = BertBackend.load(source.path, task=source.task, device=self.device)
+        return ServedModel(model_id, backend, self._batcher(model_id, backend))
+
+    def _load_base(self, model_id: str) -> SharedBase:
+        source, config = self._sources[model_id], self._adapter_config
+        backend = AdapterBackend.load_base(
+            source.path, device=self.device, budget_bytes=config.budget_bytes, device_bytes=config.device_bytes,
+            max_batch_size=self._caps.max_batch_size, max_labels=config.max_labels,
+        )
+        if self._hooks.on_batch is not None:
+            backend.on_adapter_batch = self._hooks.on_batch(model_id)
+        paths: dict[str, Path] = {}
+        on_load = self._hooks.on_load
+
+        def release(adapter_id: str) -> None:
+            adapter = pool.peek(adapter_id)
+            if adapter is not None:
+                backend.release(adapter)
+            if self._hooks.on_evict is not None:
+                self._hooks.on_evict(model_id, adapter_id)
+
+        pool: ModelPool[ResidentAdapter] = ModelPool(
+            lambda adapter_id: backend.read_adapter(adapter_id, paths[adapter_id]), config.budget_bytes,
+            admit=lambda _, adapter: backend.admit(adapter), on_evict=release,
+            on_load=(lambda adapter_id, s: on_load(model_id, adapter_id, s)) if on_load else None,
+        )
+        return SharedBase(model_id, backend, self._batcher(model_id, backend), pool, paths)
 
     def _evicted(self, model_id: str) -> None:
         model = self.pool.peek(model_id)
         if model is not None:
-            task = asyncio.get_running_loop().create_task(model.batcher.close())
+            task = asyncio.get_running_loop().create_task(self._close(model))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         if self._on_evict is not None:
             self._on_evict(model_id)
 
+    async def _close(self, model: ServedModel) -> None:
+        await model.batcher.close()
+        del model
+        _return_freed_memory()
+
     @asynccontextmanager
-    async def use(self, model_id: str, *, path: Path, task: Task) -> AsyncIterator[ServedModel]:
-        """The served model, loaded if needed and pinned (not evictable) while the block runs."""
-        self._sources[model_id] = (path, task)
-        async with self.pool.use(model_id) as served:
-            yield served
+    async def use(self, source: ModelSource) -> AsyncIterator[Lease]:
+        """What a request runs on, loaded if needed and pinned (not evictable) while the block runs."""
+        if source.base is not None:
+            async with self._base(source.base) as base, self._adapter(base, source) as adapter:
+                yield Lease(source.model_id, base.backend, base.batcher, adapter)
+        elif source.task == "feature-extraction":
+            async with self._base(source) as base:
+                yield Lease(source.model_id, base.backend, base.batcher)
+        else:
+            self._sources[source.model_id] = source
+            async with self.pool.use(source.model_id) as served:
+                yield Lease(source.model_id, served.backend, served.batcher)
+
+    def _base(self, source: ModelSource) -> Any:
+        self._sources[source.model_id] = source
+        return self.bases.use(source.model_id)
+
+    def _adapter(self, base: SharedBase, source: ModelSource) -> Any:
+        base.paths[source.model_id] = source.path
+        return base.adapters.use(source.model_id)
+
+    def shared_bases(self) -> list[SharedBase]:
+        return [b for b in (self.bases.peek(i) for i in self.bases.loaded()) if b is not None]
 
     async def close(self) -> None:
-        for model_id in self.pool.loaded():
-            model = self.pool.peek(model_id)
-            if model is not None:
-                await model.batcher.close()
+        for pool in (self.pool, self.bases):
+            for model_id in pool.loaded():
+                model = pool.peek(model_id)
+                if model is not None:
+                    await model.batcher.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+        self._lane.shutdown(wait=False, cancel_futures=True)
+
+
+def _return_freed_memory() -> None:
+    """Give the heap pages that evicted models and adapters freed back to the system (glibc keeps them otherwise,
+    and the process's resident memory would stay at its high-water mark instead of within the budgets)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return None
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    return trim if callable(trim) else None
+
+
+_MALLOC_TRIM = _find_malloc_trim()

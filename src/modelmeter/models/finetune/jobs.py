@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 from sqlalchemy import func, update
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
@@ -22,6 +22,7 @@ from sqlmodel import Session, col, select
 from modelmeter import clock
 from modelmeter.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
 from modelmeter.ids import new_id
+from modelmeter.models.finetune.recipes import DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK, MAX_LORA_RANK
 from modelmeter.models.finetune.tables import (
     ACTIVE_STATUSES,
     FINISHED_STATUSES,
@@ -45,8 +46,35 @@ class HyperparametersIn(BaseModel):
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
 
 
+class TrainingTypeIn(BaseModel):
+    """``{"type": "lora", "rank", "alpha"}`` (the default: an adapter on the frozen base) or ``{"type": "full"}``.
+
+    ``alpha`` defaults to twice the rank, which keeps the update's scale (alpha / rank) and so the default
+    learning rate right whatever the rank."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["lora", "full"]
+    rank: Annotated[StrictInt, Field(ge=1, le=MAX_LORA_RANK)] | None = None
+    alpha: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _full_takes_no_rank(self) -> TrainingTypeIn:
+        if self.type == "full" and (self.rank is not None or self.alpha is not None):
+            raise ValueError("a full fine-tune takes no 'rank' or 'alpha'")
+        return self
+
+    def public(self) -> dict[str, Any]:
+        if self.type == "full":
+            return {"type": "full"}
+        rank = self.rank or DEFAULT_LORA_RANK
+        return {"type": "lora", "rank": rank, "alpha": self.alpha or 2 * rank}
+
+
+DEFAULT_TRAINING = TrainingTypeIn(type="lora", rank=DEFAULT_LORA_RANK, alpha=DEFAULT_LORA_ALPHA)
+
+
 class JobCreate(BaseModel):
-    """OpenAI's job request, as far as it applies to BERT classifiers."""
+    """OpenAI's job request, as far as it applies to BERT classifiers, plus ``training_type``."""
 
     model_config = ConfigDict(extra="forbid")
     model: Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -55,6 +83,11 @@ class JobCreate(BaseModel):
     hyperparameters: HyperparametersIn | None = None
     suffix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,40}$")] | None = None
     seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    training_type: TrainingTypeIn | None = None
+
+    def training(self) -> dict[str, Any]:
+        """The training type in its stored (public) form; LoRA with the default rank when absent."""
+        return (self.training_type or DEFAULT_TRAINING).public()
 
 
 # --- public shapes ---------------------------------------------------------------------------------
@@ -78,6 +111,7 @@ def job_public(j: FineTuningJob) -> dict[str, Any]:
                             "learning_rate_multiplier": j.learning_rate_multiplier},
         "trained_tokens": j.trained_tokens, "error": error, "seed": j.seed, "user_provided_suffix": j.suffix,
         "estimated_finish": j.estimated_finish, "integrations": [], "result": j.result,
+        "training_type": j.training_type,
     }
 
 
@@ -229,6 +263,7 @@ def _new_job(tenant_id: str, data: JobCreate) -> FineTuningJob:
         learning_rate_multiplier=(DEFAULT_LEARNING_RATE_MULTIPLIER if hp.learning_rate_multiplier == "auto"
                                   else float(hp.learning_rate_multiplier)),
         seed=data.seed if data.seed is not None else 42,
+        training_type_json=json.dumps(data.training()),
     )
 
 

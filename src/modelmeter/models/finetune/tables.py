@@ -63,10 +63,16 @@ class FineTuningJob(SQLModel, table=True):
     worker_id: str | None = Field(default=None, max_length=128)
     heartbeat_at: int | None = None
     attempts: int = 0
+    # {"type": "lora", "rank", "alpha"} or {"type": "full"}; NULL on jobs from before adapters (trained in full).
+    training_type_json: str | None = None
 
     @property
     def result(self) -> dict[str, Any] | None:
         return json.loads(self.result_json) if self.result_json else None
+
+    @property
+    def training_type(self) -> dict[str, Any]:
+        return dict(json.loads(self.training_type_json)) if self.training_type_json else {"type": "full"}
 
 
 class FineTuningEvent(SQLModel, table=True):

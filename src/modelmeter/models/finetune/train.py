@@ -1,7 +1,9 @@
 """Fine-tune a BERT encoder into a text classifier: the training loop, evaluation and saving.
 
 The classic recipe: ``BertForSequenceClassification`` on top of the base encoder, AdamW with linear warmup
-and decay, cross-entropy, gradient clipping. Batches are drawn from length-sorted pools of shuffled examples
+and decay, cross-entropy, gradient clipping; what is trained (a LoRA adapter and head, or every weight) and how
+it is saved is the training type's (:mod:`~modelmeter.models.finetune.recipes`). Batches are drawn from
+length-sorted pools of shuffled examples
 and padded only to their longest row, which matters most on CPU. Training is deterministic under ``seed``
 on CPU (on CUDA up to the nondeterminism of its kernels) and leaves the caller's RNG state untouched.
 """
@@ -25,9 +27,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
 
+from modelmeter.models.finetune import recipes
 from modelmeter.models.finetune.dataset import Example
+from modelmeter.models.finetune.recipes import LoraTraining, TrainingType
 
-BASE_LEARNING_RATE = 1e-4
 DEFAULT_N_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LEARNING_RATE_MULTIPLIER = 1.0
@@ -53,10 +56,9 @@ class Hyperparameters:
         if self.n_epochs < 1 or self.batch_size < 1 or not self.learning_rate_multiplier > 0:
             raise ValueError(f"hyperparameters must be positive: {self}")
 
-    @property
-    def learning_rate(self) -> float:
-        """The peak learning rate: ``BASE_LEARNING_RATE`` times the multiplier."""
-        return BASE_LEARNING_RATE * self.learning_rate_multiplier
+    def learning_rate(self, training: TrainingType) -> float:
+        """The peak learning rate: the training type's base rate times the multiplier."""
+        return training.base_learning_rate * self.learning_rate_multiplier
 
 
 @dataclass
@@ -117,10 +119,13 @@ def train_classifier(
     progress_every: int = 20,
     threads: int | None = None,
     show_progress: bool = False,
+    training: TrainingType = LoraTraining(),
+    base_model: str = "base",
 ) -> TrainResult:
-    """Fine-tune the BERT model in ``base_model_dir`` on ``train`` and save it with its tokenizer.
+    """Fine-tune the BERT model in ``base_model_dir`` on ``train`` and save what ``training`` trained.
 
-    Label ``labels[i]`` is class ``i``; the saved config carries ``id2label``/``label2id``. The model is
+    Label ``labels[i]`` is class ``i``; a full model's config carries ``id2label``/``label2id``, an adapter's
+    ``adapter_meta.json`` the labels (and ``base_model``, the id it was trained on). The artifact is
     written to ``output_dir`` (which must not exist) only once training and evaluation succeeded, through
     a temporary sibling directory, so a failure or :class:`Cancelled` leaves nothing behind.
     ``should_stop`` is polled before every step; ``threads`` sets torch's CPU threads for this call only.
@@ -133,8 +138,9 @@ def train_classifier(
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(base_model_dir, local_files_only=True)
         encoded = _encode(tokenizer, [ex.text for ex in train], max_length)
-        model = _load_model(base_model_dir, labels, dev)
-        trainer = _Trainer(model=model, device=dev, hparams=hparams, seed=seed, pad_id=_pad_id(tokenizer))
+        model = recipes.prepare(_load_model(base_model_dir, labels, dev), training)
+        trainer = _Trainer(model=model, device=dev, hparams=hparams, seed=seed, pad_id=_pad_id(tokenizer),
+                           learning_rate=hparams.learning_rate(training))
         train_s = trainer.fit(
             encoded,
             _label_ids(train, labels),
@@ -145,7 +151,8 @@ def train_classifier(
         )
         metrics = evaluate(model, tokenizer, validation, labels, dev, max_length, should_stop=stop)
         _raise_if_stopped(stop)
-        _save_atomically(model, tokenizer, output_dir)
+        _save_atomically(lambda staging: recipes.save(model, tokenizer, training, labels=labels,
+                                                      base_model=base_model, directory=staging), output_dir)
     return TrainResult(
         metrics=metrics,
         training_tokens=sum(map(len, encoded)) * hparams.n_epochs,
@@ -275,11 +282,12 @@ class _Trainer:
     def __init__(
         self,
         *,
-        model: BertForSequenceClassification,
+        model: torch.nn.Module,
         device: torch.device,
         hparams: Hyperparameters,
         seed: int,
         pad_id: int,
+        learning_rate: float,
     ) -> None:
         self.model = model
         self.device = device
@@ -291,7 +299,7 @@ class _Trainer:
         # The fused kernel updates all parameters in one pass: on CPU it makes the optimizer step about
         # 5x cheaper, a sizeable share of a step for a small model whose embedding matrix is most weights.
         fused = device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(_param_groups(model), lr=hparams.learning_rate, fused=fused or None)
+        self.optimizer = torch.optim.AdamW(_param_groups(model), lr=learning_rate, fused=fused or None)
 
     def fit(
         self,
@@ -389,7 +397,7 @@ class _Meter:
 
 
 def evaluate(
-    model: BertForSequenceClassification,
+    model: torch.nn.Module,
     tokenizer: Any,
     examples: list[Example],
     labels: list[str],
@@ -418,7 +426,7 @@ def evaluate(
 
 
 def _predict(
-    model: BertForSequenceClassification,
+    model: torch.nn.Module,
     tokenizer: Any,
     texts: list[str],
     device: torch.device,
@@ -470,12 +478,11 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
 
 
-def _save_atomically(model: BertForSequenceClassification, tokenizer: Any, output_dir: Path) -> None:
+def _save_atomically(write: Callable[[Path], None], output_dir: Path) -> None:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        write(staging)
         if output_dir.exists():
             raise FileExistsError(f"output directory already exists: {output_dir}")
         staging.rename(output_dir)

@@ -23,6 +23,7 @@ from sqlmodel import Session
 from modelmeter import clock
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import Example, parse_dataset, stratified_split
+from modelmeter.models.finetune.recipes import training_from_public
 from modelmeter.models.finetune.tables import FineTuningJob, TenantFile
 from modelmeter.models.finetune.train import Cancelled, Hyperparameters, Progress, TrainResult, train_classifier
 from modelmeter.models.registry import MlModel, artifact_path, register_tenant_model
@@ -119,6 +120,7 @@ class Worker:
             hparams=Hyperparameters(job.n_epochs, job.batch_size, job.learning_rate_multiplier), seed=job.seed,
             device=self.config.device, output_dir=output, on_progress=lambda p: self._progress(job.id, p),
             should_stop=stop.is_set, show_progress=self.config.show_progress,
+            training=training_from_public(job.training_type), base_model=job.model,
         )
         if not self._succeed(job, result, labels, output):
             shutil.rmtree(output, ignore_errors=True)
@@ -174,7 +176,8 @@ class Worker:
             if not moved:
                 return False
             register_tenant_model(session=session, model_id=model_id, tenant_id=job.tenant_id,
-                                  base_model=job.model, labels=labels, artifact=str(relative), job_id=job.id)
+                                  base_model=job.model, labels=labels, artifact=str(relative), job_id=job.id,
+                                  training_type=job.training_type["type"])
             self.on_succeeded(session, job, result, self.config.device.type)
             jobs.add_event(session, job.id, f"Job succeeded: {model_id} (accuracy "
                                             f"{result.metrics['accuracy']:.4f} on {result.metrics['n_validation']} "

@@ -1,0 +1,112 @@
+"""What a fine-tune trains and how it is saved: a LoRA adapter on the frozen base (the default) or a full copy.
+
+A LoRA fine-tune trains low-rank updates of the base encoder's linear layers (PEFT's ``LoraConfig``) plus its
+own classification head, and saves only those: ``adapter_model.safetensors`` and ``adapter_config.json`` as
+PEFT writes them, and :data:`~modelmeter.models.adapters.artifact.ADAPTER_META` with the labels. The serving
+side (:mod:`modelmeter.models.adapters`) computes many such adapters in one forward pass over the shared base.
+A full fine-tune saves a whole ``BertForSequenceClassification`` with its tokenizer, as round 1 did.
+
+The defaults (rank, alpha, targets, learning rate) were chosen by measurement: ``bench/finetune.py``, with the
+table in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from transformers import BertForSequenceClassification
+
+from modelmeter.models.adapters.artifact import ADAPTER_CONFIG, ADAPTER_META, META_FORMAT, SERVED_TARGETS
+
+FULL_BASE_LEARNING_RATE = 1e-4
+LORA_BASE_LEARNING_RATE = 1e-3
+DEFAULT_LORA_RANK = 8
+DEFAULT_LORA_ALPHA = 16
+LORA_DROPOUT = 0.1
+MAX_LORA_RANK = 64
+# Every linear layer of the encoder and the pooler ("dense" matches the attention output, intermediate, output
+# and pooler projections); the classifier is trained whole beside the adapter (PEFT's modules_to_save).
+LORA_TARGETS: tuple[str, ...] = SERVED_TARGETS
+
+
+@dataclass(frozen=True)
+class FullTraining:
+    """Every weight of the base is trained; the result is a full model copy."""
+
+    type: ClassVar[Literal["full"]] = "full"
+    base_learning_rate: float = FULL_BASE_LEARNING_RATE
+
+    def public(self) -> dict[str, Any]:
+        return {"type": "full"}
+
+
+@dataclass(frozen=True)
+class LoraTraining:
+    """Low-rank updates of the base's linear layers plus a classification head; the base stays frozen."""
+
+    type: ClassVar[Literal["lora"]] = "lora"
+    rank: int = DEFAULT_LORA_RANK
+    alpha: int = DEFAULT_LORA_ALPHA
+    dropout: float = LORA_DROPOUT
+    target_modules: tuple[str, ...] = field(default=LORA_TARGETS)
+    base_learning_rate: float = LORA_BASE_LEARNING_RATE
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rank <= MAX_LORA_RANK or self.alpha <= 0:
+            raise ValueError(f"LoRA rank must be 1-{MAX_LORA_RANK} and alpha positive: {self}")
+
+    def public(self) -> dict[str, Any]:
+        return {"type": "lora", "rank": self.rank, "alpha": self.alpha}
+
+
+TrainingType = FullTraining | LoraTraining
+
+
+def training_from_public(data: dict[str, Any] | None) -> TrainingType:
+    """The training type a job stored (``None``: a job from before adapters existed, trained in full)."""
+    if data is None or data.get("type") == "full":
+        return FullTraining()
+    if data.get("type") == "lora":
+        return LoraTraining(rank=int(data.get("rank", DEFAULT_LORA_RANK)),
+                            alpha=int(data.get("alpha", DEFAULT_LORA_ALPHA)))
+    raise ValueError(f"unknown training type {data!r}")
+
+
+def prepare(model: BertForSequenceClassification, training: TrainingType) -> torch.nn.Module:
+    """The module to optimise: the model itself (full), or a PEFT model whose only trainable weights are the
+    LoRA factors and the classification head."""
+    if isinstance(training, FullTraining):
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=training.rank, lora_alpha=training.alpha,
+                        lora_dropout=training.dropout, target_modules=list(training.target_modules),
+                        modules_to_save=["classifier"])
+    with warnings.catch_warnings():
+        # transformers 5 deprecates an attribute PEFT still reads; nothing for us to act on.
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
+
+
+def save(module: torch.nn.Module, tokenizer: Any, training: TrainingType, *, labels: list[str], base_model: str,
+         directory: Path) -> None:
+    """Write the trained artifact into ``directory`` (safetensors only)."""
+    if isinstance(training, FullTraining):
+        module.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
+        tokenizer.save_pretrained(directory)
+        return
+    # The embeddings are frozen: nothing to save there, and PEFT would otherwise look the base up on a hub.
+    module.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)  # type: ignore[operator]
+    (directory / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub says nothing about this adapter
+    config_path = directory / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model  # the platform's model id, not this machine's path
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    meta = {"format": META_FORMAT, "base_model": base_model, "labels": labels, "rank": training.rank,
+            "alpha": training.alpha, "target_modules": list(training.target_modules)}
+    (directory / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
