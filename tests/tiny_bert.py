@@ -44,7 +44,7 @@ def _build(task: str, labels: list[str] | None) -> PreTrainedModel:
 
 
 def make_tiny_adapter(path: Path, base: Path, labels: list[str], *, rank: int = 4, seed: int = 0,
-                      alpha: int | None = None) -> Path:
+                      alpha: int | None = None, std: float = 0.3) -> Path:
     """Save a LoRA adapter for the tiny base as a fine-tune would (PEFT's files plus our metadata), with random,
     non-zero factors and head so that every adapter computes something different."""
     from modelmeter.models.finetune import recipes
@@ -57,7 +57,7 @@ def make_tiny_adapter(path: Path, base: Path, labels: list[str], *, rank: int = 
         with torch.no_grad():
             for name, param in module.named_parameters():
                 if param.requires_grad:
-                    param.normal_(0.0, 0.3 if "lora" in name else 1.0)
+                    param.normal_(0.0, std if "lora" in name else 1.0)
     path.mkdir(parents=True, exist_ok=True)
     recipes.save(module, None, training, labels=labels, base_model="tiny-base", directory=path)
     return path

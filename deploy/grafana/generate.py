@@ -112,6 +112,18 @@ b.add("timeseries", "Pool memory", [("sum(modelmeter_pool_bytes)", "used"), ("su
 b.add("timeseries", "Models loaded", [("sum(modelmeter_pool_models)", "models")], w=8)
 b.add("timeseries", "Loads and evictions", [("sum(rate(modelmeter_model_loads_total[5m]))", "loads"), ("sum(rate(modelmeter_model_evictions_total[5m]))", "evictions")],
       w=8, unit="ops", desc="Evictions close to loads means the pool is too small for the models in use.")
+b.row("Tenant adapters (LoRA on the shared base)")
+b.add("timeseries", "Adapters resident", [("sum by (model) (modelmeter_adapters_resident)", "{{model}}")], w=6,
+      desc="LoRA adapters resident on each base model; every one is served by the base's single batcher.")
+b.add("timeseries", "Adapter pool memory", [("sum(modelmeter_adapter_pool_bytes)", "used"), ("sum(modelmeter_adapter_pool_budget_bytes)", "budget")],
+      w=6, unit="bytes")
+b.add("timeseries", "Adapter loads and evictions", [("sum(rate(modelmeter_adapter_loads_total[5m]))", "loads"),
+                                                    ("sum(rate(modelmeter_adapter_evictions_total[5m]))", "evictions"),
+                                                    ("sum(rate(modelmeter_adapter_device_copies_total[5m]))", "copies to device")],
+      w=6, unit="ops", desc="Evictions close to loads: MODELMETER_ADAPTER_POOL_MB is too small for the adapters in use.")
+b.add("timeseries", "Distinct adapters per batch p50 / p95", [("histogram_quantile(0.5, sum by (le) (rate(modelmeter_batch_adapters_bucket[5m])))", "p50"),
+                                                              ("histogram_quantile(0.95, sum by (le) (rate(modelmeter_batch_adapters_bucket[5m])))", "p95")],
+      w=6, desc="How many tenants' adapters share one forward pass.")
 b.row("Refusals and back office")
 b.add("timeseries", "Refusals by reason", [("sum by (reason) (rate(modelmeter_rate_limit_refusals_total[5m]))", "rate limit: {{reason}}"),
                                            ("sum(rate(modelmeter_quota_refusals_total[5m]))", "quota / budget"),
@@ -124,7 +136,7 @@ b.add("timeseries", "Margin this period by plan", [("max by (plan) (modelmeter_p
 b.add("timeseries", "Compute time by device", [("sum by (device) (rate(modelmeter_compute_seconds_total[5m]))", "{{device}}")], w=12, unit="s",
       desc="Forward-pass seconds per second spent on billed requests.")
 (OUT / "overview.json").write_text(json.dumps(b.dump("modelmeter-overview", "modelmeter — operator overview",
-    "Traffic, errors, latency, batching, queues, the model pool, refusals, fine-tuning and Stripe sync."), indent=2) + "\n")
+    "Traffic, errors, latency, batching, queues, the model pool, tenant adapters, refusals, fine-tuning and Stripe sync."), indent=2) + "\n")
 
 # --- tenants ----------------------------------------------------------------------------------------
 T = 'tenant=~"$tenant"'

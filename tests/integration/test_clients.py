@@ -71,3 +71,46 @@ def test_openai_files_and_fine_tuning(live_server: LiveServer, tenant: Any, regi
     assert next(e.message for e in events.data) == "Files validated; job queued."
     assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+
+
+def test_openai_sdk_creates_lora_and_full_jobs_unchanged(live_server: LiveServer, tenant: Any,
+                                                         register_model: Any) -> None:
+    """``training_type`` travels in the SDK's ``extra_body``; the job object echoes it (the SDK keeps extras)."""
+    from modelmeter.worker import build_worker
+
+    _, key = tenant
+    base = register_model(None, task="feature-extraction", model_id="tiny-base")
+    client = OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+    lines = [f'{{"text": "good film {i}", "label": "pos"}}\n{{"text": "bad film {i}", "label": "neg"}}'
+             for i in range(12)]
+    uploaded = client.files.create(file=("train.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
+    default = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="plain")
+    lora = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="lora",
+                                          hyperparameters={"n_epochs": 1, "batch_size": 8},
+                                          extra_body={"training_type": {"type": "lora", "rank": 4, "alpha": 8}})
+    assert default.model_extra is not None and default.model_extra["training_type"] == {
+        "type": "lora", "rank": 8, "alpha": 16}
+    assert lora.model_extra is not None and lora.model_extra["training_type"] == {"type": "lora", "rank": 4, "alpha": 8}
+    client.fine_tuning.jobs.cancel(default.id)
+    services = live_server.app.state.services
+    assert build_worker(services.settings, engine=services.engine, show_progress=False).run_once()
+    full = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="full",
+                                          hyperparameters={"n_epochs": 1, "batch_size": 8},
+                                          extra_body={"training_type": {"type": "full"}})
+    assert full.model_extra is not None and full.model_extra["training_type"] == {"type": "full"}
+    assert build_worker(services.settings, engine=services.engine, show_progress=False).run_once()
+    finished = {j.id: j for j in client.fine_tuning.jobs.list()}
+    for job_id, kind in ((lora.id, "lora"), (full.id, "full")):
+        model_id = finished[job_id].fine_tuned_model
+        assert finished[job_id].status == "succeeded" and model_id
+        verdict = InferenceClient(model=f"{live_server.url}/models/{model_id}", token=key).text_classification("good")
+        assert {e.label for e in verdict} == {"pos", "neg"}
+        # (Listings may lag a new model by the registry snapshot's few seconds; a call looks it up at once.)
+        listed = {m.id: m for m in client.models.list()}[model_id]
+        assert listed.model_extra is not None and listed.model_extra["training_type"] == kind
+    import openai
+
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.fine_tuning.jobs.create(model=base, training_file=uploaded.id,
+                                       extra_body={"training_type": {"type": "lora", "rank": 65}})
+    assert refused.value.body["param"] == "training_type.rank"  # type: ignore[index]

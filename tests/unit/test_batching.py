@@ -326,3 +326,19 @@ async def test_tags_reach_the_forward_pass_and_compute_is_shared_by_tokens(model
     for submission, n in zip(submissions, tokens, strict=True):
         assert submission.compute_s == pytest.approx(batch_compute * n / 20, rel=1e-9)
     assert sum(s.compute_s for s in submissions) == pytest.approx(batch_compute, rel=1e-9)
+
+
+async def test_a_departed_request_being_computed_returns_only_after_its_forward_pass(model: Model) -> None:
+    """``submit`` never returns while a forward pass still reads the request's rows (and tags): an adapter
+    released by a departed request cannot have its pages reused under a running batch."""
+    model.hold()
+    async with make(model) as batcher:
+        computing = asyncio.create_task(batcher.submit([seq(3)], tag="adapter"))
+        await asyncio.to_thread(model.entered.wait, 5)
+        computing.cancel()
+        await asyncio.sleep(0.05)
+        assert not computing.done()  # still waiting for the forward pass that holds its row
+        model.release()
+        with pytest.raises(asyncio.CancelledError):
+            await computing
+    assert model.tags == [["adapter"]]

@@ -171,8 +171,12 @@ async def _submit(request: Request, batcher: Batcher[Result], ids: list[list[int
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-    if not work.done():
-        work.cancel()
+        if not work.done():
+            # Leave only once the batcher has let go of the rows: the caller then releases the model (an
+            # adapter's pages may be reused), which must not happen under a queued or running row.
+            work.cancel()
+            await asyncio.shield(asyncio.gather(work, return_exceptions=True))
+    if work.cancelled():
         raise ClientDisconnectedError("The client disconnected before its inputs were computed.")
     try:
         return work.result()

@@ -116,6 +116,7 @@ class Batcher(Generic[R]):
         self._pending: deque[_Item[R]] = deque()
         self._pending_tokens = 0
         self._running: list[_Item[R]] = []
+        self._batch_done = asyncio.Event()  # set when the running batch's forward pass has returned
         self._permits_used = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -177,6 +178,7 @@ class Batcher(Generic[R]):
             await request.future
         except asyncio.CancelledError:
             self._drop(request)
+            await self._settle(request)
             raise
         started = request.started if request.started is not None else request.finished
         results = cast(list[R], request.results)  # every slot is filled once the future resolved
@@ -186,6 +188,12 @@ class Batcher(Generic[R]):
             inference_s=request.finished - started,
             compute_s=request.compute_s,
         )
+
+    async def _settle(self, request: _Request[R]) -> None:
+        """A departed request whose rows are being computed waits for that forward pass to end: ``submit`` never
+        returns while a forward pass still reads its rows' tags (an adapter's pages may be reused once it does)."""
+        if any(item.request is request for item in self._running):
+            await asyncio.shield(self._batch_done.wait())
 
     def _enqueue(self, ids: list[list[int]], tag: Any, now: float) -> _Request[R]:
         loop = asyncio.get_running_loop()
@@ -284,7 +292,7 @@ class Batcher(Generic[R]):
         for item in batch:
             if item.request.started is None:
                 item.request.started = started
-        self._running = batch
+        self._running, self._batch_done = batch, asyncio.Event()
         try:
             results, compute_s = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _timed, self._run, [item.ids for item in batch], [item.tag for item in batch]
@@ -299,6 +307,7 @@ class Batcher(Generic[R]):
             return
         finally:
             self._running = []
+            self._batch_done.set()
         self._deliver(batch, results, compute_s)
         self._report(batch, started, compute_s)
 
