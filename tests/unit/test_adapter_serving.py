@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from modelmeter.models.pool import ModelLoadError
 from modelmeter.models.serving import AdapterConfig, BatchCaps, ModelServer, ModelSource
 from tests.tiny_bert import make_tiny_adapter, make_tiny_bert, merged_classifier
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_torch_thread")]
 CPU = torch.device("cpu")
 TEXTS = ["fine", "a dull and tedious film, start to finish", "warm and wise", "meh " * 30]
 
@@ -27,13 +26,6 @@ TEXTS = ["fine", "a dull and tedious film, start to finish", "warm and wise", "m
 def anyio_backend() -> str:
     return "asyncio"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from modelmeter.models.adapters.pages import PagePool
 from modelmeter.models.backends import BertBackend
 from tests.tiny_bert import make_tiny_adapter, make_tiny_bert, merged_classifier
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
 TEXTS = [
     "ok",
@@ -37,13 +37,6 @@ TEXTS = [
 # (labels, rank): different label counts and ranks, so padding to the batch's largest of each is exercised.
 SPECS = [(["neg", "pos"], 4), (["a", "b", "c"], 8), (["one", "two", "three", "four", "five"], 1), (["x", "y"], 16)]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +245,15 @@ def test_a_damaged_adapter_is_refused_with_a_reason(base_dir: Path, references: 
     with pytest.raises(AdapterError) as caught:
         read_adapter(path, shapes=backend.shapes, hidden=backend.dimensions)
     assert str(caught.value)
+
+
+def test_head_stacks_grow_and_keep_what_they_hold() -> None:
+    pool = PagePool({"m": (3, 5)}, 4, pages=64, label_pages=4, max_label_pages=20, device=CPU, dtype=torch.float32)
+    first = pool.alloc(1, 3)
+    assert first is not None and pool.label_capacity == 4
+    pool.head_w[list(first.label_pages)] = torch.arange(12, dtype=torch.float32).view(3, 4)
+    second = pool.alloc(1, 10)  # needs more label pages than are free: the heads double (twice), up to the cap
+    assert second is not None and pool.label_capacity == 16
+    assert pool.head_w[list(first.label_pages)].flatten().tolist() == list(range(12))
+    assert not pool.head_w[0].any() and set(second.label_pages).isdisjoint(first.label_pages)
+    assert pool.alloc(1, 10) is None and pool.label_capacity == 20  # the cap holds

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from modelmeter.models.backends import (
 )
 from tests.tiny_bert import make_tiny_bert
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
 LABELS = ["negative", "neutral", "positive"]
 TEXTS = [
@@ -32,14 +32,6 @@ TEXTS = [
 ]
 LONG = "tokens " * 700
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny forwards on a shared 2-core machine are far faster (and steadier) without OpenMP fan-out."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

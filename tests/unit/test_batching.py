@@ -274,13 +274,6 @@ def test_caps_must_be_positive(model: Model) -> None:
         make(model, max_wait_ms=-1)
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards on a shared 2-core machine: OpenMP fan-out only slows them
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("task", ["feature-extraction", "text-classification"])

@@ -275,3 +275,33 @@ def test_stored_training_types() -> None:
     assert training_from_public({"type": "lora", "rank": 16, "alpha": 32}) == LoraTraining(rank=16, alpha=32)
     with pytest.raises(ValueError, match="unknown"):
         training_from_public({"type": "prefix"})
+
+
+def test_shared_dropout_drops_about_p_keeps_the_mean_and_shares_its_mask() -> None:
+    from modelmeter.models.finetune.recipes import SharedDropout
+
+    dropout = SharedDropout(0.1)
+    dropout.train()
+    x = torch.ones(400, 1000)
+    y = dropout(x)
+    assert (y == 0).float().mean().item() == pytest.approx(26 / 256, abs=0.005)  # p in steps of 1/256
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout: the expectation is kept
+    assert dropout(x) is y  # query, key and value get the same input tensor, hence the same mask
+    other = dropout(x.clone())
+    assert other is not y and not torch.equal(other, y)
+    dropout.eval()
+    assert dropout(x) is x
+
+
+def test_lora_branches_of_one_layer_share_their_dropout(tiny_base: Path) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    from modelmeter.models.finetune import recipes
+
+    model = BertForSequenceClassification.from_pretrained(tiny_base, num_labels=2, local_files_only=True)
+    module = recipes.prepare(model, LoraTraining())
+    dropouts = {name: m.lora_dropout["default"] for name, m in module.named_modules() if isinstance(m, LoraLayer)}
+    attention = "base_model.model.bert.encoder.layer.0.attention.self."
+    assert dropouts[attention + "query"] is dropouts[attention + "key"] is dropouts[attention + "value"]
+    assert dropouts[attention + "query"] is not dropouts["base_model.model.bert.encoder.layer.0.output.dense"]
+    assert all(isinstance(d, recipes.SharedDropout) for d in dropouts.values())

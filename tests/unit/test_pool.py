@@ -158,3 +158,45 @@ async def test_on_evict_sees_the_model_and_failing_hooks_are_contained() -> None
 def test_budget_must_be_positive() -> None:
     with pytest.raises(ValueError):
         ModelPool(Loader(), 0)
+
+
+async def test_admit_runs_after_room_is_made_and_before_the_model_is_visible() -> None:
+    """An adapter pool writes the adapter into its pages in ``admit``: the evicted model's room is free by then."""
+    seen: list[tuple[str, list[str]]] = []
+    pool: ModelPool[FakeModel] = ModelPool(Loader(delay_s=0), 150,
+                                           admit=lambda model_id, _: seen.append((model_id, pool.loaded())))
+    await pool.get("a")
+    await pool.get("b")
+    assert seen == [("a", []), ("b", [])]  # "a" was evicted before "b" was admitted
+    assert pool.loaded() == ["b"]
+
+
+async def test_a_failing_admit_fails_the_load_and_stores_nothing() -> None:
+    def admit(model_id: str, model: FakeModel) -> None:
+        raise RuntimeError("no free pages")
+
+    pool: ModelPool[FakeModel] = ModelPool(Loader(delay_s=0), 1000, admit=admit)
+    with pytest.raises(ModelLoadError, match="no free pages"):
+        await pool.get("a")
+    assert (pool.loaded(), pool.used_bytes) == ([], 0)
+
+
+async def test_a_model_in_use_is_never_evicted_explicitly() -> None:
+    pool = ModelPool(Loader(delay_s=0), 1000)
+    async with pool.use("a"):
+        assert pool.evict("a") is False
+        assert pool.loaded() == ["a"]
+    assert pool.evict("a") is True
+
+
+async def test_use_pins_the_model_it_returns_even_if_evicted_while_waiting() -> None:
+    """A waiter resumed after another admission evicted the model it waited for loads it again, then pins it."""
+    loader = Loader(delay_s=0.02)
+    pool = ModelPool(loader, 100)
+    async def hold(model_id: str) -> str:
+        async with pool.use(model_id) as model:
+            assert pool.peek(model_id) is model
+            await asyncio.sleep(0.01)
+            return model.model_id
+
+    assert await asyncio.gather(hold("a"), hold("b"), hold("a")) == ["a", "b", "a"]

@@ -34,7 +34,7 @@ MAX_RANK = 64
 # Room above the budget for adapters pinned by requests in flight while the pool is full (pages are reserved
 # virtually: only pages written cost memory).
 _HEADROOM = 1.25
-_MAX_LABEL_PAGES = 1 << 22
+_FIRST_LABEL_PAGES = 4096  # heads grow from here (6 MB for MiniLM), doubling as adapters arrive
 
 OnAdapterBatch = Callable[[int, int], None]  # (distinct adapters in the batch, adapters copied to the device)
 
@@ -129,17 +129,17 @@ class AdapterBackend(BertBackend):
         page_bytes, label_bytes = probe.page_bytes, probe.label_page_bytes
         if device_bytes is None:
             pages = math.ceil(_HEADROOM * budget_bytes / page_bytes) + MAX_RANK + 1
-            label_pages = min(math.ceil(_HEADROOM * budget_bytes / label_bytes), _MAX_LABEL_PAGES) + max_labels + 1
-            self.resident = self._pool(pages, label_pages, self.device)
+            most_labels = math.ceil(_HEADROOM * budget_bytes / label_bytes) + max_labels + 1
+            self.resident = self._pool(pages, _FIRST_LABEL_PAGES, self.device, max_label_pages=most_labels)
             return
         # Two tiers: the device must hold one batch's adapters at the largest rank and label count.
         pages = max(device_bytes // page_bytes, max_batch_size * MAX_RANK + 1)
         label_pages = max(pages, max_batch_size * max_labels + 1)
         self.device_tier = DeviceTier(self._pool(pages, label_pages, self.device))
 
-    def _pool(self, pages: int, label_pages: int, device: torch.device) -> PagePool:
+    def _pool(self, pages: int, label_pages: int, device: torch.device, max_label_pages: int | None = None) -> PagePool:
         return PagePool(self.shapes, self.dimensions, pages=pages, label_pages=label_pages, device=device,
-                        dtype=self._model.dtype)
+                        dtype=self._model.dtype, max_label_pages=max_label_pages)
 
     # --- the adapter pool's side (loader thread, then event loop) --------------------------------------
 

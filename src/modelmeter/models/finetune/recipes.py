@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -90,7 +91,58 @@ def prepare(model: BertForSequenceClassification, training: TrainingType) -> tor
     with warnings.catch_warnings():
         # transformers 5 deprecates an attribute PEFT still reads; nothing for us to act on.
         warnings.simplefilter("ignore", FutureWarning)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+    _share_dropouts(peft_model, training.dropout)
+    return peft_model
+
+
+class SharedDropout(torch.nn.Module):
+    """Inverted dropout for the LoRA branches: the mask costs one random 64-bit word per 8 elements, and branches
+    that receive the same input tensor (query, key and value see the same hidden states) share it.
+
+    PEFT gives every LoRA branch its own ``nn.Dropout``, which draws one random number per element: on the CPU,
+    those draws cost more than the rest of the LoRA overhead (a training step on 32 SST-2 sentences: 620-650 ms with
+    them against 440-450 without dropout, and 460-570 for a full fine-tune; ``F.dropout`` on a [32, 28, 1536]
+    tensor 9.5 ms, this mask 3.2 ms). ``p`` is applied in steps of 1/256 (0.1 is 26/256). LoRA with dropout scores
+    about half a point better than without on 2,000 held-out SST-2 rows (README), and with this module trains no
+    slower than a full fine-tune.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.threshold = round(p * 256)
+        self.scale = 256 / (256 - self.threshold)
+        # Weak references: the autograd graph keeps both alive for the step; nothing is retained after it.
+        self._last: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        if self._last is not None and self._last[0]() is x:  # the same tensor object: q, k and v of one layer
+            out = self._last[1]()
+            if out is not None:
+                return out
+        out = x * _keep_mask(x, self.threshold) * self.scale
+        self._last = (weakref.ref(x), weakref.ref(out))
+        return out
+
+
+def _keep_mask(x: torch.Tensor, threshold: int) -> torch.Tensor:
+    """``True`` with probability ``1 - threshold / 256`` per element, from uniform random bytes."""
+    n = x.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+    return words.view(torch.uint8)[:n].view(x.shape) >= threshold
+
+
+def _share_dropouts(model: torch.nn.Module, p: float) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    shared: dict[str, SharedDropout] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_dropout:
+            parent, _, leaf = name.rpartition(".")
+            key = parent if leaf in ("query", "key", "value") else name
+            module.lora_dropout["default"] = shared.setdefault(key, SharedDropout(p))
 
 
 def save(module: torch.nn.Module, tokenizer: Any, training: TrainingType, *, labels: list[str], base_model: str,
