@@ -55,13 +55,15 @@ class MultiLoraLinear(nn.Module):
             return y
         a = plan.pool.a[self.name].index_select(0, plan.pages).view(plan.rows, plan.rank, -1)  # [rows, rank, in]
         b = plan.pool.b[self.name].index_select(0, plan.pages).view(plan.rows, plan.rank, -1)  # [rows, rank, out]
-        # A x^T first ([rows, rank, tokens]) then baddbmm: on the CPU ~30% faster than x A^T with rank as the
-        # GEMMs' narrow side (bench/tenants.py's hot-path figures; ~9% of the base linear's time at rank 8).
+        # A x^T first ([rows, rank, tokens]): on the CPU ~30% faster than x A^T (rank is the GEMMs' narrow side).
+        # The update is added into the base product in place (``y`` is this call's own fresh tensor): an
+        # out-of-place baddbmm copies ``y`` first, which cost about half as much again as the update itself
+        # (a 384x384 layer, 64 rows of 28 tokens, 2 threads: 250 us against 129 us in place; the base linear 4.3 ms).
         if x.dim() == 2:  # the pooler sees one vector per row
             xa = torch.bmm(a, x.unsqueeze(2))  # [rows, rank, 1]
-            return torch.baddbmm(y.unsqueeze(1), xa.transpose(1, 2), b).squeeze(1)
+            return y.unsqueeze(1).baddbmm_(xa.transpose(1, 2), b).squeeze(1)
         xa = torch.bmm(a, x.transpose(1, 2))  # [rows, rank, tokens]
-        return torch.baddbmm(y, xa.transpose(1, 2), b)
+        return y.baddbmm_(xa.transpose(1, 2), b)
 
 
 def wrap_linears(model: nn.Module, targets: tuple[str, ...], context: AdapterContext) -> dict[str, tuple[int, int]]:
