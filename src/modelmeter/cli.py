@@ -13,27 +13,14 @@ from typing import Any
 
 import click
 from pydantic import BaseModel, ValidationError
-from sqlmodel import Session
 
 from modelmeter import clock, db
 from modelmeter.errors import ModelMeterError
-from modelmeter.gateway import auth
 from modelmeter.gateway.services import Services
-from modelmeter.gateway.tenants import (
-    ALL_SCOPES,
-    ApiKeyCreate,
-    ApiKeyPublic,
-    TenantCreate,
-    TenantPublic,
-    TenantUpdate,
-    create_tenant,
-    get_key,
-    get_tenant,
-    list_keys,
-    list_tenants,
-    update_tenant,
-)
+from modelmeter.ops import tenants as ops
 from modelmeter.settings import Settings, ensure_admin_token
+from modelmeter.tenancy.keys import ALL_SCOPES, ApiKeyCreate, ApiKeyPublic
+from modelmeter.tenancy.tenants import TenantCreate, TenantPublic, TenantUpdate
 
 
 def _services() -> Services:
@@ -49,11 +36,11 @@ def _services() -> Services:
 
 
 @contextmanager
-def _session() -> Iterator[tuple[Services, Session]]:
+def _admin() -> Iterator[Services]:
+    """The platform's services for one verb; the service functions they call own their transactions."""
     services = _services()
     try:
-        with db.session_scope(services.sessions) as session:
-            yield services, session
+        yield services
     finally:
         services.engine.dispose()
 
@@ -130,7 +117,7 @@ def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> 
 
     import uvicorn
 
-    from modelmeter.worker import spawn_worker, stop_worker
+    from modelmeter.trainer import spawn_worker, stop_worker
 
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     metrics_dir = Path(given) if given else Path(tempfile.mkdtemp(prefix="modelmeter-metrics-"))
@@ -160,7 +147,7 @@ def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> 
 @main.command()
 def worker() -> None:
     """Run fine-tuning jobs, one at a time, until stopped (SIGTERM/SIGINT)."""
-    from modelmeter.worker import run_worker
+    from modelmeter.trainer import run_worker
 
     run_worker(Settings())
 
@@ -181,10 +168,10 @@ def _tenant_line(t: dict[str, Any]) -> str:
 @json_option
 def tenant_create(name: str, email: str, plan: str, as_json: bool) -> None:
     try:
-        with _session() as (services, session):
+        with _admin() as services:
             data = TenantCreate(name=name, email=email, plan=plan)
-            services.plans.get(data.plan)
-            payload = _dump(TenantPublic.model_validate(create_tenant(session=session, data=data)))
+            tenant = ops.create_tenant(sessions=services.sessions, catalog=services.plans, data=data)
+            payload = _dump(TenantPublic.model_validate(tenant))
     except (ModelMeterError, ValidationError) as exc:
         _fail(exc)
     _emit(as_json, payload, lambda t: f"created {_tenant_line(t)}")
@@ -194,8 +181,8 @@ def tenant_create(name: str, email: str, plan: str, as_json: bool) -> None:
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
 @json_option
 def tenant_list(limit: int, as_json: bool) -> None:
-    with _session() as (_, session):
-        rows, has_more = list_tenants(session=session, limit=limit, after=None)
+    with _admin() as services:
+        rows, has_more = ops.list_tenants(sessions=services.sessions, limit=limit, after=None)
         data = [_dump(TenantPublic.model_validate(t)) for t in rows]
     _emit(as_json, {"object": "list", "data": data, "has_more": has_more},
           lambda p: "\n".join(_tenant_line(t) for t in p["data"]) or "no tenants")
@@ -206,8 +193,9 @@ def tenant_list(limit: int, as_json: bool) -> None:
 @json_option
 def tenant_show(tenant_id: str, as_json: bool) -> None:
     try:
-        with _session() as (_, session):
-            payload = _dump(TenantPublic.model_validate(get_tenant(session=session, tenant_id=tenant_id)))
+        with _admin() as services:
+            payload = _dump(TenantPublic.model_validate(ops.get_tenant(sessions=services.sessions,
+                                                                       tenant_id=tenant_id)))
     except ModelMeterError as exc:
         _fail(exc)
     _emit(as_json, payload, lambda t: "\n".join(f"{k:>22}: {v}" for k, v in t.items()))
@@ -223,11 +211,10 @@ def tenant_show(tenant_id: str, as_json: bool) -> None:
 @json_option
 def tenant_update(tenant_id: str, as_json: bool, **fields: Any) -> None:
     try:
-        with _session() as (services, session):
+        with _admin() as services:
             data = TenantUpdate(**{k: v for k, v in fields.items() if v is not None})
-            if data.plan is not None:
-                services.plans.get(data.plan)
-            row = update_tenant(session=session, tenant=get_tenant(session=session, tenant_id=tenant_id), data=data)
+            row = ops.update_tenant(sessions=services.sessions, catalog=services.plans, tenant_id=tenant_id,
+                                    data=data)
             payload = _dump(TenantPublic.model_validate(row))
     except (ModelMeterError, ValidationError) as exc:
         _fail(exc)
@@ -251,10 +238,9 @@ def _key_line(k: dict[str, Any]) -> str:
 @json_option
 def key_create(tenant_id: str, name: str, scopes: tuple[str, ...], expires_at: int | None, as_json: bool) -> None:
     try:
-        with _session() as (_, session):
-            get_tenant(session=session, tenant_id=tenant_id)
+        with _admin() as services:
             data = ApiKeyCreate(name=name, scopes=list(scopes) or None, expires_at=expires_at)  # type: ignore[arg-type]
-            row, plaintext = auth.issue_key(session=session, tenant_id=tenant_id, data=data)
+            row, plaintext = ops.issue_key(sessions=services.sessions, tenant_id=tenant_id, data=data)
             payload = {**_dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
     except (ModelMeterError, ValidationError) as exc:
         _fail(exc)
@@ -266,9 +252,8 @@ def key_create(tenant_id: str, name: str, scopes: tuple[str, ...], expires_at: i
 @json_option
 def key_list(tenant_id: str, as_json: bool) -> None:
     try:
-        with _session() as (_, session):
-            get_tenant(session=session, tenant_id=tenant_id)
-            rows, has_more = list_keys(session=session, tenant_id=tenant_id, limit=1000, after=None)
+        with _admin() as services:
+            rows, has_more = ops.list_keys(sessions=services.sessions, tenant_id=tenant_id, limit=1000, after=None)
             data = [_dump(ApiKeyPublic.of(k, now=clock.now_s())) for k in rows]
     except ModelMeterError as exc:
         _fail(exc)
@@ -281,8 +266,8 @@ def key_list(tenant_id: str, as_json: bool) -> None:
 @json_option
 def key_revoke(key_id: str, as_json: bool) -> None:
     try:
-        with _session() as (_, session):
-            row = auth.revoke_key(session=session, key=get_key(session=session, key_id=key_id))
+        with _admin() as services:
+            row = ops.revoke_key(sessions=services.sessions, key_id=key_id)
             payload = _dump(ApiKeyPublic.of(row, now=clock.now_s()))
     except ModelMeterError as exc:
         _fail(exc)
@@ -295,12 +280,9 @@ def key_revoke(key_id: str, as_json: bool) -> None:
 @json_option
 def key_roll(key_id: str, grace_s: int | None, as_json: bool) -> None:
     try:
-        with _session() as (services, session):
-            old = get_key(session=session, key_id=key_id)
-            if old.status_at(clock.now_s()) != "active":
-                raise click.ClickException("only an active key can be rolled")
+        with _admin() as services:
             grace = services.settings.default_key_grace_s if grace_s is None else grace_s
-            row, plaintext = auth.roll_key(session=session, key=old, grace_s=grace)
+            row, plaintext = ops.roll_key(sessions=services.sessions, key_id=key_id, grace_s=grace)
             payload = {**_dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
     except ModelMeterError as exc:
         _fail(exc)
@@ -337,15 +319,13 @@ def billing() -> None:
 @json_option
 def billing_close(period: str, as_json: bool) -> None:
     """Close a finished month into one invoice per tenant (running it again changes nothing)."""
-    from modelmeter.gateway.billing_ops import close_billing_period
+    from modelmeter.billing.invoicing import close_period
 
-    services = _services()
     try:
-        result = close_billing_period(services, period)
+        with _admin() as services:
+            result = close_period(sessions=services.sessions, catalog=services.plans, period=period)
     except ModelMeterError as exc:
         _fail(exc)
-    finally:
-        services.engine.dispose()
     _emit(as_json, result.public(), lambda r: (
         f"period {r['period']} already closed ({r['invoices']} invoices)" if r["already_closed"]
         else f"closed {r['period']}: {r['invoices']} invoices"))
@@ -379,8 +359,8 @@ def dashboard_link(tenant_id: str, base_url: str | None, ttl: int | None, as_jso
     from modelmeter.gateway.dashboard import issue_link
 
     try:
-        with _session() as (services, session):
-            get_tenant(session=session, tenant_id=tenant_id)
+        with _admin() as services:
+            ops.get_tenant(sessions=services.sessions, tenant_id=tenant_id)
             base = base_url or services.settings.public_url or "http://127.0.0.1:8000"
             payload = issue_link(services.settings, tenant_id, base, ttl_s=ttl).public()
     except ModelMeterError as exc:
@@ -405,11 +385,10 @@ def _economics_line(r: dict[str, Any]) -> str:
 @json_option
 def economics(period: str | None, group_by: str, as_json: bool) -> None:
     """Revenue against compute cost, and the margin, per tenant or per plan."""
-    from modelmeter.billing.economics import total
-    from modelmeter.gateway.economics import economics_report
+    from modelmeter.billing.economics import economics_report, total
 
     try:
-        with _session() as (services, session):
+        with _admin() as services, services.sessions() as session:
             rows = economics_report(session=session, catalog=services.plans, settings=services.settings,
                                     period=period, group_by=group_by)  # type: ignore[arg-type]
     except ModelMeterError as exc:

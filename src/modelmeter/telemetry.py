@@ -50,12 +50,13 @@ from sqlmodel import Session, col, select
 
 from modelmeter import __version__, clock
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.economics import ComputePrices, EconomicsRow, TenantRef, group, period_economics
+from modelmeter.billing.economics import ComputePrices, EconomicsRow, group, period_economics
 from modelmeter.billing.metering import UsageRecord, period_of
 from modelmeter.billing.pricing import MICRO_PER_CENT, Usage, usage_cost_micro
 from modelmeter.billing.tables import StripeOutbox
 from modelmeter.models.batching import OnBatch
 from modelmeter.models.finetune.tables import ACTIVE_STATUSES, FINISHED_STATUSES, FineTuningJob
+from modelmeter.tenancy.tenants import Tenant
 
 if TYPE_CHECKING:
     from modelmeter.models.serving import ModelServer
@@ -405,7 +406,7 @@ def jobs_by_state(session: Session) -> dict[str, int]:
     return counts
 
 
-def quota_utilisation(catalog: PlanCatalog, tenant: TenantRef, used: Usage) -> dict[str, float]:
+def quota_utilisation(catalog: PlanCatalog, tenant: Tenant, used: Usage) -> dict[str, float]:
     """How much of each cap a tenant has used this period (1.0 = exhausted); only capped resources."""
     plan = catalog.get(tenant.plan) if tenant.plan in catalog else None
     out: dict[str, float] = {}
@@ -461,7 +462,7 @@ class DatabaseCollector(Collector):
     """
 
     def __init__(self, *, sessions: sessionmaker[Session], catalog: PlanCatalog, prices: ComputePrices,
-                 tenants: Callable[[Session], Sequence[TenantRef]], max_tenants: int, ttl_s: float) -> None:
+                 tenants: Callable[[Session], Sequence[Tenant]], max_tenants: int, ttl_s: float) -> None:
         self._sessions = sessions
         self._catalog = catalog
         self._prices = prices
@@ -507,7 +508,7 @@ class DatabaseCollector(Collector):
         f.outbox_failed.add_metric([], failed)
         f.outbox_age.add_metric([], max(0, clock.now_s() - oldest) if oldest is not None else 0)
 
-    def _tenant_counts(self, tenants: Sequence[TenantRef], f: _Families) -> None:
+    def _tenant_counts(self, tenants: Sequence[Tenant], f: _Families) -> None:
         counts: dict[tuple[str, str], int] = {}
         for t in tenants:
             key = (t.plan if t.plan in self._catalog else OTHER, t.status)
@@ -528,7 +529,7 @@ class DatabaseCollector(Collector):
             f.tenant_cost.add_metric(tenant, row.compute_cost_cents)
             f.tenant_margin.add_metric(tenant, row.margin_cents)
 
-    def _quota(self, tenants: Sequence[TenantRef], rows: list[EconomicsRow], f: _Families) -> None:
+    def _quota(self, tenants: Sequence[Tenant], rows: list[EconomicsRow], f: _Families) -> None:
         used = {r.tenant_id: r.usage for r in group(rows, "tenant")}
         ratios: dict[str, dict[str, float]] = {}
         for tenant in tenants:

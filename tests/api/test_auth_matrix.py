@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from modelmeter.gateway import auth
 from modelmeter.gateway.app import create_app
 from modelmeter.settings import Settings
+from modelmeter.tenancy import keys as auth
 from tests.conftest import ADMIN, assert_envelope, bearer
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/webhooks/stripe", "/dashboard", "/docs", "/docs/oauth2-redirect",

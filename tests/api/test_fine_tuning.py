@@ -16,7 +16,7 @@ from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.models.registry import MlModel
 from modelmeter.settings import Settings
-from modelmeter.worker import build_worker
+from modelmeter.trainer import build_worker
 from tests.conftest import ADMIN, assert_envelope, bearer
 
 POSITIVE = ["a joyous , moving film", "great acting and a fine script", "warm , funny and wise", "a delight"]

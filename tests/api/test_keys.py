@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 
 from modelmeter import clock
-from modelmeter.gateway import auth
+from modelmeter.gateway.auth import INVALID_KEY_MESSAGE
+from modelmeter.tenancy import keys
 from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
 
 
@@ -18,7 +19,7 @@ def test_key_format_and_listing_hides_secret(client: TestClient, make_tenant: An
     tenant = make_tenant()
     created = make_key(tenant["id"], name="ci")
     key = created["key"]
-    assert key.startswith("mm_") and len(key) == 41 and auth.well_formed(key)
+    assert key.startswith("mm_") and len(key) == 41 and keys.well_formed(key)
     assert created["prefix"] == key[:11] and created["last4"] == key[-4:]
     assert created["scopes"] == ["inference", "fine-tune", "billing:read"]
 
@@ -58,7 +59,7 @@ def test_revoked_key_is_401_at_once(client: TestClient, make_tenant: Any, make_k
     revoked = client.delete(f"/admin/keys/{created['id']}", headers=ADMIN)
     assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
     error = assert_envelope(client.get("/v1/models", headers=bearer(created["key"])), 401, code="invalid_api_key")
-    assert error["message"] == auth.INVALID_KEY_MESSAGE
+    assert error["message"] == INVALID_KEY_MESSAGE
 
 
 def test_expiry(client: TestClient, make_tenant: Any, make_key: Any, fake_clock: FakeClock) -> None:
@@ -67,7 +68,7 @@ def test_expiry(client: TestClient, make_tenant: Any, make_key: Any, fake_clock:
     assert client.get("/v1/models", headers=bearer(created["key"])).status_code == 200
     fake_clock.advance(61)
     error = assert_envelope(client.get("/v1/models", headers=bearer(created["key"])), 401)
-    assert error["message"] == auth.INVALID_KEY_MESSAGE
+    assert error["message"] == INVALID_KEY_MESSAGE
     listed = client.get(f"/admin/tenants/{tenant['id']}/keys", headers=ADMIN).json()["data"][0]
     assert listed["status"] == "expired"
 
@@ -107,13 +108,13 @@ def test_malformed_keys_are_refused_without_lookup(
     original = services.auth.load
     monkeypatch.setattr(services.auth, "load", lambda k: lookups.append(k) or original(k))
     error = assert_envelope(client.get("/v1/models", headers=bearer(bad)), 401)
-    assert error["message"] == auth.INVALID_KEY_MESSAGE
+    assert error["message"] == INVALID_KEY_MESSAGE
     assert lookups == []
 
 
 def test_unknown_well_formed_key_is_401(client: TestClient) -> None:
-    error = assert_envelope(client.get("/v1/models", headers=bearer(auth.generate_key())), 401)
-    assert error["message"] == auth.INVALID_KEY_MESSAGE
+    error = assert_envelope(client.get("/v1/models", headers=bearer(keys.generate_key())), 401)
+    assert error["message"] == INVALID_KEY_MESSAGE
 
 
 def test_key_in_query_string_is_refused(client: TestClient, make_tenant: Any, make_key: Any) -> None:

@@ -76,7 +76,7 @@ def test_openai_files_and_fine_tuning(live_server: LiveServer, tenant: Any, regi
 def test_openai_sdk_creates_lora_and_full_jobs_unchanged(live_server: LiveServer, tenant: Any,
                                                          register_model: Any) -> None:
     """``training_type`` travels in the SDK's ``extra_body``; the job object echoes it (the SDK keeps extras)."""
-    from modelmeter.worker import build_worker
+    from modelmeter.trainer import build_worker
 
     _, key = tenant
     base = register_model(None, task="feature-extraction", model_id="tiny-base")

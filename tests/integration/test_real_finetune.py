@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from modelmeter.worker import build_worker
+from modelmeter.trainer import build_worker
 from tests.conftest import bearer, sst2_rows
 
 pytestmark = pytest.mark.slow

@@ -33,8 +33,8 @@ from modelmeter.billing.metering import UsageRecord, record_usage
 from modelmeter.billing.tables import Invoice, InvoiceLine, StripeEvent, StripeOutbox, StripePlan
 from modelmeter.gateway.app import create_app
 from modelmeter.gateway.services import Services
-from modelmeter.gateway.tenants import Tenant
 from modelmeter.settings import Settings
+from modelmeter.tenancy.tenants import Tenant
 from tests.conftest import ADMIN, ON_POSTGRES, FakeClock, assert_envelope, bearer
 
 pytest.importorskip("localstripe")

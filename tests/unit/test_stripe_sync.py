@@ -13,8 +13,9 @@ from sqlmodel import col, select
 
 from modelmeter import db
 from modelmeter.billing import stripe_sync
+from modelmeter.billing.accounts import create_tenant
 from modelmeter.billing.tables import StripeOutbox
-from modelmeter.gateway.tenants import TenantCreate, create_tenant
+from modelmeter.tenancy.tenants import TenantCreate
 
 SECRET = "whsec_unit"
 

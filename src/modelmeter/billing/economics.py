@@ -18,6 +18,7 @@ Exactness
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import ROUND_HALF_UP, Decimal
@@ -27,26 +28,19 @@ from sqlalchemy import func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from modelmeter.billing import invoicing
+from modelmeter import clock
+from modelmeter.billing import invoicing, metering
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import period_bounds
 from modelmeter.billing.pricing import MICRO_PER_CENT, round_half_up_div, unit_micro_cents
 from modelmeter.billing.tables import Invoice, UsageEvent
+from modelmeter.errors import InvalidRequestError
+from modelmeter.settings import Settings
+from modelmeter.tenancy.tenants import Tenant, all_tenants
 
 US_PER_HOUR = 3_600_000_000
 _UNITS_PER_CENT = US_PER_HOUR * MICRO_PER_CENT
 GroupBy = Literal["tenant", "plan"]
-
-
-@dataclass(frozen=True, slots=True)
-class TenantRef:
-    """What economics needs to know of a tenant (billing never imports the gateway's tenant table)."""
-
-    id: str
-    plan: str
-    created: int
-    monthly_budget_cents: int | None = None
-    status: str = "active"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +162,7 @@ def ledger_tallies(session: Session, period: str, prices: ComputePrices) -> dict
     return tallies
 
 
-def tenant_revenue(session: Session, catalog: PlanCatalog, tenant: TenantRef, period: str
+def tenant_revenue(session: Session, catalog: PlanCatalog, tenant: Tenant, period: str
                    ) -> tuple[dict[str, int], str]:
     """Revenue cents per plan and its source: the closed invoice's lines, else the preview's."""
     invoice = session.exec(
@@ -187,7 +181,7 @@ def tenant_revenue(session: Session, catalog: PlanCatalog, tenant: TenantRef, pe
 
 
 def period_economics(session: Session, catalog: PlanCatalog, prices: ComputePrices, period: str,
-                     tenants: Sequence[TenantRef]) -> list[EconomicsRow]:
+                     tenants: Sequence[Tenant]) -> list[EconomicsRow]:
     """One row per (tenant, plan) with revenue or usage in ``period``, for tenants that existed in it."""
     invoicing.parse_period(period)
     end = period_bounds(period)[1]
@@ -236,3 +230,25 @@ def total(rows: Iterable[EconomicsRow], period: str, currency: str = "usd") -> E
         out.revenue_cents += row.revenue_cents
         out.usage.add(row.usage)
     return out
+
+
+# --- the operator's report ------------------------------------------------------------------------------
+
+
+def compute_prices(settings: Settings) -> ComputePrices:
+    """The configured compute prices; CPU time is multiplied by the torch threads the process runs."""
+    cores = settings.torch_threads or os.cpu_count() or 1
+    return ComputePrices.parse(cpu_core_hour=settings.cpu_core_hour_cost, gpu_hour=settings.gpu_hour_cost,
+                               cores=cores)
+
+
+def economics_report(*, session: Session, catalog: PlanCatalog, settings: Settings, period: str | None,
+                     group_by: GroupBy) -> list[EconomicsRow]:
+    """Revenue, compute cost and margin of ``period`` (the running month when omitted) per tenant or plan."""
+    current = metering.period_of(clock.now_s())
+    period = invoicing.parse_period(period) if period else current
+    if period > current:
+        raise InvalidRequestError(f"Period {period} has not started yet.", code="period_in_future", param="period")
+    rows = period_economics(session, catalog, compute_prices(settings), period, all_tenants(session=session))
+    ordered = group(rows, group_by)
+    return sorted(ordered, key=lambda r: (-r.margin_cents, r.tenant_id or r.plan or ""))

@@ -33,6 +33,7 @@ from modelmeter.billing.tables import (
 )
 from modelmeter.errors import ConflictError, InvalidRequestError
 from modelmeter.ids import new_id
+from modelmeter.tenancy.tenants import Tenant, all_tenants
 
 PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 
@@ -153,9 +154,8 @@ class CloseResult:
                 "already_closed": self.already_closed, "closed_at": self.closed_at}
 
 
-def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, period: str,
-                 tenants: Sequence[tuple[str, str, int]]) -> CloseResult:
-    """Close a finished month: one invoice per tenant that existed in it (``tenants``: id, plan, created).
+def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, period: str) -> CloseResult:
+    """Close a finished month: one invoice per tenant that existed in it.
 
     Refuses a period that has not ended (409); a second close returns the first one's result unchanged.
     """
@@ -163,7 +163,7 @@ def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, perio
     if end > clock.now_s():
         raise ConflictError(f"Period {period} has not ended yet.", code="period_not_ended", param="period")
     try:
-        return _close(sessions, catalog, period, tenants, start, end)
+        return _close(sessions, catalog, period, start, end)
     except IntegrityError:
         # Another close of the same period won the race (SQLite has no row lock): report it, change nothing.
         with sessions() as session:
@@ -173,15 +173,15 @@ def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, perio
             return CloseResult(period, done.invoices, True, done.closed_at)
 
 
-def _close(sessions: sessionmaker[Session], catalog: PlanCatalog, period: str,
-           tenants: Sequence[tuple[str, str, int]], start: int, end: int) -> CloseResult:
+def _close(sessions: sessionmaker[Session], catalog: PlanCatalog, period: str, start: int, end: int) -> CloseResult:
     with sessions() as session:
         state = _lock_state(session)
         done = session.get(BillingClose, period)
         if done is not None:
             return CloseResult(period, done.invoices, True, done.closed_at)
         now = clock.now_s()
-        count = sum(_invoice_tenant(session, catalog, t, period, start, end, now) for t in tenants if t[2] < end)
+        existed = [t for t in all_tenants(session=session) if t.created < end]
+        count = sum(_invoice_tenant(session, catalog, t, period, start, end, now) for t in existed)
         session.add(BillingClose(period=period, closed_at=now, invoices=count))
         if state.closed_through is None or period > state.closed_through:
             state.closed_through = period
@@ -202,9 +202,9 @@ def _lock_state(session: Session) -> BillingState:
     return state
 
 
-def _invoice_tenant(session: Session, catalog: PlanCatalog, tenant: tuple[str, str, int], period: str,
+def _invoice_tenant(session: Session, catalog: PlanCatalog, tenant: Tenant, period: str,
                     start: int, end: int, now: int) -> int:
-    tenant_id, plan, _ = tenant
+    tenant_id, plan = tenant.id, tenant.plan
     exists = session.exec(select(Invoice.id).where(Invoice.tenant_id == tenant_id, Invoice.period == period)).first()
     if exists is not None:
         return 0

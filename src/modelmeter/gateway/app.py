@@ -38,7 +38,7 @@ from modelmeter.models.registry import ModelCache, register_platform_models
 from modelmeter.models.serving import AdapterConfig, AdapterHooks, BatchCaps, ModelServer
 from modelmeter.settings import Settings, ensure_admin_token, get_settings
 from modelmeter.telemetry import Telemetry
-from modelmeter.worker import spawn_worker, stop_worker
+from modelmeter.trainer import spawn_worker, stop_worker
 
 log = logging.getLogger("modelmeter.gateway")
 MIB = 1024 * 1024

@@ -23,8 +23,8 @@ from modelmeter.billing.metering import period_of, period_usage
 from modelmeter.billing.pricing import Usage, usage_cost_micro
 from modelmeter.billing.usage import UsageQuery, cents, usage_buckets
 from modelmeter.errors import AuthenticationError, TenantSuspendedError
-from modelmeter.gateway.tenants import Tenant
 from modelmeter.settings import Settings, ensure_admin_token
+from modelmeter.tenancy.tenants import Tenant
 
 _TOKEN_RE = re.compile(r"^(?P<tenant>[a-z]{1,16}_[0-9a-z]{1,64})\.(?P<exp>[0-9]{1,12})\.(?P<sig>[A-Za-z0-9_-]{43})$")
 _KEY_CONTEXT = b"modelmeter/dashboard-links/v1"

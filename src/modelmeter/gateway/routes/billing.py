@@ -14,7 +14,7 @@ from modelmeter.billing.tables import Invoice
 from modelmeter.billing.usage import cents
 from modelmeter.errors import NotFoundError
 from modelmeter.gateway.deps import BillingPrincipal, ListDep, ServicesDep, SessionDep, list_body
-from modelmeter.gateway.tenants import get_tenant
+from modelmeter.tenancy.tenants import get_tenant
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
 
