@@ -15,6 +15,7 @@ from sqlmodel import select
 
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
 from modelmeter.models.adapters.artifact import ADAPTER_WEIGHTS
 from modelmeter.models.registry import MlModel
 from tests.conftest import assert_envelope, bearer
@@ -22,10 +23,6 @@ from tests.conftest import assert_envelope, bearer
 pytestmark = pytest.mark.anyio
 TEXTS = ["a fine film", "the worst, most tedious two hours I have spent in a cinema this year", "ok", "fine " * 40]
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture
@@ -103,10 +100,9 @@ async def test_compute_in_mixed_batches_is_attributed_by_tokens(
 
 async def test_a_corrupt_adapter_fails_its_tenant_only(
     client: TestClient, tenants: Any, register_adapter: Callable[..., str]
-) -> None:
+, services: Services) -> None:
     (t1, h1), (t2, h2), _ = tenants
     good, bad = register_adapter(t1), register_adapter(t2)
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         row = session.get(MlModel, bad)
         assert row is not None
@@ -141,10 +137,9 @@ def test_another_tenants_adapter_is_404(client: TestClient, tenants: Any, regist
 
 
 def test_an_adapter_whose_base_is_gone_is_503(client: TestClient, tenants: Any,
-                                              register_adapter: Callable[..., str]) -> None:
+                                              register_adapter: Callable[..., str], services: Services) -> None:
     (t1, h1), _, _ = tenants
     adapter = register_adapter(t1)
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         row = session.get(MlModel, "tiny-base")
         assert row is not None

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from modelmeter.gateway.services import Services
 from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
 
 
@@ -40,7 +41,8 @@ def half_up(value: Decimal) -> int:
     return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
-def test_close_bills_october_once_and_late_usage_moves_on(client: TestClient, payg: Any, october: FakeClock) -> None:
+def test_close_bills_october_once_and_late_usage_moves_on(client: TestClient, payg: Any, october: FakeClock,
+                                                          services: Services) -> None:
     tenant, headers, model, _ = payg
     october.t = ts(2026, 10, 10)
     tokens = sum(classify(client, headers, model, t)["usage"]["total_tokens"] for t in ("one", "two words", "x"))
@@ -65,7 +67,6 @@ def test_close_bills_october_once_and_late_usage_moves_on(client: TestClient, pa
     # A request served in October but recorded after the close lands in November.
     from modelmeter.billing.metering import UsageRecord, record_usage
 
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         record_usage(session=session, records=[UsageRecord(request_id="late", tenant_id=tenant["id"], model_id=model,
                                                            created=ts(2026, 10, 31, 23, 59, 59), tokens=7,

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import select
 
 from modelmeter.billing.tables import UsageEvent
+from modelmeter.gateway.services import Services
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.models.registry import MlModel
@@ -171,7 +172,7 @@ def test_job_defaults_and_refusals(client: TestClient, tenant: Any, base: str, m
     ({"type": "full"}, {"type": "full"}, "model.safetensors"),
 ])
 def test_worker_trains_registers_and_meters(client: TestClient, tenant: Any, base: str, training_type: Any,
-                                            stored: dict[str, Any], artifact: str) -> None:
+                                            stored: dict[str, Any], artifact: str, services: Services) -> None:
     tenant_id, headers = tenant
     data = _jsonl(48)
     file_id = upload(client, headers, data).json()["id"]
@@ -199,7 +200,6 @@ def test_worker_trains_registers_and_meters(client: TestClient, tenant: Any, bas
     assert hf.status_code == 200 and len(hf.json()[0]) == 2
     assert model in [m["id"] for m in client.get("/v1/models", headers=headers).json()["data"]]
 
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         training = session.exec(select(UsageEvent).where(UsageEvent.kind == "training")).one()
         model_row = session.get(MlModel, model)
@@ -247,11 +247,11 @@ def test_fine_tuned_model_is_private(client: TestClient, tenant: Any, base: str,
     assert_envelope(client.post("/v1/classify", json={"model": model, "input": "x"}, headers=other), 404)
 
 
-def test_crashed_worker_job_is_requeued_and_finished(client: TestClient, tenant: Any, base: str) -> None:
+def test_crashed_worker_job_is_requeued_and_finished(client: TestClient, tenant: Any, base: str,
+                                                     services: Services) -> None:
     _, headers = tenant
     file_id = upload(client, headers, _jsonl()).json()["id"]
     job_id = create_job(client, headers, file_id, base).json()["id"]
-    services = client.app.state.services  # type: ignore[attr-defined]
     worker = worker_for(client)
     dead = f"{worker.host}:999999:dead"  # a worker on this host whose process no longer exists
     assert jobs.claim_next(sessions=services.sessions, worker_id=dead) == job_id
@@ -264,11 +264,11 @@ def test_crashed_worker_job_is_requeued_and_finished(client: TestClient, tenant:
     assert any("re-queued" in m for m in messages)
 
 
-def test_stale_heartbeat_from_another_host_fails_after_retries(client: TestClient, tenant: Any, base: str) -> None:
+def test_stale_heartbeat_from_another_host_fails_after_retries(client: TestClient, tenant: Any, base: str,
+                                                               services: Services) -> None:
     _, headers = tenant
     file_id = upload(client, headers, _jsonl()).json()["id"]
     job_id = create_job(client, headers, file_id, base).json()["id"]
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         job = session.get(FineTuningJob, job_id)
         job.status, job.worker_id, job.heartbeat_at, job.attempts = "running", "elsewhere:1:x", 1, 2
@@ -278,7 +278,8 @@ def test_stale_heartbeat_from_another_host_fails_after_retries(client: TestClien
     assert job_body["status"] == "failed" and job_body["error"]["code"] == "worker_died"
 
 
-def test_cancel_stops_a_running_job_within_seconds(client: TestClient, tenant: Any, base: str) -> None:
+def test_cancel_stops_a_running_job_within_seconds(client: TestClient, tenant: Any, base: str,
+                                                   services: Services) -> None:
     _, headers = tenant
     file_id = upload(client, headers, _jsonl(800)).json()["id"]
     job_id = create_job(client, headers, file_id, base, hyperparameters={"n_epochs": 50, "batch_size": 4}).json()["id"]
@@ -297,7 +298,6 @@ def test_cancel_stops_a_running_job_within_seconds(client: TestClient, tenant: A
     assert time.monotonic() - cancelled_at < 10
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
     assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
-    services = client.app.state.services  # type: ignore[attr-defined]
     tenant_models = services.settings.data_dir / "models" / tenant[0]
     assert not tenant_models.exists() or not any(tenant_models.iterdir())  # nothing half-written
     with services.sessions() as session:
@@ -305,8 +305,7 @@ def test_cancel_stops_a_running_job_within_seconds(client: TestClient, tenant: A
 
 
 def test_two_workers_never_claim_the_same_job(client: TestClient, tenant: Any, base: str, make_tenant: Any,
-                                              make_key: Any) -> None:
-    services = client.app.state.services  # type: ignore[attr-defined]
+                                              make_key: Any, services: Services) -> None:
     created = []
     for _ in range(4):  # 4 tenants x 2 active jobs
         t = make_tenant()

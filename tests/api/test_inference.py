@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
 from tests.conftest import ADMIN, assert_envelope, bearer
 
 TEXTS = ["a fine film", "the worst, most tedious two hours I have spent in a cinema this year", "ok"]
@@ -230,16 +231,11 @@ async def test_concurrent_requests_one_row_each_and_one_load(
     assert max(batches) > 1  # requests really were batched together
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
-
-def test_usage_row_is_idempotent(client: TestClient, tenant_key: Any) -> None:
+def test_usage_row_is_idempotent(client: TestClient, tenant_key: Any, services: Services) -> None:
     from modelmeter.billing.metering import UsageRecord, record_usage
 
     tenant_id, _ = tenant_key
-    services = client.app.state.services  # type: ignore[attr-defined]
     record = UsageRecord(request_id="req_same", tenant_id=tenant_id, model_id="m", created=1_700_000_000, tokens=5)
     with services.sessions() as session:
         assert record_usage(session=session, records=[record]) == 1

@@ -11,6 +11,7 @@ from sqlalchemy import inspect, text
 
 from modelmeter import clock
 from modelmeter.gateway.auth import INVALID_KEY_MESSAGE
+from modelmeter.gateway.services import Services
 from modelmeter.tenancy import keys
 from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
 
@@ -30,11 +31,11 @@ def test_key_format_and_listing_hides_secret(client: TestClient, make_tenant: An
     assert "key" not in item and item["status"] == "active"
 
 
-def test_key_works_and_last_used_is_buffered(client: TestClient, make_tenant: Any, make_key: Any) -> None:
+def test_key_works_and_last_used_is_buffered(client: TestClient, make_tenant: Any, make_key: Any,
+                                             services: Services) -> None:
     tenant = make_tenant()
     created = make_key(tenant["id"])
     assert client.get("/v1/models", headers=bearer(created["key"])).status_code == 200
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.engine.connect() as conn:
         stored = conn.execute(text("SELECT last_used_at FROM api_key WHERE id = :i"), {"i": created["id"]}).scalar()
     assert stored is None  # no write on the request path
@@ -94,7 +95,7 @@ def test_roll_with_grace(client: TestClient, make_tenant: Any, make_key: Any, fa
 @pytest.mark.parametrize("mutate", ["flip_char", "truncate", "wrong_prefix", "garbage", "checksum"])
 def test_malformed_keys_are_refused_without_lookup(
     client: TestClient, make_tenant: Any, make_key: Any, monkeypatch: pytest.MonkeyPatch, mutate: str
-) -> None:
+, services: Services) -> None:
     key = make_key(make_tenant()["id"])["key"]
     bad = {
         "flip_char": key[:10] + ("A" if key[10] != "A" else "B") + key[11:],
@@ -104,7 +105,6 @@ def test_malformed_keys_are_refused_without_lookup(
         "checksum": key[:-6] + ("000000" if key[-6:] != "000000" else "111111"),
     }[mutate]
     lookups: list[str] = []
-    services = client.app.state.services  # type: ignore[attr-defined]
     original = services.auth.load
     monkeypatch.setattr(services.auth, "load", lambda k: lookups.append(k) or original(k))
     error = assert_envelope(client.get("/v1/models", headers=bearer(bad)), 401)
@@ -125,7 +125,7 @@ def test_key_in_query_string_is_refused(client: TestClient, make_tenant: Any, ma
 
 def test_plaintext_key_is_nowhere_in_database_or_logs(
     client: TestClient, make_tenant: Any, make_key: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+, services: Services) -> None:
     caplog.set_level(logging.DEBUG)
     tenant = make_tenant()
     created = make_key(tenant["id"])
@@ -141,7 +141,6 @@ def test_plaintext_key_is_nowhere_in_database_or_logs(
     assert "/v1/models" in server_log  # the access log is captured
     for secret in (key, rolled, key[3:], rolled[3:]):
         assert secret not in server_log
-    services = client.app.state.services  # type: ignore[attr-defined]
     dump = []
     with services.engine.connect() as conn:
         for table in inspect(conn).get_table_names():

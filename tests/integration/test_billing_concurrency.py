@@ -121,10 +121,6 @@ async def test_rpm_limit_under_concurrency(plans_settings: Settings) -> None:
         client.__exit__(None, None, None)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 # --- two gateway processes ----------------------------------------------------------------------------------
 

@@ -31,10 +31,6 @@ BIG = 10**9
 PERIOD = "2026-11"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @dataclass
 class Replicas:

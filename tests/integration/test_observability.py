@@ -30,6 +30,7 @@ from sqlmodel import select
 from modelmeter import clock
 from modelmeter.billing.tables import StripeOutbox, UsageEvent
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.settings import Settings
 from tests.binaries import free_port, require_binary
@@ -175,10 +176,9 @@ def test_evictions_and_pool_gauges(settings: Settings, client: TestClient, calle
 
 
 def test_database_gauges(gateway: TestClient, registry: CollectorRegistry, client: TestClient, make_tenant: Any,
-                         make_key: Any, register_model: Any) -> None:
+                         make_key: Any, register_model: Any, services: Services) -> None:
     tenant = make_tenant(plan="free")["id"]
     used = classify(gateway.post, bearer(make_key(tenant)["key"]), register_model(None), "a few words here")
-    services = client.app.state.services  # type: ignore[attr-defined]
     now = clock.now_s()
     with services.sessions() as session:
         for i, status in enumerate(("queued", "running", "running", "succeeded")):

@@ -22,10 +22,6 @@ CPU = torch.device("cpu")
 TEXTS = ["fine", "a dull and tedious film, start to finish", "warm and wise", "meh " * 30]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 
 @pytest.fixture(scope="module")

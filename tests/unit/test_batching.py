@@ -22,10 +22,6 @@ pytestmark = pytest.mark.anyio
 POISON = -1
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @dataclass
 class Model:

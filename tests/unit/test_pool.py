@@ -14,10 +14,6 @@ from modelmeter.models.pool import ModelLoadError, ModelPool
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @dataclass
 class FakeModel:
