@@ -28,8 +28,11 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from modelmeter.billing import stripe_sync
 from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.stripe.client import PermanentSyncError, StripeConfigError, make_client
+from modelmeter.billing.stripe.mirror import Sent
+from modelmeter.billing.stripe.relay import LEASE_S, StripeRelay, backoff_s, relay_from_settings
+from modelmeter.billing.stripe.webhooks import HANDLED_EVENTS
 from modelmeter.billing.tables import Invoice, InvoiceLine, StripeEvent, StripeOutbox, StripePlan
 from modelmeter.gateway.app import create_app
 from modelmeter.gateway.services import Services
@@ -107,20 +110,20 @@ def services_of(client: TestClient) -> Services:
     return client.app.state.services  # type: ignore[attr-defined,no-any-return]
 
 
-def relay_of(client: TestClient) -> stripe_sync.StripeRelay:
+def relay_of(client: TestClient) -> StripeRelay:
     relay = services_of(client).stripe
     assert relay is not None
     return relay
 
 
 @pytest.fixture
-def restart(app: TestClient) -> Iterator[Callable[[], stripe_sync.StripeRelay]]:
+def restart(app: TestClient) -> Iterator[Callable[[], StripeRelay]]:
     """A new relay on the same database, as after a process restart."""
-    made: list[stripe_sync.StripeRelay] = []
+    made: list[StripeRelay] = []
 
-    def make() -> stripe_sync.StripeRelay:
+    def make() -> StripeRelay:
         services = services_of(app)
-        relay = stripe_sync.relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans)
+        relay = relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans)
         assert relay is not None
         made.append(relay)
         return relay
@@ -312,11 +315,11 @@ class Crash(BaseException):
     """The process dies (not an error the relay could handle)."""
 
 
-def crash_on(monkeypatch: pytest.MonkeyPatch, relay: stripe_sync.StripeRelay, kind: str) -> None:
+def crash_on(monkeypatch: pytest.MonkeyPatch, relay: StripeRelay, kind: str) -> None:
     """Fault injected after the Stripe call, before the row is marked done."""
     complete = relay._complete
 
-    def dying(row: StripeOutbox, sent: stripe_sync.Sent) -> None:
+    def dying(row: StripeOutbox, sent: Sent) -> None:
         if row.kind == kind:
             raise Crash(kind)
         complete(row, sent)
@@ -326,7 +329,7 @@ def crash_on(monkeypatch: pytest.MonkeyPatch, relay: stripe_sync.StripeRelay, ki
 
 def test_restart_after_a_crash_between_call_and_mark_creates_no_duplicate(
         app: TestClient, api: stripe.StripeClient, october: FakeClock, monkeypatch: pytest.MonkeyPatch,
-        restart: Callable[[], stripe_sync.StripeRelay]) -> None:
+        restart: Callable[[], StripeRelay]) -> None:
     tenant = billed_october(app, october)
     october.t = ts(2026, 11, 2)
     for kind in ("customer", "subscription", "invoice"):
@@ -337,7 +340,7 @@ def test_restart_after_a_crash_between_call_and_mark_creates_no_duplicate(
         (crashed,) = [r for r in outbox(app, tenant["id"]) if r.kind == kind]
         assert crashed.status == "pending" and crashed.attempts == 1 and crashed.locked_until
         assert restart().run_once().rows == []  # still leased by the dead process
-        october.advance(stripe_sync.LEASE_S + 1)
+        october.advance(LEASE_S + 1)
     assert [r.result for r in restart().run_once().rows] == ["done"]
 
     assert {r.status for r in outbox(app, tenant["id"])} == {"done"}
@@ -352,7 +355,7 @@ def test_restart_after_a_crash_between_call_and_mark_creates_no_duplicate(
 
 def test_crash_after_the_items_reuses_them(app: TestClient, api: stripe.StripeClient, october: FakeClock,
                                            monkeypatch: pytest.MonkeyPatch,
-                                           restart: Callable[[], stripe_sync.StripeRelay]) -> None:
+                                           restart: Callable[[], StripeRelay]) -> None:
     tenant = billed_october(app, october)
     relay = restart()
     create = relay._client.v1.invoices.create
@@ -364,7 +367,7 @@ def test_crash_after_the_items_reuses_them(app: TestClient, api: stripe.StripeCl
     with pytest.raises(Crash):
         relay.run_once()
     monkeypatch.setattr(relay._client.v1.invoices, "create", create)
-    october.advance(stripe_sync.LEASE_S + 1)
+    october.advance(LEASE_S + 1)
     assert [r.kind for r in restart().run_once().rows] == ["invoice"]
 
     invoice, lines = invoice_of(app, tenant["id"])
@@ -377,11 +380,11 @@ def test_crash_after_the_items_reuses_them(app: TestClient, api: stripe.StripeCl
 
 
 def test_unreachable_stripe_loses_nothing(stripe_settings: Settings, october: FakeClock,
-                                          restart: Callable[[], stripe_sync.StripeRelay], app: TestClient,
+                                          restart: Callable[[], StripeRelay], app: TestClient,
                                           api: stripe.StripeClient) -> None:
     down = stripe_settings.model_copy(update={"stripe_api_base": f"http://127.0.0.1:{_free_port()}"})
     services = services_of(app)
-    dead = stripe_sync.relay_from_settings(down, sessions=services.sessions, catalog=services.plans)
+    dead = relay_from_settings(down, sessions=services.sessions, catalog=services.plans)
     assert dead is not None
     tenant = billed_october(app, october)
     try:
@@ -396,7 +399,7 @@ def test_unreachable_stripe_loses_nothing(stripe_settings: Settings, october: Fa
     assert (subscription.attempts, invoice_row.attempts) == (0, 0)  # held back behind the customer
     assert invoice_of(app, tenant["id"])[0].sync_status == "pending"
 
-    october.advance(stripe_sync.backoff_s(1))
+    october.advance(backoff_s(1))
     assert [r.result for r in restart().run_once().rows] == ["done", "done", "done"]
     invoice, _ = invoice_of(app, tenant["id"])
     assert invoice.sync_status == "synced"
@@ -528,7 +531,7 @@ def test_unconfigured_webhooks_are_refused(app_factory: Callable[..., Any]) -> N
 
 
 def test_event_for_an_unknown_customer_changes_nothing(app: TestClient, billed: dict[str, Any]) -> None:
-    for kind in stripe_sync.HANDLED_EVENTS:
+    for kind in HANDLED_EVENTS:
         obj = {"id": "in_or_sub_unknown", "customer": "cus_unknown", "metadata": {}}
         response = deliver(app, event(kind, obj, int(time.time())))
         assert response.status_code == 200 and response.json()["outcome"] == "unknown_customer"
@@ -653,7 +656,7 @@ def test_subscription_deleted_suspends_only_the_current_one(app: TestClient, api
 
 def test_live_keys_need_live_mode(settings: Settings) -> None:
     live = settings.model_copy(update={"stripe_api_key": "sk_live_nope"})
-    with pytest.raises(stripe_sync.StripeConfigError, match="test-mode key"):
+    with pytest.raises(StripeConfigError, match="test-mode key"):
         create_app(live)
     relay = create_app(live.model_copy(update={"stripe_live_mode": True})).state.services.stripe
     assert relay is not None
@@ -685,8 +688,8 @@ def test_concurrent_deliveries_apply_once_and_serialise_per_tenant(app: TestClie
 def test_run_once_drains_in_batches(app: TestClient) -> None:
     tenants = [new_tenant(app) for _ in range(3)]
     services = services_of(app)
-    client, close_client = stripe_sync.make_client(services.settings)
-    relay = stripe_sync.StripeRelay(client=client, sessions=services.sessions, catalog=services.plans, batch=2)
+    client, close_client = make_client(services.settings)
+    relay = StripeRelay(client=client, sessions=services.sessions, catalog=services.plans, batch=2)
     try:
         assert [r.result for r in relay.run_once().rows] == ["done"] * 6
     finally:
@@ -701,7 +704,7 @@ def test_a_failed_invoice_shows_failed_and_retries_on_request(app: TestClient, a
     relay = relay_of(app)
 
     def refuse(*args: Any) -> Any:
-        raise stripe_sync.PermanentSyncError("amounts differ")
+        raise PermanentSyncError("amounts differ")
 
     monkeypatch.setattr(relay, "_check_amounts", refuse)
     assert [r.result for r in relay.tick().rows] == ["done", "done", "failed"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 from sqlmodel import Session
 
 from modelmeter import clock
-from modelmeter.billing import stripe_sync
 from modelmeter.billing.invoicing import record_plan_change
+from modelmeter.billing.stripe.outbox import enqueue_customer
 from modelmeter.tenancy.tenants import Tenant, TenantCreate, TenantUpdate
 from modelmeter.tenancy.tenants import create_tenant as insert_tenant
 from modelmeter.tenancy.tenants import update_tenant as apply_update
@@ -19,7 +19,7 @@ from modelmeter.tenancy.tenants import update_tenant as apply_update
 def create_tenant(*, session: Session, data: TenantCreate) -> Tenant:
     """A new tenant with its billing account: plan history from now, and its Stripe customer queued."""
     tenant = insert_tenant(session=session, data=data)
-    stripe_sync.enqueue_customer(session=session, tenant_id=tenant.id, email=tenant.email, name=tenant.name)
+    enqueue_customer(session=session, tenant_id=tenant.id, email=tenant.email, name=tenant.name)
     record_plan_change(session=session, tenant_id=tenant.id, plan=tenant.plan, at=tenant.created)
     return tenant
 

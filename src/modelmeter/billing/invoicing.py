@@ -19,10 +19,10 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
-from modelmeter.billing import stripe_sync
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import period_bounds, period_of
 from modelmeter.billing.pricing import Line, Usage, price_period, subtotal
+from modelmeter.billing.stripe.outbox import enqueue_invoice, enqueue_plan_change
 from modelmeter.billing.tables import (
     BillingClose,
     BillingState,
@@ -48,7 +48,7 @@ def parse_period(period: str) -> str:
 def record_plan_change(*, session: Session, tenant_id: str, plan: str, at: int | None = None) -> None:
     change = PlanChange(tenant_id=tenant_id, plan=plan, effective_at=clock.now_s() if at is None else at)
     session.add(change)
-    stripe_sync.enqueue_plan_change(session=session, change=change)
+    enqueue_plan_change(session=session, change=change)
 
 
 def usage_by_plan(session: Session, tenant_id: str, period: str) -> dict[str, Usage]:
@@ -218,5 +218,5 @@ def _invoice_tenant(session: Session, catalog: PlanCatalog, tenant: Tenant, peri
                                 description=line.description, quantity=line.quantity,
                                 unit_amount_decimal=str(line.unit_amount_decimal), amount=line.amount))
     session.flush()
-    stripe_sync.enqueue_invoice(session=session, invoice=invoice, has_lines=bool(lines))
+    enqueue_invoice(session=session, invoice=invoice, has_lines=bool(lines))
     return 1

@@ -11,7 +11,7 @@ from sqlmodel import Session
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.limits import QuotaStore, RateLimiter
 from modelmeter.billing.metering import LedgerWriter, Meter
-from modelmeter.billing.stripe_sync import StripeRelay
+from modelmeter.billing.stripe.relay import StripeRelay
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.models.registry import ModelCache
 from modelmeter.models.serving import ModelServer

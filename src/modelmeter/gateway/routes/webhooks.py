@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter import clock
-from modelmeter.billing import stripe_sync
+from modelmeter.billing.stripe.webhooks import EventResult, handle_event, verify_event
 from modelmeter.errors import MalformedRequestError, ServiceUnavailableError
 from modelmeter.gateway.deps import ServicesDep
 from modelmeter.gateway.services import Services
@@ -38,7 +38,7 @@ async def stripe_webhook(request: Request, services: ServicesDep) -> dict[str, A
 
 def _verified(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
     try:
-        return stripe_sync.verify_event(payload, signature, secret, tolerance=SIGNATURE_TOLERANCE_S)
+        return verify_event(payload, signature, secret, tolerance=SIGNATURE_TOLERANCE_S)
     except stripe.SignatureVerificationError:
         raise MalformedRequestError("The Stripe-Signature header is missing, wrong or too old.",
                                     code="invalid_signature", param="Stripe-Signature") from None
@@ -46,13 +46,13 @@ def _verified(payload: bytes, signature: str | None, secret: str) -> dict[str, A
         raise MalformedRequestError("The body is not a Stripe event.") from None
 
 
-def _apply(services: Services, event: dict[str, Any]) -> stripe_sync.EventResult:
+def _apply(services: Services, event: dict[str, Any]) -> EventResult:
     with services.sessions() as session:
         try:
-            result = stripe_sync.handle_event(session=session, event=event, now=clock.now_s(),
-                                              grace_s=services.settings.past_due_grace_s)
+            result = handle_event(session=session, event=event, now=clock.now_s(),
+                                  grace_s=services.settings.past_due_grace_s)
             session.commit()
         except IntegrityError:  # the same event, delivered twice at once: the other delivery applied it
             session.rollback()
-            return stripe_sync.EventResult("duplicate")
+            return EventResult("duplicate")
         return result
