@@ -52,10 +52,11 @@ from modelmeter import __version__, clock
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.economics import ComputePrices, EconomicsRow, group, period_economics
 from modelmeter.billing.metering import UsageRecord, period_of
-from modelmeter.billing.pricing import MICRO_PER_CENT, Usage, usage_cost_micro
+from modelmeter.billing.pricing import Usage, usage_cost_micro
 from modelmeter.billing.tables import StripeOutbox
 from modelmeter.models.batching import OnBatch
 from modelmeter.models.finetune.tables import ACTIVE_STATUSES, FINISHED_STATUSES, FineTuningJob
+from modelmeter.money import MICRO_PER_CENT
 from modelmeter.tenancy.tenants import Tenant
 
 if TYPE_CHECKING:
@@ -498,7 +499,8 @@ class DatabaseCollector(Collector):
             f.jobs.add_metric([state], count)
         tenants = list(self._tenants(session))
         self._tenant_counts(tenants, f)
-        rows = period_economics(session, self._catalog, self._prices, period_of(clock.now_s()), tenants)
+        rows = period_economics(session=session, catalog=self._catalog, prices=self._prices,
+                                period=period_of(clock.now_s()), tenants=tenants)
         self._economics(rows, f)
         self._quota(tenants, rows, f)
 
