@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from modelmeter import money
 from modelmeter.billing import pricing
 from modelmeter.billing.catalog import Plan, PlanCatalog
 from modelmeter.billing.pricing import Line, Usage
@@ -43,13 +44,13 @@ def line_for(plan: Plan, usage: Usage, code: str) -> Line | None:
     (2_469_499, 1_000, 2469), (10**30 + 5, 10, 10**29 + 1),
 ])
 def test_round_half_up_div(numerator: int, denominator: int, expected: int) -> None:
-    assert pricing.round_half_up_div(numerator, denominator) == expected
+    assert money.round_half_up_div(numerator, denominator) == expected
 
 
 @pytest.mark.parametrize(("numerator", "denominator"), [(-1, 2), (1, 0), (1, -2)])
 def test_round_half_up_div_refuses_negatives(numerator: int, denominator: int) -> None:
     with pytest.raises(ValueError):
-        pricing.round_half_up_div(numerator, denominator)
+        money.round_half_up_div(numerator, denominator)
 
 
 @pytest.mark.parametrize(("price", "per_units", "micro"), [
@@ -58,7 +59,7 @@ def test_round_half_up_div_refuses_negatives(numerator: int, denominator: int) -
     ("12.5", 1, 1_250_000_000),
 ])
 def test_unit_micro_cents_exact(price: str, per_units: int, micro: int) -> None:
-    assert pricing.unit_micro_cents(Decimal(price), per_units) == micro
+    assert money.unit_micro_cents(Decimal(price), per_units) == micro
 
 
 @pytest.mark.parametrize(("price", "per_units"), [
@@ -67,7 +68,7 @@ def test_unit_micro_cents_exact(price: str, per_units: int, micro: int) -> None:
 ])
 def test_unit_micro_cents_refuses_inexact_or_invalid(price: str, per_units: int) -> None:
     with pytest.raises(ValueError):
-        pricing.unit_micro_cents(Decimal(price), per_units)
+        money.unit_micro_cents(Decimal(price), per_units)
 
 
 # ---------------------------------------------------------------- metered charges, packaged catalog
@@ -299,8 +300,8 @@ def test_marginal_costs_sum_to_the_total(plan: Plan, steps: list[Usage]) -> None
         assert marginal >= 0
         marginal_sum, total = marginal_sum + marginal, total + step
     assert marginal_sum == pricing.usage_cost_micro(plan, total)
-    rounded = pricing.subtotal(pricing.price_usage(plan, total)) * pricing.MICRO_PER_CENT
-    assert abs(rounded - pricing.usage_cost_micro(plan, total)) <= 3 * pricing.MICRO_PER_CENT // 2
+    rounded = pricing.subtotal(pricing.price_usage(plan, total)) * money.MICRO_PER_CENT
+    assert abs(rounded - pricing.usage_cost_micro(plan, total)) <= 3 * money.MICRO_PER_CENT // 2
 
 
 @given(plans(), usages, st.integers(1, 31 * DAY), st.data())

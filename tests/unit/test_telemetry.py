@@ -23,7 +23,8 @@ from modelmeter.billing.economics import (
 )
 from modelmeter.billing.metering import UsageRecord
 from modelmeter.billing.pricing import Usage
-from modelmeter.telemetry import OTHER, LabelCap, Telemetry, quota_utilisation
+from modelmeter.gateway.collectors import quota_utilisation
+from modelmeter.telemetry import OTHER, LabelCap, Telemetry
 from modelmeter.tenancy.tenants import Tenant
 
 

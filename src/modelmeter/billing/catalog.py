@@ -20,6 +20,7 @@ from pydantic import (
 
 from modelmeter.billing.pricing import METERED_CHARGES
 from modelmeter.errors import InvalidRequestError
+from modelmeter.money import price_text
 
 PriceStr = Annotated[str, StringConstraints(pattern=r"^\d{1,9}(\.\d{1,10})?$")]
 
@@ -70,7 +71,7 @@ class Plan(BaseModel):
 
     @field_serializer("price_per_1k_tokens", "price_per_request", "price_per_1m_training_tokens")
     def _price_out(self, value: Decimal) -> str:
-        return f"{value:.4f}" if value == value.quantize(Decimal("0.0001")) else format(value.normalize(), "f")
+        return price_text(value, min_places=4)
 
 
 class PlanCatalog:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
-from decimal import ROUND_HALF_UP, Decimal
+from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal
 from typing import Any, Literal
 
 from sqlalchemy import func
@@ -32,9 +32,9 @@ from modelmeter import clock
 from modelmeter.billing import invoicing, metering
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import period_bounds
-from modelmeter.billing.pricing import MICRO_PER_CENT, round_half_up_div, unit_micro_cents
 from modelmeter.billing.tables import Invoice, UsageEvent
 from modelmeter.errors import InvalidRequestError
+from modelmeter.money import MICRO_PER_CENT, decimal_text, quantize_half_up, round_half_up_div, unit_micro_cents
 from modelmeter.settings import Settings
 from modelmeter.tenancy.tenants import Tenant, all_tenants
 
@@ -72,8 +72,7 @@ def units_to_cents(units: int) -> int:
 
 def units_to_decimal_cents(units: int) -> str:
     """Cost units as a decimal string of cents, to the micro-cent."""
-    exact = Decimal(units) / Decimal(_UNITS_PER_CENT)
-    return format(exact.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP), "f")
+    return decimal_text(quantize_half_up(units, _UNITS_PER_CENT, places=6))
 
 
 @dataclass(slots=True)
@@ -88,12 +87,9 @@ class Tally:
     cost_units: int = 0
 
     def add(self, other: Tally) -> None:
-        self.requests += other.requests
-        self.tokens += other.tokens
-        self.training_tokens += other.training_tokens
-        self.cpu_us += other.cpu_us
-        self.gpu_us += other.gpu_us
-        self.cost_units += other.cost_units
+        """Add ``other`` field by field."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass(slots=True)
@@ -121,8 +117,7 @@ class EconomicsRow:
         """Margin over revenue as a 4-place decimal string; ``None`` without revenue."""
         if self.revenue_cents == 0:
             return None
-        ratio = Decimal(self.margin_cents) / Decimal(self.revenue_cents)
-        return format(ratio.quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP), "f")
+        return decimal_text(quantize_half_up(self.margin_cents, self.revenue_cents, places=4))
 
     def public(self) -> dict[str, Any]:
         """The JSON shape of the admin API and the CLI."""
@@ -143,7 +138,7 @@ class EconomicsRow:
 # --- queries ---------------------------------------------------------------------------------------------
 
 
-def ledger_tallies(session: Session, period: str, prices: ComputePrices) -> dict[tuple[str, str], Tally]:
+def ledger_tallies(*, session: Session, period: str, prices: ComputePrices) -> dict[tuple[str, str], Tally]:
     """Usage and compute of a period per (tenant, plan it was served under), from the ledger."""
     query = (
         sa_select(col(UsageEvent.tenant_id), col(UsageEvent.plan), col(UsageEvent.device),
@@ -162,7 +157,7 @@ def ledger_tallies(session: Session, period: str, prices: ComputePrices) -> dict
     return tallies
 
 
-def tenant_revenue(session: Session, catalog: PlanCatalog, tenant: Tenant, period: str
+def tenant_revenue(*, session: Session, catalog: PlanCatalog, tenant: Tenant, period: str
                    ) -> tuple[dict[str, int], str]:
     """Revenue cents per plan and its source: the closed invoice's lines, else the preview's."""
     invoice = session.exec(
@@ -180,15 +175,15 @@ def tenant_revenue(session: Session, catalog: PlanCatalog, tenant: Tenant, perio
     return revenue, source
 
 
-def period_economics(session: Session, catalog: PlanCatalog, prices: ComputePrices, period: str,
+def period_economics(*, session: Session, catalog: PlanCatalog, prices: ComputePrices, period: str,
                      tenants: Sequence[Tenant]) -> list[EconomicsRow]:
     """One row per (tenant, plan) with revenue or usage in ``period``, for tenants that existed in it."""
     invoicing.parse_period(period)
     end = period_bounds(period)[1]
-    tallies = ledger_tallies(session, period, prices)
+    tallies = ledger_tallies(session=session, period=period, prices=prices)
     rows: list[EconomicsRow] = []
     for tenant in (t for t in tenants if t.created < end):
-        revenue, source = tenant_revenue(session, catalog, tenant, period)
+        revenue, source = tenant_revenue(session=session, catalog=catalog, tenant=tenant, period=period)
         used = {plan or tenant.plan: tally for (tid, plan), tally in tallies.items() if tid == tenant.id}
         for plan in sorted(set(revenue) | set(used)):
             row = EconomicsRow(period, catalog.get(plan).currency if plan in catalog else "usd", tenant.id, plan,
@@ -249,6 +244,7 @@ def economics_report(*, session: Session, catalog: PlanCatalog, settings: Settin
     period = invoicing.parse_period(period) if period else current
     if period > current:
         raise InvalidRequestError(f"Period {period} has not started yet.", code="period_in_future", param="period")
-    rows = period_economics(session, catalog, compute_prices(settings), period, all_tenants(session=session))
+    rows = period_economics(session=session, catalog=catalog, prices=compute_prices(settings), period=period,
+                            tenants=all_tenants(session=session))
     ordered = group(rows, group_by)
     return sorted(ordered, key=lambda r: (-r.margin_cents, r.tenant_id or r.plan or ""))

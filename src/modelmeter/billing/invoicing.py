@@ -33,6 +33,7 @@ from modelmeter.billing.tables import (
 )
 from modelmeter.errors import ConflictError, InvalidRequestError
 from modelmeter.ids import new_id
+from modelmeter.money import decimal_text
 from modelmeter.tenancy.tenants import Tenant, all_tenants
 
 PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
@@ -94,9 +95,11 @@ def price_tenant_period(
 
 
 def line_public(line: Line | InvoiceLine) -> dict[str, Any]:
+    unit = line.unit_amount_decimal  # a stored line holds the text written when its invoice was closed
+    unit_text = unit if isinstance(unit, str) else decimal_text(unit, exponent=True)
     return {
         "object": "line_item", "code": line.code, "plan": line.plan, "description": line.description,
-        "quantity": line.quantity, "unit_amount_decimal": str(line.unit_amount_decimal), "amount": line.amount,
+        "quantity": line.quantity, "unit_amount_decimal": unit_text, "amount": line.amount,
     }
 
 
@@ -181,7 +184,8 @@ def _close(sessions: sessionmaker[Session], catalog: PlanCatalog, period: str, s
             return CloseResult(period, done.invoices, True, done.closed_at)
         now = clock.now_s()
         existed = [t for t in all_tenants(session=session) if t.created < end]
-        count = sum(_invoice_tenant(session, catalog, t, period, start, end, now) for t in existed)
+        count = sum(_invoice_tenant(session=session, catalog=catalog, tenant=t, period=period, start=start, end=end,
+                                    now=now) for t in existed)
         session.add(BillingClose(period=period, closed_at=now, invoices=count))
         if state.closed_through is None or period > state.closed_through:
             state.closed_through = period
@@ -202,7 +206,7 @@ def _lock_state(session: Session) -> BillingState:
     return state
 
 
-def _invoice_tenant(session: Session, catalog: PlanCatalog, tenant: Tenant, period: str,
+def _invoice_tenant(*, session: Session, catalog: PlanCatalog, tenant: Tenant, period: str,
                     start: int, end: int, now: int) -> int:
     tenant_id, plan = tenant.id, tenant.plan
     exists = session.exec(select(Invoice.id).where(Invoice.tenant_id == tenant_id, Invoice.period == period)).first()
@@ -216,7 +220,8 @@ def _invoice_tenant(session: Session, catalog: PlanCatalog, tenant: Tenant, peri
     for position, line in enumerate(lines):
         session.add(InvoiceLine(invoice_id=invoice.id, position=position, code=line.code, plan=line.plan,
                                 description=line.description, quantity=line.quantity,
-                                unit_amount_decimal=str(line.unit_amount_decimal), amount=line.amount))
+                                unit_amount_decimal=decimal_text(line.unit_amount_decimal, exponent=True),
+                                amount=line.amount))
     session.flush()
     enqueue_invoice(session=session, invoice=invoice, has_lines=bool(lines))
     return 1

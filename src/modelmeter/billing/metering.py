@@ -23,9 +23,10 @@ from sqlmodel import Session, col, select
 
 from modelmeter.billing.catalog import Plan
 from modelmeter.billing.limits import Amount, Caps, QuotaStore
-from modelmeter.billing.pricing import METERED_CHARGES, MICRO_PER_CENT, Usage
+from modelmeter.billing.pricing import METERED_CHARGES, Usage
 from modelmeter.billing.tables import BillingState, UsageEvent
 from modelmeter.errors import InsufficientQuotaError
+from modelmeter.money import MICRO_PER_CENT
 
 log = logging.getLogger("modelmeter.metering")
 

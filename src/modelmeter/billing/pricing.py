@@ -29,50 +29,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Context, Decimal
-from fractions import Fraction
+from decimal import Decimal
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeAlias
+
+from modelmeter.money import (
+    cents_decimal,
+    decimal_text,
+    micro_to_cents,
+    round_half_up_div,
+    unit_micro_cents,
+)
 
 if TYPE_CHECKING:
     from modelmeter.billing.catalog import Plan
 
-MICRO_PER_CENT = 1_000_000
-MICRO_PER_MAJOR = 100 * MICRO_PER_CENT
 SECONDS_PER_DAY = 86_400
 LINE_CODES = ("base_fee", "requests", "tokens", "training_tokens")
-
-
-def round_half_up_div(numerator: int, denominator: int) -> int:
-    """``numerator / denominator`` rounded half-up to an integer, exactly (both non-negative)."""
-    if numerator < 0 or denominator <= 0:
-        raise ValueError("round_half_up_div needs numerator >= 0 and denominator > 0")
-    return (2 * numerator + denominator) // (2 * denominator)
-
-
-def unit_micro_cents(price_major: Decimal, per_units: int) -> int:
-    """Micro-cents per single unit for a price in the major unit per ``per_units`` units; exact or ValueError."""
-    if per_units <= 0:
-        raise ValueError("per_units must be positive")
-    if not price_major.is_finite() or price_major < 0:
-        raise ValueError(f"price {price_major} must be finite and non-negative")
-    micro = Fraction(price_major) * MICRO_PER_MAJOR / per_units
-    if micro.denominator != 1:
-        raise ValueError(f"price {price_major} per {per_units:,} is not a whole number of micro-cents per unit")
-    return micro.numerator
-
-
-def _plain(value: Decimal) -> Decimal:
-    """The same number without trailing zeros or a positive exponent: 0.002000 -> 0.002, 2E+1 -> 20."""
-    if value == 0:
-        return Decimal(0)
-    normal = value.normalize(Context(prec=len(value.as_tuple().digits)))
-    return Decimal(int(normal)) if normal == normal.to_integral_value() else normal
-
-
-def _cents_decimal(micro: int) -> Decimal:
-    """Micro-cents as an exact ``Decimal`` number of cents."""
-    return _plain(Decimal(f"{micro}e-6"))
 
 
 def _check_count(name: str, value: int) -> None:
@@ -113,7 +86,7 @@ class Line:
     def to_json(self) -> dict[str, Any]:
         """JSON-ready: the unit price as a plain decimal string, amounts as integers."""
         return {"code": self.code, "description": self.description, "quantity": self.quantity,
-                "unit_amount_decimal": format(self.unit_amount_decimal, "f"), "amount": self.amount,
+                "unit_amount_decimal": decimal_text(self.unit_amount_decimal), "amount": self.amount,
                 "plan": self.plan}
 
 
@@ -175,7 +148,7 @@ def base_fee(plan: Plan, *, seconds_on_plan: int, seconds_in_period: int) -> Lin
     if plan.base_fee_cents == 0 or seconds_on_plan == 0:
         return None
     exact = plan.base_fee_cents * seconds_on_plan
-    unit = _plain(Decimal(f"{round_half_up_div(exact * 10**12, seconds_in_period)}e-12"))
+    unit = cents_decimal(round_half_up_div(exact * 10**12, seconds_in_period), exponent=-12)
     return Line(code="base_fee", description=_base_fee_description(plan, seconds_on_plan, seconds_in_period),
                 quantity=1, unit_amount_decimal=unit, amount=round_half_up_div(exact, seconds_in_period),
                 plan=plan.id)
@@ -192,8 +165,8 @@ def metered(plan: Plan, *, code: str, used: int, included: int, unit_micro: int,
     quantity = max(0, used - included)
     description = f"{label}: {used:,} used" + (f", {included:,} included" if included else "")
     return Line(code=code, description=description, quantity=quantity,
-                unit_amount_decimal=_cents_decimal(unit_micro),
-                amount=round_half_up_div(quantity * unit_micro, MICRO_PER_CENT), plan=plan.id)
+                unit_amount_decimal=cents_decimal(unit_micro),
+                amount=micro_to_cents(quantity * unit_micro), plan=plan.id)
 
 
 def _metered_line(charge: MeteredCharge, plan: Plan, usage: Usage) -> Line | None:

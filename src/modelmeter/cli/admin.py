@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from modelmeter import clock
 from modelmeter.cli.output import admin_services, dump, emit, fail, json_option, load_services
 from modelmeter.errors import ModelMeterError
+from modelmeter.money import amount_text, cent_text
 from modelmeter.ops import tenants as ops
 from modelmeter.settings import Settings
 from modelmeter.tenancy.keys import ALL_SCOPES, ApiKeyCreate, ApiKeyPublic
@@ -164,7 +165,7 @@ def plans(as_json: bool) -> None:
 
     def human(payload: dict[str, Any]) -> str:
         return "\n".join(
-            f"{p['id']:<6} {p['name']:<16} fee={p['base_fee_cents']}¢ incl_tokens={p['included_tokens']} "
+            f"{p['id']:<6} {p['name']:<16} fee={cent_text(p['base_fee_cents'])} incl_tokens={p['included_tokens']} "
             f"per_1k={p['price_per_1k_tokens']} per_req={p['price_per_request']} rpm={p['rpm_limit']} "
             f"tpm={p['tpm_limit']} hard_limit={p['hard_limit']}"
             for p in payload["data"]
@@ -233,13 +234,11 @@ def dashboard_link(tenant_id: str, base_url: str | None, ttl: int | None, as_jso
 
 
 def _economics_line(r: dict[str, Any]) -> str:
-    from modelmeter.gateway.dashboard_page import money
-
     who = r.get("tenant_id") or r.get("plan") or ""
     ratio = f"{r['margin_ratio']}" if r["margin_ratio"] is not None else "-"
-    cost = f"{money(r['compute_cost_cents'], r['currency'])} ({r['compute_cost_cents_decimal']}¢)"
-    return (f"{who:<28} revenue={money(r['revenue_cents'], r['currency']):>12} cost={cost:<28} "
-            f"margin={money(r['margin_cents'], r['currency']):>12} ratio={ratio:<7} tokens={r['tokens']:,} "
+    cost = f"{amount_text(r['compute_cost_cents'], r['currency'])} ({cent_text(r['compute_cost_cents_decimal'])})"
+    return (f"{who:<28} revenue={amount_text(r['revenue_cents'], r['currency']):>12} cost={cost:<28} "
+            f"margin={amount_text(r['margin_cents'], r['currency']):>12} ratio={ratio:<7} tokens={r['tokens']:,} "
             f"cpu_ms={r['cpu_compute_ms']:,} gpu_ms={r['gpu_compute_ms']:,}")
 
 

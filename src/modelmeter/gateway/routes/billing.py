@@ -11,9 +11,9 @@ from modelmeter.billing import invoicing
 from modelmeter.billing.metering import period_bounds, period_of, period_usage
 from modelmeter.billing.pricing import usage_cost_micro
 from modelmeter.billing.tables import Invoice
-from modelmeter.billing.usage import cents
 from modelmeter.errors import NotFoundError
 from modelmeter.gateway.deps import BillingPrincipal, ListDep, ServicesDep, SessionDep, list_body
+from modelmeter.money import cents_text, micro_to_cents
 from modelmeter.tenancy.tenants import get_tenant
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
@@ -26,7 +26,8 @@ def subscription(principal: BillingPrincipal, services: ServicesDep, session: Se
     period = period_of(clock.now_s())
     start, end = period_bounds(period)
     used = period_usage(session, tenant.id, period)
-    spent_cents, spent_exact = cents(usage_cost_micro(plan, used))
+    spent_micro = usage_cost_micro(plan, used)
+    spent_cents, spent_exact = micro_to_cents(spent_micro), cents_text(spent_micro)
     budget = tenant.monthly_budget_cents
     return {
         "object": "subscription", "tenant_id": tenant.id, "plan": plan.model_dump(mode="json"),

@@ -1,5 +1,6 @@
 """``GET /metrics``: the Prometheus exposition (no auth: keep it off the public ingress), and the wiring of the
-scrape-time collectors onto the app's :class:`~modelmeter.telemetry.Telemetry`."""
+scrape-time database collectors (:mod:`modelmeter.gateway.collectors`) onto the app's
+:class:`~modelmeter.telemetry.Telemetry`."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter.billing.economics import compute_prices
+from modelmeter.gateway.collectors import DatabaseCollector
 from modelmeter.gateway.deps import ServicesDep
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
-from modelmeter.telemetry import DatabaseCollector, Telemetry, multiprocess_dir_from_env
+from modelmeter.telemetry import Telemetry, multiprocess_dir_from_env
 from modelmeter.tenancy.tenants import Tenant, all_tenants
 
 router = APIRouter(tags=["metrics"])
