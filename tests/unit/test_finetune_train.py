@@ -13,15 +13,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForSequenceClassification
 
+from modelmeter.models.finetune.batches import length_bucketed_batches
 from modelmeter.models.finetune.dataset import Example
+from modelmeter.models.finetune.metrics import classification_metrics
 from modelmeter.models.finetune.recipes import FullTraining, LoraTraining, training_from_public
 from modelmeter.models.finetune.train import (
     Cancelled,
     Hyperparameters,
     Progress,
     TrainResult,
-    classification_metrics,
-    length_bucketed_batches,
     train_classifier,
 )
 from tests.tiny_bert import make_tiny_bert
