@@ -344,7 +344,7 @@ class Telemetry:
         if self.multiprocess_dir is None:
             return self.registry
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.multiprocess_dir)
+        MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped lib
         for collector in self._scrape_collectors:
             registry.register(collector)
         return registry
@@ -356,7 +356,7 @@ class Telemetry:
     def close(self) -> None:
         """In multiprocess mode, drop this process's live gauges (its counters stay, as Prometheus expects)."""
         if self.multiprocess_dir is not None:
-            mark_process_dead(os.getpid(), self.multiprocess_dir)
+            mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped lib
 
 
 def multiprocess_dir_from_env() -> str | None:

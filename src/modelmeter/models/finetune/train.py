@@ -286,7 +286,8 @@ class _Trainer:
         """Train for ``n_epochs``; return the seconds spent in the loop."""
         n_epochs = self.hparams.n_epochs
         total = n_epochs * math.ceil(len(encoded) / self.hparams.batch_size)
-        scheduler = get_linear_schedule_with_warmup(self.optimizer, round(total * WARMUP_FRACTION), total)
+        scheduler = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]  # transformers is untyped
+            self.optimizer, round(total * WARMUP_FRACTION), total)
         meter = _Meter(total_steps=total, n_epochs=n_epochs, every=progress_every, callback=on_progress)
         lengths = [len(row) for row in encoded]
         self.model.train()
@@ -306,7 +307,7 @@ class _Trainer:
         with _autocast(self.device):
             logits = self.model(**inputs).logits
         loss = F.cross_entropy(logits.float(), gold)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # torch types backward() loosely
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
         self.scaler.step(self.optimizer)
