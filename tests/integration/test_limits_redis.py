@@ -11,14 +11,9 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as redis
 
-from modelmeter.billing.limits import (
-    Amount,
-    Caps,
-    InProcessRateLimiter,
-    RedisQuotaStore,
-    RedisRateLimiter,
-    make_limiters,
-)
+from modelmeter.billing.quota import Amount, Caps, RedisQuotaStore
+from modelmeter.billing.ratelimit import InProcessRateLimiter, RedisRateLimiter
+from modelmeter.gateway.services import make_limiters
 
 REDIS_URL = os.environ.get("MODELMETER_REDIS_URL", "")
 pytestmark = [

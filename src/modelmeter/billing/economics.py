@@ -32,7 +32,8 @@ from modelmeter import clock
 from modelmeter.billing import invoicing, metering
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import period_bounds
-from modelmeter.billing.pricing import MICRO_PER_CENT, round_half_up_div, unit_micro_cents
+from modelmeter.billing.money import MICRO_PER_CENT, unit_micro_cents
+from modelmeter.billing.pricing import round_half_up_div
 from modelmeter.billing.tables import Invoice, UsageEvent
 from modelmeter.errors import InvalidRequestError
 from modelmeter.settings import Settings
