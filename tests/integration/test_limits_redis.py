@@ -7,18 +7,18 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import pytest
 import redis.asyncio as redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from modelmeter.billing.limits import (
-    Amount,
-    Caps,
-    InProcessRateLimiter,
-    RedisQuotaStore,
-    RedisRateLimiter,
-    make_limiters,
-)
+from modelmeter.billing.catalog import PRICES, Plan
+from modelmeter.billing.pricing import metered_cost_micro, metered_prices
+from modelmeter.billing.quota import Amount, Caps, InProcessQuotaStore, RedisQuotaStore
+from modelmeter.billing.ratelimit import InProcessRateLimiter, RedisRateLimiter
+from modelmeter.gateway.services import make_limiters
 
 REDIS_URL = os.environ.get("MODELMETER_REDIS_URL", "")
 pytestmark = [
@@ -203,3 +203,49 @@ async def test_factory_builds_redis_backends(replicas: Replicas) -> None:
         await quotas.aclose()
         quota_key = f"mm:quota:{{{tenant}|{PERIOD}}}"
         await replicas.client().delete(f"mm:rl:{tenant}", quota_key, f"{quota_key}:holds", f"{quota_key}:deadlines")
+
+
+# ---------------------------------------------------------------- one cost formula: Python and Lua agree
+
+# Used totals stay below 1e8 and unit prices below 1e7 micro-cents, so every cost is below 2^53: Lua's doubles are
+# exact there (USAGE_COST_LUA says so).
+counts = st.integers(min_value=0, max_value=5 * 10**7)
+amounts = st.builds(Amount, counts, counts, counts, st.integers(min_value=0, max_value=10**6))
+
+
+@st.composite
+def priced_plans(draw: st.DrawFn) -> Plan:
+    """A plan with random allowances and random prices that are whole micro-cents per unit."""
+    fields: dict[str, str | int] = {
+        price.name: format(Decimal(draw(st.integers(0, 10**7)) * price.per_units).scaleb(-8), "f")
+        for price in PRICES
+    }
+    for allowance in ("included_requests", "included_tokens", "included_training_tokens"):
+        fields[allowance] = draw(st.integers(min_value=0, max_value=10**8))
+    return Plan.model_validate({"id": "prop", "name": "Prop", "rpm_limit": 60, "tpm_limit": 60_000, **fields})
+
+
+@pytest.fixture
+def budget_store(replicas: Replicas) -> RedisQuotaStore:
+    return replicas.store()  # one store for every example; each example uses its own tenant
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=priced_plans(), committed=amounts, amount=amounts)
+async def test_lua_budget_cost_is_the_python_cost(
+    budget_store: RedisQuotaStore, plan: Plan, committed: Amount, amount: Amount
+) -> None:
+    """The reserve script prices the totals with USAGE_COST_LUA exactly as pricing.metered_cost_micro does: a
+    budget of exactly the Python cost admits the reservation, one micro-cent less refuses it (in-process too)."""
+    prices = metered_prices(plan)
+    cost = metered_cost_micro(prices, (committed + amount).usage())
+    tenant = uuid.uuid4().hex
+    local = InProcessQuotaStore()
+
+    async def baseline() -> Amount:
+        return committed
+
+    for budget, admitted in ((cost - 1, False), (cost, True)):
+        caps = Caps(max_cost_micro=budget, prices=prices)
+        assert (await budget_store.reserve(tenant, PERIOD, amount, caps, baseline=baseline) is not None) == admitted
+        assert (await local.reserve(tenant, PERIOD, amount, caps, baseline=baseline) is not None) == admitted

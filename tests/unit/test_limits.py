@@ -8,16 +8,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from modelmeter.billing.limits import (
-    Amount,
-    Caps,
-    InProcessQuotaStore,
-    InProcessRateLimiter,
-    RateDecision,
-    _duration,
-    make_limiters,
-    rate_headers,
-)
+from modelmeter.billing.quota import Amount, Caps, InProcessQuotaStore
+from modelmeter.billing.ratelimit import InProcessRateLimiter, RateDecision
+from modelmeter.gateway.ratelimit_headers import _duration, rate_headers
+from modelmeter.gateway.services import make_limiters
 
 pytestmark = pytest.mark.anyio
 

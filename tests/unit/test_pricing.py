@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from modelmeter import money
 from modelmeter.billing import pricing
-from modelmeter.billing.catalog import Plan, PlanCatalog
+from modelmeter.billing.catalog import PRICES, Plan, PlanCatalog
 from modelmeter.billing.pricing import Line, Usage
 
 CATALOG = PlanCatalog.load()
@@ -343,6 +343,11 @@ def test_packaged_plans_load_with_exact_unit_prices() -> None:
 def test_plan_with_sub_micro_cent_price_is_refused(field: str, price: str) -> None:
     with pytest.raises(ValidationError, match=f"{field} '{price}' is not a whole number of micro-cents"):
         make_plan(**{field: price})
+
+
+def test_plan_prices_read_the_fields_they_name() -> None:
+    plan = make_plan(price_per_request="0.01", price_per_1k_tokens="0.02", price_per_1m_training_tokens="0.03")
+    assert {price.name: price.of(plan) for price in PRICES} == {field: getattr(plan, field) for field in PRICE_FIELDS}
 
 
 def test_plan_with_float_price_is_refused() -> None:

@@ -22,8 +22,8 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter.billing.catalog import Plan
-from modelmeter.billing.limits import Amount, Caps, QuotaStore
-from modelmeter.billing.pricing import METERED_CHARGES, Usage
+from modelmeter.billing.pricing import Usage, metered_prices
+from modelmeter.billing.quota import Amount, Caps, QuotaStore
 from modelmeter.billing.tables import BillingState, UsageEvent
 from modelmeter.errors import InsufficientQuotaError
 from modelmeter.money import MICRO_PER_CENT
@@ -201,16 +201,13 @@ def quota_caps(plan: Plan, budget_cents: int | None, *, training: bool = False) 
     (checked against the exact usage cost, allowances included). ``None`` when nothing caps the tenant."""
     if not plan.hard_limit and budget_cents is None:
         return None
-    priced = tuple(
-        x for charge in METERED_CHARGES for x in (charge.included(plan), charge.unit_micro(plan))
-    ) if budget_cents is not None else None
     hard = plan.hard_limit
     return Caps(
         max_requests=plan.included_requests if hard and not training else None,
         max_tokens=plan.included_tokens if hard and not training else None,
         max_training_tokens=plan.included_training_tokens if hard and training else None,
         max_cost_micro=budget_cents * MICRO_PER_CENT if budget_cents is not None else None,
-        priced=priced,  # type: ignore[arg-type]
+        prices=metered_prices(plan) if budget_cents is not None else None,
     )
 
 

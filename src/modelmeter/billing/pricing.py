@@ -31,18 +31,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
+from modelmeter.billing.catalog import REQUEST_PRICE, TOKEN_PRICE, TRAINING_TOKEN_PRICE, Plan
 from modelmeter.money import (
     cents_decimal,
     decimal_text,
     micro_to_cents,
     round_half_up_div,
-    unit_micro_cents,
 )
-
-if TYPE_CHECKING:
-    from modelmeter.billing.catalog import Plan
 
 SECONDS_PER_DAY = 86_400
 LINE_CODES = ("base_fee", "requests", "tokens", "training_tokens")
@@ -90,40 +87,66 @@ class Line:
                 "plan": self.plan}
 
 
+@dataclass(frozen=True, slots=True)
+class MeteredPrice:
+    """One metered dimension of a plan: the quantity included, and the exact price beyond it (micro-cents/unit)."""
+
+    included: int
+    unit_micro: int
+
+    def cost_micro(self, used: int) -> int:
+        """The exact cost of ``used`` units: those beyond the allowance, at the unit price."""
+        return max(0, used - self.included) * self.unit_micro
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredPrices:
+    """A plan's allowance and unit price for requests, tokens and training tokens: all that prices usage."""
+
+    requests: MeteredPrice
+    tokens: MeteredPrice
+    training_tokens: MeteredPrice
+
+
+def metered_prices(plan: Plan) -> MeteredPrices:
+    """The plan's allowances and exact unit prices (the one place they are read from a plan)."""
+    return MeteredPrices(
+        requests=MeteredPrice(plan.included_requests, REQUEST_PRICE.unit_micro(plan)),
+        tokens=MeteredPrice(plan.included_tokens, TOKEN_PRICE.unit_micro(plan)),
+        training_tokens=MeteredPrice(plan.included_training_tokens, TRAINING_TOKEN_PRICE.unit_micro(plan)),
+    )
+
+
 @dataclass(frozen=True)
 class MeteredCharge:
-    """Where a metered charge reads its price, allowance and usage; ``per_units`` is the price's denominator."""
+    """A metered invoice line: its code and label, the plan's price it bills, and the usage it meters."""
 
     code: str
     label: str
-    unit: str
-    per_units: int
-    price_field: str
-    included_field: str
+    price: Callable[[MeteredPrices], MeteredPrice]
+    used: Callable[[Usage], int]
 
     def unit_micro(self, plan: Plan) -> int:
         """The plan's exact price per single unit, in micro-cents."""
-        return unit_micro_cents(Decimal(getattr(plan, self.price_field)), self.per_units)
-
-    def included(self, plan: Plan) -> int:
-        """The plan's allowance for this charge."""
-        return int(getattr(plan, self.included_field))
-
-    def used(self, usage: Usage) -> int:
-        """The usage this charge meters."""
-        return int(getattr(usage, self.code))
-
-    def billable(self, plan: Plan, usage: Usage) -> int:
-        """Usage beyond the allowance."""
-        return max(0, self.used(usage) - self.included(plan))
+        return self.price(metered_prices(plan)).unit_micro
 
 
 METERED_CHARGES = (
-    MeteredCharge("requests", "Requests", "request", 1, "price_per_request", "included_requests"),
-    MeteredCharge("tokens", "Tokens", "token", 1_000, "price_per_1k_tokens", "included_tokens"),
-    MeteredCharge("training_tokens", "Training tokens", "training token", 1_000_000,
-                  "price_per_1m_training_tokens", "included_training_tokens"),
+    MeteredCharge("requests", "Requests", lambda prices: prices.requests, lambda usage: usage.requests),
+    MeteredCharge("tokens", "Tokens", lambda prices: prices.tokens, lambda usage: usage.tokens),
+    MeteredCharge("training_tokens", "Training tokens", lambda prices: prices.training_tokens,
+                  lambda usage: usage.training_tokens),
 )
+
+
+def metered_cost_micro(prices: MeteredPrices, usage: Usage) -> int:
+    """The exact, unrounded cost of ``usage`` (no base fee) in micro-cents: for each metered charge, the usage
+    beyond its allowance at its unit price.
+
+    The one cost formula: ``usage_cost_micro`` and the quota stores' budget check (``quota.Caps``) both use it.
+    The Redis quota store's Lua (``quota.USAGE_COST_LUA``) mirrors it: change both together.
+    """
+    return sum(charge.price(prices).cost_micro(charge.used(usage)) for charge in METERED_CHARGES)
 
 
 def _days(seconds: int, *, whole: bool) -> str:
@@ -169,9 +192,10 @@ def metered(plan: Plan, *, code: str, used: int, included: int, unit_micro: int,
                 amount=micro_to_cents(quantity * unit_micro), plan=plan.id)
 
 
-def _metered_line(charge: MeteredCharge, plan: Plan, usage: Usage) -> Line | None:
-    return metered(plan, code=charge.code, used=charge.used(usage), included=charge.included(plan),
-                   unit_micro=charge.unit_micro(plan), label=charge.label)
+def _metered_line(charge: MeteredCharge, plan: Plan, prices: MeteredPrices, usage: Usage) -> Line | None:
+    price = charge.price(prices)
+    return metered(plan, code=charge.code, used=charge.used(usage), included=price.included,
+                   unit_micro=price.unit_micro, label=charge.label)
 
 
 @dataclass(frozen=True)
@@ -196,7 +220,7 @@ def _flat_prorated(plan: Plan, segment: Segment) -> Line | None:
 
 def _metered_model(charge: MeteredCharge) -> ChargeFn:
     def price(plan: Plan, segment: Segment) -> Line | None:
-        return _metered_line(charge, plan, segment.usage)
+        return _metered_line(charge, plan, metered_prices(plan), segment.usage)
 
     return price
 
@@ -216,7 +240,8 @@ def charge_model(code: str) -> ChargeFn:
 
 def price_usage(plan: Plan, usage: Usage) -> list[Line]:
     """The requests, tokens and training-token lines for usage served on one plan (no base fee)."""
-    lines = (_metered_line(charge, plan, usage) for charge in METERED_CHARGES)
+    prices = metered_prices(plan)
+    lines = (_metered_line(charge, plan, prices, usage) for charge in METERED_CHARGES)
     return [line for line in lines if line is not None]
 
 
@@ -251,7 +276,7 @@ def subtotal(lines: Iterable[Line]) -> int:
 
 def usage_cost_micro(plan: Plan, usage: Usage) -> int:
     """The exact, unrounded cost of the usage charges (no base fee) in micro-cents, for budgets."""
-    return sum(charge.billable(plan, usage) * charge.unit_micro(plan) for charge in METERED_CHARGES)
+    return metered_cost_micro(metered_prices(plan), usage)
 
 
 def marginal_cost_micro(plan: Plan, before: Usage, added: Usage) -> int:

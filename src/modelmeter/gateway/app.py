@@ -14,7 +14,6 @@ from starlette.concurrency import run_in_threadpool
 
 from modelmeter import db
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.limits import make_limiters
 from modelmeter.billing.metering import LedgerWriter, Meter
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.errors import install_handlers
@@ -32,7 +31,7 @@ from modelmeter.gateway.routes import (
     usage,
     webhooks,
 )
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import Services, make_limiters
 from modelmeter.models.backends import configure_torch_threads, resolve_device
 from modelmeter.models.registry import ModelCache, register_platform_models
 from modelmeter.models.serving import AdapterConfig, AdapterHooks, BatchCaps, ModelServer

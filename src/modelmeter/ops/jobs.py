@@ -11,8 +11,8 @@ from sqlmodel import Session
 
 from modelmeter import clock
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.limits import Amount
 from modelmeter.billing.metering import as_amount, check_training_quota, period_of, period_usage
+from modelmeter.billing.quota import Amount
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import parse_dataset
 from modelmeter.models.finetune.tables import FineTuningJob

@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from modelmeter.billing.limits import Amount
 from modelmeter.billing.metering import period_of
+from modelmeter.billing.quota import Amount
 from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep, list_body
 from modelmeter.models.finetune import jobs
 from modelmeter.ops import jobs as ops_jobs
