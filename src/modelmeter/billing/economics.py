@@ -164,10 +164,11 @@ def tenant_revenue(*, session: Session, catalog: PlanCatalog, tenant: Tenant, pe
         select(Invoice).where(Invoice.tenant_id == tenant.id, Invoice.period == period)
     ).first()
     if invoice is not None:
-        lines: Iterable[Any] = invoicing.lines_of(session, invoice.id)
+        lines: Iterable[Any] = invoicing.lines_of(session=session, invoice_id=invoice.id)
         source = "invoice"
     else:
-        lines = invoicing.price_tenant_period(session, catalog, tenant.id, period, current_plan=tenant.plan)
+        lines = invoicing.price_tenant_period(session=session, catalog=catalog, tenant_id=tenant.id, period=period,
+                                                      current_plan=tenant.plan)
         source = "preview"
     revenue: dict[str, int] = {}
     for line in lines:

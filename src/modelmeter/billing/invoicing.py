@@ -52,7 +52,7 @@ def record_plan_change(*, session: Session, tenant_id: str, plan: str, at: int |
     enqueue_plan_change(session=session, change=change)
 
 
-def usage_by_plan(session: Session, tenant_id: str, period: str) -> dict[str, Usage]:
+def usage_by_plan(*, session: Session, tenant_id: str, period: str) -> dict[str, Usage]:
     """Committed usage of a tenant's period, per plan it was served under."""
     query = (
         select(UsageEvent.plan, func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens),
@@ -63,7 +63,7 @@ def usage_by_plan(session: Session, tenant_id: str, period: str) -> dict[str, Us
     return {plan: Usage(int(r or 0), int(t or 0), int(tr or 0)) for plan, r, t, tr in session.exec(query).all()}
 
 
-def plan_segments(session: Session, tenant_id: str, start: int, end: int) -> list[tuple[str, int]]:
+def plan_segments(*, session: Session, tenant_id: str, start: int, end: int) -> list[tuple[str, int]]:
     """Seconds of ``[start, end)`` spent on each plan, in order of first use."""
     changes = session.exec(
         select(PlanChange.plan, PlanChange.effective_at).where(PlanChange.tenant_id == tenant_id)
@@ -79,12 +79,12 @@ def plan_segments(session: Session, tenant_id: str, start: int, end: int) -> lis
 
 
 def price_tenant_period(
-    session: Session, catalog: PlanCatalog, tenant_id: str, period: str, *, current_plan: str
+    *, session: Session, catalog: PlanCatalog, tenant_id: str, period: str, current_plan: str
 ) -> list[Line]:
     """The invoice lines of one tenant's period, from its plan history and its ledger."""
     start, end = period_bounds(period)
-    segments = plan_segments(session, tenant_id, start, end) or [(current_plan, 0)]
-    usage = usage_by_plan(session, tenant_id, period)
+    segments = plan_segments(session=session, tenant_id=tenant_id, start=start, end=end) or [(current_plan, 0)]
+    usage = usage_by_plan(session=session, tenant_id=tenant_id, period=period)
     # price_period merges entries of the same plan: time held on it, and the usage served under it.
     triples = [(catalog.get(plan), secs, Usage()) for plan, secs in segments]
     triples += [(catalog.get(plan or current_plan), 0, amount) for plan, amount in usage.items()]
@@ -114,12 +114,12 @@ def invoice_public(invoice: Invoice, lines: Sequence[InvoiceLine]) -> dict[str, 
     }
 
 
-def preview(session: Session, catalog: PlanCatalog, tenant_id: str, plan: str, period: str | None = None
+def preview(*, session: Session, catalog: PlanCatalog, tenant_id: str, plan: str, period: str | None = None
             ) -> dict[str, Any]:
     """The running (or given, not yet closed) period's invoice as it stands now."""
     period = period or period_of(clock.now_s())
     start, end = period_bounds(period)
-    lines = price_tenant_period(session, catalog, tenant_id, period, current_plan=plan)
+    lines = price_tenant_period(session=session, catalog=catalog, tenant_id=tenant_id, period=period, current_plan=plan)
     total = subtotal(lines)
     return {
         "id": None, "object": "invoice", "tenant_id": tenant_id, "period": period, "status": "draft",
@@ -129,7 +129,7 @@ def preview(session: Session, catalog: PlanCatalog, tenant_id: str, plan: str, p
     }
 
 
-def lines_of(session: Session, invoice_id: str) -> list[InvoiceLine]:
+def lines_of(*, session: Session, invoice_id: str) -> list[InvoiceLine]:
     query = select(InvoiceLine).where(InvoiceLine.invoice_id == invoice_id).order_by(col(InvoiceLine.position))
     return list(session.exec(query).all())
 
@@ -212,7 +212,7 @@ def _invoice_tenant(*, session: Session, catalog: PlanCatalog, tenant: Tenant, p
     exists = session.exec(select(Invoice.id).where(Invoice.tenant_id == tenant_id, Invoice.period == period)).first()
     if exists is not None:
         return 0
-    lines = price_tenant_period(session, catalog, tenant_id, period, current_plan=plan)
+    lines = price_tenant_period(session=session, catalog=catalog, tenant_id=tenant_id, period=period, current_plan=plan)
     total = subtotal(lines)
     invoice = Invoice(id=new_id("in"), tenant_id=tenant_id, period=period, currency=catalog.get(plan).currency,
                       subtotal=total, total=total, period_start=start, period_end=end, created=now)

@@ -211,7 +211,7 @@ def quota_caps(plan: Plan, budget_cents: int | None, *, training: bool = False) 
     )
 
 
-def period_usage(session: Session, tenant_id: str, period: str) -> Usage:
+def period_usage(*, session: Session, tenant_id: str, period: str) -> Usage:
     """Committed usage of a tenant's period, from the ledger."""
     query = select(func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens))
     r, t, tr = session.exec(query.where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)).one()
@@ -222,10 +222,10 @@ def as_amount(usage: Usage) -> Amount:
     return Amount(requests=usage.requests, tokens=usage.tokens, training_tokens=usage.training_tokens)
 
 
-def ledger_totals(sessions: sessionmaker[Session], tenant_id: str, period: str) -> Amount:
+def ledger_totals(*, sessions: sessionmaker[Session], tenant_id: str, period: str) -> Amount:
     """The quota counters' baseline: the period's committed usage."""
     with sessions() as session:
-        return as_amount(period_usage(session, tenant_id, period))
+        return as_amount(period_usage(session=session, tenant_id=tenant_id, period=period))
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +256,7 @@ class Meter:
             return Hold(tenant_id, period, amount, None)
 
         async def baseline() -> Amount:
-            return await asyncio.to_thread(ledger_totals, self._sessions, tenant_id, period)
+            return await asyncio.to_thread(ledger_totals, sessions=self._sessions, tenant_id=tenant_id, period=period)
 
         reservation = await self.quota.reserve(tenant_id, period, amount, caps, baseline=baseline)
         if reservation is None:

@@ -109,7 +109,7 @@ class PageData:
     now: int
 
 
-def load_tenant(session: Session, tenant_id: str) -> Tenant:
+def load_tenant(*, session: Session, tenant_id: str) -> Tenant:
     """The link's tenant: gone → 401 (as a bad link), suspended → 403."""
     tenant = session.get(Tenant, tenant_id)
     if tenant is None:
@@ -135,15 +135,15 @@ def daily_usage(*, session: Session, catalog: PlanCatalog, tenant: Tenant, now: 
 
 def load_page(*, session: Session, catalog: PlanCatalog, tenant_id: str, expires_at: int) -> PageData:
     """The dashboard of ``tenant_id``: this period's usage and spend, the upcoming and past invoices."""
-    tenant = load_tenant(session, tenant_id)
+    tenant = load_tenant(session=session, tenant_id=tenant_id)
     plan = catalog.get(tenant.plan)
     now = clock.now_s()
     period = period_of(now)
-    used = period_usage(session, tenant.id, period)
+    used = period_usage(session=session, tenant_id=tenant.id, period=period)
     rows, _ = invoicing.list_invoices(session=session, tenant_id=tenant.id, limit=12, after=None)
     return PageData(
         tenant=tenant, plan=plan, period=period, used=used, spent_cents=micro_to_cents(usage_cost_micro(plan, used)),
-        upcoming=invoicing.preview(session, catalog, tenant.id, tenant.plan),
-        invoices=[invoicing.invoice_public(i, invoicing.lines_of(session, i.id)) for i in rows],
+        upcoming=invoicing.preview(session=session, catalog=catalog, tenant_id=tenant.id, plan=tenant.plan),
+        invoices=[invoicing.invoice_public(i, invoicing.lines_of(session=session, invoice_id=i.id)) for i in rows],
         days=daily_usage(session=session, catalog=catalog, tenant=tenant, now=now), expires_at=expires_at, now=now,
     )

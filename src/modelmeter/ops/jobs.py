@@ -38,7 +38,7 @@ def create_job(*, sessions: sessionmaker[Session], catalog: PlanCatalog, data_di
         # One job creation per tenant at a time, so the active-job limit and the training quota hold.
         lock_tenant(session=session, tenant_id=tenant_id)
         tenant = get_tenant(session=session, tenant_id=tenant_id)
-        used = as_amount(period_usage(session, tenant_id, period_of(clock.now_s())))
+        used = as_amount(period_usage(session=session, tenant_id=tenant_id, period=period_of(clock.now_s())))
         pending = jobs.active_estimates(session=session, tenant_id=tenant_id)
         check_training_quota(plan=catalog.get(tenant.plan), budget_cents=tenant.monthly_budget_cents,
                              used=used + Amount(training_tokens=pending), training_tokens=estimate)
