@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from sqlmodel import Session, col, select
 from modelmeter import clock
 from modelmeter.billing import invoicing, metering
 from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.counts import add_into
 from modelmeter.billing.metering import period_bounds
 from modelmeter.billing.tables import Invoice, UsageEvent
 from modelmeter.errors import InvalidRequestError
@@ -88,8 +89,7 @@ class Tally:
 
     def add(self, other: Tally) -> None:
         """Add ``other`` field by field."""
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        add_into(self, other)
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ from types import MappingProxyType
 from typing import Any, TypeAlias
 
 from modelmeter.billing.catalog import REQUEST_PRICE, TOKEN_PRICE, TRAINING_TOKEN_PRICE, Plan
+from modelmeter.billing.counts import fieldwise
 from modelmeter.money import (
     cents_decimal,
     decimal_text,
@@ -65,8 +66,7 @@ class Usage:
     def __add__(self, other: object) -> Usage:
         if not isinstance(other, Usage):
             return NotImplemented
-        return Usage(self.requests + other.requests, self.tokens + other.tokens,
-                     self.training_tokens + other.training_tokens)
+        return fieldwise(self, other)
 
 
 @dataclass(frozen=True)

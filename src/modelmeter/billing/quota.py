@@ -20,6 +20,7 @@ from typing import Protocol
 
 import redis.asyncio as redis
 
+from modelmeter.billing.counts import fieldwise
 from modelmeter.billing.pricing import MeteredPrices, Usage, metered_cost_micro
 
 _QUOTA_TTL_S = 40 * 24 * 3600
@@ -44,10 +45,10 @@ class Amount:
         return (self.requests, self.tokens, self.training_tokens, self.cost_micro)
 
     def __add__(self, other: Amount) -> Amount:
-        return Amount(*(a + b for a, b in zip(self.values(), other.values(), strict=True)))
+        return fieldwise(self, other)
 
     def __sub__(self, other: Amount) -> Amount:
-        return Amount(*(a - b for a, b in zip(self.values(), other.values(), strict=True)))
+        return fieldwise(self, other, sign=-1)
 
     def usage(self) -> Usage:
         """The metered dimensions (requests, tokens, training tokens), as pricing's ``Usage``."""
