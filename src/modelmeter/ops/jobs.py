@@ -53,3 +53,11 @@ def _estimate(data_dir: Path, training: Any, artifact: str, n_epochs: int) -> in
                            max_text_chars=10**9, max_labels=10**6)
     texts = [example.text for example in parsed.examples]
     return estimate_training_tokens(artifact_path(artifact, data_dir), texts, n_epochs)
+
+
+def cancel_job(*, sessions: sessionmaker[Session], tenant_id: str, job_id: str) -> FineTuningJob:
+    """Cancel a job that has not finished (409 otherwise); a running job's worker stops within seconds."""
+    with sessions() as session:
+        job = jobs.cancel_job(session=session, job=jobs.get_job(session=session, tenant_id=tenant_id, job_id=job_id))
+        session.commit()
+        return job

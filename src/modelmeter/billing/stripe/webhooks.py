@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import stripe
 from sqlalchemy import ColumnElement, false, func, or_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select, update
 
 from modelmeter import clock
@@ -52,6 +54,19 @@ class EventHandler(Protocol):
     """Applies one event's object to a (locked) tenant; returns the outcome."""
 
     def __call__(self, *, session: Session, tenant_id: str, obj: dict[str, Any], created: int) -> str: ...
+
+
+def apply_event(*, sessions: sessionmaker[Session], event: dict[str, Any], now: int, grace_s: int) -> EventResult:
+    """Apply a verified event once, in its own transaction; the same event delivered twice at once is applied by
+    one delivery and reported as ``duplicate`` to the other."""
+    with sessions() as session:
+        try:
+            result = handle_event(session=session, event=event, now=now, grace_s=grace_s)
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            return EventResult("duplicate")
+        return result
 
 
 def handle_event(*, session: Session, event: dict[str, Any], now: int, grace_s: int) -> EventResult:

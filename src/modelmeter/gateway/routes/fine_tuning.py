@@ -53,9 +53,7 @@ def get_events(job_id: str, principal: FineTunePrincipal, session: SessionDep, p
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job(job_id: str, principal: FineTunePrincipal, session: SessionDep) -> dict[str, Any]:
+def cancel_job(job_id: str, principal: FineTunePrincipal, services: ServicesDep) -> dict[str, Any]:
     """Cancel a job that has not finished (409 otherwise); a running job stops within seconds."""
-    job = jobs.cancel_job(session=session, job=jobs.get_job(session=session, tenant_id=principal.tenant_id,
-                                                             job_id=job_id))
-    session.commit()
-    return jobs.job_public(job)
+    return jobs.job_public(ops_jobs.cancel_job(sessions=services.sessions, tenant_id=principal.tenant_id,
+                                               job_id=job_id))
