@@ -50,14 +50,13 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pg_ready() -> Iterator[None]:
+def pg_ready() -> None:
     engine = db.make_engine(PG_URL)
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
     db.upgrade(engine)
     engine.dispose()
-    yield
 
 
 def _truncate_pg() -> None:
@@ -170,7 +169,8 @@ def assert_envelope(response: Any, status: int, *, type_: str | None = None, cod
     assert set(body) == {"error"}, body
     error = body["error"]
     assert set(error) == {"message", "type", "code", "param"}, error
-    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
     if type_ is not None:
         assert error["type"] == type_, error
     if code is not None:

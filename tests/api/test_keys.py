@@ -20,15 +20,20 @@ def test_key_format_and_listing_hides_secret(client: TestClient, make_tenant: An
     tenant = make_tenant()
     created = make_key(tenant["id"], name="ci")
     key = created["key"]
-    assert key.startswith("mm_") and len(key) == 41 and keys.well_formed(key)
-    assert created["prefix"] == key[:11] and created["last4"] == key[-4:]
+    assert key.startswith("mm_")
+    assert len(key) == 41
+    assert keys.well_formed(key)
+    assert created["prefix"] == key[:11]
+    assert created["last4"] == key[-4:]
     assert created["scopes"] == ["inference", "fine-tune", "billing:read"]
 
     listing = client.get(f"/admin/tenants/{tenant['id']}/keys", headers=ADMIN)
     assert listing.status_code == 200
-    assert key not in listing.text and "key_hash" not in listing.text
+    assert key not in listing.text
+    assert "key_hash" not in listing.text
     (item,) = listing.json()["data"]
-    assert "key" not in item and item["status"] == "active"
+    assert "key" not in item
+    assert item["status"] == "active"
 
 
 def test_key_works_and_last_used_is_buffered(client: TestClient, make_tenant: Any, make_key: Any,
@@ -40,7 +45,8 @@ def test_key_works_and_last_used_is_buffered(client: TestClient, make_tenant: An
         stored = conn.execute(text("SELECT last_used_at FROM api_key WHERE id = :i"), {"i": created["id"]}).scalar()
     assert stored is None  # no write on the request path
     item = client.get(f"/admin/tenants/{tenant['id']}/keys", headers=ADMIN).json()["data"][0]
-    assert item["last_used_at"] is not None and item["last_used_at"] >= created["created"]
+    assert item["last_used_at"] is not None
+    assert item["last_used_at"] >= created["created"]
 
 
 def test_scopes_are_enforced(client: TestClient, make_tenant: Any, make_key: Any) -> None:
@@ -58,7 +64,8 @@ def test_revoked_key_is_401_at_once(client: TestClient, make_tenant: Any, make_k
     created = make_key(tenant["id"])
     assert client.get("/v1/models", headers=bearer(created["key"])).status_code == 200
     revoked = client.delete(f"/admin/keys/{created['id']}", headers=ADMIN)
-    assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
+    assert revoked.status_code == 200
+    assert revoked.json()["status"] == "revoked"
     error = assert_envelope(client.get("/v1/models", headers=bearer(created["key"])), 401, code="invalid_api_key")
     assert error["message"] == INVALID_KEY_MESSAGE
 
@@ -80,7 +87,9 @@ def test_roll_with_grace(client: TestClient, make_tenant: Any, make_key: Any, fa
     rolled = client.post(f"/admin/keys/{old['id']}/roll", json={"grace_period_seconds": 300}, headers=ADMIN)
     assert rolled.status_code == 201, rolled.text
     new = rolled.json()
-    assert new["key"] != old["key"] and new["name"] == "prod" and new["scopes"] == ["inference"]
+    assert new["key"] != old["key"]
+    assert new["name"] == "prod"
+    assert new["scopes"] == ["inference"]
     for key in (old["key"], new["key"]):
         assert client.get("/v1/models", headers=bearer(key)).status_code == 200
     fake_clock.advance(301)

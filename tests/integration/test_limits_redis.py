@@ -87,7 +87,8 @@ async def test_burst_then_refusal_on_server_time(replicas: Replicas) -> None:
     limiter = replicas.limiter()
     decisions = [await limiter.check("t", rpm=5, tpm=BIG, tokens=1) for _ in range(6)]
     assert [d.allowed for d in decisions] == [True] * 5 + [False]
-    assert decisions[-1].reason == "requests" and 11.0 < decisions[-1].retry_after_s <= 12.0
+    assert decisions[-1].reason == "requests"
+    assert 11.0 < decisions[-1].retry_after_s <= 12.0
     ttl_ms = await replicas.clients[0].pttl(f"{replicas.prefix}rl:t")
     assert 60_000 < ttl_ms <= 61_000
 
@@ -96,9 +97,11 @@ async def test_all_or_nothing_and_too_large(replicas: Replicas) -> None:
     limiter = replicas.limiter()
     await limiter.check("t", rpm=10, tpm=1000, tokens=900, now=0.0)
     refused = await limiter.check("t", rpm=10, tpm=1000, tokens=200, now=0.0)
-    assert refused.reason == "tokens" and refused.remaining_requests == 9
+    assert refused.reason == "tokens"
+    assert refused.remaining_requests == 9
     too_large = await limiter.check("t", rpm=10, tpm=1000, tokens=1001, now=0.0)
-    assert too_large.reason == "too_large" and too_large.remaining_tokens == 100
+    assert too_large.reason == "too_large"
+    assert too_large.remaining_tokens == 100
 
 
 async def test_two_replicas_share_one_rate_limit(replicas: Replicas) -> None:
@@ -126,7 +129,8 @@ async def test_concurrent_initialisation_does_not_double_count(replicas: Replica
         first.reserve("t", PERIOD, Amount(requests=1), Caps(), baseline=baselines[0]),
         second.reserve("t", PERIOD, Amount(requests=1), Caps(), baseline=baselines[1]),
     )
-    assert None not in ids and [b.calls for b in baselines] == [1, 1]
+    assert None not in ids
+    assert [b.calls for b in baselines] == [1, 1]
     assert await first.snapshot("t", PERIOD) == (Amount(requests=5, cost_micro=700), Amount(requests=2))
     await first.reserve("t", PERIOD, Amount(requests=1), Caps(), baseline=baselines[0])
     assert baselines[0].calls == 1
@@ -195,7 +199,8 @@ async def test_factory_builds_redis_backends(replicas: Replicas) -> None:
     limiter, quotas = make_limiters(REDIS_URL)
     tenant = f"{replicas.prefix}factory"
     try:
-        assert isinstance(limiter, RedisRateLimiter) and isinstance(quotas, RedisQuotaStore)
+        assert isinstance(limiter, RedisRateLimiter)
+        assert isinstance(quotas, RedisQuotaStore)
         assert (await limiter.check(tenant, rpm=1, tpm=1, tokens=1)).allowed
         assert await quotas.reserve(tenant, PERIOD, Amount(requests=1), Caps(), baseline=CountingBaseline())
     finally:

@@ -248,7 +248,8 @@ def test_tenant_becomes_a_customer_with_a_subscription(app: TestClient, api: str
     assert stored["stripe_customer_id"] == customer.id
     (subscription,) = live_subscriptions(api, customer.id)
     assert subscription.id == tenant_row(app, tenant["id"]).stripe_subscription_id
-    assert subscription["plan"]["id"] == "mm_pro_usd_monthly" and subscription["plan"]["amount"] == 0
+    assert subscription["plan"]["id"] == "mm_pro_usd_monthly"
+    assert subscription["plan"]["amount"] == 0
     with db(app) as session:
         assert session.get(StripePlan, "pro") is not None
     assert relay_of(app).tick().rows == []  # nothing left to send
@@ -263,7 +264,8 @@ def test_plan_change_moves_the_subscription(app: TestClient, api: stripe.StripeC
     relay_of(app).tick()
     row = tenant_row(app, tenant["id"])
     (live,) = live_subscriptions(api, str(row.stripe_customer_id))
-    assert live.id == row.stripe_subscription_id != first and live["plan"]["id"] == "mm_pro_usd_monthly"
+    assert live.id == row.stripe_subscription_id != first
+    assert live["plan"]["id"] == "mm_pro_usd_monthly"
     assert api.v1.subscriptions.retrieve(str(first)).status == "canceled"
 
 
@@ -271,14 +273,18 @@ def test_closed_invoice_reaches_stripe_with_our_amounts(app: TestClient, api: st
                                                         october: FakeClock) -> None:
     tenant = billed_october(app, october)
     invoice, lines = invoice_of(app, tenant["id"])
-    assert invoice.sync_status == "pending" and len(lines) >= 2 and invoice.total > 0
+    assert invoice.sync_status == "pending"
+    assert len(lines) >= 2
+    assert invoice.total > 0
     relay_of(app).tick()
 
     invoice, lines = invoice_of(app, tenant["id"])
-    assert invoice.sync_status == "synced" and invoice.stripe_invoice_id
+    assert invoice.sync_status == "synced"
+    assert invoice.stripe_invoice_id
     customer_id = str(tenant_row(app, tenant["id"]).stripe_customer_id)
     (remote,) = stripe_invoices_of(api, customer_id, invoice.id)
-    assert remote.id == invoice.stripe_invoice_id and remote.total == invoice.total
+    assert remote.id == invoice.stripe_invoice_id
+    assert remote.total == invoice.total
     remote_lines = our_lines(api, remote.id, invoice.id)
     assert sum(line.amount for line in remote_lines) == invoice.total
     assert sorted((int(x.metadata["mm_line"]), x.amount) for x in remote_lines) == [(x.position, x.amount)
@@ -338,7 +344,9 @@ def test_restart_after_a_crash_between_call_and_mark_creates_no_duplicate(
         with pytest.raises(Crash):
             relay.run_once()
         (crashed,) = [r for r in outbox(app, tenant["id"]) if r.kind == kind]
-        assert crashed.status == "pending" and crashed.attempts == 1 and crashed.locked_until
+        assert crashed.status == "pending"
+        assert crashed.attempts == 1
+        assert crashed.locked_until
         assert restart().run_once().rows == []  # still leased by the dead process
         october.advance(LEASE_S + 1)
     assert [r.result for r in restart().run_once().rows] == ["done"]
@@ -348,9 +356,11 @@ def test_restart_after_a_crash_between_call_and_mark_creates_no_duplicate(
     (customer,) = customers_of(api, tenant)
     assert len(live_subscriptions(api, customer.id)) == 1
     (remote,) = stripe_invoices_of(api, customer.id, invoice.id)
-    assert invoice.stripe_invoice_id == remote.id and invoice.sync_status == "synced"
+    assert invoice.stripe_invoice_id == remote.id
+    assert invoice.sync_status == "synced"
     remote_lines = our_lines(api, remote.id, invoice.id)
-    assert len(remote_lines) == len(lines) and sum(x.amount for x in remote_lines) == invoice.total
+    assert len(remote_lines) == len(lines)
+    assert sum(x.amount for x in remote_lines) == invoice.total
 
 
 def test_crash_after_the_items_reuses_them(app: TestClient, api: stripe.StripeClient, october: FakeClock,
@@ -373,7 +383,8 @@ def test_crash_after_the_items_reuses_them(app: TestClient, api: stripe.StripeCl
     invoice, lines = invoice_of(app, tenant["id"])
     (customer,) = customers_of(api, tenant)
     (remote,) = stripe_invoices_of(api, customer.id, invoice.id)
-    assert len(our_lines(api, remote.id, invoice.id)) == len(lines) and remote.total == invoice.total
+    assert len(our_lines(api, remote.id, invoice.id)) == len(lines)
+    assert remote.total == invoice.total
 
 
 # --- Stripe unreachable -----------------------------------------------------------------------------------------
@@ -392,10 +403,12 @@ def test_unreachable_stripe_loses_nothing(stripe_settings: Settings, october: Fa
         again = dead.tick()
     finally:
         dead.close()
-    assert [(r.kind, r.result) for r in report.rows] == [("customer", "retry")] and again.rows == []
+    assert [(r.kind, r.result) for r in report.rows] == [("customer", "retry")]
+    assert again.rows == []
     customer, subscription, invoice_row = outbox(app, tenant["id"])
     assert (customer.status, customer.attempts) == ("pending", 1)
-    assert customer.next_attempt_at > october.t and "APIConnectionError" in str(customer.last_error)
+    assert customer.next_attempt_at > october.t
+    assert "APIConnectionError" in str(customer.last_error)
     assert (subscription.attempts, invoice_row.attempts) == (0, 0)  # held back behind the customer
     assert invoice_of(app, tenant["id"])[0].sync_status == "pending"
 
@@ -432,12 +445,15 @@ def test_cli_billing_sync(stripe_settings: Settings, monkeypatch: pytest.MonkeyP
     tenant = json.loads(created.stdout)
     synced = runner.invoke(main, ["billing", "sync", "--json"])
     assert synced.exit_code == 0, synced.output
-    assert json.loads(synced.stdout)["sent"] == 2 and len(customers_of(api, tenant)) == 1
+    assert json.loads(synced.stdout)["sent"] == 2
+    assert len(customers_of(api, tenant)) == 1
     human = runner.invoke(main, ["billing", "sync"])
-    assert human.exit_code == 0 and "sent 0, retrying 0, failed 0" in human.output
+    assert human.exit_code == 0
+    assert "sent 0, retrying 0, failed 0" in human.output
     monkeypatch.delenv("MODELMETER_STRIPE_API_KEY")
     off = runner.invoke(main, ["billing", "sync"])
-    assert off.exit_code == 1 and "Stripe is off" in off.output
+    assert off.exit_code == 1
+    assert "Stripe is off" in off.output
 
 
 # --- webhooks ---------------------------------------------------------------------------------------------------
@@ -516,10 +532,12 @@ def test_valid_signature_applies_once(app: TestClient, billed: dict[str, Any]) -
     at = int(time.time())
     payload = invoice_event("invoice.paid", billed["invoices"][0], at, "evt_once")
     first = deliver(app, payload)
-    assert first.status_code == 200 and first.json() == {"received": True, "outcome": "applied"}
+    assert first.status_code == 200
+    assert first.json() == {"received": True, "outcome": "applied"}
     assert deliver(app, payload).json() == {"received": True, "outcome": "duplicate"}
     invoice = invoice_of_id(app, billed["invoices"][0])
-    assert (invoice.status, invoice.paid_at) == ("paid", at) and events_recorded(app) == 1
+    assert (invoice.status, invoice.paid_at) == ("paid", at)
+    assert events_recorded(app) == 1
     not_json = "{not json"
     assert_envelope(deliver(app, not_json), 400, code="malformed_request")
 
@@ -534,7 +552,8 @@ def test_event_for_an_unknown_customer_changes_nothing(app: TestClient, billed: 
     for kind in HANDLED_EVENTS:
         obj = {"id": "in_or_sub_unknown", "customer": "cus_unknown", "metadata": {}}
         response = deliver(app, event(kind, obj, int(time.time())))
-        assert response.status_code == 200 and response.json()["outcome"] == "unknown_customer"
+        assert response.status_code == 200
+        assert response.json()["outcome"] == "unknown_customer"
     assert deliver(app, event("charge.refunded", {"id": "ch_1"}, 1)).json()["outcome"] == "unhandled"
     assert events_recorded(app) == 0
     assert tenant_row(app, billed["id"]).billing_status == "ok"
@@ -627,7 +646,8 @@ def test_an_older_failure_after_the_payment_does_not_set_past_due(app: TestClien
     invoice_id = billed["invoices"][0]
     deliver(app, invoice_event("invoice.paid", invoice_id, october.t))
     outcome = deliver(app, invoice_event("invoice.payment_failed", invoice_id, october.t - 60)).json()["outcome"]
-    assert outcome == "stale" and tenant_row(app, billed["id"]).billing_status == "ok"
+    assert outcome == "stale"
+    assert tenant_row(app, billed["id"]).billing_status == "ok"
 
 
 def test_subscription_deleted_suspends_only_the_current_one(app: TestClient, api: stripe.StripeClient,
@@ -641,7 +661,8 @@ def test_subscription_deleted_suspends_only_the_current_one(app: TestClient, api
     current = api.v1.subscriptions.retrieve(str(tenant_row(app, tenant["id"]).stripe_subscription_id))
 
     superseded = deliver(app, event("customer.subscription.deleted", old.to_dict(), int(time.time())))
-    assert superseded.json()["outcome"] == "superseded" and tenant_row(app, tenant["id"]).status == "active"
+    assert superseded.json()["outcome"] == "superseded"
+    assert tenant_row(app, tenant["id"]).status == "active"
     assert app.get("/v1/billing/invoices", headers=key).status_code == 200
     deleted = deliver(app, event("customer.subscription.deleted", current.to_dict(), int(time.time())))
     assert deleted.json()["outcome"] == "applied"
@@ -709,11 +730,13 @@ def test_a_failed_invoice_shows_failed_and_retries_on_request(app: TestClient, a
     monkeypatch.setattr(relay, "_check_amounts", refuse)
     assert [r.result for r in relay.tick().rows] == ["done", "done", "failed"]
     invoice, _ = invoice_of(app, tenant["id"])
-    assert invoice.sync_status == "failed" and "amounts differ" in str(outbox(app, tenant["id"])[-1].last_error)
+    assert invoice.sync_status == "failed"
+    assert "amounts differ" in str(outbox(app, tenant["id"])[-1].last_error)
     assert relay.tick().rows == []  # failed rows wait for an operator
     monkeypatch.undo()
     assert [r.result for r in relay.tick(retry_failed=True).rows] == ["done"]
     invoice, lines = invoice_of(app, tenant["id"])
     (customer,) = customers_of(api, tenant)
     (remote,) = stripe_invoices_of(api, customer.id, invoice.id)
-    assert invoice.sync_status == "synced" and len(our_lines(api, remote.id, invoice.id)) == len(lines)
+    assert invoice.sync_status == "synced"
+    assert len(our_lines(api, remote.id, invoice.id)) == len(lines)

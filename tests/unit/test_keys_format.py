@@ -13,8 +13,11 @@ def test_generated_keys_are_well_formed_and_unique() -> None:
     keys = {key_format.generate_key() for _ in range(200)}
     assert len(keys) == 200
     for key in keys:
-        assert key.startswith("mm_") and len(key) == 41 and key_format.well_formed(key)
-        assert key_format.hash_key(key) != key and len(key_format.hash_key(key)) == 64
+        assert key.startswith("mm_")
+        assert len(key) == 41
+        assert key_format.well_formed(key)
+        assert key_format.hash_key(key) != key
+        assert len(key_format.hash_key(key)) == 64
 
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -28,8 +28,10 @@ def test_text_forms() -> None:
     assert money.amount_text(123_456, "usd") == "$1,234.56"
     assert money.amount_text(-5, "eur") == "-€0.05"
     assert money.amount_text(300, "chf") == "CHF 3.00"
-    assert money.cent_text(12) == "12¢" and money.cent_text("0.002") == "0.002¢"
-    assert money.cents_text(952_000) == "0.952" and money.cents_text(100_000_000) == "100"
+    assert money.cent_text(12) == "12¢"
+    assert money.cent_text("0.002") == "0.002¢"
+    assert money.cents_text(952_000) == "0.952"
+    assert money.cents_text(100_000_000) == "100"
     assert money.cents_text(0) == "0"
     tiny = money.cents_decimal(373_357, exponent=-12)
     assert money.decimal_text(tiny) == "0.000000373357"

@@ -95,7 +95,10 @@ def test_report_summary() -> None:
         RowOutcome(1, "customer", "ten_1", "done", stripe_id="cus_1"),
         RowOutcome(2, "invoice", "in_1", "retry", error="APIConnectionError: down"),
     ], suspended=["ten_2"])
-    assert report.public()["sent"] == 1 and report.public()["retrying"] == 1
+    assert report.public()["sent"] == 1
+    assert report.public()["retrying"] == 1
     text = report.summary()
-    assert "cus_1" in text and "APIConnectionError" in text and "ten_2" in text
+    assert "cus_1" in text
+    assert "APIConnectionError" in text
+    assert "ten_2" in text
     assert text.endswith("sent 1, retrying 1, failed 0")

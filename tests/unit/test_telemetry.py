@@ -142,7 +142,7 @@ def test_compute_prices_are_exact_integers() -> None:
     assert units_to_decimal_cents(prices.cost_units("cuda", 1_000_000)) == "0.069444"
     assert units_to_cents(prices.cost_units("cuda", 7_200_000)) == 1  # exactly 0.5 cents rounds half-up
     assert units_to_cents(prices.cost_units("cuda", 7_199_999)) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not a whole number of micro-cents"):
         ComputePrices.parse(cpu_core_hour="0.0000000001", gpu_hour="1", cores=1)
 
 
@@ -157,7 +157,8 @@ def test_grouping_sums_exactly_and_computes_the_margin() -> None:
     assert by_tenant["ten_a"].public()["margin_ratio"] == str(Decimal(4400) / Decimal(5400))[:6]
     assert (by_tenant["ten_b"].margin_cents, by_tenant["ten_b"].margin_ratio()) == (-1, None)
     by_plan = {r.plan: r for r in group(rows, "plan")}
-    assert by_plan["pro"].revenue_cents == 4900 and by_plan["pro"].usage.tokens == 6
+    assert by_plan["pro"].revenue_cents == 4900
+    assert by_plan["pro"].usage.tokens == 6
     assert by_plan["pro"].revenue_source == "mixed"
 
 
