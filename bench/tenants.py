@@ -336,32 +336,44 @@ def main(seconds: float, phases: list[str], n_adapters: int) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def summarize(results: dict[str, Any]) -> dict[str, Any]:
+def _ratios(results: dict[str, Any]) -> dict[str, float]:
+    """Each phase's requests per second over the single full model's and over the base model's."""
     def rps(name: str) -> float | None:
         return results.get(name, {}).get("req_per_s")
 
     single, base = rps("full-1"), rps("base")
-    summary: dict[str, Any] = {"device": str(resolve_device("auto")),
-                               "torch_threads": torch.get_num_threads(), "phases": results}
     ratios = {}
     for name in results:
         if single and rps(name):
             ratios[f"{name}_over_full_1"] = round(rps(name) / single, 3)  # type: ignore[operator]
         if base and rps(name):
             ratios[f"{name}_over_base"] = round(rps(name) / base, 3)  # type: ignore[operator]
-    summary["ratios"] = ratios
+    return ratios
+
+
+def _memory(results: dict[str, Any]) -> dict[str, Any]:
+    """Resident memory per adapter and per full copy, and the budgeted phases' memory against their budgets."""
+    memory: dict[str, Any] = {}
     lora_1, lora_many = results.get("lora-1-uniform"), results.get("lora-1000-uniform")
     if lora_1 and lora_many:
         extra = lora_many["rss_resident_mb"] - lora_1["rss_resident_mb"]
-        summary["rss_per_adapter_mb"] = round(extra / (lora_many["adapters_resident"] - 1), 3)
+        memory["rss_per_adapter_mb"] = round(extra / (lora_many["adapters_resident"] - 1), 3)
     full_1, full_24 = results.get("full-1"), results.get("full-24")
     if full_1 and full_24:
-        summary["rss_per_full_copy_mb"] = round((full_24["rss_resident_mb"] - full_1["rss_resident_mb"]) / 23, 1)
+        memory["rss_per_full_copy_mb"] = round((full_24["rss_resident_mb"] - full_1["rss_resident_mb"]) / 23, 1)
     for name, budget_key in (("full-budget", "full_pool_budget_mb"), ("lora-churn", "adapter_budget_mb")):
         if name in results:
             r = results[name]
-            summary[f"{name}_rss_over_baseline_mb"] = r["rss_over_baseline_mb"]
-            summary[f"{name}_budget_mb"] = r[budget_key]
+            memory[f"{name}_rss_over_baseline_mb"] = r["rss_over_baseline_mb"]
+            memory[f"{name}_budget_mb"] = r[budget_key]
+    return memory
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"device": str(resolve_device("auto")),
+                               "torch_threads": torch.get_num_threads(), "phases": results}
+    summary["ratios"] = _ratios(results)
+    summary |= _memory(results)
     print(json.dumps(summary["ratios"], indent=1))
     for key in ("rss_per_adapter_mb", "rss_per_full_copy_mb", "full-budget_rss_over_baseline_mb",
                 "lora-churn_rss_over_baseline_mb"):

@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from modelmeter import clock, db
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
 from modelmeter.tables import import_all_tables
 
@@ -49,14 +50,13 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pg_ready() -> Iterator[None]:
+def pg_ready() -> None:
     engine = db.make_engine(PG_URL)
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
     db.upgrade(engine)
     engine.dispose()
-    yield
 
 
 def _truncate_pg() -> None:
@@ -169,7 +169,8 @@ def assert_envelope(response: Any, status: int, *, type_: str | None = None, cod
     assert set(body) == {"error"}, body
     error = body["error"]
     assert set(error) == {"message", "type", "code", "param"}, error
-    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
     if type_ is not None:
         assert error["type"] == type_, error
     if code is not None:
@@ -178,12 +179,11 @@ def assert_envelope(response: Any, status: int, *, type_: str | None = None, cod
 
 
 @pytest.fixture
-def register_model(client: TestClient) -> Callable[..., str]:
+def register_model(client: TestClient, services: Services) -> Callable[..., str]:
     """Save a tiny random BERT and register it (a tenant's model, or a platform model when tenant is None)."""
     from modelmeter.models.registry import MlModel
     from tests.tiny_bert import make_tiny_bert
 
-    services = client.app.state.services  # type: ignore[attr-defined]
     counter = iter(range(1, 10_000))
 
     def register(tenant_id: str | None, *, task: str = "text-classification", labels: list[str] | None = None,
@@ -205,12 +205,11 @@ def register_model(client: TestClient) -> Callable[..., str]:
 
 
 @pytest.fixture
-def register_adapter(client: TestClient, register_model: Callable[..., str]) -> Callable[..., str]:
+def register_adapter(client: TestClient, register_model: Callable[..., str], services: Services) -> Callable[..., str]:
     """Save a tiny LoRA adapter on a tiny platform base (registered on first use) and register it for a tenant."""
     from modelmeter.models.registry import MlModel, artifact_path
     from tests.tiny_bert import make_tiny_adapter
 
-    services = client.app.state.services  # type: ignore[attr-defined]
     counter = iter(range(1, 10_000))
     bases: dict[str, Path] = {}
 
@@ -280,3 +279,16 @@ def sst2_rows(n: int, *, seed: int = 0) -> list[tuple[str, int]]:
     rows = [(s, int(label)) for s, label in (line.rsplit("\t", 1) for line in lines)]
     random.Random(seed).shuffle(rows)
     return rows[:n]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The event loop every async test runs on."""
+    return "asyncio"
+
+
+@pytest.fixture
+def services(client: TestClient) -> Services:
+    """The platform's services behind ``client`` (database sessions, the model server, limits, telemetry)."""
+    found: Services = client.app.state.services  # type: ignore[attr-defined]
+    return found

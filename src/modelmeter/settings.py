@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     worker_poll_s: Annotated[float, Field(gt=0)] = 1.0
     job_heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 120.0
 
-    # Stripe (the relay runs inside `serve` when stripe_api_key is set; see billing/stripe_sync.py)
+    # Stripe (the relay runs inside `serve` when stripe_api_key is set; see billing/stripe/)
     stripe_sync_interval_s: Annotated[int, Field(ge=1)] = 10
     stripe_max_network_retries: Annotated[int, Field(ge=0, le=10)] = 2
     stripe_timeout_s: Annotated[int, Field(gt=0)] = 30

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def import_all_tables() -> None:
     import modelmeter.billing.tables
-    import modelmeter.gateway.tenants
     import modelmeter.models.finetune.tables
-    import modelmeter.models.registry  # noqa: F401
+    import modelmeter.models.registry
+    import modelmeter.tenancy.keys
+    import modelmeter.tenancy.tenants  # noqa: F401

@@ -11,10 +11,10 @@ Labels are bounded and never come from request data:
     ``reason``, ``state``, ``resource``, ``device``, ``plan``: small fixed sets (plans: the catalog)
 Keys, key ids, texts, emails and tenant names never appear in a label.
 
-Hot-path updates are counter increments and histogram observations; nothing here queries the database per
-request. Queue and pool gauges are refreshed after each batch, load and eviction and at scrape time; fine-tune
-jobs, the Stripe outbox, quota utilisation and unit economics are read from the database when Prometheus
-scrapes (:class:`DatabaseCollector`, cached for a few seconds).
+Hot-path updates are counter increments and histogram observations; nothing here queries the database. Queue
+and pool gauges are refreshed after each batch, load and eviction and at scrape time. The gauges read from the
+database when Prometheus scrapes (fine-tune jobs, the Stripe outbox, quota utilisation, unit economics) live in
+:mod:`modelmeter.gateway.collectors` and are added with :meth:`Telemetry.add_scrape_collector`.
 
 Multiprocess mode: when the gateway runs several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` must be set
 (to an empty directory) before ``prometheus_client`` is imported; every process then writes its values to
@@ -26,9 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
-from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -41,21 +39,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
-from sqlalchemy import func
-from sqlalchemy.orm import sessionmaker
-from sqlmodel import Session, col, select
 
-from modelmeter import __version__, clock
-from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.economics import ComputePrices, EconomicsRow, TenantRef, group, period_economics
-from modelmeter.billing.metering import UsageRecord, period_of
-from modelmeter.billing.pricing import MICRO_PER_CENT, Usage, usage_cost_micro
-from modelmeter.billing.tables import StripeOutbox
+from modelmeter import __version__
+from modelmeter.billing.metering import UsageRecord
 from modelmeter.models.batching import OnBatch
-from modelmeter.models.finetune.tables import ACTIVE_STATUSES, FINISHED_STATUSES, FineTuningJob
 
 if TYPE_CHECKING:
     from modelmeter.models.serving import ModelServer
@@ -354,7 +344,7 @@ class Telemetry:
         if self.multiprocess_dir is None:
             return self.registry
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.multiprocess_dir)
+        MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped lib
         for collector in self._scrape_collectors:
             registry.register(collector)
         return registry
@@ -366,7 +356,7 @@ class Telemetry:
     def close(self) -> None:
         """In multiprocess mode, drop this process's live gauges (its counters stay, as Prometheus expects)."""
         if self.multiprocess_dir is not None:
-            mark_process_dead(os.getpid(), self.multiprocess_dir)
+            mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped lib
 
 
 def multiprocess_dir_from_env() -> str | None:
@@ -382,161 +372,3 @@ class _Forward(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return self._inner.collect()
-
-
-# --- scrape-time gauges from the database ---------------------------------------------------------------
-
-
-def outbox_backlog(session: Session) -> tuple[int, int, int | None]:
-    """Stripe outbox rows waiting (``pending``), given up (``failed``), and the oldest waiting row's ``created``."""
-    query = (select(StripeOutbox.status, func.count(), func.min(StripeOutbox.created))
-             .where(col(StripeOutbox.status).in_(("pending", "failed"))).group_by(col(StripeOutbox.status)))
-    found = {status: (int(count), oldest) for status, count, oldest in session.exec(query).all()}
-    pending, oldest = found.get("pending", (0, None))
-    return pending, found.get("failed", (0, None))[0], oldest
-
-
-def jobs_by_state(session: Session) -> dict[str, int]:
-    """Fine-tuning jobs per state (every state listed, zero included)."""
-    counts = dict.fromkeys((*ACTIVE_STATUSES, *FINISHED_STATUSES), 0)
-    query = select(FineTuningJob.status, func.count()).group_by(col(FineTuningJob.status))
-    for status, count in session.exec(query).all():
-        counts[status] = int(count)
-    return counts
-
-
-def quota_utilisation(catalog: PlanCatalog, tenant: TenantRef, used: Usage) -> dict[str, float]:
-    """How much of each cap a tenant has used this period (1.0 = exhausted); only capped resources."""
-    plan = catalog.get(tenant.plan) if tenant.plan in catalog else None
-    out: dict[str, float] = {}
-    if plan is not None and plan.hard_limit:
-        for resource, cap, value in (("requests", plan.included_requests, used.requests),
-                                     ("tokens", plan.included_tokens, used.tokens)):
-            out[resource] = float(Fraction(value, cap)) if cap else 1.0
-    if plan is not None and tenant.monthly_budget_cents is not None:
-        spent = Fraction(usage_cost_micro(plan, used), MICRO_PER_CENT)
-        budget = tenant.monthly_budget_cents
-        out["budget"] = float(spent / budget) if budget else 1.0
-    return out
-
-
-class _Families:
-    """The metric families one scrape of the database yields."""
-
-    def __init__(self) -> None:
-        g = GaugeMetricFamily
-        self.up = g("modelmeter_metrics_database_up", "1 when the last scrape could read the database.")
-        self.jobs = g("modelmeter_fine_tuning_jobs", "Fine-tuning jobs by state.", labels=["state"])
-        self.outbox = g("modelmeter_stripe_outbox_pending", "Stripe outbox rows waiting to be sent to Stripe.")
-        self.outbox_failed = g("modelmeter_stripe_outbox_failed", "Stripe outbox rows given up on (need "
-                               "`modelmeter billing sync --retry-failed`).")
-        self.outbox_age = g("modelmeter_stripe_outbox_oldest_pending_age_seconds", "Age of the oldest waiting "
-                            "Stripe outbox row (0 when none waits).")
-        self.quota = g("modelmeter_tenant_quota_utilisation_ratio", "Share of a capped tenant's monthly allowance "
-                       "or budget used this period (the most used tenants, up to the tenant cap).",
-                       labels=["tenant", "resource"])
-        self.tenants = g("modelmeter_tenants", "Tenants by plan and status.", labels=["plan", "status"])
-        labels = ["plan"]
-        self.plan_revenue = g("modelmeter_plan_revenue_cents", "Revenue this period by plan (invoice preview).",
-                              labels=labels)
-        self.plan_cost = g("modelmeter_plan_compute_cost_cents", "Compute cost this period by plan.", labels=labels)
-        self.plan_margin = g("modelmeter_plan_margin_cents", "Revenue minus compute cost this period by plan.",
-                             labels=labels)
-        labels = ["tenant"]
-        self.tenant_revenue = g("modelmeter_tenant_revenue_cents", "Revenue this period by tenant (the top "
-                                "tenants by revenue, up to the tenant cap).", labels=labels)
-        self.tenant_cost = g("modelmeter_tenant_compute_cost_cents", "Compute cost this period by tenant.",
-                             labels=labels)
-        self.tenant_margin = g("modelmeter_tenant_margin_cents", "Revenue minus compute cost this period by tenant.",
-                               labels=labels)
-
-    def all(self) -> list[Metric]:
-        return [m for m in vars(self).values() if isinstance(m, Metric)]
-
-
-class DatabaseCollector(Collector):
-    """Gauges read from the database when Prometheus scrapes, cached for ``ttl_s`` seconds.
-
-    Every replica exports the same values (they come from the shared database): aggregate them with ``max``.
-    """
-
-    def __init__(self, *, sessions: sessionmaker[Session], catalog: PlanCatalog, prices: ComputePrices,
-                 tenants: Callable[[Session], Sequence[TenantRef]], max_tenants: int, ttl_s: float) -> None:
-        self._sessions = sessions
-        self._catalog = catalog
-        self._prices = prices
-        self._tenants = tenants
-        self._max_tenants = max_tenants
-        self._ttl = ttl_s
-        self._cache: list[Metric] | None = None
-        self._at = 0.0
-        self._lock = threading.Lock()
-
-    def collect(self) -> Iterable[Metric]:
-        with self._lock:
-            if self._cache is None or time.monotonic() - self._at >= self._ttl:
-                self._cache = self._gather()
-                self._at = time.monotonic()
-            return list(self._cache)
-
-    def _gather(self) -> list[Metric]:
-        families = _Families()
-        try:
-            with self._sessions() as session:
-                self._fill(session, families)
-            with self._sessions() as session:
-                self._outbox(session, families)
-            families.up.add_metric([], 1)
-        except Exception:
-            log.warning("metrics: reading the database failed", exc_info=True)
-            families.up.add_metric([], 0)
-        return families.all()
-
-    def _fill(self, session: Session, f: _Families) -> None:
-        for state, count in jobs_by_state(session).items():
-            f.jobs.add_metric([state], count)
-        tenants = list(self._tenants(session))
-        self._tenant_counts(tenants, f)
-        rows = period_economics(session, self._catalog, self._prices, period_of(clock.now_s()), tenants)
-        self._economics(rows, f)
-        self._quota(tenants, rows, f)
-
-    def _outbox(self, session: Session, f: _Families) -> None:
-        pending, failed, oldest = outbox_backlog(session)
-        f.outbox.add_metric([], pending)
-        f.outbox_failed.add_metric([], failed)
-        f.outbox_age.add_metric([], max(0, clock.now_s() - oldest) if oldest is not None else 0)
-
-    def _tenant_counts(self, tenants: Sequence[TenantRef], f: _Families) -> None:
-        counts: dict[tuple[str, str], int] = {}
-        for t in tenants:
-            key = (t.plan if t.plan in self._catalog else OTHER, t.status)
-            counts[key] = counts.get(key, 0) + 1
-        for (plan, status), count in sorted(counts.items()):
-            f.tenants.add_metric([plan, status], count)
-
-    def _economics(self, rows: list[EconomicsRow], f: _Families) -> None:
-        for row in group(rows, "plan"):
-            plan = [row.plan or OTHER]
-            f.plan_revenue.add_metric(plan, row.revenue_cents)
-            f.plan_cost.add_metric(plan, row.compute_cost_cents)
-            f.plan_margin.add_metric(plan, row.margin_cents)
-        per_tenant = sorted(group(rows, "tenant"), key=lambda r: (-r.revenue_cents, r.tenant_id or ""))
-        for row in per_tenant[: self._max_tenants]:
-            tenant = [row.tenant_id or OTHER]
-            f.tenant_revenue.add_metric(tenant, row.revenue_cents)
-            f.tenant_cost.add_metric(tenant, row.compute_cost_cents)
-            f.tenant_margin.add_metric(tenant, row.margin_cents)
-
-    def _quota(self, tenants: Sequence[TenantRef], rows: list[EconomicsRow], f: _Families) -> None:
-        used = {r.tenant_id: r.usage for r in group(rows, "tenant")}
-        ratios: dict[str, dict[str, float]] = {}
-        for tenant in tenants:
-            tally = used.get(tenant.id)
-            usage = Usage(tally.requests, tally.tokens, tally.training_tokens) if tally else Usage()
-            ratios[tenant.id] = quota_utilisation(self._catalog, tenant, usage)
-        capped = [t for t in ratios if ratios[t]]
-        top = sorted(capped, key=lambda t: (-max(ratios[t].values()), t))[: self._max_tenants]
-        for tenant_id in top:
-            for resource, ratio in ratios[tenant_id].items():
-                f.quota.add_metric([tenant_id, resource], ratio)

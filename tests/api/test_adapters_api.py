@@ -15,6 +15,7 @@ from sqlmodel import select
 
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
 from modelmeter.models.adapters.artifact import ADAPTER_WEIGHTS
 from modelmeter.models.registry import MlModel
 from tests.conftest import assert_envelope, bearer
@@ -22,10 +23,6 @@ from tests.conftest import assert_envelope, bearer
 pytestmark = pytest.mark.anyio
 TEXTS = ["a fine film", "the worst, most tedious two hours I have spent in a cinema this year", "ok", "fine " * 40]
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture
@@ -72,11 +69,14 @@ async def test_tenants_share_a_batch_and_each_gets_its_own_labels(
         else:
             assert len(response.json()["data"][0]["embedding"]) == 32
     server = app.state.services.server
-    assert server.bases.loaded() == ["tiny-base"] and server.pool.loaded() == []
+    assert server.bases.loaded() == ["tiny-base"]
+    assert server.pool.loaded() == []
     # The batches really mixed tenants: some batch held rows of both adapters.
     mixed = registry.get_sample_value("modelmeter_batch_adapters_bucket", {"model": "tiny-base", "le": "1.0"})
     total = registry.get_sample_value("modelmeter_batch_adapters_count", {"model": "tiny-base"})
-    assert total is not None and mixed is not None and total > mixed
+    assert total is not None
+    assert mixed is not None
+    assert total > mixed
     assert registry.get_sample_value("modelmeter_adapter_loads_total", {"model": "tiny-base"}) == 2
     assert registry.get_sample_value("modelmeter_adapters_resident", {"model": "tiny-base"}) == 2
 
@@ -103,10 +103,9 @@ async def test_compute_in_mixed_batches_is_attributed_by_tokens(
 
 async def test_a_corrupt_adapter_fails_its_tenant_only(
     client: TestClient, tenants: Any, register_adapter: Callable[..., str]
-) -> None:
+, services: Services) -> None:
     (t1, h1), (t2, h2), _ = tenants
     good, bad = register_adapter(t1), register_adapter(t2)
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         row = session.get(MlModel, bad)
         assert row is not None
@@ -130,7 +129,8 @@ def test_models_list_shows_base_and_training_type(client: TestClient, tenants: A
     data = {m["id"]: m for m in client.get("/v1/models", headers=h1).json()["data"]}
     assert (data[adapter]["base_model"], data[adapter]["training_type"]) == ("tiny-base", "lora")
     assert data[full]["training_type"] == "full"  # registered without a type: a full fine-tune, as before
-    assert data["tiny-base"]["training_type"] is None and data["tiny-base"]["task"] == "feature-extraction"
+    assert data["tiny-base"]["training_type"] is None
+    assert data["tiny-base"]["task"] == "feature-extraction"
 
 
 def test_another_tenants_adapter_is_404(client: TestClient, tenants: Any, register_adapter: Callable[..., str]) -> None:
@@ -141,10 +141,9 @@ def test_another_tenants_adapter_is_404(client: TestClient, tenants: Any, regist
 
 
 def test_an_adapter_whose_base_is_gone_is_503(client: TestClient, tenants: Any,
-                                              register_adapter: Callable[..., str]) -> None:
+                                              register_adapter: Callable[..., str], services: Services) -> None:
     (t1, h1), _, _ = tenants
     adapter = register_adapter(t1)
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         row = session.get(MlModel, "tiny-base")
         assert row is not None
@@ -163,5 +162,6 @@ def test_hf_route_serves_adapters(client: TestClient, tenants: Any, register_ada
                            headers=h1)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert len(body) == 2 and all(len(row) == 2 for row in body)
+    assert len(body) == 2
+    assert all(len(row) == 2 for row in body)
     assert all({item["label"] for item in row} <= {"x", "y", "z"} for row in body)

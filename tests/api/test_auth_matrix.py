@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from modelmeter.gateway import auth
 from modelmeter.gateway.app import create_app
 from modelmeter.settings import Settings
+from modelmeter.tenancy import keys as auth
 from tests.conftest import ADMIN, assert_envelope, bearer
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/webhooks/stripe", "/dashboard", "/docs", "/docs/oauth2-redirect",
@@ -56,7 +56,8 @@ def callers(client: TestClient, make_tenant: Any, make_key: Any) -> dict[str, di
 
 def test_route_inventory_is_not_empty(settings: Settings) -> None:
     paths = {p for _, p in _routes(settings)}
-    assert "/admin/tenants" in paths and "/v1/models" in paths
+    assert "/admin/tenants" in paths
+    assert "/v1/models" in paths
 
 
 def test_auth_matrix(client: TestClient, settings: Settings, callers: dict[str, dict[str, str]]) -> None:
@@ -77,7 +78,8 @@ def test_auth_matrix(client: TestClient, settings: Settings, callers: dict[str, 
 def test_public_routes_need_no_key(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["database"] == "ok"
 
 
 def test_readyz_is_503_when_database_is_gone(tmp_path: Any) -> None:
@@ -93,7 +95,10 @@ def test_readyz_is_503_when_database_is_gone(tmp_path: Any) -> None:
 def test_models_lists_platform_models(client: TestClient, make_tenant: Any, make_key: Any) -> None:
     key = make_key(make_tenant()["id"])["key"]
     body = client.get("/v1/models", headers=bearer(key)).json()
-    assert body["object"] == "list" and body["has_more"] is False
+    assert body["object"] == "list"
+    assert body["has_more"] is False
     (model,) = body["data"]
-    assert model["id"] == "all-MiniLM-L6-v2" and model["object"] == "model"
-    assert model["owned_by"] == "modelmeter" and model["task"] == "feature-extraction"
+    assert model["id"] == "all-MiniLM-L6-v2"
+    assert model["object"] == "model"
+    assert model["owned_by"] == "modelmeter"
+    assert model["task"] == "feature-extraction"

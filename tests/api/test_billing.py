@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from modelmeter.gateway.services import Services
 from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
 
 
@@ -40,7 +41,8 @@ def half_up(value: Decimal) -> int:
     return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
-def test_close_bills_october_once_and_late_usage_moves_on(client: TestClient, payg: Any, october: FakeClock) -> None:
+def test_close_bills_october_once_and_late_usage_moves_on(client: TestClient, payg: Any, october: FakeClock,
+                                                          services: Services) -> None:
     tenant, headers, model, _ = payg
     october.t = ts(2026, 10, 10)
     tokens = sum(classify(client, headers, model, t)["usage"]["total_tokens"] for t in ("one", "two words", "x"))
@@ -56,7 +58,8 @@ def test_close_bills_october_once_and_late_usage_moves_on(client: TestClient, pa
     (invoice,) = client.get("/v1/billing/invoices", headers=headers).json()["data"]
     assert (invoice["period"], invoice["status"], invoice["currency"]) == ("2026-10", "open", "usd")
     lines = {line["code"]: line for line in invoice["lines"]["data"]}
-    assert lines["requests"]["quantity"] == 3 and lines["tokens"]["quantity"] == tokens
+    assert lines["requests"]["quantity"] == 3
+    assert lines["tokens"]["quantity"] == tokens
     # payg: $0.0005 per request, $0.0200 per 1k tokens; each line rounded once, half up.
     assert lines["requests"]["amount"] == half_up(Decimal("0.05") * 3)
     assert lines["tokens"]["amount"] == half_up(Decimal("0.002") * tokens)
@@ -65,14 +68,14 @@ def test_close_bills_october_once_and_late_usage_moves_on(client: TestClient, pa
     # A request served in October but recorded after the close lands in November.
     from modelmeter.billing.metering import UsageRecord, record_usage
 
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         record_usage(session=session, records=[UsageRecord(request_id="late", tenant_id=tenant["id"], model_id=model,
                                                            created=ts(2026, 10, 31, 23, 59, 59), tokens=7,
                                                            plan="payg")])
         session.commit()
     upcoming = client.get("/v1/billing/invoices/upcoming", headers=headers).json()
-    assert upcoming["period"] == "2026-11" and upcoming["status"] == "draft"
+    assert upcoming["period"] == "2026-11"
+    assert upcoming["status"] == "draft"
     assert {line["code"]: line["quantity"] for line in upcoming["lines"]["data"]}["tokens"] == 7
     assert len(client.get("/v1/billing/invoices", headers=headers).json()["data"]) == 1
 
@@ -99,7 +102,8 @@ def test_invoice_lines_recompute_from_plans_and_usage_api(client: TestClient, pa
         for result in bucket["results"]:
             totals["requests"] += result["requests"]
             totals["tokens"] += result["tokens"]
-    assert len(usage["data"]) == 3 and totals["requests"] == 3
+    assert len(usage["data"]) == 3
+    assert totals["requests"] == 3
     per_token_cents = Decimal(plan["price_per_1k_tokens"]) * 100 / 1000
     per_request_cents = Decimal(plan["price_per_request"]) * 100
     expected = {"tokens": half_up(totals["tokens"] * per_token_cents),
@@ -139,7 +143,8 @@ def test_subscription_shows_plan_usage_and_budget(client: TestClient, payg: Any,
     october.t = ts(2026, 10, 7)
     tokens = classify(client, headers, model, "hello there")["usage"]["total_tokens"]
     sub = client.get("/v1/billing/subscription", headers=headers).json()
-    assert sub["plan"]["id"] == "payg" and sub["current_period"] == "2026-10"
+    assert sub["plan"]["id"] == "payg"
+    assert sub["current_period"] == "2026-10"
     assert sub["used"] == {"requests": 1, "tokens": tokens, "training_tokens": 0}
     assert sub["budget"]["monthly_budget_cents"] == 1000
     assert Decimal(sub["budget"]["spent_cents_decimal"]) == Decimal("0.05") + Decimal("0.002") * tokens
@@ -156,7 +161,8 @@ def test_plan_change_mid_period_prorates_base_fee(client: TestClient, make_tenan
     client.post("/admin/billing/close", json={"period": "2026-10"}, headers=ADMIN)
     invoice = client.get("/v1/billing/invoices", headers=headers).json()["data"][0]
     (fee,) = [line for line in invoice["lines"]["data"] if line["code"] == "base_fee"]
-    assert fee["plan"] == "pro" and fee["amount"] == 2450  # 4900 cents x 15.5 / 31 days
+    assert fee["plan"] == "pro"
+    assert fee["amount"] == 2450
 
 
 def test_billing_scope_and_isolation(client: TestClient, payg: Any, make_tenant: Any, make_key: Any,

@@ -66,12 +66,18 @@ def test_link_opens_the_tenants_page(client: TestClient, acme: Any, fake_clock: 
     assert link["expires_at"] == fake_clock.t // 1 + client.app.state.services.settings.dashboard_link_ttl_s  # type: ignore[attr-defined]
     assert link["url"].startswith("http://testserver/dashboard?token=")
     page = client.get(page_path(link["url"]))
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "Acme Reviews" in page.text and "Pro plan" in page.text and "<svg" in page.text
-    assert page.headers["cache-control"] == "no-store" and page.headers["referrer-policy"] == "no-referrer"
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert "Acme Reviews" in page.text
+    assert "Pro plan" in page.text
+    assert "<svg" in page.text
+    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["referrer-policy"] == "no-referrer"
     assert "default-src 'none'" in page.headers["content-security-policy"]
     # Self-contained: no script, no stylesheet or image fetched from anywhere.
-    assert "<script" not in page.text and "<link" not in page.text and 'src="' not in page.text
+    assert "<script" not in page.text
+    assert "<link" not in page.text
+    assert 'src="' not in page.text
 
 
 def test_link_expires(client: TestClient, acme: Any, fake_clock: FakeClock) -> None:
@@ -103,7 +109,8 @@ def test_another_tenants_token_shows_only_that_tenant(client: TestClient, acme: 
     other = make_tenant(name="Globex Sentiment")
     other_link = new_link(client, bearer(make_key(other["id"])["key"]))
     page = client.get(page_path(other_link["url"])).text
-    assert "Globex Sentiment" in page and "Acme Reviews" not in page
+    assert "Globex Sentiment" in page
+    assert "Acme Reviews" not in page
     _, expires, signature = token_of(new_link(client, headers)["url"]).split(".")
     refused(client, f"{other['id']}.{expires}.{signature}", "Globex Sentiment")
 
@@ -165,10 +172,12 @@ def test_page_shows_usage_spend_and_invoices(client: TestClient, make_tenant: An
     used = client.get("/v1/billing/subscription", headers=headers).json()["used"]
 
     page = client.get(page_path(new_link(client, headers)["url"])).text
-    assert september["id"] in page and "2026-09" in page
+    assert september["id"] in page
+    assert "2026-09" in page
     assert f"${september['total'] // 100:,}.{september['total'] % 100:02d}" in page
     assert f"${upcoming['total'] // 100:,}.{upcoming['total'] % 100:02d}" in page
-    assert f"{used['tokens']:,}" in page and "$100.00 monthly budget" in page
+    assert f"{used['tokens']:,}" in page
+    assert "$100.00 monthly budget" in page
     assert page.count("<rect") == 3 * 30  # three charts of thirty days
 
 
@@ -184,9 +193,11 @@ def test_cli_prints_a_working_link(client: TestClient, acme: Any, settings: Sett
     assert url.startswith("https://gw.example/dashboard?token=")
     assert "Acme Reviews" in client.get(page_path(url)).text
     as_json = json.loads(CliRunner().invoke(main, ["dashboard-link", tenant["id"], "--ttl", "60", "--json"]).stdout)
-    assert as_json["url"].startswith("http://127.0.0.1:8000/dashboard?token=") and as_json["expires_at"] > 0
+    assert as_json["url"].startswith("http://127.0.0.1:8000/dashboard?token=")
+    assert as_json["expires_at"] > 0
     missing = CliRunner().invoke(main, ["dashboard-link", "ten_nope"])
-    assert missing.exit_code == 1 and "No tenant" in missing.output
+    assert missing.exit_code == 1
+    assert "No tenant" in missing.output
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -203,7 +214,8 @@ def screenshot(url: str, target: Path, profile: Path) -> None:
                "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={target}",
                "--window-size=1280,1600", url]
     done = subprocess.run(command, capture_output=True, timeout=120, check=False)
-    assert done.returncode == 0 and target.exists(), done.stderr.decode(errors="replace")[-2000:]
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert target.exists(), done.stderr.decode(errors="replace")[-2000:]
 
 
 def test_page_in_headless_chromium(client: TestClient, live_server: LiveServer, make_tenant: Any, make_key: Any,

@@ -51,7 +51,8 @@ def economics(client: TestClient, **params: str) -> list[dict[str, Any]]:
     response = client.get("/admin/economics", params=params, headers=ADMIN)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["object"] == "list" and body["has_more"] is False
+    assert body["object"] == "list"
+    assert body["has_more"] is False
     return list(body["data"])
 
 
@@ -62,11 +63,13 @@ def test_open_period_uses_the_preview_and_exact_costs(client: TestClient, octobe
     payg, pro = rows[october["payg"]], rows[october["pro"]]
     # payg: 1000 x $0.0005 + 100 x $0.02 = 50 + 200 cents; one CPU-hour on CORES cores at 5 cents per core-hour.
     assert (payg["period"], payg["revenue_cents"], payg["revenue_source"]) == ("2026-10", 250, "preview")
-    assert payg["compute_cost_cents"] == 5 * CORES and payg["margin_cents"] == 250 - 5 * CORES
+    assert payg["compute_cost_cents"] == 5 * CORES
+    assert payg["margin_cents"] == 250 - 5 * CORES
     assert (payg["cpu_compute_ms"], payg["gpu_compute_ms"], payg["plans"]) == (3_600_000, 0, ["payg"])
     # pro: the $49 base fee, tokens within the allowance; half a GPU-hour at $2.50.
     assert (pro["revenue_cents"], pro["compute_cost_cents"], pro["margin_cents"]) == (4900, 125, 4775)
-    assert pro["compute_cost_cents_decimal"] == "125.000000" and pro["margin_ratio"] == "0.9745"
+    assert pro["compute_cost_cents_decimal"] == "125.000000"
+    assert pro["margin_ratio"] == "0.9745"
 
 
 def test_closed_period_uses_invoices_and_splits_by_plan(client: TestClient, october: dict[str, str],
@@ -81,13 +84,15 @@ def test_closed_period_uses_invoices_and_splits_by_plan(client: TestClient, octo
 
     by_tenant = {r["tenant_id"]: r for r in economics(client, period="2026-10")}
     switched = by_tenant[october["payg"]]
-    assert switched["revenue_source"] == "invoice" and switched["plans"] == ["payg", "pro"]
+    assert switched["revenue_source"] == "invoice"
+    assert switched["plans"] == ["payg", "pro"]
     assert switched["revenue_cents"] == invoices[0]["total"]
     by_plan = {r["plan"]: r for r in economics(client, period="2026-10", group_by="plan")}
     assert sum(r["revenue_cents"] for r in by_plan.values()) == sum(i["total"] for i in invoices)
     payg_lines = [x for x in invoices[0]["lines"]["data"] if x["plan"] == "payg"]
     assert by_plan["payg"]["revenue_cents"] == sum(x["amount"] for x in payg_lines) == 250
-    assert by_plan["pro"]["tokens"] == 2000 + 1000 and by_plan["pro"]["requests"] == 15
+    assert by_plan["pro"]["tokens"] == 2000 + 1000
+    assert by_plan["pro"]["requests"] == 15
     assert by_plan["payg"]["compute_cost_cents"] == 5 * CORES
 
 
@@ -133,7 +138,10 @@ def test_cli(client: TestClient, settings: Settings, october: dict[str, str], fa
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["data"] == economics(client, period="2026-10", group_by="plan")
     human = CliRunner().invoke(main, ["economics"])
-    assert human.exit_code == 0 and october["pro"] in human.output and "(all)" in human.output
+    assert human.exit_code == 0
+    assert october["pro"] in human.output
+    assert "(all)" in human.output
     assert "revenue=      $49.00" in human.output
     bad = CliRunner().invoke(main, ["economics", "--period", "2026-1"])
-    assert bad.exit_code == 1 and "YYYY-MM" in bad.output
+    assert bad.exit_code == 1
+    assert "YYYY-MM" in bad.output

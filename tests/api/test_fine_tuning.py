@@ -12,11 +12,12 @@ from fastapi.testclient import TestClient
 from sqlmodel import select
 
 from modelmeter.billing.tables import UsageEvent
+from modelmeter.gateway.services import Services
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.models.registry import MlModel
 from modelmeter.settings import Settings
-from modelmeter.worker import build_worker
+from modelmeter.trainer import build_worker
 from tests.conftest import ADMIN, assert_envelope, bearer
 
 POSITIVE = ["a joyous , moving film", "great acting and a fine script", "warm , funny and wise", "a delight"]
@@ -68,8 +69,11 @@ def test_upload_formats(client: TestClient, tenant: Any, name: str, data: bytes,
     response = upload(client, headers, data, name)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["object"] == "file" and body["purpose"] == "fine-tune" and body["rows"] == rows
-    assert body["bytes"] == len(data) and body["filename"] == name
+    assert body["object"] == "file"
+    assert body["purpose"] == "fine-tune"
+    assert body["rows"] == rows
+    assert body["bytes"] == len(data)
+    assert body["filename"] == name
     assert client.get(f"/v1/files/{body['id']}", headers=headers).json() == body
     assert [f["id"] for f in client.get("/v1/files", headers=headers).json()["data"]] == [body["id"]]
 
@@ -128,15 +132,18 @@ def test_job_state_machine_and_cancel(client: TestClient, tenant: Any, base: str
     _, headers = tenant
     file_id = upload(client, headers, _jsonl()).json()["id"]
     job = create_job(client, headers, file_id, base, suffix="demo", seed=7).json()
-    assert job["object"] == "fine_tuning.job" and job["status"] == "queued"
+    assert job["object"] == "fine_tuning.job"
+    assert job["status"] == "queued"
     assert job["hyperparameters"] == {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 1.0}
     assert (job["seed"], job["training_file"], job["fine_tuned_model"]) == (7, file_id, None)
     messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=headers)
                 .json()["data"]]
-    assert messages[0] == "Files validated; job queued." and messages[-1].startswith("Validating training file")
+    assert messages[0] == "Files validated; job queued."
+    assert messages[-1].startswith("Validating training file")
     assert_envelope(client.delete(f"/v1/files/{file_id}", headers=headers), 409, code="file_in_use")
     cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=headers).json()
-    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["finished_at"] is not None
     assert_envelope(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=headers), 409,
                     code="job_finished")
     assert worker_for(client).run_once() is False  # nothing left to run
@@ -148,7 +155,8 @@ def test_job_defaults_and_refusals(client: TestClient, tenant: Any, base: str, m
     file_id = upload(client, headers, _jsonl()).json()["id"]
     job = client.post("/v1/fine_tuning/jobs", json={"model": base, "training_file": file_id},
                       headers=headers).json()
-    assert job["hyperparameters"]["n_epochs"] >= 1 and job["hyperparameters"]["batch_size"] >= 1
+    assert job["hyperparameters"]["n_epochs"] >= 1
+    assert job["hyperparameters"]["batch_size"] >= 1
     other = bearer(make_key(make_tenant()["id"])["key"])
     assert_envelope(create_job(client, other, file_id, base), 404, code="file_not_found")
     assert_envelope(create_job(client, headers, file_id, "gpt-4o"), 422, code="model_not_available")
@@ -171,7 +179,7 @@ def test_job_defaults_and_refusals(client: TestClient, tenant: Any, base: str, m
     ({"type": "full"}, {"type": "full"}, "model.safetensors"),
 ])
 def test_worker_trains_registers_and_meters(client: TestClient, tenant: Any, base: str, training_type: Any,
-                                            stored: dict[str, Any], artifact: str) -> None:
+                                            stored: dict[str, Any], artifact: str, services: Services) -> None:
     tenant_id, headers = tenant
     data = _jsonl(48)
     file_id = upload(client, headers, data).json()["id"]
@@ -188,23 +196,27 @@ def test_worker_trains_registers_and_meters(client: TestClient, tenant: Any, bas
     result = done["result"]
     assert set(result["per_label"]) == {"negative", "positive"}
     assert {"precision", "recall", "f1", "support"} <= set(result["per_label"]["positive"])
-    assert 0 <= result["accuracy"] <= 1 and result["n_validation"] >= 2
+    assert 0 <= result["accuracy"] <= 1
+    assert result["n_validation"] >= 2
     kinds = {e["type"] for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100", headers=headers)
              .json()["data"]}
     assert "metrics" in kinds
 
     served = client.post("/v1/classify", json={"model": model, "input": "a joyous film"}, headers=headers)
-    assert served.status_code == 200 and set(served.json()["data"][0]["scores"]) == {"negative", "positive"}
+    assert served.status_code == 200
+    assert set(served.json()["data"][0]["scores"]) == {"negative", "positive"}
     hf = client.post(f"/models/{model}", json={"inputs": "dull"}, headers=headers)
-    assert hf.status_code == 200 and len(hf.json()[0]) == 2
+    assert hf.status_code == 200
+    assert len(hf.json()[0]) == 2
     assert model in [m["id"] for m in client.get("/v1/models", headers=headers).json()["data"]]
 
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         training = session.exec(select(UsageEvent).where(UsageEvent.kind == "training")).one()
         model_row = session.get(MlModel, model)
-    assert training.training_tokens == done["trained_tokens"] > 0 and training.requests == 0
-    assert model_row is not None and model_row.owner_tenant_id == tenant_id
+    assert training.training_tokens == done["trained_tokens"] > 0
+    assert training.requests == 0
+    assert model_row is not None
+    assert model_row.owner_tenant_id == tenant_id
     assert model_row.training_type == stored["type"]
     assert (services.settings.data_dir / model_row.artifact / artifact).exists()
     listed = {m["id"]: m for m in client.get("/v1/models", headers=headers).json()["data"]}[model]
@@ -247,11 +259,11 @@ def test_fine_tuned_model_is_private(client: TestClient, tenant: Any, base: str,
     assert_envelope(client.post("/v1/classify", json={"model": model, "input": "x"}, headers=other), 404)
 
 
-def test_crashed_worker_job_is_requeued_and_finished(client: TestClient, tenant: Any, base: str) -> None:
+def test_crashed_worker_job_is_requeued_and_finished(client: TestClient, tenant: Any, base: str,
+                                                     services: Services) -> None:
     _, headers = tenant
     file_id = upload(client, headers, _jsonl()).json()["id"]
     job_id = create_job(client, headers, file_id, base).json()["id"]
-    services = client.app.state.services  # type: ignore[attr-defined]
     worker = worker_for(client)
     dead = f"{worker.host}:999999:dead"  # a worker on this host whose process no longer exists
     assert jobs.claim_next(sessions=services.sessions, worker_id=dead) == job_id
@@ -264,21 +276,23 @@ def test_crashed_worker_job_is_requeued_and_finished(client: TestClient, tenant:
     assert any("re-queued" in m for m in messages)
 
 
-def test_stale_heartbeat_from_another_host_fails_after_retries(client: TestClient, tenant: Any, base: str) -> None:
+def test_stale_heartbeat_from_another_host_fails_after_retries(client: TestClient, tenant: Any, base: str,
+                                                               services: Services) -> None:
     _, headers = tenant
     file_id = upload(client, headers, _jsonl()).json()["id"]
     job_id = create_job(client, headers, file_id, base).json()["id"]
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.sessions() as session:
         job = session.get(FineTuningJob, job_id)
         job.status, job.worker_id, job.heartbeat_at, job.attempts = "running", "elsewhere:1:x", 1, 2
         session.commit()
     worker_for(client).run_once()
     job_body = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
-    assert job_body["status"] == "failed" and job_body["error"]["code"] == "worker_died"
+    assert job_body["status"] == "failed"
+    assert job_body["error"]["code"] == "worker_died"
 
 
-def test_cancel_stops_a_running_job_within_seconds(client: TestClient, tenant: Any, base: str) -> None:
+def test_cancel_stops_a_running_job_within_seconds(client: TestClient, tenant: Any, base: str,
+                                                   services: Services) -> None:
     _, headers = tenant
     file_id = upload(client, headers, _jsonl(800)).json()["id"]
     job_id = create_job(client, headers, file_id, base, hyperparameters={"n_epochs": 50, "batch_size": 4}).json()["id"]
@@ -296,8 +310,8 @@ def test_cancel_stops_a_running_job_within_seconds(client: TestClient, tenant: A
     assert not thread.is_alive()
     assert time.monotonic() - cancelled_at < 10
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
-    assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
-    services = client.app.state.services  # type: ignore[attr-defined]
+    assert job["status"] == "cancelled"
+    assert job["fine_tuned_model"] is None
     tenant_models = services.settings.data_dir / "models" / tenant[0]
     assert not tenant_models.exists() or not any(tenant_models.iterdir())  # nothing half-written
     with services.sessions() as session:
@@ -305,8 +319,7 @@ def test_cancel_stops_a_running_job_within_seconds(client: TestClient, tenant: A
 
 
 def test_two_workers_never_claim_the_same_job(client: TestClient, tenant: Any, base: str, make_tenant: Any,
-                                              make_key: Any) -> None:
-    services = client.app.state.services  # type: ignore[attr-defined]
+                                              make_key: Any, services: Services) -> None:
     created = []
     for _ in range(4):  # 4 tenants x 2 active jobs
         t = make_tenant()

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
 from tests.conftest import ADMIN, assert_envelope, bearer
 
 TEXTS = ["a fine film", "the worst, most tedious two hours I have spent in a cinema this year", "ok"]
@@ -44,7 +45,8 @@ def test_classify_shapes_usage_headers_and_ledger(client: TestClient, tenant_key
     response = client.post("/v1/classify", json={"model": model, "input": TEXTS}, headers=bearer(key))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["object"] == "list" and body["model"] == model
+    assert body["object"] == "list"
+    assert body["model"] == model
     expected_tokens = _tokens(client, f"models/{tenant_id}/{model}", TEXTS)
     assert body["usage"] == {"prompt_tokens": sum(expected_tokens), "total_tokens": sum(expected_tokens)}
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
@@ -54,20 +56,25 @@ def test_classify_shapes_usage_headers_and_ledger(client: TestClient, tenant_key
         assert item["label"] == max(item["scores"], key=item["scores"].get)
         assert item["score"] == item["scores"][item["label"]]
     assert response.headers["x-compute-tokens"] == str(sum(expected_tokens))
-    assert float(response.headers["x-queue-time"]) >= 0 and float(response.headers["x-inference-time"]) > 0
+    assert float(response.headers["x-queue-time"]) >= 0
+    assert float(response.headers["x-inference-time"]) > 0
 
     (row,) = _ledger(client)
     assert (row.tenant_id, row.model_id, row.inputs, row.requests) == (tenant_id, model, 3, 1)
     assert row.tokens == sum(expected_tokens)
-    assert row.request_id == response.headers["x-request-id"] and row.kind == "inference"
-    assert row.key_id is not None and row.compute_us > 0 and row.endpoint == "classify"
+    assert row.request_id == response.headers["x-request-id"]
+    assert row.kind == "inference"
+    assert row.key_id is not None
+    assert row.compute_us > 0
+    assert row.endpoint == "classify"
 
 
 def test_single_string_input(client: TestClient, tenant_key: Any, register_model: Any) -> None:
     tenant_id, key = tenant_key
     model = register_model(tenant_id)
     body = client.post("/v1/classify", json={"model": model, "input": "hello"}, headers=bearer(key)).json()
-    assert len(body["data"]) == 1 and body["usage"]["prompt_tokens"] == 3  # [CLS] hello [SEP]
+    assert len(body["data"]) == 1
+    assert body["usage"]["prompt_tokens"] == 3
 
 
 def test_alone_equals_inside_a_batch(client: TestClient, tenant_key: Any, register_model: Any) -> None:
@@ -91,7 +98,8 @@ def test_embeddings_float_and_base64(client: TestClient, tenant_key: Any, regist
     floats = client.post("/v1/embeddings", json={"model": model, "input": TEXTS}, headers=bearer(key)).json()
     b64 = client.post("/v1/embeddings", json={"model": model, "input": TEXTS, "encoding_format": "base64"},
                       headers=bearer(key)).json()
-    assert floats["object"] == "list" and floats["data"][0]["object"] == "embedding"
+    assert floats["object"] == "list"
+    assert floats["data"][0]["object"] == "embedding"
     for f, b in zip(floats["data"], b64["data"], strict=True):
         decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
         np.testing.assert_allclose(decoded, f["embedding"], atol=1e-6)
@@ -105,11 +113,13 @@ def test_hf_format(client: TestClient, tenant_key: Any, register_model: Any) -> 
     embedder = register_model(tenant_id, task="feature-extraction")
     ranked = client.post(f"/models/{classifier}", json={"inputs": "nice", "parameters": {"top_k": 2}},
                          headers=bearer(key)).json()
-    assert len(ranked) == 1 and len(ranked[0]) == 2
+    assert len(ranked) == 1
+    assert len(ranked[0]) == 2
     assert ranked[0][0]["score"] >= ranked[0][1]["score"]
     vectors = client.post(f"/models/{embedder}", json={"inputs": ["a", "b"], "normalize": True},
                           headers=bearer(key)).json()
-    assert len(vectors) == 2 and len(vectors[0]) == 32
+    assert len(vectors) == 2
+    assert len(vectors[0]) == 32
 
 
 def test_task_mismatch_is_422_and_unbilled(client: TestClient, tenant_key: Any, register_model: Any) -> None:
@@ -129,7 +139,8 @@ def test_tenant_isolation_of_models(client: TestClient, make_tenant: Any, make_k
         assert_envelope(client.post(path, json=body, headers=bearer(other_key)), 404, code="model_not_found")
     assert_envelope(client.post("/v1/classify", json={"model": "nope", "input": "x"}, headers=bearer(owner_key)), 404)
     ids = lambda k: [m["id"] for m in client.get("/v1/models", headers=bearer(k)).json()["data"]]  # noqa: E731
-    assert model in ids(owner_key) and model not in ids(other_key)
+    assert model in ids(owner_key)
+    assert model not in ids(other_key)
     assert "all-MiniLM-L6-v2" in ids(other_key)
     assert _ledger(client) == []
 
@@ -230,16 +241,11 @@ async def test_concurrent_requests_one_row_each_and_one_load(
     assert max(batches) > 1  # requests really were batched together
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
-
-def test_usage_row_is_idempotent(client: TestClient, tenant_key: Any) -> None:
+def test_usage_row_is_idempotent(client: TestClient, tenant_key: Any, services: Services) -> None:
     from modelmeter.billing.metering import UsageRecord, record_usage
 
     tenant_id, _ = tenant_key
-    services = client.app.state.services  # type: ignore[attr-defined]
     record = UsageRecord(request_id="req_same", tenant_id=tenant_id, model_id="m", created=1_700_000_000, tokens=5)
     with services.sessions() as session:
         assert record_usage(session=session, records=[record]) == 1

@@ -10,7 +10,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 
 from modelmeter import clock
-from modelmeter.gateway import auth
+from modelmeter.gateway.auth import INVALID_KEY_MESSAGE
+from modelmeter.gateway.services import Services
+from modelmeter.tenancy import keys
 from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
 
 
@@ -18,27 +20,33 @@ def test_key_format_and_listing_hides_secret(client: TestClient, make_tenant: An
     tenant = make_tenant()
     created = make_key(tenant["id"], name="ci")
     key = created["key"]
-    assert key.startswith("mm_") and len(key) == 41 and auth.well_formed(key)
-    assert created["prefix"] == key[:11] and created["last4"] == key[-4:]
+    assert key.startswith("mm_")
+    assert len(key) == 41
+    assert keys.well_formed(key)
+    assert created["prefix"] == key[:11]
+    assert created["last4"] == key[-4:]
     assert created["scopes"] == ["inference", "fine-tune", "billing:read"]
 
     listing = client.get(f"/admin/tenants/{tenant['id']}/keys", headers=ADMIN)
     assert listing.status_code == 200
-    assert key not in listing.text and "key_hash" not in listing.text
+    assert key not in listing.text
+    assert "key_hash" not in listing.text
     (item,) = listing.json()["data"]
-    assert "key" not in item and item["status"] == "active"
+    assert "key" not in item
+    assert item["status"] == "active"
 
 
-def test_key_works_and_last_used_is_buffered(client: TestClient, make_tenant: Any, make_key: Any) -> None:
+def test_key_works_and_last_used_is_buffered(client: TestClient, make_tenant: Any, make_key: Any,
+                                             services: Services) -> None:
     tenant = make_tenant()
     created = make_key(tenant["id"])
     assert client.get("/v1/models", headers=bearer(created["key"])).status_code == 200
-    services = client.app.state.services  # type: ignore[attr-defined]
     with services.engine.connect() as conn:
         stored = conn.execute(text("SELECT last_used_at FROM api_key WHERE id = :i"), {"i": created["id"]}).scalar()
     assert stored is None  # no write on the request path
     item = client.get(f"/admin/tenants/{tenant['id']}/keys", headers=ADMIN).json()["data"][0]
-    assert item["last_used_at"] is not None and item["last_used_at"] >= created["created"]
+    assert item["last_used_at"] is not None
+    assert item["last_used_at"] >= created["created"]
 
 
 def test_scopes_are_enforced(client: TestClient, make_tenant: Any, make_key: Any) -> None:
@@ -56,9 +64,10 @@ def test_revoked_key_is_401_at_once(client: TestClient, make_tenant: Any, make_k
     created = make_key(tenant["id"])
     assert client.get("/v1/models", headers=bearer(created["key"])).status_code == 200
     revoked = client.delete(f"/admin/keys/{created['id']}", headers=ADMIN)
-    assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
+    assert revoked.status_code == 200
+    assert revoked.json()["status"] == "revoked"
     error = assert_envelope(client.get("/v1/models", headers=bearer(created["key"])), 401, code="invalid_api_key")
-    assert error["message"] == auth.INVALID_KEY_MESSAGE
+    assert error["message"] == INVALID_KEY_MESSAGE
 
 
 def test_expiry(client: TestClient, make_tenant: Any, make_key: Any, fake_clock: FakeClock) -> None:
@@ -67,7 +76,7 @@ def test_expiry(client: TestClient, make_tenant: Any, make_key: Any, fake_clock:
     assert client.get("/v1/models", headers=bearer(created["key"])).status_code == 200
     fake_clock.advance(61)
     error = assert_envelope(client.get("/v1/models", headers=bearer(created["key"])), 401)
-    assert error["message"] == auth.INVALID_KEY_MESSAGE
+    assert error["message"] == INVALID_KEY_MESSAGE
     listed = client.get(f"/admin/tenants/{tenant['id']}/keys", headers=ADMIN).json()["data"][0]
     assert listed["status"] == "expired"
 
@@ -78,7 +87,9 @@ def test_roll_with_grace(client: TestClient, make_tenant: Any, make_key: Any, fa
     rolled = client.post(f"/admin/keys/{old['id']}/roll", json={"grace_period_seconds": 300}, headers=ADMIN)
     assert rolled.status_code == 201, rolled.text
     new = rolled.json()
-    assert new["key"] != old["key"] and new["name"] == "prod" and new["scopes"] == ["inference"]
+    assert new["key"] != old["key"]
+    assert new["name"] == "prod"
+    assert new["scopes"] == ["inference"]
     for key in (old["key"], new["key"]):
         assert client.get("/v1/models", headers=bearer(key)).status_code == 200
     fake_clock.advance(301)
@@ -93,7 +104,7 @@ def test_roll_with_grace(client: TestClient, make_tenant: Any, make_key: Any, fa
 @pytest.mark.parametrize("mutate", ["flip_char", "truncate", "wrong_prefix", "garbage", "checksum"])
 def test_malformed_keys_are_refused_without_lookup(
     client: TestClient, make_tenant: Any, make_key: Any, monkeypatch: pytest.MonkeyPatch, mutate: str
-) -> None:
+, services: Services) -> None:
     key = make_key(make_tenant()["id"])["key"]
     bad = {
         "flip_char": key[:10] + ("A" if key[10] != "A" else "B") + key[11:],
@@ -103,17 +114,16 @@ def test_malformed_keys_are_refused_without_lookup(
         "checksum": key[:-6] + ("000000" if key[-6:] != "000000" else "111111"),
     }[mutate]
     lookups: list[str] = []
-    services = client.app.state.services  # type: ignore[attr-defined]
     original = services.auth.load
     monkeypatch.setattr(services.auth, "load", lambda k: lookups.append(k) or original(k))
     error = assert_envelope(client.get("/v1/models", headers=bearer(bad)), 401)
-    assert error["message"] == auth.INVALID_KEY_MESSAGE
+    assert error["message"] == INVALID_KEY_MESSAGE
     assert lookups == []
 
 
 def test_unknown_well_formed_key_is_401(client: TestClient) -> None:
-    error = assert_envelope(client.get("/v1/models", headers=bearer(auth.generate_key())), 401)
-    assert error["message"] == auth.INVALID_KEY_MESSAGE
+    error = assert_envelope(client.get("/v1/models", headers=bearer(keys.generate_key())), 401)
+    assert error["message"] == INVALID_KEY_MESSAGE
 
 
 def test_key_in_query_string_is_refused(client: TestClient, make_tenant: Any, make_key: Any) -> None:
@@ -124,7 +134,7 @@ def test_key_in_query_string_is_refused(client: TestClient, make_tenant: Any, ma
 
 def test_plaintext_key_is_nowhere_in_database_or_logs(
     client: TestClient, make_tenant: Any, make_key: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+, services: Services) -> None:
     caplog.set_level(logging.DEBUG)
     tenant = make_tenant()
     created = make_key(tenant["id"])
@@ -140,7 +150,6 @@ def test_plaintext_key_is_nowhere_in_database_or_logs(
     assert "/v1/models" in server_log  # the access log is captured
     for secret in (key, rolled, key[3:], rolled[3:]):
         assert secret not in server_log
-    services = client.app.state.services  # type: ignore[attr-defined]
     dump = []
     with services.engine.connect() as conn:
         for table in inspect(conn).get_table_names():

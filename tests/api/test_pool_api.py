@@ -7,6 +7,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
 from tests.conftest import bearer
 
@@ -27,12 +28,12 @@ def test_eviction_under_small_budget(settings: Settings, client: TestClient, mak
         assert (pool.load_count, pool.eviction_count) == (3, 2)
 
 
-def test_a_stale_model_snapshot_is_reloaded_once_under_concurrency(settings: Settings, client: TestClient) -> None:
+def test_a_stale_model_snapshot_is_reloaded_once_under_concurrency(settings: Settings, client: TestClient,
+                                                                   services: Services) -> None:
     import asyncio
 
     from modelmeter.models.registry import ModelCache
 
-    services = client.app.state.services  # type: ignore[attr-defined]
     cache = ModelCache(services.sessions, ttl_s=60)
     reloads: list[int] = []
     original = cache.refresh

@@ -31,16 +31,19 @@ def test_create_show_list_update(client: TestClient, make_tenant: Any) -> None:
     assert changed == ("payg", "suspended", 10, 500)
 
     listed = client.get("/admin/tenants", headers=ADMIN).json()
-    assert listed["object"] == "list" and listed["has_more"] is False
+    assert listed["object"] == "list"
+    assert listed["has_more"] is False
     assert [t["id"] for t in listed["data"]] == [created["id"]]
 
 
 def test_list_paginates_newest_first(client: TestClient, make_tenant: Any) -> None:
     ids = [make_tenant()["id"] for _ in range(5)]
     first = client.get("/admin/tenants?limit=2", headers=ADMIN).json()
-    assert [t["id"] for t in first["data"]] == ids[::-1][:2] and first["has_more"] is True
+    assert [t["id"] for t in first["data"]] == ids[::-1][:2]
+    assert first["has_more"] is True
     rest = client.get(f"/admin/tenants?limit=10&after={first['data'][-1]['id']}", headers=ADMIN).json()
-    assert [t["id"] for t in rest["data"]] == ids[::-1][2:] and rest["has_more"] is False
+    assert [t["id"] for t in rest["data"]] == ids[::-1][2:]
+    assert rest["has_more"] is False
 
 
 def test_unknown_tenant_is_404(client: TestClient) -> None:
@@ -136,5 +139,6 @@ def test_plans_catalog(client: TestClient) -> None:
     ids = [p["id"] for p in body["data"]]
     assert {"free", "payg", "pro"} <= set(ids)
     payg = next(p for p in body["data"] if p["id"] == "payg")
-    assert isinstance(payg["price_per_1k_tokens"], str) and payg["price_per_1k_tokens"] == "0.0200"
+    assert isinstance(payg["price_per_1k_tokens"], str)
+    assert payg["price_per_1k_tokens"] == "0.0200"
     assert isinstance(payg["base_fee_cents"], int)

@@ -23,12 +23,14 @@ def test_openai_embeddings(live_server: LiveServer, tenant: Any, register_model:
     model = register_model(tenant_id, task="feature-extraction")
     client = OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
     result = client.embeddings.create(model=model, input=["hello world", "a second, longer sentence"])
-    assert len(result.data) == 2 and len(result.data[0].embedding) == 32
+    assert len(result.data) == 2
+    assert len(result.data[0].embedding) == 32
     assert result.usage.prompt_tokens == result.usage.total_tokens > 0
     as_floats = client.embeddings.create(model=model, input="hello world", encoding_format="float")
     np.testing.assert_allclose(as_floats.data[0].embedding, result.data[0].embedding, atol=1e-6)
     models = [m.id for m in client.models.list()]
-    assert model in models and "all-MiniLM-L6-v2" in models
+    assert model in models
+    assert "all-MiniLM-L6-v2" in models
 
 
 def test_openai_errors_surface_as_sdk_exceptions(live_server: LiveServer, tenant: Any) -> None:
@@ -62,11 +64,14 @@ def test_openai_files_and_fine_tuning(live_server: LiveServer, tenant: Any, regi
     lines = [f'{{"text": "good film {i}", "label": "pos"}}\n{{"text": "bad film {i}", "label": "neg"}}'
              for i in range(10)]
     uploaded = client.files.create(file=("train.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
-    assert uploaded.id.startswith("file_") and uploaded.purpose == "fine-tune"
+    assert uploaded.id.startswith("file_")
+    assert uploaded.purpose == "fine-tune"
     job = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="sdk", seed=3)
-    assert job.status == "queued" and job.training_file == uploaded.id
+    assert job.status == "queued"
+    assert job.training_file == uploaded.id
     fetched = client.fine_tuning.jobs.retrieve(job.id)
-    assert fetched.id == job.id and fetched.seed == 3
+    assert fetched.id == job.id
+    assert fetched.seed == 3
     events = client.fine_tuning.jobs.list_events(job.id)
     assert next(e.message for e in events.data) == "Files validated; job queued."
     assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
@@ -76,7 +81,7 @@ def test_openai_files_and_fine_tuning(live_server: LiveServer, tenant: Any, regi
 def test_openai_sdk_creates_lora_and_full_jobs_unchanged(live_server: LiveServer, tenant: Any,
                                                          register_model: Any) -> None:
     """``training_type`` travels in the SDK's ``extra_body``; the job object echoes it (the SDK keeps extras)."""
-    from modelmeter.worker import build_worker
+    from modelmeter.trainer import build_worker
 
     _, key = tenant
     base = register_model(None, task="feature-extraction", model_id="tiny-base")
@@ -88,26 +93,31 @@ def test_openai_sdk_creates_lora_and_full_jobs_unchanged(live_server: LiveServer
     lora = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="lora",
                                           hyperparameters={"n_epochs": 1, "batch_size": 8},
                                           extra_body={"training_type": {"type": "lora", "rank": 4, "alpha": 8}})
-    assert default.model_extra is not None and default.model_extra["training_type"] == {
+    assert default.model_extra is not None
+    assert default.model_extra["training_type"] == {
         "type": "lora", "rank": 8, "alpha": 16}
-    assert lora.model_extra is not None and lora.model_extra["training_type"] == {"type": "lora", "rank": 4, "alpha": 8}
+    assert lora.model_extra is not None
+    assert lora.model_extra["training_type"] == {"type": "lora", "rank": 4, "alpha": 8}
     client.fine_tuning.jobs.cancel(default.id)
     services = live_server.app.state.services
     assert build_worker(services.settings, engine=services.engine, show_progress=False).run_once()
     full = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="full",
                                           hyperparameters={"n_epochs": 1, "batch_size": 8},
                                           extra_body={"training_type": {"type": "full"}})
-    assert full.model_extra is not None and full.model_extra["training_type"] == {"type": "full"}
+    assert full.model_extra is not None
+    assert full.model_extra["training_type"] == {"type": "full"}
     assert build_worker(services.settings, engine=services.engine, show_progress=False).run_once()
     finished = {j.id: j for j in client.fine_tuning.jobs.list()}
     for job_id, kind in ((lora.id, "lora"), (full.id, "full")):
         model_id = finished[job_id].fine_tuned_model
-        assert finished[job_id].status == "succeeded" and model_id
+        assert finished[job_id].status == "succeeded"
+        assert model_id
         verdict = InferenceClient(model=f"{live_server.url}/models/{model_id}", token=key).text_classification("good")
         assert {e.label for e in verdict} == {"pos", "neg"}
         # (Listings may lag a new model by the registry snapshot's few seconds; a call looks it up at once.)
         listed = {m.id: m for m in client.models.list()}[model_id]
-        assert listed.model_extra is not None and listed.model_extra["training_type"] == kind
+        assert listed.model_extra is not None
+        assert listed.model_extra["training_type"] == kind
     import openai
 
     with pytest.raises(openai.UnprocessableEntityError) as refused:

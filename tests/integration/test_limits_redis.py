@@ -7,18 +7,18 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import pytest
 import redis.asyncio as redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from modelmeter.billing.limits import (
-    Amount,
-    Caps,
-    InProcessRateLimiter,
-    RedisQuotaStore,
-    RedisRateLimiter,
-    make_limiters,
-)
+from modelmeter.billing.catalog import PRICES, Plan
+from modelmeter.billing.pricing import metered_cost_micro, metered_prices
+from modelmeter.billing.quota import Amount, Caps, InProcessQuotaStore, RedisQuotaStore
+from modelmeter.billing.ratelimit import InProcessRateLimiter, RedisRateLimiter
+from modelmeter.gateway.services import make_limiters
 
 REDIS_URL = os.environ.get("MODELMETER_REDIS_URL", "")
 pytestmark = [
@@ -30,10 +30,6 @@ pytestmark = [
 BIG = 10**9
 PERIOD = "2026-11"
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @dataclass
@@ -91,7 +87,8 @@ async def test_burst_then_refusal_on_server_time(replicas: Replicas) -> None:
     limiter = replicas.limiter()
     decisions = [await limiter.check("t", rpm=5, tpm=BIG, tokens=1) for _ in range(6)]
     assert [d.allowed for d in decisions] == [True] * 5 + [False]
-    assert decisions[-1].reason == "requests" and 11.0 < decisions[-1].retry_after_s <= 12.0
+    assert decisions[-1].reason == "requests"
+    assert 11.0 < decisions[-1].retry_after_s <= 12.0
     ttl_ms = await replicas.clients[0].pttl(f"{replicas.prefix}rl:t")
     assert 60_000 < ttl_ms <= 61_000
 
@@ -100,9 +97,11 @@ async def test_all_or_nothing_and_too_large(replicas: Replicas) -> None:
     limiter = replicas.limiter()
     await limiter.check("t", rpm=10, tpm=1000, tokens=900, now=0.0)
     refused = await limiter.check("t", rpm=10, tpm=1000, tokens=200, now=0.0)
-    assert refused.reason == "tokens" and refused.remaining_requests == 9
+    assert refused.reason == "tokens"
+    assert refused.remaining_requests == 9
     too_large = await limiter.check("t", rpm=10, tpm=1000, tokens=1001, now=0.0)
-    assert too_large.reason == "too_large" and too_large.remaining_tokens == 100
+    assert too_large.reason == "too_large"
+    assert too_large.remaining_tokens == 100
 
 
 async def test_two_replicas_share_one_rate_limit(replicas: Replicas) -> None:
@@ -130,7 +129,8 @@ async def test_concurrent_initialisation_does_not_double_count(replicas: Replica
         first.reserve("t", PERIOD, Amount(requests=1), Caps(), baseline=baselines[0]),
         second.reserve("t", PERIOD, Amount(requests=1), Caps(), baseline=baselines[1]),
     )
-    assert None not in ids and [b.calls for b in baselines] == [1, 1]
+    assert None not in ids
+    assert [b.calls for b in baselines] == [1, 1]
     assert await first.snapshot("t", PERIOD) == (Amount(requests=5, cost_micro=700), Amount(requests=2))
     await first.reserve("t", PERIOD, Amount(requests=1), Caps(), baseline=baselines[0])
     assert baselines[0].calls == 1
@@ -199,7 +199,8 @@ async def test_factory_builds_redis_backends(replicas: Replicas) -> None:
     limiter, quotas = make_limiters(REDIS_URL)
     tenant = f"{replicas.prefix}factory"
     try:
-        assert isinstance(limiter, RedisRateLimiter) and isinstance(quotas, RedisQuotaStore)
+        assert isinstance(limiter, RedisRateLimiter)
+        assert isinstance(quotas, RedisQuotaStore)
         assert (await limiter.check(tenant, rpm=1, tpm=1, tokens=1)).allowed
         assert await quotas.reserve(tenant, PERIOD, Amount(requests=1), Caps(), baseline=CountingBaseline())
     finally:
@@ -207,3 +208,49 @@ async def test_factory_builds_redis_backends(replicas: Replicas) -> None:
         await quotas.aclose()
         quota_key = f"mm:quota:{{{tenant}|{PERIOD}}}"
         await replicas.client().delete(f"mm:rl:{tenant}", quota_key, f"{quota_key}:holds", f"{quota_key}:deadlines")
+
+
+# ---------------------------------------------------------------- one cost formula: Python and Lua agree
+
+# Used totals stay below 1e8 and unit prices below 1e7 micro-cents, so every cost is below 2^53: Lua's doubles are
+# exact there (USAGE_COST_LUA says so).
+counts = st.integers(min_value=0, max_value=5 * 10**7)
+amounts = st.builds(Amount, counts, counts, counts, st.integers(min_value=0, max_value=10**6))
+
+
+@st.composite
+def priced_plans(draw: st.DrawFn) -> Plan:
+    """A plan with random allowances and random prices that are whole micro-cents per unit."""
+    fields: dict[str, str | int] = {
+        price.name: format(Decimal(draw(st.integers(0, 10**7)) * price.per_units).scaleb(-8), "f")
+        for price in PRICES
+    }
+    for allowance in ("included_requests", "included_tokens", "included_training_tokens"):
+        fields[allowance] = draw(st.integers(min_value=0, max_value=10**8))
+    return Plan.model_validate({"id": "prop", "name": "Prop", "rpm_limit": 60, "tpm_limit": 60_000, **fields})
+
+
+@pytest.fixture
+def budget_store(replicas: Replicas) -> RedisQuotaStore:
+    return replicas.store()  # one store for every example; each example uses its own tenant
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=priced_plans(), committed=amounts, amount=amounts)
+async def test_lua_budget_cost_is_the_python_cost(
+    budget_store: RedisQuotaStore, plan: Plan, committed: Amount, amount: Amount
+) -> None:
+    """The reserve script prices the totals with USAGE_COST_LUA exactly as pricing.metered_cost_micro does: a
+    budget of exactly the Python cost admits the reservation, one micro-cent less refuses it (in-process too)."""
+    prices = metered_prices(plan)
+    cost = metered_cost_micro(prices, (committed + amount).usage())
+    tenant = uuid.uuid4().hex
+    local = InProcessQuotaStore()
+
+    async def baseline() -> Amount:
+        return committed
+
+    for budget, admitted in ((cost - 1, False), (cost, True)):
+        caps = Caps(max_cost_micro=budget, prices=prices)
+        assert (await budget_store.reserve(tenant, PERIOD, amount, caps, baseline=baseline) is not None) == admitted
+        assert (await local.reserve(tenant, PERIOD, amount, caps, baseline=baseline) is not None) == admitted

@@ -30,6 +30,7 @@ from sqlmodel import select
 from modelmeter import clock
 from modelmeter.billing.tables import StripeOutbox, UsageEvent
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.settings import Settings
 from tests.binaries import free_port, require_binary
@@ -87,7 +88,8 @@ def test_metric_values_after_known_traffic(gateway: TestClient, registry: Collec
     assert gateway.get("/v1/fine_tuning/jobs/ftjob_doesnotexist", headers=headers).status_code == 404
     assert gateway.get("/nowhere/at-all").status_code == 404
     metrics = gateway.get("/metrics")  # no credentials needed
-    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
 
     value = registry.get_sample_value
     assert value("modelmeter_billable_tokens_total", {"tenant": tenant, "model": model}) == sum(tokens) \
@@ -107,7 +109,8 @@ def test_metric_values_after_known_traffic(gateway: TestClient, registry: Collec
     assert value("modelmeter_batch_size_sum", {"model": model}) == 3  # one input per request, served one by one
     assert value("modelmeter_batch_tokens_total", {"model": model, "kind": "real"}) == sum(tokens)
     assert value("modelmeter_model_loads_total", {"model": model}) == 1
-    assert value("modelmeter_pool_models") == 1 and value("modelmeter_pool_bytes") > 0
+    assert value("modelmeter_pool_models") == 1
+    assert value("modelmeter_pool_bytes") > 0
     assert value("modelmeter_queue_capacity_requests", {"model": model}) == settings.max_queue_requests
     assert value("modelmeter_queue_depth", {"model": model}) == 0
 
@@ -146,7 +149,8 @@ def test_tenant_label_is_capped(settings: Settings, client: TestClient, make_ten
         tokens = [classify(capped.post, headers, model, "same words") for headers in keys]
         exposition = capped.get("/metrics").text
     labels = tenant_label_values(exposition)
-    assert OTHER_LABEL in labels and len(labels - {OTHER_LABEL}) == 1
+    assert OTHER_LABEL in labels
+    assert len(labels - {OTHER_LABEL}) == 1
     (first,) = labels - {OTHER_LABEL}
     assert registry.get_sample_value("modelmeter_billable_tokens_total", {"tenant": first, "model": model}) \
         == tokens[0]
@@ -170,15 +174,15 @@ def test_evictions_and_pool_gauges(settings: Settings, client: TestClient, calle
     assert value("modelmeter_model_loads_total", {"model": caller["model"]}) == 2
     assert value("modelmeter_model_evictions_total", {"model": caller["model"]}) == 1
     assert value("modelmeter_model_evictions_total", {"model": second}) == 1
-    assert value("modelmeter_pool_models") == 1 and value("modelmeter_pool_budget_bytes") == 6 * 1024 * 1024
+    assert value("modelmeter_pool_models") == 1
+    assert value("modelmeter_pool_budget_bytes") == 6 * 1024 * 1024
     assert value("modelmeter_queue_capacity_requests", {"model": second}) == 0
 
 
 def test_database_gauges(gateway: TestClient, registry: CollectorRegistry, client: TestClient, make_tenant: Any,
-                         make_key: Any, register_model: Any) -> None:
+                         make_key: Any, register_model: Any, services: Services) -> None:
     tenant = make_tenant(plan="free")["id"]
     used = classify(gateway.post, bearer(make_key(tenant)["key"]), register_model(None), "a few words here")
-    services = client.app.state.services  # type: ignore[attr-defined]
     now = clock.now_s()
     with services.sessions() as session:
         for i, status in enumerate(("queued", "running", "running", "succeeded")):
@@ -193,7 +197,8 @@ def test_database_gauges(gateway: TestClient, registry: CollectorRegistry, clien
     assert value("modelmeter_metrics_database_up") == 1
     jobs = {s: value("modelmeter_fine_tuning_jobs", {"state": s}) for s in ("queued", "running", "succeeded", "failed")}
     assert jobs == {"queued": 1, "running": 2, "succeeded": 1, "failed": 0}
-    assert value("modelmeter_stripe_outbox_pending") == 1 and value("modelmeter_stripe_outbox_failed") == 0
+    assert value("modelmeter_stripe_outbox_pending") == 1
+    assert value("modelmeter_stripe_outbox_failed") == 0
     assert value("modelmeter_stripe_outbox_oldest_pending_age_seconds") >= 120
     # free: a hard limit of 100,000 tokens and 1,000 requests a month.
     ratio = "modelmeter_tenant_quota_utilisation_ratio"
@@ -421,7 +426,8 @@ def test_grafana_provisioning_matches_the_dashboards() -> None:
     for board in (DEPLOY / "grafana" / "dashboards").glob("*.json"):
         dashboard = json.loads(board.read_text())
         panels = [p for p in dashboard["panels"] if p["type"] != "row"]
-        assert panels and all(p["datasource"]["uid"] == uid for p in panels), board.name
+        assert panels, board.name
+        assert all(p["datasource"]["uid"] == uid for p in panels), board.name
         assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
@@ -436,9 +442,11 @@ def test_compose_and_kubernetes_manifests() -> None:
                      ("ConfigMap", "modelmeter-config"), ("Secret", "modelmeter-secrets")}
     gateway = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "modelmeter-gateway")
     pod = gateway["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] and pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
     assert all((DEPLOY / "k8s" / name).exists() for name in kustomization["resources"])
     cpu = (DEPLOY / "Dockerfile").read_text()
-    assert "FROM python:3.11-slim" in cpu and cpu.index("download.pytorch.org/whl/cpu") < cpu.index("pip install .")
+    assert "FROM python:3.11-slim" in cpu
+    assert cpu.index("download.pytorch.org/whl/cpu") < cpu.index("pip install .")
     assert "FROM nvidia/cuda:" in (DEPLOY / "Dockerfile.cuda").read_text()

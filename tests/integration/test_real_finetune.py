@@ -8,13 +8,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from modelmeter.worker import build_worker
+from modelmeter.gateway.services import Services
+from modelmeter.trainer import build_worker
 from tests.conftest import bearer, sst2_rows
 
 pytestmark = pytest.mark.slow
 
 
-def test_sst2_fine_tune_end_to_end(client: TestClient, make_tenant: Any, make_key: Any) -> None:
+def test_sst2_fine_tune_end_to_end(client: TestClient, make_tenant: Any, make_key: Any, services: Services) -> None:
     headers = bearer(make_key(make_tenant()["id"])["key"])
     rows = sst2_rows(600, seed=11)
     train = "\n".join(json.dumps({"text": s, "label": "positive" if y else "negative"}) for s, y in rows[:500])
@@ -26,7 +27,6 @@ def test_sst2_fine_tune_end_to_end(client: TestClient, make_tenant: Any, make_ke
     job = client.post("/v1/fine_tuning/jobs", json={"model": "all-MiniLM-L6-v2", "training_file": train_id,
                                                     "validation_file": val_id, "hyperparameters": {"n_epochs": 2}},
                       headers=headers).json()
-    services = client.app.state.services  # type: ignore[attr-defined]
     assert build_worker(services.settings, engine=services.engine, show_progress=False).run_once()
     done = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=headers).json()
     assert done["status"] == "succeeded", done

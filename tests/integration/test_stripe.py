@@ -28,13 +28,16 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from modelmeter.billing import stripe_sync
 from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.stripe.client import PermanentSyncError, StripeConfigError, make_client
+from modelmeter.billing.stripe.mirror import Sent
+from modelmeter.billing.stripe.relay import LEASE_S, StripeRelay, backoff_s, relay_from_settings
+from modelmeter.billing.stripe.webhooks import HANDLED_EVENTS
 from modelmeter.billing.tables import Invoice, InvoiceLine, StripeEvent, StripeOutbox, StripePlan
 from modelmeter.gateway.app import create_app
 from modelmeter.gateway.services import Services
-from modelmeter.gateway.tenants import Tenant
 from modelmeter.settings import Settings
+from modelmeter.tenancy.tenants import Tenant
 from tests.conftest import ADMIN, ON_POSTGRES, FakeClock, assert_envelope, bearer
 
 pytest.importorskip("localstripe")
@@ -107,20 +110,20 @@ def services_of(client: TestClient) -> Services:
     return client.app.state.services  # type: ignore[attr-defined,no-any-return]
 
 
-def relay_of(client: TestClient) -> stripe_sync.StripeRelay:
+def relay_of(client: TestClient) -> StripeRelay:
     relay = services_of(client).stripe
     assert relay is not None
     return relay
 
 
 @pytest.fixture
-def restart(app: TestClient) -> Iterator[Callable[[], stripe_sync.StripeRelay]]:
+def restart(app: TestClient) -> Iterator[Callable[[], StripeRelay]]:
     """A new relay on the same database, as after a process restart."""
-    made: list[stripe_sync.StripeRelay] = []
+    made: list[StripeRelay] = []
 
-    def make() -> stripe_sync.StripeRelay:
+    def make() -> StripeRelay:
         services = services_of(app)
-        relay = stripe_sync.relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans)
+        relay = relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans)
         assert relay is not None
         made.append(relay)
         return relay
@@ -245,7 +248,8 @@ def test_tenant_becomes_a_customer_with_a_subscription(app: TestClient, api: str
     assert stored["stripe_customer_id"] == customer.id
     (subscription,) = live_subscriptions(api, customer.id)
     assert subscription.id == tenant_row(app, tenant["id"]).stripe_subscription_id
-    assert subscription["plan"]["id"] == "mm_pro_usd_monthly" and subscription["plan"]["amount"] == 0
+    assert subscription["plan"]["id"] == "mm_pro_usd_monthly"
+    assert subscription["plan"]["amount"] == 0
     with db(app) as session:
         assert session.get(StripePlan, "pro") is not None
     assert relay_of(app).tick().rows == []  # nothing left to send
@@ -260,7 +264,8 @@ def test_plan_change_moves_the_subscription(app: TestClient, api: stripe.StripeC
     relay_of(app).tick()
     row = tenant_row(app, tenant["id"])
     (live,) = live_subscriptions(api, str(row.stripe_customer_id))
-    assert live.id == row.stripe_subscription_id != first and live["plan"]["id"] == "mm_pro_usd_monthly"
+    assert live.id == row.stripe_subscription_id != first
+    assert live["plan"]["id"] == "mm_pro_usd_monthly"
     assert api.v1.subscriptions.retrieve(str(first)).status == "canceled"
 
 
@@ -268,14 +273,18 @@ def test_closed_invoice_reaches_stripe_with_our_amounts(app: TestClient, api: st
                                                         october: FakeClock) -> None:
     tenant = billed_october(app, october)
     invoice, lines = invoice_of(app, tenant["id"])
-    assert invoice.sync_status == "pending" and len(lines) >= 2 and invoice.total > 0
+    assert invoice.sync_status == "pending"
+    assert len(lines) >= 2
+    assert invoice.total > 0
     relay_of(app).tick()
 
     invoice, lines = invoice_of(app, tenant["id"])
-    assert invoice.sync_status == "synced" and invoice.stripe_invoice_id
+    assert invoice.sync_status == "synced"
+    assert invoice.stripe_invoice_id
     customer_id = str(tenant_row(app, tenant["id"]).stripe_customer_id)
     (remote,) = stripe_invoices_of(api, customer_id, invoice.id)
-    assert remote.id == invoice.stripe_invoice_id and remote.total == invoice.total
+    assert remote.id == invoice.stripe_invoice_id
+    assert remote.total == invoice.total
     remote_lines = our_lines(api, remote.id, invoice.id)
     assert sum(line.amount for line in remote_lines) == invoice.total
     assert sorted((int(x.metadata["mm_line"]), x.amount) for x in remote_lines) == [(x.position, x.amount)
@@ -312,11 +321,11 @@ class Crash(BaseException):
     """The process dies (not an error the relay could handle)."""
 
 
-def crash_on(monkeypatch: pytest.MonkeyPatch, relay: stripe_sync.StripeRelay, kind: str) -> None:
+def crash_on(monkeypatch: pytest.MonkeyPatch, relay: StripeRelay, kind: str) -> None:
     """Fault injected after the Stripe call, before the row is marked done."""
     complete = relay._complete
 
-    def dying(row: StripeOutbox, sent: stripe_sync.Sent) -> None:
+    def dying(row: StripeOutbox, sent: Sent) -> None:
         if row.kind == kind:
             raise Crash(kind)
         complete(row, sent)
@@ -326,7 +335,7 @@ def crash_on(monkeypatch: pytest.MonkeyPatch, relay: stripe_sync.StripeRelay, ki
 
 def test_restart_after_a_crash_between_call_and_mark_creates_no_duplicate(
         app: TestClient, api: stripe.StripeClient, october: FakeClock, monkeypatch: pytest.MonkeyPatch,
-        restart: Callable[[], stripe_sync.StripeRelay]) -> None:
+        restart: Callable[[], StripeRelay]) -> None:
     tenant = billed_october(app, october)
     october.t = ts(2026, 11, 2)
     for kind in ("customer", "subscription", "invoice"):
@@ -335,9 +344,11 @@ def test_restart_after_a_crash_between_call_and_mark_creates_no_duplicate(
         with pytest.raises(Crash):
             relay.run_once()
         (crashed,) = [r for r in outbox(app, tenant["id"]) if r.kind == kind]
-        assert crashed.status == "pending" and crashed.attempts == 1 and crashed.locked_until
+        assert crashed.status == "pending"
+        assert crashed.attempts == 1
+        assert crashed.locked_until
         assert restart().run_once().rows == []  # still leased by the dead process
-        october.advance(stripe_sync.LEASE_S + 1)
+        october.advance(LEASE_S + 1)
     assert [r.result for r in restart().run_once().rows] == ["done"]
 
     assert {r.status for r in outbox(app, tenant["id"])} == {"done"}
@@ -345,14 +356,16 @@ def test_restart_after_a_crash_between_call_and_mark_creates_no_duplicate(
     (customer,) = customers_of(api, tenant)
     assert len(live_subscriptions(api, customer.id)) == 1
     (remote,) = stripe_invoices_of(api, customer.id, invoice.id)
-    assert invoice.stripe_invoice_id == remote.id and invoice.sync_status == "synced"
+    assert invoice.stripe_invoice_id == remote.id
+    assert invoice.sync_status == "synced"
     remote_lines = our_lines(api, remote.id, invoice.id)
-    assert len(remote_lines) == len(lines) and sum(x.amount for x in remote_lines) == invoice.total
+    assert len(remote_lines) == len(lines)
+    assert sum(x.amount for x in remote_lines) == invoice.total
 
 
 def test_crash_after_the_items_reuses_them(app: TestClient, api: stripe.StripeClient, october: FakeClock,
                                            monkeypatch: pytest.MonkeyPatch,
-                                           restart: Callable[[], stripe_sync.StripeRelay]) -> None:
+                                           restart: Callable[[], StripeRelay]) -> None:
     tenant = billed_october(app, october)
     relay = restart()
     create = relay._client.v1.invoices.create
@@ -364,24 +377,25 @@ def test_crash_after_the_items_reuses_them(app: TestClient, api: stripe.StripeCl
     with pytest.raises(Crash):
         relay.run_once()
     monkeypatch.setattr(relay._client.v1.invoices, "create", create)
-    october.advance(stripe_sync.LEASE_S + 1)
+    october.advance(LEASE_S + 1)
     assert [r.kind for r in restart().run_once().rows] == ["invoice"]
 
     invoice, lines = invoice_of(app, tenant["id"])
     (customer,) = customers_of(api, tenant)
     (remote,) = stripe_invoices_of(api, customer.id, invoice.id)
-    assert len(our_lines(api, remote.id, invoice.id)) == len(lines) and remote.total == invoice.total
+    assert len(our_lines(api, remote.id, invoice.id)) == len(lines)
+    assert remote.total == invoice.total
 
 
 # --- Stripe unreachable -----------------------------------------------------------------------------------------
 
 
 def test_unreachable_stripe_loses_nothing(stripe_settings: Settings, october: FakeClock,
-                                          restart: Callable[[], stripe_sync.StripeRelay], app: TestClient,
+                                          restart: Callable[[], StripeRelay], app: TestClient,
                                           api: stripe.StripeClient) -> None:
     down = stripe_settings.model_copy(update={"stripe_api_base": f"http://127.0.0.1:{_free_port()}"})
     services = services_of(app)
-    dead = stripe_sync.relay_from_settings(down, sessions=services.sessions, catalog=services.plans)
+    dead = relay_from_settings(down, sessions=services.sessions, catalog=services.plans)
     assert dead is not None
     tenant = billed_october(app, october)
     try:
@@ -389,14 +403,16 @@ def test_unreachable_stripe_loses_nothing(stripe_settings: Settings, october: Fa
         again = dead.tick()
     finally:
         dead.close()
-    assert [(r.kind, r.result) for r in report.rows] == [("customer", "retry")] and again.rows == []
+    assert [(r.kind, r.result) for r in report.rows] == [("customer", "retry")]
+    assert again.rows == []
     customer, subscription, invoice_row = outbox(app, tenant["id"])
     assert (customer.status, customer.attempts) == ("pending", 1)
-    assert customer.next_attempt_at > october.t and "APIConnectionError" in str(customer.last_error)
+    assert customer.next_attempt_at > october.t
+    assert "APIConnectionError" in str(customer.last_error)
     assert (subscription.attempts, invoice_row.attempts) == (0, 0)  # held back behind the customer
     assert invoice_of(app, tenant["id"])[0].sync_status == "pending"
 
-    october.advance(stripe_sync.backoff_s(1))
+    october.advance(backoff_s(1))
     assert [r.result for r in restart().run_once().rows] == ["done", "done", "done"]
     invoice, _ = invoice_of(app, tenant["id"])
     assert invoice.sync_status == "synced"
@@ -429,12 +445,15 @@ def test_cli_billing_sync(stripe_settings: Settings, monkeypatch: pytest.MonkeyP
     tenant = json.loads(created.stdout)
     synced = runner.invoke(main, ["billing", "sync", "--json"])
     assert synced.exit_code == 0, synced.output
-    assert json.loads(synced.stdout)["sent"] == 2 and len(customers_of(api, tenant)) == 1
+    assert json.loads(synced.stdout)["sent"] == 2
+    assert len(customers_of(api, tenant)) == 1
     human = runner.invoke(main, ["billing", "sync"])
-    assert human.exit_code == 0 and "sent 0, retrying 0, failed 0" in human.output
+    assert human.exit_code == 0
+    assert "sent 0, retrying 0, failed 0" in human.output
     monkeypatch.delenv("MODELMETER_STRIPE_API_KEY")
     off = runner.invoke(main, ["billing", "sync"])
-    assert off.exit_code == 1 and "Stripe is off" in off.output
+    assert off.exit_code == 1
+    assert "Stripe is off" in off.output
 
 
 # --- webhooks ---------------------------------------------------------------------------------------------------
@@ -513,10 +532,12 @@ def test_valid_signature_applies_once(app: TestClient, billed: dict[str, Any]) -
     at = int(time.time())
     payload = invoice_event("invoice.paid", billed["invoices"][0], at, "evt_once")
     first = deliver(app, payload)
-    assert first.status_code == 200 and first.json() == {"received": True, "outcome": "applied"}
+    assert first.status_code == 200
+    assert first.json() == {"received": True, "outcome": "applied"}
     assert deliver(app, payload).json() == {"received": True, "outcome": "duplicate"}
     invoice = invoice_of_id(app, billed["invoices"][0])
-    assert (invoice.status, invoice.paid_at) == ("paid", at) and events_recorded(app) == 1
+    assert (invoice.status, invoice.paid_at) == ("paid", at)
+    assert events_recorded(app) == 1
     not_json = "{not json"
     assert_envelope(deliver(app, not_json), 400, code="malformed_request")
 
@@ -528,10 +549,11 @@ def test_unconfigured_webhooks_are_refused(app_factory: Callable[..., Any]) -> N
 
 
 def test_event_for_an_unknown_customer_changes_nothing(app: TestClient, billed: dict[str, Any]) -> None:
-    for kind in stripe_sync.HANDLED_EVENTS:
+    for kind in HANDLED_EVENTS:
         obj = {"id": "in_or_sub_unknown", "customer": "cus_unknown", "metadata": {}}
         response = deliver(app, event(kind, obj, int(time.time())))
-        assert response.status_code == 200 and response.json()["outcome"] == "unknown_customer"
+        assert response.status_code == 200
+        assert response.json()["outcome"] == "unknown_customer"
     assert deliver(app, event("charge.refunded", {"id": "ch_1"}, 1)).json()["outcome"] == "unhandled"
     assert events_recorded(app) == 0
     assert tenant_row(app, billed["id"]).billing_status == "ok"
@@ -624,7 +646,8 @@ def test_an_older_failure_after_the_payment_does_not_set_past_due(app: TestClien
     invoice_id = billed["invoices"][0]
     deliver(app, invoice_event("invoice.paid", invoice_id, october.t))
     outcome = deliver(app, invoice_event("invoice.payment_failed", invoice_id, october.t - 60)).json()["outcome"]
-    assert outcome == "stale" and tenant_row(app, billed["id"]).billing_status == "ok"
+    assert outcome == "stale"
+    assert tenant_row(app, billed["id"]).billing_status == "ok"
 
 
 def test_subscription_deleted_suspends_only_the_current_one(app: TestClient, api: stripe.StripeClient,
@@ -638,7 +661,8 @@ def test_subscription_deleted_suspends_only_the_current_one(app: TestClient, api
     current = api.v1.subscriptions.retrieve(str(tenant_row(app, tenant["id"]).stripe_subscription_id))
 
     superseded = deliver(app, event("customer.subscription.deleted", old.to_dict(), int(time.time())))
-    assert superseded.json()["outcome"] == "superseded" and tenant_row(app, tenant["id"]).status == "active"
+    assert superseded.json()["outcome"] == "superseded"
+    assert tenant_row(app, tenant["id"]).status == "active"
     assert app.get("/v1/billing/invoices", headers=key).status_code == 200
     deleted = deliver(app, event("customer.subscription.deleted", current.to_dict(), int(time.time())))
     assert deleted.json()["outcome"] == "applied"
@@ -653,7 +677,7 @@ def test_subscription_deleted_suspends_only_the_current_one(app: TestClient, api
 
 def test_live_keys_need_live_mode(settings: Settings) -> None:
     live = settings.model_copy(update={"stripe_api_key": "sk_live_nope"})
-    with pytest.raises(stripe_sync.StripeConfigError, match="test-mode key"):
+    with pytest.raises(StripeConfigError, match="test-mode key"):
         create_app(live)
     relay = create_app(live.model_copy(update={"stripe_live_mode": True})).state.services.stripe
     assert relay is not None
@@ -685,8 +709,8 @@ def test_concurrent_deliveries_apply_once_and_serialise_per_tenant(app: TestClie
 def test_run_once_drains_in_batches(app: TestClient) -> None:
     tenants = [new_tenant(app) for _ in range(3)]
     services = services_of(app)
-    client, close_client = stripe_sync.make_client(services.settings)
-    relay = stripe_sync.StripeRelay(client=client, sessions=services.sessions, catalog=services.plans, batch=2)
+    client, close_client = make_client(services.settings)
+    relay = StripeRelay(client=client, sessions=services.sessions, catalog=services.plans, batch=2)
     try:
         assert [r.result for r in relay.run_once().rows] == ["done"] * 6
     finally:
@@ -701,16 +725,18 @@ def test_a_failed_invoice_shows_failed_and_retries_on_request(app: TestClient, a
     relay = relay_of(app)
 
     def refuse(*args: Any) -> Any:
-        raise stripe_sync.PermanentSyncError("amounts differ")
+        raise PermanentSyncError("amounts differ")
 
     monkeypatch.setattr(relay, "_check_amounts", refuse)
     assert [r.result for r in relay.tick().rows] == ["done", "done", "failed"]
     invoice, _ = invoice_of(app, tenant["id"])
-    assert invoice.sync_status == "failed" and "amounts differ" in str(outbox(app, tenant["id"])[-1].last_error)
+    assert invoice.sync_status == "failed"
+    assert "amounts differ" in str(outbox(app, tenant["id"])[-1].last_error)
     assert relay.tick().rows == []  # failed rows wait for an operator
     monkeypatch.undo()
     assert [r.result for r in relay.tick(retry_failed=True).rows] == ["done"]
     invoice, lines = invoice_of(app, tenant["id"])
     (customer,) = customers_of(api, tenant)
     (remote,) = stripe_invoices_of(api, customer.id, invoice.id)
-    assert invoice.sync_status == "synced" and len(our_lines(api, remote.id, invoice.id)) == len(lines)
+    assert invoice.sync_status == "synced"
+    assert len(our_lines(api, remote.id, invoice.id)) == len(lines)

@@ -22,10 +22,6 @@ CPU = torch.device("cpu")
 TEXTS = ["fine", "a dull and tedious film, start to finish", "warm and wise", "meh " * 30]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +75,14 @@ async def test_adapters_and_the_base_share_one_batcher(tree: dict[str, Any]) -> 
     try:
         sources = [base_source(tree)] + [adapter_source(tree, i) for i in range(4)]
         outcomes = await asyncio.gather(*(classify(server, s, t) for s in sources for t in TEXTS))
-        assert server.bases.loaded() == ["tiny-base"] and server.pool.loaded() == []  # no per-model copies
+        assert server.bases.loaded() == ["tiny-base"]
+        assert server.pool.loaded() == []
         base = server.shared_bases()[0]
         assert sorted(base.adapters.loaded()) == ["ad0", "ad1", "ad2", "ad3"]
         for (result, ids), (source, _) in zip(outcomes, [(s, t) for s in sources for t in TEXTS], strict=True):
             if source.base is None:
-                assert isinstance(result, list) and len(result) == 32
+                assert isinstance(result, list)
+                assert len(result) == 32
             else:
                 i = int(source.model_id[2:])
                 assert list(result) == tree["labels"][i]
@@ -109,8 +107,10 @@ async def test_eviction_and_reload_under_concurrent_traffic(tree: dict[str, Any]
         for start in range(0, len(calls), 12):  # waves of concurrent requests over all four adapters
             await asyncio.gather(*(one(i, t) for i, t in calls[start:start + 12]))
         pool = server.shared_bases()[0].adapters
-        assert pool.load_count > 4 and pool.eviction_count > 0
-        assert len(pool.loaded()) <= 2 and pool.used_bytes <= pool.memory_budget_bytes
+        assert pool.load_count > 4
+        assert pool.eviction_count > 0
+        assert len(pool.loaded()) <= 2
+        assert pool.used_bytes <= pool.memory_budget_bytes
     finally:
         await server.close()
 
@@ -160,7 +160,8 @@ async def test_a_corrupt_adapter_fails_alone(tree: dict[str, Any], tmp_path: Pat
         for result in outcomes[: len(good)]:
             assert not isinstance(result, BaseException)
         for error in outcomes[len(good):]:
-            assert isinstance(error, ModelLoadError) and "AdapterError" in error.reason
+            assert isinstance(error, ModelLoadError)
+            assert "AdapterError" in error.reason
         assert server.shared_bases()[0].adapters.loaded() == ["ad0"]
         # Repaired on disk: the next request loads it.
         (broken / ADAPTER_WEIGHTS).write_bytes((tree["adapters"][1] / ADAPTER_WEIGHTS).read_bytes())
@@ -176,7 +177,9 @@ async def test_full_copies_still_have_their_own_pool(tree: dict[str, Any]) -> No
         full = ModelSource("full", tree["full"], "text-classification")
         (result, _), (other, _) = await asyncio.gather(classify(server, full, "good"),
                                                        classify(server, adapter_source(tree, 0), "good"))
-        assert list(result) == ["bad", "good"] and list(other) == ["neg", "pos"]
-        assert server.pool.loaded() == ["full"] and server.bases.loaded() == ["tiny-base"]
+        assert list(result) == ["bad", "good"]
+        assert list(other) == ["neg", "pos"]
+        assert server.pool.loaded() == ["full"]
+        assert server.bases.loaded() == ["tiny-base"]
     finally:
         await server.close()

@@ -144,7 +144,8 @@ def test_device_tier_swaps_adapters_in_and_out_exactly(base_dir: Path, plain: Be
     adapters = [backend.read_adapter(f"m{i}", ref.path) for i, ref in enumerate(references)]
     for first, second in [(0, 1), (2, 3), (0, 2), (1, 3), (3, 0)]:
         check_rows(backend, plain, [(first, TEXTS[1]), (second, TEXTS[2])], references, adapters)
-    assert tier.copies > 4 and tier.evictions > 0
+    assert tier.copies > 4
+    assert tier.evictions > 0
     # An adapter the host pool released gives its device pages back at the next batch.
     free_before = tier.pool.free_pages
     backend.release(adapters[3])
@@ -172,24 +173,29 @@ def test_pages_are_handed_out_lowest_first_and_reused(base_dir: Path, references
     assert pool is not None
     first = resident(backend, references[0], "a")  # rank 4, 2 labels
     second = resident(backend, references[2], "b")  # rank 1, 5 labels
-    assert first.placement is not None and second.placement is not None
+    assert first.placement is not None
+    assert second.placement is not None
     assert (first.placement.pages, second.placement.pages) == ((1, 2, 3, 4), (5,))
     assert first.weights is None  # written into the pages: no second copy is kept
     backend.release(first)
     again = resident(backend, references[1], "c")  # rank 8 reuses the four freed pages first
-    assert again.placement is not None and again.placement.pages[:4] == (1, 2, 3, 4)
+    assert again.placement is not None
+    assert again.placement.pages[:4] == (1, 2, 3, 4)
     for stack in (*pool.a.values(), *pool.b.values()):
         assert not stack[0].any()  # the zero page stays zero
-    assert not pool.head_w[0].any() and pool.head_b[0] == 0
+    assert not pool.head_w[0].any()
+    assert pool.head_b[0] == 0
 
 
 def test_page_pool_accounting() -> None:
     pool = PagePool({"m": (3, 5)}, 4, pages=4, label_pages=3, device=CPU, dtype=torch.float32)
-    assert pool.page_bytes == (3 + 5) * 4 and pool.label_page_bytes == (4 + 1) * 4
+    assert pool.page_bytes == (3 + 5) * 4
+    assert pool.label_page_bytes == (4 + 1) * 4
     assert pool.bytes_for(2, 2) == 2 * 32 + 2 * 20
     assert pool.alloc(4, 1) is None  # three usable pages only
     placement = pool.alloc(3, 2)
-    assert placement is not None and pool.alloc(1, 1) is None
+    assert placement is not None
+    assert pool.alloc(1, 1) is None
     pool.free(placement)
     assert pool.free_pages == 3
 
@@ -250,10 +256,14 @@ def test_a_damaged_adapter_is_refused_with_a_reason(base_dir: Path, references: 
 def test_head_stacks_grow_and_keep_what_they_hold() -> None:
     pool = PagePool({"m": (3, 5)}, 4, pages=64, label_pages=4, max_label_pages=20, device=CPU, dtype=torch.float32)
     first = pool.alloc(1, 3)
-    assert first is not None and pool.label_capacity == 4
+    assert first is not None
+    assert pool.label_capacity == 4
     pool.head_w[list(first.label_pages)] = torch.arange(12, dtype=torch.float32).view(3, 4)
     second = pool.alloc(1, 10)  # needs more label pages than are free: the heads double (twice), up to the cap
-    assert second is not None and pool.label_capacity == 16
+    assert second is not None
+    assert pool.label_capacity == 16
     assert pool.head_w[list(first.label_pages)].flatten().tolist() == list(range(12))
-    assert not pool.head_w[0].any() and set(second.label_pages).isdisjoint(first.label_pages)
-    assert pool.alloc(1, 10) is None and pool.label_capacity == 20  # the cap holds
+    assert not pool.head_w[0].any()
+    assert set(second.label_pages).isdisjoint(first.label_pages)
+    assert pool.alloc(1, 10) is None
+    assert pool.label_capacity == 20

@@ -84,7 +84,7 @@ def test_configure_torch_threads() -> None:
         assert configure_torch_threads(1) == 1
         assert torch.get_num_threads() == 1
         assert configure_torch_threads(0) >= 1
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="thread count must be >= 0"):
             configure_torch_threads(-1)
     finally:
         torch.set_num_threads(before)
@@ -166,14 +166,16 @@ def test_embeddings_are_unit_vectors_of_floats(embedder: BertBackend) -> None:
     vectors = embedder.forward(embedder.tokenize(TEXTS, truncate=False).ids)
     assert len(vectors) == len(TEXTS)
     for vector in vectors:
-        assert isinstance(vector, list) and len(vector) == 32
+        assert isinstance(vector, list)
+        assert len(vector) == 32
         assert all(type(x) is float for x in vector)
         assert math.isclose(math.fsum(x * x for x in vector), 1.0, rel_tol=1e-5)
 
 
 def test_classification_gives_a_distribution_over_labels(classifier: BertBackend) -> None:
     for scores in classifier.forward(classifier.tokenize(TEXTS, truncate=False).ids):
-        assert isinstance(scores, dict) and list(scores) == LABELS
+        assert isinstance(scores, dict)
+        assert list(scores) == LABELS
         assert all(type(p) is float and 0.0 <= p <= 1.0 for p in scores.values())
         assert math.isclose(math.fsum(scores.values()), 1.0, rel_tol=1e-5)
 

@@ -22,10 +22,6 @@ pytestmark = pytest.mark.anyio
 POISON = -1
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @dataclass
 class Model:
@@ -103,7 +99,8 @@ async def test_results_come_back_in_input_order(model: Model) -> None:
         submission = await batcher.submit(inputs)
     assert submission.results == [tuple(row) for row in inputs]
     assert len(model.batches) == 2
-    assert submission.queue_s >= 0 and submission.inference_s >= 0
+    assert submission.queue_s >= 0
+    assert submission.inference_s >= 0
 
 
 async def test_an_empty_request_is_answered_at_once(model: Model) -> None:
@@ -131,9 +128,12 @@ async def test_concurrent_requests_form_batches(model: Model) -> None:
     assert [s.results for s in submissions] == [[tuple(r[0])] for r in requests]
     sizes = [size for size, *_ in log.calls]
     assert sum(sizes) == 32
-    assert max(sizes) > 1 and len(sizes) < 32
+    assert max(sizes) > 1
+    assert len(sizes) < 32
     for size, real, padded, queue_s, compute_s in log.calls:
-        assert size <= real <= padded and queue_s >= 0 and compute_s >= model.delay_s
+        assert size <= real <= padded
+        assert queue_s >= 0
+        assert compute_s >= model.delay_s
 
 
 async def test_batches_respect_size_and_token_caps(model: Model) -> None:
@@ -230,7 +230,8 @@ async def test_a_failing_batch_fails_only_its_own_requests(model: Model) -> None
         outcomes = await asyncio.gather(first, poisoned, neighbour, return_exceptions=True)
         later = await batcher.submit([seq(3, 20)])
     assert outcomes[0].results == [tuple(seq(2))]  # type: ignore[union-attr]
-    assert isinstance(outcomes[1], ValueError) and outcomes[1] is outcomes[2]
+    assert isinstance(outcomes[1], ValueError)
+    assert outcomes[1] is outcomes[2]
     assert later.results == [tuple(seq(3, 20))]
 
 
@@ -239,7 +240,8 @@ async def test_a_request_split_across_batches_fails_as_a_whole(model: Model) -> 
         with pytest.raises(ValueError, match="poisoned"):
             await batcher.submit([seq(2), [POISON], seq(2, 5), seq(2, 9)])
         assert batcher.queue_depth == 0
-    assert [5, 6] not in model.computed() and [9, 10] not in model.computed()
+    assert [5, 6] not in model.computed()
+    assert [9, 10] not in model.computed()
 
 
 async def test_close_fails_queued_requests_and_refuses_new_ones(model: Model) -> None:
@@ -268,9 +270,9 @@ async def test_a_failing_telemetry_hook_does_not_break_serving(model: Model) -> 
 
 
 def test_caps_must_be_positive(model: Model) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="caps must be positive"):
         make(model, max_batch_size=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_wait_ms non-negative"):
         make(model, max_wait_ms=-1)
 
 

@@ -26,15 +26,18 @@ def _json(runner: CliRunner, *args: str) -> dict:
 
 def test_tenant_and_key_verbs(runner: CliRunner) -> None:
     tenant = _json(runner, "tenant", "create", "--name", "Acme", "--email", "ops@acme.test", "--plan", "pro")
-    assert tenant["plan"] == "pro" and tenant["status"] == "active"
+    assert tenant["plan"] == "pro"
+    assert tenant["status"] == "active"
     assert [t["id"] for t in _json(runner, "tenant", "list")["data"]] == [tenant["id"]]
     assert _json(runner, "tenant", "show", tenant["id"])["email"] == "ops@acme.test"
     assert _json(runner, "tenant", "update", tenant["id"], "--status", "suspended")["status"] == "suspended"
 
     key = _json(runner, "key", "create", tenant["id"], "--scope", "inference")
-    assert key["key"].startswith("mm_") and key["scopes"] == ["inference"]
+    assert key["key"].startswith("mm_")
+    assert key["scopes"] == ["inference"]
     listed = runner.invoke(main, ["key", "list", tenant["id"]])
-    assert key["prefix"] in listed.output and key["key"] not in listed.output
+    assert key["prefix"] in listed.output
+    assert key["key"] not in listed.output
     rolled = _json(runner, "key", "roll", key["id"], "--grace", "0")
     assert rolled["key"] != key["key"]
     assert _json(runner, "key", "revoke", rolled["id"])["status"] == "revoked"
@@ -42,25 +45,30 @@ def test_tenant_and_key_verbs(runner: CliRunner) -> None:
 
 def test_human_output_and_errors(runner: CliRunner) -> None:
     created = runner.invoke(main, ["tenant", "create", "--name", "Acme", "--email", "ops@acme.test"])
-    assert created.exit_code == 0 and created.stdout.startswith("created ten_")
+    assert created.exit_code == 0
+    assert created.stdout.startswith("created ten_")
     bad_plan = runner.invoke(main, ["tenant", "create", "--name", "B", "--email", "b@b.co", "--plan", "gold"])
-    assert bad_plan.exit_code == 1 and "Unknown plan 'gold'" in bad_plan.output
+    assert bad_plan.exit_code == 1
+    assert "Unknown plan 'gold'" in bad_plan.output
     missing = runner.invoke(main, ["tenant", "show", "ten_nope"])
-    assert missing.exit_code == 1 and "No tenant" in missing.output
+    assert missing.exit_code == 1
+    assert "No tenant" in missing.output
 
 
 def test_plans_and_db_upgrade(runner: CliRunner) -> None:
     plans = _json(runner, "plans")
     assert [p["id"] for p in plans["data"]][:3] == ["free", "payg", "pro"]
     upgraded = runner.invoke(main, ["db", "upgrade"])
-    assert upgraded.exit_code == 0 and "revision" in upgraded.output
+    assert upgraded.exit_code == 0
+    assert "revision" in upgraded.output
 
 
 def test_serve_refuses_several_processes_without_shared_limits(runner: CliRunner,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MODELMETER_REDIS_URL", raising=False)
     result = runner.invoke(main, ["serve", "--workers", "2"])
-    assert result.exit_code == 2 and "MODELMETER_REDIS_URL" in result.output
+    assert result.exit_code == 2
+    assert "MODELMETER_REDIS_URL" in result.output
 
 
 def test_admin_token_is_printed_once_by_whichever_verb_runs_first(runner: CliRunner) -> None:

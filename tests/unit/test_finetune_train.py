@@ -13,15 +13,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForSequenceClassification
 
+from modelmeter.models.finetune.batches import length_bucketed_batches
 from modelmeter.models.finetune.dataset import Example
+from modelmeter.models.finetune.metrics import classification_metrics
 from modelmeter.models.finetune.recipes import FullTraining, LoraTraining, training_from_public
 from modelmeter.models.finetune.train import (
     Cancelled,
     Hyperparameters,
     Progress,
     TrainResult,
-    classification_metrics,
-    length_bucketed_batches,
     train_classifier,
 )
 from tests.tiny_bert import make_tiny_bert
@@ -173,7 +173,8 @@ def test_threads_apply_to_the_call_only(tiny_base: Path, tmp_path: Path) -> None
     before = torch.get_num_threads()
     seen: list[int] = []
     run(tiny_base, tmp_path / "m", threads=1, on_progress=lambda _: seen.append(torch.get_num_threads()))
-    assert seen and set(seen) == {1}
+    assert seen
+    assert set(seen) == {1}
     assert torch.get_num_threads() == before
 
 
@@ -254,7 +255,8 @@ def test_lora_is_deterministic_under_its_seed(tiny_base: Path, lora: TrainResult
     again = run(tiny_base, tmp_path / "again", training=LoraTraining(rank=4, alpha=8), base_model="tiny-base")
     first = load_file(lora.output_dir / "adapter_model.safetensors")
     second = load_file(again.output_dir / "adapter_model.safetensors")
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_lora_learning_rate_is_its_own_base_times_the_multiplier() -> None:
@@ -288,7 +290,8 @@ def test_shared_dropout_drops_about_p_keeps_the_mean_and_shares_its_mask() -> No
     assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout: the expectation is kept
     assert dropout(x) is y  # query, key and value get the same input tensor, hence the same mask
     other = dropout(x.clone())
-    assert other is not y and not torch.equal(other, y)
+    assert other is not y
+    assert not torch.equal(other, y)
     dropout.eval()
     assert dropout(x) is x
 

@@ -6,14 +6,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from modelmeter.gateway import auth
+from modelmeter.tenancy import keys as key_format
 
 
 def test_generated_keys_are_well_formed_and_unique() -> None:
-    keys = {auth.generate_key() for _ in range(200)}
+    keys = {key_format.generate_key() for _ in range(200)}
     assert len(keys) == 200
     for key in keys:
-        assert key.startswith("mm_") and len(key) == 41 and auth.well_formed(key)
-        assert auth.hash_key(key) != key and len(auth.hash_key(key)) == 64
+        assert key.startswith("mm_")
+        assert len(key) == 41
+        assert key_format.well_formed(key)
+        assert key_format.hash_key(key) != key
+        assert len(key_format.hash_key(key)) == 64
 
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -21,9 +25,9 @@ BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 @given(st.integers(min_value=3, max_value=40), st.sampled_from(BASE62))
 def test_any_single_character_change_is_detected(position: int, replacement: str) -> None:
-    key = auth.generate_key()
+    key = key_format.generate_key()
     mutated = key[:position] + replacement + key[position + 1:]
-    assert auth.well_formed(mutated) == (mutated == key)
+    assert key_format.well_formed(mutated) == (mutated == key)
 
 
 def test_parse_bearer() -> None:

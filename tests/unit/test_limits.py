@@ -8,26 +8,16 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from modelmeter.billing.limits import (
-    Amount,
-    Caps,
-    InProcessQuotaStore,
-    InProcessRateLimiter,
-    RateDecision,
-    _duration,
-    make_limiters,
-    rate_headers,
-)
+from modelmeter.billing.quota import Amount, Caps, InProcessQuotaStore
+from modelmeter.billing.ratelimit import InProcessRateLimiter, RateDecision
+from modelmeter.gateway.ratelimit_headers import _duration, rate_headers
+from modelmeter.gateway.services import make_limiters
 
 pytestmark = pytest.mark.anyio
 
 BIG = 10**9
 PERIOD = "2026-11"
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @dataclass
@@ -60,7 +50,9 @@ async def test_full_bucket_bursts_exactly_the_limit() -> None:
     assert all(d.allowed for d in decisions[:600])
     assert [d.remaining_requests for d in decisions[:3]] == [599, 598, 597]
     last = decisions[-1]
-    assert not last.allowed and last.reason == "requests" and last.remaining_requests == 0
+    assert not last.allowed
+    assert last.reason == "requests"
+    assert last.remaining_requests == 0
     assert last.retry_after_s == pytest.approx(0.1)
     assert last.reset_requests_s == pytest.approx(60.0)
 
@@ -70,20 +62,25 @@ async def test_refill_rate_and_retry_after_are_exact() -> None:
     for _ in range(60):
         assert (await limiter.check("t", rpm=60, tpm=BIG, tokens=1, now=0.0)).allowed
     early = await limiter.check("t", rpm=60, tpm=BIG, tokens=1, now=0.25)
-    assert not early.allowed and early.retry_after_s == pytest.approx(0.75)
+    assert not early.allowed
+    assert early.retry_after_s == pytest.approx(0.75)
     assert not (await limiter.check("t", rpm=60, tpm=BIG, tokens=1, now=0.999999)).allowed
     on_time = await limiter.check("t", rpm=60, tpm=BIG, tokens=1, now=0.25 + early.retry_after_s)
-    assert on_time.allowed and on_time.remaining_requests == 0 and on_time.retry_after_s == 0
+    assert on_time.allowed
+    assert on_time.remaining_requests == 0
+    assert on_time.retry_after_s == 0
     assert not (await limiter.check("t", rpm=60, tpm=BIG, tokens=1, now=1.5)).allowed
     refilled = await limiter.check("t", rpm=60, tpm=BIG, tokens=1, now=31.0)
-    assert refilled.allowed and refilled.remaining_requests == 29
+    assert refilled.allowed
+    assert refilled.remaining_requests == 29
 
 
 async def test_token_retry_after_counts_the_tokens_asked_for() -> None:
     limiter = InProcessRateLimiter()
     assert (await limiter.check("t", rpm=100, tpm=6000, tokens=6000, now=0.0)).allowed
     refused = await limiter.check("t", rpm=100, tpm=6000, tokens=500, now=1.0)
-    assert refused.reason == "tokens" and refused.retry_after_s == pytest.approx(4.0)  # 100 tokens/s
+    assert refused.reason == "tokens"
+    assert refused.retry_after_s == pytest.approx(4.0)
     assert (await limiter.check("t", rpm=100, tpm=6000, tokens=500, now=5.0)).allowed
 
 
@@ -91,25 +88,33 @@ async def test_all_or_nothing_when_tokens_do_not_fit() -> None:
     limiter = InProcessRateLimiter()
     await limiter.check("t", rpm=10, tpm=1000, tokens=900, now=0.0)
     refused = await limiter.check("t", rpm=10, tpm=1000, tokens=200, now=0.0)
-    assert not refused.allowed and refused.reason == "tokens"
-    assert refused.remaining_requests == 9 and refused.remaining_tokens == 100
+    assert not refused.allowed
+    assert refused.reason == "tokens"
+    assert refused.remaining_requests == 9
+    assert refused.remaining_tokens == 100
     small = await limiter.check("t", rpm=10, tpm=1000, tokens=100, now=0.0)
-    assert small.allowed and small.remaining_requests == 8 and small.remaining_tokens == 0
+    assert small.allowed
+    assert small.remaining_requests == 8
+    assert small.remaining_tokens == 0
 
 
 async def test_all_or_nothing_when_requests_do_not_fit() -> None:
     limiter = InProcessRateLimiter()
     await limiter.check("t", rpm=1, tpm=1000, tokens=10, now=0.0)
     refused = await limiter.check("t", rpm=1, tpm=1000, tokens=10, now=0.0)
-    assert refused.reason == "requests" and refused.remaining_tokens == 990
+    assert refused.reason == "requests"
+    assert refused.remaining_tokens == 990
     assert refused.retry_after_s == pytest.approx(60.0)
 
 
 async def test_request_larger_than_tpm_is_refused_for_good() -> None:
     limiter = InProcessRateLimiter()
     too_large = await limiter.check("t", rpm=10, tpm=1000, tokens=1001, now=0.0)
-    assert not too_large.allowed and too_large.reason == "too_large" and math.isinf(too_large.retry_after_s)
-    assert too_large.remaining_requests == 10 and too_large.remaining_tokens == 1000
+    assert not too_large.allowed
+    assert too_large.reason == "too_large"
+    assert math.isinf(too_large.retry_after_s)
+    assert too_large.remaining_requests == 10
+    assert too_large.remaining_tokens == 1000
     assert "Retry-After" not in rate_headers(too_large)
     assert (await limiter.check("t", rpm=10, tpm=1000, tokens=1000, now=0.0)).allowed
 
@@ -118,9 +123,9 @@ async def test_keys_are_independent_and_inputs_validated() -> None:
     limiter = InProcessRateLimiter()
     assert (await limiter.check("a", rpm=1, tpm=10, tokens=1, now=0.0)).allowed
     assert (await limiter.check("b", rpm=1, tpm=10, tokens=1, now=0.0)).allowed
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rate limits must be positive"):
         await limiter.check("a", rpm=0, tpm=10, tokens=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="tokens must not be negative"):
         await limiter.check("a", rpm=1, tpm=10, tokens=-1)
 
 
@@ -140,7 +145,8 @@ async def test_full_buckets_are_forgotten() -> None:
         await limiter.check(f"old{i}", rpm=60, tpm=60, tokens=1, now=0.0)
     for i in range(1500):
         await limiter.check(f"new{i}", rpm=60, tpm=60, tokens=1, now=100.0)
-    assert len(limiter._tats) == 1500 and all(k.startswith("new") for k in limiter._tats)
+    assert len(limiter._tats) == 1500
+    assert all(k.startswith("new") for k in limiter._tats)
 
 
 def test_headers_when_allowed() -> None:
@@ -229,7 +235,8 @@ async def test_settle_and_release_are_idempotent() -> None:
     caps = Caps()
     first = await store.reserve("t", PERIOD, Amount(requests=1, tokens=10), caps, baseline=CountingBaseline())
     second = await store.reserve("t", PERIOD, Amount(requests=1, tokens=20), caps, baseline=CountingBaseline())
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     for _ in range(2):
         await store.settle("t", PERIOD, first, Amount(requests=1, tokens=7))
         await store.release("t", PERIOD, second)
@@ -279,7 +286,8 @@ async def test_baseline_once_per_key_and_retried_after_a_failure() -> None:
     await store.reserve("t", "2026-12", Amount(tokens=1), Caps(), baseline=baseline)
     assert baseline.calls == 3
     snapshot = await store.snapshot("t", PERIOD)
-    assert snapshot is not None and snapshot[0] == Amount(tokens=5)
+    assert snapshot is not None
+    assert snapshot[0] == Amount(tokens=5)
 
 
 async def test_add_committed_only_once_counters_are_known() -> None:
@@ -306,7 +314,7 @@ async def test_abandoned_holds_expire() -> None:
 
 
 def test_amounts_are_non_negative_integers_that_add_up() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="amounts must not be negative"):
         Amount(tokens=-1)
     assert Amount(1, 2, 3, 4) + Amount(1, 1, 1, 1) - Amount(2, 3, 4, 5) == Amount()
     assert Caps().admit(Amount(BIG, BIG, BIG, BIG))
@@ -314,6 +322,7 @@ def test_amounts_are_non_negative_integers_that_add_up() -> None:
 
 async def test_factory_defaults_to_in_process() -> None:
     limiter, quotas = make_limiters(None)
-    assert isinstance(limiter, InProcessRateLimiter) and isinstance(quotas, InProcessQuotaStore)
+    assert isinstance(limiter, InProcessRateLimiter)
+    assert isinstance(quotas, InProcessQuotaStore)
     await limiter.aclose()
     await quotas.aclose()

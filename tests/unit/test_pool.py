@@ -14,10 +14,6 @@ from modelmeter.models.pool import ModelLoadError, ModelPool
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @dataclass
 class FakeModel:
@@ -111,7 +107,8 @@ async def test_failed_load_reaches_every_waiter_and_is_retried() -> None:
     assert all(isinstance(error, ModelLoadError) for error in outcomes)
     error = outcomes[0]
     assert isinstance(error, ModelLoadError)
-    assert error.model_id == "x" and "OSError: no weights for x" in error.reason
+    assert error.model_id == "x"
+    assert "OSError: no weights for x" in error.reason
     assert (pool.loaded(), loader.calls) == ([], ["x"])
     model = await pool.get("x")
     assert model.model_id == "x"
@@ -133,7 +130,8 @@ async def test_explicit_eviction() -> None:
     loader, events = Loader(delay_s=0), Events()
     pool = events.pool(loader, 1000)
     model = await pool.get("a")
-    assert pool.peek("a") is model and pool.peek("b") is None
+    assert pool.peek("a") is model
+    assert pool.peek("b") is None
     assert pool.evict("a") is True
     assert pool.evict("a") is False
     assert (pool.loaded(), pool.used_bytes, events.evictions) == ([], 0, ["a"])
@@ -156,7 +154,7 @@ async def test_on_evict_sees_the_model_and_failing_hooks_are_contained() -> None
 
 
 def test_budget_must_be_positive() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="memory_budget_bytes must be positive"):
         ModelPool(Loader(), 0)
 
 

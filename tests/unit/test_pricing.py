@@ -14,8 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from modelmeter import money
 from modelmeter.billing import pricing
-from modelmeter.billing.catalog import Plan, PlanCatalog
+from modelmeter.billing.catalog import PRICES, Plan, PlanCatalog
 from modelmeter.billing.pricing import Line, Usage
 
 CATALOG = PlanCatalog.load()
@@ -43,13 +44,13 @@ def line_for(plan: Plan, usage: Usage, code: str) -> Line | None:
     (2_469_499, 1_000, 2469), (10**30 + 5, 10, 10**29 + 1),
 ])
 def test_round_half_up_div(numerator: int, denominator: int, expected: int) -> None:
-    assert pricing.round_half_up_div(numerator, denominator) == expected
+    assert money.round_half_up_div(numerator, denominator) == expected
 
 
 @pytest.mark.parametrize(("numerator", "denominator"), [(-1, 2), (1, 0), (1, -2)])
 def test_round_half_up_div_refuses_negatives(numerator: int, denominator: int) -> None:
-    with pytest.raises(ValueError):
-        pricing.round_half_up_div(numerator, denominator)
+    with pytest.raises(ValueError, match="needs numerator >= 0 and denominator > 0"):
+        money.round_half_up_div(numerator, denominator)
 
 
 @pytest.mark.parametrize(("price", "per_units", "micro"), [
@@ -58,16 +59,20 @@ def test_round_half_up_div_refuses_negatives(numerator: int, denominator: int) -
     ("12.5", 1, 1_250_000_000),
 ])
 def test_unit_micro_cents_exact(price: str, per_units: int, micro: int) -> None:
-    assert pricing.unit_micro_cents(Decimal(price), per_units) == micro
+    assert money.unit_micro_cents(Decimal(price), per_units) == micro
 
 
-@pytest.mark.parametrize(("price", "per_units"), [
-    ("0.000000001", 1), ("0.000001", 1_000), ("0.001", 1_000_000), ("-0.01", 1), ("NaN", 1), ("Infinity", 1),
-    ("0.01", 0),
+INEXACT, INVALID = "is not a whole number of micro-cents", "must be finite and non-negative"
+
+
+@pytest.mark.parametrize(("price", "per_units", "message"), [
+    ("0.000000001", 1, INEXACT), ("0.000001", 1_000, INEXACT), ("0.001", 1_000_000, INEXACT),
+    ("-0.01", 1, INVALID), ("NaN", 1, INVALID), ("Infinity", 1, INVALID),
+    ("0.01", 0, "per_units must be positive"),
 ])
-def test_unit_micro_cents_refuses_inexact_or_invalid(price: str, per_units: int) -> None:
-    with pytest.raises(ValueError):
-        pricing.unit_micro_cents(Decimal(price), per_units)
+def test_unit_micro_cents_refuses_inexact_or_invalid(price: str, per_units: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        money.unit_micro_cents(Decimal(price), per_units)
 
 
 # ---------------------------------------------------------------- metered charges, packaged catalog
@@ -126,21 +131,24 @@ def test_a_line_per_used_charge_only() -> None:
 def test_descriptions_show_used_and_included() -> None:
     pro = line_for(PRO, Usage(tokens=5_432_100), "tokens")
     payg = line_for(PAYG, Usage(requests=1_234), "requests")
-    assert pro is not None and pro.description == "Tokens: 5,432,100 used, 5,000,000 included"
-    assert payg is not None and payg.description == "Requests: 1,234 used"
+    assert pro is not None
+    assert pro.description == "Tokens: 5,432,100 used, 5,000,000 included"
+    assert payg is not None
+    assert payg.description == "Requests: 1,234 used"
 
 
 def test_free_plan_within_allowance_costs_nothing() -> None:
     usage = Usage(requests=1_000, tokens=100_000, training_tokens=200_000)
     lines = pricing.price_period([(FREE, MONTH, usage)], seconds_in_period=MONTH)
-    assert pricing.subtotal(lines) == 0 and pricing.usage_cost_micro(FREE, usage) == 0
+    assert pricing.subtotal(lines) == 0
+    assert pricing.usage_cost_micro(FREE, usage) == 0
     assert [line.quantity for line in lines] == [0, 0, 0]
 
 
 def test_metered_validates_inputs() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown metered charge 'base_fee'"):
         pricing.metered(PAYG, code="base_fee", used=1, included=0, unit_micro=1, label="x")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="used must be a non-negative integer"):
         pricing.metered(PAYG, code="tokens", used=-1, included=0, unit_micro=1, label="x")
 
 
@@ -160,7 +168,8 @@ def test_base_fee_prorated(plan: Plan, seconds: int, period: int, amount: int, u
     line = pricing.base_fee(plan, seconds_on_plan=seconds, seconds_in_period=period)
     assert line is not None
     assert (line.code, line.quantity, line.amount, line.description) == ("base_fee", 1, amount, description)
-    assert line.unit_amount_decimal == Decimal(unit) and format(line.unit_amount_decimal, "f") == unit
+    assert line.unit_amount_decimal == Decimal(unit)
+    assert format(line.unit_amount_decimal, "f") == unit
 
 
 def test_no_base_fee_line_without_fee_or_time() -> None:
@@ -171,7 +180,7 @@ def test_no_base_fee_line_without_fee_or_time() -> None:
 
 @pytest.mark.parametrize(("seconds", "period"), [(-1, MONTH), (MONTH + 1, MONTH), (0, 0)])
 def test_base_fee_refuses_bad_periods(seconds: int, period: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need 0 <= seconds_on_plan <= seconds_in_period"):
         pricing.base_fee(PRO, seconds_on_plan=seconds, seconds_in_period=period)
 
 
@@ -203,9 +212,9 @@ def test_segments_on_the_same_plan_share_one_allowance_and_one_rounding() -> Non
 
 
 def test_segments_must_fit_in_the_period() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="fit in the period"):
         pricing.price_period([(PRO, 20 * DAY, Usage()), (PAYG, 11 * DAY, Usage())], seconds_in_period=MONTH)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="segment seconds must be non-negative"):
         pricing.price_period([(PRO, -1, Usage())], seconds_in_period=MONTH)
 
 
@@ -215,14 +224,14 @@ def test_factory_has_one_model_per_line_code() -> None:
     assert pricing.charge_model("base_fee")(PRO, segment) == pricing.base_fee(
         PRO, seconds_on_plan=MONTH, seconds_in_period=MONTH)
     assert pricing.charge_model("tokens")(PAYG, segment) == line_for(PAYG, segment.usage, "tokens")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown charge 'storage'"):
         pricing.charge_model("storage")
 
 
 def test_usage_values() -> None:
     assert Usage(1, 2, 3) + Usage(10, 20, 30) == Usage(11, 22, 33)
     for bad in ({"tokens": -1}, {"requests": True}, {"training_tokens": Decimal("1.5")}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="must be a non-negative integer"):
             Usage(**bad)
 
 
@@ -299,15 +308,17 @@ def test_marginal_costs_sum_to_the_total(plan: Plan, steps: list[Usage]) -> None
         assert marginal >= 0
         marginal_sum, total = marginal_sum + marginal, total + step
     assert marginal_sum == pricing.usage_cost_micro(plan, total)
-    rounded = pricing.subtotal(pricing.price_usage(plan, total)) * pricing.MICRO_PER_CENT
-    assert abs(rounded - pricing.usage_cost_micro(plan, total)) <= 3 * pricing.MICRO_PER_CENT // 2
+    rounded = pricing.subtotal(pricing.price_usage(plan, total)) * money.MICRO_PER_CENT
+    assert abs(rounded - pricing.usage_cost_micro(plan, total)) <= 3 * money.MICRO_PER_CENT // 2
 
 
 @given(plans(), usages, st.integers(1, 31 * DAY), st.data())
 def test_amounts_are_ints_and_units_decimals(plan: Plan, usage: Usage, period: int, data: st.DataObject) -> None:
     seconds = data.draw(st.integers(0, period))
     for line in pricing.price_period([(plan, seconds, usage)], seconds_in_period=period):
-        assert type(line.amount) is int and type(line.quantity) is int and line.amount >= 0
+        assert type(line.amount) is int
+        assert type(line.quantity) is int
+        assert line.amount >= 0
         assert type(line.unit_amount_decimal) is Decimal
         encoded = json.dumps(line.to_json())
         assert "E" not in line.to_json()["unit_amount_decimal"]
@@ -342,6 +353,11 @@ def test_packaged_plans_load_with_exact_unit_prices() -> None:
 def test_plan_with_sub_micro_cent_price_is_refused(field: str, price: str) -> None:
     with pytest.raises(ValidationError, match=f"{field} '{price}' is not a whole number of micro-cents"):
         make_plan(**{field: price})
+
+
+def test_plan_prices_read_the_fields_they_name() -> None:
+    plan = make_plan(price_per_request="0.01", price_per_1k_tokens="0.02", price_per_1m_training_tokens="0.03")
+    assert {price.name: price.of(plan) for price in PRICES} == {field: getattr(plan, field) for field in PRICE_FIELDS}
 
 
 def test_plan_with_float_price_is_refused() -> None:

@@ -12,9 +12,13 @@ import stripe
 from sqlmodel import col, select
 
 from modelmeter import db
-from modelmeter.billing import stripe_sync
+from modelmeter.billing.accounts import create_tenant
+from modelmeter.billing.stripe.client import StripeConfigError, check_key, retryable
+from modelmeter.billing.stripe.outbox import enable_outbox, idempotency_key
+from modelmeter.billing.stripe.relay import BACKOFF_CAP_S, RelayReport, RowOutcome, backoff_s
+from modelmeter.billing.stripe.webhooks import verify_event
 from modelmeter.billing.tables import StripeOutbox
-from modelmeter.gateway.tenants import TenantCreate, create_tenant
+from modelmeter.tenancy.tenants import TenantCreate
 
 SECRET = "whsec_unit"
 
@@ -30,40 +34,40 @@ def signed(payload: str, *, secret: str = SECRET, age_s: int = 0) -> str:
 ])
 def test_only_test_keys_without_live_mode(key: str, live_mode: bool, ok: bool) -> None:
     if ok:
-        stripe_sync.check_key(key, live_mode=live_mode)
+        check_key(key, live_mode=live_mode)
     else:
-        with pytest.raises(stripe_sync.StripeConfigError):
-            stripe_sync.check_key(key, live_mode=live_mode)
+        with pytest.raises(StripeConfigError):
+            check_key(key, live_mode=live_mode)
 
 
 def test_backoff_doubles_and_caps() -> None:
-    assert [stripe_sync.backoff_s(n) for n in (1, 2, 3, 4)] == [2, 4, 8, 16]
-    assert stripe_sync.backoff_s(40) == stripe_sync.BACKOFF_CAP_S
+    assert [backoff_s(n) for n in (1, 2, 3, 4)] == [2, 4, 8, 16]
+    assert backoff_s(40) == BACKOFF_CAP_S
 
 
 def test_which_errors_retry_forever() -> None:
-    assert stripe_sync.retryable(stripe.APIConnectionError("down"))
-    assert stripe_sync.retryable(stripe.RateLimitError("slow down"))
-    assert stripe_sync.retryable(stripe.APIError("oops", http_status=502))
-    assert not stripe_sync.retryable(stripe.InvalidRequestError("bad", param=None, http_status=400))
-    assert not stripe_sync.retryable(stripe.AuthenticationError("no"))
-    assert not stripe_sync.retryable(ValueError("ours"))
+    assert retryable(stripe.APIConnectionError("down"))
+    assert retryable(stripe.RateLimitError("slow down"))
+    assert retryable(stripe.APIError("oops", http_status=502))
+    assert not retryable(stripe.InvalidRequestError("bad", param=None, http_status=400))
+    assert not retryable(stripe.AuthenticationError("no"))
+    assert not retryable(ValueError("ours"))
 
 
 def test_idempotency_keys_are_deterministic() -> None:
-    assert stripe_sync.idempotency_key("invoice", "in_1") == "mm-invoice-in_1" == stripe_sync.idempotency_key(
+    assert idempotency_key("invoice", "in_1") == "mm-invoice-in_1" == idempotency_key(
         "invoice", "in_1")
 
 
 def test_verify_event() -> None:
     payload = json.dumps({"id": "evt_1", "type": "invoice.paid", "created": 1, "data": {"object": {"id": "in_1"}}})
-    assert stripe_sync.verify_event(payload.encode(), signed(payload), SECRET)["id"] == "evt_1"
+    assert verify_event(payload.encode(), signed(payload), SECRET)["id"] == "evt_1"
     for bad in (signed(payload, secret="whsec_other"), signed(payload, age_s=301), "", "t=1,v1=00"):
         with pytest.raises(stripe.SignatureVerificationError):
-            stripe_sync.verify_event(payload.encode(), bad, SECRET)
+            verify_event(payload.encode(), bad, SECRET)
     not_an_event = json.dumps({"hello": "world"})
     with pytest.raises(ValueError, match="not a Stripe event"):
-        stripe_sync.verify_event(not_an_event.encode(), signed(not_an_event), SECRET)
+        verify_event(not_an_event.encode(), signed(not_an_event), SECRET)
 
 
 def test_outbox_rows_only_when_switched_on(database_url: str) -> None:
@@ -74,7 +78,7 @@ def test_outbox_rows_only_when_switched_on(database_url: str) -> None:
             create_tenant(session=session, data=TenantCreate(name="Off", email="off@example.com"))
             session.commit()
             assert session.exec(select(StripeOutbox)).all() == []
-        stripe_sync.enable_outbox(sessions)
+        enable_outbox(sessions)
         with sessions() as session:
             tenant = create_tenant(session=session, data=TenantCreate(name="On", email="on@example.com"))
             session.commit()
@@ -87,11 +91,14 @@ def test_outbox_rows_only_when_switched_on(database_url: str) -> None:
 
 
 def test_report_summary() -> None:
-    report = stripe_sync.RelayReport(rows=[
-        stripe_sync.RowOutcome(1, "customer", "ten_1", "done", stripe_id="cus_1"),
-        stripe_sync.RowOutcome(2, "invoice", "in_1", "retry", error="APIConnectionError: down"),
+    report = RelayReport(rows=[
+        RowOutcome(1, "customer", "ten_1", "done", stripe_id="cus_1"),
+        RowOutcome(2, "invoice", "in_1", "retry", error="APIConnectionError: down"),
     ], suspended=["ten_2"])
-    assert report.public()["sent"] == 1 and report.public()["retrying"] == 1
+    assert report.public()["sent"] == 1
+    assert report.public()["retrying"] == 1
     text = report.summary()
-    assert "cus_1" in text and "APIConnectionError" in text and "ten_2" in text
+    assert "cus_1" in text
+    assert "APIConnectionError" in text
+    assert "ten_2" in text
     assert text.endswith("sent 1, retrying 1, failed 0")

@@ -17,14 +17,15 @@ from modelmeter.billing.economics import (
     ComputePrices,
     EconomicsRow,
     Tally,
-    TenantRef,
     group,
     units_to_cents,
     units_to_decimal_cents,
 )
 from modelmeter.billing.metering import UsageRecord
 from modelmeter.billing.pricing import Usage
-from modelmeter.telemetry import OTHER, LabelCap, Telemetry, quota_utilisation
+from modelmeter.gateway.collectors import quota_utilisation
+from modelmeter.telemetry import OTHER, LabelCap, Telemetry
+from modelmeter.tenancy.tenants import Tenant
 
 
 def record(tenant: str, model: str = "m1", tokens: int = 10, compute_us: int = 0, device: str = "cpu") -> UsageRecord:
@@ -121,13 +122,13 @@ def test_registries_are_independent_and_exposition_has_every_family() -> None:
 
 def test_quota_utilisation_only_for_capped_tenants() -> None:
     catalog = PlanCatalog.load()
-    free = TenantRef("ten_f", "free", 0)
+    free = _tenant("ten_f", "free")
     assert quota_utilisation(catalog, free, Usage(requests=250, tokens=50_000)) == {"requests": 0.25, "tokens": 0.5}
-    assert quota_utilisation(catalog, TenantRef("ten_p", "payg", 0), Usage(tokens=10**6)) == {}
+    assert quota_utilisation(catalog, _tenant("ten_p", "payg"), Usage(tokens=10**6)) == {}
     # payg: 1000 requests at $0.0005 and 100k tokens at $0.02/1k = 50 + 200 cents of a 1000-cent budget.
-    budgeted = TenantRef("ten_b", "payg", 0, monthly_budget_cents=1000)
+    budgeted = _tenant("ten_b", "payg", monthly_budget_cents=1000)
     assert quota_utilisation(catalog, budgeted, Usage(requests=1000, tokens=100_000)) == {"budget": 0.25}
-    assert quota_utilisation(catalog, TenantRef("ten_z", "payg", 0, 0), Usage()) == {"budget": 1.0}
+    assert quota_utilisation(catalog, _tenant("ten_z", "payg", monthly_budget_cents=0), Usage()) == {"budget": 1.0}
 
 
 def test_compute_prices_are_exact_integers() -> None:
@@ -141,7 +142,7 @@ def test_compute_prices_are_exact_integers() -> None:
     assert units_to_decimal_cents(prices.cost_units("cuda", 1_000_000)) == "0.069444"
     assert units_to_cents(prices.cost_units("cuda", 7_200_000)) == 1  # exactly 0.5 cents rounds half-up
     assert units_to_cents(prices.cost_units("cuda", 7_199_999)) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not a whole number of micro-cents"):
         ComputePrices.parse(cpu_core_hour="0.0000000001", gpu_hour="1", cores=1)
 
 
@@ -156,7 +157,8 @@ def test_grouping_sums_exactly_and_computes_the_margin() -> None:
     assert by_tenant["ten_a"].public()["margin_ratio"] == str(Decimal(4400) / Decimal(5400))[:6]
     assert (by_tenant["ten_b"].margin_cents, by_tenant["ten_b"].margin_ratio()) == (-1, None)
     by_plan = {r.plan: r for r in group(rows, "plan")}
-    assert by_plan["pro"].revenue_cents == 4900 and by_plan["pro"].usage.tokens == 6
+    assert by_plan["pro"].revenue_cents == 4900
+    assert by_plan["pro"].usage.tokens == 6
     assert by_plan["pro"].revenue_source == "mixed"
 
 
@@ -185,3 +187,8 @@ def test_multiprocess_values_of_two_processes_aggregate(tmp_path: Path) -> None:
     assert exposed.get_sample_value("modelmeter_http_request_duration_seconds_count",
                                     {"route": "/v1/classify", "method": "POST"}) == 2
     assert exposed.get_sample_value("modelmeter_pool_models") == 2  # livesum over the two processes
+
+
+def _tenant(tenant_id: str, plan: str, monthly_budget_cents: int | None = None) -> Tenant:
+    return Tenant(id=tenant_id, name=tenant_id, email=f"{tenant_id}@example.com", plan=plan, created=0, updated=0,
+                  monthly_budget_cents=monthly_budget_cents)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
@@ -18,8 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from modelmeter.billing.pricing import METERED_CHARGES
 from modelmeter.errors import InvalidRequestError
+from modelmeter.money import price_text, unit_micro_cents
 
 PriceStr = Annotated[str, StringConstraints(pattern=r"^\d{1,9}(\.\d{1,10})?$")]
 
@@ -57,20 +59,40 @@ class Plan(BaseModel):
     @model_validator(mode="after")
     def _prices_exact(self) -> Plan:
         """Every price must be a whole number of micro-cents per unit, so pricing stays exact integers."""
-        for charge in METERED_CHARGES:
+        for price in PRICES:
             try:
-                charge.unit_micro(self)
+                price.unit_micro(self)
             except ValueError:
-                price = getattr(self, charge.price_field)
                 raise ValueError(
-                    f"{charge.price_field} '{price:f}' is not a whole number of micro-cents (0.000001 cent) per "
-                    f"{charge.unit}: use at most {9 - len(str(charge.per_units))} decimal places"
+                    f"{price.name} '{price.of(self):f}' is not a whole number of micro-cents (0.000001 cent) per "
+                    f"{price.unit}: use at most {9 - len(str(price.per_units))} decimal places"
                 ) from None
         return self
 
     @field_serializer("price_per_1k_tokens", "price_per_request", "price_per_1m_training_tokens")
     def _price_out(self, value: Decimal) -> str:
-        return f"{value:.4f}" if value == value.quantize(Decimal("0.0001")) else format(value.normalize(), "f")
+        return price_text(value, min_places=4)
+
+
+@dataclass(frozen=True)
+class PlanPrice:
+    """One of a plan's prices: a decimal in the currency's major unit per ``per_units`` units of ``unit``."""
+
+    name: str  # the plan field, for messages
+    unit: str
+    per_units: int
+    of: Callable[[Plan], Decimal]
+
+    def unit_micro(self, plan: Plan) -> int:
+        """The plan's exact price per single unit, in micro-cents (ValueError when it is not whole)."""
+        return unit_micro_cents(self.of(plan), self.per_units)
+
+
+REQUEST_PRICE = PlanPrice("price_per_request", "request", 1, lambda plan: plan.price_per_request)
+TOKEN_PRICE = PlanPrice("price_per_1k_tokens", "token", 1_000, lambda plan: plan.price_per_1k_tokens)
+TRAINING_TOKEN_PRICE = PlanPrice("price_per_1m_training_tokens", "training token", 1_000_000,
+                                 lambda plan: plan.price_per_1m_training_tokens)
+PRICES = (REQUEST_PRICE, TOKEN_PRICE, TRAINING_TOKEN_PRICE)
 
 
 class PlanCatalog:

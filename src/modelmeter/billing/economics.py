@@ -18,35 +18,30 @@ Exactness
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any, Literal
 
 from sqlalchemy import func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from modelmeter.billing import invoicing
+from modelmeter import clock
+from modelmeter.billing import invoicing, metering
 from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.counts import add_into
 from modelmeter.billing.metering import period_bounds
-from modelmeter.billing.pricing import MICRO_PER_CENT, round_half_up_div, unit_micro_cents
 from modelmeter.billing.tables import Invoice, UsageEvent
+from modelmeter.errors import InvalidRequestError
+from modelmeter.money import MICRO_PER_CENT, decimal_text, quantize_half_up, round_half_up_div, unit_micro_cents
+from modelmeter.settings import Settings
+from modelmeter.tenancy.tenants import Tenant, all_tenants
 
 US_PER_HOUR = 3_600_000_000
 _UNITS_PER_CENT = US_PER_HOUR * MICRO_PER_CENT
 GroupBy = Literal["tenant", "plan"]
-
-
-@dataclass(frozen=True, slots=True)
-class TenantRef:
-    """What economics needs to know of a tenant (billing never imports the gateway's tenant table)."""
-
-    id: str
-    plan: str
-    created: int
-    monthly_budget_cents: int | None = None
-    status: str = "active"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +73,7 @@ def units_to_cents(units: int) -> int:
 
 def units_to_decimal_cents(units: int) -> str:
     """Cost units as a decimal string of cents, to the micro-cent."""
-    exact = Decimal(units) / Decimal(_UNITS_PER_CENT)
-    return format(exact.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP), "f")
+    return decimal_text(quantize_half_up(units, _UNITS_PER_CENT, places=6))
 
 
 @dataclass(slots=True)
@@ -94,12 +88,8 @@ class Tally:
     cost_units: int = 0
 
     def add(self, other: Tally) -> None:
-        self.requests += other.requests
-        self.tokens += other.tokens
-        self.training_tokens += other.training_tokens
-        self.cpu_us += other.cpu_us
-        self.gpu_us += other.gpu_us
-        self.cost_units += other.cost_units
+        """Add ``other`` field by field."""
+        add_into(self, other)
 
 
 @dataclass(slots=True)
@@ -127,8 +117,7 @@ class EconomicsRow:
         """Margin over revenue as a 4-place decimal string; ``None`` without revenue."""
         if self.revenue_cents == 0:
             return None
-        ratio = Decimal(self.margin_cents) / Decimal(self.revenue_cents)
-        return format(ratio.quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP), "f")
+        return decimal_text(quantize_half_up(self.margin_cents, self.revenue_cents, places=4))
 
     def public(self) -> dict[str, Any]:
         """The JSON shape of the admin API and the CLI."""
@@ -149,7 +138,7 @@ class EconomicsRow:
 # --- queries ---------------------------------------------------------------------------------------------
 
 
-def ledger_tallies(session: Session, period: str, prices: ComputePrices) -> dict[tuple[str, str], Tally]:
+def ledger_tallies(*, session: Session, period: str, prices: ComputePrices) -> dict[tuple[str, str], Tally]:
     """Usage and compute of a period per (tenant, plan it was served under), from the ledger."""
     query = (
         sa_select(col(UsageEvent.tenant_id), col(UsageEvent.plan), col(UsageEvent.device),
@@ -168,17 +157,18 @@ def ledger_tallies(session: Session, period: str, prices: ComputePrices) -> dict
     return tallies
 
 
-def tenant_revenue(session: Session, catalog: PlanCatalog, tenant: TenantRef, period: str
+def tenant_revenue(*, session: Session, catalog: PlanCatalog, tenant: Tenant, period: str
                    ) -> tuple[dict[str, int], str]:
     """Revenue cents per plan and its source: the closed invoice's lines, else the preview's."""
     invoice = session.exec(
         select(Invoice).where(Invoice.tenant_id == tenant.id, Invoice.period == period)
     ).first()
     if invoice is not None:
-        lines: Iterable[Any] = invoicing.lines_of(session, invoice.id)
+        lines: Iterable[Any] = invoicing.lines_of(session=session, invoice_id=invoice.id)
         source = "invoice"
     else:
-        lines = invoicing.price_tenant_period(session, catalog, tenant.id, period, current_plan=tenant.plan)
+        lines = invoicing.price_tenant_period(session=session, catalog=catalog, tenant_id=tenant.id, period=period,
+                                                      current_plan=tenant.plan)
         source = "preview"
     revenue: dict[str, int] = {}
     for line in lines:
@@ -186,15 +176,15 @@ def tenant_revenue(session: Session, catalog: PlanCatalog, tenant: TenantRef, pe
     return revenue, source
 
 
-def period_economics(session: Session, catalog: PlanCatalog, prices: ComputePrices, period: str,
-                     tenants: Sequence[TenantRef]) -> list[EconomicsRow]:
+def period_economics(*, session: Session, catalog: PlanCatalog, prices: ComputePrices, period: str,
+                     tenants: Sequence[Tenant]) -> list[EconomicsRow]:
     """One row per (tenant, plan) with revenue or usage in ``period``, for tenants that existed in it."""
     invoicing.parse_period(period)
     end = period_bounds(period)[1]
-    tallies = ledger_tallies(session, period, prices)
+    tallies = ledger_tallies(session=session, period=period, prices=prices)
     rows: list[EconomicsRow] = []
     for tenant in (t for t in tenants if t.created < end):
-        revenue, source = tenant_revenue(session, catalog, tenant, period)
+        revenue, source = tenant_revenue(session=session, catalog=catalog, tenant=tenant, period=period)
         used = {plan or tenant.plan: tally for (tid, plan), tally in tallies.items() if tid == tenant.id}
         for plan in sorted(set(revenue) | set(used)):
             row = EconomicsRow(period, catalog.get(plan).currency if plan in catalog else "usd", tenant.id, plan,
@@ -236,3 +226,26 @@ def total(rows: Iterable[EconomicsRow], period: str, currency: str = "usd") -> E
         out.revenue_cents += row.revenue_cents
         out.usage.add(row.usage)
     return out
+
+
+# --- the operator's report ------------------------------------------------------------------------------
+
+
+def compute_prices(settings: Settings) -> ComputePrices:
+    """The configured compute prices; CPU time is multiplied by the torch threads the process runs."""
+    cores = settings.torch_threads or os.cpu_count() or 1
+    return ComputePrices.parse(cpu_core_hour=settings.cpu_core_hour_cost, gpu_hour=settings.gpu_hour_cost,
+                               cores=cores)
+
+
+def economics_report(*, session: Session, catalog: PlanCatalog, settings: Settings, period: str | None,
+                     group_by: GroupBy) -> list[EconomicsRow]:
+    """Revenue, compute cost and margin of ``period`` (the running month when omitted) per tenant or plan."""
+    current = metering.period_of(clock.now_s())
+    period = invoicing.parse_period(period) if period else current
+    if period > current:
+        raise InvalidRequestError(f"Period {period} has not started yet.", code="period_in_future", param="period")
+    rows = period_economics(session=session, catalog=catalog, prices=compute_prices(settings), period=period,
+                            tenants=all_tenants(session=session))
+    ordered = group(rows, group_by)
+    return sorted(ordered, key=lambda r: (-r.margin_cents, r.tenant_id or r.plan or ""))

@@ -19,10 +19,10 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
-from modelmeter.billing import stripe_sync
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import period_bounds, period_of
 from modelmeter.billing.pricing import Line, Usage, price_period, subtotal
+from modelmeter.billing.stripe.outbox import enqueue_invoice, enqueue_plan_change
 from modelmeter.billing.tables import (
     BillingClose,
     BillingState,
@@ -33,6 +33,8 @@ from modelmeter.billing.tables import (
 )
 from modelmeter.errors import ConflictError, InvalidRequestError
 from modelmeter.ids import new_id
+from modelmeter.money import decimal_text
+from modelmeter.tenancy.tenants import Tenant, all_tenants
 
 PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 
@@ -47,10 +49,10 @@ def parse_period(period: str) -> str:
 def record_plan_change(*, session: Session, tenant_id: str, plan: str, at: int | None = None) -> None:
     change = PlanChange(tenant_id=tenant_id, plan=plan, effective_at=clock.now_s() if at is None else at)
     session.add(change)
-    stripe_sync.enqueue_plan_change(session=session, change=change)
+    enqueue_plan_change(session=session, change=change)
 
 
-def usage_by_plan(session: Session, tenant_id: str, period: str) -> dict[str, Usage]:
+def usage_by_plan(*, session: Session, tenant_id: str, period: str) -> dict[str, Usage]:
     """Committed usage of a tenant's period, per plan it was served under."""
     query = (
         select(UsageEvent.plan, func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens),
@@ -61,7 +63,7 @@ def usage_by_plan(session: Session, tenant_id: str, period: str) -> dict[str, Us
     return {plan: Usage(int(r or 0), int(t or 0), int(tr or 0)) for plan, r, t, tr in session.exec(query).all()}
 
 
-def plan_segments(session: Session, tenant_id: str, start: int, end: int) -> list[tuple[str, int]]:
+def plan_segments(*, session: Session, tenant_id: str, start: int, end: int) -> list[tuple[str, int]]:
     """Seconds of ``[start, end)`` spent on each plan, in order of first use."""
     changes = session.exec(
         select(PlanChange.plan, PlanChange.effective_at).where(PlanChange.tenant_id == tenant_id)
@@ -77,12 +79,12 @@ def plan_segments(session: Session, tenant_id: str, start: int, end: int) -> lis
 
 
 def price_tenant_period(
-    session: Session, catalog: PlanCatalog, tenant_id: str, period: str, *, current_plan: str
+    *, session: Session, catalog: PlanCatalog, tenant_id: str, period: str, current_plan: str
 ) -> list[Line]:
     """The invoice lines of one tenant's period, from its plan history and its ledger."""
     start, end = period_bounds(period)
-    segments = plan_segments(session, tenant_id, start, end) or [(current_plan, 0)]
-    usage = usage_by_plan(session, tenant_id, period)
+    segments = plan_segments(session=session, tenant_id=tenant_id, start=start, end=end) or [(current_plan, 0)]
+    usage = usage_by_plan(session=session, tenant_id=tenant_id, period=period)
     # price_period merges entries of the same plan: time held on it, and the usage served under it.
     triples = [(catalog.get(plan), secs, Usage()) for plan, secs in segments]
     triples += [(catalog.get(plan or current_plan), 0, amount) for plan, amount in usage.items()]
@@ -93,9 +95,11 @@ def price_tenant_period(
 
 
 def line_public(line: Line | InvoiceLine) -> dict[str, Any]:
+    unit = line.unit_amount_decimal  # a stored line holds the text written when its invoice was closed
+    unit_text = unit if isinstance(unit, str) else decimal_text(unit, exponent=True)
     return {
         "object": "line_item", "code": line.code, "plan": line.plan, "description": line.description,
-        "quantity": line.quantity, "unit_amount_decimal": str(line.unit_amount_decimal), "amount": line.amount,
+        "quantity": line.quantity, "unit_amount_decimal": unit_text, "amount": line.amount,
     }
 
 
@@ -110,12 +114,12 @@ def invoice_public(invoice: Invoice, lines: Sequence[InvoiceLine]) -> dict[str, 
     }
 
 
-def preview(session: Session, catalog: PlanCatalog, tenant_id: str, plan: str, period: str | None = None
+def preview(*, session: Session, catalog: PlanCatalog, tenant_id: str, plan: str, period: str | None = None
             ) -> dict[str, Any]:
     """The running (or given, not yet closed) period's invoice as it stands now."""
     period = period or period_of(clock.now_s())
     start, end = period_bounds(period)
-    lines = price_tenant_period(session, catalog, tenant_id, period, current_plan=plan)
+    lines = price_tenant_period(session=session, catalog=catalog, tenant_id=tenant_id, period=period, current_plan=plan)
     total = subtotal(lines)
     return {
         "id": None, "object": "invoice", "tenant_id": tenant_id, "period": period, "status": "draft",
@@ -125,7 +129,7 @@ def preview(session: Session, catalog: PlanCatalog, tenant_id: str, plan: str, p
     }
 
 
-def lines_of(session: Session, invoice_id: str) -> list[InvoiceLine]:
+def lines_of(*, session: Session, invoice_id: str) -> list[InvoiceLine]:
     query = select(InvoiceLine).where(InvoiceLine.invoice_id == invoice_id).order_by(col(InvoiceLine.position))
     return list(session.exec(query).all())
 
@@ -153,9 +157,8 @@ class CloseResult:
                 "already_closed": self.already_closed, "closed_at": self.closed_at}
 
 
-def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, period: str,
-                 tenants: Sequence[tuple[str, str, int]]) -> CloseResult:
-    """Close a finished month: one invoice per tenant that existed in it (``tenants``: id, plan, created).
+def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, period: str) -> CloseResult:
+    """Close a finished month: one invoice per tenant that existed in it.
 
     Refuses a period that has not ended (409); a second close returns the first one's result unchanged.
     """
@@ -163,7 +166,7 @@ def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, perio
     if end > clock.now_s():
         raise ConflictError(f"Period {period} has not ended yet.", code="period_not_ended", param="period")
     try:
-        return _close(sessions, catalog, period, tenants, start, end)
+        return _close(sessions, catalog, period, start, end)
     except IntegrityError:
         # Another close of the same period won the race (SQLite has no row lock): report it, change nothing.
         with sessions() as session:
@@ -173,15 +176,16 @@ def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, perio
             return CloseResult(period, done.invoices, True, done.closed_at)
 
 
-def _close(sessions: sessionmaker[Session], catalog: PlanCatalog, period: str,
-           tenants: Sequence[tuple[str, str, int]], start: int, end: int) -> CloseResult:
+def _close(sessions: sessionmaker[Session], catalog: PlanCatalog, period: str, start: int, end: int) -> CloseResult:
     with sessions() as session:
         state = _lock_state(session)
         done = session.get(BillingClose, period)
         if done is not None:
             return CloseResult(period, done.invoices, True, done.closed_at)
         now = clock.now_s()
-        count = sum(_invoice_tenant(session, catalog, t, period, start, end, now) for t in tenants if t[2] < end)
+        existed = [t for t in all_tenants(session=session) if t.created < end]
+        count = sum(_invoice_tenant(session=session, catalog=catalog, tenant=t, period=period, start=start, end=end,
+                                    now=now) for t in existed)
         session.add(BillingClose(period=period, closed_at=now, invoices=count))
         if state.closed_through is None or period > state.closed_through:
             state.closed_through = period
@@ -202,13 +206,13 @@ def _lock_state(session: Session) -> BillingState:
     return state
 
 
-def _invoice_tenant(session: Session, catalog: PlanCatalog, tenant: tuple[str, str, int], period: str,
+def _invoice_tenant(*, session: Session, catalog: PlanCatalog, tenant: Tenant, period: str,
                     start: int, end: int, now: int) -> int:
-    tenant_id, plan, _ = tenant
+    tenant_id, plan = tenant.id, tenant.plan
     exists = session.exec(select(Invoice.id).where(Invoice.tenant_id == tenant_id, Invoice.period == period)).first()
     if exists is not None:
         return 0
-    lines = price_tenant_period(session, catalog, tenant_id, period, current_plan=plan)
+    lines = price_tenant_period(session=session, catalog=catalog, tenant_id=tenant_id, period=period, current_plan=plan)
     total = subtotal(lines)
     invoice = Invoice(id=new_id("in"), tenant_id=tenant_id, period=period, currency=catalog.get(plan).currency,
                       subtotal=total, total=total, period_start=start, period_end=end, created=now)
@@ -216,7 +220,8 @@ def _invoice_tenant(session: Session, catalog: PlanCatalog, tenant: tuple[str, s
     for position, line in enumerate(lines):
         session.add(InvoiceLine(invoice_id=invoice.id, position=position, code=line.code, plan=line.plan,
                                 description=line.description, quantity=line.quantity,
-                                unit_amount_decimal=str(line.unit_amount_decimal), amount=line.amount))
+                                unit_amount_decimal=decimal_text(line.unit_amount_decimal, exponent=True),
+                                amount=line.amount))
     session.flush()
-    stripe_sync.enqueue_invoice(session=session, invoice=invoice, has_lines=bool(lines))
+    enqueue_invoice(session=session, invoice=invoice, has_lines=bool(lines))
     return 1

@@ -22,10 +22,11 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter.billing.catalog import Plan
-from modelmeter.billing.limits import Amount, Caps, QuotaStore
-from modelmeter.billing.pricing import METERED_CHARGES, MICRO_PER_CENT, Usage
+from modelmeter.billing.pricing import Usage, metered_prices
+from modelmeter.billing.quota import Amount, Caps, QuotaStore
 from modelmeter.billing.tables import BillingState, UsageEvent
 from modelmeter.errors import InsufficientQuotaError
+from modelmeter.money import MICRO_PER_CENT
 
 log = logging.getLogger("modelmeter.metering")
 
@@ -200,20 +201,17 @@ def quota_caps(plan: Plan, budget_cents: int | None, *, training: bool = False) 
     (checked against the exact usage cost, allowances included). ``None`` when nothing caps the tenant."""
     if not plan.hard_limit and budget_cents is None:
         return None
-    priced = tuple(
-        x for charge in METERED_CHARGES for x in (charge.included(plan), charge.unit_micro(plan))
-    ) if budget_cents is not None else None
     hard = plan.hard_limit
     return Caps(
         max_requests=plan.included_requests if hard and not training else None,
         max_tokens=plan.included_tokens if hard and not training else None,
         max_training_tokens=plan.included_training_tokens if hard and training else None,
         max_cost_micro=budget_cents * MICRO_PER_CENT if budget_cents is not None else None,
-        priced=priced,  # type: ignore[arg-type]
+        prices=metered_prices(plan) if budget_cents is not None else None,
     )
 
 
-def period_usage(session: Session, tenant_id: str, period: str) -> Usage:
+def period_usage(*, session: Session, tenant_id: str, period: str) -> Usage:
     """Committed usage of a tenant's period, from the ledger."""
     query = select(func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens))
     r, t, tr = session.exec(query.where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)).one()
@@ -224,10 +222,10 @@ def as_amount(usage: Usage) -> Amount:
     return Amount(requests=usage.requests, tokens=usage.tokens, training_tokens=usage.training_tokens)
 
 
-def ledger_totals(sessions: sessionmaker[Session], tenant_id: str, period: str) -> Amount:
+def ledger_totals(*, sessions: sessionmaker[Session], tenant_id: str, period: str) -> Amount:
     """The quota counters' baseline: the period's committed usage."""
     with sessions() as session:
-        return as_amount(period_usage(session, tenant_id, period))
+        return as_amount(period_usage(session=session, tenant_id=tenant_id, period=period))
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +256,7 @@ class Meter:
             return Hold(tenant_id, period, amount, None)
 
         async def baseline() -> Amount:
-            return await asyncio.to_thread(ledger_totals, self._sessions, tenant_id, period)
+            return await asyncio.to_thread(ledger_totals, sessions=self._sessions, tenant_id=tenant_id, period=period)
 
         reservation = await self.quota.reserve(tenant_id, period, amount, caps, baseline=baseline)
         if reservation is None:

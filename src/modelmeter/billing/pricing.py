@@ -29,50 +29,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Context, Decimal
-from fractions import Fraction
+from decimal import Decimal
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
-if TYPE_CHECKING:
-    from modelmeter.billing.catalog import Plan
+from modelmeter.billing.catalog import REQUEST_PRICE, TOKEN_PRICE, TRAINING_TOKEN_PRICE, Plan
+from modelmeter.billing.counts import fieldwise
+from modelmeter.money import (
+    cents_decimal,
+    decimal_text,
+    micro_to_cents,
+    round_half_up_div,
+)
 
-MICRO_PER_CENT = 1_000_000
-MICRO_PER_MAJOR = 100 * MICRO_PER_CENT
 SECONDS_PER_DAY = 86_400
 LINE_CODES = ("base_fee", "requests", "tokens", "training_tokens")
-
-
-def round_half_up_div(numerator: int, denominator: int) -> int:
-    """``numerator / denominator`` rounded half-up to an integer, exactly (both non-negative)."""
-    if numerator < 0 or denominator <= 0:
-        raise ValueError("round_half_up_div needs numerator >= 0 and denominator > 0")
-    return (2 * numerator + denominator) // (2 * denominator)
-
-
-def unit_micro_cents(price_major: Decimal, per_units: int) -> int:
-    """Micro-cents per single unit for a price in the major unit per ``per_units`` units; exact or ValueError."""
-    if per_units <= 0:
-        raise ValueError("per_units must be positive")
-    if not price_major.is_finite() or price_major < 0:
-        raise ValueError(f"price {price_major} must be finite and non-negative")
-    micro = Fraction(price_major) * MICRO_PER_MAJOR / per_units
-    if micro.denominator != 1:
-        raise ValueError(f"price {price_major} per {per_units:,} is not a whole number of micro-cents per unit")
-    return micro.numerator
-
-
-def _plain(value: Decimal) -> Decimal:
-    """The same number without trailing zeros or a positive exponent: 0.002000 -> 0.002, 2E+1 -> 20."""
-    if value == 0:
-        return Decimal(0)
-    normal = value.normalize(Context(prec=len(value.as_tuple().digits)))
-    return Decimal(int(normal)) if normal == normal.to_integral_value() else normal
-
-
-def _cents_decimal(micro: int) -> Decimal:
-    """Micro-cents as an exact ``Decimal`` number of cents."""
-    return _plain(Decimal(f"{micro}e-6"))
 
 
 def _check_count(name: str, value: int) -> None:
@@ -95,8 +66,7 @@ class Usage:
     def __add__(self, other: object) -> Usage:
         if not isinstance(other, Usage):
             return NotImplemented
-        return Usage(self.requests + other.requests, self.tokens + other.tokens,
-                     self.training_tokens + other.training_tokens)
+        return fieldwise(self, other)
 
 
 @dataclass(frozen=True)
@@ -113,44 +83,70 @@ class Line:
     def to_json(self) -> dict[str, Any]:
         """JSON-ready: the unit price as a plain decimal string, amounts as integers."""
         return {"code": self.code, "description": self.description, "quantity": self.quantity,
-                "unit_amount_decimal": format(self.unit_amount_decimal, "f"), "amount": self.amount,
+                "unit_amount_decimal": decimal_text(self.unit_amount_decimal), "amount": self.amount,
                 "plan": self.plan}
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredPrice:
+    """One metered dimension of a plan: the quantity included, and the exact price beyond it (micro-cents/unit)."""
+
+    included: int
+    unit_micro: int
+
+    def cost_micro(self, used: int) -> int:
+        """The exact cost of ``used`` units: those beyond the allowance, at the unit price."""
+        return max(0, used - self.included) * self.unit_micro
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredPrices:
+    """A plan's allowance and unit price for requests, tokens and training tokens: all that prices usage."""
+
+    requests: MeteredPrice
+    tokens: MeteredPrice
+    training_tokens: MeteredPrice
+
+
+def metered_prices(plan: Plan) -> MeteredPrices:
+    """The plan's allowances and exact unit prices (the one place they are read from a plan)."""
+    return MeteredPrices(
+        requests=MeteredPrice(plan.included_requests, REQUEST_PRICE.unit_micro(plan)),
+        tokens=MeteredPrice(plan.included_tokens, TOKEN_PRICE.unit_micro(plan)),
+        training_tokens=MeteredPrice(plan.included_training_tokens, TRAINING_TOKEN_PRICE.unit_micro(plan)),
+    )
 
 
 @dataclass(frozen=True)
 class MeteredCharge:
-    """Where a metered charge reads its price, allowance and usage; ``per_units`` is the price's denominator."""
+    """A metered invoice line: its code and label, the plan's price it bills, and the usage it meters."""
 
     code: str
     label: str
-    unit: str
-    per_units: int
-    price_field: str
-    included_field: str
+    price: Callable[[MeteredPrices], MeteredPrice]
+    used: Callable[[Usage], int]
 
     def unit_micro(self, plan: Plan) -> int:
         """The plan's exact price per single unit, in micro-cents."""
-        return unit_micro_cents(Decimal(getattr(plan, self.price_field)), self.per_units)
-
-    def included(self, plan: Plan) -> int:
-        """The plan's allowance for this charge."""
-        return int(getattr(plan, self.included_field))
-
-    def used(self, usage: Usage) -> int:
-        """The usage this charge meters."""
-        return int(getattr(usage, self.code))
-
-    def billable(self, plan: Plan, usage: Usage) -> int:
-        """Usage beyond the allowance."""
-        return max(0, self.used(usage) - self.included(plan))
+        return self.price(metered_prices(plan)).unit_micro
 
 
 METERED_CHARGES = (
-    MeteredCharge("requests", "Requests", "request", 1, "price_per_request", "included_requests"),
-    MeteredCharge("tokens", "Tokens", "token", 1_000, "price_per_1k_tokens", "included_tokens"),
-    MeteredCharge("training_tokens", "Training tokens", "training token", 1_000_000,
-                  "price_per_1m_training_tokens", "included_training_tokens"),
+    MeteredCharge("requests", "Requests", lambda prices: prices.requests, lambda usage: usage.requests),
+    MeteredCharge("tokens", "Tokens", lambda prices: prices.tokens, lambda usage: usage.tokens),
+    MeteredCharge("training_tokens", "Training tokens", lambda prices: prices.training_tokens,
+                  lambda usage: usage.training_tokens),
 )
+
+
+def metered_cost_micro(prices: MeteredPrices, usage: Usage) -> int:
+    """The exact, unrounded cost of ``usage`` (no base fee) in micro-cents: for each metered charge, the usage
+    beyond its allowance at its unit price.
+
+    The one cost formula: ``usage_cost_micro`` and the quota stores' budget check (``quota.Caps``) both use it.
+    The Redis quota store's Lua (``quota.USAGE_COST_LUA``) mirrors it: change both together.
+    """
+    return sum(charge.price(prices).cost_micro(charge.used(usage)) for charge in METERED_CHARGES)
 
 
 def _days(seconds: int, *, whole: bool) -> str:
@@ -175,7 +171,7 @@ def base_fee(plan: Plan, *, seconds_on_plan: int, seconds_in_period: int) -> Lin
     if plan.base_fee_cents == 0 or seconds_on_plan == 0:
         return None
     exact = plan.base_fee_cents * seconds_on_plan
-    unit = _plain(Decimal(f"{round_half_up_div(exact * 10**12, seconds_in_period)}e-12"))
+    unit = cents_decimal(round_half_up_div(exact * 10**12, seconds_in_period), exponent=-12)
     return Line(code="base_fee", description=_base_fee_description(plan, seconds_on_plan, seconds_in_period),
                 quantity=1, unit_amount_decimal=unit, amount=round_half_up_div(exact, seconds_in_period),
                 plan=plan.id)
@@ -192,13 +188,14 @@ def metered(plan: Plan, *, code: str, used: int, included: int, unit_micro: int,
     quantity = max(0, used - included)
     description = f"{label}: {used:,} used" + (f", {included:,} included" if included else "")
     return Line(code=code, description=description, quantity=quantity,
-                unit_amount_decimal=_cents_decimal(unit_micro),
-                amount=round_half_up_div(quantity * unit_micro, MICRO_PER_CENT), plan=plan.id)
+                unit_amount_decimal=cents_decimal(unit_micro),
+                amount=micro_to_cents(quantity * unit_micro), plan=plan.id)
 
 
-def _metered_line(charge: MeteredCharge, plan: Plan, usage: Usage) -> Line | None:
-    return metered(plan, code=charge.code, used=charge.used(usage), included=charge.included(plan),
-                   unit_micro=charge.unit_micro(plan), label=charge.label)
+def _metered_line(charge: MeteredCharge, plan: Plan, prices: MeteredPrices, usage: Usage) -> Line | None:
+    price = charge.price(prices)
+    return metered(plan, code=charge.code, used=charge.used(usage), included=price.included,
+                   unit_micro=price.unit_micro, label=charge.label)
 
 
 @dataclass(frozen=True)
@@ -223,7 +220,7 @@ def _flat_prorated(plan: Plan, segment: Segment) -> Line | None:
 
 def _metered_model(charge: MeteredCharge) -> ChargeFn:
     def price(plan: Plan, segment: Segment) -> Line | None:
-        return _metered_line(charge, plan, segment.usage)
+        return _metered_line(charge, plan, metered_prices(plan), segment.usage)
 
     return price
 
@@ -243,7 +240,8 @@ def charge_model(code: str) -> ChargeFn:
 
 def price_usage(plan: Plan, usage: Usage) -> list[Line]:
     """The requests, tokens and training-token lines for usage served on one plan (no base fee)."""
-    lines = (_metered_line(charge, plan, usage) for charge in METERED_CHARGES)
+    prices = metered_prices(plan)
+    lines = (_metered_line(charge, plan, prices, usage) for charge in METERED_CHARGES)
     return [line for line in lines if line is not None]
 
 
@@ -278,7 +276,7 @@ def subtotal(lines: Iterable[Line]) -> int:
 
 def usage_cost_micro(plan: Plan, usage: Usage) -> int:
     """The exact, unrounded cost of the usage charges (no base fee) in micro-cents, for budgets."""
-    return sum(charge.billable(plan, usage) * charge.unit_micro(plan) for charge in METERED_CHARGES)
+    return metered_cost_micro(metered_prices(plan), usage)
 
 
 def marginal_cost_micro(plan: Plan, before: Usage, added: Usage) -> int:

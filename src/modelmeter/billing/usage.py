@@ -7,8 +7,7 @@ order within each period (so the costs of a period add up to its invoice's usage
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from sqlalchemy import func, literal_column
@@ -20,6 +19,7 @@ from modelmeter.billing.metering import period_bounds, period_of
 from modelmeter.billing.pricing import Usage, marginal_cost_micro
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.errors import InvalidRequestError
+from modelmeter.money import cents_text, micro_to_cents
 
 GroupBy = Literal["model", "key", "plan"]
 WIDTHS = {"1h": 3600, "1d": 86400}
@@ -50,7 +50,7 @@ def _group_column(group_by: GroupBy | None) -> Any:
         group_by or "", literal_column("''"))
 
 
-def _rows(session: Session, tenant_id: str, q: UsageQuery) -> list[tuple[Any, ...]]:
+def _rows(*, session: Session, tenant_id: str, q: UsageQuery) -> list[tuple[Any, ...]]:
     """Aggregates from the start of the first period touched (allowances) to the end of the range."""
     width = WIDTHS[q.bucket_width]
     first = period_bounds(period_of(q.start))[0]
@@ -67,19 +67,13 @@ def _rows(session: Session, tenant_id: str, q: UsageQuery) -> list[tuple[Any, ..
     return [tuple(row) for row in session.execute(query).all()]
 
 
-def cents(micro: int) -> tuple[int, str]:
-    """Micro-cents as (integer cents rounded half-up, exact decimal string of cents)."""
-    exact = Decimal(micro) / Decimal(1_000_000)
-    return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP)), format(exact.normalize(), "f")
-
-
-def usage_buckets(session: Session, catalog: PlanCatalog, tenant_id: str, q: UsageQuery,
+def usage_buckets(*, session: Session, catalog: PlanCatalog, tenant_id: str, q: UsageQuery,
                   current_plan: str) -> list[dict[str, Any]]:
     """Buckets of ``q.bucket_width`` within ``[q.start, q.end)`` with per-group results."""
     width = WIDTHS[q.bucket_width]
     consumed: dict[tuple[str, str], Usage] = defaultdict(Usage)
     results: dict[int, dict[Any, dict[str, int]]] = defaultdict(dict)
-    for bucket, group, period, plan, requests, tokens, training in _rows(session, tenant_id, q):
+    for bucket, group, period, plan, requests, tokens, training in _rows(session=session, tenant_id=tenant_id, q=q):
         amount = Usage(int(requests or 0), int(tokens or 0), int(training or 0))
         plan_obj = catalog.get(plan or current_plan)
         before = consumed[(period, plan)]
@@ -87,9 +81,9 @@ def usage_buckets(session: Session, catalog: PlanCatalog, tenant_id: str, q: Usa
         if int(bucket) < q.start - q.start % width:
             continue
         cost = marginal_cost_micro(plan_obj, before, amount)
-        slot = results[int(bucket)].setdefault(group, {"requests": 0, "tokens": 0, "training_tokens": 0, "cost": 0})
-        for name, value in (("requests", amount.requests), ("tokens", amount.tokens),
-                            ("training_tokens", amount.training_tokens), ("cost", cost)):
+        counts = asdict(amount) | {"cost": cost}
+        slot = results[int(bucket)].setdefault(group, dict.fromkeys(counts, 0))
+        for name, value in counts.items():
             slot[name] += value
     return [_bucket(start, width, q.group_by, groups) for start, groups in sorted(results.items())]
 
@@ -97,10 +91,10 @@ def usage_buckets(session: Session, catalog: PlanCatalog, tenant_id: str, q: Usa
 def _bucket(start: int, width: int, group_by: GroupBy | None, groups: dict[Any, dict[str, int]]) -> dict[str, Any]:
     out = []
     for group, slot in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        cost_cents, cost_exact = cents(slot["cost"])
+        cost = slot["cost"]
         result: dict[str, Any] = {"object": "usage.result", "requests": slot["requests"], "tokens": slot["tokens"],
-                                  "training_tokens": slot["training_tokens"], "cost_cents": cost_cents,
-                                  "cost_cents_decimal": cost_exact}
+                                  "training_tokens": slot["training_tokens"], "cost_cents": micro_to_cents(cost),
+                                  "cost_cents_decimal": cents_text(cost)}
         if group_by is not None:
             result[{"model": "model", "key": "key_id", "plan": "plan"}[group_by]] = group
         out.append(result)

@@ -13,10 +13,9 @@ from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter import db
-from modelmeter.billing import stripe_sync
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.limits import make_limiters
 from modelmeter.billing.metering import LedgerWriter, Meter
+from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.errors import install_handlers
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -32,13 +31,13 @@ from modelmeter.gateway.routes import (
     usage,
     webhooks,
 )
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import Services, make_limiters
 from modelmeter.models.backends import configure_torch_threads, resolve_device
 from modelmeter.models.registry import ModelCache, register_platform_models
 from modelmeter.models.serving import AdapterConfig, AdapterHooks, BatchCaps, ModelServer
 from modelmeter.settings import Settings, ensure_admin_token, get_settings
 from modelmeter.telemetry import Telemetry
-from modelmeter.worker import spawn_worker, stop_worker
+from modelmeter.trainer import spawn_worker, stop_worker
 
 log = logging.getLogger("modelmeter.gateway")
 MIB = 1024 * 1024
@@ -95,14 +94,14 @@ def _model_server(settings: Settings, telemetry: Telemetry) -> ModelServer:
     )
 
 
-def _stripe_relay(services: Services) -> stripe_sync.StripeRelay | None:
+def _stripe_relay(services: Services) -> StripeRelay | None:
     """The Stripe outbox relay when a key is set (refuses a live key unless live mode is on)."""
 
     def invalidate(tenant_id: str) -> None:
         services.auth.invalidate(lambda p: p.tenant_id == tenant_id)
 
-    return stripe_sync.relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans,
-                                           on_suspend=invalidate)
+    return relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans,
+                               on_suspend=invalidate)
 
 
 def prepare_database(services: Services) -> None:

@@ -1,19 +1,13 @@
-"""API keys: format, hashing, issuing, lookup (with a short TTL cache), scopes, revoke and roll.
+"""Authentication on the request path: a key's lookup (with a short TTL cache), scopes, and the admin token.
 
-A key looks like ``mm_<32 random base62><6 base62 CRC32 checksum>`` (41 characters, ~190 random bits).
-The checksum lets a malformed or mutated key be refused without touching the database; only the key's
-SHA-256 is stored. The plaintext exists in exactly one response body and never in a log line.
+The key format, hashing and the key table are :mod:`modelmeter.tenancy.keys`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import re
-import secrets
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,97 +17,10 @@ from sqlmodel import Session, col, select, update
 
 from modelmeter import clock
 from modelmeter.errors import AuthenticationError, PermissionDeniedError, TenantSuspendedError
-from modelmeter.gateway.tenants import ALL_SCOPES, ApiKey, ApiKeyCreate, Tenant
-from modelmeter.ids import new_id
+from modelmeter.tenancy.keys import ApiKey, hash_key
+from modelmeter.tenancy.tenants import Tenant
 
-KEY_PREFIX = "mm_"
-_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_RANDOM_LEN = 32
-_CHECK_LEN = 6
-_KEY_RE = re.compile(rf"^{KEY_PREFIX}[0-9A-Za-z]{{{_RANDOM_LEN + _CHECK_LEN}}}$")
 INVALID_KEY_MESSAGE = "Invalid API key provided."
-
-
-def _b62(value: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        value, digit = divmod(value, 62)
-        out.append(_BASE62[digit])
-    return "".join(reversed(out))
-
-
-def _checksum(body: str) -> str:
-    return _b62(zlib.crc32(body.encode()), _CHECK_LEN)
-
-
-def generate_key() -> str:
-    """A fresh plaintext key (shown to the user once, never stored)."""
-    body = KEY_PREFIX + "".join(secrets.choice(_BASE62) for _ in range(_RANDOM_LEN))
-    return body + _checksum(body)
-
-
-def well_formed(key: str) -> bool:
-    """Format and checksum check: no database needed to refuse a typo or a forged key."""
-    if not _KEY_RE.match(key):
-        return False
-    body, check = key[:-_CHECK_LEN], key[-_CHECK_LEN:]
-    return hmac.compare_digest(_checksum(body), check)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def display_prefix(key: str) -> str:
-    return key[: len(KEY_PREFIX) + 8]
-
-
-# --- issuing ---------------------------------------------------------------------------------------
-
-
-def issue_key(*, session: Session, tenant_id: str, data: ApiKeyCreate) -> tuple[ApiKey, str]:
-    """Create a key row; returns it with the plaintext, which the caller shows once."""
-    plaintext = generate_key()
-    scopes = data.scopes if data.scopes is not None else list(ALL_SCOPES)
-    row = ApiKey(
-        id=new_id("key"),
-        tenant_id=tenant_id,
-        name=data.name,
-        prefix=display_prefix(plaintext),
-        last4=plaintext[-4:],
-        key_hash=hash_key(plaintext),
-        scopes=",".join(sorted(set(scopes), key=ALL_SCOPES.index)),
-        created=clock.now_s(),
-        expires_at=data.expires_at,
-    )
-    session.add(row)
-    session.flush()
-    return row, plaintext
-
-
-def revoke_key(*, session: Session, key: ApiKey) -> ApiKey:
-    if key.revoked_at is None:
-        key.revoked_at = clock.now_s()
-        session.add(key)
-        session.flush()
-    return key
-
-
-def roll_key(*, session: Session, key: ApiKey, grace_s: int) -> tuple[ApiKey, str]:
-    """Issue a successor with the same name and scopes; the old key keeps working for ``grace_s``."""
-    now = clock.now_s()
-    successor_expiry = key.expires_at if key.expires_at is None or key.expires_at > now else None
-    new, plaintext = issue_key(
-        session=session,
-        tenant_id=key.tenant_id,
-        data=ApiKeyCreate(name=key.name, scopes=key.scope_list, expires_at=successor_expiry),  # type: ignore[arg-type]
-    )
-    end = now + grace_s
-    key.expires_at = end if key.expires_at is None else min(key.expires_at, end)
-    key.rolled_to = new.id
-    session.add(key)
-    session.flush()
-    return new, plaintext
 
 
 # --- lookup ------------------------------------------------------------------------------------------

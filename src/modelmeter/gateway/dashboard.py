@@ -21,10 +21,11 @@ from modelmeter.billing import invoicing
 from modelmeter.billing.catalog import Plan, PlanCatalog
 from modelmeter.billing.metering import period_of, period_usage
 from modelmeter.billing.pricing import Usage, usage_cost_micro
-from modelmeter.billing.usage import UsageQuery, cents, usage_buckets
+from modelmeter.billing.usage import UsageQuery, usage_buckets
 from modelmeter.errors import AuthenticationError, TenantSuspendedError
-from modelmeter.gateway.tenants import Tenant
+from modelmeter.money import micro_to_cents
 from modelmeter.settings import Settings, ensure_admin_token
+from modelmeter.tenancy.tenants import Tenant
 
 _TOKEN_RE = re.compile(r"^(?P<tenant>[a-z]{1,16}_[0-9a-z]{1,64})\.(?P<exp>[0-9]{1,12})\.(?P<sig>[A-Za-z0-9_-]{43})$")
 _KEY_CONTEXT = b"modelmeter/dashboard-links/v1"
@@ -108,7 +109,7 @@ class PageData:
     now: int
 
 
-def load_tenant(session: Session, tenant_id: str) -> Tenant:
+def load_tenant(*, session: Session, tenant_id: str) -> Tenant:
     """The link's tenant: gone → 401 (as a bad link), suspended → 403."""
     tenant = session.get(Tenant, tenant_id)
     if tenant is None:
@@ -118,10 +119,11 @@ def load_tenant(session: Session, tenant_id: str) -> Tenant:
     return tenant
 
 
-def daily_usage(session: Session, catalog: PlanCatalog, tenant: Tenant, now: int) -> list[DayUsage]:
+def daily_usage(*, session: Session, catalog: PlanCatalog, tenant: Tenant, now: int) -> list[DayUsage]:
     """The last ``CHART_DAYS`` UTC days, oldest first, days without usage included."""
     first = now - now % DAY - (CHART_DAYS - 1) * DAY
-    buckets = usage_buckets(session, catalog, tenant.id, UsageQuery(first, now + 1, "1d", None), tenant.plan)
+    buckets = usage_buckets(session=session, catalog=catalog, tenant_id=tenant.id,
+                            q=UsageQuery(first, now + 1, "1d", None), current_plan=tenant.plan)
     by_start = {b["start_time"]: b["results"] for b in buckets}
     days = []
     for start in range(first, first + CHART_DAYS * DAY, DAY):
@@ -131,17 +133,17 @@ def daily_usage(session: Session, catalog: PlanCatalog, tenant: Tenant, now: int
     return days
 
 
-def load_page(session: Session, catalog: PlanCatalog, tenant_id: str, expires_at: int) -> PageData:
+def load_page(*, session: Session, catalog: PlanCatalog, tenant_id: str, expires_at: int) -> PageData:
     """The dashboard of ``tenant_id``: this period's usage and spend, the upcoming and past invoices."""
-    tenant = load_tenant(session, tenant_id)
+    tenant = load_tenant(session=session, tenant_id=tenant_id)
     plan = catalog.get(tenant.plan)
     now = clock.now_s()
     period = period_of(now)
-    used = period_usage(session, tenant.id, period)
+    used = period_usage(session=session, tenant_id=tenant.id, period=period)
     rows, _ = invoicing.list_invoices(session=session, tenant_id=tenant.id, limit=12, after=None)
     return PageData(
-        tenant=tenant, plan=plan, period=period, used=used, spent_cents=cents(usage_cost_micro(plan, used))[0],
-        upcoming=invoicing.preview(session, catalog, tenant.id, tenant.plan),
-        invoices=[invoicing.invoice_public(i, invoicing.lines_of(session, i.id)) for i in rows],
-        days=daily_usage(session, catalog, tenant, now), expires_at=expires_at, now=now,
+        tenant=tenant, plan=plan, period=period, used=used, spent_cents=micro_to_cents(usage_cost_micro(plan, used)),
+        upcoming=invoicing.preview(session=session, catalog=catalog, tenant_id=tenant.id, plan=tenant.plan),
+        invoices=[invoicing.invoice_public(i, invoicing.lines_of(session=session, invoice_id=i.id)) for i in rows],
+        days=daily_usage(session=session, catalog=catalog, tenant=tenant, now=now), expires_at=expires_at, now=now,
     )

@@ -12,8 +12,8 @@ from string import Template
 from typing import Any
 
 from modelmeter.gateway.dashboard import DayUsage, PageData
+from modelmeter.money import amount_text, cent_text, price_text
 
-_SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£"}
 _H, _LEFT, _BOTTOM, _TOP = 210, 58, 26, 12
 FULL, HALF = 1130, 540  # chart widths in CSS pixels at the page's full width: text keeps its size
 
@@ -21,13 +21,6 @@ FULL, HALF = 1130, 540  # chart widths in CSS pixels at the page's full width: t
 @cache
 def _template() -> Template:
     return Template((resources.files("modelmeter.gateway") / "static" / "dashboard.html").read_text("utf-8"))
-
-
-def money(cents: int, currency: str) -> str:
-    """Integer cents as ``$1,234.56`` (no float on the way)."""
-    whole, part = divmod(abs(cents), 100)
-    symbol = _SYMBOLS.get(currency, currency.upper() + " ")
-    return f"{'-' if cents < 0 else ''}{symbol}{whole:,}.{part:02d}"
 
 
 def compact(n: int) -> str:
@@ -105,12 +98,12 @@ def _card(label: str, value: str, sub: str, meter: str = "") -> str:
 def cards(data: PageData) -> str:
     """Upcoming invoice, spend against budget, tokens and requests against the plan's allowances."""
     cur, plan, budget = data.plan.currency, data.plan, data.tenant.monthly_budget_cents
-    spend_sub = f"of {money(budget, cur)} monthly budget" if budget is not None else "no budget set"
+    spend_sub = f"of {amount_text(budget, cur)} monthly budget" if budget is not None else "no budget set"
     tokens_sub = f"of {plan.included_tokens:,} included" if plan.included_tokens else "no allowance: all billed"
     requests_sub = f"of {plan.included_requests:,} included" if plan.included_requests else "no allowance: all billed"
     return "".join((
-        _card("Upcoming invoice", money(data.upcoming["total"], cur), f"{data.period} so far · {plan.name} plan"),
-        _card("Usage spend", money(data.spent_cents, cur), spend_sub, _meter(data.spent_cents, budget)),
+        _card("Upcoming invoice", amount_text(data.upcoming["total"], cur), f"{data.period} so far · {plan.name} plan"),
+        _card("Usage spend", amount_text(data.spent_cents, cur), spend_sub, _meter(data.spent_cents, budget)),
         _card("Tokens this period", f"{data.used.tokens:,}", tokens_sub,
               _meter(data.used.tokens, plan.included_tokens)),
         _card("Requests this period", f"{data.used.requests:,}", requests_sub,
@@ -125,12 +118,13 @@ def _lines_table(invoice: dict[str, Any]) -> str:
     cur = invoice["currency"]
     rows = "".join(
         f'<tr><td>{escape(x["description"])}</td><td class="num">{x["quantity"]:,}</td>'
-        f'<td class="num">{escape(x["unit_amount_decimal"])}¢</td><td class="num">{money(x["amount"], cur)}</td></tr>'
+        f'<td class="num">{escape(cent_text(x["unit_amount_decimal"]))}</td>'
+        f'<td class="num">{amount_text(x["amount"], cur)}</td></tr>'
         for x in lines
     )
     return (f'<table><tr><th>Line</th><th class="num">Qty</th><th class="num">Unit</th><th class="num">Amount</th>'
             f'</tr>{rows}<tr class="total"><td colspan="3">Total</td>'
-            f'<td class="num">{money(invoice["total"], cur)}</td></tr></table>')
+            f'<td class="num">{amount_text(invoice["total"], cur)}</td></tr></table>')
 
 
 def _invoices_table(invoices: list[dict[str, Any]]) -> str:
@@ -139,7 +133,7 @@ def _invoices_table(invoices: list[dict[str, Any]]) -> str:
     rows = "".join(
         f'<tr><td>{escape(i["period"])}</td><td>{escape(i["id"])}</td>'
         f'<td><span class="pill {"paid" if i["paid_at"] else ""}">{"paid" if i["paid_at"] else escape(i["status"])}'
-        f'</span></td><td class="num">{money(i["total"], i["currency"])}</td></tr>'
+        f'</span></td><td class="num">{amount_text(i["total"], i["currency"])}</td></tr>'
         for i in invoices
     )
     return f'<table><tr><th>Period</th><th>Invoice</th><th>Status</th><th class="num">Total</th></tr>{rows}</table>'
@@ -149,14 +143,14 @@ def plan_table(data: PageData) -> str:
     """The plan's fee, allowances, unit prices and the tenant's rate limits."""
     p, t = data.plan, data.tenant
     rows = (
-        ("Monthly fee", money(p.base_fee_cents, p.currency)),
+        ("Monthly fee", amount_text(p.base_fee_cents, p.currency)),
         ("Included tokens / requests", f"{p.included_tokens:,} / {p.included_requests:,}"),
-        ("Price per 1k tokens", f"{p.price_per_1k_tokens:f} {p.currency.upper()}"),
-        ("Price per request", f"{p.price_per_request:f} {p.currency.upper()}"),
-        ("Price per 1M training tokens", f"{p.price_per_1m_training_tokens:f} {p.currency.upper()}"),
+        ("Price per 1k tokens", f"{price_text(p.price_per_1k_tokens)} {p.currency.upper()}"),
+        ("Price per request", f"{price_text(p.price_per_request)} {p.currency.upper()}"),
+        ("Price per 1M training tokens", f"{price_text(p.price_per_1m_training_tokens)} {p.currency.upper()}"),
         ("Rate limits", f"{(t.rpm_limit or p.rpm_limit):,} requests/min · {(t.tpm_limit or p.tpm_limit):,} tokens/min"),
         ("When the allowance runs out", "requests are refused (hard limit)" if p.hard_limit else "usage is billed"),
-        ("Monthly budget", money(t.monthly_budget_cents, p.currency) if t.monthly_budget_cents is not None
+        ("Monthly budget", amount_text(t.monthly_budget_cents, p.currency) if t.monthly_budget_cents is not None
          else "none"),
     )
     cells = "".join(f"<div><dt>{escape(k)}</dt><dd>{escape(v)}</dd></div>" for k, v in rows)
@@ -174,7 +168,7 @@ def render(data: PageData) -> str:
         tokens_chart=bar_chart(data.days, lambda d: d.tokens, compact, color="#3b5bdb", name="Tokens per day"),
         requests_chart=bar_chart(data.days, lambda d: d.requests, compact, color="#0ca678", name="Requests per day",
                                  width=HALF),
-        cost_chart=bar_chart(data.days, lambda d: d.cost_cents, lambda c: money(c, cur), color="#f08c00",
+        cost_chart=bar_chart(data.days, lambda d: d.cost_cents, lambda c: amount_text(c, cur), color="#f08c00",
                              name="Usage charges per day", width=HALF),
         plan=plan_table(data),
         upcoming=_lines_table(data.upcoming), invoices=_invoices_table(data.invoices),

@@ -15,10 +15,10 @@ from modelmeter.gateway.auth import (
     Principal,
     admin_token_matches,
     parse_bearer,
-    well_formed,
 )
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
+from modelmeter.tenancy.keys import well_formed
 
 
 async def get_services(request: Request) -> Services:

@@ -11,8 +11,9 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter import clock
-from modelmeter.billing.limits import Amount, RateDecision, rate_headers
 from modelmeter.billing.metering import Hold, UsageRecord
+from modelmeter.billing.quota import Amount
+from modelmeter.billing.ratelimit import RateDecision
 from modelmeter.errors import (
     ClientDisconnectedError,
     InsufficientQuotaError,
@@ -23,6 +24,7 @@ from modelmeter.errors import (
     ServiceUnavailableError,
 )
 from modelmeter.gateway.auth import Principal
+from modelmeter.gateway.ratelimit_headers import rate_headers
 from modelmeter.gateway.services import Services
 from modelmeter.models.backends import BertBackend, Encoded, InputTooLong, Result
 from modelmeter.models.batching import Batcher, QueueFull, Submission

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import redis.asyncio as redis
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.limits import QuotaStore, RateLimiter
 from modelmeter.billing.metering import LedgerWriter, Meter
-from modelmeter.billing.stripe_sync import StripeRelay
+from modelmeter.billing.quota import InProcessQuotaStore, QuotaStore, RedisQuotaStore
+from modelmeter.billing.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
+from modelmeter.billing.stripe.relay import StripeRelay
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.models.registry import ModelCache
 from modelmeter.models.serving import ModelServer
@@ -36,3 +38,13 @@ class Services:
     meter: Meter
     telemetry: Telemetry = field(default_factory=Telemetry)
     stripe: StripeRelay | None = None  # set when a Stripe key is configured
+
+
+def make_limiters(redis_url: str | None) -> tuple[RateLimiter, QuotaStore]:
+    """The rate limiter and quota store for this deployment: in-process without ``redis_url``, else Redis-backed
+    (each with its own client, closed by its ``aclose``)."""
+    if not redis_url:
+        return InProcessRateLimiter(), InProcessQuotaStore()
+    limiter = RedisRateLimiter(redis.from_url(redis_url, decode_responses=True), owns_client=True)
+    quotas = RedisQuotaStore(redis.from_url(redis_url, decode_responses=True), owns_client=True)
+    return limiter, quotas

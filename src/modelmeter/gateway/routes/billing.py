@@ -11,10 +11,10 @@ from modelmeter.billing import invoicing
 from modelmeter.billing.metering import period_bounds, period_of, period_usage
 from modelmeter.billing.pricing import usage_cost_micro
 from modelmeter.billing.tables import Invoice
-from modelmeter.billing.usage import cents
 from modelmeter.errors import NotFoundError
 from modelmeter.gateway.deps import BillingPrincipal, ListDep, ServicesDep, SessionDep, list_body
-from modelmeter.gateway.tenants import get_tenant
+from modelmeter.money import cents_text, micro_to_cents
+from modelmeter.tenancy.tenants import get_tenant
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
 
@@ -25,8 +25,9 @@ def subscription(principal: BillingPrincipal, services: ServicesDep, session: Se
     plan = services.plans.get(tenant.plan)
     period = period_of(clock.now_s())
     start, end = period_bounds(period)
-    used = period_usage(session, tenant.id, period)
-    spent_cents, spent_exact = cents(usage_cost_micro(plan, used))
+    used = period_usage(session=session, tenant_id=tenant.id, period=period)
+    spent_micro = usage_cost_micro(plan, used)
+    spent_cents, spent_exact = micro_to_cents(spent_micro), cents_text(spent_micro)
     budget = tenant.monthly_budget_cents
     return {
         "object": "subscription", "tenant_id": tenant.id, "plan": plan.model_dump(mode="json"),
@@ -45,14 +46,15 @@ def subscription(principal: BillingPrincipal, services: ServicesDep, session: Se
 def upcoming(principal: BillingPrincipal, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
     """The running period's invoice as it stands now (status ``draft``)."""
     tenant = get_tenant(session=session, tenant_id=principal.tenant_id)
-    return invoicing.preview(session, services.plans, tenant.id, tenant.plan)
+    return invoicing.preview(session=session, catalog=services.plans, tenant_id=tenant.id, plan=tenant.plan)
 
 
 @router.get("/invoices")
 def invoices(principal: BillingPrincipal, session: SessionDep, page: ListDep) -> dict[str, Any]:
     rows, has_more = invoicing.list_invoices(session=session, tenant_id=principal.tenant_id, limit=page.limit,
                                              after=page.after)
-    return list_body([invoicing.invoice_public(i, invoicing.lines_of(session, i.id)) for i in rows], has_more)
+    invoices = [invoicing.invoice_public(i, invoicing.lines_of(session=session, invoice_id=i.id)) for i in rows]
+    return list_body(invoices, has_more)
 
 
 @router.get("/invoices/{invoice_id}")
@@ -60,4 +62,4 @@ def invoice(invoice_id: str, principal: BillingPrincipal, session: SessionDep) -
     row = session.get(Invoice, invoice_id)
     if row is None or row.tenant_id != principal.tenant_id:
         raise NotFoundError(f"No such invoice: '{invoice_id}'.", code="invoice_not_found", param="invoice_id")
-    return invoicing.invoice_public(row, invoicing.lines_of(session, row.id))
+    return invoicing.invoice_public(row, invoicing.lines_of(session=session, invoice_id=row.id))

@@ -35,5 +35,5 @@ async def create_link(principal: BillingPrincipal, services: ServicesDep, reques
 def dashboard(services: ServicesDep, session: SessionDep, token: str = "") -> HTMLResponse:
     """The tenant's usage over time, spend against budget and plan, the upcoming and past invoices."""
     tenant_id, expires_at = verify_token(services.settings, token)
-    page = render(load_page(session, services.plans, tenant_id, expires_at))
+    page = render(load_page(session=session, catalog=services.plans, tenant_id=tenant_id, expires_at=expires_at))
     return HTMLResponse(page, headers=_PAGE_HEADERS)

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from modelmeter import clock
-from modelmeter.errors import ConflictError, InvalidRequestError, PayloadTooLargeError
+from modelmeter.errors import InvalidRequestError, PayloadTooLargeError
 from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep, list_body
-from modelmeter.ids import new_id
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import DatasetError, ParsedDataset, parse_dataset
-from modelmeter.models.finetune.tables import TenantFile
+from modelmeter.ops import files
 from modelmeter.settings import Settings
 
 router = APIRouter(tags=["files"])
@@ -30,13 +25,6 @@ def _parse(settings: Settings, data: bytes, filename: str) -> ParsedDataset:
     except DatasetError as exc:
         raise InvalidRequestError(f"Invalid training file '{filename}': {exc}", code="invalid_file",
                                   param="file") from exc
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 @router.post("/v1/files")
@@ -55,26 +43,9 @@ async def upload_file(
     data = await file.read()
     filename = Path(file.filename or "upload.jsonl").name[:255]
     parsed = await run_in_threadpool(_parse, settings, data, filename)
-    return await run_in_threadpool(_store, services.sessions, settings, principal.tenant_id, filename, data, parsed)
-
-
-def _store(sessions: Any, settings: Settings, tenant_id: str, filename: str, data: bytes,
-           parsed: ParsedDataset) -> dict[str, Any]:
-    file_id = new_id("file")
-    relative = Path("files") / tenant_id / file_id
-    _write_atomically(settings.data_dir / relative, data)
-    row = TenantFile(
-        id=file_id, tenant_id=tenant_id, filename=filename, purpose="fine-tune", bytes=len(data),
-        format=Path(filename).suffix.lstrip(".").lower()[:8] or "jsonl", rows=len(parsed.examples),
-        labels_json=json.dumps(parsed.labels), path=str(relative), created_at=clock.now_s(),
-    )
-    try:
-        with sessions() as session:
-            session.add(row)
-            session.commit()
-    except BaseException:
-        (settings.data_dir / relative).unlink(missing_ok=True)  # nothing half-written is left behind
-        raise
+    row = await run_in_threadpool(
+        lambda: files.store_file(sessions=services.sessions, data_dir=settings.data_dir,
+                                 tenant_id=principal.tenant_id, filename=filename, data=data, parsed=parsed))
     return jobs.file_public(row)
 
 
@@ -94,15 +65,8 @@ def get_file(file_id: str, principal: FineTunePrincipal, session: SessionDep) ->
 
 
 @router.delete("/v1/files/{file_id}")
-def delete_file(
-    file_id: str, principal: FineTunePrincipal, session: SessionDep, services: ServicesDep
-) -> dict[str, Any]:
+def delete_file(file_id: str, principal: FineTunePrincipal, services: ServicesDep) -> dict[str, Any]:
     """Delete a file not used by an active job (409 otherwise)."""
-    row = jobs.get_file(session=session, tenant_id=principal.tenant_id, file_id=file_id)
-    if jobs.file_in_use(session=session, file_id=file_id):
-        raise ConflictError("The file is used by an active fine-tuning job.", code="file_in_use", param="file_id")
-    session.delete(row)
-    session.commit()
-    with contextlib.suppress(FileNotFoundError):
-        (services.settings.data_dir / row.path).unlink()
+    files.delete_file(sessions=services.sessions, data_dir=services.settings.data_dir,
+                      tenant_id=principal.tenant_id, file_id=file_id)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -5,20 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from sqlalchemy import update
-from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
-from modelmeter import clock
-from modelmeter.billing.limits import Amount
-from modelmeter.billing.metering import as_amount, check_training_quota, period_of, period_usage
+from modelmeter.billing.metering import period_of
+from modelmeter.billing.quota import Amount
 from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep, list_body
-from modelmeter.gateway.services import Services
-from modelmeter.gateway.tenants import Tenant
 from modelmeter.models.finetune import jobs
-from modelmeter.models.finetune.dataset import parse_dataset
-from modelmeter.models.finetune.train import estimate_training_tokens
-from modelmeter.models.registry import artifact_path
+from modelmeter.ops import jobs as ops_jobs
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
 
@@ -28,40 +21,16 @@ async def create_job(data: jobs.JobCreate, principal: FineTunePrincipal, service
     """Validate the files, check the training quota and budget, and queue a job; the worker picks it up."""
     visible = await services.models.visible(principal.tenant_id)
     bases = {m.id: m for m in visible if m.owner_tenant_id is None and m.task == "feature-extraction"}
-    job = await run_in_threadpool(_create_job, services, principal.tenant_id, data, bases)
+    settings = services.settings
+    created = await run_in_threadpool(
+        lambda: ops_jobs.create_job(sessions=services.sessions, catalog=services.plans, data_dir=settings.data_dir,
+                                    max_active=settings.max_active_jobs_per_tenant, tenant_id=principal.tenant_id,
+                                    data=data, bases=bases))
     # The job's training tokens count against the quota and budget from now on (the estimate is an upper bound;
     # the worker's ledger row has the exact figure, which the counters start from next period or restart).
-    await services.quota.add_committed(principal.tenant_id, period_of(job["created_at"]),
-                                       Amount(training_tokens=job["_estimate"]))
-    job.pop("_estimate")
-    return job
-
-
-def _create_job(services: Services, tenant_id: str, data: jobs.JobCreate, bases: dict[str, Any]) -> dict[str, Any]:
-    with services.sessions() as session:
-        training = jobs.validate_job(session=session, tenant_id=tenant_id, data=data, base_models=list(bases))
-    estimate = _estimate(services, training, bases[data.model].artifact, jobs.n_epochs_of(data))
-    with services.sessions() as session:
-        # Serialise job creation per tenant so the active-job limit and the training quota hold under concurrency:
-        # a write first takes the row lock on PostgreSQL and the database's write lock on SQLite.
-        session.execute(update(Tenant).where(col(Tenant.id) == tenant_id).values(updated=col(Tenant.updated)))
-        tenant = session.exec(select(Tenant).where(Tenant.id == tenant_id)).one()
-        used = as_amount(period_usage(session, tenant_id, period_of(clock.now_s())))
-        pending = jobs.active_estimates(session=session, tenant_id=tenant_id)
-        check_training_quota(plan=services.plans.get(tenant.plan), budget_cents=tenant.monthly_budget_cents,
-                             used=used + Amount(training_tokens=pending), training_tokens=estimate)
-        job = jobs.create_job(session=session, tenant_id=tenant_id, data=data, base_models=list(bases),
-                              max_active=services.settings.max_active_jobs_per_tenant, estimated_tokens=estimate)
-        session.commit()
-        return {**jobs.job_public(job), "_estimate": estimate}
-
-
-def _estimate(services: Services, training: Any, artifact: str, n_epochs: int) -> int:
-    data_dir = services.settings.data_dir
-    parsed = parse_dataset((data_dir / training.path).read_bytes(), filename=training.filename, max_rows=10**9,
-                           max_text_chars=10**9, max_labels=10**6)
-    texts = [example.text for example in parsed.examples]
-    return estimate_training_tokens(artifact_path(artifact, data_dir), texts, n_epochs)
+    await services.quota.add_committed(principal.tenant_id, period_of(created.job.created_at),
+                                       Amount(training_tokens=created.estimated_tokens))
+    return jobs.job_public(created.job)
 
 
 @router.get("/jobs")
@@ -84,9 +53,7 @@ def get_events(job_id: str, principal: FineTunePrincipal, session: SessionDep, p
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job(job_id: str, principal: FineTunePrincipal, session: SessionDep) -> dict[str, Any]:
+def cancel_job(job_id: str, principal: FineTunePrincipal, services: ServicesDep) -> dict[str, Any]:
     """Cancel a job that has not finished (409 otherwise); a running job stops within seconds."""
-    job = jobs.cancel_job(session=session, job=jobs.get_job(session=session, tenant_id=principal.tenant_id,
-                                                             job_id=job_id))
-    session.commit()
-    return jobs.job_public(job)
+    return jobs.job_public(ops_jobs.cancel_job(sessions=services.sessions, tenant_id=principal.tenant_id,
+                                               job_id=job_id))

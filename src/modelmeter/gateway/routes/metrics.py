@@ -1,17 +1,23 @@
 """``GET /metrics``: the Prometheus exposition (no auth: keep it off the public ingress), and the wiring of the
-scrape-time collectors onto the app's :class:`~modelmeter.telemetry.Telemetry`."""
+scrape-time database collectors (:mod:`modelmeter.gateway.collectors`) onto the app's
+:class:`~modelmeter.telemetry.Telemetry`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from modelmeter.billing.economics import compute_prices
+from modelmeter.gateway.collectors import DatabaseCollector
 from modelmeter.gateway.deps import ServicesDep
-from modelmeter.gateway.economics import compute_prices, tenant_refs
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
-from modelmeter.telemetry import DatabaseCollector, Telemetry, multiprocess_dir_from_env
+from modelmeter.telemetry import Telemetry, multiprocess_dir_from_env
+from modelmeter.tenancy.tenants import Tenant, all_tenants
 
 router = APIRouter(tags=["metrics"])
 
@@ -27,9 +33,13 @@ def instrument(services: Services) -> None:
     settings = services.settings
     services.telemetry.watch(services.server)
     services.telemetry.add_scrape_collector(DatabaseCollector(
-        sessions=services.sessions, catalog=services.plans, prices=compute_prices(settings), tenants=tenant_refs,
+        sessions=services.sessions, catalog=services.plans, prices=compute_prices(settings), tenants=_tenants,
         max_tenants=settings.metrics_max_tenants, ttl_s=settings.metrics_db_ttl_s,
     ))
+
+
+def _tenants(session: Session) -> Sequence[Tenant]:
+    return all_tenants(session=session)
 
 
 @router.get("/metrics", include_in_schema=False)

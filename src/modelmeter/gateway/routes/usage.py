@@ -28,5 +28,6 @@ def get_usage(
     """Requests, tokens, training tokens and cost per bucket (buckets align to UTC hours or days)."""
     query = UsageQuery(start_time, end_time if end_time is not None else clock.now_s() + 1, bucket_width,
                        group_by).check()
-    buckets = usage_buckets(session, services.plans, principal.tenant_id, query, principal.plan)
+    buckets = usage_buckets(session=session, catalog=services.plans, tenant_id=principal.tenant_id, q=query,
+                            current_plan=principal.plan)
     return list_body(buckets, False)

@@ -7,14 +7,12 @@ from typing import Any
 
 import stripe
 from fastapi import APIRouter, Request
-from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter import clock
-from modelmeter.billing import stripe_sync
+from modelmeter.billing.stripe.webhooks import apply_event, verify_event
 from modelmeter.errors import MalformedRequestError, ServiceUnavailableError
 from modelmeter.gateway.deps import ServicesDep
-from modelmeter.gateway.services import Services
 
 router = APIRouter(tags=["webhooks"])
 
@@ -29,7 +27,8 @@ async def stripe_webhook(request: Request, services: ServicesDep) -> dict[str, A
         raise ServiceUnavailableError("Stripe webhooks are not configured (MODELMETER_STRIPE_WEBHOOK_SECRET).",
                                       code="webhooks_not_configured")
     event = _verified(await request.body(), request.headers.get("stripe-signature"), secret)
-    result = await run_in_threadpool(_apply, services, event)
+    result = await run_in_threadpool(lambda: apply_event(sessions=services.sessions, event=event, now=clock.now_s(),
+                                                         grace_s=services.settings.past_due_grace_s))
     if result.tenant_id is not None:
         tenant_id = result.tenant_id
         services.auth.invalidate(lambda p: p.tenant_id == tenant_id)
@@ -38,7 +37,7 @@ async def stripe_webhook(request: Request, services: ServicesDep) -> dict[str, A
 
 def _verified(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
     try:
-        return stripe_sync.verify_event(payload, signature, secret, tolerance=SIGNATURE_TOLERANCE_S)
+        return verify_event(payload, signature, secret, tolerance=SIGNATURE_TOLERANCE_S)
     except stripe.SignatureVerificationError:
         raise MalformedRequestError("The Stripe-Signature header is missing, wrong or too old.",
                                     code="invalid_signature", param="Stripe-Signature") from None
@@ -46,13 +45,3 @@ def _verified(payload: bytes, signature: str | None, secret: str) -> dict[str, A
         raise MalformedRequestError("The body is not a Stripe event.") from None
 
 
-def _apply(services: Services, event: dict[str, Any]) -> stripe_sync.EventResult:
-    with services.sessions() as session:
-        try:
-            result = stripe_sync.handle_event(session=session, event=event, now=clock.now_s(),
-                                              grace_s=services.settings.past_due_grace_s)
-            session.commit()
-        except IntegrityError:  # the same event, delivered twice at once: the other delivery applied it
-            session.rollback()
-            return stripe_sync.EventResult("duplicate")
-        return result

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,9 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
 
 from modelmeter.models.finetune import recipes
+from modelmeter.models.finetune.batches import length_bucketed_batches
 from modelmeter.models.finetune.dataset import Example
+from modelmeter.models.finetune.metrics import Metrics, classification_metrics
 from modelmeter.models.finetune.recipes import LoraTraining, TrainingType
 
 DEFAULT_N_EPOCHS = 3
@@ -39,9 +41,6 @@ WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 EVAL_BATCH_SIZE = 64
-# Batches per length-sorted pool: large enough that rows in a batch have similar lengths, small enough
-# that the order stays well shuffled.
-POOL_BATCHES = 50
 
 
 @dataclass
@@ -72,20 +71,6 @@ class Progress:
     loss: float
     examples_per_s: float
     eta_s: float
-
-
-class LabelMetrics(TypedDict):
-    precision: float
-    recall: float
-    f1: float
-    support: int
-
-
-class Metrics(TypedDict):
-    accuracy: float
-    macro_f1: float
-    per_label: dict[str, LabelMetrics]
-    n_validation: int
 
 
 @dataclass
@@ -253,19 +238,6 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """One epoch of batches of row indices: shuffled, length-sorted within pools, in shuffled order."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    pool = batch_size * POOL_BATCHES
-    batches: list[list[int]] = []
-    for start in range(0, len(order), pool):
-        chunk = sorted(order[start : start + pool], key=lengths.__getitem__)
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
-
-
 def _collate(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -314,7 +286,8 @@ class _Trainer:
         """Train for ``n_epochs``; return the seconds spent in the loop."""
         n_epochs = self.hparams.n_epochs
         total = n_epochs * math.ceil(len(encoded) / self.hparams.batch_size)
-        scheduler = get_linear_schedule_with_warmup(self.optimizer, round(total * WARMUP_FRACTION), total)
+        scheduler = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]  # transformers is untyped
+            self.optimizer, round(total * WARMUP_FRACTION), total)
         meter = _Meter(total_steps=total, n_epochs=n_epochs, every=progress_every, callback=on_progress)
         lengths = [len(row) for row in encoded]
         self.model.train()
@@ -334,7 +307,7 @@ class _Trainer:
         with _autocast(self.device):
             logits = self.model(**inputs).logits
         loss = F.cross_entropy(logits.float(), gold)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # torch types backward() loosely
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
         self.scaler.step(self.optimizer)
@@ -451,31 +424,6 @@ def _predict(
     finally:
         model.train(was_training)
     return predicted
-
-
-def classification_metrics(gold: list[int], predicted: list[int], labels: list[str]) -> Metrics:
-    """Accuracy, macro F1 and per-label scores from class ids; 0 wherever a ratio is undefined."""
-    per_label = {label: _label_metrics(gold, predicted, i) for i, label in enumerate(labels)}
-    correct = sum(g == p for g, p in zip(gold, predicted, strict=True))
-    return Metrics(
-        accuracy=_ratio(correct, len(gold)),
-        macro_f1=sum(m["f1"] for m in per_label.values()) / len(labels) if labels else 0.0,
-        per_label=per_label,
-        n_validation=len(gold),
-    )
-
-
-def _label_metrics(gold: list[int], predicted: list[int], label_id: int) -> LabelMetrics:
-    true_pos = sum(g == p == label_id for g, p in zip(gold, predicted, strict=True))
-    n_predicted = predicted.count(label_id)
-    support = gold.count(label_id)
-    precision, recall = _ratio(true_pos, n_predicted), _ratio(true_pos, support)
-    f1 = _ratio(2 * precision * recall, precision + recall)
-    return LabelMetrics(precision=precision, recall=recall, f1=f1, support=support)
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator else 0.0
 
 
 def _save_atomically(write: Callable[[Path], None], output_dir: Path) -> None:

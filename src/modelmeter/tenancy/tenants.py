@@ -1,4 +1,8 @@
-"""Tenant and API-key tables, their public shapes, and the queries on them."""
+"""The tenant table, its public shapes, and the queries on it (the one definition of the table).
+
+A tenant row carries its billing account (plan, billing status, Stripe ids, budget): billing reads and writes
+those columns through this model; the side effects of opening an account or changing a plan are billing's
+(:mod:`modelmeter.billing.accounts`)."""
 
 from __future__ import annotations
 
@@ -6,19 +10,15 @@ from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import StringConstraints
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel import Field, Session, SQLModel, col, select, update
 from sqlmodel._compat import SQLModelConfig
 
 from modelmeter import clock
-from modelmeter.billing import stripe_sync
-from modelmeter.billing.invoicing import record_plan_change
 from modelmeter.errors import NotFoundError
 from modelmeter.ids import new_id
 
 TenantStatus = Literal["active", "suspended"]
 BillingStatus = Literal["ok", "past_due"]
-Scope = Literal["inference", "fine-tune", "billing:read"]
-ALL_SCOPES: tuple[str, ...] = ("inference", "fine-tune", "billing:read")
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Email = Annotated[
@@ -90,12 +90,11 @@ class TenantPublic(TenantBase):
 
 
 def create_tenant(*, session: Session, data: TenantCreate) -> Tenant:
+    """Insert the tenant row (flushed, not committed); the billing account is opened by the caller."""
     now = clock.now_s()
     tenant = Tenant(id=new_id("ten"), name=data.name, email=data.email, plan=data.plan, created=now, updated=now)
     session.add(tenant)
     session.flush()
-    stripe_sync.enqueue_customer(session=session, tenant_id=tenant.id, email=tenant.email, name=tenant.name)
-    record_plan_change(session=session, tenant_id=tenant.id, plan=tenant.plan, at=now)
     return tenant
 
 
@@ -107,11 +106,11 @@ def get_tenant(*, session: Session, tenant_id: str) -> Tenant:
 
 
 def update_tenant(*, session: Session, tenant: Tenant, data: TenantUpdate) -> Tenant:
+    """Apply ``data`` to the row (flushed, not committed). A plan change is recorded by billing's caller."""
     changes = data.model_dump(exclude_unset=True)
     now = clock.now_s()
     if "plan" in changes and changes["plan"] != tenant.plan:
         tenant.plan_changed_at = now
-        record_plan_change(session=session, tenant_id=tenant.id, plan=changes["plan"], at=now)
     if changes.get("billing_status") == "ok":
         tenant.past_due_since = None
     if "status" in changes:
@@ -124,106 +123,22 @@ def update_tenant(*, session: Session, tenant: Tenant, data: TenantUpdate) -> Te
     return tenant
 
 
+def all_tenants(*, session: Session) -> Sequence[Tenant]:
+    """Every tenant (billing's period close and economics walk them all)."""
+    return session.exec(select(Tenant).order_by(col(Tenant.id))).all()
+
+
+def lock_tenant(*, session: Session, tenant_id: str) -> None:
+    """Serialise writers on one tenant until the transaction ends (a row lock on PostgreSQL, a write on SQLite)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.exec(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    else:
+        session.exec(update(Tenant).where(col(Tenant.id) == tenant_id).values(updated=col(Tenant.updated)))
+
+
 def list_tenants(*, session: Session, limit: int, after: str | None) -> tuple[Sequence[Tenant], bool]:
     query = select(Tenant).order_by(col(Tenant.id).desc())
     if after:
         query = query.where(col(Tenant.id) < after)
-    rows = session.exec(query.limit(limit + 1)).all()
-    return rows[:limit], len(rows) > limit
-
-
-# --- API keys ------------------------------------------------------------------------------------
-
-
-class ApiKeyCreate(SQLModel):
-    model_config = FORBID
-    name: Name = "default"
-    scopes: list[Scope] | None = None
-    expires_at: Annotated[int, Field(gt=0)] | None = None
-
-
-class ApiKeyRoll(SQLModel):
-    model_config = FORBID
-    grace_period_seconds: Annotated[int, Field(ge=0, le=30 * 24 * 3600)] | None = None
-
-
-class ApiKey(SQLModel, table=True):
-    __tablename__ = "api_key"
-
-    id: str = Field(primary_key=True, max_length=40)
-    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
-    name: str = Field(max_length=200)
-    prefix: str = Field(max_length=16)
-    last4: str = Field(max_length=4)
-    key_hash: str = Field(unique=True, max_length=64)
-    scopes: str = Field(max_length=200)
-    created: int
-    expires_at: int | None = None
-    revoked_at: int | None = None
-    last_used_at: int | None = None
-    rolled_to: str | None = Field(default=None, max_length=40)
-
-    @property
-    def scope_list(self) -> list[str]:
-        return [s for s in self.scopes.split(",") if s]
-
-    def status_at(self, now: int) -> str:
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at is not None and self.expires_at <= now:
-            return "expired"
-        return "active"
-
-
-class ApiKeyPublic(SQLModel):
-    id: str
-    object: Literal["api_key"] = "api_key"
-    tenant_id: str
-    name: str
-    prefix: str
-    last4: str
-    scopes: list[str]
-    status: str
-    created: int
-    expires_at: int | None
-    revoked_at: int | None
-    last_used_at: int | None
-    rolled_to: str | None
-
-    @classmethod
-    def of(cls, key: ApiKey, *, now: int) -> ApiKeyPublic:
-        return cls(
-            id=key.id,
-            tenant_id=key.tenant_id,
-            name=key.name,
-            prefix=key.prefix,
-            last4=key.last4,
-            scopes=key.scope_list,
-            status=key.status_at(now),
-            created=key.created,
-            expires_at=key.expires_at,
-            revoked_at=key.revoked_at,
-            last_used_at=key.last_used_at,
-            rolled_to=key.rolled_to,
-        )
-
-
-class ApiKeyCreated(ApiKeyPublic):
-    """The only shape that carries the secret: returned once, at creation or roll."""
-
-    key: str
-
-
-def get_key(*, session: Session, key_id: str) -> ApiKey:
-    key = session.get(ApiKey, key_id)
-    if key is None:
-        raise NotFoundError(f"No API key with id '{key_id}'.", param="id")
-    return key
-
-
-def list_keys(*, session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[Sequence[ApiKey], bool]:
-    query = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(col(ApiKey.id).desc())
-    if after:
-        query = query.where(col(ApiKey.id) < after)
     rows = session.exec(query.limit(limit + 1)).all()
     return rows[:limit], len(rows) > limit

@@ -13,12 +13,12 @@ from sqlmodel import Session
 
 from modelmeter import clock, db
 from modelmeter.billing.metering import UsageRecord, record_usage
-from modelmeter.gateway.tenants import Tenant
 from modelmeter.models.backends import resolve_device
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.models.finetune.train import TrainResult
 from modelmeter.models.finetune.worker import Worker, WorkerConfig
 from modelmeter.settings import Settings
+from modelmeter.tenancy.tenants import Tenant
 
 
 def meter_training(session: Session, job: FineTuningJob, result: TrainResult, device: str) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from modelmeter.cli.main import main
+
+sys.exit(main())

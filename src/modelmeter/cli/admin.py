@@ -1,0 +1,266 @@
+"""Operator verbs that mirror the admin API: each calls the same service function as its route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from modelmeter import clock
+from modelmeter.cli.output import admin_services, dump, emit, fail, json_option, load_services
+from modelmeter.errors import ModelMeterError
+from modelmeter.money import amount_text, cent_text
+from modelmeter.ops import tenants as ops
+from modelmeter.settings import Settings
+from modelmeter.tenancy.keys import ALL_SCOPES, ApiKeyCreate, ApiKeyPublic
+from modelmeter.tenancy.tenants import TenantCreate, TenantPublic, TenantUpdate
+
+
+@click.group()
+def tenant() -> None:
+    """Create, list, show and update tenants."""
+
+
+def _tenant_line(t: dict[str, Any]) -> str:
+    return f"{t['id']}  {t['name']:<24} {t['email']:<28} plan={t['plan']:<6} status={t['status']}"
+
+
+@tenant.command("create")
+@click.option("--name", required=True)
+@click.option("--email", required=True)
+@click.option("--plan", default="free", show_default=True)
+@json_option
+def tenant_create(name: str, email: str, plan: str, as_json: bool) -> None:
+    try:
+        with admin_services() as services:
+            data = TenantCreate(name=name, email=email, plan=plan)
+            tenant = ops.create_tenant(sessions=services.sessions, catalog=services.plans, data=data)
+            payload = dump(TenantPublic.model_validate(tenant))
+    except (ModelMeterError, ValidationError) as exc:
+        fail(exc)
+    emit(as_json, payload, lambda t: f"created {_tenant_line(t)}")
+
+
+@tenant.command("list")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@json_option
+def tenant_list(limit: int, as_json: bool) -> None:
+    with admin_services() as services:
+        rows, has_more = ops.list_tenants(sessions=services.sessions, limit=limit, after=None)
+        data = [dump(TenantPublic.model_validate(t)) for t in rows]
+    emit(as_json, {"object": "list", "data": data, "has_more": has_more},
+          lambda p: "\n".join(_tenant_line(t) for t in p["data"]) or "no tenants")
+
+
+@tenant.command("show")
+@click.argument("tenant_id")
+@json_option
+def tenant_show(tenant_id: str, as_json: bool) -> None:
+    try:
+        with admin_services() as services:
+            payload = dump(TenantPublic.model_validate(ops.get_tenant(sessions=services.sessions,
+                                                                       tenant_id=tenant_id)))
+    except ModelMeterError as exc:
+        fail(exc)
+    emit(as_json, payload, lambda t: "\n".join(f"{k:>22}: {v}" for k, v in t.items()))
+
+
+@tenant.command("update")
+@click.argument("tenant_id")
+@click.option("--plan")
+@click.option("--status", type=click.Choice(["active", "suspended"]))
+@click.option("--rpm-limit", type=int)
+@click.option("--tpm-limit", type=int)
+@click.option("--monthly-budget-cents", type=int)
+@json_option
+def tenant_update(tenant_id: str, as_json: bool, **fields: Any) -> None:
+    try:
+        with admin_services() as services:
+            data = TenantUpdate(**{k: v for k, v in fields.items() if v is not None})
+            row = ops.update_tenant(sessions=services.sessions, catalog=services.plans, tenant_id=tenant_id,
+                                    data=data)
+            payload = dump(TenantPublic.model_validate(row))
+    except (ModelMeterError, ValidationError) as exc:
+        fail(exc)
+    emit(as_json, payload, lambda t: f"updated {_tenant_line(t)}")
+
+
+@click.group()
+def key() -> None:
+    """Create, list, revoke and roll tenant API keys."""
+
+
+def _key_line(k: dict[str, Any]) -> str:
+    return f"{k['id']}  {k['prefix']}…{k['last4']}  {k['name']:<16} {','.join(k['scopes']):<32} {k['status']}"
+
+
+@key.command("create")
+@click.argument("tenant_id")
+@click.option("--name", default="default", show_default=True)
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(ALL_SCOPES), help="Repeatable; default all.")
+@click.option("--expires-at", type=int, help="Unix seconds.")
+@json_option
+def key_create(tenant_id: str, name: str, scopes: tuple[str, ...], expires_at: int | None, as_json: bool) -> None:
+    try:
+        with admin_services() as services:
+            data = ApiKeyCreate(name=name, scopes=list(scopes) or None, expires_at=expires_at)  # type: ignore[arg-type]
+            row, plaintext = ops.issue_key(sessions=services.sessions, tenant_id=tenant_id, data=data)
+            payload = {**dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
+    except (ModelMeterError, ValidationError) as exc:
+        fail(exc)
+    emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k['key']}")
+
+
+@key.command("list")
+@click.argument("tenant_id")
+@json_option
+def key_list(tenant_id: str, as_json: bool) -> None:
+    try:
+        with admin_services() as services:
+            rows, has_more = ops.list_keys(sessions=services.sessions, tenant_id=tenant_id, limit=1000, after=None)
+            data = [dump(ApiKeyPublic.of(k, now=clock.now_s())) for k in rows]
+    except ModelMeterError as exc:
+        fail(exc)
+    emit(as_json, {"object": "list", "data": data, "has_more": has_more},
+          lambda p: "\n".join(_key_line(k) for k in p["data"]) or "no keys")
+
+
+@key.command("revoke")
+@click.argument("key_id")
+@json_option
+def key_revoke(key_id: str, as_json: bool) -> None:
+    try:
+        with admin_services() as services:
+            row = ops.revoke_key(sessions=services.sessions, key_id=key_id)
+            payload = dump(ApiKeyPublic.of(row, now=clock.now_s()))
+    except ModelMeterError as exc:
+        fail(exc)
+    emit(as_json, payload, lambda k: f"revoked {_key_line(k)}")
+
+
+@key.command("roll")
+@click.argument("key_id")
+@click.option("--grace", "grace_s", type=click.IntRange(0, 30 * 24 * 3600), help="Seconds the old key keeps working.")
+@json_option
+def key_roll(key_id: str, grace_s: int | None, as_json: bool) -> None:
+    try:
+        with admin_services() as services:
+            grace = services.settings.default_key_grace_s if grace_s is None else grace_s
+            row, plaintext = ops.roll_key(sessions=services.sessions, key_id=key_id, grace_s=grace)
+            payload = {**dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
+    except ModelMeterError as exc:
+        fail(exc)
+    emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k['key']}")
+
+
+@click.command()
+@json_option
+def plans(as_json: bool) -> None:
+    """Show the plan catalog."""
+    from modelmeter.billing.catalog import PlanCatalog
+
+    catalog = PlanCatalog.load(Settings().plans_file)
+    data = [p.model_dump(mode="json") for p in catalog.all()]
+
+    def human(payload: dict[str, Any]) -> str:
+        return "\n".join(
+            f"{p['id']:<6} {p['name']:<16} fee={cent_text(p['base_fee_cents'])} incl_tokens={p['included_tokens']} "
+            f"per_1k={p['price_per_1k_tokens']} per_req={p['price_per_request']} rpm={p['rpm_limit']} "
+            f"tpm={p['tpm_limit']} hard_limit={p['hard_limit']}"
+            for p in payload["data"]
+        )
+
+    emit(as_json, {"object": "list", "data": data, "has_more": False}, human)
+
+
+@click.group()
+def billing() -> None:
+    """Billing operations."""
+
+
+@billing.command("close")
+@click.option("--period", required=True, help="The finished month to close, YYYY-MM (UTC).")
+@json_option
+def billing_close(period: str, as_json: bool) -> None:
+    """Close a finished month into one invoice per tenant (running it again changes nothing)."""
+    from modelmeter.billing.invoicing import close_period
+
+    try:
+        with admin_services() as services:
+            result = close_period(sessions=services.sessions, catalog=services.plans, period=period)
+    except ModelMeterError as exc:
+        fail(exc)
+    emit(as_json, result.public(), lambda r: (
+        f"period {r['period']} already closed ({r['invoices']} invoices)" if r["already_closed"]
+        else f"closed {r['period']}: {r['invoices']} invoices"))
+
+
+@billing.command("sync")
+@click.option("--retry-failed", is_flag=True, help="Re-queue rows that gave up (once their cause is fixed).")
+@json_option
+def billing_sync(retry_failed: bool, as_json: bool) -> None:
+    """Send the pending Stripe outbox rows once and apply the past-due grace period."""
+    services = load_services()
+    try:
+        if services.stripe is None:
+            raise click.ClickException("Stripe is off: set MODELMETER_STRIPE_API_KEY (an sk_test_ key).")
+        report = services.stripe.tick(retry_failed=retry_failed)
+    finally:
+        if services.stripe is not None:
+            services.stripe.close()
+        services.engine.dispose()
+    emit(as_json, report.public(), lambda _: report.summary())
+
+
+@click.command("dashboard-link")
+@click.argument("tenant_id")
+@click.option("--base-url", help="The gateway's external URL (default: MODELMETER_PUBLIC_URL, else http://127.0.0.1:8000).")
+@click.option("--ttl", type=click.IntRange(1, 30 * 24 * 3600), help="Seconds the link works (default: "
+              "MODELMETER_DASHBOARD_LINK_TTL_S).")
+@json_option
+def dashboard_link(tenant_id: str, base_url: str | None, ttl: int | None, as_json: bool) -> None:
+    """Print a short-lived signed link to a tenant's dashboard page."""
+    from modelmeter.gateway.dashboard import issue_link
+
+    try:
+        with admin_services() as services:
+            ops.get_tenant(sessions=services.sessions, tenant_id=tenant_id)
+            base = base_url or services.settings.public_url or "http://127.0.0.1:8000"
+            payload = issue_link(services.settings, tenant_id, base, ttl_s=ttl).public()
+    except ModelMeterError as exc:
+        fail(exc)
+    emit(as_json, payload, lambda p: str(p["url"]))
+
+
+def _economics_line(r: dict[str, Any]) -> str:
+    who = r.get("tenant_id") or r.get("plan") or ""
+    ratio = f"{r['margin_ratio']}" if r["margin_ratio"] is not None else "-"
+    cost = f"{amount_text(r['compute_cost_cents'], r['currency'])} ({cent_text(r['compute_cost_cents_decimal'])})"
+    return (f"{who:<28} revenue={amount_text(r['revenue_cents'], r['currency']):>12} cost={cost:<28} "
+            f"margin={amount_text(r['margin_cents'], r['currency']):>12} ratio={ratio:<7} tokens={r['tokens']:,} "
+            f"cpu_ms={r['cpu_compute_ms']:,} gpu_ms={r['gpu_compute_ms']:,}")
+
+
+@click.command()
+@click.option("--period", help="The month, YYYY-MM (default: the running one).")
+@click.option("--group-by", type=click.Choice(["tenant", "plan"]), default="tenant", show_default=True)
+@json_option
+def economics(period: str | None, group_by: str, as_json: bool) -> None:
+    """Revenue against compute cost, and the margin, per tenant or per plan."""
+    from modelmeter.billing.economics import economics_report, total
+
+    try:
+        with admin_services() as services, services.sessions() as session:
+            rows = economics_report(session=session, catalog=services.plans, settings=services.settings,
+                                    period=period, group_by=group_by)  # type: ignore[arg-type]
+    except ModelMeterError as exc:
+        fail(exc)
+    payload = {"object": "list", "data": [r.public() for r in rows], "has_more": False}
+    summary = total(rows, rows[0].period) if rows else None
+    emit(as_json, payload, lambda p: "\n".join(
+        [_economics_line(r) for r in p["data"]] + ([_economics_line(summary.public())] if summary else [])
+    ) or "no tenants")
+
+
+COMMANDS = (tenant, key, plans, billing, dashboard_link, economics)

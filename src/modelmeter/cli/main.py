@@ -1,0 +1,23 @@
+"""The ``modelmeter`` command: the group, and the verbs of each concern added to it."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from modelmeter.cli import admin, process
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+def main(verbose: bool) -> None:
+    """modelmeter: a metered model-API platform for fine-tuned BERT models."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+for _command in (*process.COMMANDS, *admin.COMMANDS):
+    main.add_command(_command)

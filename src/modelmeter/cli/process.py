@@ -1,0 +1,104 @@
+"""Process management: the gateway (one process or several), the fine-tuning worker, and migrations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from modelmeter import db
+from modelmeter.settings import Settings, ensure_admin_token
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--worker/--no-worker", default=None, help="Start an in-process fine-tuning worker (default: on).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Gateway processes sharing the port; their metrics are aggregated (multiprocess mode).")
+def serve(host: str, port: int, worker: bool | None, workers: int) -> None:
+    """Run the gateway on embedded defaults (SQLite, local model store, the packaged base model)."""
+    import uvicorn
+
+    from modelmeter.gateway.app import create_app
+
+    settings = Settings()
+    if worker is not None:
+        settings.start_worker = worker
+    token, generated = ensure_admin_token(settings)
+    if generated:
+        click.echo(f"Admin token (shown once, kept in {settings.data_dir}/admin_token): {token}", err=True)
+    if workers > 1:
+        if not settings.redis_url:
+            raise click.UsageError(
+                "--workers > 1 needs MODELMETER_REDIS_URL: rate limits and quotas must be shared by the processes, "
+                "or each would enforce its own copy."
+            )
+        _serve_processes(settings, host, port, workers)
+        return
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level=settings.log_level)
+
+
+def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Several gateway processes on one socket, one fine-tuning worker beside them, metrics in multiprocess mode
+    (``PROMETHEUS_MULTIPROC_DIR``, else a fresh local temporary directory: never a volume another host shares)."""
+    import inspect
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from modelmeter.trainer import spawn_worker, stop_worker
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics_dir = Path(given) if given else Path(tempfile.mkdtemp(prefix="modelmeter-metrics-"))
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):
+        stale.unlink()
+    os.environ.update({"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir.resolve()), "MODELMETER_START_WORKER": "false",
+                       "MODELMETER_DATA_DIR": str(settings.data_dir.resolve())})
+    engine = db.engine_from_settings(settings)
+    db.upgrade(engine)  # once, here: the processes' own (no-op) upgrades then never race on a fresh database
+    engine.dispose()
+    child = spawn_worker(settings) if settings.start_worker else None
+    try:
+        # A process importing torch on a busy machine can take longer than uvicorn's 5 s default to answer its
+        # first health check, and would be killed and restarted forever.
+        supported = "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters
+        patience: dict[str, Any] = {"timeout_worker_healthcheck": 60} if supported else {}
+        uvicorn.run("modelmeter.gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    access_log=False, log_level=settings.log_level, **patience)
+    finally:
+        if child is not None:
+            stop_worker(child)
+        if not given:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@click.command()
+def worker() -> None:
+    """Run fine-tuning jobs, one at a time, until stopped (SIGTERM/SIGINT)."""
+    from modelmeter.trainer import run_worker
+
+    run_worker(Settings())
+
+
+@click.group("db")
+def db_group() -> None:
+    """Database administration."""
+
+
+@db_group.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending migration."""
+    settings = Settings()
+    engine = db.engine_from_settings(settings)
+    db.upgrade(engine)
+    click.echo(f"database at revision {db.current_revision(engine)}")
+    engine.dispose()
+
+
+COMMANDS = (serve, worker, db_group)

@@ -1,0 +1,59 @@
+"""Training files as a tenant stores and deletes them: the bytes on the data volume and the row, together."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session
+
+from modelmeter import clock
+from modelmeter.errors import ConflictError
+from modelmeter.ids import new_id
+from modelmeter.models.finetune import jobs
+from modelmeter.models.finetune.dataset import ParsedDataset
+from modelmeter.models.finetune.tables import TenantFile
+
+
+def store_file(*, sessions: sessionmaker[Session], data_dir: Path, tenant_id: str, filename: str, data: bytes,
+               parsed: ParsedDataset) -> TenantFile:
+    """Write the file, then its row; if the row cannot be committed, the file is removed again."""
+    file_id = new_id("file")
+    relative = Path("files") / tenant_id / file_id
+    _write_atomically(data_dir / relative, data)
+    row = TenantFile(
+        id=file_id, tenant_id=tenant_id, filename=filename, purpose="fine-tune", bytes=len(data),
+        format=Path(filename).suffix.lstrip(".").lower()[:8] or "jsonl", rows=len(parsed.examples),
+        labels_json=json.dumps(parsed.labels), path=str(relative), created_at=clock.now_s(),
+    )
+    try:
+        with sessions() as session:
+            session.add(row)
+            session.commit()
+    except BaseException:
+        (data_dir / relative).unlink(missing_ok=True)  # nothing half-written is left behind
+        raise
+    return row
+
+
+def delete_file(*, sessions: sessionmaker[Session], data_dir: Path, tenant_id: str, file_id: str) -> None:
+    """Delete a file that no active job uses (409 otherwise): the row, then the bytes."""
+    with sessions() as session:
+        row = jobs.get_file(session=session, tenant_id=tenant_id, file_id=file_id)
+        if jobs.file_in_use(session=session, file_id=file_id):
+            raise ConflictError("The file is used by an active fine-tuning job.", code="file_in_use",
+                                param="file_id")
+        session.delete(row)
+        session.commit()
+    with contextlib.suppress(FileNotFoundError):
+        (data_dir / row.path).unlink()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)

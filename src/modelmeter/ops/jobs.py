@@ -1,0 +1,63 @@
+"""Fine-tuning jobs as a tenant creates them: files checked, the training quota and budget held, one transaction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session
+
+from modelmeter import clock
+from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.metering import as_amount, check_training_quota, period_of, period_usage
+from modelmeter.billing.quota import Amount
+from modelmeter.models.finetune import jobs
+from modelmeter.models.finetune.dataset import parse_dataset
+from modelmeter.models.finetune.tables import FineTuningJob
+from modelmeter.models.finetune.train import estimate_training_tokens
+from modelmeter.models.registry import ModelInfo, artifact_path
+from modelmeter.tenancy.tenants import get_tenant, lock_tenant
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedJob:
+    job: FineTuningJob
+    estimated_tokens: int  # an upper bound of the training tokens, counted against the quota from now on
+
+
+def create_job(*, sessions: sessionmaker[Session], catalog: PlanCatalog, data_dir: Path, max_active: int,
+               tenant_id: str, data: jobs.JobCreate, bases: dict[str, ModelInfo]) -> CreatedJob:
+    """Validate the files, estimate the training tokens, and queue the job if it fits the quota and budget
+    (blocking: tokenizes the training file)."""
+    with sessions() as session:
+        training = jobs.validate_job(session=session, tenant_id=tenant_id, data=data, base_models=list(bases))
+    estimate = _estimate(data_dir, training, bases[data.model].artifact, jobs.n_epochs_of(data))
+    with sessions() as session:
+        # One job creation per tenant at a time, so the active-job limit and the training quota hold.
+        lock_tenant(session=session, tenant_id=tenant_id)
+        tenant = get_tenant(session=session, tenant_id=tenant_id)
+        used = as_amount(period_usage(session=session, tenant_id=tenant_id, period=period_of(clock.now_s())))
+        pending = jobs.active_estimates(session=session, tenant_id=tenant_id)
+        check_training_quota(plan=catalog.get(tenant.plan), budget_cents=tenant.monthly_budget_cents,
+                             used=used + Amount(training_tokens=pending), training_tokens=estimate)
+        job = jobs.create_job(session=session, tenant_id=tenant_id, data=data, base_models=list(bases),
+                              max_active=max_active, estimated_tokens=estimate)
+        session.commit()
+        return CreatedJob(job, estimate)
+
+
+def _estimate(data_dir: Path, training: Any, artifact: str, n_epochs: int) -> int:
+    parsed = parse_dataset((data_dir / training.path).read_bytes(), filename=training.filename, max_rows=10**9,
+                           max_text_chars=10**9, max_labels=10**6)
+    texts = [example.text for example in parsed.examples]
+    return estimate_training_tokens(artifact_path(artifact, data_dir), texts, n_epochs)
+
+
+def cancel_job(*, sessions: sessionmaker[Session], tenant_id: str, job_id: str) -> FineTuningJob:
+    """Cancel a job that has not finished (409 otherwise); a running job's worker stops within seconds."""
+    with sessions() as session:
+        job = jobs.cancel_job(session=session, job=jobs.get_job(session=session, tenant_id=tenant_id, job_id=job_id))
+        session.commit()
+        return job

@@ -1,0 +1,4 @@
+"""Tenancy: tenants (with their billing-account columns) and their API keys; tables and queries.
+
+Below ``billing``, ``models`` and ``gateway``; above ``settings``, ``errors``, ``clock``, ``ids`` and ``db``.
+"""
