@@ -51,6 +51,11 @@ def test_unknown_tenant_is_404(client: TestClient) -> None:
     assert_envelope(client.patch("/admin/tenants/ten_nope", json={"plan": "pro"}, headers=ADMIN), 404)
 
 
+def test_an_unknown_tenant_is_404_before_its_new_plan_is_checked(client: TestClient) -> None:
+    response = client.patch("/admin/tenants/ten_missing", json={"plan": "gold"}, headers=ADMIN)
+    assert_envelope(response, 404)
+
+
 @pytest.mark.parametrize(
     ("body", "param", "code"),
     [

@@ -41,6 +41,9 @@ def test_tenant_and_key_verbs(runner: CliRunner) -> None:
     rolled = _json(runner, "key", "roll", key["id"], "--grace", "0")
     assert rolled["key"] != key["key"]
     assert _json(runner, "key", "revoke", rolled["id"])["status"] == "revoked"
+    refused = runner.invoke(main, ["key", "roll", rolled["id"]])  # the admin API's rule, from the same function
+    assert refused.exit_code == 1
+    assert "Only an active key can be rolled. (conflict_error)" in refused.output
 
 
 def test_human_output_and_errors(runner: CliRunner) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
-from modelmeter import clock
 from modelmeter.billing.invoicing import record_plan_change
 from modelmeter.billing.stripe.outbox import enqueue_customer
 from modelmeter.tenancy.tenants import Tenant, TenantCreate, TenantUpdate
@@ -26,9 +25,8 @@ def create_tenant(*, session: Session, data: TenantCreate) -> Tenant:
 
 def update_tenant(*, session: Session, tenant: Tenant, data: TenantUpdate) -> Tenant:
     """Apply an operator's change; a plan change starts a new plan segment (prorated at the close)."""
-    new_plan = data.plan if data.plan is not None and data.plan != tenant.plan else None
+    previous = tenant.plan
     tenant = apply_update(session=session, tenant=tenant, data=data)
-    if new_plan is not None:
-        record_plan_change(session=session, tenant_id=tenant.id, plan=new_plan,
-                           at=tenant.plan_changed_at or clock.now_s())
+    if tenant.plan != previous:
+        record_plan_change(session=session, tenant_id=tenant.id, plan=tenant.plan, at=tenant.updated)
     return tenant

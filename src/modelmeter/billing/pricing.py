@@ -94,9 +94,13 @@ class MeteredPrice:
     included: int
     unit_micro: int
 
+    def billable(self, used: int) -> int:
+        """The units of ``used`` beyond the allowance."""
+        return max(0, used - self.included)
+
     def cost_micro(self, used: int) -> int:
         """The exact cost of ``used`` units: those beyond the allowance, at the unit price."""
-        return max(0, used - self.included) * self.unit_micro
+        return self.billable(used) * self.unit_micro
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,11 +189,11 @@ def metered(plan: Plan, *, code: str, used: int, included: int, unit_micro: int,
         _check_count(name, value)
     if used == 0:
         return None
-    quantity = max(0, used - included)
+    price = MeteredPrice(included=included, unit_micro=unit_micro)
     description = f"{label}: {used:,} used" + (f", {included:,} included" if included else "")
-    return Line(code=code, description=description, quantity=quantity,
+    return Line(code=code, description=description, quantity=price.billable(used),
                 unit_amount_decimal=cents_decimal(unit_micro),
-                amount=micro_to_cents(quantity * unit_micro), plan=plan.id)
+                amount=micro_to_cents(price.cost_micro(used)), plan=plan.id)
 
 
 def _metered_line(charge: MeteredCharge, plan: Plan, prices: MeteredPrices, usage: Usage) -> Line | None:

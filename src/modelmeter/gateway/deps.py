@@ -38,7 +38,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
 def get_session(services: ServicesDep) -> Iterator[Session]:
-    """A session per request; handlers commit explicitly, anything uncommitted is rolled back."""
+    """A read session per request (writes go through service functions, which own their transactions)."""
     with services.sessions() as session:
         yield session
 

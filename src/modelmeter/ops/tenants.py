@@ -28,11 +28,11 @@ def create_tenant(*, sessions: Sessions, catalog: PlanCatalog, data: TenantCreat
 
 
 def update_tenant(*, sessions: Sessions, catalog: PlanCatalog, tenant_id: str, data: TenantUpdate) -> Tenant:
-    """Apply an operator's change; a new plan must exist in the catalog."""
-    if data.plan is not None:
-        catalog.get(data.plan)
+    """Apply an operator's change to an existing tenant (404 first); a new plan must exist in the catalog."""
     with sessions() as session:
         tenant = tenants.get_tenant(session=session, tenant_id=tenant_id)
+        if data.plan is not None:
+            catalog.get(data.plan)
         tenant = accounts.update_tenant(session=session, tenant=tenant, data=data)
         session.commit()
         return tenant

@@ -129,9 +129,14 @@ def all_tenants(*, session: Session) -> Sequence[Tenant]:
 
 
 def lock_tenant(*, session: Session, tenant_id: str) -> None:
-    """Serialise writers on one tenant until the transaction ends (a row lock on PostgreSQL, a write on SQLite)."""
+    """Serialise writers on one tenant until the transaction ends (a row lock on PostgreSQL, a write on SQLite).
+
+    On PostgreSQL the lock is ``FOR NO KEY UPDATE``: it excludes other writers of the tenant but not the
+    ``FOR KEY SHARE`` check of inserts that reference the tenant (the ledger's group commit, keys, files), which a
+    plain ``FOR UPDATE`` would stall for the whole transaction.
+    """
     if session.get_bind().dialect.name == "postgresql":
-        session.exec(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+        session.exec(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
     else:
         session.exec(update(Tenant).where(col(Tenant.id) == tenant_id).values(updated=col(Tenant.updated)))
 

@@ -141,7 +141,7 @@ def get_job(*, session: Session, tenant_id: str, job_id: str) -> FineTuningJob:
     return job
 
 
-def page(session: Session, query: Any, limit: int) -> tuple[list[Any], bool]:
+def page(*, session: Session, query: Any, limit: int) -> tuple[list[Any], bool]:
     rows = list(session.exec(query.limit(limit + 1)).all())
     return rows[:limit], len(rows) > limit
 
@@ -154,14 +154,14 @@ def list_files(
         query = query.where(TenantFile.purpose == purpose)
     if after:
         query = query.where(col(TenantFile.id) < after)
-    return page(session, query, limit)
+    return page(session=session, query=query, limit=limit)
 
 
 def list_jobs(*, session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[list[FineTuningJob], bool]:
     query = select(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id).order_by(col(FineTuningJob.id).desc())
     if after:
         query = query.where(col(FineTuningJob.id) < after)
-    return page(session, query, limit)
+    return page(session=session, query=query, limit=limit)
 
 
 def list_events(*, session: Session, job_id: str, limit: int, after: str | None) -> tuple[list[FineTuningEvent], bool]:
@@ -171,11 +171,11 @@ def list_events(*, session: Session, job_id: str, limit: int, after: str | None)
         if not seq.isdigit():
             raise InvalidRequestError("'after' must be an event id.", code="invalid_value", param="after")
         query = query.where(col(FineTuningEvent.seq) < int(seq))
-    return page(session, query, limit)
+    return page(session=session, query=query, limit=limit)
 
 
 def add_event(
-    session: Session, job_id: str, message: str, *, level: str = "info", type_: str = "message",
+    *, session: Session, job_id: str, message: str, level: str = "info", type_: str = "message",
     data: dict[str, Any] | None = None,
 ) -> None:
     session.add(FineTuningEvent(job_id=job_id, created_at=clock.now_s(), level=level, type=type_, message=message,
@@ -228,22 +228,23 @@ def create_job(
                 f"The validation file has labels the training file lacks: {', '.join(unknown[:5])}.",
                 code="invalid_validation_file", param="validation_file",
             )
-    _check_active(session, tenant_id, max_active)
+    _check_active(session=session, tenant_id=tenant_id, max_active=max_active)
     job = _new_job(tenant_id, data)
     job.estimated_tokens = estimated_tokens
     session.add(job)
     session.flush()
-    add_event(session, job.id, f"Validating training file: {training.id} ({training.rows} rows, "
-                               f"{len(training.labels)} labels)")
+    add_event(session=session, job_id=job.id,
+              message=f"Validating training file: {training.id} ({training.rows} rows, {len(training.labels)} labels)")
     if validation is not None:
-        add_event(session, job.id, f"Validating validation file: {validation.id} ({validation.rows} rows)")
+        add_event(session=session, job_id=job.id,
+                  message=f"Validating validation file: {validation.id} ({validation.rows} rows)")
     job.status = "queued"
-    add_event(session, job.id, "Files validated; job queued.")
+    add_event(session=session, job_id=job.id, message="Files validated; job queued.")
     session.flush()
     return job
 
 
-def _check_active(session: Session, tenant_id: str, max_active: int) -> None:
+def _check_active(*, session: Session, tenant_id: str, max_active: int) -> None:
     query = select(func.count()).select_from(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id)
     active = session.exec(query.where(col(FineTuningJob.status).in_(ACTIVE_STATUSES))).one()
     if active >= max_active:
@@ -286,7 +287,7 @@ def cancel_job(*, session: Session, job: FineTuningJob) -> FineTuningJob:
     ):
         session.refresh(job)
         raise ConflictError(f"Job '{job.id}' has already finished ({job.status}).", code="job_finished")
-    add_event(session, job.id, "Job cancelled.")
+    add_event(session=session, job_id=job.id, message="Job cancelled.")
     session.flush()
     session.refresh(job)
     return job
@@ -306,7 +307,7 @@ def claim_next(*, sessions: sessionmaker[Session], worker_id: str) -> str | None
         claimed = _transition(session, job_id, ("queued",), status="running", worker_id=worker_id, started_at=now,
                               heartbeat_at=now, attempts=col(FineTuningJob.attempts) + 1)
         if claimed:
-            add_event(session, job_id, f"Job started by worker {worker_id}.")
+            add_event(session=session, job_id=job_id, message=f"Job started by worker {worker_id}.")
         session.commit()
         return job_id if claimed else None
 
@@ -359,7 +360,7 @@ def recover_orphans(
                                                             "job; it was not retried again."))
                 message = f"Worker {job.worker_id} stopped mid-job; job failed after {job.attempts} attempts."
             if moved:
-                add_event(session, job.id, message, level="warn")
+                add_event(session=session, job_id=job.id, message=message, level="warn")
                 recovered.append(job.id)
         session.commit()
     return recovered

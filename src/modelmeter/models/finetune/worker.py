@@ -155,9 +155,9 @@ class Worker:
         data = {"epoch": p.epoch, "step": p.step, "total_steps": p.total_steps, "train_loss": round(p.loss, 5),
                 "examples_per_s": round(p.examples_per_s, 2), "eta_s": round(p.eta_s, 1)}
         with self.sessions() as session:
-            jobs.add_event(session, job_id, f"Epoch {p.epoch}/{p.n_epochs}, step {p.step}/{p.total_steps}: "
-                                            f"loss {p.loss:.4f}, {p.examples_per_s:.1f} examples/s, "
-                                            f"{p.eta_s:.0f} s left", type_="metrics", data=data)
+            message = (f"Epoch {p.epoch}/{p.n_epochs}, step {p.step}/{p.total_steps}: loss {p.loss:.4f}, "
+                       f"{p.examples_per_s:.1f} examples/s, {p.eta_s:.0f} s left")
+            jobs.add_event(session=session, job_id=job_id, message=message, type_="metrics", data=data)
             job = session.get(FineTuningJob, job_id)
             if job is not None:
                 job.estimated_finish = clock.now_s() + int(p.eta_s)
@@ -179,9 +179,9 @@ class Worker:
                                   base_model=job.model, labels=labels, artifact=str(relative), job_id=job.id,
                                   training_type=job.training_type["type"])
             self.on_succeeded(session, job, result, self.config.device.type)
-            jobs.add_event(session, job.id, f"Job succeeded: {model_id} (accuracy "
-                                            f"{result.metrics['accuracy']:.4f} on {result.metrics['n_validation']} "
-                                            f"validation rows).")
+            jobs.add_event(session=session, job_id=job.id,
+                           message=f"Job succeeded: {model_id} (accuracy {result.metrics['accuracy']:.4f} on "
+                                   f"{result.metrics['n_validation']} validation rows).")
             session.commit()
         return True
 
@@ -189,10 +189,10 @@ class Worker:
         with self.sessions() as session:
             if jobs.finish(session=session, job_id=job_id, owner=self.worker_id, status="failed",
                            **jobs.fail_values(code, message)):
-                jobs.add_event(session, job_id, message, level="error")
+                jobs.add_event(session=session, job_id=job_id, message=message, level="error")
             session.commit()
 
     def _note(self, job_id: str, message: str) -> None:
         with self.sessions() as session:
-            jobs.add_event(session, job_id, message)
+            jobs.add_event(session=session, job_id=job_id, message=message)
             session.commit()
