@@ -10,6 +10,7 @@
     ├── MethodNotAllowedError            invalid_request_error      405
     ├── ConflictError                    conflict_error             409
     ├── PayloadTooLargeError             request_too_large          413
+    ├── UnsupportedMediaTypeError        invalid_request_error      415  code=unsupported_media_type
     ├── RateLimitError                   rate_limit_exceeded        429  (Retry-After)
     ├── InsufficientQuotaError           insufficient_quota         429  (do not retry)
     ├── OverloadedError                  overloaded                 429  (Retry-After)
@@ -100,6 +101,11 @@ class PayloadTooLargeError(ModelMeterError):
     default_code = "request_too_large"
 
 
+class UnsupportedMediaTypeError(ModelMeterError):
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
 class RateLimitError(ModelMeterError):
     type = "rate_limit_exceeded"
     default_code = "rate_limit_exceeded"
@@ -141,6 +147,7 @@ STATUS: dict[type[ModelMeterError], int] = {
     MethodNotAllowedError: 405,
     ConflictError: 409,
     PayloadTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
     RateLimitError: 429,
     InsufficientQuotaError: 429,
     OverloadedError: 429,
@@ -191,6 +198,7 @@ _HTTP_CLASSES: dict[int, type[ModelMeterError]] = {
     405: MethodNotAllowedError,
     409: ConflictError,
     413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError,
     422: InvalidRequestError,
 }
 

@@ -18,7 +18,13 @@ from modelmeter.billing.metering import LedgerWriter, Meter
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.errors import install_handlers
 from modelmeter.gateway.auth import KeyAuthenticator
-from modelmeter.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from modelmeter.gateway.middleware import (
+    JSON,
+    MULTIPART,
+    BodyLimitMiddleware,
+    ContentTypeMiddleware,
+    RequestContextMiddleware,
+)
 from modelmeter.gateway.routes import (
     admin,
     billing,
@@ -157,9 +163,19 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     routers = (health, metrics, admin, inference, files, fine_tuning, usage, billing, dashboard, webhooks)
     for router in (module.router for module in routers):
         app.include_router(router)
+    app.add_middleware(ContentTypeMiddleware, expects=_media_types)
     app.add_middleware(BodyLimitMiddleware, limit_for=_limits(settings))
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def _media_types(method: str, path: str) -> str | None:
+    """The body each route reads: a file upload is multipart, Stripe's webhook is raw bytes, the rest JSON."""
+    if path == "/v1/files":
+        return MULTIPART
+    if path.startswith("/webhooks/"):
+        return None
+    return JSON
 
 
 def _limits(settings: Settings) -> Callable[[str], int]:

@@ -16,6 +16,7 @@ from modelmeter.gateway.auth import (
     admin_token_matches,
     parse_bearer,
 )
+from modelmeter.gateway.middleware import refuse_media_type
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
 from modelmeter.tenancy.keys import well_formed
@@ -75,6 +76,7 @@ async def current_principal(request: Request, services: ServicesDep) -> Principa
     token = _bearer(request)
     principal = services.auth.check(await _principal_of(services, token))
     request.state.principal = principal
+    refuse_media_type(request.state)
     return principal
 
 
@@ -99,6 +101,7 @@ async def require_admin(request: Request, services: ServicesDep) -> None:
     token = _bearer(request)
     expected = services.settings.admin_token
     if expected and admin_token_matches(token, expected):
+        refuse_media_type(request.state)
         return
     principal = await _principal_of(services, token)
     if principal is not None:

@@ -1,15 +1,17 @@
-"""Pure-ASGI middleware: body size limit (413 before parsing), request ids and a secret-free access log."""
+"""Pure-ASGI middleware: body size limit (413 before parsing), content types (a JSON body as people send it, 415
+otherwise), request ids and a secret-free access log."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from modelmeter.errors import PayloadTooLargeError, error_response
+from modelmeter.errors import PayloadTooLargeError, UnsupportedMediaTypeError, error_response
 from modelmeter.ids import new_id
 
 access_log = logging.getLogger("modelmeter.access")
@@ -52,6 +54,75 @@ def _counting(receive: Receive, limit: int) -> Receive:
         return message
 
     return wrapped
+
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+# What clients send a JSON body as, without saying so: nothing, or curl's default for -d.
+_UNDECLARED_JSON = {"", "application/x-www-form-urlencoded"}
+_WITH_BODY = {"POST", "PUT", "PATCH"}
+
+
+class ContentTypeMiddleware:
+    """Take a JSON body however a person sends it, and refuse other declared types before parsing.
+
+    ``expects(method, path)`` names the media type a route reads (``None``: any, e.g. Stripe's raw webhook
+    body). A JSON route accepts ``application/json`` (and ``+json`` types), and also a body with no Content-Type
+    or with curl's default ``application/x-www-form-urlencoded``, which is read as JSON; any other declared type
+    is answered 415 naming the type expected. A multipart route (file upload) takes only multipart.
+
+    The 415 is raised by the authentication dependencies once the caller is known (``refuse_media_type``): a
+    caller without a valid key learns nothing about a route but its 401. The body is never parsed before that.
+    """
+
+    def __init__(self, app: ASGIApp, *, expects: Callable[[str, str], str | None]) -> None:
+        self.app = app
+        self.expects = expects
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _WITH_BODY:
+            await self.app(scope, receive, send)
+            return
+        expected = self.expects(scope["method"], scope["path"])
+        declared = _media_type(scope)
+        if expected is None or _accepts(expected, declared):
+            await self.app(scope, receive, send)
+        elif expected == JSON and declared in _UNDECLARED_JSON:
+            await self.app(_as_json(scope), receive, send)
+        else:
+            error = UnsupportedMediaTypeError(
+                f"This endpoint takes {expected} bodies, not '{declared}'.", param="Content-Type")
+            state = scope.setdefault("state", {})
+            state[_REFUSAL] = error
+            await self.app(scope, receive, send)
+
+
+_REFUSAL = "unsupported_media_type"
+
+
+def refuse_media_type(state: Any) -> None:
+    """Raise the 415 the content-type check recorded for this request, if any (called after authentication)."""
+    error = getattr(state, _REFUSAL, None)
+    if error is not None:
+        raise error
+
+
+def _media_type(scope: Scope) -> str:
+    raw: bytes = dict(scope["headers"]).get(b"content-type", b"")
+    return raw.decode("latin-1").split(";", 1)[0].strip().lower()
+
+
+def _accepts(expected: str, declared: str) -> bool:
+    if expected == JSON:
+        return declared == JSON or (declared.startswith("application/") and declared.endswith("+json"))
+    if expected == MULTIPART:  # a form route reads either form encoding (a file needs multipart)
+        return declared in (MULTIPART, "application/x-www-form-urlencoded")
+    return declared == expected
+
+
+def _as_json(scope: Scope) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", JSON.encode())]}
 
 
 class RequestContextMiddleware:
