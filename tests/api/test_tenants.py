@@ -96,6 +96,31 @@ def test_update_refusals_change_nothing(client: TestClient, make_tenant: Any, bo
     assert client.get(f"/admin/tenants/{tenant['id']}", headers=ADMIN).json() == tenant
 
 
+@pytest.mark.parametrize("field", ["name", "email", "plan", "status", "billing_status"])
+def test_explicit_null_for_a_required_field_is_422_naming_it(client: TestClient, make_tenant: Any, field: str) -> None:
+    tenant = make_tenant()
+    error = assert_envelope(client.patch(f"/admin/tenants/{tenant['id']}", json={field: None}, headers=ADMIN), 422)
+    assert error["param"] == field
+    assert client.get(f"/admin/tenants/{tenant['id']}", headers=ADMIN).json() == tenant
+
+
+def test_null_limits_mean_the_plans_own(client: TestClient, make_tenant: Any) -> None:
+    tenant = make_tenant()
+    url = f"/admin/tenants/{tenant['id']}"
+    assert client.patch(url, json={"rpm_limit": 5}, headers=ADMIN).json()["rpm_limit"] == 5
+    assert client.patch(url, json={"rpm_limit": None}, headers=ADMIN).json()["rpm_limit"] is None
+
+
+@pytest.mark.parametrize("expires_at", [2**31, 2**63, 2**64 + 1])
+def test_a_key_expiry_beyond_what_the_database_holds_is_422(client: TestClient, make_tenant: Any,
+                                                             expires_at: int) -> None:
+    tenant = make_tenant()
+    url = f"/admin/tenants/{tenant['id']}/keys"
+    error = assert_envelope(client.post(url, json={"expires_at": expires_at}, headers=ADMIN), 422)
+    assert error["param"] == "expires_at"
+    assert client.get(url, headers=ADMIN).json()["data"] == []
+
+
 def test_malformed_json_is_400(client: TestClient) -> None:
     response = client.post(
         "/admin/tenants", content=b'{"name": "A",', headers={**ADMIN, "content-type": "application/json"}

@@ -21,7 +21,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from modelmeter import clock
 from modelmeter.errors import NotFoundError
 from modelmeter.ids import new_id
-from modelmeter.tenancy.tenants import FORBID, Name
+from modelmeter.tenancy.tenants import FORBID, INT32_MAX, Name
 
 Scope = Literal["inference", "fine-tune", "billing:read"]
 ALL_SCOPES: tuple[str, ...] = ("inference", "fine-tune", "billing:read")
@@ -123,7 +123,7 @@ class ApiKeyCreate(SQLModel):
     model_config = FORBID
     name: Name = "default"
     scopes: list[Scope] | None = None
-    expires_at: Annotated[int, Field(gt=0)] | None = None
+    expires_at: Annotated[int, Field(gt=0, le=INT32_MAX)] | None = None  # the column is a 32-bit integer
 
 
 class ApiKeyRoll(SQLModel):

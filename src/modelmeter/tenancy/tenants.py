@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from pydantic import StringConstraints
+from pydantic import StringConstraints, ValidationInfo, field_validator
 from sqlmodel import Field, Session, SQLModel, col, select, update
 from sqlmodel._compat import SQLModelConfig
 
@@ -30,6 +30,7 @@ Tpm = Annotated[int, Field(ge=1, le=1_000_000_000)]
 Budget = Annotated[int, Field(ge=0, le=1_000_000_000)]
 
 FORBID = SQLModelConfig(extra="forbid")
+INT32_MAX = 2**31 - 1  # the largest value the integer columns hold on PostgreSQL
 
 
 # --- tenants -------------------------------------------------------------------------------------
@@ -58,6 +59,14 @@ class TenantUpdate(SQLModel):
     rpm_limit: Rpm | None = None
     tpm_limit: Tpm | None = None
     monthly_budget_cents: Budget | None = None
+
+    @field_validator("name", "email", "plan", "status", "billing_status", mode="before")
+    @classmethod
+    def _not_null(cls, value: object, info: ValidationInfo) -> object:
+        """These may be left out of a PATCH, but not set to null (the limits' null means "the plan's own")."""
+        if value is None:
+            raise ValueError(f"{info.field_name} may be omitted but cannot be null")
+        return value
 
 
 class Tenant(TenantBase, table=True):
