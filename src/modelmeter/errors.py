@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 log = logging.getLogger("modelmeter.errors")
 
@@ -209,6 +210,19 @@ def from_http(exc: StarletteHTTPException) -> ModelMeterError:
     return cls(message, headers=exc.headers)
 
 
+def allowed_methods(request: Request, raised: Mapping[str, str] | None) -> list[str]:
+    """Every method the app answers on this request's path: the documented operations of each path template
+    that matches (the OpenAPI document is built once and cached), plus the ``Allow`` of the route that refused."""
+    methods = {m.strip() for m in (raised or {}).get("Allow", "").split(",") if m.strip()}
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(request.url.path):
+            methods |= {m.upper() for m in operations if m.upper() in _HTTP_METHODS}
+    return sorted(methods)
+
+
+_HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
 def install_handlers(app: FastAPI) -> None:
     """Register the one handler for every error path of the app."""
 
@@ -220,9 +234,12 @@ def install_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return error_response(from_validation(exc))
 
-    async def _http(_: Request, exc: Exception) -> JSONResponse:
+    async def _http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(from_http(exc))
+        error = from_http(exc)
+        if exc.status_code == 405:  # every method of the path, not only those of the first route that matched it
+            error.headers["Allow"] = ", ".join(allowed_methods(request, exc.headers))
+        return error_response(error)
 
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)

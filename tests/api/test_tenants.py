@@ -172,3 +172,15 @@ def test_plans_catalog(client: TestClient) -> None:
     assert isinstance(payg["price_per_1k_tokens"], str)
     assert payg["price_per_1k_tokens"] == "0.0200"
     assert isinstance(payg["base_fee_cents"], int)
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("put", "/v1/files", "GET, POST"),
+    ("post", "/v1/files/file_x", "DELETE, GET"),
+    ("delete", "/admin/tenants", "GET, POST"),
+    ("get", "/v1/classify", "POST"),
+])
+def test_405_allows_every_method_of_the_path(client: TestClient, method: str, path: str, allow: str) -> None:
+    response = client.request(method.upper(), path, headers=ADMIN)
+    assert_envelope(response, 405, code="method_not_allowed")
+    assert response.headers["allow"] == allow
