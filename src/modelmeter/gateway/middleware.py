@@ -64,15 +64,16 @@ _WITH_BODY = {"POST", "PUT", "PATCH"}
 
 
 class ContentTypeMiddleware:
-    """Take a JSON body however a person sends it, and refuse other declared types before parsing.
+    """Take a JSON body however a person sends it, and refuse other declared types.
 
     ``expects(method, path)`` names the media type a route reads (``None``: any, e.g. Stripe's raw webhook
     body). A JSON route accepts ``application/json`` (and ``+json`` types), and also a body with no Content-Type
     or with curl's default ``application/x-www-form-urlencoded``, which is read as JSON; any other declared type
     is answered 415 naming the type expected. A multipart route (file upload) takes only multipart.
 
-    The 415 is raised by the authentication dependencies once the caller is known (``refuse_media_type``): a
-    caller without a valid key learns nothing about a route but its 401. The body is never parsed before that.
+    The refusal is recorded here and raised by the authentication dependencies once the caller is known
+    (``refuse_media_type``), before any body validation: a caller without a valid key learns nothing about a
+    route but its 401, and a refused body is never read as JSON or as a form.
     """
 
     def __init__(self, app: ASGIApp, *, expects: Callable[[str, str], str | None]) -> None:
