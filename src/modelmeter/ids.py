@@ -11,11 +11,14 @@ _random = random.Random()
 os.register_at_fork(after_in_child=_random.seed)  # forked workers must not repeat their parent's sequence
 
 
-def _base36(value: int, width: int) -> str:
+def fixed_width(value: int, width: int, alphabet: str = _ALPHABET) -> str:
+    """``value`` in base ``len(alphabet)``, most significant digit first, in exactly ``width`` digits (the value
+    taken modulo the base to the width)."""
+    base = len(alphabet)
     out = []
     for _ in range(width):
-        value, digit = divmod(value, 36)
-        out.append(_ALPHABET[digit])
+        value, digit = divmod(value, base)
+        out.append(alphabet[digit])
     return "".join(reversed(out))
 
 
@@ -24,5 +27,5 @@ def new_id(prefix: str) -> str:
     millis = time.time_ns() // 1_000_000
     # Ids must be unique, not secret (secrets such as API keys come from ``secrets``): the per-process generator
     # (seeded from the OS, re-seeded in forked children) avoids a syscall, which gives the GIL away on the hot path.
-    rand = _base36(_random.getrandbits(62), 12)
-    return f"{prefix}_{_base36(millis, 9)}{rand}"
+    rand = fixed_width(_random.getrandbits(62), 12)
+    return f"{prefix}_{fixed_width(millis, 9)}{rand}"

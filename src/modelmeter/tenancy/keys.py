@@ -20,7 +20,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from modelmeter import clock
 from modelmeter.errors import NotFoundError
-from modelmeter.ids import new_id
+from modelmeter.ids import fixed_width, new_id
 from modelmeter.tenancy.tenants import FORBID, INT32_MAX, Name
 
 Scope = Literal["inference", "fine-tune", "billing:read"]
@@ -33,16 +33,8 @@ _CHECK_LEN = 6
 _KEY_RE = re.compile(rf"^{KEY_PREFIX}[0-9A-Za-z]{{{_RANDOM_LEN + _CHECK_LEN}}}$")
 
 
-def _b62(value: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        value, digit = divmod(value, 62)
-        out.append(_BASE62[digit])
-    return "".join(reversed(out))
-
-
 def _checksum(body: str) -> str:
-    return _b62(zlib.crc32(body.encode()), _CHECK_LEN)
+    return fixed_width(zlib.crc32(body.encode()), _CHECK_LEN, _BASE62)
 
 
 def generate_key() -> str:
