@@ -5,11 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from modelmeter import clock
-from modelmeter.cli.output import admin_services, dump, emit, fail, json_option, load_services
-from modelmeter.errors import ModelMeterError
+from modelmeter.cli.output import admin_services, dump, emit, json_option, load_services, reports_errors
 from modelmeter.money import amount_text, cent_text
 from modelmeter.ops import tenants as ops
 from modelmeter.settings import Settings
@@ -31,14 +29,12 @@ def _tenant_line(t: dict[str, Any]) -> str:
 @click.option("--email", required=True)
 @click.option("--plan", default="free", show_default=True)
 @json_option
+@reports_errors
 def tenant_create(name: str, email: str, plan: str, as_json: bool) -> None:
-    try:
-        with admin_services() as services:
-            data = TenantCreate(name=name, email=email, plan=plan)
-            tenant = ops.create_tenant(sessions=services.sessions, catalog=services.plans, data=data)
-            payload = dump(TenantPublic.model_validate(tenant))
-    except (ModelMeterError, ValidationError) as exc:
-        fail(exc)
+    with admin_services() as services:
+        data = TenantCreate(name=name, email=email, plan=plan)
+        tenant = ops.create_tenant(sessions=services.sessions, catalog=services.plans, data=data)
+        payload = dump(TenantPublic.model_validate(tenant))
     emit(as_json, payload, lambda t: f"created {_tenant_line(t)}")
 
 
@@ -50,19 +46,17 @@ def tenant_list(limit: int, as_json: bool) -> None:
         rows, has_more = ops.list_tenants(sessions=services.sessions, limit=limit, after=None)
         data = [dump(TenantPublic.model_validate(t)) for t in rows]
     emit(as_json, {"object": "list", "data": data, "has_more": has_more},
-          lambda p: "\n".join(_tenant_line(t) for t in p["data"]) or "no tenants")
+         lambda p: "\n".join(_tenant_line(t) for t in p["data"]) or "no tenants")
 
 
 @tenant.command("show")
 @click.argument("tenant_id")
 @json_option
+@reports_errors
 def tenant_show(tenant_id: str, as_json: bool) -> None:
-    try:
-        with admin_services() as services:
-            payload = dump(TenantPublic.model_validate(ops.get_tenant(sessions=services.sessions,
-                                                                       tenant_id=tenant_id)))
-    except ModelMeterError as exc:
-        fail(exc)
+    with admin_services() as services:
+        payload = dump(TenantPublic.model_validate(ops.get_tenant(sessions=services.sessions,
+                                                                   tenant_id=tenant_id)))
     emit(as_json, payload, lambda t: "\n".join(f"{k:>22}: {v}" for k, v in t.items()))
 
 
@@ -74,15 +68,13 @@ def tenant_show(tenant_id: str, as_json: bool) -> None:
 @click.option("--tpm-limit", type=int)
 @click.option("--monthly-budget-cents", type=int)
 @json_option
+@reports_errors
 def tenant_update(tenant_id: str, as_json: bool, **fields: Any) -> None:
-    try:
-        with admin_services() as services:
-            data = TenantUpdate(**{k: v for k, v in fields.items() if v is not None})
-            row = ops.update_tenant(sessions=services.sessions, catalog=services.plans, tenant_id=tenant_id,
-                                    data=data)
-            payload = dump(TenantPublic.model_validate(row))
-    except (ModelMeterError, ValidationError) as exc:
-        fail(exc)
+    with admin_services() as services:
+        data = TenantUpdate(**{k: v for k, v in fields.items() if v is not None})
+        row = ops.update_tenant(sessions=services.sessions, catalog=services.plans, tenant_id=tenant_id,
+                                data=data)
+        payload = dump(TenantPublic.model_validate(row))
     emit(as_json, payload, lambda t: f"updated {_tenant_line(t)}")
 
 
@@ -101,41 +93,35 @@ def _key_line(k: dict[str, Any]) -> str:
 @click.option("--scope", "scopes", multiple=True, type=click.Choice(ALL_SCOPES), help="Repeatable; default all.")
 @click.option("--expires-at", type=int, help="Unix seconds.")
 @json_option
+@reports_errors
 def key_create(tenant_id: str, name: str, scopes: tuple[str, ...], expires_at: int | None, as_json: bool) -> None:
-    try:
-        with admin_services() as services:
-            data = ApiKeyCreate(name=name, scopes=list(scopes) or None, expires_at=expires_at)  # type: ignore[arg-type]
-            row, plaintext = ops.issue_key(sessions=services.sessions, tenant_id=tenant_id, data=data)
-            payload = {**dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
-    except (ModelMeterError, ValidationError) as exc:
-        fail(exc)
+    with admin_services() as services:
+        data = ApiKeyCreate(name=name, scopes=list(scopes) or None, expires_at=expires_at)  # type: ignore[arg-type]
+        row, plaintext = ops.issue_key(sessions=services.sessions, tenant_id=tenant_id, data=data)
+        payload = {**dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
     emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k['key']}")
 
 
 @key.command("list")
 @click.argument("tenant_id")
 @json_option
+@reports_errors
 def key_list(tenant_id: str, as_json: bool) -> None:
-    try:
-        with admin_services() as services:
-            rows, has_more = ops.list_keys(sessions=services.sessions, tenant_id=tenant_id, limit=1000, after=None)
-            data = [dump(ApiKeyPublic.of(k, now=clock.now_s())) for k in rows]
-    except ModelMeterError as exc:
-        fail(exc)
+    with admin_services() as services:
+        rows, has_more = ops.list_keys(sessions=services.sessions, tenant_id=tenant_id, limit=1000, after=None)
+        data = [dump(ApiKeyPublic.of(k, now=clock.now_s())) for k in rows]
     emit(as_json, {"object": "list", "data": data, "has_more": has_more},
-          lambda p: "\n".join(_key_line(k) for k in p["data"]) or "no keys")
+         lambda p: "\n".join(_key_line(k) for k in p["data"]) or "no keys")
 
 
 @key.command("revoke")
 @click.argument("key_id")
 @json_option
+@reports_errors
 def key_revoke(key_id: str, as_json: bool) -> None:
-    try:
-        with admin_services() as services:
-            row = ops.revoke_key(sessions=services.sessions, key_id=key_id)
-            payload = dump(ApiKeyPublic.of(row, now=clock.now_s()))
-    except ModelMeterError as exc:
-        fail(exc)
+    with admin_services() as services:
+        row = ops.revoke_key(sessions=services.sessions, key_id=key_id)
+        payload = dump(ApiKeyPublic.of(row, now=clock.now_s()))
     emit(as_json, payload, lambda k: f"revoked {_key_line(k)}")
 
 
@@ -143,14 +129,12 @@ def key_revoke(key_id: str, as_json: bool) -> None:
 @click.argument("key_id")
 @click.option("--grace", "grace_s", type=click.IntRange(0, 30 * 24 * 3600), help="Seconds the old key keeps working.")
 @json_option
+@reports_errors
 def key_roll(key_id: str, grace_s: int | None, as_json: bool) -> None:
-    try:
-        with admin_services() as services:
-            grace = services.settings.default_key_grace_s if grace_s is None else grace_s
-            row, plaintext = ops.roll_key(sessions=services.sessions, key_id=key_id, grace_s=grace)
-            payload = {**dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
-    except ModelMeterError as exc:
-        fail(exc)
+    with admin_services() as services:
+        grace = services.settings.default_key_grace_s if grace_s is None else grace_s
+        row, plaintext = ops.roll_key(sessions=services.sessions, key_id=key_id, grace_s=grace)
+        payload = {**dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
     emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k['key']}")
 
 
@@ -182,15 +166,13 @@ def billing() -> None:
 @billing.command("close")
 @click.option("--period", required=True, help="The finished month to close, YYYY-MM (UTC).")
 @json_option
+@reports_errors
 def billing_close(period: str, as_json: bool) -> None:
     """Close a finished month into one invoice per tenant (running it again changes nothing)."""
     from modelmeter.billing.invoicing import close_period
 
-    try:
-        with admin_services() as services:
-            result = close_period(sessions=services.sessions, catalog=services.plans, period=period)
-    except ModelMeterError as exc:
-        fail(exc)
+    with admin_services() as services:
+        result = close_period(sessions=services.sessions, catalog=services.plans, period=period)
     emit(as_json, result.public(), lambda r: (
         f"period {r['period']} already closed ({r['invoices']} invoices)" if r["already_closed"]
         else f"closed {r['period']}: {r['invoices']} invoices"))
@@ -219,17 +201,15 @@ def billing_sync(retry_failed: bool, as_json: bool) -> None:
 @click.option("--ttl", type=click.IntRange(1, 30 * 24 * 3600), help="Seconds the link works (default: "
               "MODELMETER_DASHBOARD_LINK_TTL_S).")
 @json_option
+@reports_errors
 def dashboard_link(tenant_id: str, base_url: str | None, ttl: int | None, as_json: bool) -> None:
     """Print a short-lived signed link to a tenant's dashboard page."""
     from modelmeter.gateway.dashboard import issue_link
 
-    try:
-        with admin_services() as services:
-            ops.get_tenant(sessions=services.sessions, tenant_id=tenant_id)
-            base = base_url or services.settings.public_url or "http://127.0.0.1:8000"
-            payload = issue_link(services.settings, tenant_id, base, ttl_s=ttl).public()
-    except ModelMeterError as exc:
-        fail(exc)
+    with admin_services() as services:
+        ops.get_tenant(sessions=services.sessions, tenant_id=tenant_id)
+        base = base_url or services.settings.public_url or "http://127.0.0.1:8000"
+        payload = issue_link(services.settings, tenant_id, base, ttl_s=ttl).public()
     emit(as_json, payload, lambda p: str(p["url"]))
 
 
@@ -246,16 +226,14 @@ def _economics_line(r: dict[str, Any]) -> str:
 @click.option("--period", help="The month, YYYY-MM (default: the running one).")
 @click.option("--group-by", type=click.Choice(["tenant", "plan"]), default="tenant", show_default=True)
 @json_option
+@reports_errors
 def economics(period: str | None, group_by: str, as_json: bool) -> None:
     """Revenue against compute cost, and the margin, per tenant or per plan."""
     from modelmeter.billing.economics import economics_report, total
 
-    try:
-        with admin_services() as services, services.sessions() as session:
-            rows = economics_report(session=session, catalog=services.plans, settings=services.settings,
-                                    period=period, group_by=group_by)  # type: ignore[arg-type]
-    except ModelMeterError as exc:
-        fail(exc)
+    with admin_services() as services, services.sessions() as session:
+        rows = economics_report(session=session, catalog=services.plans, settings=services.settings,
+                                period=period, group_by=group_by)  # type: ignore[arg-type]
     payload = {"object": "list", "data": [r.public() for r in rows], "has_more": False}
     summary = total(rows, rows[0].period) if rows else None
     emit(as_json, payload, lambda p: "\n".join(

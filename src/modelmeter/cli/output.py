@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ParamSpec
 
 import click
 from pydantic import BaseModel, ValidationError
@@ -13,6 +14,8 @@ from pydantic import BaseModel, ValidationError
 from modelmeter.errors import ModelMeterError
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings, ensure_admin_token
+
+P = ParamSpec("P")
 
 
 def load_services() -> Services:
@@ -56,6 +59,19 @@ def fail(exc: Exception) -> None:
         first = exc.errors()[0]
         raise click.ClickException(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
     raise exc
+
+
+def reports_errors(verb: Callable[P, None]) -> Callable[P, None]:
+    """A verb's refusals (the platform's errors, invalid input) printed as one line, exit status 1."""
+
+    @functools.wraps(verb)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            verb(*args, **kwargs)
+        except (ModelMeterError, ValidationError) as exc:
+            fail(exc)
+
+    return run
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
