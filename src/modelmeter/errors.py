@@ -181,8 +181,10 @@ def from_validation(exc: RequestValidationError) -> ModelMeterError:
     first = errors[0] if errors else {}
     kind = str(first.get("type", ""))
     param = _param_of(first.get("loc", ()))
-    if kind in ("json_invalid", "json_type") or (kind == "model_attributes_type" and param is None):
+    if kind in ("json_invalid", "json_type"):
         return MalformedRequestError("Request body is not valid JSON.", param=None)
+    if param is None and kind in ("model_attributes_type", "dict_type", "model_type", "missing"):  # no object
+        return InvalidRequestError("The request body must be a JSON object.", code="invalid_body", param=None)
     message = str(first.get("msg", "Invalid request."))
     if kind == "extra_forbidden":
         message = f"Unknown field '{param}'."

@@ -159,7 +159,7 @@ def test_job_defaults_and_refusals(client: TestClient, tenant: Any, base: str, m
     assert job["hyperparameters"]["batch_size"] >= 1
     other = bearer(make_key(make_tenant()["id"])["key"])
     assert_envelope(create_job(client, other, file_id, base), 404, code="file_not_found")
-    assert_envelope(create_job(client, headers, file_id, "gpt-4o"), 422, code="model_not_available")
+    assert_envelope(create_job(client, headers, file_id, "gpt-4o"), 404, code="model_not_found")
     assert_envelope(create_job(client, headers, file_id, base, hyperparameters={"n_epochs": 0}), 422)
     assert_envelope(create_job(client, headers, file_id, base, method={"type": "dpo"}), 422, code="unknown_field")
     three_labels = upload(client, headers, b'{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n'

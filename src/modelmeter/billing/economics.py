@@ -34,7 +34,7 @@ from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.counts import add_into
 from modelmeter.billing.metering import period_bounds
 from modelmeter.billing.tables import Invoice, UsageEvent
-from modelmeter.errors import InvalidRequestError
+from modelmeter.errors import ConflictError
 from modelmeter.money import MICRO_PER_CENT, decimal_text, quantize_half_up, round_half_up_div, unit_micro_cents
 from modelmeter.settings import Settings
 from modelmeter.tenancy.tenants import Tenant, all_tenants
@@ -244,7 +244,8 @@ def economics_report(*, session: Session, catalog: PlanCatalog, settings: Settin
     current = metering.period_of(clock.now_s())
     period = invoicing.parse_period(period) if period else current
     if period > current:
-        raise InvalidRequestError(f"Period {period} has not started yet.", code="period_in_future", param="period")
+        # 409 like closing an unfinished month: the request is well formed, the period is not there yet.
+        raise ConflictError(f"Period {period} has not started yet.", code="period_in_future", param="period")
     rows = period_economics(session=session, catalog=catalog, prices=compute_prices(settings), period=period,
                             tenants=all_tenants(session=session))
     ordered = group(rows, group_by)

@@ -17,6 +17,7 @@ from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import LedgerWriter, Meter
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.errors import install_handlers
+from modelmeter.gateway import openapi
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.gateway.middleware import (
     JSON,
@@ -163,6 +164,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     routers = (health, metrics, admin, inference, files, fine_tuning, usage, billing, dashboard, webhooks)
     for router in (module.router for module in routers):
         app.include_router(router)
+    openapi.install(app, plan_ids=(p.id for p in app.state.services.plans.all()),
+                    max_inputs=settings.max_inputs_per_request)
     app.add_middleware(ContentTypeMiddleware, expects=_media_types)
     app.add_middleware(BodyLimitMiddleware, limit_for=_limits(settings))
     app.add_middleware(RequestContextMiddleware)

@@ -7,8 +7,9 @@ those columns through this model; the side effects of opening an account or chan
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+import pydantic
 from pydantic import StringConstraints, ValidationInfo, field_validator
 from sqlmodel import Field, Session, SQLModel, col, select, update
 from sqlmodel._compat import SQLModelConfig
@@ -49,13 +50,27 @@ class TenantCreate(SQLModel):
     plan: PlanId = "free"
 
 
+def _not_nullable(schema: dict[str, Any]) -> None:
+    """Document an optional field that takes no null: drop the null branch and the null default."""
+    branches = [b for b in schema.pop("anyOf", []) if b.get("type") != "null"]
+    schema.pop("default", None)
+    if len(branches) == 1:
+        schema.update(branches[0])
+    elif branches:
+        schema["anyOf"] = branches
+
+
+NOT_NULLABLE = pydantic.Field(json_schema_extra=_not_nullable)
+
+
 class TenantUpdate(SQLModel):
     model_config = FORBID
-    name: Name | None = None
-    email: Email | None = None
-    plan: PlanId | None = None
-    status: TenantStatus | None = None
-    billing_status: BillingStatus | None = None
+    # May be left out, but not set to null: the validator below refuses null and the schema shows none.
+    name: Annotated[Name | None, NOT_NULLABLE] = None
+    email: Annotated[Email | None, NOT_NULLABLE] = None
+    plan: Annotated[PlanId | None, NOT_NULLABLE] = None
+    status: Annotated[TenantStatus | None, NOT_NULLABLE] = None
+    billing_status: Annotated[BillingStatus | None, NOT_NULLABLE] = None
     rpm_limit: Rpm | None = None
     tpm_limit: Tpm | None = None
     monthly_budget_cents: Budget | None = None

@@ -8,46 +8,53 @@ from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from modelmeter import clock
+from modelmeter.billing.catalog import Plan
 from modelmeter.billing.economics import economics_report
 from modelmeter.billing.invoicing import close_period
 from modelmeter.gateway.deps import AdminDep, ListDep, ServicesDep, SessionDep, list_body
+from modelmeter.gateway.schemas import ADMIN_READ, ADMIN_WRITE, BillingClose, Page, UnitEconomics, errors
 from modelmeter.ops import tenants as ops
 from modelmeter.tenancy.keys import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeyRoll
 from modelmeter.tenancy.tenants import TenantCreate, TenantPublic, TenantUpdate
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 
+READ, ONE, WRITE, WRITE_ONE = (errors(*ADMIN_READ), errors(*ADMIN_READ, 404), errors(*ADMIN_WRITE),
+                               errors(*ADMIN_WRITE, 404))
+# A calendar month, as the ledger and invoices name it (the schema says so, so that clients and fuzzers know).
+PERIOD = r"^(19[7-9][0-9]|2[01][0-9]{2})-(0[1-9]|1[0-2])$"
 
-@router.post("/tenants", status_code=201, response_model=TenantPublic)
+
+@router.post("/tenants", status_code=201, response_model=TenantPublic, responses=WRITE)
 def post_tenant(data: TenantCreate, services: ServicesDep) -> Any:
     return ops.create_tenant(sessions=services.sessions, catalog=services.plans, data=data)
 
 
-@router.get("/tenants")
+@router.get("/tenants", response_model=Page[TenantPublic], responses=READ)
 def get_tenants(services: ServicesDep, page: ListDep) -> dict[str, Any]:
     rows, has_more = ops.list_tenants(sessions=services.sessions, limit=page.limit, after=page.after)
     return list_body([TenantPublic.model_validate(t) for t in rows], has_more)
 
 
-@router.get("/tenants/{tenant_id}", response_model=TenantPublic)
+@router.get("/tenants/{tenant_id}", response_model=TenantPublic, responses=ONE)
 def get_one_tenant(tenant_id: str, services: ServicesDep) -> Any:
     return ops.get_tenant(sessions=services.sessions, tenant_id=tenant_id)
 
 
-@router.patch("/tenants/{tenant_id}", response_model=TenantPublic)
+@router.patch("/tenants/{tenant_id}", response_model=TenantPublic, responses=WRITE_ONE)
 def patch_tenant(tenant_id: str, data: TenantUpdate, services: ServicesDep) -> Any:
     tenant = ops.update_tenant(sessions=services.sessions, catalog=services.plans, tenant_id=tenant_id, data=data)
     services.auth.invalidate(lambda p: p.tenant_id == tenant_id)
     return tenant
 
 
-@router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=ApiKeyCreated)
+@router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=ApiKeyCreated, responses=WRITE_ONE)
 def post_key(tenant_id: str, services: ServicesDep, data: ApiKeyCreate | None = Body(None)) -> Any:
     row, plaintext = ops.issue_key(sessions=services.sessions, tenant_id=tenant_id, data=data or ApiKeyCreate())
     return ApiKeyCreated(**ApiKeyPublic.of(row, now=clock.now_s()).model_dump(), key=plaintext)
 
 
-@router.get("/tenants/{tenant_id}/keys")
+@router.get("/tenants/{tenant_id}/keys", response_model=Page[ApiKeyPublic], responses=ONE)
 def get_keys(tenant_id: str, services: ServicesDep, page: ListDep) -> dict[str, Any]:
     services.auth.flush_last_used()
     rows, has_more = ops.list_keys(sessions=services.sessions, tenant_id=tenant_id, limit=page.limit,
@@ -56,14 +63,14 @@ def get_keys(tenant_id: str, services: ServicesDep, page: ListDep) -> dict[str, 
     return list_body([ApiKeyPublic.of(k, now=now) for k in rows], has_more)
 
 
-@router.delete("/keys/{key_id}", response_model=ApiKeyPublic)
+@router.delete("/keys/{key_id}", response_model=ApiKeyPublic, responses=ONE)
 def delete_key(key_id: str, services: ServicesDep) -> Any:
     key = ops.revoke_key(sessions=services.sessions, key_id=key_id)
     services.auth.invalidate(lambda p: p.key_id == key_id)
     return ApiKeyPublic.of(key, now=clock.now_s())
 
 
-@router.post("/keys/{key_id}/roll", status_code=201, response_model=ApiKeyCreated)
+@router.post("/keys/{key_id}/roll", status_code=201, response_model=ApiKeyCreated, responses=WRITE_ONE)
 def post_roll(
     key_id: str, services: ServicesDep, data: ApiKeyRoll | None = Body(None)
 ) -> Any:
@@ -76,23 +83,23 @@ def post_roll(
 
 class CloseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    period: Annotated[str, StringConstraints(max_length=7)]
+    period: Annotated[str, StringConstraints(pattern=PERIOD)]
 
 
-@router.post("/billing/close")
+@router.post("/billing/close", response_model=BillingClose, responses=WRITE)
 def post_close(data: CloseRequest, services: ServicesDep) -> dict[str, Any]:
     """Close a finished month into one invoice per tenant; closing it again changes nothing."""
     return close_period(sessions=services.sessions, catalog=services.plans, period=data.period).public()
 
 
-@router.get("/plans")
+@router.get("/plans", response_model=Page[Plan], responses=READ)
 def get_plans(services: ServicesDep) -> dict[str, Any]:
     return list_body([p.model_dump(mode="json") for p in services.plans.all()], False)
 
 
-@router.get("/economics")
+@router.get("/economics", response_model=Page[UnitEconomics], response_model_exclude_unset=True, responses=READ)
 def get_economics(
-    services: ServicesDep, session: SessionDep, period: Annotated[str | None, Query(max_length=7)] = None,
+    services: ServicesDep, session: SessionDep, period: Annotated[str | None, Query(pattern=PERIOD)] = None,
     group_by: Literal["tenant", "plan"] = "tenant",
 ) -> dict[str, Any]:
     """Revenue (invoices; the preview while open) against compute cost, and the margin, per tenant or plan."""

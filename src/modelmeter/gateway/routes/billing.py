@@ -13,13 +13,15 @@ from modelmeter.billing.pricing import usage_cost_micro
 from modelmeter.billing.tables import Invoice
 from modelmeter.errors import NotFoundError
 from modelmeter.gateway.deps import BillingPrincipal, ListDep, ServicesDep, SessionDep, list_body
+from modelmeter.gateway.schemas import TENANT_READ, Page, Subscription, errors
+from modelmeter.gateway.schemas import Invoice as InvoiceOut
 from modelmeter.money import cents_text, micro_to_cents
 from modelmeter.tenancy.tenants import get_tenant
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
 
 
-@router.get("/subscription")
+@router.get("/subscription", response_model=Subscription, responses=errors(*TENANT_READ))
 def subscription(principal: BillingPrincipal, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
     tenant = get_tenant(session=session, tenant_id=principal.tenant_id)
     plan = services.plans.get(tenant.plan)
@@ -42,14 +44,14 @@ def subscription(principal: BillingPrincipal, services: ServicesDep, session: Se
     }
 
 
-@router.get("/invoices/upcoming")
+@router.get("/invoices/upcoming", response_model=InvoiceOut, responses=errors(*TENANT_READ))
 def upcoming(principal: BillingPrincipal, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
     """The running period's invoice as it stands now (status ``draft``)."""
     tenant = get_tenant(session=session, tenant_id=principal.tenant_id)
     return invoicing.preview(session=session, catalog=services.plans, tenant_id=tenant.id, plan=tenant.plan)
 
 
-@router.get("/invoices")
+@router.get("/invoices", response_model=Page[InvoiceOut], responses=errors(*TENANT_READ))
 def invoices(principal: BillingPrincipal, session: SessionDep, page: ListDep) -> dict[str, Any]:
     rows, has_more = invoicing.list_invoices(session=session, tenant_id=principal.tenant_id, limit=page.limit,
                                              after=page.after)
@@ -57,7 +59,7 @@ def invoices(principal: BillingPrincipal, session: SessionDep, page: ListDep) ->
     return list_body(invoices, has_more)
 
 
-@router.get("/invoices/{invoice_id}")
+@router.get("/invoices/{invoice_id}", response_model=InvoiceOut, responses=errors(*TENANT_READ, 404))
 def invoice(invoice_id: str, principal: BillingPrincipal, session: SessionDep) -> dict[str, Any]:
     row = session.get(Invoice, invoice_id)
     if row is None or row.tenant_id != principal.tenant_id:

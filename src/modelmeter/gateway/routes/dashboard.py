@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse
 from modelmeter.gateway.dashboard import issue_link, load_page, verify_token
 from modelmeter.gateway.dashboard_page import render
 from modelmeter.gateway.deps import BillingPrincipal, ServicesDep, SessionDep
+from modelmeter.gateway.schemas import TENANT_WRITE, DashboardLink, errors
 
 router = APIRouter(tags=["dashboard"])
 
@@ -24,7 +25,7 @@ _PAGE_HEADERS = {
 }
 
 
-@router.post("/v1/dashboard/links")
+@router.post("/v1/dashboard/links", response_model=DashboardLink, responses=errors(*TENANT_WRITE))
 async def create_link(principal: BillingPrincipal, services: ServicesDep, request: Request) -> dict[str, Any]:
     """A link to the caller's dashboard page, valid for ``MODELMETER_DASHBOARD_LINK_TTL_S`` seconds."""
     base = services.settings.public_url or str(request.base_url)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter.errors import InvalidRequestError, PayloadTooLargeError
 from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep, list_body
+from modelmeter.gateway.schemas import TENANT_READ, TENANT_WRITE, FileDeleted, FileObject, Page, errors
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import DatasetError, ParsedDataset, parse_dataset
 from modelmeter.ops import files
@@ -27,17 +28,15 @@ def _parse(settings: Settings, data: bytes, filename: str) -> ParsedDataset:
                                   param="file") from exc
 
 
-@router.post("/v1/files")
+@router.post("/v1/files", response_model=FileObject, responses=errors(*TENANT_WRITE))
 async def upload_file(
     principal: FineTunePrincipal,
     services: ServicesDep,
     file: Annotated[UploadFile, File(description="JSONL, CSV or TSV of labeled text")],
-    purpose: Annotated[str, Form()],
+    purpose: Annotated[Literal["fine-tune"], Form()],
 ) -> dict[str, Any]:
     """Upload a labeled dataset; it is parsed and validated before anything is stored."""
     settings = services.settings
-    if purpose != "fine-tune":
-        raise InvalidRequestError("Only purpose 'fine-tune' is supported.", code="invalid_value", param="purpose")
     if file.size is not None and file.size > settings.max_file_bytes:
         raise PayloadTooLargeError(f"Files may be at most {settings.max_file_bytes} bytes.")
     data = await file.read()
@@ -49,7 +48,7 @@ async def upload_file(
     return jobs.file_public(row)
 
 
-@router.get("/v1/files")
+@router.get("/v1/files", response_model=Page[FileObject], responses=errors(*TENANT_READ))
 def list_files(
     principal: FineTunePrincipal, session: SessionDep, page: ListDep,
     purpose: Annotated[str | None, Query(max_length=32)] = None,
@@ -59,12 +58,12 @@ def list_files(
     return list_body([jobs.file_public(f) for f in rows], has_more)
 
 
-@router.get("/v1/files/{file_id}")
+@router.get("/v1/files/{file_id}", response_model=FileObject, responses=errors(*TENANT_READ, 404))
 def get_file(file_id: str, principal: FineTunePrincipal, session: SessionDep) -> dict[str, Any]:
     return jobs.file_public(jobs.get_file(session=session, tenant_id=principal.tenant_id, file_id=file_id))
 
 
-@router.delete("/v1/files/{file_id}")
+@router.delete("/v1/files/{file_id}", response_model=FileDeleted, responses=errors(*TENANT_READ, 404, 409))
 def delete_file(file_id: str, principal: FineTunePrincipal, services: ServicesDep) -> dict[str, Any]:
     """Delete a file not used by an active job (409 otherwise)."""
     files.delete_file(sessions=services.sessions, data_dir=services.settings.data_dir,

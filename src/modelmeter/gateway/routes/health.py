@@ -10,17 +10,18 @@ from starlette.concurrency import run_in_threadpool
 from modelmeter.db import ping
 from modelmeter.errors import ServiceUnavailableError
 from modelmeter.gateway.deps import ServicesDep
+from modelmeter.gateway.schemas import Health, Ready, errors
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health)
 async def healthz() -> dict[str, str]:
     """The process is up and serving HTTP."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Ready, responses=errors(503))
 async def readyz(services: ServicesDep) -> dict[str, Any]:
     """Ready when the database answers."""
     try:

@@ -18,6 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from modelmeter.errors import InvalidRequestError
 from modelmeter.gateway.deps import CurrentPrincipal, InferencePrincipal, ServicesDep, list_body
 from modelmeter.gateway.inference import Served, serve
+from modelmeter.gateway.schemas import (
+    TENANT_READ,
+    TENANT_WRITE,
+    ClassifyResponse,
+    EmbeddingsResponse,
+    HFResponse,
+    Page,
+    errors,
+)
+from modelmeter.models.registry import ModelPublic
 
 router = APIRouter(tags=["inference"])
 
@@ -100,14 +110,19 @@ def _check_task(model_id: str, task: str, wanted: str, route: str) -> None:
         )
 
 
-@router.get("/v1/models")
+# The inference routes return their JSONResponse directly: FastAPI documents ``response_model`` and skips
+# re-validating the body (an embeddings answer is thousands of floats) on the hot path.
+_INFERENCE_ERRORS = errors(*TENANT_WRITE, 404, 503)
+
+
+@router.get("/v1/models", response_model=Page[ModelPublic], responses=errors(*TENANT_READ))
 async def get_models(principal: CurrentPrincipal, services: ServicesDep) -> dict[str, Any]:
     """The tenant's own models plus the platform's."""
     models = await services.models.visible(principal.tenant_id)
     return list_body([m.public() for m in models], False)
 
 
-@router.post("/v1/classify")
+@router.post("/v1/classify", response_model=ClassifyResponse, responses=_INFERENCE_ERRORS)
 async def classify(body: ClassifyRequest, principal: InferencePrincipal, request: Request) -> JSONResponse:
     """Label each input with the model's classes: ``label``, ``score`` and every class's probability."""
     served = await serve(
@@ -128,7 +143,7 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_INFERENCE_ERRORS)
 async def embeddings(body: EmbeddingsRequest, principal: InferencePrincipal, request: Request) -> JSONResponse:
     """OpenAI-compatible embeddings (mean-pooled, L2-normalised)."""
     served = await serve(
@@ -143,7 +158,7 @@ async def embeddings(body: EmbeddingsRequest, principal: InferencePrincipal, req
     return _respond({"object": "list", "data": data, "model": body.model, "usage": _usage(served)}, served)
 
 
-@router.post("/models/{model:path}")
+@router.post("/models/{model:path}", response_model=HFResponse, responses=_INFERENCE_ERRORS)
 async def hf_inference(model: str, body: HFRequest, principal: InferencePrincipal, request: Request) -> JSONResponse:
     """Hugging Face inference format: classification answers ``[[{label, score}…]]``, feature extraction
     answers one vector per input."""

@@ -9,13 +9,15 @@ from fastapi import APIRouter, Query
 from modelmeter import clock
 from modelmeter.billing.usage import UsageQuery, usage_buckets
 from modelmeter.gateway.deps import BillingPrincipal, ServicesDep, SessionDep, list_body
+from modelmeter.gateway.schemas import TENANT_READ, Page, UsageBucket, errors
 
 router = APIRouter(tags=["usage"])
 
 Timestamp = Annotated[int, Query(ge=0, le=2**37)]
 
 
-@router.get("/v1/usage")
+@router.get("/v1/usage", response_model=Page[UsageBucket], response_model_exclude_unset=True,
+            responses=errors(*TENANT_READ))
 def get_usage(
     principal: BillingPrincipal,
     services: ServicesDep,

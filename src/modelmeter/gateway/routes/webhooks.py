@@ -13,13 +13,14 @@ from modelmeter import clock
 from modelmeter.billing.stripe.webhooks import apply_event, verify_event
 from modelmeter.errors import MalformedRequestError, ServiceUnavailableError
 from modelmeter.gateway.deps import ServicesDep
+from modelmeter.gateway.schemas import WebhookReceipt, errors
 
 router = APIRouter(tags=["webhooks"])
 
 SIGNATURE_TOLERANCE_S = 300
 
 
-@router.post("/webhooks/stripe")
+@router.post("/webhooks/stripe", response_model=WebhookReceipt, responses=errors(400, 413, 503))
 async def stripe_webhook(request: Request, services: ServicesDep) -> dict[str, Any]:
     """Verify ``Stripe-Signature`` (HMAC-SHA256 of the raw body, 300 s tolerance), then apply the event once."""
     secret = services.settings.stripe_webhook_secret

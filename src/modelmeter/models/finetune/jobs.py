@@ -52,7 +52,10 @@ class TrainingTypeIn(BaseModel):
     ``alpha`` defaults to twice the rank, which keeps the update's scale (alpha / rank) and so the default
     learning rate right whatever the rank."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The schema states the rule the validator below enforces (a full fine-tune takes no rank or alpha) as a
+    # union of the two shapes, so that clients and contract testers see it; validation stays one model so that
+    # errors name ``training_type.rank``, not a union branch.
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: _one_of_two_shapes(schema))
     type: Literal["lora", "full"]
     rank: Annotated[StrictInt, Field(ge=1, le=MAX_LORA_RANK)] | None = None
     alpha: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
@@ -68,6 +71,18 @@ class TrainingTypeIn(BaseModel):
             return {"type": "full"}
         rank = self.rank or DEFAULT_LORA_RANK
         return {"type": "lora", "rank": rank, "alpha": self.alpha or 2 * rank}
+
+
+def _one_of_two_shapes(schema: dict[str, Any]) -> None:
+    properties = schema.pop("properties")
+    schema.pop("required", None)
+    schema.pop("additionalProperties", None)  # each branch forbids extras itself
+    lora = {**properties, "type": {"const": "lora", "type": "string"}}
+    full = {"type": {"const": "full", "type": "string"}}
+    schema["oneOf"] = [
+        {"type": "object", "properties": lora, "required": ["type"], "additionalProperties": False},
+        {"type": "object", "properties": full, "required": ["type"], "additionalProperties": False},
+    ]
 
 
 DEFAULT_TRAINING = TrainingTypeIn(type="lora", rank=DEFAULT_LORA_RANK, alpha=DEFAULT_LORA_ALPHA)
@@ -194,9 +209,9 @@ def file_in_use(*, session: Session, file_id: str) -> bool:
 def validate_job(*, session: Session, tenant_id: str, data: JobCreate, base_models: Sequence[str]) -> TenantFile:
     """Check the base model and the files (404 for another tenant's file); returns the training file."""
     if data.model not in base_models:
-        raise InvalidRequestError(
-            f"'{data.model}' cannot be fine-tuned here; base models: {', '.join(base_models)}.",
-            code="model_not_available", param="model",
+        raise NotFoundError(
+            f"No base model '{data.model}' to fine-tune; base models: {', '.join(base_models)}.",
+            code="model_not_found", param="model",
         )
     return get_file(session=session, tenant_id=tenant_id, file_id=data.training_file, param="training_file")
 

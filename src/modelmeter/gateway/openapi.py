@@ -1,0 +1,63 @@
+"""The OpenAPI document, completed with what only the running app knows.
+
+FastAPI derives the document from the routes' models; this adds what those static models cannot say: the bearer
+scheme and which operations need it, the plan ids of this deployment's catalog (a tenant's ``plan`` must be one),
+and the inputs-per-request cap from the settings. Generated clients and the contract tests (schemathesis, in CI)
+then know every rule a request is checked against, short of the ones that depend on stored data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+BEARER = "bearer"
+_AUTHENTICATED = ("/v1/", "/models/", "/admin/")
+_INPUT_FIELDS = {"ClassifyRequest": "input", "EmbeddingsRequest": "input", "HFRequest": "inputs"}
+
+
+def install(app: FastAPI, *, plan_ids: Iterable[str], max_inputs: int) -> None:
+    """Replace ``app.openapi`` with one that builds the completed document once and caches it."""
+    plans = sorted(plan_ids)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, description=app.description,
+                                   routes=app.routes)
+            _add_security(document)
+            schemas = document.get("components", {}).get("schemas", {})
+            for name in ("TenantCreate", "TenantUpdate"):
+                _set_plan_enum(schemas.get(name, {}), plans)
+            for name, field in _INPUT_FIELDS.items():
+                _cap_inputs(schemas.get(name, {}), field, max_inputs)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_security(document: dict[str, Any]) -> None:
+    document.setdefault("components", {})["securitySchemes"] = {
+        BEARER: {"type": "http", "scheme": "bearer",
+                 "description": "A tenant key (`mm_…`) on /v1 and /models, the admin token on /admin."},
+    }
+    for path, operations in document.get("paths", {}).items():
+        if path.startswith(_AUTHENTICATED):
+            for operation in operations.values():
+                operation["security"] = [{BEARER: []}]
+
+
+def _set_plan_enum(schema: dict[str, Any], plans: list[str]) -> None:
+    plan = schema.get("properties", {}).get("plan")
+    if plan is not None:
+        plan["enum"] = plans
+
+
+def _cap_inputs(schema: dict[str, Any], field: str, max_inputs: int) -> None:
+    for branch in schema.get("properties", {}).get(field, {}).get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["maxItems"] = max_inputs
+

@@ -1,0 +1,320 @@
+"""The public response shapes: what every route answers, declared once so that OpenAPI, generated clients and
+the contract tests (schemathesis, in CI) agree with what the service sends.
+
+Routes declare these as ``response_model``. Most routes build their body as a dict and FastAPI checks it against
+the model on the way out (drift becomes a test failure, not a silent change). The inference routes return their
+``JSONResponse`` directly, so FastAPI documents the schema without re-validating every float of an embedding on
+the hot path. Every model forbids extra keys, so the document says exactly what a client receives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from modelmeter.billing.catalog import Plan
+
+T = TypeVar("T")
+
+
+class Public(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+class ErrorDetail(Public):
+    message: str
+    type: str
+    code: str | None
+    param: str | None
+
+
+class ErrorBody(Public):
+    """The one error envelope."""
+
+    error: ErrorDetail
+
+
+_WHY = {
+    400: "Malformed request: the body is not JSON or not a form, or a header is invalid (Idempotency-Key).",
+    401: "Missing, malformed, unknown, revoked or expired API key.",
+    403: "The key lacks the scope, the tenant is suspended, or a tenant key called an admin route.",
+    404: "No such object or model (another tenant's objects answer exactly as missing ones).",
+    409: "The object's state forbids it, or this Idempotency-Key's first request is still in flight.",
+    413: "The body is over the size limit.",
+    415: "The body is in a media type this route does not take.",
+    422: "An invalid or unknown field (named in `param`), or an Idempotency-Key reused with another body.",
+    429: "`rate_limit_exceeded` or `overloaded` (retry after Retry-After), or `insufficient_quota` (do not retry).",
+    503: "A part the request needs is unavailable.",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, each with the envelope schema."""
+    return {status: {"model": ErrorBody, "description": _WHY[status]} for status in statuses}
+
+
+TENANT_READ = (401, 403, 422, 429)  # every authenticated route: a bad query parameter is a 422; limits answer 429
+TENANT_WRITE = (400, 401, 403, 409, 413, 415, 422, 429)  # a body, and a POST's Idempotency-Key
+ADMIN_READ = (401, 403, 422)
+ADMIN_WRITE = (400, 401, 403, 409, 413, 415, 422)
+
+
+# --- lists -----------------------------------------------------------------------------------------
+
+
+class Page(Public, Generic[T]):
+    """Every list: ``{"object": "list", "data": [...], "has_more": bool}`` (the OpenAI and Stripe convention)."""
+
+    object: Literal["list"]
+    data: list[T]
+    has_more: bool
+
+
+# --- inference -------------------------------------------------------------------------------------
+
+
+class TokenUsage(Public):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Classification(Public):
+    index: int
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class ClassifyResponse(Public):
+    object: Literal["list"]
+    model: str
+    data: list[Classification]
+    usage: TokenUsage
+
+
+class Embedding(Public):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32 with encoding_format=base64
+
+
+class EmbeddingsResponse(Public):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: TokenUsage
+
+
+class LabelScore(Public):
+    label: str
+    score: float
+
+
+# Hugging Face's shapes: ranked labels per input (text classification) or one vector per input (features).
+HFResponse = list[list[LabelScore]] | list[list[float]]
+
+
+# --- files and fine-tuning -------------------------------------------------------------------------
+
+
+class FileObject(Public):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"]
+    status_details: None
+    rows: int
+    labels: list[str]
+
+
+class FileDeleted(Public):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class Hyperparameters(Public):
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class JobError(Public):
+    code: str
+    message: str | None
+    param: str | None
+
+
+class FineTuningJob(Public):
+    id: str
+    object: Literal["fine_tuning.job"]
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    result_files: list[str]
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    validation_file: str | None
+    training_file: str
+    hyperparameters: Hyperparameters
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    user_provided_suffix: str | None
+    estimated_finish: int | None
+    integrations: list[Any]
+    result: dict[str, Any] | None  # accuracy and per-label precision/recall/F1 once succeeded
+    training_type: dict[str, Any]  # {"type": "lora", "rank", "alpha"} or {"type": "full"}
+
+
+class FineTuningEvent(Public):
+    id: str
+    object: Literal["fine_tuning.job.event"]
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any]
+
+
+# --- usage, billing, dashboard ---------------------------------------------------------------------
+
+
+class UsageResult(Public):
+    object: Literal["usage.result"]
+    requests: int
+    tokens: int
+    training_tokens: int
+    cost_cents: int
+    cost_cents_decimal: str
+    model: str | None = None  # with group_by=model
+    key_id: str | None = None  # with group_by=key
+    plan: str | None = None  # with group_by=plan
+
+
+class UsageBucket(Public):
+    object: Literal["bucket"]
+    start_time: int
+    end_time: int
+    results: list[UsageResult]
+
+
+class Quantities(Public):
+    requests: int
+    tokens: int
+    training_tokens: int
+
+
+class Limits(Public):
+    rpm: int
+    tpm: int
+
+
+class Budget(Public):
+    monthly_budget_cents: int | None
+    spent_cents: int
+    spent_cents_decimal: str
+    remaining_cents: int | None
+
+
+class Subscription(Public):
+    object: Literal["subscription"]
+    tenant_id: str
+    plan: Plan
+    status: str
+    billing_status: str
+    current_period: str
+    current_period_start: int
+    current_period_end: int
+    hard_limit: bool
+    included: Quantities
+    used: Quantities
+    limits: Limits
+    budget: Budget
+
+
+class InvoiceLine(Public):
+    object: Literal["line_item"]
+    code: str
+    plan: str | None
+    description: str
+    quantity: int
+    unit_amount_decimal: str
+    amount: int
+
+
+class Invoice(Public):
+    id: str | None  # None on the upcoming (draft) invoice
+    object: Literal["invoice"]
+    tenant_id: str
+    period: str
+    status: str
+    currency: str
+    period_start: int
+    period_end: int
+    created: int | None
+    lines: Page[InvoiceLine]
+    subtotal: int
+    total: int
+    sync_status: str
+    stripe_invoice_id: str | None
+    paid_at: int | None
+
+
+class DashboardLink(Public):
+    object: Literal["dashboard_link"]
+    url: str
+    expires_at: int
+
+
+# --- operator --------------------------------------------------------------------------------------
+
+
+class BillingClose(Public):
+    object: Literal["billing_close"]
+    period: str
+    invoices: int
+    already_closed: bool
+    closed_at: int
+
+
+class UnitEconomics(Public):
+    object: Literal["unit_economics"]
+    period: str
+    tenant_id: str | None = None  # group_by=tenant
+    plan: str | None = None  # group_by=plan
+    plans: list[str] | None = None  # group_by=tenant: the plans the tenant was on in the period
+    currency: str
+    revenue_cents: int
+    revenue_source: str
+    compute_cost_cents: int
+    compute_cost_cents_decimal: str
+    margin_cents: int
+    margin_ratio: str | None
+    requests: int
+    tokens: int
+    training_tokens: int
+    cpu_compute_ms: int
+    gpu_compute_ms: int
+
+
+class WebhookReceipt(Public):
+    received: bool
+    outcome: str
+
+
+class Health(Public):
+    status: Literal["ok"]
+
+
+class Ready(Public):
+    status: Literal["ready"]
+    checks: dict[str, str]
