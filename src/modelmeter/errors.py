@@ -2,13 +2,16 @@
 
     ModelMeterError                      (base: message, code, param)
     ├── InvalidRequestError              invalid_request_error      422
-    │   └── MalformedRequestError        invalid_request_error      400  (unparseable JSON, bad multipart)
+    │   ├── MalformedRequestError        invalid_request_error      400  (unparseable JSON, bad multipart)
+    │   │   └── InvalidIdempotencyKeyError  invalid_request_error   400  code=invalid_idempotency_key
+    │   └── IdempotencyKeyReusedError    invalid_request_error      422  code=idempotency_key_reused
     ├── AuthenticationError              authentication_error       401
     ├── PermissionDeniedError            permission_error           403
     │   └── TenantSuspendedError         permission_error           403  code=tenant_suspended
     ├── NotFoundError                    not_found_error            404
     ├── MethodNotAllowedError            invalid_request_error      405
     ├── ConflictError                    conflict_error             409
+    │   └── IdempotencyKeyInUseError     conflict_error             409  code=idempotency_key_in_use
     ├── PayloadTooLargeError             request_too_large          413
     ├── UnsupportedMediaTypeError        invalid_request_error      415  code=unsupported_media_type
     ├── RateLimitError                   rate_limit_exceeded        429  (Retry-After)
@@ -69,6 +72,18 @@ class MalformedRequestError(InvalidRequestError):
     default_code = "malformed_request"
 
 
+class InvalidIdempotencyKeyError(MalformedRequestError):
+    """An ``Idempotency-Key`` header that is empty, too long, repeated or not printable ASCII."""
+
+    default_code = "invalid_idempotency_key"
+
+
+class IdempotencyKeyReusedError(InvalidRequestError):
+    """The caller's ``Idempotency-Key`` was first used for another request (another body or route)."""
+
+    default_code = "idempotency_key_reused"
+
+
 class AuthenticationError(ModelMeterError):
     type = "authentication_error"
     default_code = "invalid_api_key"
@@ -95,6 +110,12 @@ class MethodNotAllowedError(ModelMeterError):
 class ConflictError(ModelMeterError):
     type = "conflict_error"
     default_code = "conflict"
+
+
+class IdempotencyKeyInUseError(ConflictError):
+    """The first request with this ``Idempotency-Key`` is still running; retry once it has answered."""
+
+    default_code = "idempotency_key_in_use"
 
 
 class PayloadTooLargeError(ModelMeterError):

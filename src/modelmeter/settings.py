@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     key_cache_ttl_s: Annotated[float, Field(ge=0)] = 30.0
     last_used_flush_s: Annotated[float, Field(gt=0)] = 60.0
     default_key_grace_s: Annotated[int, Field(ge=0)] = 24 * 3600
+    idempotency_ttl_s: Annotated[int, Field(gt=0)] = 24 * 3600  # how long an Idempotency-Key's answer is kept
+    idempotency_lock_s: Annotated[int, Field(gt=0)] = 120  # lease on a key in flight (frees a dead replica's)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Serving

@@ -7,5 +7,6 @@ def import_all_tables() -> None:
     import modelmeter.billing.tables
     import modelmeter.models.finetune.tables
     import modelmeter.models.registry
+    import modelmeter.tenancy.idempotency
     import modelmeter.tenancy.keys
     import modelmeter.tenancy.tenants  # noqa: F401

@@ -120,6 +120,8 @@ class Telemetry:
         self.http_duration = Histogram("modelmeter_http_request_duration_seconds", "Time from the first byte in to "
                                        "the response's end, by route template.", ["route", "method"],
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.idempotent_replays = Counter("modelmeter_idempotent_replays_total", "Answers replayed for a repeated "
+                                          "Idempotency-Key (the request not run, nor billed, again).", registry=r)
         self.build_info = Gauge("modelmeter_build_info", "1, labelled with the running version.", ["version"],
                                 multiprocess_mode="max", registry=r)
         self.build_info.labels(__version__).set(1)

@@ -19,6 +19,7 @@ from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.errors import install_handlers
 from modelmeter.gateway import openapi
 from modelmeter.gateway.auth import KeyAuthenticator
+from modelmeter.gateway.idempotency import IdempotencyMiddleware
 from modelmeter.gateway.middleware import (
     JSON,
     MULTIPART,
@@ -44,6 +45,7 @@ from modelmeter.models.registry import ModelCache, register_platform_models
 from modelmeter.models.serving import AdapterConfig, AdapterHooks, BatchCaps, ModelServer
 from modelmeter.settings import Settings, ensure_admin_token, get_settings
 from modelmeter.telemetry import Telemetry
+from modelmeter.tenancy import idempotency
 from modelmeter.trainer import spawn_worker, stop_worker
 
 log = logging.getLogger("modelmeter.gateway")
@@ -118,20 +120,25 @@ def prepare_database(services: Services) -> None:
         register_platform_models(session=session)
 
 
-async def _flush_loop(services: Services) -> None:
+async def _housekeeping_loop(services: Services) -> None:
+    """Every ``last_used_flush_s``: write the buffered ``last_used_at`` values, forget expired idempotency keys."""
     while True:
         await asyncio.sleep(services.settings.last_used_flush_s)
         try:
             await run_in_threadpool(services.auth.flush_last_used)
         except Exception:
             log.exception("flushing last_used_at failed; will retry")
+        try:
+            await run_in_threadpool(idempotency.purge, sessions=services.sessions)
+        except Exception:
+            log.exception("purging expired idempotency keys failed; will retry")
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services: Services = app.state.services
     await run_in_threadpool(prepare_database, services)
-    flusher = asyncio.create_task(_flush_loop(services))
+    flusher = asyncio.create_task(_housekeeping_loop(services))
     services.ledger.start()
     if services.stripe is not None:
         services.stripe.start(services.settings.stripe_sync_interval_s)
@@ -166,6 +173,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
         app.include_router(router)
     openapi.install(app, plan_ids=(p.id for p in app.state.services.plans.all()),
                     max_inputs=settings.max_inputs_per_request)
+    app.add_middleware(IdempotencyMiddleware, services=app.state.services)  # inside: sees the body as routes do
     app.add_middleware(ContentTypeMiddleware, expects=_media_types)
     app.add_middleware(BodyLimitMiddleware, limit_for=_limits(settings))
     app.add_middleware(RequestContextMiddleware)

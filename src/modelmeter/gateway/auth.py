@@ -40,6 +40,10 @@ class Principal:
     tpm_limit: int | None = None
     monthly_budget_cents: int | None = None
 
+    def admitted_at(self, now: int) -> bool:
+        """Whether ``check`` lets this principal through at ``now`` (unexpired key, active tenant)."""
+        return (self.expires_at is None or self.expires_at > now) and self.tenant_status == "active"
+
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
             raise PermissionDeniedError(

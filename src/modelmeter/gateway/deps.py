@@ -62,7 +62,8 @@ def _bearer(request: Request) -> str:
     return token
 
 
-async def _principal_of(services: Services, token: str) -> Principal | None:
+async def principal_of(services: Services, token: str) -> Principal | None:
+    """The principal of a tenant key (cached, else looked up off the event loop); None for an unknown one."""
     if not well_formed(token):
         return None
     hit, principal = services.auth.cached(token)
@@ -74,7 +75,7 @@ async def _principal_of(services: Services, token: str) -> Principal | None:
 async def current_principal(request: Request, services: ServicesDep) -> Principal:
     """Authenticate the tenant key: malformed, unknown, revoked and expired keys get one 401 message."""
     token = _bearer(request)
-    principal = services.auth.check(await _principal_of(services, token))
+    principal = services.auth.check(await principal_of(services, token))
     request.state.principal = principal
     refuse_media_type(request.state)
     return principal
@@ -103,7 +104,7 @@ async def require_admin(request: Request, services: ServicesDep) -> None:
     if expected and admin_token_matches(token, expected):
         refuse_media_type(request.state)
         return
-    principal = await _principal_of(services, token)
+    principal = await principal_of(services, token)
     if principal is not None:
         services.auth.check(principal)
         raise PermissionDeniedError("Tenant API keys cannot call admin endpoints.", code="admin_only")
