@@ -229,3 +229,31 @@ async def test_concurrent_requests_with_one_key_run_once(live_server: LiveServer
         else:
             assert_envelope(response, 409, code="idempotency_key_in_use")
     assert tenant_ids(client) == [ran[0].json()["id"]]
+
+
+def test_a_new_api_key_is_replayed_but_never_stored_readable(client: TestClient, services: Services,
+                                                             make_tenant: Any) -> None:
+    tenant = make_tenant()
+    url = f"/admin/tenants/{tenant['id']}/keys"
+    first = client.post(url, json={"name": "ci"}, headers=keyed("new-key"))
+    again = client.post(url, json={"name": "ci"}, headers=keyed("new-key"))
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    secret = first.json()["key"]
+    assert len(client.get(url, headers=ADMIN).json()["data"]) == 1
+    (row,) = rows(services)
+    assert row.body is not None
+    assert secret.encode() not in row.body
+    assert first.json()["id"].encode() not in row.body  # the whole body is sealed, not only the secret
+
+
+def test_an_answer_sealed_under_another_admin_token_is_not_run_again(client: TestClient, services: Services,
+                                                                     app_factory: Any) -> None:
+    assert client.post("/admin/tenants", json=TENANT, headers=keyed("k-rotated")).status_code == 201
+    rotated = "mmadmin_another-token-0123456789"
+    with TestClient(app_factory(admin_token=rotated), raise_server_exceptions=False) as other:
+        headers = {"Authorization": f"Bearer {rotated}", "Idempotency-Key": "k-rotated"}
+        assert_envelope(other.post("/admin/tenants", json=TENANT, headers=headers), 409,
+                        code="idempotency_key_unreadable")
+    assert len(tenant_ids(client)) == 1

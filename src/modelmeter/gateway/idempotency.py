@@ -11,6 +11,9 @@ Only a 2xx answer is kept: it is the one whose effect happened. Any other outcom
 disconnect) releases the key, so the retry runs afresh: a refused request changed nothing, and a 429 must not be
 replayed for a day. The store is the database (:mod:`modelmeter.tenancy.idempotency`), so replicas share it.
 
+A kept answer's body is sealed (AES-GCM, a key derived from the admin token): a key creation or roll answers
+with the new API key's secret, which must not rest in the database readable (keys are stored as hashes only).
+
 Requests without the header, and every other method, pass straight through: no body is buffered and the
 database is not touched. A caller that is not authenticated also passes through untouched (the route answers
 its 401/403, and nothing is stored), as does Stripe's webhook (Stripe signs and retries its own events).
@@ -19,14 +22,20 @@ its 401/403, and nothing is stored), as does Stripe's webhook (Stripe signs and 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelmeter import clock
 from modelmeter.errors import (
+    ConflictError,
     IdempotencyKeyInUseError,
     IdempotencyKeyReusedError,
     InvalidIdempotencyKeyError,
@@ -35,6 +44,7 @@ from modelmeter.errors import (
 from modelmeter.gateway.auth import admin_token_matches, parse_bearer
 from modelmeter.gateway.deps import principal_of
 from modelmeter.gateway.services import Services
+from modelmeter.settings import Settings, ensure_admin_token
 from modelmeter.tenancy import idempotency as store
 from modelmeter.tenancy.idempotency import ADMIN_SCOPE, StoredResponse
 
@@ -59,6 +69,7 @@ class IdempotencyMiddleware:
     def __init__(self, app: ASGIApp, *, services: Services) -> None:
         self.app = app
         self.services = services
+        self.sealer = Sealer(services.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].startswith(_EXCLUDED_PREFIX):
@@ -88,8 +99,16 @@ class IdempotencyMiddleware:
             await self._run(scope, body, send, receive, caller=caller, key=key, claim_id=claim.claim_id)
         elif claim.outcome == "done":
             assert claim.response is not None
+            try:
+                answer = self.sealer.open(claim.response)
+            except InvalidTag:  # sealed under another admin token: it cannot be replayed, and must not run again
+                await error_response(ConflictError(
+                    "The answer kept for this Idempotency-Key can no longer be read (the server's secret changed); "
+                    "use a new key.", code="idempotency_key_unreadable", param=PARAM,
+                ))(scope, receive, send)
+                return
             self.services.telemetry.idempotent_replays.inc()
-            await _replay(claim.response, send)
+            await _replay(answer, send)
         elif claim.outcome == "in_flight":
             await error_response(IdempotencyKeyInUseError(
                 "A request with this Idempotency-Key is still being processed; retry after it completes.",
@@ -141,8 +160,9 @@ class IdempotencyMiddleware:
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
                     settled = True
-                    answer = StoredResponse(status, headers, b"".join(chunks))
-                    if not (200 <= status < 300 and await _complete(sessions, caller, key, claim_id, answer)):
+                    ok = 200 <= status < 300
+                    answer = self.sealer.seal(StoredResponse(status, headers, b"".join(chunks))) if ok else None
+                    if not (answer is not None and await _complete(sessions, caller, key, claim_id, answer)):
                         await release()
             await send(message)
 
@@ -151,6 +171,30 @@ class IdempotencyMiddleware:
         finally:
             if not settled:  # no complete answer: an exception, or the client left
                 await release()
+
+
+_SEAL_CONTEXT = b"modelmeter/idempotency-answers/v1"
+_NONCE_BYTES = 12
+
+
+class Sealer:
+    """Seal and open kept answers' bodies: AES-256-GCM under a key derived (HMAC-SHA256) from the admin token,
+    bound to the status so that a sealed body cannot be replayed under another one."""
+
+    def __init__(self, settings: Settings) -> None:
+        token, _ = ensure_admin_token(settings)
+        self._aead = AESGCM(hmac.new(token.encode(), _SEAL_CONTEXT, hashlib.sha256).digest())
+
+    def seal(self, response: StoredResponse) -> StoredResponse:
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = nonce + self._aead.encrypt(nonce, response.body, str(response.status).encode())
+        return StoredResponse(response.status, response.headers, sealed)
+
+    def open(self, response: StoredResponse) -> StoredResponse:
+        """Raises ``InvalidTag`` when the body was not sealed by this key (or was altered)."""
+        nonce, sealed = response.body[:_NONCE_BYTES], response.body[_NONCE_BYTES:]
+        body = self._aead.decrypt(nonce, sealed, str(response.status).encode())
+        return StoredResponse(response.status, response.headers, body)
 
 
 def valid_key(values: list[bytes]) -> str | None:
