@@ -7,7 +7,7 @@ order within each period (so the costs of a period add up to its invoice's usage
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from sqlalchemy import func, literal_column
@@ -33,16 +33,19 @@ class UsageQuery:
     bucket_width: str
     group_by: GroupBy | None
 
-    def check(self) -> UsageQuery:
+    def page(self) -> tuple[UsageQuery, bool]:
+        """The part of the range one answer covers, and whether more follows.
+
+        Any range the schema allows is answered (no cross-field refusal a client could not foresee): an empty or
+        reversed range has no buckets; a range wider than ``MAX_SPAN`` answers its first ``MAX_SPAN`` with
+        ``has_more`` (continue with ``start_time`` moved on by that span)."""
         if self.bucket_width not in WIDTHS:
             raise InvalidRequestError("bucket_width must be 1h or 1d.", code="invalid_value", param="bucket_width")
-        if self.end <= self.start:
-            raise InvalidRequestError("end_time must be after start_time.", code="invalid_range", param="end_time")
-        if self.end - self.start > MAX_SPAN[self.bucket_width]:
-            days = MAX_SPAN[self.bucket_width] // 86400
-            raise InvalidRequestError(f"With bucket_width={self.bucket_width} a query may span at most {days} days.",
-                                      code="range_too_wide", param="end_time")
-        return self
+        end = max(self.end, self.start)
+        span = MAX_SPAN[self.bucket_width]
+        if end - self.start > span:
+            return replace(self, end=self.start + span), True
+        return replace(self, end=end), False
 
 
 def _group_column(group_by: GroupBy | None) -> Any:

@@ -20,6 +20,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from modelmeter import clock
 from modelmeter.errors import NotFoundError
+from modelmeter.fields import JsonInt
 from modelmeter.ids import fixed_width, new_id
 from modelmeter.tenancy.tenants import FORBID, INT32_MAX, Name
 
@@ -115,12 +116,12 @@ class ApiKeyCreate(SQLModel):
     model_config = FORBID
     name: Name = "default"
     scopes: list[Scope] | None = None
-    expires_at: Annotated[int, Field(gt=0, le=INT32_MAX)] | None = None  # the column is a 32-bit integer
+    expires_at: Annotated[JsonInt, Field(gt=0, le=INT32_MAX)] | None = None  # the column is a 32-bit integer
 
 
 class ApiKeyRoll(SQLModel):
     model_config = FORBID
-    grace_period_seconds: Annotated[int, Field(ge=0, le=30 * 24 * 3600)] | None = None
+    grace_period_seconds: Annotated[JsonInt, Field(ge=0, le=30 * 24 * 3600)] | None = None
 
 
 class ApiKey(SQLModel, table=True):

@@ -16,21 +16,22 @@ from sqlmodel._compat import SQLModelConfig
 
 from modelmeter import clock
 from modelmeter.errors import NotFoundError
+from modelmeter.fields import PYTHON_RE, JsonInt
 from modelmeter.ids import new_id
 
 TenantStatus = Literal["active", "suspended"]
 BillingStatus = Literal["ok", "past_due"]
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"\S")]
 Email = Annotated[
-    str, StringConstraints(strip_whitespace=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    str, StringConstraints(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 ]
 PlanId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-Rpm = Annotated[int, Field(ge=1, le=1_000_000)]
-Tpm = Annotated[int, Field(ge=1, le=1_000_000_000)]
-Budget = Annotated[int, Field(ge=0, le=1_000_000_000)]
+Rpm = Annotated[JsonInt, Field(ge=1, le=1_000_000)]
+Tpm = Annotated[JsonInt, Field(ge=1, le=1_000_000_000)]
+Budget = Annotated[JsonInt, Field(ge=0, le=1_000_000_000)]
 
-FORBID = SQLModelConfig(extra="forbid")
+FORBID = SQLModelConfig(extra="forbid", regex_engine=PYTHON_RE)
 INT32_MAX = 2**31 - 1  # the largest value the integer columns hold on PostgreSQL
 
 

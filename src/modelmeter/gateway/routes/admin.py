@@ -11,6 +11,7 @@ from modelmeter import clock
 from modelmeter.billing.catalog import Plan
 from modelmeter.billing.economics import economics_report
 from modelmeter.billing.invoicing import close_period
+from modelmeter.fields import PYTHON_RE, matching
 from modelmeter.gateway.deps import AdminDep, ListDep, ServicesDep, SessionDep, list_body
 from modelmeter.gateway.schemas import ADMIN_READ, ADMIN_WRITE, BillingClose, Page, UnitEconomics, errors
 from modelmeter.ops import tenants as ops
@@ -82,7 +83,7 @@ def post_roll(
 
 
 class CloseRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", regex_engine=PYTHON_RE)
     period: Annotated[str, StringConstraints(pattern=PERIOD)]
 
 
@@ -97,9 +98,11 @@ def get_plans(services: ServicesDep) -> dict[str, Any]:
     return list_body([p.model_dump(mode="json") for p in services.plans.all()], False)
 
 
-@router.get("/economics", response_model=Page[UnitEconomics], response_model_exclude_unset=True, responses=READ)
+@router.get("/economics", response_model=Page[UnitEconomics], response_model_exclude_unset=True,
+            responses=errors(*ADMIN_READ, 409))
 def get_economics(
-    services: ServicesDep, session: SessionDep, period: Annotated[str | None, Query(pattern=PERIOD)] = None,
+    services: ServicesDep, session: SessionDep,
+    period: Annotated[str | None, Query(json_schema_extra={"pattern": PERIOD}), matching(PERIOD)] = None,
     group_by: Literal["tenant", "plan"] = "tenant",
 ) -> dict[str, Any]:
     """Revenue (invoices; the preview while open) against compute cost, and the margin, per tenant or plan."""

@@ -9,12 +9,14 @@ from starlette.concurrency import run_in_threadpool
 
 from modelmeter.billing.metering import period_of
 from modelmeter.billing.quota import Amount
+from modelmeter.fields import matching
 from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep, list_body
 from modelmeter.gateway.schemas import TENANT_READ, TENANT_WRITE, FineTuningEvent, FineTuningJob, Page, errors
 from modelmeter.models.finetune import jobs
 from modelmeter.ops import jobs as ops_jobs
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
+EVENT_ID = r"^ftevent_[0-9]{1,18}$"
 
 
 @router.post("/jobs", response_model=FineTuningJob, responses=errors(*TENANT_WRITE, 404))
@@ -50,7 +52,7 @@ def get_job(job_id: str, principal: FineTunePrincipal, session: SessionDep) -> d
 def get_events(
     job_id: str, principal: FineTunePrincipal, session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(pattern=r"^ftevent_[0-9]{1,18}$")] = None,
+    after: Annotated[str | None, Query(json_schema_extra={"pattern": EVENT_ID}), matching(EVENT_ID)] = None,
 ) -> dict[str, Any]:
     """The job's events, newest first; ``after`` is an event id (``ftevent_N``)."""
     jobs.get_job(session=session, tenant_id=principal.tenant_id, job_id=job_id)

@@ -27,9 +27,11 @@ def get_usage(
     bucket_width: Literal["1h", "1d"] = "1d",
     group_by: Literal["model", "key", "plan"] | None = None,
 ) -> dict[str, Any]:
-    """Requests, tokens, training tokens and cost per bucket (buckets align to UTC hours or days)."""
-    query = UsageQuery(start_time, end_time if end_time is not None else clock.now_s() + 1, bucket_width,
-                       group_by).check()
+    """Requests, tokens, training tokens and cost per bucket (buckets align to UTC hours or days). One answer
+    covers at most 31 days of 1h buckets or 366 days of 1d buckets; a wider range answers that much with
+    ``has_more: true`` (ask again from ``start_time`` plus that span)."""
+    query, has_more = UsageQuery(start_time, end_time if end_time is not None else clock.now_s() + 1, bucket_width,
+                                 group_by).page()
     buckets = usage_buckets(session=session, catalog=services.plans, tenant_id=principal.tenant_id, q=query,
                             current_plan=principal.plan)
-    return list_body(buckets, False)
+    return list_body(buckets, has_more)

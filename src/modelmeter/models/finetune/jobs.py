@@ -14,13 +14,14 @@ import json
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints, model_validator
 from sqlalchemy import func, update
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
+from modelmeter.fields import PYTHON_RE, JsonInt
 from modelmeter.ids import new_id
 from modelmeter.models.finetune.recipes import DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK, MAX_LORA_RANK
 from modelmeter.models.finetune.tables import (
@@ -40,10 +41,10 @@ Auto = Literal["auto"]
 
 
 class HyperparametersIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    n_epochs: Annotated[StrictInt, Field(ge=1, le=50)] | Auto = "auto"
-    batch_size: Annotated[StrictInt, Field(ge=1, le=512)] | Auto = "auto"
-    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    model_config = ConfigDict(extra="forbid", regex_engine=PYTHON_RE)
+    n_epochs: Annotated[JsonInt, Field(ge=1, le=50)] | Auto = "auto"
+    batch_size: Annotated[JsonInt, Field(ge=1, le=512)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[StrictFloat, Field(gt=0, le=100)] | Auto = "auto"
 
 
 class TrainingTypeIn(BaseModel):
@@ -55,10 +56,11 @@ class TrainingTypeIn(BaseModel):
     # The schema states the rule the validator below enforces (a full fine-tune takes no rank or alpha) as a
     # union of the two shapes, so that clients and contract testers see it; validation stays one model so that
     # errors name ``training_type.rank``, not a union branch.
-    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: _one_of_two_shapes(schema))
+    model_config = ConfigDict(extra="forbid", regex_engine=PYTHON_RE,
+                              json_schema_extra=lambda schema: _one_of_two_shapes(schema))
     type: Literal["lora", "full"]
-    rank: Annotated[StrictInt, Field(ge=1, le=MAX_LORA_RANK)] | None = None
-    alpha: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    rank: Annotated[JsonInt, Field(ge=1, le=MAX_LORA_RANK)] | None = None
+    alpha: Annotated[JsonInt, Field(ge=1, le=1024)] | None = None
 
     @model_validator(mode="after")
     def _full_takes_no_rank(self) -> TrainingTypeIn:
@@ -91,13 +93,13 @@ DEFAULT_TRAINING = TrainingTypeIn(type="lora", rank=DEFAULT_LORA_RANK, alpha=DEF
 class JobCreate(BaseModel):
     """OpenAI's job request, as far as it applies to BERT classifiers, plus ``training_type``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", regex_engine=PYTHON_RE)
     model: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     training_file: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     validation_file: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     hyperparameters: HyperparametersIn | None = None
     suffix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,40}$")] | None = None
-    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    seed: Annotated[JsonInt, Field(ge=0, le=2**31 - 1)] | None = None
     training_type: TrainingTypeIn | None = None
 
     def training(self) -> dict[str, Any]:

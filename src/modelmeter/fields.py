@@ -1,0 +1,42 @@
+"""Request field types that accept exactly what their JSON schema says, so that clients, generated SDKs and the
+contract tests (schemathesis, which reads the schema with Python's ``re`` and JSON's number model) agree with
+the validation.
+
+- ``JsonInt``: a JSON integer. JSON Schema counts ``3.0`` as an integer and ``"3"`` or ``true`` as not; pydantic's
+  lax ``int`` takes all three and its strict one refuses ``3.0``. This takes ints and integral floats only.
+- ``PYTHON_RE``: the regex engine for models with patterns. pydantic's default (Rust's ``regex``) differs from
+  Python's ``re`` at the edges (``$`` before a final newline, which characters ``\\s`` means), and the schema's
+  readers use ``re``.
+- ``matching(pattern)``: a pattern on a query parameter, checked with ``re`` and stated in the schema (FastAPI's
+  own ``Query(pattern=…)`` would use the Rust engine).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Strict
+
+PYTHON_RE: Final[Literal["python-re"]] = "python-re"
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral), Strict()]
+
+
+def matching(pattern: str) -> AfterValidator:
+    """A validator refusing a string ``re.search(pattern, …)`` does not match (JSON Schema's semantics)."""
+    compiled = re.compile(pattern)
+
+    def check(value: str | None) -> str | None:
+        if value is not None and compiled.search(value) is None:
+            raise ValueError(f"must match the pattern {pattern}")
+        return value
+
+    return AfterValidator(check)
