@@ -2,8 +2,10 @@
 contract tests (schemathesis, which reads the schema with Python's ``re`` and JSON's number model) agree with
 the validation.
 
-- ``JsonInt``: a JSON integer. JSON Schema counts ``3.0`` as an integer and ``"3"`` or ``true`` as not; pydantic's
-  lax ``int`` takes all three and its strict one refuses ``3.0``. This takes ints and integral floats only.
+- ``Annotated[int, Strict(), Field(…bounds…), INTEGRAL]``: a JSON integer. JSON Schema counts ``3.0`` as an
+  integer and ``"3"`` or ``true`` as not; pydantic's lax ``int`` takes all three and its strict one refuses
+  ``3.0``. Strict plus ``INTEGRAL`` (integral floats become ints first) takes ints and integral floats only. The
+  order matters: ``INTEGRAL`` last wraps the bounded int, so the schema keeps ``minimum``/``maximum``.
 - ``PYTHON_RE``: the regex engine for models with patterns. pydantic's default (Rust's ``regex``) differs from
   Python's ``re`` at the edges (``$`` before a final newline, which characters ``\\s`` means), and the schema's
   readers use ``re``.
@@ -14,9 +16,9 @@ the validation.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Strict
+from pydantic import AfterValidator, BeforeValidator
 
 PYTHON_RE: Final[Literal["python-re"]] = "python-re"
 
@@ -27,7 +29,7 @@ def _integral(value: Any) -> Any:
     return value
 
 
-JsonInt = Annotated[int, BeforeValidator(_integral), Strict()]
+INTEGRAL = BeforeValidator(_integral)
 
 
 def matching(pattern: str) -> AfterValidator:

@@ -16,11 +16,12 @@ import zlib
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
+from pydantic import Strict
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from modelmeter import clock
 from modelmeter.errors import NotFoundError
-from modelmeter.fields import JsonInt
+from modelmeter.fields import INTEGRAL
 from modelmeter.ids import fixed_width, new_id
 from modelmeter.tenancy.tenants import FORBID, INT32_MAX, Name
 
@@ -116,12 +117,13 @@ class ApiKeyCreate(SQLModel):
     model_config = FORBID
     name: Name = "default"
     scopes: list[Scope] | None = None
-    expires_at: Annotated[JsonInt, Field(gt=0, le=INT32_MAX)] | None = None  # the column is a 32-bit integer
+    # The column is a 32-bit integer.
+    expires_at: Annotated[int, Strict(), Field(gt=0, le=INT32_MAX), INTEGRAL] | None = None
 
 
 class ApiKeyRoll(SQLModel):
     model_config = FORBID
-    grace_period_seconds: Annotated[JsonInt, Field(ge=0, le=30 * 24 * 3600)] | None = None
+    grace_period_seconds: Annotated[int, Strict(), Field(ge=0, le=30 * 24 * 3600), INTEGRAL] | None = None
 
 
 class ApiKey(SQLModel, table=True):

@@ -13,10 +13,10 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr
 
 from modelmeter.errors import InvalidRequestError
-from modelmeter.fields import JsonInt
+from modelmeter.fields import INTEGRAL
 from modelmeter.gateway.deps import CurrentPrincipal, InferencePrincipal, ServicesDep, list_body
 from modelmeter.gateway.inference import Served, serve
 from modelmeter.gateway.schemas import (
@@ -50,14 +50,14 @@ class EmbeddingsRequest(BaseModel):
     model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
     input: Inputs
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[JsonInt, Field(gt=0)] | None = None
+    dimensions: Annotated[int, Strict(), Field(gt=0), INTEGRAL] | None = None
     user: Annotated[StrictStr, Field(max_length=256)] | None = None
     truncate: StrictBool = False
 
 
 class HFParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    top_k: Annotated[JsonInt, Field(gt=0)] | None = None
+    top_k: Annotated[int, Strict(), Field(gt=0), INTEGRAL] | None = None
     function_to_apply: Literal["softmax"] | None = None
     truncate: StrictBool | None = None
     truncation: StrictBool | None = None

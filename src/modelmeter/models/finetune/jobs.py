@@ -14,14 +14,14 @@ import json
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictFloat, StringConstraints, model_validator
 from sqlalchemy import func, update
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
-from modelmeter.fields import PYTHON_RE, JsonInt
+from modelmeter.fields import INTEGRAL, PYTHON_RE
 from modelmeter.ids import new_id
 from modelmeter.models.finetune.recipes import DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK, MAX_LORA_RANK
 from modelmeter.models.finetune.tables import (
@@ -42,8 +42,8 @@ Auto = Literal["auto"]
 
 class HyperparametersIn(BaseModel):
     model_config = ConfigDict(extra="forbid", regex_engine=PYTHON_RE)
-    n_epochs: Annotated[JsonInt, Field(ge=1, le=50)] | Auto = "auto"
-    batch_size: Annotated[JsonInt, Field(ge=1, le=512)] | Auto = "auto"
+    n_epochs: Annotated[int, Strict(), Field(ge=1, le=50), INTEGRAL] | Auto = "auto"
+    batch_size: Annotated[int, Strict(), Field(ge=1, le=512), INTEGRAL] | Auto = "auto"
     learning_rate_multiplier: Annotated[StrictFloat, Field(gt=0, le=100)] | Auto = "auto"
 
 
@@ -59,8 +59,8 @@ class TrainingTypeIn(BaseModel):
     model_config = ConfigDict(extra="forbid", regex_engine=PYTHON_RE,
                               json_schema_extra=lambda schema: _one_of_two_shapes(schema))
     type: Literal["lora", "full"]
-    rank: Annotated[JsonInt, Field(ge=1, le=MAX_LORA_RANK)] | None = None
-    alpha: Annotated[JsonInt, Field(ge=1, le=1024)] | None = None
+    rank: Annotated[int, Strict(), Field(ge=1, le=MAX_LORA_RANK), INTEGRAL] | None = None
+    alpha: Annotated[int, Strict(), Field(ge=1, le=1024), INTEGRAL] | None = None
 
     @model_validator(mode="after")
     def _full_takes_no_rank(self) -> TrainingTypeIn:
@@ -99,7 +99,7 @@ class JobCreate(BaseModel):
     validation_file: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     hyperparameters: HyperparametersIn | None = None
     suffix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,40}$")] | None = None
-    seed: Annotated[JsonInt, Field(ge=0, le=2**31 - 1)] | None = None
+    seed: Annotated[int, Strict(), Field(ge=0, le=2**31 - 1), INTEGRAL] | None = None
     training_type: TrainingTypeIn | None = None
 
     def training(self) -> dict[str, Any]:
