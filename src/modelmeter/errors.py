@@ -34,6 +34,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
@@ -264,6 +265,18 @@ def install_handlers(app: FastAPI) -> None:
             error.headers["Allow"] = ", ".join(allowed_methods(request, exc.headers))
         return error_response(error)
 
+    async def _unstorable(_: Request, exc: Exception) -> JSONResponse:
+        """A value the database refused (PostgreSQL holds no NUL in text and 32-bit integers): the statement
+        failed, its transaction rolled back, nothing changed; the client sent it, so a client error."""
+        text = str(exc)
+        if "NUL (0x00)" in text:
+            return error_response(MalformedRequestError("Text may not contain NUL (U+0000) characters.",
+                                                        code="invalid_text"))
+        if "out of range" in text:
+            return error_response(InvalidRequestError("A number is outside the range the service stores.",
+                                                      code="value_out_of_range"))
+        return await _unexpected(_, exc)
+
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return error_response(InternalError("The server had an error while processing the request."))
@@ -271,4 +284,5 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModelMeterError, _ours)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(DataError, _unstorable)
     app.add_exception_handler(Exception, _unexpected)

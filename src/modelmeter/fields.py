@@ -20,6 +20,7 @@ from typing import Any, Final, Literal
 
 from pydantic import AfterValidator, BeforeValidator
 
+INT32_MAX: Final = 2**31 - 1  # the largest value the integer columns hold on PostgreSQL
 PYTHON_RE: Final[Literal["python-re"]] = "python-re"
 
 

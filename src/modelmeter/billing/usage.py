@@ -19,6 +19,7 @@ from modelmeter.billing.metering import period_bounds, period_of
 from modelmeter.billing.pricing import Usage, marginal_cost_micro
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.errors import InvalidRequestError
+from modelmeter.fields import INT32_MAX
 from modelmeter.money import cents_text, micro_to_cents
 
 GroupBy = Literal["model", "key", "plan"]
@@ -41,10 +42,10 @@ class UsageQuery:
         ``has_more`` (continue with ``start_time`` moved on by that span)."""
         if self.bucket_width not in WIDTHS:
             raise InvalidRequestError("bucket_width must be 1h or 1d.", code="invalid_value", param="bucket_width")
-        end = max(self.end, self.start)
+        end = min(max(self.end, self.start), INT32_MAX)  # the ledger's timestamps are 32-bit integers
         span = MAX_SPAN[self.bucket_width]
         if end - self.start > span:
-            return replace(self, end=self.start + span), True
+            return replace(self, end=min(self.start + span, INT32_MAX)), True
         return replace(self, end=end), False
 
 

@@ -21,9 +21,9 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from modelmeter import clock
 from modelmeter.errors import NotFoundError
-from modelmeter.fields import INTEGRAL
+from modelmeter.fields import INT32_MAX, INTEGRAL
 from modelmeter.ids import fixed_width, new_id
-from modelmeter.tenancy.tenants import FORBID, INT32_MAX, Name
+from modelmeter.tenancy.tenants import FORBID, Name
 
 Scope = Literal["inference", "fine-tune", "billing:read"]
 ALL_SCOPES: tuple[str, ...] = ("inference", "fine-tune", "billing:read")

@@ -35,7 +35,6 @@ Tpm = Annotated[int, Strict(), Field(ge=1, le=1_000_000_000), INTEGRAL]
 Budget = Annotated[int, Strict(), Field(ge=0, le=1_000_000_000), INTEGRAL]
 
 FORBID = SQLModelConfig(extra="forbid", regex_engine=PYTHON_RE)
-INT32_MAX = 2**31 - 1  # the largest value the integer columns hold on PostgreSQL
 
 
 # --- tenants -------------------------------------------------------------------------------------

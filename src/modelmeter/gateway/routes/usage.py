@@ -8,12 +8,13 @@ from fastapi import APIRouter, Query
 
 from modelmeter import clock
 from modelmeter.billing.usage import UsageQuery, usage_buckets
+from modelmeter.fields import INT32_MAX
 from modelmeter.gateway.deps import BillingPrincipal, ServicesDep, SessionDep, list_body
 from modelmeter.gateway.schemas import TENANT_READ, Page, UsageBucket, errors
 
 router = APIRouter(tags=["usage"])
 
-Timestamp = Annotated[int, Query(ge=0, le=2**37)]
+Timestamp = Annotated[int, Query(ge=0, le=INT32_MAX)]  # the ledger's timestamps are 32-bit integers
 
 
 @router.get("/v1/usage", response_model=Page[UsageBucket], response_model_exclude_unset=True,
