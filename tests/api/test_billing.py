@@ -140,6 +140,9 @@ def test_usage_buckets_grouping_and_validation(client: TestClient, payg: Any, oc
                       "&bucket_width=1h", headers=headers).json()
     assert (rest["data"], rest["has_more"]) == ([], False)
     assert client.get("/v1/usage?start_time=0&group_by=model", headers=headers).json()["has_more"] is True
+    near_the_end = client.get(f"/v1/usage?start_time={2**31 - 100}", headers=headers).json()  # 32-bit ledger
+    assert (near_the_end["data"], near_the_end["has_more"]) == ([], False)
+    assert_envelope(client.get(f"/v1/usage?start_time={2**31}", headers=headers), 422)
     for query, param in [("start_time=-5", "start_time"), ("start_time=1&bucket_width=1w", "bucket_width"),
                          ("start_time=1&group_by=colour", "group_by")]:
         error = assert_envelope(client.get(f"/v1/usage?{query}", headers=headers), 422)

@@ -187,3 +187,16 @@ def test_405_allows_every_method_of_the_path(client: TestClient, method: str, pa
     response = client.request(method.upper(), path, headers=ADMIN)
     assert_envelope(response, 405, code="method_not_allowed")
     assert response.headers["allow"] == allow
+
+
+def test_text_postgresql_cannot_hold_is_a_client_error_and_changes_nothing(client: TestClient) -> None:
+    from tests.conftest import ON_POSTGRES
+
+    body = {"name": "Nul\u0000Corp", "email": "nul@example.com", "plan": "payg"}
+    response = client.post("/admin/tenants", json=body, headers=ADMIN)
+    if ON_POSTGRES:  # PostgreSQL holds no NUL in text: refused, nothing written
+        assert_envelope(response, 400, code="invalid_text")
+        assert client.get("/admin/tenants", headers=ADMIN).json()["data"] == []
+    else:  # SQLite stores it as given
+        assert response.status_code == 201
+        assert response.json()["name"] == body["name"]
