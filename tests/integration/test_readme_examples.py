@@ -29,7 +29,7 @@ README = ROOT / "README.md"
 FINE_TUNED = "ft:all-MiniLM-L6-v2:reviews:1a2b3c4d"
 BLOCK = re.compile(r"^(?:#+ (?P<heading>[^\n]+)|```(?P<lang>\w*)\n(?P<code>.*?)^```)$", re.M | re.S)
 # The sections whose examples call the platform, all run here; the last test fails when another one appears.
-TENANT_SECTIONS = {"A first session", "Serving", "Fine-tuning", "Unit economics"}
+TENANT_SECTIONS = {"A first session", "Serving", "Fine-tuning", "Unit economics", "Idempotency-Key"}
 
 
 def blocks(lang: str) -> list[tuple[str, str]]:
@@ -151,6 +151,9 @@ def test_serving_examples(shell: Shell, make_tenant: Any, make_key: Any, registe
     embeddings, classified = [shell.run(line) for line in shell_lines("Serving")]  # curl -d: no Content-Type given
     assert [len(d["embedding"]) for d in embeddings["data"]] == [384, 384]
     assert set(classified["data"][0]["scores"]) == {"negative", "positive"}
+    first, again = [shell.run(line) for line in shell_lines("Idempotency-Key") * 2]  # the retry is a replay
+    assert again == first
+    assert set(first["data"][0]["scores"]) == {"negative", "positive"}
 
     _, (embedded, labels) = run_python(python_block("Serving"), shell.placeholders)
     assert len(embedded.data[0].embedding) == 384
