@@ -45,6 +45,7 @@ class Plan(BaseModel):
     rpm_limit: Annotated[int, Field(ge=1)]
     tpm_limit: Annotated[int, Field(ge=1)]
     hard_limit: bool = False
+    prepaid: bool = False  # usage must be paid from prepaid credits as it is incurred (429 when they cannot)
 
     @field_validator("price_per_1k_tokens", "price_per_request", "price_per_1m_training_tokens", mode="before")
     @classmethod

@@ -11,10 +11,11 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import func
+from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -22,9 +23,10 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter.billing.catalog import Plan
+from modelmeter.billing.drawdown import CreditTerms, Draws, GrantBalance
 from modelmeter.billing.pricing import Usage, metered_prices
 from modelmeter.billing.quota import Amount, Caps, QuotaStore
-from modelmeter.billing.tables import BillingState, UsageEvent
+from modelmeter.billing.tables import BillingState, CreditDraw, UsageEvent
 from modelmeter.errors import InsufficientQuotaError
 from modelmeter.money import MICRO_PER_CENT
 
@@ -50,6 +52,7 @@ class UsageRecord:
     training_tokens: int = 0
     queue_us: int = 0
     compute_us: int = 0
+    credits: Draws = ()  # prepaid credits drawn: (grant id, micro-cents); written beside the row, not in it
 
 
 def period_of(ts: int) -> str:
@@ -95,6 +98,8 @@ _INSERTS = {
     .returning(col(UsageEvent.request_id))
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
+_DRAW_INSERT = sa_insert(CreditDraw)
+_ROW_FIELDS = tuple(name for name in UsageRecord.__dataclass_fields__ if name != "credits")
 
 
 def record_usage(
@@ -107,8 +112,20 @@ def record_usage(
         return 0
     conn = session.connection() if isinstance(session, Session) else session
     assigned = periods(conn, records)
-    values = [{**asdict(r), "period": assigned[r.request_id]} for r in records]
-    return len(conn.execute(_INSERTS[conn.dialect.name], values).all())
+    values = [{name: getattr(r, name) for name in _ROW_FIELDS} | {"period": assigned[r.request_id]} for r in records]
+    new = {request_id for (request_id,) in conn.execute(_INSERTS[conn.dialect.name], values).all()}
+    inserted = len(new)
+    # A row's credit draws go in with it, only when the row itself is new: a repeat draws nothing twice.
+    draws = []
+    for r in records:
+        if r.credits and r.request_id in new:
+            new.discard(r.request_id)  # the same id twice in one group: its first record is the row written
+            draws += [{"request_id": r.request_id, "grant_id": grant_id, "tenant_id": r.tenant_id,
+                       "period": assigned[r.request_id], "amount_micro": micro, "created": r.created}
+                      for grant_id, micro in r.credits]
+    if draws:
+        conn.execute(_DRAW_INSERT, draws)
+    return inserted
 
 
 class LedgerWriter:
@@ -196,10 +213,12 @@ class LedgerWriter:
 # --- quota and budget: reserve before compute, settle after the row is durable ---------------------------
 
 
-def quota_caps(plan: Plan, budget_cents: int | None, *, training: bool = False) -> Caps | None:
+def quota_caps(plan: Plan, budget_cents: int | None, *, training: bool = False,
+               credits: bool = False) -> Caps | None:
     """The caps a request must fit: the plan's allowances when it has a hard limit, and the tenant's budget
-    (checked against the exact usage cost, allowances included). ``None`` when nothing caps the tenant."""
-    if not plan.hard_limit and budget_cents is None:
+    (checked against the exact usage cost, allowances included). ``None`` when nothing caps the tenant and no
+    credits are to be drawn (``credits``: the reservation needs the plan's prices to price the draw)."""
+    if not plan.hard_limit and budget_cents is None and not credits:
         return None
     hard = plan.hard_limit
     return Caps(
@@ -207,7 +226,7 @@ def quota_caps(plan: Plan, budget_cents: int | None, *, training: bool = False) 
         max_tokens=plan.included_tokens if hard and not training else None,
         max_training_tokens=plan.included_training_tokens if hard and training else None,
         max_cost_micro=budget_cents * MICRO_PER_CENT if budget_cents is not None else None,
-        prices=metered_prices(plan) if budget_cents is not None else None,
+        prices=metered_prices(plan) if budget_cents is not None or credits else None,
     )
 
 
@@ -236,35 +255,56 @@ class Hold:
     period: str
     amount: Amount
     reservation_id: str | None  # None: nothing caps this tenant, usage is only counted
+    draws: Draws = ()  # prepaid credits the reservation drew: written with the usage row
+
+
+GrantLoader = Callable[[str, int], list[GrantBalance]]  # (tenant id, now) -> live grants per the ledger
 
 
 class Meter:
     """The billing side of the request path: reserve, then commit the usage row and settle (or release)."""
 
-    def __init__(self, *, sessions: sessionmaker[Session], ledger: LedgerWriter, quota: QuotaStore) -> None:
+    def __init__(self, *, sessions: sessionmaker[Session], ledger: LedgerWriter, quota: QuotaStore,
+                 grants: GrantLoader | None = None) -> None:
         self._sessions = sessions
         self.ledger = ledger
         self.quota = quota
+        self._grants = grants
 
     async def reserve(self, *, tenant_id: str, plan: Plan, budget_cents: int | None, amount: Amount,
-                      at: int) -> Hold:
-        """Hold ``amount`` against the plan's hard limit and the budget; 429 ``insufficient_quota`` if it
-        does not fit (nothing is held then)."""
+                      at: int, credits_epoch: int = 0) -> Hold:
+        """Hold ``amount`` against the plan's hard limit and the budget, drawing prepaid credits when the tenant
+        has had any (``credits_epoch`` > 0) or the plan is prepaid; 429 ``insufficient_quota`` if it does not fit
+        (nothing is held then)."""
         period = period_of(at)  # the same instant stamps the usage row, so hold and row share a period
-        caps = quota_caps(plan, budget_cents)
+        drawing = self._grants is not None and (plan.prepaid or credits_epoch > 0)
+        caps = quota_caps(plan, budget_cents, credits=drawing)
         if caps is None:
             return Hold(tenant_id, period, amount, None)
 
         async def baseline() -> Amount:
             return await asyncio.to_thread(ledger_totals, sessions=self._sessions, tenant_id=tenant_id, period=period)
 
-        reservation = await self.quota.reserve(tenant_id, period, amount, caps, baseline=baseline)
+        terms = None
+        if drawing:
+            loader = self._grants
+            assert loader is not None
+
+            async def load() -> list[GrantBalance]:
+                return await asyncio.to_thread(loader, tenant_id, at)
+
+            terms = CreditTerms(epoch=credits_epoch, now=at, prepaid=plan.prepaid, load=load)
+        reservation = await self.quota.reserve_drawing(tenant_id, period, amount, caps, baseline=baseline,
+                                                       credits=terms)
         if reservation is None:
             raise InsufficientQuotaError(
+                "This request would exceed your prepaid credits, your plan's monthly quota or your budget; it was "
+                "not served. Do not retry: add credits, raise the budget or change plan."
+                if drawing and plan.prepaid else
                 "This request would exceed your plan's monthly quota or your budget; it was not served. "
                 "Do not retry: raise the budget or change plan."
             )
-        return Hold(tenant_id, period, amount, reservation)
+        return Hold(tenant_id, period, amount, reservation.id, reservation.draws)
 
     async def commit(self, hold: Hold, record: UsageRecord) -> None:
         """Make the usage row durable, then turn the hold into committed usage.
@@ -272,6 +312,8 @@ class Meter:
         Once the row is written the request is billed, whatever happens next: the write is shielded from
         cancellation, and a failure to settle the counters is logged, not raised (the hold expires on its own).
         """
+        if hold.draws:
+            record = replace(record, credits=hold.draws)
         try:
             await asyncio.shield(self.ledger.record(record))
         except asyncio.CancelledError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +22,7 @@ from typing import Protocol
 import redis.asyncio as redis
 
 from modelmeter.billing.counts import fieldwise
+from modelmeter.billing.drawdown import CreditTerms, Draws, GrantBalance, Reservation, plan_draws
 from modelmeter.billing.pricing import MeteredPrices, Usage, metered_cost_micro
 
 _QUOTA_TTL_S = 40 * 24 * 3600
@@ -86,6 +88,10 @@ class Caps:
         values = (*total.values()[:3], self.cost_of(total))
         return all(cap is None or value <= cap for value, cap in zip(values, self.values(), strict=True))
 
+    def marginal_cost(self, before: Amount, amount: Amount) -> int:
+        """What ``amount`` adds to the usage cost of ``before`` (may be negative under volume tiers)."""
+        return self.cost_of(before + amount) - self.cost_of(before)
+
 
 Baseline = Callable[[], Awaitable[Amount]]
 
@@ -99,6 +105,14 @@ class QuotaStore(Protocol):
         """Hold ``amount`` if committed + reserved + amount fits every cap and return the reservation id; else
         change nothing and return None. ``baseline`` (committed totals from the ledger) is awaited only when the
         counters are not known yet."""
+        ...
+
+    async def reserve_drawing(
+        self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline,
+        credits: CreditTerms | None = None,
+    ) -> Reservation | None:
+        """``reserve``, and with ``credits`` draw the request's marginal cost from the tenant's grants in the same
+        atomic step (``drawdown``): the reservation carries the draws; a release returns them."""
         ...
 
     async def settle(self, tenant_id: str, period: str, reservation_id: str, actual: Amount) -> None:
@@ -117,16 +131,29 @@ class QuotaStore(Protocol):
         """(committed, reserved), or None when the counters are not known."""
         ...
 
+    async def credit_balances(self, tenant_id: str) -> dict[str, int] | None:
+        """What is left of each grant the store holds for the tenant (micro-cents, in-flight draws taken), or
+        None when it holds none."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections, if any."""
         ...
 
 
 @dataclass
+class _Credits:
+    epoch: int = -1
+    grants: dict[str, GrantBalance] = field(default_factory=dict)
+
+
+@dataclass
 class _Ledger:
     committed: Amount
+    credits: _Credits
     reserved: Amount = Amount()
     holds: dict[str, tuple[Amount, float]] = field(default_factory=dict)  # float-ok: id -> (amount, deadline)
+    draws: dict[str, Draws] = field(default_factory=dict)
 
 
 class InProcessQuotaStore:
@@ -143,31 +170,74 @@ class InProcessQuotaStore:
         self._clock = clock
         self._ledgers: dict[tuple[str, str], _Ledger] = {}
         self._init_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._credits: dict[str, _Credits] = {}
+        self._credit_locks: dict[str, asyncio.Lock] = {}
 
     async def reserve(
         self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline
     ) -> str | None:
         """Hold ``amount`` if it fits every cap; see ``QuotaStore.reserve``."""
+        reservation = await self.reserve_drawing(tenant_id, period, amount, caps, baseline=baseline)
+        return None if reservation is None else reservation.id
+
+    async def reserve_drawing(
+        self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline,
+        credits: CreditTerms | None = None,
+    ) -> Reservation | None:
+        """Hold ``amount`` if it fits every cap, drawing credits; see ``QuotaStore.reserve_drawing``."""
         ledger = await self._ledger((tenant_id, period), baseline)
+        if credits is not None:
+            await self._load_credits(tenant_id, credits)
+        # No await from here on: the check and the holds are one step.
         self._reap(ledger)
-        if not caps.admit(ledger.committed + ledger.reserved + amount):
+        before = ledger.committed + ledger.reserved
+        if not caps.admit(before + amount):
             return None
+        draws: Draws = ()
+        if credits is not None:
+            grants = ledger.credits.grants
+            planned = plan_draws(grants.values(), caps.marginal_cost(before, amount), now=credits.now,
+                                 prepaid=credits.prepaid)
+            if planned is None:
+                return None
+            for grant_id, micro in planned:
+                grants[grant_id].remaining_micro -= micro
+            draws = planned
         reservation_id = uuid.uuid4().hex
         ledger.holds[reservation_id] = (amount, self._clock() + self._hold_ttl_s)
         ledger.reserved += amount
-        return reservation_id
+        if draws:
+            ledger.draws[reservation_id] = draws
+        return Reservation(reservation_id, draws)
+
+    async def _load_credits(self, tenant_id: str, credits: CreditTerms) -> None:
+        state = self._credits.setdefault(tenant_id, _Credits())
+        if state.epoch >= credits.epoch:
+            return
+        async with self._credit_locks.setdefault(tenant_id, asyncio.Lock()):
+            if state.epoch < credits.epoch:
+                for grant in await credits.load():
+                    state.grants.setdefault(grant.id, grant)  # a held grant's own balance is the current one
+                state.epoch = credits.epoch
+
+    async def credit_balances(self, tenant_id: str) -> dict[str, int] | None:
+        """What is left of each grant held for the tenant; see ``QuotaStore.credit_balances``."""
+        state = self._credits.get(tenant_id)
+        if state is None or state.epoch < 0:
+            return None
+        return {grant.id: grant.remaining_micro for grant in state.grants.values()}
 
     async def settle(self, tenant_id: str, period: str, reservation_id: str, actual: Amount) -> None:
         """Commit ``actual`` in place of the reservation; idempotent."""
         ledger = self._ledgers.get((tenant_id, period))
-        if ledger is not None and self._unhold(ledger, reservation_id):
+        if ledger is not None and self._unhold(ledger, reservation_id, refund=False):
             ledger.committed += actual
 
     async def release(self, tenant_id: str, period: str, reservation_id: str) -> None:
         """Drop the reservation; idempotent."""
         ledger = self._ledgers.get((tenant_id, period))
         if ledger is not None:
-            self._unhold(ledger, reservation_id)
+            self._unhold(ledger, reservation_id, refund=True)
 
     async def add_committed(self, tenant_id: str, period: str, amount: Amount) -> None:
         """Count unreserved usage if the counters are known."""
@@ -191,7 +261,9 @@ class InProcessQuotaStore:
             ledger = self._ledgers.get(key)
             if ledger is None:
                 # setdefault: a baseline retried after a failure must never replace a live ledger.
-                ledger = self._ledgers.setdefault(key, _Ledger(await baseline()))
+                start = await baseline()
+                credits = self._credits.setdefault(key[0], _Credits())
+                ledger = self._ledgers.setdefault(key, _Ledger(start, credits))
         self._init_locks.pop(key, None)
         return ledger
 
@@ -200,14 +272,19 @@ class InProcessQuotaStore:
         now = self._clock()
         expired = list(itertools.takewhile(lambda item: item[1][1] <= now, ledger.holds.items()))
         for reservation_id, _ in expired:
-            self._unhold(ledger, reservation_id)
+            self._unhold(ledger, reservation_id, refund=True)
 
     @staticmethod
-    def _unhold(ledger: _Ledger, reservation_id: str) -> bool:
+    def _unhold(ledger: _Ledger, reservation_id: str, *, refund: bool) -> bool:
+        """Drop a hold; ``refund`` returns its credit draws to their grants (a release, or an expired hold)."""
         hold = ledger.holds.pop(reservation_id, None)
         if hold is None:
             return False
         ledger.reserved -= hold[0]
+        draws = ledger.draws.pop(reservation_id, ())
+        if refund:
+            for grant_id, micro in draws:
+                ledger.credits.grants[grant_id].remaining_micro += micro
         return True
 
 
@@ -226,9 +303,11 @@ local function usage_cost(used, prices)
 end
 """
 
-# KEYS: counters hash, holds hash (id -> "requests tokens training cost"), deadlines zset (id by expiry ms).
-# ARGV[1] is always the keys' TTL. Amounts travel as decimal strings and are added with HINCRBY: a Lua number
-# passed back to Redis may be formatted with 14 significant digits, which would corrupt large costs.
+# KEYS: counters hash, holds hash (id -> "requests tokens training cost", "d:" id -> "grant micro grant micro ..."),
+# deadlines zset (id by expiry ms), the tenant's credits hash ("epoch"; "r:" grant -> micro-cents left; "m:" grant ->
+# "rank expires_at", expires_at 0 = never). ARGV[1] is always the keys' TTL. Amounts travel as decimal strings and
+# are added with HINCRBY: a Lua number passed back to Redis may be formatted with 14 significant digits, which would
+# corrupt large costs.
 _QUOTA_PRELUDE = """
 local C = {'c_requests', 'c_tokens', 'c_training_tokens', 'c_cost_micro'}
 local R = {'r_requests', 'r_tokens', 'r_training_tokens', 'r_cost_micro'}
@@ -238,7 +317,7 @@ end
 local function incr(field, digits, sign)
   if digits ~= '0' then redis.call('HINCRBY', KEYS[1], field, sign .. digits) end
 end
-local function unhold(id)
+local function unhold(id, refund)
   local hold = redis.call('HGET', KEYS[2], id)
   if not hold then return false end
   redis.call('HDEL', KEYS[2], id)
@@ -250,49 +329,133 @@ local function unhold(id)
       incr(R[i], digits, '-')
     end
   end
+  local drawn = redis.call('HGET', KEYS[2], 'd:' .. id)
+  if drawn then
+    redis.call('HDEL', KEYS[2], 'd:' .. id)
+    if refund then
+      for grant, digits in string.gmatch(drawn, '(%S+) (%d+)') do
+        if redis.call('HEXISTS', KEYS[4], 'm:' .. grant) == 1 then
+          redis.call('HINCRBY', KEYS[4], 'r:' .. grant, digits)
+        end
+      end
+    end
+  end
   return true
 end
 """
 
+# The Lua mirror of drawdown.plan_draws (change both together): the live grants with something left, in draw
+# order, and what they hold in all.
+DRAW_LUA = """
+-- Mirrors modelmeter.billing.drawdown.plan_draws: change both together.
+local function live_grants(now)
+  local grants, total = {}, 0
+  local flat = redis.call('HGETALL', KEYS[4])
+  for i = 1, #flat, 2 do
+    local field = flat[i]
+    if string.sub(field, 1, 2) == 'm:' then
+      local id = string.sub(field, 3)
+      local rank, expires = string.match(flat[i + 1], '(%S+) (%d+)')
+      local left = tonumber(redis.call('HGET', KEYS[4], 'r:' .. id) or '0')
+      expires = tonumber(expires)
+      if left > 0 and (expires == 0 or expires > now) then
+        grants[#grants + 1] = {id, rank, left}
+        total = total + left
+      end
+    end
+  end
+  table.sort(grants, function(a, b) return a[2] < b[2] end)
+  return grants, total
+end
+"""
+
 # ARGV: ttl, id, hold_ms, has_baseline, amount x4 (5-8), caps x4 ('' = uncapped, 9-12), baseline x4 (13-16),
-# prices x6 (17-22: included, unit for requests, tokens, training tokens; '' = not priced).
+# credit terms (17: JSON {"epoch", "now", "prepaid", "grants"?: [[id, rank, expires_at, "micro"], ...]}, '' = none),
+# prices x6 (18-23: included, unit for requests, tokens, training tokens; '' = not priced).
+# Returns -1: counters unknown (send a baseline); -2: grants unknown (send them); 0: refused; {1, grant, micro, ...}.
 _RESERVE_LUA = (
     _QUOTA_PRELUDE
     + USAGE_COST_LUA
+    + DRAW_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[4] == '0' then return -1 end
   redis.call('HSET', KEYS[1], C[1], ARGV[13], C[2], ARGV[14], C[3], ARGV[15], C[4], ARGV[16],
              R[1], '0', R[2], '0', R[3], '0', R[4], '0')
 end
+local terms = nil
+if ARGV[17] ~= '' then
+  terms = cjson.decode(ARGV[17])
+  if tonumber(redis.call('HGET', KEYS[4], 'epoch') or '-1') < terms.epoch then
+    if terms.grants == nil then return -2 end
+    for _, g in ipairs(terms.grants) do
+      -- Only grants not held yet: a held grant's balance is more current than the ledger's.
+      if redis.call('HSETNX', KEYS[4], 'r:' .. g[1], g[4]) == 1 then
+        redis.call('HSET', KEYS[4], 'm:' .. g[1], g[2] .. ' ' .. string.format('%d', g[3]))
+      end
+    end
+    redis.call('HSET', KEYS[4], 'epoch', string.format('%d', terms.epoch))
+  end
+end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', string.format('%d', now_ms), 'LIMIT', 0, 64)
-for _, id in ipairs(expired) do unhold(id) end
+for _, id in ipairs(expired) do unhold(id, true) end
 local cur = redis.call('HMGET', KEYS[1], C[1], C[2], C[3], C[4], R[1], R[2], R[3], R[4])
-local totals = {}
+local before, totals = {}, {}
 for i = 1, 4 do
-  totals[i] = tonumber(cur[i] or '0') + tonumber(cur[4 + i] or '0') + tonumber(ARGV[4 + i])
+  before[i] = tonumber(cur[i] or '0') + tonumber(cur[4 + i] or '0')
+  totals[i] = before[i] + tonumber(ARGV[4 + i])
 end
-if ARGV[17] ~= '' then
+local prices = nil
+if ARGV[18] ~= '' then
+  prices = {}
+  for i = 1, 6 do prices[i] = tonumber(ARGV[17 + i]) end
+end
+local cost_after = totals[4]
+if prices then
   -- The budget is the exact usage cost of the totals, allowances included.
-  local prices = {}
-  for i = 1, 6 do prices[i] = tonumber(ARGV[16 + i]) end
-  totals[4] = usage_cost(totals, prices)
+  cost_after = usage_cost(totals, prices)
 end
 for i = 1, 4 do
   local cap = ARGV[8 + i]
   local total = totals[i]
+  if i == 4 then total = cost_after end
   if cap ~= '' and total > tonumber(cap) then
     touch()
     return 0
   end
 end
+local drawn = {}
+if terms then
+  local due = cost_after - before[4]
+  if prices then due = cost_after - usage_cost(before, prices) end
+  if due > 0 then
+    local grants, available = live_grants(terms.now)
+    if terms.prepaid and available < due then
+      touch()
+      return 0
+    end
+    for _, g in ipairs(grants) do
+      if due <= 0 then break end
+      local take = math.min(due, g[3])
+      drawn[#drawn + 1] = g[1]
+      drawn[#drawn + 1] = string.format('%d', take)
+      due = due - take
+    end
+  end
+end
 for i = 1, 4 do incr(R[i], ARGV[4 + i], '') end
 redis.call('HSET', KEYS[2], ARGV[2], table.concat({ARGV[5], ARGV[6], ARGV[7], ARGV[8]}, ' '))
 redis.call('ZADD', KEYS[3], string.format('%d', now_ms + tonumber(ARGV[3])), ARGV[2])
+if #drawn > 0 then
+  for i = 1, #drawn, 2 do redis.call('HINCRBY', KEYS[4], 'r:' .. drawn[i], '-' .. drawn[i + 1]) end
+  redis.call('HSET', KEYS[2], 'd:' .. ARGV[2], table.concat(drawn, ' '))
+end
 touch()
-return 1
+local out = {1}
+for i = 1, #drawn do out[#out + 1] = drawn[i] end
+return out
 """
 )
 
@@ -300,7 +463,7 @@ return 1
 _SETTLE_LUA = (
     _QUOTA_PRELUDE
     + """
-if not unhold(ARGV[2]) then return 0 end
+if not unhold(ARGV[2], false) then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   for i = 1, 4 do incr(C[i], ARGV[2 + i], '') end
 end
@@ -313,7 +476,7 @@ return 1
 _RELEASE_LUA = (
     _QUOTA_PRELUDE
     + """
-if not unhold(ARGV[2]) then return 0 end
+if not unhold(ARGV[2], true) then return 0 end
 touch()
 return 1
 """
@@ -344,8 +507,22 @@ def _cap_args(caps: Caps) -> list[str]:
     return ["" if v is None else str(v) for v in caps.values()]
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _credit_args(credits: CreditTerms | None, grants: list[GrantBalance] | None) -> str:
+    """ARGV 17 of the reserve script: the credit terms as JSON, with the grants when the script asked for them."""
+    if credits is None:
+        return ""
+    terms: dict[str, object] = {"epoch": credits.epoch, "now": credits.now, "prepaid": credits.prepaid}
+    if grants is not None:
+        terms["grants"] = [[g.id, g.rank, g.expires_at or 0, str(g.remaining_micro)] for g in grants]
+    return json.dumps(terms)
+
+
 def _price_args(prices: MeteredPrices | None) -> list[str]:
-    """ARGV 17-22 of the reserve script: (included, unit micro-cents) for requests, tokens, training tokens."""
+    """ARGV 18-23 of the reserve script: (included, unit micro-cents) for requests, tokens, training tokens."""
     if prices is None:
         return [""] * 6
     dimensions = (prices.requests, prices.tokens, prices.training_tokens)
@@ -383,17 +560,44 @@ class RedisQuotaStore:
         self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline
     ) -> str | None:
         """Hold ``amount`` if it fits every cap; see ``QuotaStore.reserve``."""
+        reservation = await self.reserve_drawing(tenant_id, period, amount, caps, baseline=baseline)
+        return None if reservation is None else reservation.id
+
+    async def reserve_drawing(
+        self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline,
+        credits: CreditTerms | None = None,
+    ) -> Reservation | None:
+        """Hold ``amount`` if it fits every cap, drawing credits; see ``QuotaStore.reserve_drawing``.
+
+        The script says what it lacks (the baseline: counters unknown; the grants: credits epoch behind); each is
+        awaited once and sent with the next call, which initialises only what is still absent."""
         reservation_id = uuid.uuid4().hex
-        head = [str(self._ttl_s), reservation_id, str(self._hold_ms)]
-        tail = [*_amount_args(amount), *_cap_args(caps)]
         keys = self._keys(tenant_id, period)
-        prices = _price_args(caps.prices)
-        outcome = await self._reserve(keys=keys, args=[*head, "0", *tail, *_amount_args(Amount()), *prices])
-        if outcome == -1:
-            # Absent key: the script initialises from this baseline only if no other replica got there first.
-            start = await baseline()
-            outcome = await self._reserve(keys=keys, args=[*head, "1", *tail, *_amount_args(start), *prices])
-        return reservation_id if outcome == 1 else None
+        start: Amount | None = None
+        grants: list[GrantBalance] | None = None
+        for _ in range(3):
+            args = [str(self._ttl_s), reservation_id, str(self._hold_ms), "0" if start is None else "1",
+                    *_amount_args(amount), *_cap_args(caps), *_amount_args(start or Amount()),
+                    _credit_args(credits, grants), *_price_args(caps.prices)]
+            outcome = await self._reserve(keys=keys, args=args)
+            if outcome == -1:
+                start = await baseline()
+            elif outcome == -2 and credits is not None:
+                grants = await credits.load()
+            elif isinstance(outcome, list):
+                pairs = [(_text(outcome[i]), int(outcome[i + 1])) for i in range(1, len(outcome), 2)]
+                return Reservation(reservation_id, tuple(pairs))
+            else:
+                return None
+        raise RuntimeError("the quota store kept asking for a baseline")  # only if the keys vanish in between
+
+    async def credit_balances(self, tenant_id: str) -> dict[str, int] | None:
+        """What is left of each grant held for the tenant; see ``QuotaStore.credit_balances``."""
+        flat: dict[bytes | str, bytes | str] = await self._client.hgetall(self._credits_key(tenant_id))
+        if not flat:
+            return None
+        fields = {_text(k): _text(v) for k, v in flat.items()}
+        return {k[2:]: int(v) for k, v in fields.items() if k.startswith("r:") and f"m:{k[2:]}" in fields}
 
     async def settle(self, tenant_id: str, period: str, reservation_id: str, actual: Amount) -> None:
         """Commit ``actual`` in place of the reservation; idempotent."""
@@ -423,6 +627,10 @@ class RedisQuotaStore:
         if self._owns_client:
             await self._client.aclose()
 
+    def _credits_key(self, tenant_id: str) -> str:
+        return f"{self._prefix}{{{tenant_id}}}:credits"
+
     def _keys(self, tenant_id: str, period: str) -> list[str]:
-        counters = f"{self._prefix}{{{tenant_id}|{period}}}"
-        return [counters, f"{counters}:holds", f"{counters}:deadlines"]
+        # One hash tag per tenant: a period's counters and the tenant's credits stay in one slot on a cluster.
+        counters = f"{self._prefix}{{{tenant_id}}}:{period}"
+        return [counters, f"{counters}:holds", f"{counters}:deadlines", self._credits_key(tenant_id)]

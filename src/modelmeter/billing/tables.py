@@ -166,3 +166,58 @@ class StripePlan(SQLModel, table=True):
     product_id: str = Field(max_length=255)
     price_id: str = Field(max_length=255)
     synced_at: int
+
+
+class CreditGrant(SQLModel, table=True):
+    """Prepaid credits a tenant holds: granted by the operator, or bought (a paid ``CreditPurchase``).
+
+    What is left of a grant is ``amount_cents`` less its draws (``CreditDraw``); a grant past ``expires_at`` pays
+    nothing more. Draws take granted credits before purchased ones, the soonest expiry first (``draw_rank``).
+    """
+
+    __tablename__ = "credit_grant"
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    source: str = Field(max_length=16)  # granted | purchased
+    amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    description: str | None = Field(default=None, max_length=500)
+    expires_at: int | None = None
+    purchase_id: str | None = Field(default=None, max_length=40, unique=True)  # one grant per paid purchase
+    created: int
+
+
+class CreditDraw(SQLModel, table=True):
+    """Credits drawn from one grant by one usage row, written in the ledger transaction that writes the row."""
+
+    __tablename__ = "credit_draw"
+    __table_args__ = (
+        UniqueConstraint("request_id", "grant_id", name="uq_credit_draw_request_grant"),
+        Index("ix_credit_draw_tenant_period", "tenant_id", "period"),
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    )
+    request_id: str = Field(max_length=64)
+    grant_id: str = Field(foreign_key="credit_grant.id", index=True, max_length=40)
+    tenant_id: str = Field(max_length=40)
+    period: str = Field(max_length=7)
+    amount_micro: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created: int
+
+
+class CreditPurchase(SQLModel, table=True):
+    """A tenant's top-up: billed through the Stripe outbox; its credits are granted once Stripe reports it paid."""
+
+    __tablename__ = "credit_purchase"
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenant.id", index=True, max_length=40)
+    amount_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    currency: str = Field(max_length=3)
+    status: str = Field(default="pending", max_length=16)  # pending | paid
+    stripe_invoice_id: str | None = Field(default=None, max_length=255)
+    grant_id: str | None = Field(default=None, max_length=40)
+    created: int
+    paid_at: int | None = None

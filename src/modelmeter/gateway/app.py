@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from modelmeter import db
 from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.credits import store_grants
 from modelmeter.billing.metering import LedgerWriter, Meter
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.errors import install_handlers
@@ -76,7 +77,8 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
         ledger=ledger,
         rate=rate,
         quota=quota,
-        meter=Meter(sessions=sessions, ledger=ledger, quota=quota),
+        meter=Meter(sessions=sessions, ledger=ledger, quota=quota,
+                    grants=lambda tenant_id, now: store_grants(sessions=sessions, tenant_id=tenant_id, now=now)),
         telemetry=telemetry,
     )
     metrics.instrument(services)

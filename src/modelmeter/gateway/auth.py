@@ -39,6 +39,7 @@ class Principal:
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     monthly_budget_cents: int | None = None
+    credits_epoch: int = 0
 
     def admitted_at(self, now: int) -> bool:
         """Whether ``check`` lets this principal through at ``now`` (unexpired key, active tenant)."""
@@ -88,7 +89,7 @@ class KeyAuthenticator:
             key_row, tenant = row
             principal = Principal(
                 key_row.id, tenant.id, frozenset(key_row.scope_list), key_row.expires_at, tenant.status, tenant.plan,
-                tenant.rpm_limit, tenant.tpm_limit, tenant.monthly_budget_cents,
+                tenant.rpm_limit, tenant.tpm_limit, tenant.monthly_budget_cents, tenant.credits_epoch,
             )
         self._store(digest, principal)
         return principal

@@ -95,6 +95,7 @@ def scoped(scope: str) -> Callable[..., Any]:
 InferencePrincipal = Annotated[Principal, Depends(scoped("inference"))]
 FineTunePrincipal = Annotated[Principal, Depends(scoped("fine-tune"))]
 BillingPrincipal = Annotated[Principal, Depends(scoped("billing:read"))]
+BillingWritePrincipal = Annotated[Principal, Depends(scoped("billing:write"))]
 
 
 async def require_admin(request: Request, services: ServicesDep) -> None:

@@ -123,7 +123,8 @@ async def _admit(services: Services, principal: Principal, tokens: int, now: int
     try:
         hold = await services.meter.reserve(tenant_id=principal.tenant_id, plan=plan,
                                             budget_cents=principal.monthly_budget_cents,
-                                            amount=Amount(requests=1, tokens=tokens), at=now)
+                                            amount=Amount(requests=1, tokens=tokens), at=now,
+                                            credits_epoch=principal.credits_epoch)
     except InsufficientQuotaError as exc:
         services.telemetry.quota_refused(principal.tenant_id)
         exc.headers.update(headers)

@@ -269,6 +269,34 @@ class Invoice(Public):
     paid_at: int | None
 
 
+class CreditGrant(Public):
+    id: str
+    object: Literal["credit_grant"]
+    amount_cents: int
+    remaining_cents: int  # what is left, in whole cents (rounded down); 0 once expired
+    source: Literal["granted", "purchased"]
+    description: str | None
+    status: Literal["active", "used", "expired"]
+    expires_at: int | None
+    created: int
+
+
+class CreditList(Page[CreditGrant]):
+    balance_cents: int  # what every live grant holds, in whole cents (rounded down)
+
+
+class CreditPurchase(Public):
+    id: str
+    object: Literal["credit_purchase"]
+    amount_cents: int
+    currency: str
+    status: Literal["pending", "paid"]
+    credit_grant: str | None  # the grant made when Stripe reported the invoice paid
+    stripe_invoice_id: str | None
+    created: int
+    paid_at: int | None
+
+
 class DashboardLink(Public):
     object: Literal["dashboard_link"]
     url: str

@@ -25,8 +25,8 @@ from modelmeter.fields import INT32_MAX, INTEGRAL
 from modelmeter.ids import fixed_width, new_id
 from modelmeter.tenancy.tenants import FORBID, Name
 
-Scope = Literal["inference", "fine-tune", "billing:read"]
-ALL_SCOPES: tuple[str, ...] = ("inference", "fine-tune", "billing:read")
+Scope = Literal["inference", "fine-tune", "billing:read", "billing:write"]
+ALL_SCOPES: tuple[str, ...] = ("inference", "fine-tune", "billing:read", "billing:write")
 
 KEY_PREFIX = "mm_"
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -99,6 +99,8 @@ class Tenant(TenantBase, table=True):
     past_due_since: int | None = None
     suspension_reason: str | None = Field(default=None, max_length=32)  # set when billing suspended it
     plan_changed_at: int | None = None
+    # Bumped whenever the tenant gains credits: a quota store that has seen an older value reloads the grants.
+    credits_epoch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created: int
     updated: int
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from modelmeter import clock
-from modelmeter.billing.tables import Invoice, PlanChange, StripeOutbox
+from modelmeter.billing.tables import CreditPurchase, Invoice, PlanChange, StripeOutbox
 
 OUTBOX_FLAG = "stripe_outbox"
 
@@ -61,3 +61,9 @@ def enqueue_invoice(*, session: Session, invoice: Invoice, has_lines: bool) -> N
                               payload={"period": invoice.period, "total": invoice.total}):
         invoice.sync_status = "pending"
         session.add(invoice)
+
+
+def enqueue_credit_purchase(*, session: Session, purchase: CreditPurchase) -> bool:
+    """Queue a top-up's Stripe invoice (in the transaction that records the purchase); False without Stripe."""
+    return _enqueue(session=session, kind="credit_purchase", object_id=purchase.id, tenant_id=purchase.tenant_id,
+                    payload={"amount_cents": purchase.amount_cents, "currency": purchase.currency})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query
@@ -9,11 +10,22 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from modelmeter import clock
 from modelmeter.billing.catalog import Plan
+from modelmeter.billing.credits import CreditGrantCreate, grant_credits
 from modelmeter.billing.economics import economics_report
 from modelmeter.billing.invoicing import close_period
 from modelmeter.fields import PYTHON_RE, matching
 from modelmeter.gateway.deps import AdminDep, ListDep, ServicesDep, SessionDep, list_body
-from modelmeter.gateway.schemas import ADMIN_READ, ADMIN_WRITE, BillingClose, Page, UnitEconomics, errors
+from modelmeter.gateway.schemas import (
+    ADMIN_READ,
+    ADMIN_WRITE,
+    BillingClose,
+    CreditGrant,
+    CreditList,
+    Page,
+    UnitEconomics,
+    errors,
+)
+from modelmeter.ops import credits as credit_ops
 from modelmeter.ops import tenants as ops
 from modelmeter.tenancy.keys import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeyRoll
 from modelmeter.tenancy.tenants import TenantCreate, TenantPublic, TenantUpdate
@@ -47,6 +59,21 @@ def patch_tenant(tenant_id: str, data: TenantUpdate, services: ServicesDep) -> A
     tenant = ops.update_tenant(sessions=services.sessions, catalog=services.plans, tenant_id=tenant_id, data=data)
     services.auth.invalidate(lambda p: p.tenant_id == tenant_id)
     return tenant
+
+
+@router.post("/tenants/{tenant_id}/credits", status_code=201, response_model=CreditGrant, responses=WRITE_ONE)
+def post_credits(tenant_id: str, data: CreditGrantCreate, services: ServicesDep) -> Any:
+    """Grant prepaid credits: they pay the tenant's usage as it is incurred, from the next request on."""
+    granted = grant_credits(sessions=services.sessions, tenant_id=tenant_id, data=data)
+    services.auth.invalidate(lambda p: p.tenant_id == tenant_id)  # the new credits epoch, at once
+    return granted
+
+
+@router.get("/tenants/{tenant_id}/credits", response_model=CreditList, responses=ONE)
+async def get_credits(tenant_id: str, services: ServicesDep, page: ListDep) -> Any:
+    live = await services.quota.credit_balances(tenant_id)
+    return await asyncio.to_thread(credit_ops.list_credits, sessions=services.sessions, tenant_id=tenant_id,
+                                   limit=page.limit, after=page.after, live=live)
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=ApiKeyCreated, responses=WRITE_ONE)

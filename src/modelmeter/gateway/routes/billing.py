@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter
 
 from modelmeter import clock
 from modelmeter.billing import invoicing
+from modelmeter.billing.credits import CreditPurchaseCreate
 from modelmeter.billing.metering import period_bounds, period_of, period_usage
 from modelmeter.billing.pricing import usage_cost_micro
 from modelmeter.billing.tables import Invoice
 from modelmeter.errors import NotFoundError
-from modelmeter.gateway.deps import BillingPrincipal, ListDep, ServicesDep, SessionDep, list_body
-from modelmeter.gateway.schemas import TENANT_READ, Page, Subscription, errors
+from modelmeter.gateway.deps import (
+    BillingPrincipal,
+    BillingWritePrincipal,
+    ListDep,
+    ServicesDep,
+    SessionDep,
+    list_body,
+)
+from modelmeter.gateway.schemas import TENANT_READ, TENANT_WRITE, CreditList, CreditPurchase, Page, Subscription, errors
 from modelmeter.gateway.schemas import Invoice as InvoiceOut
 from modelmeter.money import cents_text, micro_to_cents
+from modelmeter.ops import credits as ops
 from modelmeter.tenancy.tenants import get_tenant
 
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
@@ -65,3 +75,18 @@ def invoice(invoice_id: str, principal: BillingPrincipal, session: SessionDep) -
     if row is None or row.tenant_id != principal.tenant_id:
         raise NotFoundError(f"No such invoice: '{invoice_id}'.", code="invoice_not_found", param="invoice_id")
     return invoicing.invoice_public(row, invoicing.lines_of(session=session, invoice_id=row.id))
+
+
+@router.get("/credits", response_model=CreditList, responses=errors(*TENANT_READ))
+async def credits(principal: BillingPrincipal, services: ServicesDep, page: ListDep) -> dict[str, Any]:
+    """The tenant's credit grants, newest first, and the balance of the live ones (draws in flight taken)."""
+    live = await services.quota.credit_balances(principal.tenant_id)
+    return await asyncio.to_thread(ops.list_credits, sessions=services.sessions, tenant_id=principal.tenant_id,
+                                   limit=page.limit, after=page.after, live=live)
+
+
+@router.post("/credits/purchase", status_code=201, response_model=CreditPurchase, responses=errors(*TENANT_WRITE))
+def purchase(data: CreditPurchaseCreate, principal: BillingWritePrincipal, services: ServicesDep) -> dict[str, Any]:
+    """Buy credits: Stripe invoices the amount; the credits are granted when Stripe reports the invoice paid."""
+    return ops.purchase_credits(sessions=services.sessions, catalog=services.plans, tenant_id=principal.tenant_id,
+                                data=data)

@@ -1,0 +1,194 @@
+"""Prepaid credits: grants, what is left of them, top-ups bought through Stripe, and what a period drew.
+
+A grant's balance is its amount less its draws (``CreditDraw`` rows, written with the usage rows that drew them),
+so the ledger alone says what every grant has left; the quota store holds a running copy for the atomic draw
+(:mod:`modelmeter.billing.drawdown`). Amounts shown to people are whole cents: what is left is rounded down (a
+fraction of a cent drawn counts as spent), a period's draws are rounded half-up like an invoice line.
+
+Revenue from credits is counted once, when they pay for usage (see :mod:`modelmeter.billing.economics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints
+from sqlalchemy import func
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, col, select, update
+
+from modelmeter import clock
+from modelmeter.billing.drawdown import GrantBalance, draw_rank
+from modelmeter.billing.tables import CreditDraw, CreditGrant, CreditPurchase
+from modelmeter.errors import InvalidRequestError
+from modelmeter.fields import INTEGRAL, PYTHON_RE
+from modelmeter.ids import new_id
+from modelmeter.money import MICRO_PER_CENT, micro_to_cents
+from modelmeter.tenancy.tenants import Tenant, get_tenant, lock_tenant
+
+MAX_GRANT_CENTS = 100_000_000  # $1,000,000 in one grant
+MIN_PURCHASE_CENTS = 500  # $5.00: below it, card fees eat the top-up
+MAX_PURCHASE_CENTS = 1_000_000  # $10,000
+
+Sessions = sessionmaker[Session]
+
+
+class CreditGrantCreate(BaseModel):
+    """An operator's grant: a positive amount, and optionally what it is for and when it lapses."""
+
+    model_config = ConfigDict(extra="forbid", regex_engine=PYTHON_RE)
+
+    amount_cents: Annotated[int, Strict(), Field(ge=1, le=MAX_GRANT_CENTS), INTEGRAL]
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+    expires_at: Annotated[int, Strict(), Field(ge=0, le=2**31 - 1), INTEGRAL] | None = None
+
+
+class CreditPurchaseCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount_cents: Annotated[int, Strict(), Field(ge=MIN_PURCHASE_CENTS, le=MAX_PURCHASE_CENTS), INTEGRAL]
+
+
+# --- grants ---------------------------------------------------------------------------------------------
+
+
+def grant(*, session: Session, tenant_id: str, amount_cents: int, source: str, description: str | None = None,
+          expires_at: int | None = None, purchase_id: str | None = None, now: int | None = None) -> CreditGrant:
+    """Add a grant (flushed, not committed) and bump the tenant's credits epoch, so quota stores load it."""
+    now = clock.now_s() if now is None else now
+    if expires_at is not None and expires_at <= now:
+        raise InvalidRequestError("expires_at must be in the future.", code="invalid_expires_at", param="expires_at")
+    lock_tenant(session=session, tenant_id=tenant_id)
+    row = CreditGrant(id=new_id("cg"), tenant_id=tenant_id, source=source, amount_cents=amount_cents,
+                      description=description, expires_at=expires_at, purchase_id=purchase_id, created=now)
+    session.add(row)
+    session.exec(update(Tenant).where(col(Tenant.id) == tenant_id)
+                 .values(credits_epoch=col(Tenant.credits_epoch) + 1))
+    session.flush()
+    return row
+
+
+def grant_credits(*, sessions: Sessions, tenant_id: str, data: CreditGrantCreate) -> dict[str, Any]:
+    """The operator's grant to an existing tenant (404 first), committed; its public form."""
+    with sessions() as session:
+        get_tenant(session=session, tenant_id=tenant_id)
+        row = grant(session=session, tenant_id=tenant_id, amount_cents=data.amount_cents, source="granted",
+                    description=data.description, expires_at=data.expires_at)
+        session.commit()
+        return grant_public(row, drawn_micro=0, now=clock.now_s())
+
+
+def drawn_by_grant(*, session: Session, grant_ids: Sequence[str]) -> dict[str, int]:
+    """Micro-cents drawn from each grant, per the ledger."""
+    if not grant_ids:
+        return {}
+    query = (select(CreditDraw.grant_id, func.sum(CreditDraw.amount_micro))
+             .where(col(CreditDraw.grant_id).in_(grant_ids)).group_by(col(CreditDraw.grant_id)))
+    return {grant_id: int(total or 0) for grant_id, total in session.exec(query).all()}
+
+
+def _grants(*, session: Session, tenant_id: str) -> list[CreditGrant]:
+    return list(session.exec(select(CreditGrant).where(CreditGrant.tenant_id == tenant_id)
+                             .order_by(col(CreditGrant.id).desc())).all())
+
+
+def left_micro(row: CreditGrant, drawn_micro: int, now: int) -> int:
+    """What a grant can still pay, in micro-cents: nothing once expired."""
+    if row.expires_at is not None and row.expires_at <= now:
+        return 0
+    return max(0, row.amount_cents * MICRO_PER_CENT - drawn_micro)
+
+
+def grant_public(row: CreditGrant, *, drawn_micro: int, now: int) -> dict[str, Any]:
+    left = left_micro(row, drawn_micro, now)
+    expired = row.expires_at is not None and row.expires_at <= now
+    return {
+        "id": row.id, "object": "credit_grant", "amount_cents": row.amount_cents,
+        "remaining_cents": left // MICRO_PER_CENT, "source": row.source, "description": row.description,
+        "status": "expired" if expired else "active" if left > 0 else "used",
+        "expires_at": row.expires_at, "created": row.created,
+    }
+
+
+def credits_page(*, session: Session, tenant_id: str, limit: int, after: str | None,
+                 live: dict[str, int] | None = None) -> dict[str, Any]:
+    """``GET /v1/billing/credits``: the tenant's grants, newest first, and the balance of all live ones.
+
+    ``live`` (micro-cents left per grant, from the quota store) overrides the ledger for the grants it holds,
+    so draws of requests still in flight show at once."""
+    now = clock.now_s()
+    rows = _grants(session=session, tenant_id=tenant_id)
+    drawn = drawn_by_grant(session=session, grant_ids=[r.id for r in rows])
+    public = []
+    for row in rows:
+        used = drawn.get(row.id, 0)
+        if live is not None and row.id in live:
+            used = row.amount_cents * MICRO_PER_CENT - live[row.id]
+        public.append(grant_public(row, drawn_micro=used, now=now) | {"_left": left_micro(row, used, now)})
+    balance_micro = sum(g.pop("_left") for g in public)
+    page = [g for g in public if after is None or g["id"] < after]
+    return {"object": "list", "data": page[:limit], "has_more": len(page) > limit,
+            "balance_cents": balance_micro // MICRO_PER_CENT}
+
+
+def balance_cents(*, session: Session, tenant_id: str, now: int | None = None) -> int:
+    """What the tenant's live grants hold, per the ledger, in whole cents (rounded down)."""
+    now = clock.now_s() if now is None else now
+    rows = _grants(session=session, tenant_id=tenant_id)
+    drawn = drawn_by_grant(session=session, grant_ids=[r.id for r in rows])
+    return sum(left_micro(r, drawn.get(r.id, 0), now) for r in rows) // MICRO_PER_CENT
+
+
+def store_grants(*, sessions: Sessions, tenant_id: str, now: int) -> list[GrantBalance]:
+    """The tenant's live grants with what the ledger says is left, for a quota store to load."""
+    with sessions() as session:
+        rows = _grants(session=session, tenant_id=tenant_id)
+        drawn = drawn_by_grant(session=session, grant_ids=[r.id for r in rows])
+    return [GrantBalance(r.id, draw_rank(source=r.source, expires_at=r.expires_at, created=r.created, grant_id=r.id),
+                         r.expires_at, left_micro(r, drawn.get(r.id, 0), now))
+            for r in rows if left_micro(r, drawn.get(r.id, 0), now) > 0]
+
+
+def drawn_in_period(*, session: Session, tenant_id: str, period: str) -> dict[str, int]:
+    """Micro-cents the period's usage drew, by source (``granted``, ``purchased``)."""
+    query = (select(CreditGrant.source, func.sum(CreditDraw.amount_micro))
+             .join(CreditGrant, col(CreditGrant.id) == col(CreditDraw.grant_id))
+             .where(CreditDraw.tenant_id == tenant_id, CreditDraw.period == period)
+             .group_by(col(CreditGrant.source)))
+    return {source: int(total or 0) for source, total in session.exec(query).all()}
+
+
+def applied_cents(drawn_micro: int, usage_cents: int) -> int:
+    """The credits an invoice applies: the period's draws rounded half-up, never more than its usage charges."""
+    return max(0, min(micro_to_cents(drawn_micro), usage_cents))
+
+
+# --- purchases ------------------------------------------------------------------------------------------
+
+
+def purchase_public(row: CreditPurchase) -> dict[str, Any]:
+    return {"id": row.id, "object": "credit_purchase", "amount_cents": row.amount_cents, "currency": row.currency,
+            "status": row.status, "credit_grant": row.grant_id, "stripe_invoice_id": row.stripe_invoice_id,
+            "created": row.created, "paid_at": row.paid_at}
+
+
+def create_purchase(*, session: Session, tenant_id: str, amount_cents: int, currency: str) -> CreditPurchase:
+    """A pending top-up (flushed, not committed): the caller queues its Stripe invoice in the same transaction."""
+    row = CreditPurchase(id=new_id("cp"), tenant_id=tenant_id, amount_cents=amount_cents, currency=currency,
+                         created=clock.now_s())
+    session.add(row)
+    session.flush()
+    return row
+
+
+def mark_paid(*, session: Session, purchase: CreditPurchase, paid_at: int, stripe_invoice_id: str | None) -> bool:
+    """Grant a paid purchase's credits once (the tenant is locked by the caller); False when already granted."""
+    if purchase.status == "paid":
+        return False
+    row = grant(session=session, tenant_id=purchase.tenant_id, amount_cents=purchase.amount_cents,
+                source="purchased", description=f"Credit purchase {purchase.id}", purchase_id=purchase.id)
+    purchase.status, purchase.paid_at, purchase.grant_id = "paid", paid_at, row.id
+    purchase.stripe_invoice_id = purchase.stripe_invoice_id or stripe_invoice_id
+    session.add(purchase)
+    return True
