@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func
@@ -19,6 +20,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
+from modelmeter.billing import credits
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import period_bounds, period_of
 from modelmeter.billing.pricing import Line, Usage, price_period, subtotal
@@ -91,6 +93,29 @@ def price_tenant_period(
     return price_period(triples, seconds_in_period=end - start)
 
 
+def credits_line(*, session: Session, tenant_id: str, period: str, lines: Sequence[Line], plan: str) -> Line | None:
+    """``Credits applied``: what the period's usage drew from prepaid credits, as a negative line, never more
+    than the usage charges (so a total never goes below the base fees, nor below zero)."""
+    drawn = sum(credits.drawn_in_period(session=session, tenant_id=tenant_id, period=period).values())
+    applied = credits.applied_cents(drawn, sum(line.amount for line in lines if line.code != "base_fee"))
+    if applied == 0:
+        return None
+    return Line(code="credits", description="Credits applied", quantity=1, unit_amount_decimal=Decimal(-applied),
+                amount=-applied, plan=plan)
+
+
+def invoice_lines(*, session: Session, catalog: PlanCatalog, tenant_id: str, period: str, current_plan: str
+                  ) -> tuple[list[Line], int, int]:
+    """A period's lines (charges, then credits applied), its subtotal (the charges) and its total."""
+    lines = price_tenant_period(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
+                                current_plan=current_plan)
+    charges = subtotal(lines)
+    applied = credits_line(session=session, tenant_id=tenant_id, period=period, lines=lines, plan=current_plan)
+    if applied is None:
+        return lines, charges, charges
+    return [*lines, applied], charges, charges + applied.amount
+
+
 # --- public shapes -----------------------------------------------------------------------------------
 
 
@@ -119,13 +144,13 @@ def preview(*, session: Session, catalog: PlanCatalog, tenant_id: str, plan: str
     """The running (or given, not yet closed) period's invoice as it stands now."""
     period = period or period_of(clock.now_s())
     start, end = period_bounds(period)
-    lines = price_tenant_period(session=session, catalog=catalog, tenant_id=tenant_id, period=period, current_plan=plan)
-    total = subtotal(lines)
+    lines, charges, total = invoice_lines(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
+                                          current_plan=plan)
     return {
         "id": None, "object": "invoice", "tenant_id": tenant_id, "period": period, "status": "draft",
         "currency": catalog.get(plan).currency, "period_start": start, "period_end": end, "created": None,
         "lines": {"object": "list", "data": [line_public(x) for x in lines], "has_more": False},
-        "subtotal": total, "total": total, "sync_status": "not_synced", "stripe_invoice_id": None, "paid_at": None,
+        "subtotal": charges, "total": total, "sync_status": "not_synced", "stripe_invoice_id": None, "paid_at": None,
     }
 
 
@@ -212,10 +237,10 @@ def _invoice_tenant(*, session: Session, catalog: PlanCatalog, tenant: Tenant, p
     exists = session.exec(select(Invoice.id).where(Invoice.tenant_id == tenant_id, Invoice.period == period)).first()
     if exists is not None:
         return 0
-    lines = price_tenant_period(session=session, catalog=catalog, tenant_id=tenant_id, period=period, current_plan=plan)
-    total = subtotal(lines)
+    lines, charges, total = invoice_lines(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
+                                          current_plan=plan)
     invoice = Invoice(id=new_id("in"), tenant_id=tenant_id, period=period, currency=catalog.get(plan).currency,
-                      subtotal=total, total=total, period_start=start, period_end=end, created=now)
+                      subtotal=charges, total=total, period_start=start, period_end=end, created=now)
     session.add(invoice)
     for position, line in enumerate(lines):
         session.add(InvoiceLine(invoice_id=invoice.id, position=position, code=line.code, plan=line.plan,
