@@ -127,7 +127,8 @@ def test_prepaid_plan_serves_exactly_what_credits_pay(client: TestClient, on_pla
     assert listed["data"][0]["remaining_cents"] == 5
     assert rows(services, UsageEvent, tenant["id"]) == 3
     with services.sessions() as session:
-        drawn = session.exec(select(func.sum(CreditDraw.amount_micro)).where(CreditDraw.tenant_id == tenant["id"])).one()
+        query = select(func.sum(CreditDraw.amount_micro)).where(CreditDraw.tenant_id == tenant["id"])
+        drawn = session.exec(query).one()
     assert drawn == 30 * 1_000_000
     # A new grant is usable at once (the credits epoch moves and the store loads it).
     grant(client, tenant["id"], amount_cents=5)

@@ -92,7 +92,8 @@ async def test_release_returns_draws_and_settle_keeps_them(replicas: Replicas, k
     tenant, grants = uuid.uuid4().hex, [balance("cg_a", 300)]
     first = await store.reserve_drawing(tenant, PERIOD, Amount(cost_micro=200), Caps(), baseline=no_baseline,
                                         credits=terms(grants))
-    assert first is not None and first.draws == (("cg_a", 200),)
+    assert first is not None
+    assert first.draws == (("cg_a", 200),)
     refused = await store.reserve_drawing(tenant, PERIOD, Amount(cost_micro=200), Caps(), baseline=no_baseline,
                                           credits=terms(grants))
     assert refused is None  # 100 left: a prepaid request of 200 is refused, and draws nothing
@@ -117,7 +118,8 @@ async def test_expired_hold_returns_its_draws(replicas: Replicas) -> None:  # no
     await asyncio.sleep(0.1)  # the replica holding it died: the hold lapses and its draw comes back
     again = await store.reserve_drawing(tenant, PERIOD, Amount(cost_micro=100), Caps(), baseline=no_baseline,
                                         credits=terms(grants))
-    assert again is not None and again.draws == (("cg_a", 100),)
+    assert again is not None
+    assert again.draws == (("cg_a", 100),)
 
 
 @pytest.mark.parametrize("kind", ["redis", "local"])
