@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import func, select
+from sqlmodel import col, func, select
 
 from modelmeter.billing.tables import CreditDraw, CreditGrant, UsageEvent
 from modelmeter.gateway.services import Services
@@ -153,7 +153,7 @@ def test_draw_order_granted_first_soonest_expiry_first(client: TestClient, on_pl
     assert left == {soon["id"]: 0, late["id"]: 0, never["id"]: 0, bought: 45}
     with services.sessions() as session:
         split = session.exec(select(CreditDraw.grant_id, CreditDraw.amount_micro)
-                             .where(CreditDraw.tenant_id == tenant["id"]).order_by(CreditDraw.id)).all()
+                             .where(CreditDraw.tenant_id == tenant["id"]).order_by(col(CreditDraw.id))).all()
     # The second request takes 5 cents from `soon` and 5 from `late`: one request may draw on two grants.
     assert [(g, m // 10_000) for g, m in split][:3] == [(soon["id"], 1000), (soon["id"], 500), (late["id"], 500)]
 
