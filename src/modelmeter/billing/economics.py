@@ -2,7 +2,7 @@
 
 Revenue
     A period's revenue is its invoice lines: the invoice's own lines once the period is closed, the preview's
-    (``invoicing.price_tenant_period``) while it is open. Each line names the plan it was priced under, so a
+    (``invoicing.invoice_lines``, credits applied as on the invoice) while it is open. Each line names the plan it was priced under, so a
     tenant that changed plan mid-period splits its revenue between the plans exactly as its invoice does.
 
 Prepaid credits (counted once, at use)
