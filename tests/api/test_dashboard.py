@@ -185,10 +185,11 @@ def test_page_shows_usage_spend_and_invoices(client: TestClient, make_tenant: An
     assert page.count("<rect") == 3 * 30  # three charts of thirty days
 
 
-def seed_credits(client: TestClient, tenant_id: str, at: int) -> dict[str, Any]:
+def seed_credits(client: TestClient, tenant_id: str, at: int, description: str = "Launch <promo> & co"
+                 ) -> dict[str, Any]:
     """A $25.00 grant expiring 2026-12-31, $7.345 of it drawn by one usage row, and a used-up $1.00 grant."""
     services = client.app.state.services  # type: ignore[attr-defined]
-    body = {"amount_cents": 2500, "description": "Launch <promo> & co", "expires_at": ts(2026, 12, 31)}
+    body = {"amount_cents": 2500, "description": description, "expires_at": ts(2026, 12, 31)}
     grant = client.post(f"/admin/tenants/{tenant_id}/credits", json=body, headers=ADMIN).json()
     small = client.post(f"/admin/tenants/{tenant_id}/credits", json={"amount_cents": 100}, headers=ADMIN).json()
     record = UsageRecord(request_id=f"credit_{tenant_id}", tenant_id=tenant_id, model_id="all-MiniLM-L6-v2",
@@ -297,7 +298,7 @@ def test_page_in_headless_chromium(client: TestClient, live_server: LiveServer, 
     fake_clock.t = ts(2026, 10, 2)
     assert client.post("/admin/billing/close", json={"period": "2026-09"}, headers=ADMIN).status_code == 200
     fake_clock.t = ts(2026, 10, 20, 12)
-    grant = seed_credits(client, tenant["id"], ts(2026, 10, 20, 11))
+    grant = seed_credits(client, tenant["id"], ts(2026, 10, 20, 11), "Launch credit")
     link = httpx.post(f"{live_server.url}/v1/dashboard/links", headers=bearer(key), timeout=30).json()
     assert link["url"].startswith(live_server.url)
 
@@ -313,7 +314,7 @@ def test_page_in_headless_chromium(client: TestClient, live_server: LiveServer, 
     text = rendered_text(link["url"], tmp_path / "profile-dom")
     assert "Prepaid credits" in text
     assert "Balance $17.65" in text
-    assert f"{grant['id']} Launch <promo> & co Granted $25.00 $17.65 2026-12-31 00:00 UTC active" in text
+    assert f"{grant['id']} Launch credit Granted $25.00 $17.65 2026-12-31 00:00 UTC active" in text
 
     forged = tmp_path / "forged.png"
     screenshot(link["url"][:-2] + "xx", forged, tmp_path / "profile2")
