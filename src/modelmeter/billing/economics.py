@@ -2,8 +2,9 @@
 
 Revenue
     A period's revenue is its invoice lines: the invoice's own lines once the period is closed, the preview's
-    (``invoicing.invoice_lines``, credits applied as on the invoice) while it is open. Each line names the plan it was priced under, so a
-    tenant that changed plan mid-period splits its revenue between the plans exactly as its invoice does.
+    (``invoicing.invoice_lines``, credits applied as on the invoice) while it is open. Each line names the plan
+    it was priced under, so a tenant that changed plan mid-period splits its revenue between the plans exactly
+    as its invoice does.
 
 Prepaid credits (counted once, at use)
     A credit purchase's own Stripe invoice is not revenue: the money is deferred until the credits pay for usage.

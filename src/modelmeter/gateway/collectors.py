@@ -101,7 +101,6 @@ class _Families:
                              labels=labels)
         self.tenant_margin = g("modelmeter_tenant_margin_cents", "Revenue minus compute cost this period by tenant.",
                                labels=labels)
-
         self.credits = g("modelmeter_credits_outstanding_cents", "Prepaid credits tenants hold, unexpired and not "
                          "yet drawn, per the ledger (the largest balances up to the tenant cap, the rest as 'other').",
                          labels=labels)
