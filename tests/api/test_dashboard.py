@@ -1,9 +1,12 @@
-"""The tenant dashboard: signed links' life cycle, the page's content, the CLI verb, and the page in Chromium."""
+"""The tenant dashboard: signed links' life cycle, the page's content (credits included), the CLI verb, and the page
+in Chromium."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -20,7 +23,8 @@ from fastapi.testclient import TestClient
 from modelmeter.billing.metering import UsageRecord, record_usage
 from modelmeter.cli import main
 from modelmeter.errors import AuthenticationError
-from modelmeter.gateway.dashboard import issue_token, verify_token
+from modelmeter.gateway.dashboard import issue_token, load_page, verify_token
+from modelmeter.money import MICRO_PER_CENT
 from modelmeter.settings import Settings
 from tests.binaries import require_binary
 from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, LiveServer, assert_envelope, bearer
@@ -181,6 +185,59 @@ def test_page_shows_usage_spend_and_invoices(client: TestClient, make_tenant: An
     assert page.count("<rect") == 3 * 30  # three charts of thirty days
 
 
+def seed_credits(client: TestClient, tenant_id: str, at: int, description: str = "Launch <promo> & co"
+                 ) -> dict[str, Any]:
+    """A $25.00 grant expiring 2026-12-31, $7.345 of it drawn by one usage row, and a used-up $1.00 grant."""
+    services = client.app.state.services  # type: ignore[attr-defined]
+    body = {"amount_cents": 2500, "description": description, "expires_at": ts(2026, 12, 31)}
+    grant = client.post(f"/admin/tenants/{tenant_id}/credits", json=body, headers=ADMIN).json()
+    small = client.post(f"/admin/tenants/{tenant_id}/credits", json={"amount_cents": 100}, headers=ADMIN).json()
+    record = UsageRecord(request_id=f"credit_{tenant_id}", tenant_id=tenant_id, model_id="all-MiniLM-L6-v2",
+                         created=at, plan="pro", tokens=1000, requests=1,
+                         credits=((grant["id"], 734_500_000), (small["id"], 100 * MICRO_PER_CENT)))
+    with services.sessions() as session:
+        record_usage(session=session, records=[record])
+        session.commit()
+    return dict(grant)
+
+
+def test_page_data_and_page_show_credits(client: TestClient, acme: Any, fake_clock: FakeClock) -> None:
+    tenant, headers = acme
+    fake_clock.t = ts(2026, 10, 20, 12)
+    grant = seed_credits(client, tenant["id"], ts(2026, 10, 20, 11))
+    services = client.app.state.services  # type: ignore[attr-defined]
+    with services.sessions() as session:
+        data = load_page(session=session, catalog=services.plans, tenant_id=tenant["id"], expires_at=0).credits
+    # $25.00 - $7.345 leaves $17.655: shown rounded down, as the API shows it.
+    assert data == client.get("/v1/billing/credits", headers=headers).json()
+    assert data["balance_cents"] == 1765
+    (used, first) = data["data"]
+    assert (first["id"], first["source"], first["amount_cents"], first["remaining_cents"], first["status"],
+            first["expires_at"]) == (grant["id"], "granted", 2500, 1765, "active", ts(2026, 12, 31))
+    assert (used["amount_cents"], used["remaining_cents"], used["status"]) == (100, 0, "used")
+
+    page = client.get(page_path(new_link(client, headers)["url"])).text
+    assert '<span class="value" id="credit-balance">$17.65</span>' in page
+    row = page[page.index(f'<tr class="grant"><td>{grant["id"]}'):]
+    row = row[:row.index("</tr>")]
+    for cell in ("Launch &lt;promo&gt; &amp; co", "Granted", "$25.00", "$17.65", "2026-12-31 00:00 UTC", "active"):
+        assert cell in row
+    assert "<promo>" not in page  # the operator's description is escaped like every other string
+    assert page.count('<tr class="grant">') == 2
+
+    fake_clock.t = ts(2026, 12, 31)  # the grant lapses: nothing left, and the page says why
+    page = client.get(page_path(new_link(client, headers)["url"])).text
+    assert '<span class="value" id="credit-balance">$0.00</span>' in page
+    assert '<span class="pill expired">expired</span>' in page
+
+
+def test_page_without_credits_says_so(client: TestClient, acme: Any) -> None:
+    _, headers = acme
+    page = client.get(page_path(new_link(client, headers)["url"])).text
+    assert '<span class="value" id="credit-balance">$0.00</span>' in page
+    assert "No credits yet." in page
+
+
 def test_cli_prints_a_working_link(client: TestClient, acme: Any, settings: Settings,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     tenant, _ = acme
@@ -207,15 +264,28 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
 def screenshot(url: str, target: Path, profile: Path) -> None:
     chromium = require_binary("chromium")
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={target}",
-               "--window-size=1280,1600", url]
+    command = [chromium, *CHROMIUM_FLAGS, "--hide-scrollbars", f"--user-data-dir={profile}",
+               f"--screenshot={target}", "--window-size=1280,1600", url]
     done = subprocess.run(command, capture_output=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert target.exists(), done.stderr.decode(errors="replace")[-2000:]
+
+
+def rendered_text(url: str, profile: Path) -> str:
+    """The page's DOM as Chromium parsed and laid it out, without markup: what a reader sees."""
+    chromium = require_binary("chromium")
+    done = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+                          capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    dom = done.stdout.decode()
+    body = dom[dom.index("<body"):]
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", body)).split())
 
 
 def test_page_in_headless_chromium(client: TestClient, live_server: LiveServer, make_tenant: Any, make_key: Any,
@@ -228,6 +298,7 @@ def test_page_in_headless_chromium(client: TestClient, live_server: LiveServer, 
     fake_clock.t = ts(2026, 10, 2)
     assert client.post("/admin/billing/close", json={"period": "2026-09"}, headers=ADMIN).status_code == 200
     fake_clock.t = ts(2026, 10, 20, 12)
+    grant = seed_credits(client, tenant["id"], ts(2026, 10, 20, 11), "Launch credit")
     link = httpx.post(f"{live_server.url}/v1/dashboard/links", headers=bearer(key), timeout=30).json()
     assert link["url"].startswith(live_server.url)
 
@@ -239,6 +310,11 @@ def test_page_in_headless_chromium(client: TestClient, live_server: LiveServer, 
         docs = Path(__file__).resolve().parents[2] / "docs"
         docs.mkdir(exist_ok=True)
         shutil.copy(target, docs / "dashboard.png")
+
+    text = rendered_text(link["url"], tmp_path / "profile-dom")
+    assert "Prepaid credits" in text
+    assert "Balance $17.65" in text
+    assert f"{grant['id']} Launch credit Granted $25.00 $17.65 2026-12-31 00:00 UTC active" in text
 
     forged = tmp_path / "forged.png"
     screenshot(link["url"][:-2] + "xx", forged, tmp_path / "profile2")

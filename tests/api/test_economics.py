@@ -1,5 +1,6 @@
 """Unit economics through the admin API, the CLI and the metrics: revenue from invoices (or the preview while a
-period is open) against the ledger's compute time priced per core-hour or GPU-hour, in exact cents."""
+period is open) against the ledger's compute time priced per core-hour or GPU-hour, in exact cents; credit-funded
+revenue counted once, at use (purchased credits' usage is revenue, granted credits' usage a discount)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from modelmeter import clock
+from modelmeter.billing import credits
 from modelmeter.billing.metering import UsageRecord, record_usage
 from modelmeter.cli import main
 from modelmeter.gateway.app import create_app
+from modelmeter.money import MICRO_PER_CENT
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, assert_envelope, bearer
 
@@ -145,3 +149,77 @@ def test_cli(client: TestClient, settings: Settings, october: dict[str, str], fa
     bad = CliRunner().invoke(main, ["economics", "--period", "2026-1"])
     assert bad.exit_code == 1
     assert "YYYY-MM" in bad.output
+
+
+# --- prepaid credits: revenue counted once, at use ----------------------------------------------------------
+
+
+def grant(client: TestClient, tenant_id: str, cents: int, source: str) -> str:
+    """A granted grant, or a purchase Stripe reported paid (its grant)."""
+    services = client.app.state.services  # type: ignore[attr-defined]
+    with services.sessions() as session:
+        if source == "granted":
+            grant_id = credits.grant(session=session, tenant_id=tenant_id, amount_cents=cents, source="granted").id
+        else:
+            purchase = credits.create_purchase(session=session, tenant_id=tenant_id, amount_cents=cents,
+                                               currency="usd")
+            assert credits.mark_paid(session=session, purchase=purchase, paid_at=clock.now_s(),
+                                     stripe_invoice_id="in_stripe_x")
+            grant_id = str(purchase.grant_id)
+        session.commit()
+    return grant_id
+
+
+def test_granted_share_splits_exactly() -> None:
+    m = MICRO_PER_CENT
+    assert credits.granted_share(250, {"granted": 250 * m}) == 250
+    assert credits.granted_share(250, {"purchased": 250 * m}) == 0
+    assert credits.granted_share(250, {"granted": 100 * m, "purchased": 150 * m}) == 100
+    assert credits.granted_share(250, {"granted": 200 * m, "purchased": 100 * m}) == 167  # 166.67, half-up
+    assert credits.granted_share(3, {"granted": 1, "purchased": 1}) == 2  # 1.5, half-up; purchased gets 1
+    assert credits.granted_share(0, {"granted": 5 * m}) == 0
+    assert credits.granted_share(7, {}) == 0
+
+
+def test_credit_funded_revenue_counts_once_at_use(client: TestClient, make_tenant: Any,
+                                                 fake_clock: FakeClock) -> None:
+    fake_clock.t = ts(2026, 10, 1)
+    gifted, bought, mixed, capped, topped_up = (make_tenant(plan=p)["id"]
+                                                for p in ("payg", "payg", "payg", "payg", "pro"))
+    paid_by: dict[str, tuple[tuple[str, int], ...]] = {
+        # payg: 1000 requests and 100k tokens are 250 cents of charges, each paid by credits.
+        gifted: ((grant(client, gifted, 500, "granted"), 250 * MICRO_PER_CENT),),
+        bought: ((grant(client, bought, 500, "purchased"), 250 * MICRO_PER_CENT),),
+        mixed: ((grant(client, mixed, 100, "granted"), 100 * MICRO_PER_CENT),
+                (grant(client, mixed, 500, "purchased"), 150 * MICRO_PER_CENT)),
+        # Draws worth more than the charges (300 cents against 250): the invoice applies 250, two thirds granted.
+        capped: ((grant(client, capped, 200, "granted"), 200 * MICRO_PER_CENT),
+                 (grant(client, capped, 500, "purchased"), 100 * MICRO_PER_CENT)),
+    }
+    grant(client, topped_up, 10_000, "purchased")  # a $100 top-up, none of it used
+    services = client.app.state.services  # type: ignore[attr-defined]
+    with services.sessions() as session:
+        record_usage(session=session, records=[
+            UsageRecord(request_id=f"r_{tenant}", tenant_id=tenant, model_id="m", created=ts(2026, 10, 10),
+                        plan="payg", requests=1000, tokens=100_000, compute_us=0, credits=draws)
+            for tenant, draws in paid_by.items()])
+        session.commit()
+    # charges - the granted part of 'Credits applied'; a purchase alone is deferred, not revenue.
+    expected = {gifted: 250 - 250, bought: 250, mixed: 250 - 100, capped: 250 - 167, topped_up: 4900}
+
+    fake_clock.t = ts(2026, 10, 20)
+    preview = {r["tenant_id"]: r for r in economics(client)}
+    assert {t: preview[t]["revenue_cents"] for t in expected} == expected
+    assert {preview[t]["revenue_source"] for t in expected} == {"preview"}
+
+    fake_clock.t = ts(2026, 11, 2)
+    assert client.post("/admin/billing/close", json={"period": "2026-10"}, headers=ADMIN).status_code == 200
+    closed = {r["tenant_id"]: r for r in economics(client, period="2026-10")}
+    assert {t: closed[t]["revenue_cents"] for t in expected} == expected
+    assert {closed[t]["revenue_source"] for t in expected} == {"invoice"}
+    # Every credit-funded invoice came to zero: the tenants paid with credits, never twice.
+    totals = {t: client.get("/v1/billing/invoices", headers=bearer(_key(client, t))).json()["data"][0]["total"]
+              for t in expected}
+    assert totals == {gifted: 0, bought: 0, mixed: 0, capped: 0, topped_up: 4900}
+    by_plan = {r["plan"]: r["revenue_cents"] for r in economics(client, period="2026-10", group_by="plan")}
+    assert by_plan == {"payg": 0 + 250 + 150 + 83, "pro": 4900}

@@ -28,13 +28,14 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from modelmeter import clock
-from modelmeter.billing.tables import StripeOutbox, UsageEvent
+from modelmeter.billing.tables import CreditDraw, StripeOutbox, UsageEvent
 from modelmeter.gateway.app import create_app
 from modelmeter.gateway.services import Services
 from modelmeter.models.finetune.tables import FineTuningJob
+from modelmeter.money import MICRO_PER_CENT
 from modelmeter.settings import Settings
 from tests.binaries import free_port, require_binary
-from tests.conftest import ADMIN, ADMIN_TOKEN, LiveServer, bearer
+from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, LiveServer, bearer
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -205,6 +206,56 @@ def test_database_gauges(gateway: TestClient, registry: CollectorRegistry, clien
     assert value(ratio, {"tenant": tenant, "resource": "tokens"}) == pytest.approx(used / 100_000)
     assert value(ratio, {"tenant": tenant, "resource": "requests"}) == pytest.approx(1 / 1000)
     assert value("modelmeter_tenants", {"plan": "free", "status": "active"}) == 1
+
+
+OUTSTANDING = "modelmeter_credits_outstanding_cents"
+
+
+def ledger_drawn(services: Services, tenant_id: str) -> int:
+    with services.sessions() as session:
+        return int(session.exec(select(func.coalesce(func.sum(CreditDraw.amount_micro), 0))
+                                .where(CreditDraw.tenant_id == tenant_id)).one())
+
+
+def test_outstanding_credits_after_a_grant_and_draws(settings: Settings, client: TestClient, make_tenant: Any,
+                                                    make_key: Any, register_model: Any, services: Services) -> None:
+    tenant = make_tenant(plan="payg")["id"]
+    headers = bearer(make_key(tenant)["key"])
+    model = register_model(None)
+    registry = CollectorRegistry()
+    with TestClient(create_app(settings.model_copy(update={"metrics_db_ttl_s": 0}), registry=registry)) as gateway:
+        value = registry.get_sample_value
+        assert value(OUTSTANDING, {"tenant": tenant}) is None  # no grant, no series
+        granted = gateway.post(f"/admin/tenants/{tenant}/credits", json={"amount_cents": 500}, headers=ADMIN)
+        assert granted.status_code == 201, granted.text
+        assert value(OUTSTANDING, {"tenant": tenant}) == 500
+        for text in TEXTS:
+            classify(gateway.post, headers, model, text)
+        drawn = ledger_drawn(services, tenant)
+        assert drawn > 0  # payg: every request and token is charged, so each one drew its cost
+        left = (500 * MICRO_PER_CENT - drawn) // MICRO_PER_CENT  # what is left, rounded down, as the tenant sees it
+        assert value(OUTSTANDING, {"tenant": tenant}) == left
+        balance = gateway.get("/v1/billing/credits", headers=headers).json()["balance_cents"]
+        assert balance == left
+
+
+def test_outstanding_credits_fold_beyond_the_tenant_cap(settings: Settings, client: TestClient, make_tenant: Any,
+                                                       fake_clock: FakeClock) -> None:
+    tenants = [make_tenant()["id"] for _ in range(4)]
+    for tenant, cents in zip(tenants, (200, 300, 100, 50), strict=True):
+        response = client.post(f"/admin/tenants/{tenant}/credits", json={"amount_cents": cents}, headers=ADMIN)
+        assert response.status_code == 201, response.text
+    expiring = {"amount_cents": 1000, "expires_at": int(fake_clock.t) + 60}
+    assert client.post(f"/admin/tenants/{tenants[3]}/credits", json=expiring, headers=ADMIN).status_code == 201
+    registry = CollectorRegistry()
+    update = {"metrics_db_ttl_s": 0, "metrics_max_tenants": 2}
+    with TestClient(create_app(settings.model_copy(update=update), registry=registry)):
+        samples = {s.labels["tenant"]: s.value for m in registry.collect() if m.name == OUTSTANDING for s in m.samples}
+        # The two largest balances by name; the rest summed, so the series add up to all that is held.
+        assert samples == {tenants[3]: 1050, tenants[1]: 300, OTHER_LABEL: 200 + 100}
+        fake_clock.t += 60  # the expiring grant lapses: it holds nothing any more
+        samples = {s.labels["tenant"]: s.value for m in registry.collect() if m.name == OUTSTANDING for s in m.samples}
+        assert samples == {tenants[1]: 300, tenants[0]: 200, OTHER_LABEL: 100 + 50}
 
 
 # --- several processes -------------------------------------------------------------------------------------

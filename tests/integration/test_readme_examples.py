@@ -29,7 +29,8 @@ README = ROOT / "README.md"
 FINE_TUNED = "ft:all-MiniLM-L6-v2:reviews:1a2b3c4d"
 BLOCK = re.compile(r"^(?:#+ (?P<heading>[^\n]+)|```(?P<lang>\w*)\n(?P<code>.*?)^```)$", re.M | re.S)
 # The sections whose examples call the platform, all run here; the last test fails when another one appears.
-TENANT_SECTIONS = {"A first session", "Serving", "Fine-tuning", "Unit economics", "Idempotency-Key", "Prepaid credits"}
+TENANT_SECTIONS = {"A first session", "Serving", "Fine-tuning", "Unit economics", "Idempotency-Key",
+                   "Prepaid credits"}
 
 
 def blocks(lang: str) -> list[tuple[str, str]]:
@@ -142,15 +143,6 @@ def test_a_first_session_and_the_admin_examples(shell: Shell) -> None:
     assert economics["object"] == "list"
 
 
-def test_prepaid_credits_examples(shell: Shell, make_tenant: Any, make_key: Any) -> None:
-    tenant = make_tenant(plan="payg")["id"]
-    shell.placeholders |= {"ten_…": tenant, "mm_…": make_key(tenant)["key"]}
-    shell.exports.append(f"export MODELMETER_ADMIN_TOKEN={ADMIN_TOKEN}")
-    granted, listed = [shell.run(line) for line in shell_lines("Prepaid credits")]
-    assert (granted["object"], granted["amount_cents"], granted["source"]) == ("credit_grant", 500, "granted")
-    assert (listed["balance_cents"], [g["id"] for g in listed["data"]]) == (500, [granted["id"]])
-
-
 @pytest.mark.slow
 def test_serving_examples(shell: Shell, make_tenant: Any, make_key: Any, register_model: Any) -> None:
     tenant = make_tenant(plan="pro")["id"]
@@ -187,6 +179,20 @@ def test_fine_tuning_example(shell: Shell, monkeypatch: pytest.MonkeyPatch, make
     assert cancelled.status == "cancelled"
     assert full.model_extra["training_type"] == {"type": "full"}
     assert full.status in {"validating_files", "queued"}
+
+
+def test_prepaid_credits_example(shell: Shell, make_tenant: Any, make_key: Any) -> None:
+    """The operator's grant and list through the real CLI, then the tenant's view of the same balance."""
+    tenant = make_tenant(plan="payg")["id"]
+    shell.placeholders |= {"ten_…": tenant, "mm_…": make_key(tenant, scopes=["billing:read"])["key"]}
+    shell.exports.append(f"export MODELMETER_ADMIN_TOKEN={ADMIN_TOKEN}")
+    api_grant, granted, listed, body = [shell.run(line) for line in shell_lines("Prepaid credits")]
+    assert (api_grant["object"], api_grant["amount_cents"], api_grant["source"]) == ("credit_grant", 500, "granted")
+    assert granted.startswith("granted cg_")
+    assert "Launch credit" in listed
+    assert listed.rstrip().endswith("balance $30.00")
+    assert (body["balance_cents"], [g["description"] for g in body["data"]]) == (3000, ["Launch credit",
+                                                                                        "welcome credit"])
 
 
 def test_every_example_that_calls_the_platform_is_run_here() -> None:

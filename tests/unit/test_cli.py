@@ -79,3 +79,42 @@ def test_admin_token_is_printed_once_by_whichever_verb_runs_first(runner: CliRun
     assert "Admin token (shown once" in first.stderr
     second = runner.invoke(main, ["tenant", "list"])
     assert "Admin token" not in second.stderr
+
+
+def test_credits_verbs(runner: CliRunner) -> None:
+    tenant = _json(runner, "tenant", "create", "--name", "Acme", "--email", "ops@acme.test", "--plan", "payg")
+    granted = _json(runner, "credits", "grant", tenant["id"], "--amount-cents", "2500", "--description", "Launch",
+                    "--expires-at", "2051222400")
+    assert (granted["object"], granted["source"], granted["amount_cents"], granted["remaining_cents"]) == \
+        ("credit_grant", "granted", 2500, 2500)
+    assert (granted["description"], granted["expires_at"], granted["status"]) == ("Launch", 2051222400, "active")
+    human = runner.invoke(main, ["credits", "grant", tenant["id"], "--amount-cents", "150"])
+    assert human.exit_code == 0, human.output
+    assert human.stdout.startswith("granted cg_")
+    assert "amount=       $1.50" in human.stdout
+    assert "no expiry" in human.stdout
+
+    listed = _json(runner, "credits", "list", tenant["id"])
+    assert (listed["object"], listed["balance_cents"], listed["has_more"]) == ("list", 2650, False)
+    assert [g["amount_cents"] for g in listed["data"]] == [150, 2500]  # newest first
+    text = runner.invoke(main, ["credits", "list", tenant["id"]]).stdout
+    assert granted["id"] in text
+    assert "Launch" in text
+    assert text.rstrip().endswith("balance $26.50")
+
+
+def test_credits_refusals(runner: CliRunner) -> None:
+    tenant = _json(runner, "tenant", "create", "--name", "Acme", "--email", "ops@acme.test")
+    for args, message in (
+        (["grant", "ten_nope", "--amount-cents", "100"], "No tenant"),
+        (["list", "ten_nope"], "No tenant"),
+        (["grant", tenant["id"], "--amount-cents", "0"], "amount_cents: Input should be greater than or equal to 1"),
+        (["grant", tenant["id"], "--amount-cents", "-5"], "amount_cents"),
+        (["grant", tenant["id"], "--amount-cents", "100", "--expires-at", "1000"], "expires_at must be in the future"),
+    ):
+        result = runner.invoke(main, ["credits", *args])
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.output, (args, result.output)
+    assert runner.invoke(main, ["credits", "grant", tenant["id"]]).exit_code == 2  # --amount-cents is required
+    assert _json(runner, "credits", "list", tenant["id"]) == {"object": "list", "data": [], "has_more": False,
+                                                              "balance_cents": 0}  # nothing partial written

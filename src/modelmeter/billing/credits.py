@@ -24,7 +24,7 @@ from modelmeter.billing.tables import CreditDraw, CreditGrant, CreditPurchase
 from modelmeter.errors import InvalidRequestError
 from modelmeter.fields import INTEGRAL, PYTHON_RE
 from modelmeter.ids import new_id
-from modelmeter.money import MICRO_PER_CENT, micro_to_cents
+from modelmeter.money import MICRO_PER_CENT, micro_to_cents, round_half_up_div
 from modelmeter.tenancy.tenants import Tenant, get_tenant, lock_tenant
 
 MAX_GRANT_CENTS = 100_000_000  # $1,000,000 in one grant
@@ -162,6 +162,35 @@ def drawn_in_period(*, session: Session, tenant_id: str, period: str) -> dict[st
 def applied_cents(drawn_micro: int, usage_cents: int) -> int:
     """The credits an invoice applies: the period's draws rounded half-up, never more than its usage charges."""
     return max(0, min(micro_to_cents(drawn_micro), usage_cents))
+
+
+def granted_share(applied: int, drawn: dict[str, int]) -> int:
+    """The part of ``applied`` cents (an invoice's ``Credits applied``) that granted credits paid.
+
+    ``applied`` is split between the sources in proportion to what each drew in the period (``drawn_in_period``,
+    micro-cents), rounded half-up for the granted part; the purchased part is the rest, so the two add up to
+    ``applied`` exactly. All of it when only granted credits were drawn, none when only purchased ones were."""
+    granted, total = drawn.get("granted", 0), sum(drawn.values())
+    if applied <= 0 or granted <= 0 or total <= 0:
+        return 0
+    return min(applied, round_half_up_div(applied * granted, total))
+
+
+def outstanding_by_tenant(*, session: Session, now: int | None = None) -> dict[str, int]:
+    """What every tenant's live grants still hold, per the ledger, in whole cents (rounded down, as
+    ``balance_cents``): every tenant with an unexpired grant, used up or not. One grouped query, whatever the
+    number of tenants."""
+    now = clock.now_s() if now is None else now
+    drawn = (select(CreditDraw.grant_id, func.sum(CreditDraw.amount_micro).label("drawn"))
+             .group_by(col(CreditDraw.grant_id)).subquery())
+    query = (select(CreditGrant.tenant_id, CreditGrant.amount_cents, func.coalesce(drawn.c.drawn, 0))
+             .outerjoin(drawn, drawn.c.grant_id == col(CreditGrant.id))
+             .where(col(CreditGrant.expires_at).is_(None) | (col(CreditGrant.expires_at) > now)))
+    left: dict[str, int] = {}
+    for tenant_id, amount_cents, used in session.exec(query).all():
+        micro = max(0, amount_cents * MICRO_PER_CENT - int(used))
+        left[tenant_id] = left.get(tenant_id, 0) + micro
+    return {tenant_id: micro // MICRO_PER_CENT for tenant_id, micro in left.items()}
 
 
 # --- purchases ------------------------------------------------------------------------------------------

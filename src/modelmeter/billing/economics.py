@@ -2,8 +2,19 @@
 
 Revenue
     A period's revenue is its invoice lines: the invoice's own lines once the period is closed, the preview's
-    (``invoicing.price_tenant_period``) while it is open. Each line names the plan it was priced under, so a
-    tenant that changed plan mid-period splits its revenue between the plans exactly as its invoice does.
+    (``invoicing.invoice_lines``, credits applied as on the invoice) while it is open. Each line names the plan
+    it was priced under, so a tenant that changed plan mid-period splits its revenue between the plans exactly
+    as its invoice does.
+
+Prepaid credits (counted once, at use)
+    A credit purchase's own Stripe invoice is not revenue: the money is deferred until the credits pay for usage.
+    Usage paid by *purchased* credits is revenue when it is incurred, at its full charges: the invoice's negative
+    ``Credits applied`` line does not cancel it. *Granted* credits are a discount: usage they pay earns nothing,
+    so revenue = the invoice's charges - the part of ``Credits applied`` that granted credits paid. The applied
+    amount (the period's draws rounded half-up, capped at the usage charges) is split between the two sources in
+    proportion to what each drew in the period (``credits.granted_share``: the granted part rounded half-up, the
+    purchased part the rest), in integer cents; the granted part reduces the revenue of the plan the credits line
+    names. Credits bought and not yet used are a liability, not revenue (``modelmeter_credits_outstanding_cents``).
 
 Compute cost
     The ledger's ``compute_us`` (each request's share of its batch's forward time, and each training run's wall
@@ -29,7 +40,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
-from modelmeter.billing import invoicing, metering
+from modelmeter.billing import credits, invoicing, metering
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.counts import add_into
 from modelmeter.billing.metering import period_bounds
@@ -159,7 +170,8 @@ def ledger_tallies(*, session: Session, period: str, prices: ComputePrices) -> d
 
 def tenant_revenue(*, session: Session, catalog: PlanCatalog, tenant: Tenant, period: str
                    ) -> tuple[dict[str, int], str]:
-    """Revenue cents per plan and its source: the closed invoice's lines, else the preview's."""
+    """Revenue cents per plan and its source: the closed invoice's lines, else the preview's; of their ``Credits
+    applied`` line only the part granted credits paid (purchased credits' usage is revenue in full)."""
     invoice = session.exec(
         select(Invoice).where(Invoice.tenant_id == tenant.id, Invoice.period == period)
     ).first()
@@ -167,12 +179,18 @@ def tenant_revenue(*, session: Session, catalog: PlanCatalog, tenant: Tenant, pe
         lines: Iterable[Any] = invoicing.lines_of(session=session, invoice_id=invoice.id)
         source = "invoice"
     else:
-        lines = invoicing.price_tenant_period(session=session, catalog=catalog, tenant_id=tenant.id, period=period,
-                                                      current_plan=tenant.plan)
+        lines, _, _ = invoicing.invoice_lines(session=session, catalog=catalog, tenant_id=tenant.id, period=period,
+                                              current_plan=tenant.plan)
         source = "preview"
     revenue: dict[str, int] = {}
     for line in lines:
-        revenue[line.plan] = revenue.get(line.plan, 0) + line.amount
+        amount = line.amount
+        if line.code == "credits":
+            drawn = credits.drawn_in_period(session=session, tenant_id=tenant.id, period=period)
+            amount = -credits.granted_share(-line.amount, drawn)
+            if amount == 0:
+                continue
+        revenue[line.plan] = revenue.get(line.plan, 0) + amount
     return revenue, source
 
 

@@ -8,6 +8,7 @@ import click
 
 from modelmeter import clock
 from modelmeter.cli.output import admin_services, dump, emit, json_option, load_services, reports_errors
+from modelmeter.gateway.services import Services
 from modelmeter.money import amount_text, cent_text
 from modelmeter.ops import tenants as ops
 from modelmeter.settings import Settings
@@ -195,6 +196,61 @@ def billing_sync(retry_failed: bool, as_json: bool) -> None:
     emit(as_json, report.public(), lambda _: report.summary())
 
 
+@click.group()
+def credits() -> None:
+    """Grant prepaid credits and list a tenant's grants and balance."""
+
+
+def _currency(services: Services, tenant_id: str) -> str:
+    plan = ops.get_tenant(sessions=services.sessions, tenant_id=tenant_id).plan
+    return services.plans.get(plan).currency if plan in services.plans else "usd"
+
+
+def _grant_line(g: dict[str, Any], currency: str) -> str:
+    expires = f"expires_at={g['expires_at']}" if g["expires_at"] is not None else "no expiry"
+    return (f"{g['id']}  {g['source']:<9} amount={amount_text(g['amount_cents'], currency):>12} "
+            f"remaining={amount_text(g['remaining_cents'], currency):>12} {g['status']:<7} {expires}"
+            f"{'  ' + g['description'] if g['description'] else ''}")
+
+
+@credits.command("grant")
+@click.argument("tenant_id")
+@click.option("--amount-cents", required=True, type=int, help="A positive amount, in cents.")
+@click.option("--description", help="What the credits are for (shown to the tenant).")
+@click.option("--expires-at", type=int, help="Unix seconds, in the future; default: never.")
+@json_option
+@reports_errors
+def credits_grant(tenant_id: str, amount_cents: int, description: str | None, expires_at: int | None,
+                  as_json: bool) -> None:
+    """Grant credits to a tenant, as POST /admin/tenants/{id}/credits (running gateways draw them once their
+    key cache refreshes, within MODELMETER_KEY_CACHE_TTL_S)."""
+    from modelmeter.billing.credits import CreditGrantCreate, grant_credits
+
+    with admin_services() as services:
+        data = CreditGrantCreate(amount_cents=amount_cents, description=description, expires_at=expires_at)
+        payload = grant_credits(sessions=services.sessions, tenant_id=tenant_id, data=data)
+        currency = _currency(services, tenant_id)
+    emit(as_json, payload, lambda g: f"granted {_grant_line(g, currency)}")
+
+
+@credits.command("list")
+@click.argument("tenant_id")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@json_option
+@reports_errors
+def credits_list(tenant_id: str, limit: int, as_json: bool) -> None:
+    """A tenant's grants, newest first, and the balance of the live ones (per the ledger)."""
+    from modelmeter.ops.credits import list_credits
+
+    with admin_services() as services:
+        payload = list_credits(sessions=services.sessions, tenant_id=tenant_id, limit=limit, after=None)
+        currency = _currency(services, tenant_id)
+    emit(as_json, payload, lambda p: "\n".join(
+        [_grant_line(g, currency) for g in p["data"]]
+        + [f"balance {amount_text(p['balance_cents'], currency)}" + (" (more grants: raise --limit)"
+                                                                      if p["has_more"] else "")]))
+
+
 @click.command("dashboard-link")
 @click.argument("tenant_id")
 @click.option("--base-url", help="The gateway's external URL (default: MODELMETER_PUBLIC_URL, else http://127.0.0.1:8000).")
@@ -241,4 +297,4 @@ def economics(period: str | None, group_by: str, as_json: bool) -> None:
     ) or "no tenants")
 
 
-COMMANDS = (tenant, key, plans, billing, dashboard_link, economics)
+COMMANDS = (tenant, key, plans, billing, credits, dashboard_link, economics)

@@ -1,11 +1,12 @@
 """Gauges read from the database when Prometheus scrapes: fine-tuning jobs by state, the Stripe outbox backlog,
-tenants by plan and status, quota utilisation and unit economics (revenue, compute cost and margin by plan and
-by tenant) for the running month.
+tenants by plan and status, quota utilisation, unit economics (revenue, compute cost and margin by plan and
+by tenant) for the running month, and the prepaid credits tenants hold.
 
 :func:`~modelmeter.gateway.routes.metrics.instrument` adds a :class:`DatabaseCollector` to the app's
 :class:`~modelmeter.telemetry.Telemetry` with ``add_scrape_collector``; in multiprocess mode it is exposed once,
 beside the aggregated per-process values. Labels follow :mod:`modelmeter.telemetry`'s rules: ``tenant`` is a
-tenant id (the top tenants, up to the tenant cap), ``plan`` a catalog plan or ``other``, ``state``, ``status``
+tenant id (the top tenants, up to the tenant cap; outstanding credits fold the rest into ``other``, so the
+series still add up to everything held), ``plan`` a catalog plan or ``other``, ``state``, ``status``
 and ``resource`` small fixed sets.
 """
 
@@ -25,6 +26,7 @@ from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.credits import outstanding_by_tenant
 from modelmeter.billing.economics import ComputePrices, EconomicsRow, group, period_economics
 from modelmeter.billing.metering import period_of
 from modelmeter.billing.pricing import Usage, usage_cost_micro
@@ -99,6 +101,9 @@ class _Families:
                              labels=labels)
         self.tenant_margin = g("modelmeter_tenant_margin_cents", "Revenue minus compute cost this period by tenant.",
                                labels=labels)
+        self.credits = g("modelmeter_credits_outstanding_cents", "Prepaid credits tenants hold, unexpired and not "
+                         "yet drawn, per the ledger (the largest balances up to the tenant cap, the rest as 'other').",
+                         labels=labels)
 
     def all(self) -> list[Metric]:
         return [m for m in vars(self).values() if isinstance(m, Metric)]
@@ -151,6 +156,7 @@ class DatabaseCollector(Collector):
                                 period=period_of(clock.now_s()), tenants=tenants)
         self._economics(rows, f)
         self._quota(tenants, rows, f)
+        self._credits(outstanding_by_tenant(session=session), f)
 
     def _outbox(self, session: Session, f: _Families) -> None:
         pending, failed, oldest = outbox_backlog(session=session)
@@ -191,3 +197,11 @@ class DatabaseCollector(Collector):
         for tenant_id in top:
             for resource, ratio in ratios[tenant_id].items():
                 f.quota.add_metric([tenant_id, resource], ratio)
+
+    def _credits(self, outstanding: dict[str, int], f: _Families) -> None:
+        ranked = sorted(outstanding.items(), key=lambda item: (-item[1], item[0]))
+        for tenant_id, cents in ranked[: self._max_tenants]:
+            f.credits.add_metric([tenant_id], cents)
+        rest = ranked[self._max_tenants:]
+        if rest:
+            f.credits.add_metric([OTHER], sum(cents for _, cents in rest))

@@ -17,7 +17,7 @@ from typing import Any
 from sqlmodel import Session
 
 from modelmeter import clock
-from modelmeter.billing import invoicing
+from modelmeter.billing import credits, invoicing
 from modelmeter.billing.catalog import Plan, PlanCatalog
 from modelmeter.billing.metering import period_of, period_usage
 from modelmeter.billing.pricing import Usage, usage_cost_micro
@@ -32,6 +32,7 @@ _KEY_CONTEXT = b"modelmeter/dashboard-links/v1"
 INVALID_LINK = "This dashboard link is invalid or has expired; ask for a new one."
 DAY = 86_400
 CHART_DAYS = 30
+CREDIT_ROWS = 20  # the newest grants the page lists (the balance counts them all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ class PageData:
     days: list[DayUsage]
     expires_at: int
     now: int
+    credits: dict[str, Any]  # ``GET /v1/billing/credits``'s body: the newest grants and the balance of all
 
 
 def load_tenant(*, session: Session, tenant_id: str) -> Tenant:
@@ -133,8 +135,10 @@ def daily_usage(*, session: Session, catalog: PlanCatalog, tenant: Tenant, now: 
     return days
 
 
-def load_page(*, session: Session, catalog: PlanCatalog, tenant_id: str, expires_at: int) -> PageData:
-    """The dashboard of ``tenant_id``: this period's usage and spend, the upcoming and past invoices."""
+def load_page(*, session: Session, catalog: PlanCatalog, tenant_id: str, expires_at: int,
+              live: dict[str, int] | None = None) -> PageData:
+    """The dashboard of ``tenant_id``: this period's usage and spend, the upcoming and past invoices, the credit
+    balance and grants (``live``: the quota store's balances per grant, as ``GET /v1/billing/credits`` takes)."""
     tenant = load_tenant(session=session, tenant_id=tenant_id)
     plan = catalog.get(tenant.plan)
     now = clock.now_s()
@@ -146,4 +150,5 @@ def load_page(*, session: Session, catalog: PlanCatalog, tenant_id: str, expires
         upcoming=invoicing.preview(session=session, catalog=catalog, tenant_id=tenant.id, plan=tenant.plan),
         invoices=[invoicing.invoice_public(i, invoicing.lines_of(session=session, invoice_id=i.id)) for i in rows],
         days=daily_usage(session=session, catalog=catalog, tenant=tenant, now=now), expires_at=expires_at, now=now,
+        credits=credits.credits_page(session=session, tenant_id=tenant.id, limit=CREDIT_ROWS, after=None, live=live),
     )

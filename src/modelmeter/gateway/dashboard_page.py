@@ -139,6 +139,34 @@ def _invoices_table(invoices: list[dict[str, Any]]) -> str:
     return f'<table><tr><th>Period</th><th>Invoice</th><th>Status</th><th class="num">Total</th></tr>{rows}</table>'
 
 
+_SOURCES = {"granted": "Granted", "purchased": "Purchased"}
+
+
+def credits_panel(data: PageData) -> str:
+    """The credit balance and the newest grants: source, amount, what is left, expiry and status."""
+    cur, body = data.plan.currency, data.credits
+    balance = (f'<div class="balance"><span class="label">Balance</span> '
+               f'<span class="value" id="credit-balance">{amount_text(body["balance_cents"], cur)}</span>'
+               f'<span class="sub">pays usage charges as they are incurred'
+               f'{"; this plan is prepaid: usage stops when it runs out" if data.plan.prepaid else ""}</span></div>')
+    grants = body["data"]
+    if not grants:
+        return balance + '<div class="empty">No credits yet.</div>'
+    rows = "".join(
+        f'<tr class="grant"><td>{escape(g["id"])}'
+        f'{"<br><small>" + escape(g["description"]) + "</small>" if g["description"] else ""}</td>'
+        f'<td>{escape(_SOURCES.get(g["source"], g["source"]))}</td>'
+        f'<td class="num">{amount_text(g["amount_cents"], cur)}</td>'
+        f'<td class="num">{amount_text(g["remaining_cents"], cur)}</td>'
+        f'<td>{day(g["expires_at"], "%Y-%m-%d %H:%M") + " UTC" if g["expires_at"] is not None else "never"}</td>'
+        f'<td><span class="pill {escape(g["status"])}">{escape(g["status"])}</span></td></tr>'
+        for g in grants
+    )
+    more = '<div class="empty">Older grants are not shown.</div>' if body["has_more"] else ""
+    return (f'{balance}<table><tr><th>Grant</th><th>Source</th><th class="num">Amount</th>'
+            f'<th class="num">Remaining</th><th>Expires</th><th>Status</th></tr>{rows}</table>{more}')
+
+
 def plan_table(data: PageData) -> str:
     """The plan's fee, allowances, unit prices and the tenant's rate limits."""
     p, t = data.plan, data.tenant
@@ -170,7 +198,7 @@ def render(data: PageData) -> str:
                                  width=HALF),
         cost_chart=bar_chart(data.days, lambda d: d.cost_cents, lambda c: amount_text(c, cur), color="#f08c00",
                              name="Usage charges per day", width=HALF),
-        plan=plan_table(data),
+        plan=plan_table(data), credits=credits_panel(data),
         upcoming=_lines_table(data.upcoming), invoices=_invoices_table(data.invoices),
         footer=escape(f"This private link expires {day(data.expires_at, '%Y-%m-%d %H:%M')} UTC. "
                       "Figures are exact to the cent; invoices are final once a period is closed."),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -10,8 +11,9 @@ from fastapi.responses import HTMLResponse
 
 from modelmeter.gateway.dashboard import issue_link, load_page, verify_token
 from modelmeter.gateway.dashboard_page import render
-from modelmeter.gateway.deps import BillingPrincipal, ServicesDep, SessionDep
+from modelmeter.gateway.deps import BillingPrincipal, ServicesDep
 from modelmeter.gateway.schemas import TENANT_WRITE, DashboardLink, errors
+from modelmeter.gateway.services import Services
 
 router = APIRouter(tags=["dashboard"])
 
@@ -32,9 +34,17 @@ async def create_link(principal: BillingPrincipal, services: ServicesDep, reques
     return issue_link(services.settings, principal.tenant_id, base).public()
 
 
+def _page(services: Services, tenant_id: str, expires_at: int, live: dict[str, int] | None) -> str:
+    with services.sessions() as session:
+        return render(load_page(session=session, catalog=services.plans, tenant_id=tenant_id, expires_at=expires_at,
+                                live=live))
+
+
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
-def dashboard(services: ServicesDep, session: SessionDep, token: str = "") -> HTMLResponse:
-    """The tenant's usage over time, spend against budget and plan, the upcoming and past invoices."""
+async def dashboard(services: ServicesDep, token: str = "") -> HTMLResponse:
+    """The tenant's usage over time, spend against budget and plan, the upcoming and past invoices, and the
+    prepaid credits (the balance as ``GET /v1/billing/credits`` shows it: draws in flight taken)."""
     tenant_id, expires_at = verify_token(services.settings, token)
-    page = render(load_page(session=session, catalog=services.plans, tenant_id=tenant_id, expires_at=expires_at))
+    live = await services.quota.credit_balances(tenant_id)
+    page = await asyncio.to_thread(_page, services, tenant_id, expires_at, live)
     return HTMLResponse(page, headers=_PAGE_HEADERS)
