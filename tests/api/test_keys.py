@@ -25,7 +25,7 @@ def test_key_format_and_listing_hides_secret(client: TestClient, make_tenant: An
     assert keys.well_formed(key)
     assert created["prefix"] == key[:11]
     assert created["last4"] == key[-4:]
-    assert created["scopes"] == ["inference", "fine-tune", "billing:read"]
+    assert created["scopes"] == ["inference", "fine-tune", "billing:read", "billing:write"]
 
     listing = client.get(f"/admin/tenants/{tenant['id']}/keys", headers=ADMIN)
     assert listing.status_code == 200

@@ -1,5 +1,5 @@
-"""Limits, quotas and budgets under 64 concurrent requests (in-process, or Redis when configured), and two
-gateway processes sharing PostgreSQL and Redis enforcing one tenant's limit jointly."""
+"""Limits, quotas, budgets and prepaid credits under concurrent requests (in-process, or Redis when configured),
+and two gateway processes sharing PostgreSQL and Redis enforcing one tenant's limit and credits jointly."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import select
+from sqlmodel import func, select
 
-from modelmeter.billing.tables import UsageEvent
+from modelmeter.billing.tables import CreditDraw, UsageEvent
 from modelmeter.gateway.app import create_app
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, ADMIN_TOKEN, ON_POSTGRES, PG_URL, REDIS_URL, bearer
@@ -28,6 +28,8 @@ TEST_PLANS = [
      "included_requests": 10, "rpm_limit": 10000, "tpm_limit": 10000000, "hard_limit": True},
     {"id": "metered", "name": "Metered", "base_fee_cents": 0, "price_per_request": "0.0005",
      "price_per_1k_tokens": "0.0200", "rpm_limit": 10000, "tpm_limit": 10000000},
+    {"id": "prepaid_dime", "name": "Prepaid, a dime a request", "price_per_request": "0.10", "rpm_limit": 100000,
+     "tpm_limit": 100000000, "prepaid": True},
 ]
 
 
@@ -42,6 +44,14 @@ def plans_settings(settings: Settings, tmp_path: Path) -> Settings:
 def _ledger_count(client: TestClient, tenant_id: str) -> int:
     with client.app.state.services.sessions() as session:  # type: ignore[attr-defined]
         return len(session.exec(select(UsageEvent).where(UsageEvent.tenant_id == tenant_id)).all())
+
+
+def _credits(client: TestClient, tenant_id: str) -> tuple[int, int]:
+    """(balance in cents per the API, micro-cents drawn per the ledger)."""
+    balance = client.get(f"/admin/tenants/{tenant_id}/credits", headers=ADMIN).json()["balance_cents"]
+    with client.app.state.services.sessions() as session:  # type: ignore[attr-defined]
+        drawn = session.exec(select(func.sum(CreditDraw.amount_micro)).where(CreditDraw.tenant_id == tenant_id)).one()
+    return balance, int(drawn or 0)
 
 
 async def _burst(settings: Settings, model: str, key: str, n: int = 64) -> list[httpx.Response]:
@@ -102,6 +112,24 @@ async def test_budget_is_never_overspent(plans_settings: Settings) -> None:
         sub = client.get("/v1/billing/subscription", headers=bearer(key)).json()
         assert sub["budget"]["spent_cents_decimal"] == "0.952"  # 17 * 0.056, never past 1 cent
         assert _ledger_count(client, tenant_id) == 17
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.anyio
+async def test_prepaid_credits_are_never_overdrawn(plans_settings: Settings) -> None:
+    """$5.00 of credits, 100 concurrent requests at $0.10: exactly 50 served, 50 refused, nothing left, nothing
+    drawn twice (the draw is part of the atomic reservation)."""
+    client, tenant_id, key, model = _setup(plans_settings, "prepaid_dime")
+    try:
+        granted = client.post(f"/admin/tenants/{tenant_id}/credits", json={"amount_cents": 500}, headers=ADMIN)
+        assert granted.status_code == 201, granted.text
+        responses = await _burst(plans_settings, model, key, n=100)
+        codes = [r.status_code for r in responses]
+        assert (codes.count(200), codes.count(429)) == (50, 50)
+        assert {r.json()["error"]["code"] for r in responses if r.status_code == 429} == {"insufficient_quota"}
+        assert _ledger_count(client, tenant_id) == 50
+        assert _credits(client, tenant_id) == (0, 500 * 1_000_000)
     finally:
         client.__exit__(None, None, None)
 
@@ -176,6 +204,36 @@ async def test_two_gateways_share_one_limit(plans_settings: Settings) -> None:
         assert codes.count(200) == 8
         assert codes.count(429) == 32
         assert _ledger_count(client, tenant_id) == 10
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not (ON_POSTGRES and REDIS_URL), reason="needs PostgreSQL and Redis (CI sets both)")
+async def test_two_gateways_never_overdraw_credits(plans_settings: Settings) -> None:
+    client, tenant_id, key, model = _setup(plans_settings, "prepaid_dime")
+    ports = [_free_port(), _free_port()]
+    processes = [_start_gateway(plans_settings, port) for port in ports]
+    try:
+        client.post(f"/admin/tenants/{tenant_id}/credits", json={"amount_cents": 500}, headers=ADMIN)
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url in urls:
+            _wait_ready(url)
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def call(url: str) -> httpx.Response:
+                return await http.post(f"{url}/v1/classify", json={"model": model, "input": "x"}, headers=bearer(key))
+
+            warm = [await call(url) for url in urls]  # each replica loads the model and serves one request
+            assert [r.status_code for r in warm] == [200, 200]
+            responses = await asyncio.gather(*(call(urls[i % 2]) for i in range(100)))
+        codes = [r.status_code for r in responses]
+        assert (codes.count(200), codes.count(429)) == (48, 52)
+        assert _ledger_count(client, tenant_id) == 50
+        assert _credits(client, tenant_id) == (0, 500 * 1_000_000)
     finally:
         for process in processes:
             process.terminate()

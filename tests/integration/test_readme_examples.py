@@ -29,7 +29,7 @@ README = ROOT / "README.md"
 FINE_TUNED = "ft:all-MiniLM-L6-v2:reviews:1a2b3c4d"
 BLOCK = re.compile(r"^(?:#+ (?P<heading>[^\n]+)|```(?P<lang>\w*)\n(?P<code>.*?)^```)$", re.M | re.S)
 # The sections whose examples call the platform, all run here; the last test fails when another one appears.
-TENANT_SECTIONS = {"A first session", "Serving", "Fine-tuning", "Unit economics", "Idempotency-Key"}
+TENANT_SECTIONS = {"A first session", "Serving", "Fine-tuning", "Unit economics", "Idempotency-Key", "Prepaid credits"}
 
 
 def blocks(lang: str) -> list[tuple[str, str]]:
@@ -140,6 +140,15 @@ def test_a_first_session_and_the_admin_examples(shell: Shell) -> None:
     # Its CLI line is left out: each CLI start imports torch (~7 s here), and the two above already run the CLI.
     [economics] = [shell.run(line) for line in shell_lines("Unit economics") if line.startswith("curl ")]
     assert economics["object"] == "list"
+
+
+def test_prepaid_credits_examples(shell: Shell, make_tenant: Any, make_key: Any) -> None:
+    tenant = make_tenant(plan="payg")["id"]
+    shell.placeholders |= {"ten_…": tenant, "mm_…": make_key(tenant)["key"]}
+    shell.exports.append(f"export MODELMETER_ADMIN_TOKEN={ADMIN_TOKEN}")
+    granted, listed = [shell.run(line) for line in shell_lines("Prepaid credits")]
+    assert (granted["object"], granted["amount_cents"], granted["source"]) == ("credit_grant", 500, "granted")
+    assert (listed["balance_cents"], [g["id"] for g in listed["data"]]) == (500, [granted["id"]])
 
 
 @pytest.mark.slow

@@ -336,11 +336,20 @@ class Meter:
 
 def check_training_quota(*, plan: Plan, budget_cents: int | None, used: Amount, training_tokens: int) -> None:
     """Refuse (429 ``insufficient_quota``) a fine-tuning job whose training tokens would pass the plan's hard
-    limit or the budget, given the period's ``used`` amounts (ledger plus jobs not yet finished)."""
+    limit or the budget, given the period's ``used`` amounts (ledger plus jobs not yet finished).
+
+    Prepaid credits pay inference as it is served; training is invoiced. So a prepaid plan (which must never
+    bill what credits have not paid) refuses a job whose training tokens would cost anything beyond the plan's
+    included training tokens."""
     total = used + Amount(training_tokens=training_tokens)
     caps = quota_caps(plan, budget_cents, training=True)
     if caps is not None and not caps.admit(total):
         raise InsufficientQuotaError(
             f"Training {training_tokens} tokens would exceed your plan's monthly training allowance or your budget; "
             "the job was not created. Do not retry: raise the budget or change plan."
+        )
+    if plan.prepaid and Caps(prices=metered_prices(plan)).marginal_cost(used, Amount(training_tokens=training_tokens)):
+        raise InsufficientQuotaError(
+            f"Training {training_tokens} tokens would go beyond your prepaid plan's included training tokens, and "
+            "credits pay inference only; the job was not created. Change plan to fine-tune beyond the allowance."
         )

@@ -1,0 +1,205 @@
+"""Prepaid credits through the API on a controlled clock: grants and their validation, the draw order, expiry,
+prepaid plans refusing what credits cannot pay, and invoices applying credits without going below zero."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import col, func, select
+
+from modelmeter.billing.tables import CreditDraw, CreditGrant, UsageEvent
+from modelmeter.gateway.services import Services
+from modelmeter.settings import Settings
+from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
+
+DIME_PLANS = [
+    # 10 cents a request, tokens free: every request costs exactly one dime.
+    {"id": "prepaid_dime", "name": "Prepaid dime", "price_per_request": "0.10", "rpm_limit": 100000,
+     "tpm_limit": 100000000, "prepaid": True},
+    {"id": "payg_dime", "name": "Dime as you go", "price_per_request": "0.10", "rpm_limit": 100000,
+     "tpm_limit": 100000000, "base_fee_cents": 100},
+]
+
+
+@pytest.fixture
+def settings(settings: Settings, tmp_path: Path) -> Settings:
+    packaged = json.loads((Path(__file__).parents[2] / "src/modelmeter/billing/plans.json").read_text())
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps({"plans": packaged["plans"] + DIME_PLANS}))
+    return settings.model_copy(update={"plans_file": path})
+
+
+@pytest.fixture
+def october(fake_clock: FakeClock) -> FakeClock:
+    fake_clock.t = 1_790_812_800  # 2026-10-01T00:00:00Z
+    return fake_clock
+
+
+Tenant = tuple[dict[str, Any], dict[str, str], str]
+
+
+@pytest.fixture
+def on_plan(make_tenant: Any, make_key: Any, register_model: Any, october: FakeClock) -> Callable[[str], Tenant]:
+    def make(plan: str) -> Tenant:
+        tenant = make_tenant(plan=plan)
+        return tenant, bearer(make_key(tenant["id"])["key"]), register_model(tenant["id"])
+
+    return make
+
+
+def grant(client: TestClient, tenant_id: str, **body: Any) -> Any:
+    return client.post(f"/admin/tenants/{tenant_id}/credits", json=body, headers=ADMIN)
+
+
+def classify(client: TestClient, headers: dict[str, str], model: str) -> Any:
+    return client.post("/v1/classify", json={"model": model, "input": "x"}, headers=headers)
+
+
+def credits_of(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
+    response = client.get("/v1/billing/credits", headers=headers)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def rows(services: Services, table: Any, tenant_id: str) -> int:
+    with services.sessions() as session:
+        return int(session.exec(select(func.count()).select_from(table).where(table.tenant_id == tenant_id)).one())
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"amount_cents": 0}, "amount_cents"),
+    ({"amount_cents": -5}, "amount_cents"),
+    ({"amount_cents": 2.5}, "amount_cents"),
+    ({"amount_cents": "500"}, "amount_cents"),
+    ({"amount_cents": 500, "expires_at": 1_790_812_800 - 1}, "expires_at"),
+    ({"amount_cents": 500, "expires_at": 1_790_812_800}, "expires_at"),  # now is already past
+    ({"amount_cents": 500, "colour": "red"}, "colour"),
+])
+def test_bad_grants_are_refused_and_write_nothing(client: TestClient, on_plan: Callable[[str], Tenant],
+                                                  services: Services, body: dict[str, Any], param: str) -> None:
+    tenant, headers, _ = on_plan("payg_dime")
+    error = assert_envelope(grant(client, tenant["id"], **body), 422)
+    assert param in (error["param"] or ""), error
+    assert rows(services, CreditGrant, tenant["id"]) == 0
+    assert credits_of(client, headers) == {"object": "list", "data": [], "has_more": False, "balance_cents": 0}
+
+
+def test_grant_to_unknown_tenant_is_404(client: TestClient) -> None:
+    assert_envelope(grant(client, "ten_nobody", amount_cents=100), 404)
+
+
+def test_grant_shape_and_listing(client: TestClient, on_plan: Callable[[str], Tenant], october: FakeClock) -> None:
+    tenant, headers, _ = on_plan("payg_dime")
+    created = grant(client, tenant["id"], amount_cents=250, description="welcome", expires_at=october.t + 3600)
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["id"].startswith("cg_")
+    assert {k: body[k] for k in ("object", "amount_cents", "remaining_cents", "source", "expires_at", "created",
+                                 "description", "status")} == {
+        "object": "credit_grant", "amount_cents": 250, "remaining_cents": 250, "source": "granted",
+        "expires_at": october.t + 3600, "created": october.t, "description": "welcome", "status": "active"}
+    listed = credits_of(client, headers)
+    assert listed["balance_cents"] == 250
+    assert [g["id"] for g in listed["data"]] == [body["id"]]
+    admin_view = client.get(f"/admin/tenants/{tenant['id']}/credits", headers=ADMIN).json()
+    assert admin_view == listed
+
+
+def test_prepaid_plan_without_credits_serves_nothing(client: TestClient, on_plan: Callable[[str], Tenant],
+                                                     services: Services) -> None:
+    tenant, headers, model = on_plan("prepaid_dime")
+    assert_envelope(classify(client, headers, model), 429, type_="insufficient_quota", code="insufficient_quota")
+    assert rows(services, UsageEvent, tenant["id"]) == 0
+
+
+def test_prepaid_plan_serves_exactly_what_credits_pay(client: TestClient, on_plan: Callable[[str], Tenant],
+                                                      services: Services) -> None:
+    tenant, headers, model = on_plan("prepaid_dime")
+    grant(client, tenant["id"], amount_cents=35)  # three dimes and a nickel
+    assert [classify(client, headers, model).status_code for _ in range(4)] == [200, 200, 200, 429]
+    listed = credits_of(client, headers)
+    assert listed["balance_cents"] == 5
+    assert listed["data"][0]["remaining_cents"] == 5
+    assert rows(services, UsageEvent, tenant["id"]) == 3
+    with services.sessions() as session:
+        query = select(func.sum(CreditDraw.amount_micro)).where(CreditDraw.tenant_id == tenant["id"])
+        drawn = session.exec(query).one()
+    assert drawn == 30 * 1_000_000
+    # A new grant is usable at once (the credits epoch moves and the store loads it).
+    grant(client, tenant["id"], amount_cents=5)
+    assert classify(client, headers, model).status_code == 200
+    assert credits_of(client, headers)["balance_cents"] == 0
+
+
+def test_draw_order_granted_first_soonest_expiry_first(client: TestClient, on_plan: Callable[[str], Tenant],
+                                                       services: Services, october: FakeClock) -> None:
+    tenant, headers, model = on_plan("prepaid_dime")
+    late = grant(client, tenant["id"], amount_cents=20, expires_at=october.t + 7200).json()
+    never = grant(client, tenant["id"], amount_cents=20).json()
+    soon = grant(client, tenant["id"], amount_cents=15, expires_at=october.t + 3600).json()
+    with services.sessions() as session:  # a purchased grant pays last, whatever its expiry
+        from modelmeter.billing import credits
+
+        bought = credits.grant(session=session, tenant_id=tenant["id"], amount_cents=50, source="purchased").id
+        session.commit()
+    for _ in range(6):  # 60 cents: soon (15), late (20), never (20), then 5 of the purchased grant
+        assert classify(client, headers, model).status_code == 200
+    left = {g["id"]: g["remaining_cents"] for g in credits_of(client, headers)["data"]}
+    assert left == {soon["id"]: 0, late["id"]: 0, never["id"]: 0, bought: 45}
+    with services.sessions() as session:
+        split = session.exec(select(CreditDraw.grant_id, CreditDraw.amount_micro)
+                             .where(CreditDraw.tenant_id == tenant["id"]).order_by(col(CreditDraw.id))).all()
+    # The second request takes 5 cents from `soon` and 5 from `late`: one request may draw on two grants.
+    assert [(g, m // 10_000) for g, m in split][:3] == [(soon["id"], 1000), (soon["id"], 500), (late["id"], 500)]
+
+
+def test_expired_credits_pay_nothing(client: TestClient, on_plan: Callable[[str], Tenant], october: FakeClock) -> None:
+    tenant, headers, model = on_plan("prepaid_dime")
+    grant(client, tenant["id"], amount_cents=100, expires_at=october.t + 60)
+    assert classify(client, headers, model).status_code == 200
+    october.advance(59)
+    assert classify(client, headers, model).status_code == 200
+    october.advance(1)  # expires_at is reached: the grant is spent no more
+    assert_envelope(classify(client, headers, model), 429, code="insufficient_quota")
+    listed = credits_of(client, headers)
+    assert listed["balance_cents"] == 0
+    assert (listed["data"][0]["status"], listed["data"][0]["remaining_cents"]) == ("expired", 0)
+
+
+def test_credits_on_a_metered_plan_pay_first_and_the_invoice_applies_them(
+        client: TestClient, on_plan: Callable[[str], Tenant], october: FakeClock) -> None:
+    tenant, headers, model = on_plan("payg_dime")
+    grant(client, tenant["id"], amount_cents=25)
+    for _ in range(4):  # 40 cents of usage: credits pay 25, the rest is invoiced
+        assert classify(client, headers, model).status_code == 200
+    assert credits_of(client, headers)["balance_cents"] == 0
+    upcoming = client.get("/v1/billing/invoices/upcoming", headers=headers).json()
+    lines = [(line["code"], line["amount"]) for line in upcoming["lines"]["data"]]
+    assert lines == [("base_fee", 100), ("requests", 40), ("tokens", 0), ("credits", -25)]
+    assert (upcoming["subtotal"], upcoming["total"]) == (140, 115)
+    credit_line = upcoming["lines"]["data"][-1]
+    assert (credit_line["description"], credit_line["quantity"], credit_line["unit_amount_decimal"]) == (
+        "Credits applied", 1, "-25")
+
+    october.t = 1_793_491_200 + 86_400  # 2026-11-02: close October
+    client.post("/admin/billing/close", json={"period": "2026-10"}, headers=ADMIN)
+    (invoice,) = client.get("/v1/billing/invoices", headers=headers).json()["data"]
+    assert [(line["code"], line["amount"]) for line in invoice["lines"]["data"]] == lines
+    assert (invoice["subtotal"], invoice["total"]) == (140, 115)
+
+
+def test_credits_beyond_the_usage_never_take_an_invoice_below_its_fees(
+        client: TestClient, on_plan: Callable[[str], Tenant]) -> None:
+    tenant, headers, model = on_plan("payg_dime")
+    grant(client, tenant["id"], amount_cents=1000)
+    assert classify(client, headers, model).status_code == 200
+    upcoming = client.get("/v1/billing/invoices/upcoming", headers=headers).json()
+    assert [(line["code"], line["amount"]) for line in upcoming["lines"]["data"]] == [
+        ("base_fee", 100), ("requests", 10), ("tokens", 0), ("credits", -10)]
+    assert upcoming["total"] == 100
+    assert credits_of(client, headers)["balance_cents"] == 990
