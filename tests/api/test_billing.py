@@ -190,3 +190,21 @@ def test_billing_scope_and_isolation(client: TestClient, payg: Any, make_tenant:
     assert_envelope(client.get(f"/v1/billing/invoices/{invoice_id}", headers=other_headers), 404)
     inference_only = bearer(make_key(other["id"], scopes=["inference"])["key"])
     assert_envelope(client.get("/v1/billing/subscription", headers=inference_only), 403, code="insufficient_scope")
+
+
+def test_credit_purchase_without_stripe_is_409_and_writes_nothing(client: TestClient, make_tenant: Any,
+                                                                  make_key: Any, services: Services) -> None:
+    from sqlmodel import select
+
+    from modelmeter.billing.tables import CreditPurchase, StripeOutbox
+
+    tenant = make_tenant()
+    headers = bearer(make_key(tenant["id"])["key"])
+    response = client.post("/v1/billing/credits/purchase", json={"amount_cents": 1000}, headers=headers)
+    error = assert_envelope(response, 409, type_="conflict_error", code="payments_unavailable")
+    assert "credit grant" in error["message"]
+    with services.sessions() as session:
+        assert session.exec(select(CreditPurchase)).all() == []
+        assert session.exec(select(StripeOutbox)).all() == []
+    listed = client.get("/v1/billing/credits", headers=headers).json()
+    assert (listed["data"], listed["balance_cents"]) == ([], 0)

@@ -16,6 +16,8 @@ Mapping (every Stripe id is kept on our side)
     closed invoice  -> one invoice item per line, with the line's exact ``amount`` in cents, then an Invoice that
                        takes them (``metadata.mm_invoice_id``), finalised where the API allows
                                                ``invoice.stripe_invoice_id``, ``invoice_line.stripe_invoice_item_id``
+    credit purchase -> one invoice item ``Prepaid credits`` for the amount, on an Invoice of its own
+                       (``metadata.mm_purchase_id``), finalised        ``credit_purchase.stripe_invoice_id``
     Stripe prices nothing itself: every cent comes from our invoice lines (the base fee is one of them, prorated by
     the second), so the Plan behind a subscription is priced 0 and no charge can be counted twice.
 
@@ -33,6 +35,8 @@ Webhooks
     ``handle_event`` applies a verified event once (``stripe_event`` is keyed by event id). The state it leaves is a
     function of the set of events received, not of their order: ``paid`` is final, a payment failure only records
     its earliest time, and a tenant is ``past_due`` while one of its unpaid invoices has a failure.
+    ``invoice.paid`` for a credit purchase grants its credits once (the purchase row is the guard: ``paid`` once,
+    and ``credit_grant.purchase_id`` is unique); a failed top-up payment grants nothing and sets no ``past_due``.
 
 Tenant columns are read and written through :class:`modelmeter.tenancy.tenants.Tenant` (the one definition of
 the table).

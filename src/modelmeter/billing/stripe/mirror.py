@@ -21,7 +21,7 @@ from modelmeter import clock
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.stripe.client import PermanentSyncError
 from modelmeter.billing.stripe.outbox import idempotency_key
-from modelmeter.billing.tables import Invoice, InvoiceLine, StripeOutbox, StripePlan
+from modelmeter.billing.tables import CreditPurchase, Invoice, InvoiceLine, StripeOutbox, StripePlan
 from modelmeter.tenancy.tenants import Tenant
 
 log = logging.getLogger("modelmeter.stripe")
@@ -38,7 +38,8 @@ class Sent:
 
 
 class StripeMirror:
-    """Finds or creates the Stripe objects that mirror ours: customers, plans and subscriptions, invoices."""
+    """Finds or creates the Stripe objects that mirror ours: customers, plans and subscriptions, invoices, and the
+    invoices of credit purchases."""
 
     def __init__(self, *, client: stripe.StripeClient, sessions: sessionmaker[Session], catalog: PlanCatalog) -> None:
         self._client = client
@@ -129,7 +130,7 @@ class StripeMirror:
     def _send_invoice(self, row: StripeOutbox) -> Sent:
         invoice, lines = self._load_invoice(row.object_id)
         customer_id = self._customer_id(invoice.tenant_id)
-        found = self._find_invoice(customer_id, invoice.id)
+        found = self._find_invoice(customer_id, "mm_invoice_id", invoice.id)
         if found is None:
             self._ensure_items(row, customer_id, invoice, lines)
             found = self._client.v1.invoices.create(
@@ -137,7 +138,7 @@ class StripeMirror:
                         "metadata": _invoice_metadata(invoice), "pending_invoice_items_behavior": "include"},
                 options={"idempotency_key": row.idempotency_key},
             )
-        found = self._settle(found, invoice)
+        found = self._settle(found, _invoice_metadata(invoice))
         items = self._check_amounts(found, invoice, lines)
         invoice_id, stripe_id = invoice.id, found.id
         return Sent(stripe_id, lambda s: _record_invoice(session=s, invoice_id=invoice_id, stripe_id=stripe_id,
@@ -151,13 +152,13 @@ class StripeMirror:
             query = select(InvoiceLine).where(InvoiceLine.invoice_id == invoice_id).order_by(col(InvoiceLine.position))
             return invoice, list(session.exec(query).all())
 
-    def _find_invoice(self, customer_id: str, invoice_id: str) -> stripe.Invoice | None:
-        """The Stripe invoice that carries our invoice: by its metadata, or by the metadata of its lines."""
+    def _find_invoice(self, customer_id: str, key: str, object_id: str) -> stripe.Invoice | None:
+        """The Stripe invoice that carries our invoice or purchase (``key`` = ``object_id``): by its metadata, or by
+        the metadata of its lines."""
         found = self._client.v1.invoices.list(params={"customer": customer_id, "limit": 100})
         for candidate in found.auto_paging_iter():
             lines = candidate.lines.data if candidate.lines else []
-            if _meta(candidate).get("mm_invoice_id") == invoice_id or any(
-                    _meta(line).get("mm_invoice_id") == invoice_id for line in lines):
+            if _meta(candidate).get(key) == object_id or any(_meta(line).get(key) == object_id for line in lines):
                 return candidate
         return None
 
@@ -175,11 +176,13 @@ class StripeMirror:
                 options={"idempotency_key": f"{row.idempotency_key}-line-{line.position}"},
             )
 
-    def _settle(self, found: stripe.Invoice, invoice: Invoice) -> stripe.Invoice:
-        """Make sure the Stripe invoice names ours, and finalise a draft so Stripe collects it."""
+    def _settle(self, found: stripe.Invoice, metadata: dict[str, str]) -> stripe.Invoice:
+        """Make sure the Stripe invoice names ours (``metadata``), and finalise a draft so Stripe collects it.
+
+        A finalised invoice whose total is 0 (credits paid all its usage) is marked paid by Stripe at once."""
         assert found.id is not None
-        if _meta(found).get("mm_invoice_id") != invoice.id:
-            found = self._client.v1.invoices.update(found.id, params={"metadata": _invoice_metadata(invoice)})
+        if any(_meta(found).get(name) != value for name, value in metadata.items()):
+            found = self._client.v1.invoices.update(found.id, params={"metadata": metadata})
         if found.status != "draft":
             return found
         try:
@@ -203,6 +206,56 @@ class StripeMirror:
                         invoice.total)
         return {int(_meta(line)["mm_line"]): _item_id(line) for line in ours}
 
+    # credit purchases
+
+    def _send_credit_purchase(self, row: StripeOutbox) -> Sent:
+        """A top-up: one invoice item for the amount, on an invoice of its own (``metadata.mm_purchase_id``)."""
+        purchase = self._load_purchase(row.object_id)
+        customer_id = self._customer_id(purchase.tenant_id)
+        metadata = _purchase_metadata(purchase)
+        found = self._find_invoice(customer_id, "mm_purchase_id", purchase.id)
+        if found is None:
+            self._ensure_purchase_item(row, customer_id, purchase)
+            found = self._client.v1.invoices.create(
+                params={"customer": customer_id, "description": "modelmeter prepaid credits", "metadata": metadata,
+                        "pending_invoice_items_behavior": "include"},
+                options={"idempotency_key": row.idempotency_key},
+            )
+        found = self._settle(found, metadata)
+        self._check_purchase_amount(found, purchase)
+        purchase_id, stripe_id = purchase.id, found.id
+        return Sent(stripe_id, lambda s: _record_purchase(session=s, purchase_id=purchase_id, stripe_id=stripe_id))
+
+    def _load_purchase(self, purchase_id: str) -> CreditPurchase:
+        with self._sessions() as session:
+            purchase = session.get(CreditPurchase, purchase_id)
+            if purchase is None:
+                raise PermanentSyncError(f"credit purchase {purchase_id} does not exist")
+            return purchase
+
+    def _ensure_purchase_item(self, row: StripeOutbox, customer_id: str, purchase: CreditPurchase) -> None:
+        """The purchase's pending invoice item; one left by an interrupted attempt is reused, not repeated."""
+        pending = self._client.v1.invoice_items.list(params={"customer": customer_id, "limit": 100})
+        if any(_meta(item).get("mm_purchase_id") == purchase.id and not item.invoice
+               for item in pending.auto_paging_iter()):
+            return
+        self._client.v1.invoice_items.create(
+            params={"customer": customer_id, "amount": purchase.amount_cents, "currency": purchase.currency,
+                    "description": "Prepaid credits", "metadata": _purchase_metadata(purchase)},
+            options={"idempotency_key": f"{row.idempotency_key}-item"},
+        )
+
+    def _check_purchase_amount(self, found: stripe.Invoice, purchase: CreditPurchase) -> None:
+        """The Stripe invoice must carry exactly one line of ours, for exactly the amount bought."""
+        assert found.id is not None
+        remote = self._client.v1.invoices.line_items.list(found.id, params={"limit": 100}).auto_paging_iter()
+        got = [line.amount for line in remote if _meta(line).get("mm_purchase_id") == purchase.id]
+        if got != [purchase.amount_cents]:
+            raise PermanentSyncError(f"Stripe invoice {found.id} does not carry purchase {purchase.id} exactly")
+        if found.total != purchase.amount_cents:
+            log.warning("Stripe invoice %s totals %s, purchase %s is %s: it carries lines of its own", found.id,
+                        found.total, purchase.id, purchase.amount_cents)
+
 
 # --- recording on our side --------------------------------------------------------------------------------------
 
@@ -221,11 +274,22 @@ def _record_invoice(*, session: Session, invoice_id: str, stripe_id: str, items:
         session.add(line)
 
 
+def _record_purchase(*, session: Session, purchase_id: str, stripe_id: str) -> None:
+    purchase = session.get(CreditPurchase, purchase_id)
+    assert purchase is not None
+    purchase.stripe_invoice_id = stripe_id
+    session.add(purchase)
+
+
 # --- Stripe objects ---------------------------------------------------------------------------------------------
 
 
 def _invoice_metadata(invoice: Invoice) -> dict[str, str]:
     return {"mm_invoice_id": invoice.id, "tenant_id": invoice.tenant_id, "period": invoice.period}
+
+
+def _purchase_metadata(purchase: CreditPurchase) -> dict[str, str]:
+    return {"mm_purchase_id": purchase.id, "tenant_id": purchase.tenant_id}
 
 
 def _line_metadata(invoice: Invoice, line: InvoiceLine) -> dict[str, str]:

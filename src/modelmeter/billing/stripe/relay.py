@@ -99,6 +99,7 @@ class StripeRelay(StripeMirror):
         self._on_close = on_close
         self._handlers: dict[str, Callable[[StripeOutbox], Sent]] = {
             "customer": self._send_customer, "subscription": self._send_subscription, "invoice": self._send_invoice,
+            "credit_purchase": self._send_credit_purchase,
         }
         self._tick_lock = threading.Lock()
         self._stop = asyncio.Event()

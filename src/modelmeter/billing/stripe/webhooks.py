@@ -2,7 +2,9 @@
 
 The state an event leaves is a function of the set of events received, not of their order: ``paid`` is final, a
 payment failure only records its earliest time, and the tenant's billing status is derived afresh
-(:func:`modelmeter.billing.stripe.dunning.refresh_billing`) after every event.
+(:func:`modelmeter.billing.stripe.dunning.refresh_billing`) after every event. An invoice is either one of our
+period invoices or the invoice of a credit purchase (``metadata.mm_purchase_id``), whose ``invoice.paid`` grants the
+credits once.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select, update
 
 from modelmeter import clock
+from modelmeter.billing import credits
 from modelmeter.billing.stripe.dunning import refresh_billing
-from modelmeter.billing.tables import Invoice, PlanChange, StripeEvent
+from modelmeter.billing.tables import CreditPurchase, Invoice, PlanChange, StripeEvent
 from modelmeter.tenancy.tenants import Tenant, lock_tenant
 
 log = logging.getLogger("modelmeter.stripe")
@@ -106,13 +109,29 @@ def _invoice_match(obj: dict[str, Any]) -> ColumnElement[bool]:
     return or_(false(), *conditions)
 
 
+def _purchase_match(obj: dict[str, Any]) -> ColumnElement[bool]:
+    """The credit purchase named by the Stripe invoice: its ``mm_purchase_id`` metadata, or the id we recorded."""
+    ours, theirs = (obj.get("metadata") or {}).get("mm_purchase_id"), obj.get("id")
+    conditions = [col(CreditPurchase.id) == ours] if isinstance(ours, str) else []
+    conditions += [col(CreditPurchase.stripe_invoice_id) == theirs] if isinstance(theirs, str) else []
+    return or_(false(), *conditions)
+
+
 def _tenant_of_invoice(*, session: Session, obj: dict[str, Any]) -> str | None:
     found = session.exec(select(Invoice.tenant_id).where(_invoice_match(obj)).limit(1)).first()
+    if found is None:
+        found = session.exec(select(CreditPurchase.tenant_id).where(_purchase_match(obj)).limit(1)).first()
     return found if found is not None else _tenant_of_customer(session=session, customer=obj.get("customer"))
 
 
 def _our_invoice(*, session: Session, tenant_id: str, obj: dict[str, Any]) -> Invoice | None:
     query = select(Invoice).where(_invoice_match(obj), Invoice.tenant_id == tenant_id)
+    return session.exec(query.limit(1)).first()
+
+
+def _our_purchase(*, session: Session, tenant_id: str, obj: dict[str, Any]) -> CreditPurchase | None:
+    """The purchase the Stripe invoice pays, read after the tenant is locked (so a concurrent grant is seen)."""
+    query = select(CreditPurchase).where(_purchase_match(obj), CreditPurchase.tenant_id == tenant_id)
     return session.exec(query.limit(1)).first()
 
 
@@ -142,10 +161,15 @@ def _is_current_subscription(*, session: Session, tenant_id: str, obj: dict[str,
 
 
 def _on_invoice_paid(*, session: Session, tenant_id: str, obj: dict[str, Any], created: int) -> str:
+    paid_at = int((obj.get("status_transitions") or {}).get("paid_at") or created)
     invoice = _our_invoice(session=session, tenant_id=tenant_id, obj=obj)
     if invoice is None:
-        return "ignored"  # an invoice of a known customer that we did not make
-    paid_at = int((obj.get("status_transitions") or {}).get("paid_at") or created)
+        purchase = _our_purchase(session=session, tenant_id=tenant_id, obj=obj)
+        if purchase is None:
+            return "ignored"  # an invoice of a known customer that we did not make
+        granted = credits.mark_paid(session=session, purchase=purchase, paid_at=paid_at,
+                                    stripe_invoice_id=obj.get("id"))
+        return "applied" if granted else "duplicate"  # another event already reported this payment
     invoice.status = "paid"
     invoice.paid_at = paid_at if invoice.paid_at is None else min(invoice.paid_at, paid_at)
     invoice.stripe_invoice_id = invoice.stripe_invoice_id or obj.get("id")
@@ -156,6 +180,8 @@ def _on_invoice_paid(*, session: Session, tenant_id: str, obj: dict[str, Any], c
 def _on_payment_failed(*, session: Session, tenant_id: str, obj: dict[str, Any], created: int) -> str:
     invoice = _our_invoice(session=session, tenant_id=tenant_id, obj=obj)
     if invoice is None:
+        # Not ours, or a credit purchase: a failed top-up grants nothing, stays pending (Stripe retries it) and,
+        # being no debt, never makes the tenant past due.
         return "ignored"
     # Recorded even on a paid invoice (so the state does not depend on arrival order); only unpaid ones count.
     failed = invoice.payment_failed_at
