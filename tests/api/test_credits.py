@@ -23,6 +23,9 @@ DIME_PLANS = [
      "tpm_limit": 100000000, "prepaid": True},
     {"id": "payg_dime", "name": "Dime as you go", "price_per_request": "0.10", "rpm_limit": 100000,
      "tpm_limit": 100000000, "base_fee_cents": 100},
+    # Half a cent a request and half a cent per 1,000 tokens: lines that each round up by half a cent.
+    {"id": "halves", "name": "Halves", "price_per_request": "0.005", "price_per_1k_tokens": "0.005",
+     "rpm_limit": 100000, "tpm_limit": 100000000},
 ]
 
 
@@ -203,3 +206,23 @@ def test_credits_beyond_the_usage_never_take_an_invoice_below_its_fees(
         ("base_fee", 100), ("requests", 10), ("tokens", 0), ("credits", -10)]
     assert upcoming["total"] == 100
     assert credits_of(client, headers)["balance_cents"] == 990
+
+
+def test_credits_that_paid_everything_leave_nothing_owed_to_rounding(
+        client: TestClient, on_plan: Callable[[str], Tenant], services: Services, october: FakeClock) -> None:
+    """One request and 1,000 tokens cost exactly 1 cent, drawn from credits; the two lines round to 1 cent each.
+    Credits applied is then the lines' 2 cents, not the draws' 1: credits that paid everything leave 0 owed."""
+    from modelmeter.billing.metering import UsageRecord, record_usage
+
+    tenant, headers, _ = on_plan("halves")
+    grant_id = grant(client, tenant["id"], amount_cents=100).json()["id"]
+    record = UsageRecord(request_id="req_halves", tenant_id=tenant["id"], model_id="m", created=october.t,
+                         plan="halves", tokens=1000, credits=((grant_id, 1_000_000),))
+    with services.sessions() as session:
+        assert record_usage(session=session, records=[record, record]) == 1  # a repeat writes nothing twice
+        session.commit()
+    upcoming = client.get("/v1/billing/invoices/upcoming", headers=headers).json()
+    assert [(line["code"], line["amount"]) for line in upcoming["lines"]["data"]] == [
+        ("requests", 1), ("tokens", 1), ("credits", -2)]
+    assert (upcoming["subtotal"], upcoming["total"]) == (2, 0)
+    assert rows(services, CreditDraw, tenant["id"]) == 1

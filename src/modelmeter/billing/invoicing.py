@@ -23,7 +23,7 @@ from modelmeter import clock
 from modelmeter.billing import credits
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import period_bounds, period_of
-from modelmeter.billing.pricing import Line, Usage, price_period, subtotal
+from modelmeter.billing.pricing import Line, Usage, price_period, subtotal, usage_cost_micro
 from modelmeter.billing.stripe.outbox import enqueue_invoice, enqueue_plan_change
 from modelmeter.billing.tables import (
     BillingClose,
@@ -93,12 +93,15 @@ def price_tenant_period(
     return price_period(triples, seconds_in_period=end - start)
 
 
-def credits_line(*, session: Session, tenant_id: str, period: str, lines: Sequence[Line], plan: str) -> Line | None:
+def credits_line(*, session: Session, tenant_id: str, period: str, lines: Sequence[Line], plan: str,
+                 usage_micro: int) -> Line | None:
     """``Credits applied``: what the period's usage drew from prepaid credits, as a negative line, never more
-    than the usage charges (so a total never goes below the base fees, nor below zero)."""
+    than the usage charges (so a total never goes below the base fees, nor below zero). ``usage_micro`` is the
+    exact usage cost: when the draws paid all of it, the line is the usage lines' sum, their rounding included."""
     drawn = sum(credits.drawn_in_period(session=session, tenant_id=tenant_id, period=period).values())
-    applied = credits.applied_cents(drawn, sum(line.amount for line in lines if line.code != "base_fee"))
-    if applied == 0:
+    usage_cents = sum(line.amount for line in lines if line.code != "base_fee")
+    applied = usage_cents if drawn and drawn >= usage_micro else credits.applied_cents(drawn, usage_cents)
+    if applied <= 0:
         return None
     return Line(code="credits", description="Credits applied", quantity=1, unit_amount_decimal=Decimal(-applied),
                 amount=-applied, plan=plan)
@@ -110,7 +113,10 @@ def invoice_lines(*, session: Session, catalog: PlanCatalog, tenant_id: str, per
     lines = price_tenant_period(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
                                 current_plan=current_plan)
     charges = subtotal(lines)
-    applied = credits_line(session=session, tenant_id=tenant_id, period=period, lines=lines, plan=current_plan)
+    usage = usage_by_plan(session=session, tenant_id=tenant_id, period=period)
+    usage_micro = sum(usage_cost_micro(catalog.get(plan or current_plan), used) for plan, used in usage.items())
+    applied = credits_line(session=session, tenant_id=tenant_id, period=period, lines=lines, plan=current_plan,
+                           usage_micro=usage_micro)
     if applied is None:
         return lines, charges, charges
     return [*lines, applied], charges, charges + applied.amount
