@@ -7,6 +7,11 @@ difference of their per-request times is the price of metering. Target: under 1 
 The ledger is SQLite in a temp dir by default; set MODELMETER_DATABASE_URL / MODELMETER_REDIS_URL to measure
 PostgreSQL and Redis.
 
+Tiers: a second tenant with the same budget is on ``scale`` (graduated token tiers), its period already in the
+third tier, so every reservation prices all three. The reservation itself (the request path's ``Meter.reserve``
+and its release, on the app's quota store: in-process, or the Redis script) is timed for both tenants,
+alternated in one run, and the whole metered request too. Target: tiers add no more than 0.1 ms a request.
+
     python bench/metering.py [--seconds 5]
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
@@ -22,7 +28,11 @@ from _common import ADMIN_TOKEN, bench_settings, p50_ms, run_for
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from modelmeter import clock
+from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.quota import Amount
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
 from modelmeter.models.pool import ModelPool
 from modelmeter.models.serving import ModelServer, ModelSource, SharedBase
 
@@ -80,6 +90,76 @@ def install_noop(app: FastAPI) -> None:
                                                          "embedding": submission.results[0]}]})
 
 
+async def make_tenant(client: httpx.AsyncClient, admin: dict[str, str], plan: str) -> tuple[str, dict[str, str]]:
+    """A tenant on ``plan`` with a budget (turning the reservation path on) and limits that never refuse."""
+    tenant = (await client.post("/admin/tenants", json={"name": plan, "email": f"{plan}@b.co", "plan": plan},
+                                headers=admin)).json()
+    await client.patch(f"/admin/tenants/{tenant['id']}", headers=admin, json={
+        "monthly_budget_cents": 100_000_000, "rpm_limit": 1_000_000, "tpm_limit": 1_000_000_000})
+    key = (await client.post(f"/admin/tenants/{tenant['id']}/keys", json={}, headers=admin)).json()["key"]
+    return tenant["id"], {"Authorization": f"Bearer {key}"}
+
+
+def seed_third_tier(services: Services, tenant_id: str) -> None:
+    """1.1 billion tokens this period: past scale's 10M allowance and its first two tiers."""
+    with services.sessions() as session:
+        record_usage(session=session, records=[UsageRecord(request_id="bench-seed", tenant_id=tenant_id,
+                                                           model_id=MODEL, created=clock.now_s(), plan="scale",
+                                                           tokens=1_100_000_000)])
+        session.commit()
+
+
+async def reservation_us(services: Services, tenant_id: str, plan_id: str, n: int) -> float:
+    """Microseconds per reservation (``Meter.reserve`` of one request, then its release) for a tenant."""
+    plan, amount = services.plans.get(plan_id), Amount(requests=1, tokens=8, cost_micro=0)
+    start = time.perf_counter()
+    for _ in range(n):
+        hold = await services.meter.reserve(tenant_id=tenant_id, plan=plan, budget_cents=100_000_000, amount=amount,
+                                            at=clock.now_s())
+        await services.meter.release(hold)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+async def tier_costs(services: Services, client: httpx.AsyncClient, admin: dict[str, str],
+                     flat: tuple[str, dict[str, str]], seconds: float) -> dict[str, Any]:
+    """The reservation and the whole metered request, flat (payg) against tiered (scale), alternated."""
+    tiered = await make_tenant(client, admin, "scale")
+    seed_third_tier(services, tiered[0])
+    body = {"model": MODEL, "input": "a fine and moving film"}
+    rounds, n = 3, 2_000
+    flat_us, tiered_us = [], []
+    for tenant, plan in ((flat[0], "payg"), (tiered[0], "scale")):
+        await reservation_us(services, tenant, plan, 200)  # warm: counters initialised, scripts loaded
+    for _ in range(rounds):
+        flat_us.append(await reservation_us(services, flat[0], "payg", n))
+        tiered_us.append(await reservation_us(services, tiered[0], "scale", n))
+    best_flat, best_tiered = min(flat_us), min(tiered_us)
+    results: dict[str, Any] = {"reserve_flat_us": round(best_flat, 1), "reserve_tiered_us": round(best_tiered, 1),
+                               "reserve_tiers_added_ms": round((best_tiered - best_flat) / 1000, 4)}
+    print(f"reservation (reserve + release, best of {rounds} x {n}): flat plan {best_flat:.1f} us, "
+          f"tiered plan {best_tiered:.1f} us, tiers add {(best_tiered - best_flat) / 1000:.4f} ms")
+
+    def metered(headers: dict[str, str]) -> Any:
+        async def call() -> None:
+            assert (await client.post("/v1/embeddings", json=body, headers=headers)).status_code == 200
+        return call
+
+    for concurrency in (1, 16):
+        # Both tenants at once, each from `concurrency` tasks, so the machine's noise falls on both alike: the
+        # difference of their median latencies is what tiers add to a request.
+        (n_f, lat_f), (n_t, lat_t) = await asyncio.gather(
+            run_for(metered(flat[1]), seconds=seconds * rounds, concurrency=concurrency),
+            run_for(metered(tiered[1]), seconds=seconds * rounds, concurrency=concurrency))
+        added = p50_ms(lat_t) - p50_ms(lat_f)
+        results.update({f"c{concurrency}_flat_plan_p50_ms": round(p50_ms(lat_f), 3),
+                        f"c{concurrency}_tiered_plan_p50_ms": round(p50_ms(lat_t), 3),
+                        f"c{concurrency}_tiers_added_ms": round(added, 3)})
+        print(f"concurrency {concurrency:>2} per tenant, side by side: flat plan {n_f / seconds / rounds:6.1f} rps "
+              f"(p50 {p50_ms(lat_f):.3f} ms)  tiered plan {n_t / seconds / rounds:6.1f} rps (p50 {p50_ms(lat_t):.3f} "
+              f"ms)  tiers add {added:.3f} ms/request")
+    return results
+
+
 async def main(seconds: float) -> dict[str, Any]:
     app = create_app(bench_settings())
     install_noop(app)
@@ -87,13 +167,9 @@ async def main(seconds: float) -> dict[str, Any]:
     results: dict[str, Any] = {}
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
-            tenant = (await client.post("/admin/tenants", json={"name": "b", "email": "b@b.co", "plan": "payg"},
-                                        headers=admin)).json()
             # A budget turns on the reservation path; high limits keep the bench from being refused.
-            await client.patch(f"/admin/tenants/{tenant['id']}", headers=admin, json={
-                "monthly_budget_cents": 100_000_000, "rpm_limit": 1_000_000, "tpm_limit": 1_000_000_000})
-            key = (await client.post(f"/admin/tenants/{tenant['id']}/keys", json={}, headers=admin)).json()["key"]
-            auth = {"Authorization": f"Bearer {key}"}
+            flat = await make_tenant(client, admin, "payg")
+            auth = flat[1]
             body = {"model": MODEL, "input": "a fine and moving film"}
 
             async def metered() -> None:
@@ -116,6 +192,7 @@ async def main(seconds: float) -> dict[str, Any]:
                 print(f"concurrency {concurrency:>2}: without billing {rps_u:7.1f} rps (p50 {p50_ms(lat_u):.2f} ms)"
                       f"  with auth+limits+reservation+ledger {rps_m:7.1f} rps (p50 {p50_ms(lat_m):.2f} ms)"
                       f"  ratio {rps_m / rps_u:.3f}  cost {cost:.3f} ms/request")
+            results.update(await tier_costs(app.state.services, client, admin, flat, seconds))
     return results
 
 

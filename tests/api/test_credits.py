@@ -23,6 +23,10 @@ DIME_PLANS = [
      "tpm_limit": 100000000, "prepaid": True},
     {"id": "payg_dime", "name": "Dime as you go", "price_per_request": "0.10", "rpm_limit": 100000,
      "tpm_limit": 100000000, "base_fee_cents": 100},
+    # Graduated request tiers: the first two requests of the month cost a dime, every later one a nickel.
+    {"id": "prepaid_tiers", "name": "Prepaid tiers", "rpm_limit": 100000, "tpm_limit": 100000000, "prepaid": True,
+     "request_tiers": {"tiers_mode": "graduated", "tiers": [
+         {"up_to": 2, "unit_amount_decimal": "0.10"}, {"up_to": None, "unit_amount_decimal": "0.05"}]}},
     # Half a cent a request and half a cent per 1,000 tokens: lines that each round up by half a cent.
     {"id": "halves", "name": "Halves", "price_per_request": "0.005", "price_per_1k_tokens": "0.005",
      "rpm_limit": 100000, "tpm_limit": 100000000},
@@ -226,3 +230,18 @@ def test_credits_that_paid_everything_leave_nothing_owed_to_rounding(
         ("requests", 1), ("tokens", 1), ("credits", -2)]
     assert (upcoming["subtotal"], upcoming["total"]) == (2, 0)
     assert rows(services, CreditDraw, tenant["id"]) == 1
+
+
+def test_draws_follow_the_tier_the_period_is_in(client: TestClient, on_plan: Callable[[str], Tenant],
+                                                services: Services) -> None:
+    """30 cents pay two requests at a dime, then two at a nickel (the marginal cost at reservation time)."""
+    tenant, headers, model = on_plan("prepaid_tiers")
+    grant(client, tenant["id"], amount_cents=30)
+    assert [classify(client, headers, model).status_code for _ in range(5)] == [200, 200, 200, 200, 429]
+    with services.sessions() as session:
+        query = select(CreditDraw.amount_micro).where(CreditDraw.tenant_id == tenant["id"]).order_by(col(CreditDraw.id))
+        assert list(session.exec(query).all()) == [10**7, 10**7, 5 * 10**6, 5 * 10**6]
+    assert credits_of(client, headers)["balance_cents"] == 0
+    upcoming = client.get("/v1/billing/invoices/upcoming", headers=headers).json()
+    assert [line["amount"] for line in upcoming["lines"]["data"]] == [20, 10, 0, -30]
+    assert upcoming["total"] == 0

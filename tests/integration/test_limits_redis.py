@@ -19,6 +19,7 @@ from modelmeter.billing.pricing import metered_cost_micro, metered_prices
 from modelmeter.billing.quota import Amount, Caps, InProcessQuotaStore, RedisQuotaStore
 from modelmeter.billing.ratelimit import InProcessRateLimiter, RedisRateLimiter
 from modelmeter.gateway.services import make_limiters
+from tests.plan_strategies import tiered_plans
 
 REDIS_URL = os.environ.get("MODELMETER_REDIS_URL", "")
 pytestmark = [
@@ -219,7 +220,7 @@ amounts = st.builds(Amount, counts, counts, counts, st.integers(min_value=0, max
 
 
 @st.composite
-def priced_plans(draw: st.DrawFn) -> Plan:
+def flat_priced_plans(draw: st.DrawFn) -> Plan:
     """A plan with random allowances and random prices that are whole micro-cents per unit."""
     fields: dict[str, str | int] = {
         price.name: format(Decimal(draw(st.integers(0, 10**7)) * price.per_units).scaleb(-8), "f")
@@ -230,18 +231,24 @@ def priced_plans(draw: st.DrawFn) -> Plan:
     return Plan.model_validate({"id": "prop", "name": "Prop", "rpm_limit": 60, "tpm_limit": 60_000, **fields})
 
 
+# Flat prices, or token and request tiers (graduated and volume, with flat amounts) spread over the counts' range.
+priced_plans = st.one_of(flat_priced_plans(), tiered_plans(request_step=2 * 10**7, token_step=2 * 10**7,
+                                                           max_included=10**8))
+
+
 @pytest.fixture
 def budget_store(replicas: Replicas) -> RedisQuotaStore:
     return replicas.store()  # one store for every example; each example uses its own tenant
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(plan=priced_plans(), committed=amounts, amount=amounts)
+@given(plan=priced_plans, committed=amounts, amount=amounts)
 async def test_lua_budget_cost_is_the_python_cost(
     budget_store: RedisQuotaStore, plan: Plan, committed: Amount, amount: Amount
 ) -> None:
-    """The reserve script prices the totals with USAGE_COST_LUA exactly as pricing.metered_cost_micro does: a
-    budget of exactly the Python cost admits the reservation, one micro-cent less refuses it (in-process too)."""
+    """The reserve script prices the totals with USAGE_COST_LUA exactly as pricing.metered_cost_micro does, flat
+    prices and tiers alike: a budget of exactly the Python cost admits the reservation, one micro-cent less refuses
+    it (in-process too)."""
     prices = metered_prices(plan)
     cost = metered_cost_micro(prices, (committed + amount).usage())
     tenant = uuid.uuid4().hex

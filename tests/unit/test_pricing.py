@@ -18,6 +18,7 @@ from modelmeter import money
 from modelmeter.billing import pricing
 from modelmeter.billing.catalog import PRICES, Plan, PlanCatalog
 from modelmeter.billing.pricing import Line, Usage
+from tests.plan_strategies import has_volume_tiers, tiered_plans
 
 CATALOG = PlanCatalog.load()
 FREE, PAYG, PRO = CATALOG.get("free"), CATALOG.get("payg"), CATALOG.get("pro")
@@ -221,9 +222,9 @@ def test_segments_must_fit_in_the_period() -> None:
 def test_factory_has_one_model_per_line_code() -> None:
     assert tuple(pricing.CHARGE_MODELS) == pricing.LINE_CODES
     segment = pricing.Segment(MONTH, MONTH, Usage(tokens=1_234_567))
-    assert pricing.charge_model("base_fee")(PRO, segment) == pricing.base_fee(
-        PRO, seconds_on_plan=MONTH, seconds_in_period=MONTH)
-    assert pricing.charge_model("tokens")(PAYG, segment) == line_for(PAYG, segment.usage, "tokens")
+    assert pricing.charge_model("base_fee")(PRO, segment) == [pricing.base_fee(
+        PRO, seconds_on_plan=MONTH, seconds_in_period=MONTH)]
+    assert pricing.charge_model("tokens")(PAYG, segment) == [line_for(PAYG, segment.usage, "tokens")]
     with pytest.raises(ValueError, match="unknown charge 'storage'"):
         pricing.charge_model("storage")
 
@@ -258,9 +259,12 @@ PRICE_FIELDS = {  # what a client knows from the docs: price field -> (units pri
 
 @st.composite
 def plans(draw: st.DrawFn) -> Plan:
-    """The packaged plans, or a random plan whose prices are whole micro-cents per unit."""
-    if draw(st.booleans()):
+    """The packaged plans, or a random plan whose prices are whole micro-cents per unit, flat or in tiers."""
+    kind = draw(st.sampled_from(["catalog", "flat", "tiered"]))
+    if kind == "catalog":
         return draw(st.sampled_from(CATALOG.all()))
+    if kind == "tiered":
+        return draw(tiered_plans())
     micro = st.integers(min_value=0, max_value=10**7)
     fields: dict[str, Any] = {  # micro-cents per unit -> major units per `per_units` units
         name: format(Decimal(draw(micro) * per_units).scaleb(-8), "f")
@@ -276,17 +280,55 @@ training_runs = st.lists(st.integers(min_value=0, max_value=10**8), max_size=5)
 usages = st.builds(Usage, st.integers(0, 10**6), st.integers(0, 10**9), st.integers(0, 10**9))
 
 
+TIER_FIELDS = {"request_tiers": "price_per_request", "token_tiers": "price_per_1k_tokens"}
+
+
+def client_tiered_cents(tiers: dict[str, Any], billable: int, per_units: int) -> int:
+    """A client's reading of Stripe-style tiers from the JSON: cents, each tier's units rounded once, plus flats."""
+    rows, lower = [], 0  # (first unit - 1, last unit or None, cents per unit, flat cents)
+    for tier in tiers["tiers"]:
+        rows.append((lower, tier["up_to"], Decimal(tier["unit_amount_decimal"]) * 100 / per_units,
+                     tier["flat_amount_cents"]))
+        lower = tier["up_to"] if tier["up_to"] is not None else lower
+    if tiers["tiers_mode"] == "volume":
+        _, _, unit, flat = next(row for row in rows if row[1] is None or billable <= row[1])
+        return half_up(billable * unit) + int(flat)
+    total = 0
+    for i, (low, high, unit, flat) in enumerate(rows):
+        if i and billable <= low:
+            break
+        units = (billable if high is None else min(billable, high)) - low
+        total += half_up(units * unit) + int(flat)
+    return total
+
+
+def half_up(value: Decimal | int) -> int:
+    return int(Decimal(value).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
 def client_amounts(plan_json: dict[str, Any], usage: Usage) -> dict[str, int]:
-    """A client's recomputation from the plan's JSON: usage beyond the allowance, priced once, half-up."""
+    """A client's recomputation from the plan's JSON: usage beyond the allowance, priced once, half-up (per tier
+    reached when the plan shows tiers instead of the flat price)."""
     amounts = {}
     with localcontext(prec=100):
         for field, (per_units, included, used_field) in PRICE_FIELDS.items():
             used = getattr(usage, used_field)
             billable = max(0, used - int(plan_json[included]))
-            exact = Decimal(billable) * Decimal(plan_json[field]) * 100 / per_units
-            if used:
-                amounts[used_field] = int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+            tiers = next((plan_json[t] for t, f in TIER_FIELDS.items() if f == field and t in plan_json), None)
+            if used and tiers is not None:
+                assert field not in plan_json  # a tiered dimension shows no flat price
+                amounts[used_field] = client_tiered_cents(tiers, billable, per_units)
+            elif used:
+                exact = Decimal(billable) * Decimal(plan_json[field]) * 100 / per_units
+                amounts[used_field] = half_up(exact)
     return amounts
+
+
+def amounts_by_code(lines: list[Line]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in lines:
+        out[line.code] = out.get(line.code, 0) + line.amount
+    return out
 
 
 @given(plans(), requests_tokens, training_runs)
@@ -294,7 +336,7 @@ def test_invoice_matches_client_recomputation(plan: Plan, per_request: list[int]
     usage = Usage(requests=len(per_request), tokens=sum(per_request), training_tokens=sum(training))
     lines = pricing.price_usage(plan, usage)
     expected = client_amounts(plan.model_dump(mode="json"), usage)
-    assert {line.code: line.amount for line in lines} == expected
+    assert amounts_by_code(lines) == expected
     assert pricing.subtotal(lines) == sum(expected.values())
     for line in lines:  # each line recomputes from its own quantity and unit price
         assert line.amount == int((line.quantity * line.unit_amount_decimal).quantize(Decimal(1), ROUND_HALF_UP))
@@ -305,11 +347,12 @@ def test_marginal_costs_sum_to_the_total(plan: Plan, steps: list[Usage]) -> None
     total, marginal_sum = Usage(), 0
     for step in steps:
         marginal = pricing.marginal_cost_micro(plan, total, step)
-        assert marginal >= 0
+        assert marginal >= 0 or has_volume_tiers(plan)  # only volume tiers reprice every unit, down
         marginal_sum, total = marginal_sum + marginal, total + step
     assert marginal_sum == pricing.usage_cost_micro(plan, total)
-    rounded = pricing.subtotal(pricing.price_usage(plan, total)) * money.MICRO_PER_CENT
-    assert abs(rounded - pricing.usage_cost_micro(plan, total)) <= 3 * money.MICRO_PER_CENT // 2
+    lines = pricing.price_usage(plan, total)
+    rounded = pricing.subtotal(lines) * money.MICRO_PER_CENT
+    assert abs(rounded - pricing.usage_cost_micro(plan, total)) <= len(lines) * money.MICRO_PER_CENT // 2
 
 
 @given(plans(), usages, st.integers(1, 31 * DAY), st.data())
@@ -342,7 +385,8 @@ def test_one_segment_is_base_fee_plus_usage(plan: Plan, usage: Usage, period: in
 
 def test_packaged_plans_load_with_exact_unit_prices() -> None:
     units = {p.id: [c.unit_micro(p) for c in pricing.METERED_CHARGES] for p in CATALOG.all()}
-    assert units == {"free": [0, 0, 0], "payg": [50_000, 2_000, 200], "pro": [0, 1_000, 150]}
+    # scale prices tokens in tiers: no flat unit price for them (see tests/unit/test_tiers.py)
+    assert units == {"free": [0, 0, 0], "payg": [50_000, 2_000, 200], "pro": [0, 1_000, 150], "scale": [0, 0, 125]}
 
 
 @pytest.mark.parametrize(("field", "price"), [

@@ -14,6 +14,9 @@ Charge models (one function each; ``charge_model(code)`` picks the one for a lin
                   max(0, used - included); amount = half-up(quantity * unit micro-cents / 1e6).
                   A line is emitted whenever ``used > 0``, also when it is all included (quantity 0,
                   amount 0), so the invoice shows what was used; its description gives used and included.
+                  Tokens and requests may instead be priced in tiers (``tiers``: graduated or volume): then
+                  each tier reached is a line of its own (same code; quantity = its units), its flat amount,
+                  when not zero, another line right after it (quantity 1, unit = amount = the flat cents).
 
 Rounding
     Each line is rounded once, half-up (not banker's), to the cent; nothing is rounded before that, so a
@@ -30,16 +33,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
-from modelmeter.billing.catalog import REQUEST_PRICE, TOKEN_PRICE, TRAINING_TOKEN_PRICE, Plan
+from modelmeter.billing.catalog import REQUEST_PRICE, TOKEN_PRICE, TRAINING_TOKEN_PRICE, Plan, PlanPrice, Tiers
 from modelmeter.billing.counts import fieldwise
+from modelmeter.billing.tiers import TIER_MODELS, PriceTier, TierPart, TiersMode, check_tiers, tiered_cost_micro
 from modelmeter.money import (
+    MICRO_PER_CENT,
     cents_decimal,
     decimal_text,
     micro_to_cents,
     round_half_up_div,
+    unit_micro_cents,
 )
 
 SECONDS_PER_DAY = 86_400
@@ -89,18 +96,38 @@ class Line:
 
 @dataclass(frozen=True, slots=True)
 class MeteredPrice:
-    """One metered dimension of a plan: the quantity included, and the exact price beyond it (micro-cents/unit)."""
+    """One metered dimension of a plan: the quantity included, and the exact price beyond it: flat (``unit_micro``
+    micro-cents per unit) or, when ``mode`` is set, in ``tiers`` (``unit_micro`` is then 0)."""
 
     included: int
-    unit_micro: int
+    unit_micro: int = 0
+    tiers: tuple[PriceTier, ...] = ()
+    mode: TiersMode | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is None and self.tiers:
+            raise ValueError("tiers need a mode (graduated or volume)")
+        if self.mode is not None:
+            if self.mode not in TIER_MODELS or self.unit_micro:
+                raise ValueError("a tiered price has a known mode and no flat unit price")
+            check_tiers(self.tiers)
 
     def billable(self, used: int) -> int:
         """The units of ``used`` beyond the allowance."""
         return max(0, used - self.included)
 
     def cost_micro(self, used: int) -> int:
-        """The exact cost of ``used`` units: those beyond the allowance, at the unit price."""
-        return self.billable(used) * self.unit_micro
+        """The exact cost of ``used`` units: those beyond the allowance at the unit price, or priced by the tiers
+        (flat amounts included; nothing at all when ``used`` is 0)."""
+        if self.mode is None:
+            return self.billable(used) * self.unit_micro
+        return tiered_cost_micro(self.mode, self.tiers, self.billable(used)) if used else 0
+
+    def parts(self, used: int) -> list[TierPart]:
+        """The tiers ``used`` reaches (none when it is 0), with their quantities; tiered prices only."""
+        if self.mode is None:
+            raise ValueError("a flat price has no tiers")
+        return TIER_MODELS[self.mode](self.tiers, self.billable(used)) if used else []
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +139,23 @@ class MeteredPrices:
     training_tokens: MeteredPrice
 
 
+def _price(plan: Plan, included: int, price: PlanPrice, tiers: Tiers | None) -> MeteredPrice:
+    if tiers is None:
+        return MeteredPrice(included, price.unit_micro(plan))
+    exact = tuple(PriceTier(tier.up_to, unit_micro_cents(tier.unit_amount_decimal, price.per_units),
+                            tier.flat_amount_cents * MICRO_PER_CENT) for tier in tiers.tiers)
+    return MeteredPrice(included, tiers=exact, mode=tiers.tiers_mode)
+
+
+@lru_cache(maxsize=256)
 def metered_prices(plan: Plan) -> MeteredPrices:
-    """The plan's allowances and exact unit prices (the one place they are read from a plan)."""
+    """The plan's allowances and exact prices, flat or tiered (the one place they are read from a plan).
+
+    Cached per plan (plans are frozen): the request path asks for them on every reservation."""
     return MeteredPrices(
-        requests=MeteredPrice(plan.included_requests, REQUEST_PRICE.unit_micro(plan)),
-        tokens=MeteredPrice(plan.included_tokens, TOKEN_PRICE.unit_micro(plan)),
-        training_tokens=MeteredPrice(plan.included_training_tokens, TRAINING_TOKEN_PRICE.unit_micro(plan)),
+        requests=_price(plan, plan.included_requests, REQUEST_PRICE, plan.request_tiers),
+        tokens=_price(plan, plan.included_tokens, TOKEN_PRICE, plan.token_tiers),
+        training_tokens=_price(plan, plan.included_training_tokens, TRAINING_TOKEN_PRICE, None),
     )
 
 
@@ -131,7 +169,7 @@ class MeteredCharge:
     used: Callable[[Usage], int]
 
     def unit_micro(self, plan: Plan) -> int:
-        """The plan's exact price per single unit, in micro-cents."""
+        """The plan's exact flat price per single unit, in micro-cents (0 when the charge is priced in tiers)."""
         return self.price(metered_prices(plan)).unit_micro
 
 
@@ -148,7 +186,7 @@ def metered_cost_micro(prices: MeteredPrices, usage: Usage) -> int:
     beyond its allowance at its unit price.
 
     The one cost formula: ``usage_cost_micro`` and the quota stores' budget check (``quota.Caps``) both use it.
-    The Redis quota store's Lua (``quota.USAGE_COST_LUA``) mirrors it: change both together.
+    The Redis quota store's Lua (``quota.USAGE_COST_LUA``) mirrors it (tiers included): change both together.
     """
     return sum(charge.price(prices).cost_micro(charge.used(usage)) for charge in METERED_CHARGES)
 
@@ -196,10 +234,37 @@ def metered(plan: Plan, *, code: str, used: int, included: int, unit_micro: int,
                 amount=micro_to_cents(price.cost_micro(used)), plan=plan.id)
 
 
-def _metered_line(charge: MeteredCharge, plan: Plan, prices: MeteredPrices, usage: Usage) -> Line | None:
+def _tier_range(part: TierPart) -> str:
+    return f"{part.first:,} and above" if part.last is None else f"{part.first:,}\u2013{part.last:,}"
+
+
+def tiered(plan: Plan, *, code: str, used: int, price: MeteredPrice, label: str) -> list[Line]:
+    """A charge priced in tiers: a line per tier reached (quantity = the units it prices), and after it a line
+    for its flat amount when that is not zero. No lines when ``used`` is 0."""
+    if code not in LINE_CODES[1:]:
+        raise ValueError(f"unknown metered charge {code!r}")
+    _check_count("used", used)
+    lines = []
+    for part in price.parts(used):
+        tier = f"{label} {_tier_range(part)} (tier {part.index + 1} of {part.count}, {price.mode})"
+        usage = f"{used:,} used" + (f", {price.included:,} included" if price.included else "")
+        lines.append(Line(code=code, description=f"{tier}: {usage}", quantity=part.quantity,
+                          unit_amount_decimal=cents_decimal(part.unit_micro),
+                          amount=micro_to_cents(part.quantity * part.unit_micro), plan=plan.id))
+        if part.flat_micro:
+            lines.append(Line(code=code, description=f"{tier}: flat fee", quantity=1,
+                              unit_amount_decimal=cents_decimal(part.flat_micro),
+                              amount=micro_to_cents(part.flat_micro), plan=plan.id))
+    return lines
+
+
+def _metered_lines(charge: MeteredCharge, plan: Plan, prices: MeteredPrices, usage: Usage) -> list[Line]:
     price = charge.price(prices)
-    return metered(plan, code=charge.code, used=charge.used(usage), included=price.included,
+    if price.mode is not None:
+        return tiered(plan, code=charge.code, used=charge.used(usage), price=price, label=charge.label)
+    line = metered(plan, code=charge.code, used=charge.used(usage), included=price.included,
                    unit_micro=price.unit_micro, label=charge.label)
+    return [] if line is None else [line]
 
 
 @dataclass(frozen=True)
@@ -215,16 +280,17 @@ class Segment:
             raise ValueError("need 0 <= seconds_on_plan <= seconds_in_period and seconds_in_period > 0")
 
 
-ChargeFn: TypeAlias = "Callable[[Plan, Segment], Line | None]"
+ChargeFn: TypeAlias = "Callable[[Plan, Segment], list[Line]]"
 
 
-def _flat_prorated(plan: Plan, segment: Segment) -> Line | None:
-    return base_fee(plan, seconds_on_plan=segment.seconds_on_plan, seconds_in_period=segment.seconds_in_period)
+def _flat_prorated(plan: Plan, segment: Segment) -> list[Line]:
+    line = base_fee(plan, seconds_on_plan=segment.seconds_on_plan, seconds_in_period=segment.seconds_in_period)
+    return [] if line is None else [line]
 
 
 def _metered_model(charge: MeteredCharge) -> ChargeFn:
-    def price(plan: Plan, segment: Segment) -> Line | None:
-        return _metered_line(charge, plan, metered_prices(plan), segment.usage)
+    def price(plan: Plan, segment: Segment) -> list[Line]:
+        return _metered_lines(charge, plan, metered_prices(plan), segment.usage)
 
     return price
 
@@ -235,7 +301,7 @@ CHARGE_MODELS: Mapping[str, ChargeFn] = MappingProxyType(
 
 
 def charge_model(code: str) -> ChargeFn:
-    """The pricing function for a line code: ``(plan, segment) -> Line | None``."""
+    """The pricing function for a line code: ``(plan, segment) -> lines`` (none, one, or one per tier reached)."""
     try:
         return CHARGE_MODELS[code]
     except KeyError:
@@ -245,8 +311,7 @@ def charge_model(code: str) -> ChargeFn:
 def price_usage(plan: Plan, usage: Usage) -> list[Line]:
     """The requests, tokens and training-token lines for usage served on one plan (no base fee)."""
     prices = metered_prices(plan)
-    lines = (_metered_line(charge, plan, prices, usage) for charge in METERED_CHARGES)
-    return [line for line in lines if line is not None]
+    return [line for charge in METERED_CHARGES for line in _metered_lines(charge, plan, prices, usage)]
 
 
 def _merge(segments: Iterable[tuple[Plan, int, Usage]]) -> dict[Plan, tuple[int, Usage]]:
@@ -268,8 +333,7 @@ def price_period(segments: list[tuple[Plan, int, Usage]], *, seconds_in_period: 
     lines: list[Line] = []
     for plan, (seconds, usage) in _merge(segments).items():
         segment = Segment(seconds, seconds_in_period, usage)
-        priced = (charge_model(code)(plan, segment) for code in LINE_CODES)
-        lines.extend(line for line in priced if line is not None)
+        lines.extend(line for code in LINE_CODES for line in charge_model(code)(plan, segment))
     return lines
 
 
@@ -284,5 +348,6 @@ def usage_cost_micro(plan: Plan, usage: Usage) -> int:
 
 
 def marginal_cost_micro(plan: Plan, before: Usage, added: Usage) -> int:
-    """What ``added`` costs on top of ``before`` (allowance-aware), in exact micro-cents."""
+    """What ``added`` costs on top of ``before`` (allowance- and tier-aware), in exact micro-cents. Negative when
+    ``added`` moves a volume-tiered dimension into a cheaper tier (every unit is repriced)."""
     return usage_cost_micro(plan, before + added) - usage_cost_micro(plan, before)

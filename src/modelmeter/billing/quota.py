@@ -17,13 +17,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Protocol
 
 import redis.asyncio as redis
 
 from modelmeter.billing.counts import fieldwise
 from modelmeter.billing.drawdown import CreditTerms, Draws, GrantBalance, Reservation, plan_draws
-from modelmeter.billing.pricing import MeteredPrices, Usage, metered_cost_micro
+from modelmeter.billing.pricing import MeteredPrice, MeteredPrices, Usage, metered_cost_micro
 
 _QUOTA_TTL_S = 40 * 24 * 3600
 _HOLD_TTL_S = 900.0  # float-ok: seconds a reservation may stay in flight before it is reaped
@@ -61,9 +62,10 @@ class Amount:
 class Caps:
     """Upper bounds per dimension (``None``: uncapped); ``max_cost_micro`` is the budget in micro-cents.
 
-    With ``prices`` (the plan's allowances and unit prices), the budget is checked against the exact usage cost
-    of the running totals (``pricing.metered_cost_micro``), allowances included, computed inside the same atomic
-    step as the reservation: concurrent requests cannot spend past it, even where allowances run out. Without
+    With ``prices`` (the plan's allowances and prices, flat or tiered), the budget is checked against the exact
+    usage cost of the running totals (``pricing.metered_cost_micro``), allowances and tiers included, computed
+    inside the same atomic step as the reservation: concurrent requests cannot spend past it, even where
+    allowances run out, and a request is priced at the tier the period's usage is in. Without
     it, the ``cost_micro`` amounts are summed instead.
     """
 
@@ -289,16 +291,53 @@ class InProcessQuotaStore:
 
 
 # The Lua mirror of pricing.metered_cost_micro (change both together): the usage cost of ``used`` (requests, tokens,
-# training tokens) given ``prices`` (included, unit micro-cents for each, in that order). Lua numbers are doubles:
+# training tokens) given ``prices`` (for each dimension in that order: {included, volume, tiers = {{up_to, unit,
+# flat}, ...}}; a flat price is one unbounded graduated tier without flat amount; ``read_prices`` builds it from the
+# text ``_price_args`` writes). Graduated: each tier prices the units in (previous up_to, up_to] plus its flat
+# amount once reached; volume: every unit at the price of the tier the total falls in plus that tier's flat amount;
+# the first tier is reached at 0 billable units, and an unused dimension costs nothing. Lua numbers are doubles:
 # exact below 2^53 micro-cents (about 90 million dollars), as are the totals the reserve script compares.
 USAGE_COST_LUA = """
 -- Mirrors modelmeter.billing.pricing.metered_cost_micro: change both together.
+local function read_prices(text)
+  local words = {}
+  for word in string.gmatch(text, '%S+') do words[#words + 1] = word end
+  local prices, at = {}, 1
+  for d = 1, 3 do
+    local price = {included = tonumber(words[at]), volume = words[at + 1] == 'v', tiers = {}}
+    local count = tonumber(words[at + 2])
+    at = at + 3
+    for k = 1, count do
+      local up_to = words[at] == '-' and math.huge or tonumber(words[at])
+      price.tiers[k] = {up_to, tonumber(words[at + 1]), tonumber(words[at + 2])}
+      at = at + 3
+    end
+    prices[d] = price
+  end
+  return prices
+end
+local function dimension_cost(used, price)
+  if used == 0 then return 0 end
+  local billable = math.max(0, used - price.included)
+  local tiers = price.tiers
+  if price.volume then
+    for k = 1, #tiers do
+      local tier = tiers[k]
+      if billable <= tier[1] then return billable * tier[2] + tier[3] end
+    end
+  end
+  local cost, lower = 0, 0
+  for k = 1, #tiers do
+    local tier = tiers[k]
+    if k > 1 and billable <= lower then break end
+    cost = cost + (math.min(billable, tier[1]) - lower) * tier[2] + tier[3]
+    lower = tier[1]
+  end
+  return cost
+end
 local function usage_cost(used, prices)
   local cost = 0
-  for i = 1, 3 do
-    local over = used[i] - prices[2 * i - 1]
-    if over > 0 then cost = cost + over * prices[2 * i] end
-  end
+  for i = 1, 3 do cost = cost + dimension_cost(used[i], prices[i]) end
   return cost
 end
 """
@@ -371,7 +410,7 @@ end
 
 # ARGV: ttl, id, hold_ms, has_baseline, amount x4 (5-8), caps x4 ('' = uncapped, 9-12), baseline x4 (13-16),
 # credit terms (17: JSON {"epoch", "now", "prepaid", "grants"?: [[id, rank, expires_at, "micro"], ...]}, '' = none),
-# prices x6 (18-23: included, unit for requests, tokens, training tokens; '' = not priced).
+# prices (18: '' = not priced, else the text ``_price_args`` writes).
 # Returns -1: counters unknown (send a baseline); -2: grants unknown (send them); 0: refused; {1, grant, micro, ...}.
 _RESERVE_LUA = (
     _QUOTA_PRELUDE
@@ -408,13 +447,10 @@ for i = 1, 4 do
   totals[i] = before[i] + tonumber(ARGV[4 + i])
 end
 local prices = nil
-if ARGV[18] ~= '' then
-  prices = {}
-  for i = 1, 6 do prices[i] = tonumber(ARGV[17 + i]) end
-end
+if ARGV[18] ~= '' then prices = read_prices(ARGV[18]) end
 local cost_after = totals[4]
 if prices then
-  -- The budget is the exact usage cost of the totals, allowances included.
+  -- The budget is the exact usage cost of the totals, allowances and tiers included.
   cost_after = usage_cost(totals, prices)
 end
 for i = 1, 4 do
@@ -521,12 +557,24 @@ def _credit_args(credits: CreditTerms | None, grants: list[GrantBalance] | None)
     return json.dumps(terms)
 
 
-def _price_args(prices: MeteredPrices | None) -> list[str]:
-    """ARGV 18-23 of the reserve script: (included, unit micro-cents) for requests, tokens, training tokens."""
+def _dimension_words(price: MeteredPrice) -> list[str]:
+    if price.mode is None:  # a flat price: one unbounded graduated tier, no flat amount
+        return [str(price.included), "g", "1", "-", str(price.unit_micro), "0"]
+    words = [str(price.included), "v" if price.mode == "volume" else "g", str(len(price.tiers))]
+    for tier in price.tiers:
+        words += ["-" if tier.up_to is None else str(tier.up_to), str(tier.unit_micro), str(tier.flat_micro)]
+    return words
+
+
+@lru_cache(maxsize=256)
+def _price_args(prices: MeteredPrices | None) -> tuple[str]:
+    """ARGV 18 of the reserve script ('' = not priced): for requests, tokens, training tokens in turn, the
+    allowance, the mode (``g`` graduated or ``v`` volume), the number of tiers, then each tier's up_to (``-``: no
+    bound), unit micro-cents and flat micro-cents, all separated by spaces. Cached: plans are few and frozen."""
     if prices is None:
-        return [""] * 6
+        return ("",)
     dimensions = (prices.requests, prices.tokens, prices.training_tokens)
-    return [str(v) for price in dimensions for v in (price.included, price.unit_micro)]
+    return (" ".join(word for price in dimensions for word in _dimension_words(price)),)
 
 
 class RedisQuotaStore:

@@ -1,7 +1,9 @@
 """Usage read back from the ledger: time buckets grouped by model, key or plan, each with its cost.
 
 A bucket's cost is the usage charge of its requests at the plan's prices, allowances being consumed in time
-order within each period (so the costs of a period add up to its invoice's usage lines before rounding).
+order within each period (so the costs of a period add up to its invoice's usage lines before rounding). On a plan
+with volume tiers a bucket's cost can be negative: the usage that moves the period into a cheaper tier reprices
+every unit of the period (``pricing.marginal_cost_micro``).
 """
 
 from __future__ import annotations

@@ -148,13 +148,22 @@ def plans(as_json: bool) -> None:
     catalog = PlanCatalog.load(Settings().plans_file)
     data = [p.model_dump(mode="json") for p in catalog.all()]
 
+    def price(p: dict[str, Any], flat: str, tiers: str) -> str:
+        return str(p[flat]) if flat in p else f"{p[tiers]['tiers_mode']}:{len(p[tiers]['tiers'])}_tiers"
+
     def human(payload: dict[str, Any]) -> str:
-        return "\n".join(
-            f"{p['id']:<6} {p['name']:<16} fee={cent_text(p['base_fee_cents'])} incl_tokens={p['included_tokens']} "
-            f"per_1k={p['price_per_1k_tokens']} per_req={p['price_per_request']} rpm={p['rpm_limit']} "
-            f"tpm={p['tpm_limit']} hard_limit={p['hard_limit']}"
-            for p in payload["data"]
-        )
+        lines = []
+        for p in payload["data"]:
+            lines.append(
+                f"{p['id']:<6} {p['name']:<16} fee={cent_text(p['base_fee_cents'])} incl_tokens={p['included_tokens']} "
+                f"per_1k={price(p, 'price_per_1k_tokens', 'token_tiers')} "
+                f"per_req={price(p, 'price_per_request', 'request_tiers')} rpm={p['rpm_limit']} "
+                f"tpm={p['tpm_limit']} hard_limit={p['hard_limit']}")
+            plan = catalog.get(p["id"])
+            for name, tiers in (("token_tiers", plan.token_tiers), ("request_tiers", plan.request_tiers)):
+                if tiers is not None:
+                    lines.append(f"       {name}: {tiers.summary(plan.currency)}")
+        return "\n".join(lines)
 
     emit(as_json, {"object": "list", "data": data, "has_more": False}, human)
 

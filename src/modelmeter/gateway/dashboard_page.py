@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import cache
 from html import escape
 from importlib import resources
 from string import Template
 from typing import Any
 
+from modelmeter.billing.catalog import Tiers
 from modelmeter.gateway.dashboard import DayUsage, PageData
 from modelmeter.money import amount_text, cent_text, price_text
 
@@ -167,14 +169,21 @@ def credits_panel(data: PageData) -> str:
             f'<th class="num">Remaining</th><th>Expires</th><th>Status</th></tr>{rows}</table>{more}')
 
 
+def _price(flat: Decimal, tiers: Tiers | None, currency: str, units: str) -> str:
+    """A flat unit price, or the tiers (bounds in billable units, beyond the allowance)."""
+    if tiers is None:
+        return f"{price_text(flat)} {currency.upper()}"
+    return f"{tiers.summary(currency)} {currency.upper()} (bounds count billable {units} of the month)"
+
+
 def plan_table(data: PageData) -> str:
     """The plan's fee, allowances, unit prices and the tenant's rate limits."""
     p, t = data.plan, data.tenant
     rows = (
         ("Monthly fee", amount_text(p.base_fee_cents, p.currency)),
         ("Included tokens / requests", f"{p.included_tokens:,} / {p.included_requests:,}"),
-        ("Price per 1k tokens", f"{price_text(p.price_per_1k_tokens)} {p.currency.upper()}"),
-        ("Price per request", f"{price_text(p.price_per_request)} {p.currency.upper()}"),
+        ("Price per 1k tokens", _price(p.price_per_1k_tokens, p.token_tiers, p.currency, "tokens")),
+        ("Price per request", _price(p.price_per_request, p.request_tiers, p.currency, "requests")),
         ("Price per 1M training tokens", f"{price_text(p.price_per_1m_training_tokens)} {p.currency.upper()}"),
         ("Rate limits", f"{(t.rpm_limit or p.rpm_limit):,} requests/min · {(t.tpm_limit or p.tpm_limit):,} tokens/min"),
         ("When the allowance runs out", "requests are refused (hard limit)" if p.hard_limit else "usage is billed"),

@@ -1,0 +1,58 @@
+"""Hypothesis strategies for plans priced in tiers (graduated or volume, with flat amounts and allowances)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from hypothesis import strategies as st
+
+from modelmeter.billing.catalog import Plan
+
+
+def price_text(micro_per_unit: int, per_units: int) -> str:
+    """Whole micro-cents per unit as a decimal string in dollars per ``per_units`` units."""
+    return format(Decimal(micro_per_unit * per_units).scaleb(-8), "f")
+
+
+@st.composite
+def tiers_json(draw: st.DrawFn, *, per_units: int, max_step: int, max_unit_micro: int = 10**7) -> dict[str, Any]:
+    """A valid ``token_tiers`` / ``request_tiers`` object: ascending bounds ``max_step`` apart at most, the last
+    unbounded, random unit prices (whole micro-cents per unit) and flat amounts (often zero)."""
+    count = draw(st.integers(1, 4))
+    bounds, bound = [], 0
+    for _ in range(count - 1):
+        bound += draw(st.integers(1, max_step))
+        bounds.append(bound)
+    flats = st.one_of(st.just(0), st.integers(0, 100_000))
+    tiers = [{"up_to": up_to, "unit_amount_decimal": price_text(draw(st.integers(0, max_unit_micro)), per_units),
+              "flat_amount_cents": draw(flats)} for up_to in [*bounds, None]]
+    return {"tiers_mode": draw(st.sampled_from(["graduated", "volume"])), "tiers": tiers}
+
+
+@st.composite
+def tiered_plans(draw: st.DrawFn, *, request_step: int = 50, token_step: int = 500_000,
+                 max_included: int = 10**6) -> Plan:
+    """A plan with token tiers, request tiers or both (the other dimensions flat), and random allowances."""
+    which = draw(st.sampled_from([("token_tiers",), ("request_tiers",), ("token_tiers", "request_tiers")]))
+    fields: dict[str, Any] = {
+        "base_fee_cents": draw(st.integers(0, 10**6)),
+        "price_per_1m_training_tokens": price_text(draw(st.integers(0, 10**7)), 1_000_000),
+        "included_requests": draw(st.integers(0, min(max_included, 100))),
+        "included_tokens": draw(st.integers(0, max_included)),
+        "included_training_tokens": draw(st.integers(0, max_included)),
+    }
+    if "token_tiers" in which:
+        fields["token_tiers"] = draw(tiers_json(per_units=1_000, max_step=token_step))
+    else:
+        fields["price_per_1k_tokens"] = price_text(draw(st.integers(0, 10**7)), 1_000)
+    if "request_tiers" in which:
+        fields["request_tiers"] = draw(tiers_json(per_units=1, max_step=request_step))
+    else:
+        fields["price_per_request"] = price_text(draw(st.integers(0, 10**7)), 1)
+    return Plan.model_validate({"id": "tiered", "name": "Tiered", "rpm_limit": 60, "tpm_limit": 60_000, **fields})
+
+
+def has_volume_tiers(plan: Plan) -> bool:
+    """Whether a dimension of the plan is priced in volume tiers (more usage may then cost less)."""
+    return any(t is not None and t.tiers_mode == "volume" for t in (plan.token_tiers, plan.request_tiers))
