@@ -12,6 +12,9 @@ third tier, so every reservation prices all three. The reservation itself (the r
 and its release, on the app's quota store: in-process, or the Redis script) is timed for both tenants,
 alternated in one run, and the whole metered request too. Target: tiers add no more than 0.1 ms a request.
 
+Credits: a third tenant, also on ``scale`` in its third tier, holds prepaid credits, so every reservation also
+draws them (the marginal cost priced twice, the grants read and drawn in the same atomic step). Same target.
+
     python bench/metering.py [--seconds 5]
 """
 
@@ -100,22 +103,24 @@ async def make_tenant(client: httpx.AsyncClient, admin: dict[str, str], plan: st
     return tenant["id"], {"Authorization": f"Bearer {key}"}
 
 
-def seed_third_tier(services: Services, tenant_id: str) -> None:
+def seed_third_tier(services: Services, tenant_id: str, request_id: str = "bench-seed") -> None:
     """1.1 billion tokens this period: past scale's 10M allowance and its first two tiers."""
     with services.sessions() as session:
-        record_usage(session=session, records=[UsageRecord(request_id="bench-seed", tenant_id=tenant_id,
+        record_usage(session=session, records=[UsageRecord(request_id=request_id, tenant_id=tenant_id,
                                                            model_id=MODEL, created=clock.now_s(), plan="scale",
                                                            tokens=1_100_000_000)])
         session.commit()
 
 
-async def reservation_us(services: Services, tenant_id: str, plan_id: str, n: int) -> float:
-    """Microseconds per reservation (``Meter.reserve`` of one request, then its release) for a tenant."""
+async def reservation_us(services: Services, tenant_id: str, plan_id: str, n: int, epoch: int = 0) -> float:
+    """Microseconds per reservation (``Meter.reserve`` of one request, then its release) for a tenant;
+    ``epoch`` > 0: the tenant's credits are drawn (and the release returns them)."""
     plan, amount = services.plans.get(plan_id), Amount(requests=1, tokens=8, cost_micro=0)
     start = time.perf_counter()
     for _ in range(n):
         hold = await services.meter.reserve(tenant_id=tenant_id, plan=plan, budget_cents=100_000_000, amount=amount,
-                                            at=clock.now_s())
+                                            at=clock.now_s(), credits_epoch=epoch)
+        assert not epoch or hold.draws, "the credits tenant must draw credits"
         await services.meter.release(hold)
     return (time.perf_counter() - start) / n * 1e6
 
@@ -125,19 +130,28 @@ async def tier_costs(services: Services, client: httpx.AsyncClient, admin: dict[
     """The reservation and the whole metered request, flat (payg) against tiered (scale), alternated."""
     tiered = await make_tenant(client, admin, "scale")
     seed_third_tier(services, tiered[0])
+    credited = await make_tenant(client, admin, "scale")
+    seed_third_tier(services, credited[0], request_id="bench-seed-credits")
+    granted = await client.post(f"/admin/tenants/{credited[0]}/credits", json={"amount_cents": 100_000_000},
+                                headers=admin)
+    assert granted.status_code == 201, granted.text
     body = {"model": MODEL, "input": "a fine and moving film"}
     rounds, n = 3, 2_000
-    flat_us, tiered_us = [], []
-    for tenant, plan in ((flat[0], "payg"), (tiered[0], "scale")):
-        await reservation_us(services, tenant, plan, 200)  # warm: counters initialised, scripts loaded
+    flat_us, tiered_us, credits_us = [], [], []
+    for tenant, plan, epoch in ((flat[0], "payg", 0), (tiered[0], "scale", 0), (credited[0], "scale", 1)):
+        await reservation_us(services, tenant, plan, 200, epoch)  # warm: counters initialised, scripts loaded
     for _ in range(rounds):
         flat_us.append(await reservation_us(services, flat[0], "payg", n))
         tiered_us.append(await reservation_us(services, tiered[0], "scale", n))
-    best_flat, best_tiered = min(flat_us), min(tiered_us)
+        credits_us.append(await reservation_us(services, credited[0], "scale", n, epoch=1))
+    best_flat, best_tiered, best_credits = min(flat_us), min(tiered_us), min(credits_us)
     results: dict[str, Any] = {"reserve_flat_us": round(best_flat, 1), "reserve_tiered_us": round(best_tiered, 1),
-                               "reserve_tiers_added_ms": round((best_tiered - best_flat) / 1000, 4)}
+                               "reserve_tiered_credits_us": round(best_credits, 1),
+                               "reserve_tiers_added_ms": round((best_tiered - best_flat) / 1000, 4),
+                               "reserve_tiers_credits_added_ms": round((best_credits - best_flat) / 1000, 4)}
     print(f"reservation (reserve + release, best of {rounds} x {n}): flat plan {best_flat:.1f} us, "
-          f"tiered plan {best_tiered:.1f} us, tiers add {(best_tiered - best_flat) / 1000:.4f} ms")
+          f"tiered plan {best_tiered:.1f} us, tiered plan drawing credits {best_credits:.1f} us; tiers add "
+          f"{(best_tiered - best_flat) / 1000:.4f} ms, tiers and credits {(best_credits - best_flat) / 1000:.4f} ms")
 
     def metered(headers: dict[str, str]) -> Any:
         async def call() -> None:
@@ -147,16 +161,20 @@ async def tier_costs(services: Services, client: httpx.AsyncClient, admin: dict[
     for concurrency in (1, 16):
         # Both tenants at once, each from `concurrency` tasks, so the machine's noise falls on both alike: the
         # difference of their median latencies is what tiers add to a request.
-        (n_f, lat_f), (n_t, lat_t) = await asyncio.gather(
+        (n_f, lat_f), (n_t, lat_t), (n_c, lat_c) = await asyncio.gather(
             run_for(metered(flat[1]), seconds=seconds * rounds, concurrency=concurrency),
-            run_for(metered(tiered[1]), seconds=seconds * rounds, concurrency=concurrency))
-        added = p50_ms(lat_t) - p50_ms(lat_f)
+            run_for(metered(tiered[1]), seconds=seconds * rounds, concurrency=concurrency),
+            run_for(metered(credited[1]), seconds=seconds * rounds, concurrency=concurrency))
+        added, added_c = p50_ms(lat_t) - p50_ms(lat_f), p50_ms(lat_c) - p50_ms(lat_f)
         results.update({f"c{concurrency}_flat_plan_p50_ms": round(p50_ms(lat_f), 3),
                         f"c{concurrency}_tiered_plan_p50_ms": round(p50_ms(lat_t), 3),
-                        f"c{concurrency}_tiers_added_ms": round(added, 3)})
+                        f"c{concurrency}_tiered_credits_p50_ms": round(p50_ms(lat_c), 3),
+                        f"c{concurrency}_tiers_added_ms": round(added, 3),
+                        f"c{concurrency}_tiers_credits_added_ms": round(added_c, 3)})
         print(f"concurrency {concurrency:>2} per tenant, side by side: flat plan {n_f / seconds / rounds:6.1f} rps "
-              f"(p50 {p50_ms(lat_f):.3f} ms)  tiered plan {n_t / seconds / rounds:6.1f} rps (p50 {p50_ms(lat_t):.3f} "
-              f"ms)  tiers add {added:.3f} ms/request")
+              f"(p50 {p50_ms(lat_f):.3f} ms)  tiered {n_t / seconds / rounds:6.1f} rps (p50 {p50_ms(lat_t):.3f} "
+              f"ms)  tiered + credits {n_c / seconds / rounds:6.1f} rps (p50 {p50_ms(lat_c):.3f} ms)  tiers add "
+              f"{added:.3f} ms/request, tiers and credits {added_c:.3f}")
     return results
 
 
