@@ -221,3 +221,63 @@ class CreditPurchase(SQLModel, table=True):
     grant_id: str | None = Field(default=None, max_length=40)
     created: int
     paid_at: int | None = None
+
+
+class AlertSetting(SQLModel, table=True):
+    """A tenant's usage alerts: thresholds (percent of the budget, or of included tokens without one), the URL
+    events are POSTed to, and the secret that signs them (shown once, when set)."""
+
+    __tablename__ = "alert_setting"
+
+    tenant_id: str = Field(primary_key=True, foreign_key="tenant.id", max_length=40)
+    thresholds: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    url: str = Field(max_length=2000)
+    secret: str = Field(max_length=100)
+    created: int
+    updated: int
+
+
+class AlertEvent(SQLModel, table=True):
+    """A threshold crossed: written in the ledger transaction of the usage that crossed it, once per
+    (tenant, period, resource, threshold) whatever replays or replicas do (unique, ``ON CONFLICT DO NOTHING``).
+    ``value`` and ``limit_value`` are cents (``budget``) or tokens (``included_tokens``)."""
+
+    __tablename__ = "alert_event"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "period", "resource", "threshold_percent", name="uq_alert_event_crossing"),
+        Index("ix_alert_event_tenant_id", "tenant_id", "id"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    type: str = Field(default="usage.threshold_crossed", max_length=64)
+    tenant_id: str = Field(max_length=40)
+    period: str = Field(max_length=7)
+    resource: str = Field(max_length=32)  # budget | included_tokens
+    threshold_percent: int
+    value: int = Field(sa_column=Column(BigInteger, nullable=False))
+    limit_value: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created: int
+
+
+class AlertDelivery(SQLModel, table=True):
+    """One event to POST to one URL (an outbox row, written with the event). ``status``: ``pending`` (waiting,
+    retried with backoff), ``done`` (a 2xx came back), ``failed`` (gave up after the maximum attempts).
+    ``locked_until`` is the lease of the relay sending it."""
+
+    __tablename__ = "alert_delivery"
+    __table_args__ = (Index("ix_alert_delivery_status_id", "status", "id"),)
+
+    id: int | None = Field(
+        default=None, sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    )
+    event_id: str = Field(foreign_key="alert_event.id", index=True, max_length=40)
+    tenant_id: str = Field(max_length=40)
+    url: str = Field(max_length=2000)
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: int
+    locked_until: int | None = None
+    last_status: int | None = None
+    last_error: str | None = Field(default=None, max_length=1000)
+    created: int
+    done_at: int | None = None

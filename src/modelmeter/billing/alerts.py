@@ -1,0 +1,251 @@
+"""Usage alerts: a tenant's thresholds, and the events that fire when committed usage crosses them.
+
+Thresholds are percentages of the monthly budget (the exact usage cost of the period, under the plan each row was
+served on), or of the tenant's plan's included tokens when no budget is set. :func:`fire` runs inside the ledger
+transaction that writes the usage rows (``record_usage``), so an event exists exactly when the usage that crossed
+it does: a process killed after the commit loses nothing, and a replay or another replica writes nothing twice
+(unique crossing, ``ON CONFLICT DO NOTHING``). Each new event gets one delivery row per URL (the outbox the relay
+in :mod:`modelmeter.billing.alert_relay` sends).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+from sqlalchemy import func
+from sqlalchemy import insert as sa_insert
+from sqlalchemy import select as sa_select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlmodel import Session, col, select
+
+from modelmeter import clock
+from modelmeter.billing.catalog import Plan, PlanCatalog
+from modelmeter.billing.pricing import Usage, usage_cost_micro
+from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting, UsageEvent
+from modelmeter.ids import new_id
+from modelmeter.money import MICRO_PER_CENT, micro_to_cents
+from modelmeter.tenancy.tenants import Tenant, lock_tenant
+
+if TYPE_CHECKING:
+    from modelmeter.billing.metering import UsageRecord
+
+EVENT_TYPE = "usage.threshold_crossed"
+MAX_THRESHOLDS = 10
+Resource = Literal["budget", "included_tokens"]
+
+
+# --- settings ------------------------------------------------------------------------------------------
+
+
+def _ascending(thresholds: list[int]) -> list[int]:
+    if any(b <= a for a, b in zip(thresholds, thresholds[1:], strict=False)):
+        raise ValueError("thresholds must be strictly ascending")
+    return thresholds
+
+
+def _http_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest or rest.startswith("/") or any(
+            c.isspace() for c in url):
+        raise ValueError("url must be an http:// or https:// URL")
+    return url
+
+
+class AlertSettingsUpdate(BaseModel):
+    """``PUT /v1/billing/alerts``: thresholds in percent (1-1000, strictly ascending) and an http(s) URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    thresholds: Annotated[
+        list[Annotated[int, Strict(), Field(ge=1, le=1000)]], Field(min_length=1, max_length=MAX_THRESHOLDS),
+        AfterValidator(_ascending),
+    ]
+    url: Annotated[str, Strict(), Field(min_length=1, max_length=2000), AfterValidator(_http_url)]
+
+
+def put_settings(*, session: Session, tenant_id: str, data: AlertSettingsUpdate) -> dict[str, Any]:
+    """Set the tenant's alerts with a new signing secret (committed); the body shows the secret, once."""
+    now = clock.now_s()
+    lock_tenant(session=session, tenant_id=tenant_id)
+    row = session.get(AlertSetting, tenant_id)
+    secret = "whsec_" + secrets.token_hex(24)
+    if row is None:
+        row = AlertSetting(tenant_id=tenant_id, thresholds=data.thresholds, url=data.url, secret=secret, created=now,
+                           updated=now)
+    else:
+        row.thresholds, row.url, row.secret, row.updated = list(data.thresholds), data.url, secret, now
+    session.add(row)
+    session.commit()
+    return settings_public(row) | {"secret": secret}
+
+
+def settings_public(row: AlertSetting | None) -> dict[str, Any]:
+    """The settings without the secret (``thresholds`` empty and ``url`` null when none are set)."""
+    return {"object": "alert_settings", "thresholds": list(row.thresholds) if row else [],
+            "url": row.url if row else None}
+
+
+def get_settings(*, session: Session, tenant_id: str) -> dict[str, Any]:
+    return settings_public(session.get(AlertSetting, tenant_id))
+
+
+# --- events --------------------------------------------------------------------------------------------
+
+
+def event_public(event: AlertEvent) -> dict[str, Any]:
+    return {"id": event.id, "object": "event", "type": event.type, "created": event.created,
+            "data": {"period": event.period, "resource": event.resource,
+                     "threshold_percent": event.threshold_percent, "value": event.value,
+                     "limit": event.limit_value}}
+
+
+def list_events(*, session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[list[AlertEvent], bool]:
+    """The tenant's events, newest first; ``after``: the id of the last event of the previous page."""
+    query = select(AlertEvent).where(AlertEvent.tenant_id == tenant_id)
+    if after is not None:
+        query = query.where(col(AlertEvent.id) < after)
+    rows = list(session.exec(query.order_by(col(AlertEvent.id).desc()).limit(limit + 1)).all())
+    return rows[:limit], len(rows) > limit
+
+
+def list_deliveries(*, session: Session, status: str | None, limit: int,
+                    after: int | None) -> tuple[list[AlertDelivery], bool]:
+    """Deliveries (newest first), optionally of one status: what the operator checks when receivers fail."""
+    query = select(AlertDelivery)
+    if status is not None:
+        query = query.where(AlertDelivery.status == status)
+    if after is not None:
+        query = query.where(col(AlertDelivery.id) < after)
+    rows = list(session.exec(query.order_by(col(AlertDelivery.id).desc()).limit(limit + 1)).all())
+    return rows[:limit], len(rows) > limit
+
+
+def delivery_public(row: AlertDelivery) -> dict[str, Any]:
+    return {"object": "event_delivery", "id": str(row.id), "event_id": row.event_id, "tenant_id": row.tenant_id,
+            "url": row.url, "status": row.status, "attempts": row.attempts, "next_attempt_at": row.next_attempt_at,
+            "last_status": row.last_status, "last_error": row.last_error, "created": row.created,
+            "done_at": row.done_at}
+
+
+# --- firing, inside the ledger transaction --------------------------------------------------------------
+
+
+def crossed(thresholds: Sequence[int], before: int, after: int, limit: int) -> list[int]:
+    """Thresholds (percent of ``limit``) that ``before -> after`` crosses, ascending: ``before < t% <= after``."""
+    if limit <= 0:
+        return []
+    return [t for t in sorted(thresholds) if before * 100 < t * limit <= after * 100]
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    tenant_id: str
+    period: str
+    resource: Resource
+    threshold_percent: int
+    value: int
+    limit: int
+    url: str
+
+
+def _minus(total: Usage, part: Usage) -> Usage:
+    return Usage(max(0, total.requests - part.requests), max(0, total.tokens - part.tokens),
+                 max(0, total.training_tokens - part.training_tokens))
+
+
+_EVENT_INSERTS = {
+    name: dialect.insert(AlertEvent).on_conflict_do_nothing(
+        index_elements=["tenant_id", "period", "resource", "threshold_percent"]).returning(col(AlertEvent.id))
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_DELIVERY_INSERT = sa_insert(AlertDelivery)
+
+
+class Alerts:
+    """The ledger's alert hook: :meth:`fire` is called by ``record_usage`` with the rows it has just inserted."""
+
+    def __init__(self, catalog: PlanCatalog) -> None:
+        self._catalog = catalog
+
+    def fire(self, conn: Connection, written: Sequence[UsageRecord], periods: dict[str, str]) -> int:
+        """Write an event (and its delivery) for every threshold the new rows ``written`` cross; returns how many.
+
+        One indexed lookup per commit group finds the tenants of the group with alerts (none: done). On
+        PostgreSQL it locks their settings rows, so concurrent groups of one tenant (other replicas) compute
+        their totals one after the other and a crossing can never fall between two groups' snapshots."""
+        tenants = sorted({r.tenant_id for r in written})
+        if not tenants:
+            return 0
+        query = (sa_select(col(AlertSetting.tenant_id), col(AlertSetting.thresholds), col(AlertSetting.url),
+                           col(Tenant.monthly_budget_cents), col(Tenant.plan))
+                 .join(Tenant, col(Tenant.id) == col(AlertSetting.tenant_id))
+                 .where(col(AlertSetting.tenant_id).in_(tenants)).order_by(col(AlertSetting.tenant_id)))
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update(of=AlertSetting)  # type: ignore[arg-type]
+        settings = {row[0]: row[1:] for row in conn.execute(query).all()}
+        if not settings:
+            return 0
+        added: dict[tuple[str, str], dict[str, Usage]] = defaultdict(lambda: defaultdict(Usage))
+        for r in written:
+            if r.tenant_id in settings:
+                by_plan = added[(r.tenant_id, periods[r.request_id])]
+                by_plan[r.plan] += Usage(r.requests, r.tokens, r.training_tokens)
+        crossings: list[Crossing] = []
+        for (tenant_id, period), new in added.items():
+            thresholds, url, budget_cents, plan_id = settings[tenant_id]
+            after = self._totals(conn, tenant_id, period)
+            before = {**after, **{plan: _minus(after.get(plan, Usage()), usage) for plan, usage in new.items()}}
+            crossings += self._crossings(tenant_id, period, list(thresholds), url, budget_cents, plan_id, before,
+                                         after)
+        return self._write(conn, crossings)
+
+    def _totals(self, conn: Connection, tenant_id: str, period: str) -> dict[str, Usage]:
+        query = (sa_select(col(UsageEvent.plan), func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens),
+                           func.sum(UsageEvent.training_tokens))
+                 .where(col(UsageEvent.tenant_id) == tenant_id, col(UsageEvent.period) == period)
+                 .group_by(col(UsageEvent.plan)))
+        return {plan: Usage(int(r or 0), int(t or 0), int(tr or 0)) for plan, r, t, tr in conn.execute(query).all()}
+
+    def _plan(self, plan_id: str, fallback: str) -> Plan:
+        return self._catalog.get(plan_id if plan_id in self._catalog else fallback)
+
+    def _crossings(self, tenant_id: str, period: str, thresholds: list[int], url: str, budget_cents: int | None,
+                   plan_id: str, before: dict[str, Usage], after: dict[str, Usage]) -> list[Crossing]:
+        if budget_cents is not None:
+            resource: Resource = "budget"
+
+            def measure(usage: dict[str, Usage]) -> int:
+                return sum(usage_cost_micro(self._plan(p, plan_id), u) for p, u in usage.items())
+
+            limit, value_after = budget_cents * MICRO_PER_CENT, measure(after)
+            hits = crossed(thresholds, measure(before), value_after, limit)
+            value, limit_out = micro_to_cents(value_after), budget_cents
+        else:
+            resource = "included_tokens"
+            limit = limit_out = self._catalog.get(plan_id).included_tokens if plan_id in self._catalog else 0
+            value = sum(u.tokens for u in after.values())
+            hits = crossed(thresholds, sum(u.tokens for u in before.values()), value, limit)
+        return [Crossing(tenant_id, period, resource, t, value, limit_out, url) for t in hits]
+
+    def _write(self, conn: Connection, crossings: list[Crossing]) -> int:
+        if not crossings:
+            return 0
+        now = clock.now_s()
+        base = new_id("evt")  # one time-ordered prefix, then the crossing's rank: ids ascend with the thresholds
+        values = [{"id": f"{base}{i:02d}", "type": EVENT_TYPE, "tenant_id": c.tenant_id, "period": c.period,
+                   "resource": c.resource, "threshold_percent": c.threshold_percent, "value": c.value,
+                   "limit_value": c.limit, "created": now} for i, c in enumerate(crossings)]
+        new = {event_id for (event_id,) in conn.execute(_EVENT_INSERTS[conn.dialect.name], values).all()}
+        deliveries = [{"event_id": v["id"], "tenant_id": c.tenant_id, "url": c.url, "status": "pending",
+                       "attempts": 0, "next_attempt_at": now, "created": now}
+                      for v, c in zip(values, crossings, strict=True) if v["id"] in new]
+        if deliveries:
+            conn.execute(_DELIVERY_INSERT, deliveries)
+        return len(new)
+
