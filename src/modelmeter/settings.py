@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     stripe_max_attempts: Annotated[int, Field(ge=1)] = 10  # for errors Stripe will not fix by itself
     past_due_grace_s: Annotated[int, Field(ge=0)] = 7 * 24 * 3600  # past_due this long -> suspended
 
+    # Usage alerts: the relay POSTing events to tenants' URLs runs inside `serve` (0 switches it off)
+    alerts_relay_interval_s: Annotated[float, Field(ge=0)] = 2.0
+    alerts_max_attempts: Annotated[int, Field(ge=1)] = 8  # then the delivery is `failed`
+    alerts_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    alerts_backoff_base_s: Annotated[int, Field(ge=1)] = 10  # 10 s, 20 s, 40 s, ... capped at an hour
+
     # Observability and economics
     metrics_max_tenants: Annotated[int, Field(ge=0)] = 100
     dashboard_link_ttl_s: Annotated[int, Field(gt=0)] = 3600

@@ -14,6 +14,7 @@ import secrets
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
@@ -44,7 +45,7 @@ Resource = Literal["budget", "included_tokens"]
 
 
 def _ascending(thresholds: list[int]) -> list[int]:
-    if any(b <= a for a, b in zip(thresholds, thresholds[1:], strict=False)):
+    if any(b <= a for a, b in pairwise(thresholds)):
         raise ValueError("thresholds must be strictly ascending")
     return thresholds
 
@@ -187,7 +188,7 @@ class Alerts:
                  .join(Tenant, col(Tenant.id) == col(AlertSetting.tenant_id))
                  .where(col(AlertSetting.tenant_id).in_(tenants)).order_by(col(AlertSetting.tenant_id)))
         if conn.dialect.name == "postgresql":
-            query = query.with_for_update(of=AlertSetting)  # type: ignore[arg-type]
+            query = query.with_for_update(of=AlertSetting)
         settings = {row[0]: row[1:] for row in conn.execute(query).all()}
         if not settings:
             return 0

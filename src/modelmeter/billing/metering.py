@@ -120,7 +120,7 @@ def record_usage(
     new = {request_id for (request_id,) in conn.execute(_INSERTS[conn.dialect.name], values).all()}
     inserted = len(new)
     if alerts is not None and new:
-        firsts = {}  # the same id twice in one group: its first record is the row written
+        firsts: dict[str, UsageRecord] = {}  # the same id twice in one group: its first record is the row written
         for r in records:
             if r.request_id in new:
                 firsts.setdefault(r.request_id, r)

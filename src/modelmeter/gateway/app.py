@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter import db
+from modelmeter.billing.alert_relay import AlertRelay
+from modelmeter.billing.alerts import Alerts
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.credits import store_grants
 from modelmeter.billing.metering import LedgerWriter, Meter
@@ -32,6 +34,7 @@ from modelmeter.gateway.routes import (
     admin,
     billing,
     dashboard,
+    events,
     files,
     fine_tuning,
     health,
@@ -64,14 +67,15 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
     engine = db.engine_from_settings(settings)
     sessions = db.session_maker(engine)
     telemetry = metrics.make_telemetry(settings, registry)
-    ledger = LedgerWriter(sessions, on_commit=telemetry.on_commit)
+    plans = PlanCatalog.load(settings.plans_file)
+    ledger = LedgerWriter(sessions, on_commit=telemetry.on_commit, alerts=Alerts(plans))
     rate, quota = make_limiters(settings.redis_url)
     services = Services(
         settings=settings,
         engine=engine,
         sessions=sessions,
         auth=KeyAuthenticator(sessions, ttl_s=settings.key_cache_ttl_s),
-        plans=PlanCatalog.load(settings.plans_file),
+        plans=plans,
         models=ModelCache(sessions),
         server=_model_server(settings, telemetry),
         ledger=ledger,
@@ -83,6 +87,10 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
     )
     metrics.instrument(services)
     services.stripe = _stripe_relay(services)
+    if settings.alerts_relay_interval_s > 0:
+        services.alerts = AlertRelay(sessions=sessions, max_attempts=settings.alerts_max_attempts,
+                                     timeout_s=settings.alerts_timeout_s,
+                                     backoff_base_s=settings.alerts_backoff_base_s)
     return services
 
 
@@ -144,6 +152,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services.ledger.start()
     if services.stripe is not None:
         services.stripe.start(services.settings.stripe_sync_interval_s)
+    if services.alerts is not None:
+        services.alerts.start(services.settings.alerts_relay_interval_s)
     worker = spawn_worker(services.settings) if services.settings.start_worker else None
     try:
         yield
@@ -160,6 +170,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(services.auth.flush_last_used)
         if services.stripe is not None:
             await services.stripe.aclose()
+        if services.alerts is not None:
+            await services.alerts.aclose()
         services.telemetry.close()
         services.engine.dispose()
 
@@ -170,9 +182,10 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app = FastAPI(title="modelmeter", version="0.1.0", lifespan=lifespan)
     app.state.services = build_services(settings, registry=registry)
     install_handlers(app)
-    routers = (health, metrics, admin, inference, files, fine_tuning, usage, billing, dashboard, webhooks)
+    routers = (health, metrics, admin, inference, files, fine_tuning, usage, billing, events, dashboard, webhooks)
     for router in (module.router for module in routers):
         app.include_router(router)
+    app.include_router(events.admin_router)
     openapi.install(app, plan_ids=(p.id for p in app.state.services.plans.all()),
                     max_inputs=settings.max_inputs_per_request)
     app.add_middleware(IdempotencyMiddleware, services=app.state.services)  # inside: sees the body as routes do

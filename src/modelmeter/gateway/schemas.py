@@ -346,3 +346,47 @@ class Health(Public):
 class Ready(Public):
     status: Literal["ready"]
     checks: dict[str, str]
+
+
+# --- usage alerts and events -----------------------------------------------------------------------
+
+
+class AlertSettings(Public):
+    object: Literal["alert_settings"]
+    thresholds: list[int]  # percent of the monthly budget, or of the plan's included tokens without one
+    url: str | None
+
+
+class AlertSettingsCreated(AlertSettings):
+    secret: str  # signs each delivery (header modelmeter-signature); shown only in this response
+
+
+class EventData(Public):
+    period: str
+    resource: Literal["budget", "included_tokens"]
+    threshold_percent: int
+    value: int  # cents spent (budget) or tokens used (included_tokens), when the threshold was crossed
+    limit: int  # the budget in cents, or the included tokens
+
+
+class Event(Public):
+    id: str
+    object: Literal["event"]
+    type: Literal["usage.threshold_crossed"]
+    created: int
+    data: EventData
+
+
+class EventDelivery(Public):
+    id: str
+    object: Literal["event_delivery"]
+    event_id: str
+    tenant_id: str
+    url: str
+    status: Literal["pending", "done", "failed"]
+    attempts: int
+    next_attempt_at: int
+    last_status: int | None  # the receiver's last HTTP status (None: no answer)
+    last_error: str | None
+    created: int
+    done_at: int | None

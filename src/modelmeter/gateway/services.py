@@ -9,6 +9,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
+from modelmeter.billing.alert_relay import AlertRelay
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import LedgerWriter, Meter
 from modelmeter.billing.quota import InProcessQuotaStore, QuotaStore, RedisQuotaStore
@@ -38,6 +39,7 @@ class Services:
     meter: Meter
     telemetry: Telemetry = field(default_factory=Telemetry)
     stripe: StripeRelay | None = None  # set when a Stripe key is configured
+    alerts: AlertRelay | None = None  # the usage alerts relay (None when alerts_relay_interval_s is 0)
 
 
 def make_limiters(redis_url: str | None) -> tuple[RateLimiter, QuotaStore]:
