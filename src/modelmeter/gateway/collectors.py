@@ -1,6 +1,7 @@
 """Gauges read from the database when Prometheus scrapes: fine-tuning jobs by state, the Stripe outbox backlog,
-tenants by plan and status, quota utilisation, unit economics (revenue, compute cost and margin by plan and
-by tenant) for the running month, and the prepaid credits tenants hold.
+usage alert deliveries waiting and given up on, tenants by plan and status, quota utilisation, unit economics
+(revenue, compute cost and margin by plan and by tenant) for the running month, and the prepaid credits tenants
+hold.
 
 :func:`~modelmeter.gateway.routes.metrics.instrument` adds a :class:`DatabaseCollector` to the app's
 :class:`~modelmeter.telemetry.Telemetry` with ``add_scrape_collector``; in multiprocess mode it is exposed once,
@@ -30,7 +31,7 @@ from modelmeter.billing.credits import outstanding_by_tenant
 from modelmeter.billing.economics import ComputePrices, EconomicsRow, group, period_economics
 from modelmeter.billing.metering import period_of
 from modelmeter.billing.pricing import Usage, usage_cost_micro
-from modelmeter.billing.tables import StripeOutbox
+from modelmeter.billing.tables import AlertDelivery, StripeOutbox
 from modelmeter.models.finetune.tables import ACTIVE_STATUSES, FINISHED_STATUSES, FineTuningJob
 from modelmeter.money import MICRO_PER_CENT
 from modelmeter.telemetry import OTHER
@@ -84,6 +85,10 @@ class _Families:
                                "`modelmeter billing sync --retry-failed`).")
         self.outbox_age = g("modelmeter_stripe_outbox_oldest_pending_age_seconds", "Age of the oldest waiting "
                             "Stripe outbox row (0 when none waits).")
+        self.alerts_pending = g("modelmeter_alert_deliveries_pending", "Usage alert deliveries waiting to be "
+                                "sent (or retried) to tenants' URLs.")
+        self.alerts_failed = g("modelmeter_alert_deliveries_failed", "Usage alert deliveries given up on after "
+                               "the maximum attempts (listed by GET /admin/events/deliveries?status=failed).")
         self.quota = g("modelmeter_tenant_quota_utilisation_ratio", "Share of a capped tenant's monthly allowance "
                        "or budget used this period (the most used tenants, up to the tenant cap).",
                        labels=["tenant", "resource"])
@@ -163,6 +168,11 @@ class DatabaseCollector(Collector):
         f.outbox.add_metric([], pending)
         f.outbox_failed.add_metric([], failed)
         f.outbox_age.add_metric([], max(0, clock.now_s() - oldest) if oldest is not None else 0)
+        deliveries = dict(session.exec(
+            select(AlertDelivery.status, func.count()).where(col(AlertDelivery.status).in_(("pending", "failed")))
+            .group_by(col(AlertDelivery.status))).all())
+        f.alerts_pending.add_metric([], deliveries.get("pending", 0))
+        f.alerts_failed.add_metric([], deliveries.get("failed", 0))
 
     def _tenant_counts(self, tenants: Sequence[Tenant], f: _Families) -> None:
         counts: dict[tuple[str, str], int] = {}

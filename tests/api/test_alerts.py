@@ -1,0 +1,308 @@
+"""Usage alerts through the API on a controlled clock: thresholds crossed once each, in ascending order, even by one
+request; replays, restarts and new periods; signed deliveries retried against a real local receiver; bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import func, select
+
+from modelmeter.billing.alert_relay import AlertRelay
+from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
+from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import Services
+from modelmeter.settings import Settings
+from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
+
+TOKENS_PER_X = 3  # "x" is [CLS] x [SEP] for the tiny model
+ALERT_PLANS = [
+    # A cent a token, nothing included: spend in cents is the token count.
+    {"id": "cent_token", "name": "Cent a token", "price_per_1k_tokens": "10.00", "rpm_limit": 100000,
+     "tpm_limit": 100000000},
+    # Five "x" included (soft: usage beyond is billed, not refused).
+    {"id": "five_x", "name": "Five x", "included_tokens": 5 * TOKENS_PER_X, "price_per_1k_tokens": "0.01",
+     "rpm_limit": 100000, "tpm_limit": 100000000},
+]
+OCTOBER = 1_790_812_800  # 2026-10-01T00:00:00Z
+NOVEMBER = 1_793_491_200  # 2026-11-01T00:00:00Z
+
+
+@pytest.fixture
+def settings(settings: Settings, tmp_path: Path) -> Settings:
+    packaged = json.loads((Path(__file__).parents[2] / "src/modelmeter/billing/plans.json").read_text())
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps({"plans": packaged["plans"] + ALERT_PLANS}))
+    return settings.model_copy(update={"plans_file": path, "alerts_relay_interval_s": 0})
+
+
+@pytest.fixture
+def october(fake_clock: FakeClock) -> FakeClock:
+    fake_clock.t = OCTOBER + 3600
+    return fake_clock
+
+
+Tenant = tuple[dict[str, Any], dict[str, str], str]
+
+
+@pytest.fixture
+def on_plan(client: TestClient, make_tenant: Any, make_key: Any, register_model: Any,
+            october: FakeClock) -> Callable[..., Tenant]:
+    def make(plan: str, **fields: Any) -> Tenant:
+        tenant = make_tenant(plan=plan)
+        if fields:
+            assert client.patch(f"/admin/tenants/{tenant['id']}", json=fields, headers=ADMIN).status_code == 200
+        return tenant, bearer(make_key(tenant["id"])["key"]), register_model(tenant["id"])
+
+    return make
+
+
+def classify(client: TestClient, headers: dict[str, str], model: str, n: int, **extra: str) -> Any:
+    response = client.post("/v1/classify", json={"model": model, "input": ["x"] * n}, headers={**headers, **extra})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["total_tokens"] == n * TOKENS_PER_X
+    return response
+
+
+def put_alerts(client: TestClient, headers: dict[str, str], **body: Any) -> Any:
+    return client.put("/v1/billing/alerts", json=body, headers=headers)
+
+
+def events(client: TestClient, headers: dict[str, str]) -> list[dict[str, Any]]:
+    response = client.get("/v1/events", headers=headers, params={"limit": 100})
+    assert response.status_code == 200, response.text
+    return list(reversed(response.json()["data"]))  # oldest first
+
+
+def crossings(client: TestClient, headers: dict[str, str]) -> list[tuple[str, str, int, int, int]]:
+    return [(e["data"]["period"], e["data"]["resource"], e["data"]["threshold_percent"], e["data"]["value"],
+             e["data"]["limit"]) for e in events(client, headers)]
+
+
+def count(services: Services, table: Any) -> int:
+    with services.sessions() as session:
+        return int(session.exec(select(func.count()).select_from(table)).one())
+
+
+def test_settings_shape_secret_once(client: TestClient, on_plan: Callable[..., Tenant]) -> None:
+    _, headers, _ = on_plan("five_x")
+    assert client.get("/v1/billing/alerts", headers=headers).json() == {
+        "object": "alert_settings", "thresholds": [], "url": None}
+    created = put_alerts(client, headers, thresholds=[50, 80, 100], url="https://example.com/hook")
+    assert created.status_code == 200, created.text
+    body = created.json()
+    assert body["secret"].startswith("whsec_") and len(body["secret"]) > 30
+    assert body == {"object": "alert_settings", "thresholds": [50, 80, 100], "url": "https://example.com/hook",
+                    "secret": body["secret"]}
+    assert client.get("/v1/billing/alerts", headers=headers).json() == {
+        "object": "alert_settings", "thresholds": [50, 80, 100], "url": "https://example.com/hook"}
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"thresholds": [50], "url": "ftp://example.com/x"}, "url"),
+    ({"thresholds": [50], "url": "example.com/hook"}, "url"),
+    ({"thresholds": [50], "url": "javascript:alert(1)"}, "url"),
+    ({"thresholds": [0, 50], "url": "https://example.com"}, "thresholds"),
+    ({"thresholds": [50, 1001], "url": "https://example.com"}, "thresholds"),
+    ({"thresholds": [80, 50], "url": "https://example.com"}, "thresholds"),
+    ({"thresholds": [50, 50], "url": "https://example.com"}, "thresholds"),
+    ({"thresholds": [], "url": "https://example.com"}, "thresholds"),
+    ({"thresholds": ["50"], "url": "https://example.com"}, "thresholds"),
+    ({"thresholds": list(range(1, 13)), "url": "https://example.com"}, "thresholds"),
+    ({"thresholds": [50], "url": "https://example.com", "email": "a@b.c"}, "email"),
+    ({"url": "https://example.com"}, "thresholds"),
+])
+def test_bad_settings_are_refused_and_write_nothing(client: TestClient, on_plan: Callable[..., Tenant],
+                                                    services: Services, body: dict[str, Any], param: str) -> None:
+    _, headers, _ = on_plan("five_x")
+    error = assert_envelope(client.put("/v1/billing/alerts", json=body, headers=headers), 422)
+    assert param in (error["param"] or ""), error
+    assert count(services, AlertSetting) == 0
+
+
+def test_read_only_key_cannot_set_alerts(client: TestClient, make_tenant: Any, make_key: Any) -> None:
+    tenant = make_tenant(plan="five_x")
+    key = make_key(tenant["id"], scopes=["billing:read"])["key"]
+    assert_envelope(put_alerts(client, bearer(key), thresholds=[50], url="https://example.com"), 403)
+
+
+def test_one_request_from_40_to_120_percent_fires_50_80_100_in_order(
+        client: TestClient, on_plan: Callable[..., Tenant], services: Services) -> None:
+    _, headers, model = on_plan("five_x")
+    assert put_alerts(client, headers, thresholds=[30, 50, 80, 100, 150], url="https://example.com").status_code == 200
+    classify(client, headers, model, 2)  # 40% of the included tokens: 30 fires
+    assert [c[2] for c in crossings(client, headers)] == [30]
+    classify(client, headers, model, 4)  # 120%
+    included = 5 * TOKENS_PER_X
+    assert crossings(client, headers) == [("2026-10", "included_tokens", 30, 2 * TOKENS_PER_X, included)] + [
+        ("2026-10", "included_tokens", t, 6 * TOKENS_PER_X, included) for t in (50, 80, 100)]
+    listed = events(client, headers)
+    assert [e["id"] for e in listed] == sorted(e["id"] for e in listed)
+    assert all(e["object"] == "event" and e["type"] == "usage.threshold_crossed" for e in listed)
+    assert count(services, AlertDelivery) == 4  # one delivery per event, written with it
+
+
+def test_budget_thresholds_use_the_exact_usage_cost(client: TestClient, on_plan: Callable[..., Tenant]) -> None:
+    budget = 5 * TOKENS_PER_X  # cents: five "x" at a cent a token
+    _, headers, model = on_plan("cent_token", monthly_budget_cents=budget)
+    put_alerts(client, headers, thresholds=[50, 80, 100], url="https://example.com")
+    classify(client, headers, model, 2)  # 40%
+    assert crossings(client, headers) == []
+    classify(client, headers, model, 3)  # 100%: the budget admits exactly this much
+    assert crossings(client, headers) == [("2026-10", "budget", t, budget, budget) for t in (50, 80, 100)]
+
+
+def test_replay_restart_and_new_period(client: TestClient, on_plan: Callable[..., Tenant], settings: Settings,
+                                       october: FakeClock) -> None:
+    _, headers, model = on_plan("five_x")
+    put_alerts(client, headers, thresholds=[50, 100], url="https://example.com")
+    first = classify(client, headers, model, 3, **{"Idempotency-Key": "cross-50"})  # 60%
+    assert [c[2] for c in crossings(client, headers)] == [50]
+    replay = classify(client, headers, model, 3, **{"Idempotency-Key": "cross-50"})
+    assert replay.headers.get("idempotent-replayed") == "true" and replay.json() == first.json()
+    assert [c[2] for c in crossings(client, headers)] == [50]
+    with TestClient(create_app(settings), raise_server_exceptions=False) as restarted:  # a restarted gateway
+        classify(restarted, headers, model, 1)  # 80%: nothing crossed, nothing refired
+        assert [c[2] for c in crossings(restarted, headers)] == [50]
+        classify(restarted, headers, model, 2)  # 120%
+        assert [c[2] for c in crossings(restarted, headers)] == [50, 100]
+    october.t = NOVEMBER + 60
+    classify(client, headers, model, 3)
+    assert [(c[0], c[2]) for c in crossings(client, headers)] == [("2026-10", 50), ("2026-10", 100), ("2026-11", 50)]
+
+
+def test_events_are_private_and_paginated(client: TestClient, on_plan: Callable[..., Tenant]) -> None:
+    _, headers, model = on_plan("five_x")
+    _, other, other_model = on_plan("five_x")
+    put_alerts(client, headers, thresholds=[10, 20, 30, 40, 50], url="https://example.com")
+    classify(client, headers, model, 3)  # 60%: all five
+    assert events(client, other) == []
+    page = client.get("/v1/events", headers=headers, params={"limit": 2}).json()
+    assert [e["data"]["threshold_percent"] for e in page["data"]] == [50, 40] and page["has_more"]
+    rest = client.get("/v1/events", headers=headers, params={"limit": 5, "after": page["data"][-1]["id"]}).json()
+    assert [e["data"]["threshold_percent"] for e in rest["data"]] == [30, 20, 10] and not rest["has_more"]
+    classify(client, other, other_model, 1)
+    assert events(client, other) == []  # no settings: nothing fires
+
+
+# --- delivery ---------------------------------------------------------------------------------------------
+
+
+class Receiver:
+    """A real HTTP server on a loopback port answering from a script: an int is a status, ``"hang"`` sleeps
+    past the relay's timeout; the script's last entry repeats."""
+
+    def __init__(self, script: list[int | str]) -> None:
+        self.script = script
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                step = outer.script[min(len(outer.received), len(outer.script)) - 1]
+                if step == "hang":
+                    time.sleep(1.0)
+                    step = 200  # too late: the relay has given up on this attempt
+                self.send_response(int(step))
+                self.end_headers()
+                with_body = b"ok"
+                self.wfile.write(with_body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Callable[[list[int | str]], Receiver]]:
+    made: list[Receiver] = []
+
+    def make(script: list[int | str]) -> Receiver:
+        made.append(Receiver(script))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes) -> None:
+    fields = dict(part.split("=", 1) for part in headers["modelmeter-signature"].split(","))
+    expected = hmac.new(secret.encode(), f"{fields['t']}.".encode() + body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(fields["v1"], expected)
+
+
+def test_receiver_failing_twice_gets_each_event_once_signed(
+        client: TestClient, on_plan: Callable[..., Tenant], services: Services, october: FakeClock,
+        receiver: Callable[[list[int | str]], Receiver]) -> None:
+    hook = receiver([500, "hang", 200])
+    _, headers, model = on_plan("five_x")
+    secret = put_alerts(client, headers, thresholds=[50], url=hook.url).json()["secret"]
+    classify(client, headers, model, 3)
+    [event] = events(client, headers)
+    relay = AlertRelay(sessions=services.sessions, timeout_s=0.3, backoff_base_s=10, max_attempts=5)
+    try:
+        assert [o.result for o in relay.run_once().rows] == ["retry"]  # 500
+        assert relay.run_once().rows == []  # backing off
+        october.advance(10)
+        assert [o.result for o in relay.run_once().rows] == ["retry"]  # timeout
+        october.advance(19)
+        assert relay.run_once().rows == []  # 20 s this time
+        october.advance(1)
+        assert [o.result for o in relay.run_once().rows] == ["done"]
+        october.advance(3600)
+        assert relay.run_once().rows == []  # done is done
+    finally:
+        relay._client.close()
+    assert len(hook.received) == 3
+    for sent_headers, body in hook.received:
+        assert json.loads(body) == event  # the same event, the same id, every attempt
+        verify(secret, sent_headers, body)
+    with services.sessions() as session:
+        [delivery] = session.exec(select(AlertDelivery)).all()
+        assert (delivery.status, delivery.attempts, delivery.event_id) == ("done", 3, event["id"])
+
+
+def test_deliveries_that_keep_failing_are_marked_and_listed(
+        client: TestClient, on_plan: Callable[..., Tenant], services: Services, october: FakeClock,
+        receiver: Callable[[list[int | str]], Receiver]) -> None:
+    hook = receiver([503])
+    tenant, headers, model = on_plan("five_x")
+    put_alerts(client, headers, thresholds=[50], url=hook.url)
+    classify(client, headers, model, 3)
+    relay = AlertRelay(sessions=services.sessions, timeout_s=1, backoff_base_s=1, max_attempts=3)
+    try:
+        results = []
+        for _ in range(3):
+            results += [o.result for o in relay.run_once().rows]
+            october.advance(100)
+    finally:
+        relay._client.close()
+    assert results == ["retry", "retry", "failed"]
+    listed = client.get("/admin/events/deliveries", params={"status": "failed"}, headers=ADMIN).json()
+    [row] = listed["data"]
+    assert (row["tenant_id"], row["status"], row["attempts"], row["last_status"]) == (tenant["id"], "failed", 3, 503)
+    assert client.get("/admin/events/deliveries", params={"status": "pending"}, headers=ADMIN).json()["data"] == []
+    assert_envelope(client.get("/admin/events/deliveries", headers=headers), 403)
+    metrics = client.get("/metrics", headers=ADMIN).text
+    assert "modelmeter_alert_deliveries_failed 1.0" in metrics
+    assert count(services, AlertEvent) == 1
