@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     alerts_relay_interval_s: Annotated[float, Field(ge=0)] = 2.0
     alerts_max_attempts: Annotated[int, Field(ge=1)] = 8  # then the delivery is `failed`
     alerts_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    alerts_refresh_s: Annotated[float, Field(gt=0)] = 1.0  # how soon a PUT on another replica takes effect here
     alerts_backoff_base_s: Annotated[int, Field(ge=1)] = 10  # 10 s, 20 s, 40 s, ... capped at an hour
 
     # Observability and economics

@@ -100,7 +100,8 @@ def test_settings_shape_secret_once(client: TestClient, on_plan: Callable[..., T
     created = put_alerts(client, headers, thresholds=[50, 80, 100], url="https://example.com/hook")
     assert created.status_code == 200, created.text
     body = created.json()
-    assert body["secret"].startswith("whsec_") and len(body["secret"]) > 30
+    assert body["secret"].startswith("whsec_")
+    assert len(body["secret"]) > 30
     assert body == {"object": "alert_settings", "thresholds": [50, 80, 100], "url": "https://example.com/hook",
                     "secret": body["secret"]}
     assert client.get("/v1/billing/alerts", headers=headers).json() == {
@@ -168,7 +169,8 @@ def test_replay_restart_and_new_period(client: TestClient, on_plan: Callable[...
     first = classify(client, headers, model, 3, **{"Idempotency-Key": "cross-50"})  # 60%
     assert [c[2] for c in crossings(client, headers)] == [50]
     replay = classify(client, headers, model, 3, **{"Idempotency-Key": "cross-50"})
-    assert replay.headers.get("idempotent-replayed") == "true" and replay.json() == first.json()
+    assert replay.headers.get("idempotent-replayed") == "true"
+    assert replay.json() == first.json()
     assert [c[2] for c in crossings(client, headers)] == [50]
     with TestClient(create_app(settings), raise_server_exceptions=False) as restarted:  # a restarted gateway
         classify(restarted, headers, model, 1)  # 80%: nothing crossed, nothing refired
@@ -187,9 +189,11 @@ def test_events_are_private_and_paginated(client: TestClient, on_plan: Callable[
     classify(client, headers, model, 3)  # 60%: all five
     assert events(client, other) == []
     page = client.get("/v1/events", headers=headers, params={"limit": 2}).json()
-    assert [e["data"]["threshold_percent"] for e in page["data"]] == [50, 40] and page["has_more"]
+    assert [e["data"]["threshold_percent"] for e in page["data"]] == [50, 40]
+    assert page["has_more"]
     rest = client.get("/v1/events", headers=headers, params={"limit": 5, "after": page["data"][-1]["id"]}).json()
-    assert [e["data"]["threshold_percent"] for e in rest["data"]] == [30, 20, 10] and not rest["has_more"]
+    assert [e["data"]["threshold_percent"] for e in rest["data"]] == [30, 20, 10]
+    assert not rest["has_more"]
     classify(client, other, other_model, 1)
     assert events(client, other) == []  # no settings: nothing fires
 

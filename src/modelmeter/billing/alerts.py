@@ -22,7 +22,7 @@ from sqlalchemy import func
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
@@ -173,14 +173,28 @@ class Alerts:
 
     def __init__(self, catalog: PlanCatalog) -> None:
         self._catalog = catalog
+        self._tenants: frozenset[str] | None = None  # None: unknown yet, look every group up
+
+    def refresh(self, engine: Engine) -> None:
+        """Load the set of tenants with alerts (the gateway calls this every ``alerts_refresh_s``, off the request
+        path): a group of tenants outside it costs no query. A PUT on this process adds its tenant at once; one
+        on another replica is seen here within the refresh interval."""
+        with engine.connect() as conn:
+            self._tenants = frozenset(conn.execute(sa_select(col(AlertSetting.tenant_id))).scalars())
+
+    def add(self, tenant_id: str) -> None:
+        if self._tenants is not None:
+            self._tenants = self._tenants | {tenant_id}
 
     def fire(self, conn: Connection, written: Sequence[UsageRecord], periods: dict[str, str]) -> int:
         """Write an event (and its delivery) for every threshold the new rows ``written`` cross; returns how many.
 
-        One indexed lookup per commit group finds the tenants of the group with alerts (none: done). On
+        Tenants outside the refreshed set of tenants with alerts cost nothing; for the others, one indexed lookup
+        per commit group reads their settings. On
         PostgreSQL it locks their settings rows, so concurrent groups of one tenant (other replicas) compute
         their totals one after the other and a crossing can never fall between two groups' snapshots."""
-        tenants = sorted({r.tenant_id for r in written})
+        known = self._tenants
+        tenants = sorted({r.tenant_id for r in written if known is None or r.tenant_id in known})
         if not tenants:
             return 0
         query = (sa_select(col(AlertSetting.tenant_id), col(AlertSetting.thresholds), col(AlertSetting.url),

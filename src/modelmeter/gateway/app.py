@@ -68,7 +68,8 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
     sessions = db.session_maker(engine)
     telemetry = metrics.make_telemetry(settings, registry)
     plans = PlanCatalog.load(settings.plans_file)
-    ledger = LedgerWriter(sessions, on_commit=telemetry.on_commit, alerts=Alerts(plans))
+    alert_hook = Alerts(plans)
+    ledger = LedgerWriter(sessions, on_commit=telemetry.on_commit, alerts=alert_hook)
     rate, quota = make_limiters(settings.redis_url)
     services = Services(
         settings=settings,
@@ -84,6 +85,7 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
         meter=Meter(sessions=sessions, ledger=ledger, quota=quota,
                     grants=lambda tenant_id, now: store_grants(sessions=sessions, tenant_id=tenant_id, now=now)),
         telemetry=telemetry,
+        alert_hook=alert_hook,
     )
     metrics.instrument(services)
     services.stripe = _stripe_relay(services)
@@ -144,11 +146,24 @@ async def _housekeeping_loop(services: Services) -> None:
             log.exception("purging expired idempotency keys failed; will retry")
 
 
+async def _alert_tenants_loop(services: Services) -> None:
+    """Keep the ledger's set of tenants with alerts fresh (tenants outside it cost the ledger no query)."""
+    hook = services.alert_hook
+    assert hook is not None
+    while True:
+        try:
+            await run_in_threadpool(hook.refresh, services.engine)
+        except Exception:
+            log.exception("refreshing the tenants with alerts failed; will retry")
+        await asyncio.sleep(services.settings.alerts_refresh_s)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services: Services = app.state.services
     await run_in_threadpool(prepare_database, services)
     flusher = asyncio.create_task(_housekeeping_loop(services))
+    refresher = asyncio.create_task(_alert_tenants_loop(services)) if services.alert_hook is not None else None
     services.ledger.start()
     if services.stripe is not None:
         services.stripe.start(services.settings.stripe_sync_interval_s)
@@ -160,9 +175,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if worker is not None:
             await run_in_threadpool(stop_worker, worker)
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
+        for task in (flusher, refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await services.server.close()
         await services.ledger.close()
         await services.rate.aclose()

@@ -10,6 +10,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from modelmeter.billing.alert_relay import AlertRelay
+from modelmeter.billing.alerts import Alerts
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.metering import LedgerWriter, Meter
 from modelmeter.billing.quota import InProcessQuotaStore, QuotaStore, RedisQuotaStore
@@ -39,6 +40,7 @@ class Services:
     meter: Meter
     telemetry: Telemetry = field(default_factory=Telemetry)
     stripe: StripeRelay | None = None  # set when a Stripe key is configured
+    alert_hook: Alerts | None = None  # the ledger's alert hook (its set of tenants with alerts is refreshed)
     alerts: AlertRelay | None = None  # the usage alerts relay (None when alerts_relay_interval_s is 0)
 
 

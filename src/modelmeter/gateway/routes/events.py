@@ -39,7 +39,10 @@ def put_alerts(data: alerts.AlertSettingsUpdate, principal: BillingWritePrincipa
     """Set the thresholds (percent of the monthly budget, or of the plan's included tokens when no budget is set)
     and the URL events are POSTed to. Each call makes a new signing secret, shown only in this response."""
     with services.sessions() as session:
-        return alerts.put_settings(session=session, tenant_id=principal.tenant_id, data=data)
+        body = alerts.put_settings(session=session, tenant_id=principal.tenant_id, data=data)
+    if services.alert_hook is not None:
+        services.alert_hook.add(principal.tenant_id)  # this process's ledger fires for it from now on
+    return body
 
 
 @router.get("/v1/billing/alerts", response_model=AlertSettings, responses=errors(*TENANT_READ))
