@@ -1,0 +1,138 @@
+"""Usage alerts with real gateway processes: kill -9 between the usage commit and the delivery loses no event, and
+two gateways sharing PostgreSQL and Redis fire exactly one event per threshold under concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from modelmeter.settings import Settings
+from tests.api.test_alerts import TOKENS_PER_X, Receiver, verify
+from tests.conftest import ADMIN, ADMIN_TOKEN, ON_POSTGRES, REDIS_URL, bearer
+from tests.integration.test_billing_concurrency import _free_port, _setup, _wait_ready
+
+pytestmark = pytest.mark.slow
+
+PLANS = [{"id": "hundred_x", "name": "A hundred x", "included_tokens": 100 * TOKENS_PER_X,
+          "price_per_1k_tokens": "0.01", "rpm_limit": 100000, "tpm_limit": 100000000}]
+
+
+@pytest.fixture
+def plans_settings(settings: Settings, tmp_path: Path) -> Settings:
+    packaged = json.loads((Path(__file__).parents[2] / "src/modelmeter/billing/plans.json").read_text())
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps({"plans": packaged["plans"] + PLANS}))
+    return settings.model_copy(update={"plans_file": path, "alerts_relay_interval_s": 0})
+
+
+@pytest.fixture
+def receiver() -> Iterator[Callable[[list[int | str]], Receiver]]:
+    made: list[Receiver] = []
+
+    def make(script: list[int | str]) -> Receiver:
+        made.append(Receiver(script))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def _gateway(settings: Settings, port: int, *, relay_s: float) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "MODELMETER_DATA_DIR": str(settings.data_dir), "MODELMETER_DATABASE_URL":
+           settings.database_url, "MODELMETER_REDIS_URL": settings.redis_url or "", "MODELMETER_ADMIN_TOKEN":
+           ADMIN_TOKEN, "MODELMETER_PLANS_FILE": str(settings.plans_file),
+           "MODELMETER_ALERTS_RELAY_INTERVAL_S": str(relay_s)}
+    if not settings.redis_url:
+        env.pop("MODELMETER_REDIS_URL")
+    return subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "serve", "--port", str(port), "--no-worker"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _events(client: TestClient, key: str) -> list[dict[str, object]]:
+    response = client.get("/v1/events", headers=bearer(key), params={"limit": 100})
+    assert response.status_code == 200, response.text
+    return list(reversed(response.json()["data"]))
+
+
+def test_kill_9_after_the_usage_commit_loses_no_event(plans_settings: Settings,
+                                                      receiver: Callable[[list[int | str]], Receiver]) -> None:
+    hook = receiver([200])
+    client, _, key, model = _setup(plans_settings, "hundred_x")
+    try:
+        secret = client.put("/v1/billing/alerts", json={"thresholds": [50], "url": hook.url},
+                            headers=bearer(key)).json()["secret"]
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        gateway = _gateway(plans_settings, port, relay_s=0)  # relay off: the event can only be in the database
+        try:
+            _wait_ready(url)
+            served = httpx.post(f"{url}/v1/classify", json={"model": model, "input": ["x"] * 60},
+                                headers=bearer(key), timeout=60)
+            assert served.status_code == 200, served.text
+        finally:
+            gateway.send_signal(signal.SIGKILL)
+            gateway.wait(timeout=30)
+        assert hook.received == []
+        [event] = _events(client, key)
+        restarted = _gateway(plans_settings, port, relay_s=0.2)
+        try:
+            _wait_ready(url)
+            deadline = time.monotonic() + 30
+            while not hook.received and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            restarted.terminate()
+            restarted.wait(timeout=30)
+        [(headers, body)] = hook.received
+        assert json.loads(body) == event
+        verify(secret, headers, body)
+        assert _events(client, key) == [event]
+        [delivery] = client.get("/admin/events/deliveries", headers=ADMIN).json()["data"]
+        assert (delivery["event_id"], delivery["status"]) == (event["id"], "done")
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not (ON_POSTGRES and REDIS_URL), reason="needs PostgreSQL and Redis (CI sets both)")
+async def test_two_gateways_fire_each_threshold_exactly_once(plans_settings: Settings) -> None:
+    client, _, key, model = _setup(plans_settings, "hundred_x")
+    thresholds = list(range(10, 110, 10))
+    assert client.put("/v1/billing/alerts", json={"thresholds": thresholds, "url": "https://example.com/hook"},
+                      headers=bearer(key)).status_code == 200
+    ports = [_free_port(), _free_port()]
+    processes = [_gateway(plans_settings, port, relay_s=0) for port in ports]
+    try:
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url in urls:
+            _wait_ready(url)
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def call(url: str, n: int) -> httpx.Response:
+                return await http.post(f"{url}/v1/classify", json={"model": model, "input": ["x"] * n},
+                                       headers=bearer(key))
+
+            warm = [await call(url, 1) for url in urls]  # 2 of the 100 "x" included
+            assert [r.status_code for r in warm] == [200, 200]
+            responses = await asyncio.gather(*(call(urls[i % 2], 3) for i in range(40)))  # 122% in all
+        assert [r.status_code for r in responses] == [200] * 40
+        events = _events(client, key)
+        assert sorted(e["data"]["threshold_percent"] for e in events) == thresholds  # type: ignore[index]
+        assert all(e["data"]["period"] == events[0]["data"]["period"] for e in events)  # type: ignore[index]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+        client.__exit__(None, None, None)
