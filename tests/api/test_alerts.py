@@ -310,3 +310,17 @@ def test_deliveries_that_keep_failing_are_marked_and_listed(
     metrics = client.get("/metrics", headers=ADMIN).text
     assert "modelmeter_alert_deliveries_failed 1.0" in metrics
     assert count(services, AlertEvent) == 1
+
+
+def test_dashboard_lists_recent_alerts(client: TestClient, on_plan: Callable[..., Tenant]) -> None:
+    _, headers, model = on_plan("five_x")
+    put_alerts(client, headers, thresholds=[50, 80], url="https://example.com")
+    empty = client.get(client.post("/v1/dashboard/links", headers=headers).json()["url"].split("testserver")[-1])
+    assert "No alerts yet" in empty.text
+    classify(client, headers, model, 5)  # 100%
+    link = client.post("/v1/dashboard/links", headers=headers).json()["url"]
+    page = client.get(link.split("testserver")[-1])
+    assert page.status_code == 200, page.text
+    rows = page.text.split('<table id="alerts">')[1].split("</table>")[0]
+    assert rows.count('<tr class="alert">') == 2
+    assert rows.index("80% of included tokens") < rows.index("50% of included tokens")  # newest first

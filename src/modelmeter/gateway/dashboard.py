@@ -11,13 +11,13 @@ import base64
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlmodel import Session
 
 from modelmeter import clock
-from modelmeter.billing import credits, invoicing
+from modelmeter.billing import alerts, credits, invoicing
 from modelmeter.billing.catalog import Plan, PlanCatalog
 from modelmeter.billing.metering import period_of, period_usage
 from modelmeter.billing.pricing import Usage, usage_cost_micro
@@ -32,6 +32,7 @@ _KEY_CONTEXT = b"modelmeter/dashboard-links/v1"
 INVALID_LINK = "This dashboard link is invalid or has expired; ask for a new one."
 DAY = 86_400
 CHART_DAYS = 30
+ALERT_ROWS = 10  # the newest usage alerts the page lists
 CREDIT_ROWS = 20  # the newest grants the page lists (the balance counts them all)
 
 
@@ -109,6 +110,7 @@ class PageData:
     expires_at: int
     now: int
     credits: dict[str, Any]  # ``GET /v1/billing/credits``'s body: the newest grants and the balance of all
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # the newest events, as ``GET /v1/events`` lists
 
 
 def load_tenant(*, session: Session, tenant_id: str) -> Tenant:
@@ -151,4 +153,6 @@ def load_page(*, session: Session, catalog: PlanCatalog, tenant_id: str, expires
         invoices=[invoicing.invoice_public(i, invoicing.lines_of(session=session, invoice_id=i.id)) for i in rows],
         days=daily_usage(session=session, catalog=catalog, tenant=tenant, now=now), expires_at=expires_at, now=now,
         credits=credits.credits_page(session=session, tenant_id=tenant.id, limit=CREDIT_ROWS, after=None, live=live),
+        alerts=[alerts.event_public(e) for e in alerts.list_events(session=session, tenant_id=tenant.id,
+                                                                    limit=ALERT_ROWS, after=None)[0]],
     )

@@ -194,6 +194,26 @@ def plan_table(data: PageData) -> str:
     return f'<dl class="plan">{cells}</dl>'
 
 
+def alerts_panel(data: PageData) -> str:
+    """The newest usage alerts: when, which threshold of what, and the value that crossed it."""
+    if not data.alerts:
+        return '<div class="empty">No alerts yet (set thresholds with PUT /v1/billing/alerts).</div>'
+    cur = data.plan.currency
+
+    def figure(d: dict[str, Any], key: str) -> str:
+        return amount_text(d[key], cur) if d["resource"] == "budget" else f"{compact(d[key])} tokens"
+
+    names = {"budget": "budget", "included_tokens": "included tokens"}
+    rows = "".join(
+        f'<tr class="alert"><td>{day(e["created"], "%Y-%m-%d %H:%M")} UTC</td><td>{escape(e["data"]["period"])}</td>'
+        f'<td>{e["data"]["threshold_percent"]}% of {names.get(e["data"]["resource"], "?")}</td>'
+        f'<td class="num">{figure(e["data"], "value")}</td><td class="num">{figure(e["data"], "limit")}</td></tr>'
+        for e in data.alerts
+    )
+    return (f'<table id="alerts"><tr><th>When</th><th>Period</th><th>Threshold</th><th class="num">Value</th>'
+            f'<th class="num">Limit</th></tr>{rows}</table>')
+
+
 def render(data: PageData) -> str:
     """The whole page."""
     cur = data.plan.currency
@@ -207,7 +227,7 @@ def render(data: PageData) -> str:
                                  width=HALF),
         cost_chart=bar_chart(data.days, lambda d: d.cost_cents, lambda c: amount_text(c, cur), color="#f08c00",
                              name="Usage charges per day", width=HALF),
-        plan=plan_table(data), credits=credits_panel(data),
+        plan=plan_table(data), credits=credits_panel(data), alerts=alerts_panel(data),
         upcoming=_lines_table(data.upcoming), invoices=_invoices_table(data.invoices),
         footer=escape(f"This private link expires {day(data.expires_at, '%Y-%m-%d %H:%M')} UTC. "
                       "Figures are exact to the cent; invoices are final once a period is closed."),
