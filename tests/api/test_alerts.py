@@ -152,6 +152,21 @@ def test_one_request_from_40_to_120_percent_fires_50_80_100_in_order(
     assert count(services, AlertDelivery) == 4  # one delivery per event, written with it
 
 
+def test_thresholds_set_below_what_is_spent_fire_with_the_next_usage(
+        client: TestClient, on_plan: Callable[..., Tenant]) -> None:
+    """A threshold fires once usage has reached it, not only when one commit group crosses it: thresholds set at
+    60% when 80% is spent fire (once) with the next request, and never again this period."""
+    _, headers, model = on_plan("five_x")
+    classify(client, headers, model, 4)  # 80% before any alert exists: nothing to fire
+    put_alerts(client, headers, thresholds=[50, 60, 100], url="https://example.com")
+    assert crossings(client, headers) == []
+    classify(client, headers, model, 1)  # 100%: 50 and 60 catch up, 100 is crossed
+    included = 5 * TOKENS_PER_X
+    assert crossings(client, headers) == [("2026-10", "included_tokens", t, included, included) for t in (50, 60, 100)]
+    classify(client, headers, model, 1)
+    assert len(crossings(client, headers)) == 3
+
+
 def test_budget_thresholds_use_the_exact_usage_cost(client: TestClient, on_plan: Callable[..., Tenant]) -> None:
     budget = 5 * TOKENS_PER_X  # cents: five "x" at a cent a token
     _, headers, model = on_plan("cent_token", monthly_budget_cents=budget)

@@ -4,7 +4,8 @@ Thresholds are percentages of the monthly budget (the exact usage cost of the pe
 served on), or of the tenant's plan's included tokens when no budget is set. :func:`fire` runs inside the ledger
 transaction that writes the usage rows (``record_usage``), so an event exists exactly when the usage that crossed
 it does: a process killed after the commit loses nothing, and a replay or another replica writes nothing twice
-(unique crossing, ``ON CONFLICT DO NOTHING``). Each new event gets one delivery row per URL (the outbox the relay
+(unique crossing, ``ON CONFLICT DO NOTHING``). A threshold fires once the period's usage has reached it and it
+has not fired yet (:func:`reached`), so a group that no replica checked is caught up by the next one. Each new event gets one delivery row per URL (the outbox the relay
 in :mod:`modelmeter.billing.alert_relay` sends).
 """
 
@@ -137,11 +138,13 @@ def delivery_public(row: AlertDelivery) -> dict[str, Any]:
 # --- firing, inside the ledger transaction --------------------------------------------------------------
 
 
-def crossed(thresholds: Sequence[int], before: int, after: int, limit: int) -> list[int]:
-    """Thresholds (percent of ``limit``) that ``before -> after`` crosses, ascending: ``before < t% <= after``."""
+def reached(thresholds: Sequence[int], after: int, limit: int, fired: set[int]) -> list[int]:
+    """Thresholds reached by ``after`` that have not fired yet this period, ascending. Firing on what is reached
+    (not only on what this group crossed) catches up a crossing that no group reported: usage served by a replica
+    that had not yet seen the tenant's new settings, or thresholds set when spend was already past them."""
     if limit <= 0:
         return []
-    return [t for t in sorted(thresholds) if before * 100 < t * limit <= after * 100]
+    return [t for t in sorted(thresholds) if t * limit <= after * 100 and t not in fired]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +156,6 @@ class Crossing:
     value: int
     limit: int
     url: str
-
-
-def _minus(total: Usage, part: Usage) -> Usage:
-    return Usage(max(0, total.requests - part.requests), max(0, total.tokens - part.tokens),
-                 max(0, total.training_tokens - part.training_tokens))
 
 
 _EVENT_INSERTS = {
@@ -212,11 +210,10 @@ class Alerts:
                 by_plan = added[(r.tenant_id, periods[r.request_id])]
                 by_plan[r.plan] += Usage(r.requests, r.tokens, r.training_tokens)
         crossings: list[Crossing] = []
-        for (tenant_id, period), new in added.items():
+        for tenant_id, period in added:
             thresholds, url, budget_cents, plan_id = settings[tenant_id]
             after = self._totals(conn, tenant_id, period)
-            before = {**after, **{plan: _minus(after.get(plan, Usage()), usage) for plan, usage in new.items()}}
-            crossings += self._crossings(tenant_id, period, list(thresholds), url, budget_cents, plan_id, before,
+            crossings += self._crossings(conn, tenant_id, period, list(thresholds), url, budget_cents, plan_id,
                                          after)
         return self._write(conn, crossings)
 
@@ -230,8 +227,8 @@ class Alerts:
     def _plan(self, plan_id: str, fallback: str) -> Plan:
         return self._catalog.get(plan_id if plan_id in self._catalog else fallback)
 
-    def _crossings(self, tenant_id: str, period: str, thresholds: list[int], url: str, budget_cents: int | None,
-                   plan_id: str, before: dict[str, Usage], after: dict[str, Usage]) -> list[Crossing]:
+    def _crossings(self, conn: Connection, tenant_id: str, period: str, thresholds: list[int], url: str,
+                   budget_cents: int | None, plan_id: str, after: dict[str, Usage]) -> list[Crossing]:
         if budget_cents is not None:
             resource: Resource = "budget"
 
@@ -239,14 +236,21 @@ class Alerts:
                 return sum(usage_cost_micro(self._plan(p, plan_id), u) for p, u in usage.items())
 
             limit, value_after = budget_cents * MICRO_PER_CENT, measure(after)
-            hits = crossed(thresholds, measure(before), value_after, limit)
+            hits = reached(thresholds, value_after, limit, self._fired(conn, tenant_id, period, resource))
             value, limit_out = micro_to_cents(value_after), budget_cents
         else:
             resource = "included_tokens"
             limit = limit_out = self._catalog.get(plan_id).included_tokens if plan_id in self._catalog else 0
             value = sum(u.tokens for u in after.values())
-            hits = crossed(thresholds, sum(u.tokens for u in before.values()), value, limit)
+            hits = reached(thresholds, value, limit, self._fired(conn, tenant_id, period, resource))
         return [Crossing(tenant_id, period, resource, t, value, limit_out, url) for t in hits]
+
+    @staticmethod
+    def _fired(conn: Connection, tenant_id: str, period: str, resource: str) -> set[int]:
+        query = sa_select(col(AlertEvent.threshold_percent)).where(
+            col(AlertEvent.tenant_id) == tenant_id, col(AlertEvent.period) == period,
+            col(AlertEvent.resource) == resource)
+        return set(conn.execute(query).scalars())
 
     def _write(self, conn: Connection, crossings: list[Crossing]) -> int:
         if not crossings:
