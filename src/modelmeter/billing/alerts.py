@@ -5,8 +5,8 @@ served on), or of the tenant's plan's included tokens when no budget is set. :fu
 transaction that writes the usage rows (``record_usage``), so an event exists exactly when the usage that crossed
 it does: a process killed after the commit loses nothing, and a replay or another replica writes nothing twice
 (unique crossing, ``ON CONFLICT DO NOTHING``). A threshold fires once the period's usage has reached it and it
-has not fired yet (:func:`reached`), so a group that no replica checked is caught up by the next one. Each new event gets one delivery row per URL (the outbox the relay
-in :mod:`modelmeter.billing.alert_relay` sends).
+has not fired yet (:func:`reached`), so a group that no replica checked is caught up by the next one. Each new
+event gets one delivery row per URL (the outbox the relay in :mod:`modelmeter.billing.alert_relay` sends).
 """
 
 from __future__ import annotations
