@@ -287,6 +287,11 @@ def test_bad_input_is_refused_naming_the_field(client: TestClient, services: Ser
         "param"] == "plans.0.colour"
     assert refused(client, {"period": "2026-10", "plans": [plan, plan]}, code="duplicate_plan")["param"] == (
         "plans.1.id")
+    # A request body matches its schema exactly: no 10.0 for an integer, no 0 for a boolean, no bad decimal.
+    for field, value in (("rpm_limit", 10.0), ("prepaid", 0), ("price_per_request", "1e"),
+                         ("price_per_request", "\u00c6")):
+        assert refused(client, {"period": "2026-10", "plans": [plan | {field: value}]})["param"] == (
+            f"plans.0.{field}")
     assert refused(client, {"period": "2026-10", "assign": {"tn_nobody": "pro"}}, code="unknown_tenant")[
         "param"] == "assign.tn_nobody"
     assert refused(client, {"period": "2026-10", "assign": {october["pro"]: "gold"}}, code="unknown_plan")[
@@ -295,6 +300,15 @@ def test_bad_input_is_refused_naming_the_field(client: TestClient, services: Ser
     assert refused(client, {"period": "2026-09", "assign": {october["late"]: "pro"}}, code="unknown_tenant")[
         "param"] == f"assign.{october['late']}"  # it did not exist then
     assert dump(services) == before
+
+
+def test_extreme_candidate_plans_are_priced_exactly(client: TestClient, october: dict[str, str]) -> None:
+    """The largest prices and fees a plan admits price in exact integers (no overflow, no float)."""
+    pro = next(p for p in client.get("/admin/plans", headers=ADMIN).json()["data"] if p["id"] == "pro")
+    huge = pro | {"base_fee_cents": 10**30, "included_tokens": 0, "price_per_1k_tokens": "999999999.99999"}
+    rows = by_tenant(sim(client, period="2026-10", plans=[huge]))
+    # 4.5M tokens: 4,500 x 99,999,999,999.999 cents = 449,999,999,999,995.5 -> half-up 449,999,999,999,996.
+    assert rows[october["pro"]]["revenue_simulated_cents"] == 10**30 + 449_999_999_999_996
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------------

@@ -25,11 +25,12 @@ Compute cost and totals
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
 from sqlalchemy import text
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
@@ -61,6 +62,18 @@ class SimulationRequest(BaseModel):
     period: Annotated[str, StringConstraints(pattern=PERIOD)]
     plans: Annotated[list[Plan], Field(max_length=MAX_PLANS)] = []
     assign: Annotated[dict[str, str], Field(max_length=MAX_ASSIGNMENTS)] = {}
+
+    @field_validator("plans", mode="before")
+    @classmethod
+    def _strict_json(cls, value: Any) -> Any:
+        """Plans as JSON states them, strictly: no ``1.0`` for an integer, no ``0`` for a boolean (a catalog file
+        is the operator's; a request body must match its documented schema exactly)."""
+        if not isinstance(value, list):
+            return value
+        return _PLANS.validate_json(json.dumps(value), strict=True)
+
+
+_PLANS = TypeAdapter(list[Plan])
 
 
 @dataclass(frozen=True, slots=True)
