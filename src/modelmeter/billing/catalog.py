@@ -175,7 +175,10 @@ class Plan(BaseModel):
     def _price(cls, value: Any) -> Decimal:
         if not isinstance(value, str | int | Decimal) or isinstance(value, bool):
             raise ValueError("prices are decimal strings, never floats")
-        price = Decimal(str(value))
+        try:
+            price = Decimal(str(value))
+        except InvalidOperation:
+            raise ValueError(f"'{value}' is not a decimal number") from None
         if not price.is_finite() or price < 0:
             raise ValueError("prices must be finite and non-negative")
         return price

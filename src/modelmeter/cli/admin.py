@@ -8,6 +8,7 @@ import click
 
 from modelmeter import clock
 from modelmeter.cli.output import admin_services, dump, emit, json_option, load_services, reports_errors
+from modelmeter.cli.simulation import simulate
 from modelmeter.gateway.services import Services
 from modelmeter.money import amount_text, cent_text
 from modelmeter.ops import tenants as ops
@@ -186,6 +187,9 @@ def billing_close(period: str, as_json: bool) -> None:
     emit(as_json, result.public(), lambda r: (
         f"period {r['period']} already closed ({r['invoices']} invoices)" if r["already_closed"]
         else f"closed {r['period']}: {r['invoices']} invoices"))
+
+
+billing.add_command(simulate)
 
 
 @billing.command("sync")

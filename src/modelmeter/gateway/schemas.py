@@ -334,6 +334,32 @@ class UnitEconomics(Public):
     gpu_compute_ms: int
 
 
+class SimulationFigures(Public):
+    """Cents summed over the simulation's rows."""
+
+    revenue_actual_cents: int
+    revenue_simulated_cents: int
+    compute_cost_cents: int
+    margin_actual_cents: int
+    margin_simulated_cents: int
+
+
+class SimulationRow(SimulationFigures):
+    """One tenant: its plans in the period (``+``-joined when it changed) and the simulated one, both revenues
+    (the unit economics view's), the compute cost and both margins."""
+
+    tenant_id: str
+    plan_actual: str
+    plan_simulated: str
+
+
+class Simulation(Public):
+    object: Literal["simulation"]
+    period: str
+    data: list[SimulationRow]
+    totals: SimulationFigures
+
+
 class WebhookReceipt(Public):
     received: bool
     outcome: str

@@ -13,6 +13,8 @@ from modelmeter.billing.catalog import Plan
 from modelmeter.billing.credits import CreditGrantCreate, grant_credits
 from modelmeter.billing.economics import economics_report
 from modelmeter.billing.invoicing import close_period
+from modelmeter.billing.simulation import PERIOD as SIMULATION_PERIOD
+from modelmeter.billing.simulation import SimulationRequest, simulate
 from modelmeter.fields import PYTHON_RE, matching
 from modelmeter.gateway.deps import AdminDep, ListDep, ServicesDep, SessionDep, list_body
 from modelmeter.gateway.schemas import (
@@ -22,6 +24,7 @@ from modelmeter.gateway.schemas import (
     CreditGrant,
     CreditList,
     Page,
+    Simulation,
     UnitEconomics,
     errors,
 )
@@ -35,7 +38,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 READ, ONE, WRITE, WRITE_ONE = (errors(*ADMIN_READ), errors(*ADMIN_READ, 404), errors(*ADMIN_WRITE),
                                errors(*ADMIN_WRITE, 404))
 # A calendar month, as the ledger and invoices name it (the schema says so, so that clients and fuzzers know).
-PERIOD = r"^(19[7-9][0-9]|2[01][0-9]{2})-(0[1-9]|1[0-2])$"
+PERIOD = SIMULATION_PERIOD
 
 
 @router.post("/tenants", status_code=201, response_model=TenantPublic, responses=WRITE)
@@ -118,6 +121,13 @@ class CloseRequest(BaseModel):
 def post_close(data: CloseRequest, services: ServicesDep) -> dict[str, Any]:
     """Close a finished month into one invoice per tenant; closing it again changes nothing."""
     return close_period(sessions=services.sessions, catalog=services.plans, period=data.period).public()
+
+
+@router.post("/billing/simulate", response_model=Simulation, responses=errors(*ADMIN_WRITE))
+def post_simulate(data: SimulationRequest, services: ServicesDep) -> dict[str, Any]:
+    """Re-price a period's ledger (closed or running) under candidate plans and assignments; writes nothing."""
+    return simulate(sessions=services.sessions, catalog=services.plans, settings=services.settings,
+                    period=data.period, plans=data.plans, assign=data.assign).public()
 
 
 @router.get("/plans", response_model=Page[Plan], responses=READ)
