@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Protocol
 
 from sqlalchemy import func
 from sqlalchemy import insert as sa_insert
@@ -22,7 +23,6 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
-from modelmeter.billing.alerts import Alerts
 from modelmeter.billing.catalog import Plan
 from modelmeter.billing.drawdown import CreditTerms, Draws, GrantBalance
 from modelmeter.billing.pricing import Usage, metered_prices
@@ -54,6 +54,12 @@ class UsageRecord:
     queue_us: int = 0
     compute_us: int = 0
     credits: Draws = ()  # prepaid credits drawn: (grant id, micro-cents); written beside the row, not in it
+
+
+class AlertHook(Protocol):
+    """What the ledger calls with the rows it has just inserted, in their transaction (``billing.alerts.Alerts``)."""
+
+    def fire(self, conn: Connection, written: Sequence[UsageRecord], periods: dict[str, str]) -> int: ...
 
 
 def period_of(ts: int) -> str:
@@ -105,7 +111,7 @@ _ROW_FIELDS = tuple(name for name in UsageRecord.__dataclass_fields__ if name !=
 
 def record_usage(
     *, session: Session | Connection, records: Sequence[UsageRecord], periods: PeriodFor = default_periods,
-    alerts: Alerts | None = None,
+    alerts: AlertHook | None = None,
 ) -> int:
     """Insert the rows (existing request ids are skipped); returns how many were new. Caller commits.
 
@@ -152,7 +158,7 @@ class LedgerWriter:
         periods: PeriodFor = default_periods,
         max_rows: int = 1000,
         on_commit: Callable[[Sequence[UsageRecord]], None] | None = None,
-        alerts: Alerts | None = None,
+        alerts: AlertHook | None = None,
     ) -> None:
         self._engine = sessions.kw["bind"]
         self._alerts = alerts
