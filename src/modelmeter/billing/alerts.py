@@ -51,10 +51,16 @@ def _ascending(thresholds: list[int]) -> list[int]:
     return thresholds
 
 
+# What ``_http_url`` accepts, stated in the schema so that clients and fuzzers know: a scheme of http or https in
+# any case, a host part, and no ASCII whitespace (spelled out: engines disagree on ``\s``).
+_SPACE = " \t\n\r\f\v"
+URL_PATTERN = f"^[Hh][Tt][Tt][Pp][Ss]?://[^/{_SPACE}][^{_SPACE}]*$"
+
+
 def _http_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("http", "https") or not rest or rest.startswith("/") or any(
-            c.isspace() for c in url):
+            c in _SPACE for c in url):
         raise ValueError("url must be an http:// or https:// URL")
     return url
 
@@ -68,7 +74,8 @@ class AlertSettingsUpdate(BaseModel):
         list[Annotated[int, Strict(), Field(ge=1, le=1000)]], Field(min_length=1, max_length=MAX_THRESHOLDS),
         AfterValidator(_ascending),
     ]
-    url: Annotated[str, Strict(), Field(min_length=1, max_length=2000), AfterValidator(_http_url)]
+    url: Annotated[str, Strict(), Field(min_length=1, max_length=2000, json_schema_extra={"pattern": URL_PATTERN}),
+                   AfterValidator(_http_url)]
 
 
 def put_settings(*, session: Session, tenant_id: str, data: AlertSettingsUpdate) -> dict[str, Any]:

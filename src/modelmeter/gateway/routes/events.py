@@ -7,7 +7,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from modelmeter.billing import alerts
-from modelmeter.errors import InvalidRequestError
 from modelmeter.gateway.deps import (
     AdminDep,
     BillingPrincipal,
@@ -59,13 +58,11 @@ def list_events(principal: BillingPrincipal, session: SessionDep, page: ListDep)
 
 
 @admin_router.get("/events/deliveries", response_model=Page[EventDelivery], responses=errors(*ADMIN_READ))
-def list_deliveries(session: SessionDep, page: ListDep,
+def list_deliveries(session: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                    after: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$")] = None,
                     status: Annotated[Literal["pending", "done", "failed"] | None, Query()] = None) -> dict[str, Any]:
-    """Alert deliveries, newest first; ``?status=failed``: those the relay gave up on (receivers to look at)."""
-    after = None
-    if page.after is not None:
-        if not page.after.isdigit():
-            raise InvalidRequestError("after: not a delivery id.", code="invalid_value", param="after")
-        after = int(page.after)
-    rows, has_more = alerts.list_deliveries(session=session, status=status, limit=page.limit, after=after)
+    """Alert deliveries, newest first (``after``: a delivery id, the cursor); ``?status=failed``: those the relay
+    gave up on (receivers to look at)."""
+    rows, has_more = alerts.list_deliveries(session=session, status=status, limit=limit,
+                                            after=None if after is None else int(after))
     return list_body([alerts.delivery_public(row) for row in rows], has_more)
