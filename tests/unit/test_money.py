@@ -77,7 +77,7 @@ def test_unit_price_text(cents: str, currency: str, shown: str) -> None:
 def test_unit_price_text_takes_integers_and_refuses_non_numbers() -> None:
     assert money.unit_price_text(49_900, "usd") == "$499.00"
     for bad in ("NaN", "Infinity"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="not a finite number"):
             money.unit_price_text(bad, "usd")
 
 
