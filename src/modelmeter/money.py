@@ -15,6 +15,24 @@ Text (one function per form; the forms differ on purpose, callers pick theirs)
                       exponent notation below 1e-6 (``3.73357E-7``)
     ``cents_text``    exact micro-cents as a decimal string of cents without trailing zeros: ``0.952``, ``100``
     ``price_text``    a price in the major unit: as written, or with at least ``min_places`` decimals
+    ``unit_price_text``   a unit price in cents for people (the display form below): ``$47.74``, ``0.002¢``
+    ``major_price_text``  the same for a price given in the major unit (plan prices, tier prices)
+
+Display form (every page and CLI table people read; JSON, CSV and Stripe keep the exact forms above)
+    An amount of money is integer cents in the major unit with two decimals, by ``amount_text``: ``$1,234.56``,
+    ``-$0.25``. A unit price may be a fraction of a cent (``0.002`` cents per token) or an exact quotient (a base
+    fee prorated by the second, ``4773.77158004779`` cents), so ``unit_price_text`` picks its form by size:
+
+    - a whole number of cents, or one major unit (100 cents) and more: as an amount, rounded half-up to the cent
+      (``5`` -> ``$0.05``, ``200`` -> ``$2.00``, ``4773.77158004779`` -> ``$47.74``: on a quantity-1 line the
+      unit price then reads as the line's amount);
+    - below one major unit with a fraction of a cent: cents with the cent sign, rounded half-up to at most
+      ``DISPLAY_DIGITS`` (6) significant digits, without trailing zeros (``0.002¢``, ``0.05¢``, ``12.3457¢``,
+      ``0.0000123457¢``); when that rounding reaches a whole number of cents it is shown as an amount
+      (``4.9999999`` -> ``$0.05``).
+
+    Halves round away from zero, so a negative price is the positive one with a minus sign. The rounding is for
+    reading only: billing keeps exact micro-cents and invoices keep the exact ``unit_amount_decimal``.
 """
 
 from __future__ import annotations
@@ -23,6 +41,8 @@ from decimal import ROUND_HALF_UP, Context, Decimal
 from fractions import Fraction
 
 MICRO_PER_CENT = 1_000_000
+CENTS_PER_MAJOR = 100
+DISPLAY_DIGITS = 6  # significant digits of a sub-cent unit price on a page or a CLI table
 MICRO_PER_MAJOR = 100 * MICRO_PER_CENT
 CENT_SIGN = "¢"
 _SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£"}
@@ -112,3 +132,34 @@ def price_text(value: Decimal, *, min_places: int | None = None) -> str:
     if value == value.quantize(Decimal(1).scaleb(-min_places)):
         return f"{value:.{min_places}f}"
     return format(value.normalize(), "f")
+
+
+def significant_half_up(value: Decimal, digits: int) -> Decimal:
+    """``value`` rounded half-up (halves away from zero) to ``digits`` significant digits: 0.0000123456789, 6 ->
+    0.0000123457."""
+    if digits <= 0:
+        raise ValueError("digits must be positive")
+    if value == 0:
+        return Decimal(0)
+    return value.quantize(Decimal(1).scaleb(value.adjusted() - digits + 1), rounding=ROUND_HALF_UP)
+
+
+def unit_price_text(cents: Decimal | int | str, currency: str) -> str:
+    """A unit price in cents (exact, possibly a fraction of a cent) in the display form: as an amount when it is a
+    whole number of cents or at least one major unit (``$47.74``), else in cents to at most ``DISPLAY_DIGITS``
+    significant digits (``0.002¢``). See the module's docstring."""
+    value = Decimal(cents)
+    if not value.is_finite():
+        raise ValueError(f"unit price {cents!r} is not a finite number")
+    if abs(value) >= CENTS_PER_MAJOR or value == value.to_integral_value():
+        return amount_text(int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP)), currency)
+    shown = significant_half_up(value, DISPLAY_DIGITS)
+    if shown == shown.to_integral_value():
+        return amount_text(int(shown), currency)
+    return cent_text(decimal_text(plain(shown)))
+
+
+def major_price_text(price: Decimal, currency: str) -> str:
+    """A price given in the major unit (a plan's ``0.0005`` dollars per request) in the display form of
+    :func:`unit_price_text` (``0.05¢``)."""
+    return unit_price_text(price.scaleb(2), currency)

@@ -319,3 +319,68 @@ def test_page_in_headless_chromium(client: TestClient, live_server: LiveServer, 
     forged = tmp_path / "forged.png"
     screenshot(link["url"][:-2] + "xx", forged, tmp_path / "profile2")
     assert forged.stat().st_size < target.stat().st_size // 4, "a forged link must render nothing like the page"
+
+
+def significant_digits(number: str) -> int:
+    digits = number.replace(",", "").replace(".", "").lstrip("-").lstrip("0")
+    return len(digits)
+
+
+def unit_cells(page: str) -> list[tuple[str, str, str, str]]:
+    """The upcoming invoice's rows as (line, qty, unit, amount) texts, the total row left out."""
+    table = page[page.index("<th>Line</th>"):]
+    table = table[:table.index("</table>")]
+    rows = re.findall(r'<tr><td>(.*?)</td><td class="num">(.*?)</td><td class="num">(.*?)</td>'
+                      r'<td class="num">(.*?)</td></tr>', table)
+    return [(html.unescape(a), b, html.unescape(c), html.unescape(d)) for a, b, c, d in rows]
+
+
+def test_page_shows_money_in_the_display_form(client: TestClient, make_tenant: Any, make_key: Any,
+                                              fake_clock: FakeClock) -> None:
+    """A prorated base fee on two plans (a change mid-month at an odd second), tokens on each, scale's token tiers
+    and credits applied: every amount has two decimals, every sub-cent unit price at most 6 significant digits."""
+    fake_clock.t = ts(2026, 10, 3, 13, 17) + 29
+    tenant = make_tenant(name="Odd Seconds", plan="pro")
+    headers = bearer(make_key(tenant["id"])["key"])
+    fake_clock.t = ts(2026, 10, 11, 7, 41) + 13
+    assert client.patch(f"/admin/tenants/{tenant['id']}", json={"plan": "scale"}, headers=ADMIN).status_code == 200
+    grant = client.post(f"/admin/tenants/{tenant['id']}/credits", json={"amount_cents": 2500}, headers=ADMIN).json()
+    services = client.app.state.services  # type: ignore[attr-defined]
+    records = [
+        UsageRecord(request_id="odd_pro", tenant_id=tenant["id"], model_id="all-MiniLM-L6-v2",
+                    created=ts(2026, 10, 5), plan="pro", tokens=5_123_457, requests=7, inputs=7),
+        UsageRecord(request_id="odd_scale", tenant_id=tenant["id"], model_id="all-MiniLM-L6-v2",
+                    created=ts(2026, 10, 12), plan="scale", tokens=123_456_789, requests=9, inputs=9,
+                    credits=((grant["id"], 25 * MICRO_PER_CENT),)),
+    ]
+    with services.sessions() as session:
+        record_usage(session=session, records=records)
+        session.commit()
+    fake_clock.t = ts(2026, 10, 20, 12)
+    upcoming = client.get("/v1/billing/invoices/upcoming", headers=headers).json()
+    exact = {x["description"]: x["unit_amount_decimal"] for x in upcoming["lines"]["data"]}
+    assert max(significant_digits(u) for u in exact.values()) > 6  # the API keeps the exact prices
+
+    page = client.get(page_path(new_link(client, headers)["url"])).text
+    rows = unit_cells(page)
+    assert [r[0] for r in rows] == [x["description"] for x in upcoming["lines"]["data"]]
+    by_line = {line: (qty, unit, amount) for line, qty, unit, amount in rows}
+    for line, (qty, unit, amount) in by_line.items():
+        if "base fee" in line:  # prorated: quantity 1, the unit price reads as the amount
+            assert "days)" in line
+            assert qty == "1"
+            assert unit == amount, line
+            assert significant_digits(exact[line]) > 6
+    assert by_line["Credits applied"][1:] == ("-$0.25", "-$0.25")
+    tier_units = [unit for line, _, unit, _ in rows if "(tier" in line]
+    assert tier_units == ["0.0008¢", "0.0005¢"]  # scale: 0.8¢ and 0.5¢ per 1k tokens
+    assert "0.8¢; 100,000,001\u20131,000,000,000 at 0.5¢" in page  # the plan's tiers in the same form
+
+    text = html.unescape(re.sub(r"<[^>]+>", " ", page[page.index("<body"):]))
+    cents = re.findall(r"(-?[0-9][0-9,]*(?:\.[0-9]+)?)¢", text)
+    assert cents, "no sub-cent price on the page"
+    assert all(significant_digits(c) <= 6 for c in cents), cents
+    amounts = re.findall(r"\$[0-9][0-9,]*(?:\.[0-9]*)?", text)
+    assert amounts
+    assert all(re.fullmatch(r"\$[0-9]{1,3}(,[0-9]{3})*\.[0-9]{2}", a) for a in amounts), amounts
+    assert " USD" not in text  # prices carry the currency's symbol, not its code

@@ -142,5 +142,5 @@ def test_dashboard_shows_the_tiers(client: TestClient, make_tenant: Any, make_ke
     link = client.post("/v1/dashboard/links", headers=headers).json()["url"]
     page = client.get(link.removeprefix("http://testserver"))
     assert page.status_code == 200
-    assert ("graduated: 1\u2013100,000,000 at 0.0080; 100,000,001\u20131,000,000,000 at 0.0050; "
-            "1,000,000,001 and above at 0.0030 USD") in page.text
+    assert ("graduated: 1\u2013100,000,000 at 0.8¢; 100,000,001\u20131,000,000,000 at 0.5¢; "
+            "1,000,000,001 and above at 0.3¢ (bounds count billable tokens of the month)") in page.text

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from modelmeter.cli import main
+from modelmeter.cli.admin import _economics_line
+from modelmeter.money import MICRO_PER_CENT, micro_to_cents
 
 
 @pytest.fixture
@@ -64,6 +68,32 @@ def test_plans_and_db_upgrade(runner: CliRunner) -> None:
     upgraded = runner.invoke(main, ["db", "upgrade"])
     assert upgraded.exit_code == 0
     assert "revision" in upgraded.output
+
+
+def test_plans_text_shows_money_in_the_display_form(runner: CliRunner) -> None:
+    text = runner.invoke(main, ["plans"]).stdout
+    lines = {line.split()[0]: line for line in text.splitlines() if not line.startswith(" ")}
+    assert "fee=$49.00 " in lines["pro"]  # not 4900¢
+    assert "per_1k=$0.02 per_req=0.05¢ " in lines["payg"]  # $0.0200 per 1k tokens, $0.0005 per request
+    assert "fee=$499.00 " in lines["scale"]
+    assert ("token_tiers: graduated: 1\u2013100,000,000 at 0.8¢; 100,000,001\u20131,000,000,000 at 0.5¢; "
+            "1,000,000,001 and above at 0.3¢") in text
+    assert all(re.fullmatch(r"\$[0-9][0-9,]*\.[0-9]{2}", a) for a in re.findall(r"\$[0-9.,]+[0-9]", text))
+
+
+@pytest.mark.parametrize(("exact", "cost"), [
+    ("6.944444", "cost=$0.07 (6.94444¢)"),  # a sub-cent part: at most six significant digits
+    ("0.069444", "cost=$0.00 (0.069444¢)"),  # one second of a GPU at $2.50/h
+    ("125.000000", "cost=$1.25 "),  # whole cents: nothing to add
+    ("12345.678901", "cost=$123.46 "),  # a dollar or more: the amount says it all
+])
+def test_economics_line_shows_the_exact_cost_only_when_it_adds(exact: str, cost: str) -> None:
+    row = {"tenant_id": "ten_a", "currency": "usd", "revenue_cents": 4900, "margin_ratio": "0.9986", "tokens": 1000,
+           "compute_cost_cents": micro_to_cents(int(Decimal(exact) * MICRO_PER_CENT)),
+           "compute_cost_cents_decimal": exact, "cpu_compute_ms": 0, "gpu_compute_ms": 0, "margin_cents": 0}
+    line = _economics_line(row)
+    assert cost in line
+    assert "revenue=      $49.00" in line
 
 
 def test_serve_refuses_several_processes_without_shared_limits(runner: CliRunner,

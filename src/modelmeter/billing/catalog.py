@@ -28,7 +28,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from modelmeter.billing.tiers import TiersMode
 from modelmeter.errors import InvalidRequestError
-from modelmeter.money import amount_text, price_text, unit_micro_cents
+from modelmeter.money import amount_text, major_price_text, price_text, unit_micro_cents
 
 DECIMAL_PATTERN = r"^\d{1,9}(\.\d{1,10})?$"
 PriceStr = Annotated[str, StringConstraints(pattern=DECIMAL_PATTERN)]
@@ -119,13 +119,13 @@ class Tiers(BaseModel):
         return tiers
 
     def summary(self, currency: str) -> str:
-        """The tiers for people, bounds joined by en dashes:
-        ``graduated: 1-1,000 at 0.0100; 1,001 and above at 0.0050 + $2.00 flat``."""
+        """The tiers for people, bounds joined by en dashes, prices in the display form (``money``):
+        ``graduated: 1-1,000 at $0.01; 1,001 and above at 0.5¢ + $2.00 flat``."""
         parts, first = [], 1
         for tier in self.tiers:
             bounds = f"{first:,} and above" if tier.up_to is None else f"{first:,}\u2013{tier.up_to:,}"
             flat = f" + {amount_text(tier.flat_amount_cents, currency)} flat" if tier.flat_amount_cents else ""
-            parts.append(f"{bounds} at {price_text(tier.unit_amount_decimal, min_places=4)}{flat}")
+            parts.append(f"{bounds} at {major_price_text(tier.unit_amount_decimal, currency)}{flat}")
             first = (tier.up_to or 0) + 1
         return f"{self.tiers_mode}: {'; '.join(parts)}"
 

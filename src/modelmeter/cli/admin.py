@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import click
@@ -10,7 +11,7 @@ from modelmeter import clock
 from modelmeter.cli.output import admin_services, dump, emit, json_option, load_services, reports_errors
 from modelmeter.cli.simulation import simulate
 from modelmeter.gateway.services import Services
-from modelmeter.money import amount_text, cent_text
+from modelmeter.money import amount_text, major_price_text, unit_price_text
 from modelmeter.ops import tenants as ops
 from modelmeter.settings import Settings
 from modelmeter.tenancy.keys import ALL_SCOPES, ApiKeyCreate, ApiKeyPublic
@@ -144,26 +145,25 @@ def key_roll(key_id: str, grace_s: int | None, as_json: bool) -> None:
 @json_option
 def plans(as_json: bool) -> None:
     """Show the plan catalog."""
-    from modelmeter.billing.catalog import PlanCatalog
+    from modelmeter.billing.catalog import PlanCatalog, Tiers
 
     catalog = PlanCatalog.load(Settings().plans_file)
     data = [p.model_dump(mode="json") for p in catalog.all()]
 
-    def price(p: dict[str, Any], flat: str, tiers: str) -> str:
-        return str(p[flat]) if flat in p else f"{p[tiers]['tiers_mode']}:{len(p[tiers]['tiers'])}_tiers"
+    def price(flat: Decimal, tiers: Tiers | None, currency: str) -> str:
+        return major_price_text(flat, currency) if tiers is None else f"{tiers.tiers_mode}:{len(tiers.tiers)}_tiers"
 
-    def human(payload: dict[str, Any]) -> str:
+    def human(_: dict[str, Any]) -> str:
         lines = []
-        for p in payload["data"]:
+        for p in catalog.all():
             lines.append(
-                f"{p['id']:<6} {p['name']:<16} fee={cent_text(p['base_fee_cents'])} incl_tokens={p['included_tokens']} "
-                f"per_1k={price(p, 'price_per_1k_tokens', 'token_tiers')} "
-                f"per_req={price(p, 'price_per_request', 'request_tiers')} rpm={p['rpm_limit']} "
-                f"tpm={p['tpm_limit']} hard_limit={p['hard_limit']}")
-            plan = catalog.get(p["id"])
-            for name, tiers in (("token_tiers", plan.token_tiers), ("request_tiers", plan.request_tiers)):
+                f"{p.id:<6} {p.name:<16} fee={amount_text(p.base_fee_cents, p.currency)} "
+                f"incl_tokens={p.included_tokens} per_1k={price(p.price_per_1k_tokens, p.token_tiers, p.currency)} "
+                f"per_req={price(p.price_per_request, p.request_tiers, p.currency)} rpm={p.rpm_limit} "
+                f"tpm={p.tpm_limit} hard_limit={p.hard_limit}")
+            for name, tiers in (("token_tiers", p.token_tiers), ("request_tiers", p.request_tiers)):
                 if tiers is not None:
-                    lines.append(f"       {name}: {tiers.summary(plan.currency)}")
+                    lines.append(f"       {name}: {tiers.summary(p.currency)}")
         return "\n".join(lines)
 
     emit(as_json, {"object": "list", "data": data, "has_more": False}, human)
@@ -285,7 +285,9 @@ def dashboard_link(tenant_id: str, base_url: str | None, ttl: int | None, as_jso
 def _economics_line(r: dict[str, Any]) -> str:
     who = r.get("tenant_id") or r.get("plan") or ""
     ratio = f"{r['margin_ratio']}" if r["margin_ratio"] is not None else "-"
-    cost = f"{amount_text(r['compute_cost_cents'], r['currency'])} ({cent_text(r['compute_cost_cents_decimal'])})"
+    cost = amount_text(r["compute_cost_cents"], r["currency"])
+    exact = unit_price_text(r["compute_cost_cents_decimal"], r["currency"])  # a sub-cent cost, shown when it adds
+    cost += f" ({exact})" if exact != cost else ""
     return (f"{who:<28} revenue={amount_text(r['revenue_cents'], r['currency']):>12} cost={cost:<28} "
             f"margin={amount_text(r['margin_cents'], r['currency']):>12} ratio={ratio:<7} tokens={r['tokens']:,} "
             f"cpu_ms={r['cpu_compute_ms']:,} gpu_ms={r['gpu_compute_ms']:,}")

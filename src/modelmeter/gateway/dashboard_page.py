@@ -14,7 +14,7 @@ from typing import Any
 
 from modelmeter.billing.catalog import Tiers
 from modelmeter.gateway.dashboard import DayUsage, PageData
-from modelmeter.money import amount_text, cent_text, price_text
+from modelmeter.money import amount_text, major_price_text, unit_price_text
 
 _H, _LEFT, _BOTTOM, _TOP = 210, 58, 26, 12
 FULL, HALF = 1130, 540  # chart widths in CSS pixels at the page's full width: text keeps its size
@@ -120,7 +120,7 @@ def _lines_table(invoice: dict[str, Any]) -> str:
     cur = invoice["currency"]
     rows = "".join(
         f'<tr><td>{escape(x["description"])}</td><td class="num">{x["quantity"]:,}</td>'
-        f'<td class="num">{escape(cent_text(x["unit_amount_decimal"]))}</td>'
+        f'<td class="num">{escape(unit_price_text(x["unit_amount_decimal"], cur))}</td>'
         f'<td class="num">{amount_text(x["amount"], cur)}</td></tr>'
         for x in lines
     )
@@ -170,10 +170,10 @@ def credits_panel(data: PageData) -> str:
 
 
 def _price(flat: Decimal, tiers: Tiers | None, currency: str, units: str) -> str:
-    """A flat unit price, or the tiers (bounds in billable units, beyond the allowance)."""
+    """A flat unit price, or the tiers (bounds in billable units, beyond the allowance), in the display form."""
     if tiers is None:
-        return f"{price_text(flat)} {currency.upper()}"
-    return f"{tiers.summary(currency)} {currency.upper()} (bounds count billable {units} of the month)"
+        return major_price_text(flat, currency)
+    return f"{tiers.summary(currency)} (bounds count billable {units} of the month)"
 
 
 def plan_table(data: PageData) -> str:
@@ -184,7 +184,7 @@ def plan_table(data: PageData) -> str:
         ("Included tokens / requests", f"{p.included_tokens:,} / {p.included_requests:,}"),
         ("Price per 1k tokens", _price(p.price_per_1k_tokens, p.token_tiers, p.currency, "tokens")),
         ("Price per request", _price(p.price_per_request, p.request_tiers, p.currency, "requests")),
-        ("Price per 1M training tokens", f"{price_text(p.price_per_1m_training_tokens)} {p.currency.upper()}"),
+        ("Price per 1M training tokens", major_price_text(p.price_per_1m_training_tokens, p.currency)),
         ("Rate limits", f"{(t.rpm_limit or p.rpm_limit):,} requests/min · {(t.tpm_limit or p.tpm_limit):,} tokens/min"),
         ("When the allowance runs out", "requests are refused (hard limit)" if p.hard_limit else "usage is billed"),
         ("Monthly budget", amount_text(t.monthly_budget_cents, p.currency) if t.monthly_budget_cents is not None
