@@ -71,7 +71,8 @@ class AlertSettingsUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     thresholds: Annotated[
-        list[Annotated[int, Strict(), Field(ge=1, le=1000)]], Field(min_length=1, max_length=MAX_THRESHOLDS),
+        list[Annotated[int, Strict(), Field(ge=1, le=1000)]],
+        Field(min_length=1, max_length=MAX_THRESHOLDS, json_schema_extra={"uniqueItems": True}),
         AfterValidator(_ascending),
     ]
     url: Annotated[str, Strict(), Field(min_length=1, max_length=2000, json_schema_extra={"pattern": URL_PATTERN}),
