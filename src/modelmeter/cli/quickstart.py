@@ -218,8 +218,13 @@ class LocalTrainer:
     """A worker in a thread of this process that runs queued jobs until ours has finished."""
 
     def __init__(self, services: Services, job_id: str) -> None:
+        from transformers.utils import logging as transformers_logging
+
         from modelmeter.trainer import build_worker
 
+        # The base model's load report (a fresh classification head is "missing") is noise on this terminal.
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
         self.services = services
         self.job_id = job_id
         self.worker = build_worker(services.settings, engine=services.engine, show_progress=False)
