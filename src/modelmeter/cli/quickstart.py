@@ -223,8 +223,8 @@ class LocalTrainer:
         from modelmeter.trainer import build_worker
 
         # The base model's load report (a fresh classification head is "missing") is noise on this terminal.
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         self.services = services
         self.job_id = job_id
         self.worker = build_worker(services.settings, engine=services.engine, show_progress=False)
@@ -306,6 +306,8 @@ def quickstart(url: str, worker_wait: float) -> None:
     """Make a demo tenant (plan pro), a key and a sentiment classifier fine-tuned on a sample of SST-2 (packaged,
     with its attribution), then print curl, openai and huggingface_hub examples. Running it again changes
     nothing that is already there."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise click.BadParameter(f"'{url}' is not an http(s) URL, such as {DEFAULT_URL}.", param_hint="--url")
     remote = server_answers(url)
     if remote:
         click.echo(f"A server answers at {url}: using its admin and tenant API; its worker trains.")
