@@ -120,7 +120,7 @@ def test_quickstart_on_an_empty_data_dir_twice_then_its_examples_against_a_live_
     second = run_quickstart(settings, url)
     again = second.stdout
     assert "Nothing changed: the demo tenant, its key, the file and the model were all there." in again
-    assert [line.split(":")[-1].strip() for line in again.splitlines()[1:4]] == ["found", "found", "found"]
+    assert [line.split(": ", 1)[1].split()[0] for line in again.splitlines()[1:5]] == ["found"] * 4
     assert f"{model}: found" in again
     assert key not in again
     assert 'api_key="mm_…"' in again
