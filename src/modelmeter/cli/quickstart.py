@@ -15,7 +15,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
 
@@ -54,15 +54,6 @@ def sample_bytes() -> bytes:
 
 
 # --- what an earlier run made -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Found:
-    tenant: Tenant | None = None
-    key: ApiKey | None = None
-    file_id: str | None = None
-    job: dict[str, Any] | None = None  # the newest job on the sample that has not failed or been cancelled
-    notes: list[str] = field(default_factory=list)
 
 
 def find_tenant(services: Services) -> Tenant | None:
