@@ -58,11 +58,14 @@ class ProgressDisplay:
     def _advance(self, data: dict[str, Any]) -> None:
         total, step = int(data.get("total_steps") or 0), int(data.get("step") or 0)
         if self.bar is None:
+            # Rate and time left are the worker's (from the event), not the bar's: events come in bursts.
             self.bar = tqdm(total=total or None, desc="fine-tuning", unit="step", file=sys.stderr,
-                            dynamic_ncols=True, leave=True)
+                            dynamic_ncols=True, leave=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps{postfix}")
         self.bar.n = step
-        self.bar.set_postfix_str(f"epoch {data.get('epoch', '?')}, loss {data.get('train_loss', float('nan')):.4f}",
-                                 refresh=False)
+        self.bar.set_postfix_str(
+            f"epoch {data.get('epoch', '?')}, loss {data.get('train_loss', float('nan')):.4f}, "
+            f"{data.get('examples_per_s', 0):.0f} examples/s, {data.get('eta_s', 0):.0f} s left", refresh=False)
         self.bar.refresh()
 
     def close(self, job: dict[str, Any] | None = None) -> None:
