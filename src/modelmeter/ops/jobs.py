@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import sessionmaker
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.billing.catalog import PlanCatalog
@@ -17,7 +17,7 @@ from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import parse_dataset
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.models.finetune.train import estimate_training_tokens
-from modelmeter.models.registry import ModelInfo, artifact_path
+from modelmeter.models.registry import MlModel, ModelInfo, artifact_path
 from modelmeter.tenancy.tenants import get_tenant, lock_tenant
 
 
@@ -61,3 +61,40 @@ def cancel_job(*, sessions: sessionmaker[Session], tenant_id: str, job_id: str) 
         job = jobs.cancel_job(session=session, job=jobs.get_job(session=session, tenant_id=tenant_id, job_id=job_id))
         session.commit()
         return job
+
+
+# --- the operator's view: any tenant's jobs (``modelmeter jobs``, ``modelmeter quickstart``) -------------------
+
+
+def get_job(*, sessions: sessionmaker[Session], job_id: str) -> dict[str, Any]:
+    """Any tenant's job, in its public form (404 when there is none)."""
+    with sessions() as session:
+        return jobs.job_public(jobs.find_job(session=session, job_id=job_id))
+
+
+def list_jobs(*, sessions: sessionmaker[Session], tenant_id: str | None, limit: int,
+              after: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """Every tenant's jobs (or one tenant's: 404 for a missing tenant), newest first, in their public form."""
+    with sessions() as session:
+        if tenant_id is not None:
+            get_tenant(session=session, tenant_id=tenant_id)
+        rows, has_more = jobs.list_all_jobs(session=session, tenant_id=tenant_id, limit=limit, after=after)
+        return [jobs.job_public(j) for j in rows], has_more
+
+
+def job_events(*, sessions: sessionmaker[Session], job_id: str, after_seq: int = 0,
+               limit: int = 1000) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A job (404 when there is none) and its events after ``after_seq``, oldest first, in their public form.
+
+    The job is read before the events, so once it has finished the events include its last one."""
+    with sessions() as session:
+        job = jobs.job_public(jobs.find_job(session=session, job_id=job_id))
+        events = jobs.events_since(session=session, job_id=job_id, after_seq=after_seq, limit=limit)
+        return job, [jobs.event_public(e) for e in events]
+
+
+def base_models(*, sessions: sessionmaker[Session]) -> dict[str, ModelInfo]:
+    """The platform's models a tenant may fine-tune (feature-extraction bases), by id."""
+    with sessions() as session:
+        query = select(MlModel).where(col(MlModel.owner_tenant_id).is_(None), MlModel.task == "feature-extraction")
+        return {row.id: ModelInfo.of(row) for row in session.exec(query).all()}

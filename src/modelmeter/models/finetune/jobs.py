@@ -158,6 +158,14 @@ def get_job(*, session: Session, tenant_id: str, job_id: str) -> FineTuningJob:
     return job
 
 
+def find_job(*, session: Session, job_id: str) -> FineTuningJob:
+    """Any tenant's job (the operator's view); 404 when there is none."""
+    job = session.get(FineTuningJob, job_id)
+    if job is None:
+        raise NotFoundError(f"No such fine-tuning job: '{job_id}'.", code="job_not_found", param="fine_tuning_job_id")
+    return job
+
+
 def page(*, session: Session, query: Any, limit: int) -> tuple[list[Any], bool]:
     rows = list(session.exec(query.limit(limit + 1)).all())
     return rows[:limit], len(rows) > limit
@@ -179,6 +187,24 @@ def list_jobs(*, session: Session, tenant_id: str, limit: int, after: str | None
     if after:
         query = query.where(col(FineTuningJob.id) < after)
     return page(session=session, query=query, limit=limit)
+
+
+def list_all_jobs(
+    *, session: Session, tenant_id: str | None, limit: int, after: str | None
+) -> tuple[list[FineTuningJob], bool]:
+    """Every tenant's jobs, or one tenant's, newest first (the operator's view)."""
+    query = select(FineTuningJob).order_by(col(FineTuningJob.id).desc())
+    if tenant_id is not None:
+        query = query.where(FineTuningJob.tenant_id == tenant_id)
+    if after:
+        query = query.where(col(FineTuningJob.id) < after)
+    return page(session=session, query=query, limit=limit)
+
+
+def events_since(*, session: Session, job_id: str, after_seq: int, limit: int) -> list[FineTuningEvent]:
+    """The job's events after the one numbered ``after_seq`` (0: from the first), oldest first."""
+    query = select(FineTuningEvent).where(FineTuningEvent.job_id == job_id, col(FineTuningEvent.seq) > after_seq)
+    return list(session.exec(query.order_by(col(FineTuningEvent.seq)).limit(limit)).all())
 
 
 def list_events(*, session: Session, job_id: str, limit: int, after: str | None) -> tuple[list[FineTuningEvent], bool]:
