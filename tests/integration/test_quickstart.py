@@ -100,6 +100,27 @@ def check_examples(output: str) -> None:
                     r"TextClassificationOutputElement\(label='negative'", hf_printed.strip()), hf_printed
 
 
+def readme_examples_with(url: str, key: str, model: str) -> None:
+    """The README's serving examples (curl, openai, huggingface_hub), run with the quickstart's real key and model
+    in place of the README's placeholders: what a newcomer pastes after the quickstart."""
+    import json
+
+    from tests.integration import test_readme_examples as readme
+
+    placeholders = {"localhost:8000": url.removeprefix("http://"), "mm_…": key, readme.FINE_TUNED: model}
+    answers = []
+    for line in readme.shell_lines("Serving") + readme.shell_lines("Idempotency-Key"):
+        done = subprocess.run(["bash", "-ec", readme.fill(line, placeholders)], capture_output=True, text=True,
+                              timeout=120, check=True)
+        answers.append(json.loads(done.stdout))
+    embeddings, classified, keyed = answers
+    assert [len(d["embedding"]) for d in embeddings["data"]] == [384, 384]
+    assert classified["data"][0]["label"] == keyed["data"][0]["label"] == "positive"  # "a fine film"
+    _, (embedded, labels) = readme.run_python(readme.python_block("Serving"), placeholders)
+    assert len(embedded.data[0].embedding) == 384
+    assert labels[0].label == "positive"
+
+
 def test_quickstart_on_an_empty_data_dir_twice_then_its_examples_against_a_live_server(settings: Settings) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -132,6 +153,7 @@ def test_quickstart_on_an_empty_data_dir_twice_then_its_examples_against_a_live_
         assert third.stdout.startswith(f"A server answers at {url}: using its admin and tenant API")
         assert "Nothing changed" in third.stdout
         check_examples(out)
+        readme_examples_with(url, key, model)
     print(f"quickstart on an empty data dir: {first_s:.1f} s")
 
 
