@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     alerts_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     alerts_refresh_s: Annotated[float, Field(gt=0)] = 1.0  # how soon a PUT on another replica takes effect here
     alerts_backoff_base_s: Annotated[int, Field(ge=1)] = 10  # 10 s, 20 s, 40 s, ... capped at an hour
+    # Alert URLs may not point at loopback, private, link-local or other non-public addresses (the gateway would
+    # POST into its own network for any tenant); a development set-up with a local receiver turns this on.
+    alerts_allow_private_urls: bool = False
 
     # Observability and economics
     metrics_max_tenants: Annotated[int, Field(ge=0)] = 100

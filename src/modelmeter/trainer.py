@@ -12,7 +12,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from modelmeter import clock, db
-from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.alerts import Alerts
+from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.metering import AlertHook, UsageRecord, record_usage
 from modelmeter.models.backends import resolve_device
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.models.finetune.train import TrainResult
@@ -21,8 +23,10 @@ from modelmeter.settings import Settings
 from modelmeter.tenancy.tenants import Tenant
 
 
-def meter_training(session: Session, job: FineTuningJob, result: TrainResult, device: str) -> None:
-    """Training tokens (rows' tokens times epochs) go to the ledger in the job's own success transaction."""
+def meter_training(session: Session, job: FineTuningJob, result: TrainResult, device: str,
+                   alerts: AlertHook | None = None) -> None:
+    """Training tokens (rows' tokens times epochs) go to the ledger in the job's own success transaction, with the
+    usage alerts they cross (``alerts``: a worker's hook, looking every tenant up: training rows are few)."""
     tenant = session.get(Tenant, job.tenant_id)
     record = UsageRecord(
         request_id=f"train_{job.id}", tenant_id=job.tenant_id, model_id=job.model, created=clock.now_s(),
@@ -30,7 +34,7 @@ def meter_training(session: Session, job: FineTuningJob, result: TrainResult, de
         kind="training", endpoint="fine_tuning", device=device, requests=0,
         training_tokens=result.training_tokens, compute_us=int(result.wall_s * 1e6),
     )
-    record_usage(session=session, records=[record])
+    record_usage(session=session, records=[record], alerts=alerts)
 
 
 def build_worker(settings: Settings, *, engine: Engine | None = None, show_progress: bool = True) -> Worker:
@@ -43,7 +47,12 @@ def build_worker(settings: Settings, *, engine: Engine | None = None, show_progr
         heartbeat_timeout_s=settings.job_heartbeat_timeout_s,
         show_progress=show_progress,
     )
-    return Worker(db.session_maker(engine), config, on_succeeded=meter_training)
+    hook = Alerts(PlanCatalog.load(settings.plans_file))
+
+    def on_succeeded(session: Session, job: FineTuningJob, result: TrainResult, device: str) -> None:
+        meter_training(session, job, result, device, alerts=hook)
+
+    return Worker(db.session_maker(engine), config, on_succeeded=on_succeeded)
 
 
 def run_worker(settings: Settings) -> None:

@@ -32,6 +32,9 @@ ALERT_PLANS = [
     # Five "x" included (soft: usage beyond is billed, not refused).
     {"id": "five_x", "name": "Five x", "included_tokens": 5 * TOKENS_PER_X, "price_per_1k_tokens": "0.01",
      "rpm_limit": 100000, "tpm_limit": 100000000},
+    # A cent a training token.
+    {"id": "train_cent", "name": "Train a cent", "price_per_1m_training_tokens": "10000.00", "rpm_limit": 100000,
+     "tpm_limit": 100000000},
 ]
 OCTOBER = 1_790_812_800  # 2026-10-01T00:00:00Z
 NOVEMBER = 1_793_491_200  # 2026-11-01T00:00:00Z
@@ -42,7 +45,9 @@ def settings(settings: Settings, tmp_path: Path) -> Settings:
     packaged = json.loads((Path(__file__).parents[2] / "src/modelmeter/billing/plans.json").read_text())
     path = tmp_path / "plans.json"
     path.write_text(json.dumps({"plans": packaged["plans"] + ALERT_PLANS}))
-    return settings.model_copy(update={"plans_file": path, "alerts_relay_interval_s": 0})
+    # The receivers in these tests listen on 127.0.0.1: private URLs are allowed here (refused by default).
+    return settings.model_copy(update={"plans_file": path, "alerts_relay_interval_s": 0,
+                                       "alerts_allow_private_urls": True})
 
 
 @pytest.fixture
@@ -278,7 +283,8 @@ def test_receiver_failing_twice_gets_each_event_once_signed(
     secret = put_alerts(client, headers, thresholds=[50], url=hook.url).json()["secret"]
     classify(client, headers, model, 3)
     [event] = events(client, headers)
-    relay = AlertRelay(sessions=services.sessions, timeout_s=0.3, backoff_base_s=10, max_attempts=5)
+    relay = AlertRelay(sessions=services.sessions, timeout_s=0.3, backoff_base_s=10, max_attempts=5,
+                       allow_private=True)
     try:
         assert [o.result for o in relay.run_once().rows] == ["retry"]  # 500
         assert relay.run_once().rows == []  # backing off
@@ -308,7 +314,8 @@ def test_deliveries_that_keep_failing_are_marked_and_listed(
     tenant, headers, model = on_plan("five_x")
     put_alerts(client, headers, thresholds=[50], url=hook.url)
     classify(client, headers, model, 3)
-    relay = AlertRelay(sessions=services.sessions, timeout_s=1, backoff_base_s=1, max_attempts=3)
+    relay = AlertRelay(sessions=services.sessions, timeout_s=1, backoff_base_s=1, max_attempts=3,
+                       allow_private=True)
     try:
         results = []
         for _ in range(3):
@@ -339,3 +346,50 @@ def test_dashboard_lists_recent_alerts(client: TestClient, on_plan: Callable[...
     rows = page.text.split('<table id="alerts">')[1].split("</table>")[0]
     assert rows.count('<tr class="alert">') == 2
     assert rows.index("80% of included tokens") < rows.index("50% of included tokens")  # newest first
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "https://localhost/x", "http://169.254.169.254/latest",
+                                 "http://10.1.2.3/", "http://[::1]:8080/", "http://0.0.0.0/", "http://api.localhost/"])
+def test_private_urls_are_refused_by_default(client: TestClient, on_plan: Callable[..., Tenant], services: Services,
+                                             url: str) -> None:
+    """A tenant must not make the gateway POST into its own network (cloud metadata, loopback, private ranges)."""
+    _, headers, _ = on_plan("five_x")
+    with TestClient(create_app(services.settings.model_copy(update={"alerts_allow_private_urls": False})),
+                    raise_server_exceptions=False) as strict:
+        error = assert_envelope(strict.put("/v1/billing/alerts", json={"thresholds": [50], "url": url},
+                                           headers=headers), 422, code="invalid_url")
+    assert error["param"] == "url"
+    assert count(services, AlertSetting) == 0
+
+
+def test_a_name_resolving_to_a_private_address_is_caught_at_send_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A public-looking name is not resolved at PUT; the relay resolves it before each POST (the DNS answer is
+    faked here: the name points at the cloud metadata address)."""
+    import socket
+
+    from modelmeter.billing.alerts import private_address
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: [(2, 1, 6, "", ("169.254.169.254", 0))])
+    assert private_address("https://hooks.example.net/x") is False
+    assert private_address("https://hooks.example.net/x", resolve=True) is True
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: [(2, 1, 6, "", ("93.184.216.34", 0))])
+    assert private_address("https://hooks.example.net/x", resolve=True) is False
+
+
+def test_training_usage_fires_alerts_too(client: TestClient, on_plan: Callable[..., Tenant],
+                                         services: Services) -> None:
+    """The worker records a fine-tune's training tokens with the same alert hook: a tenant who only trains hears
+    of its budget too."""
+    from types import SimpleNamespace
+
+    from modelmeter.billing.alerts import Alerts
+    from modelmeter.trainer import meter_training
+
+    tenant, headers, _ = on_plan("train_cent", monthly_budget_cents=100)
+    put_alerts(client, headers, thresholds=[50, 100], url="https://example.com")
+    job = SimpleNamespace(id="ftjob_t", tenant_id=tenant["id"], model="all-MiniLM-L6-v2")
+    result = SimpleNamespace(training_tokens=60, wall_s=1.5)
+    with services.sessions() as session:
+        meter_training(session, job, result, "cpu", alerts=Alerts(services.plans))  # type: ignore[arg-type]
+        session.commit()
+    assert crossings(client, headers) == [("2026-10", "budget", 50, 60, 100)]

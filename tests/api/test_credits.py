@@ -245,3 +245,36 @@ def test_draws_follow_the_tier_the_period_is_in(client: TestClient, on_plan: Cal
     upcoming = client.get("/v1/billing/invoices/upcoming", headers=headers).json()
     assert [line["amount"] for line in upcoming["lines"]["data"]] == [20, 10, 0, -30]
     assert upcoming["total"] == 0
+
+
+@pytest.mark.anyio
+async def test_expired_draws_are_settled_by_the_ledger(client: TestClient, on_plan: Callable[[str], Tenant],
+                                                       services: Services, october: FakeClock) -> None:
+    """Two requests drew credits and their replica died before settling: the one whose usage row was committed
+    keeps its draw, the one never served gets it back. The ledger decides, not the lapse of the hold."""
+    from modelmeter.billing.credits import store_grants
+    from modelmeter.billing.metering import Meter, UsageRecord, record_usage
+    from modelmeter.billing.quota import Amount, InProcessQuotaStore
+
+    tenant, _, _ = on_plan("prepaid_dime")
+    grant(client, tenant["id"], amount_cents=30)
+    ticks = [0.0]
+    store = InProcessQuotaStore(hold_ttl_s=60, clock=lambda: ticks[0])
+    meter = Meter(sessions=services.sessions, ledger=services.ledger, quota=store,
+                  grants=lambda tenant_id, now: store_grants(sessions=services.sessions, tenant_id=tenant_id, now=now))
+    plan = services.plans.get("prepaid_dime")
+    holds = [await meter.reserve(tenant_id=tenant["id"], plan=plan, budget_cents=None, amount=Amount(requests=1),
+                                 at=october.t, credits_epoch=1, request_id=rid) for rid in ("req_served", "req_lost")]
+    with services.sessions() as session:  # the first request's row and draw made it to the ledger
+        record_usage(session=session, records=[UsageRecord(request_id="req_served", tenant_id=tenant["id"],
+                                                           model_id="m", created=october.t, plan="prepaid_dime",
+                                                           credits=holds[0].draws)])
+        session.commit()
+    ticks[0] += 61  # both holds lapse; the next reservation reaps them
+    third = await meter.reserve(tenant_id=tenant["id"], plan=plan, budget_cents=None, amount=Amount(requests=1),
+                                at=october.t, credits_epoch=1, request_id="req_third")
+    assert third.draws
+    assert await store.credit_balances(tenant["id"]) == {holds[0].draws[0][0]: 0}  # parked: not drawn twice
+    assert await meter.resolve_expired(tenant["id"]) == 2
+    assert await store.credit_balances(tenant["id"]) == {holds[0].draws[0][0]: 10 * 1_000_000}  # req_lost's dime
+    await meter.aclose()

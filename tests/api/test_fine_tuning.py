@@ -365,3 +365,18 @@ def test_training_quota_and_budget_are_checked_before_queueing(client: TestClien
     assert_envelope(create_job(client, payg_headers, small, base, hyperparameters={"n_epochs": 50}), 429,
                     code="insufficient_quota")
     assert create_job(client, payg_headers, small, base, hyperparameters={"n_epochs": 1}).status_code == 200
+
+
+def test_claiming_one_job_leaves_every_other_queued(client: TestClient, base: str, make_tenant: Any, make_key: Any,
+                                                    services: Services) -> None:
+    """``claim_next(only=…)``: what the quickstart's in-process trainer uses, so it never trains another tenant's
+    job, even an older one."""
+    ids = []
+    for _ in range(2):
+        h = bearer(make_key(make_tenant()["id"])["key"])
+        ids.append(create_job(client, h, upload(client, h, _jsonl()).json()["id"], base).json()["id"])
+    older, mine = ids
+    assert jobs.claim_next(sessions=services.sessions, worker_id="qs", only=mine) == mine
+    assert jobs.claim_next(sessions=services.sessions, worker_id="qs", only=mine) is None  # not queued any more
+    with services.sessions() as session:
+        assert session.get(FineTuningJob, older).status == "queued"  # type: ignore[union-attr]

@@ -53,7 +53,8 @@ def _gateway(settings: Settings, port: int, *, relay_s: float) -> subprocess.Pop
     env = {**os.environ, "MODELMETER_DATA_DIR": str(settings.data_dir), "MODELMETER_DATABASE_URL":
            settings.database_url, "MODELMETER_REDIS_URL": settings.redis_url or "", "MODELMETER_ADMIN_TOKEN":
            ADMIN_TOKEN, "MODELMETER_PLANS_FILE": str(settings.plans_file),
-           "MODELMETER_ALERTS_RELAY_INTERVAL_S": str(relay_s)}
+           "MODELMETER_ALERTS_RELAY_INTERVAL_S": str(relay_s),
+           "MODELMETER_ALERTS_ALLOW_PRIVATE_URLS": "1"}  # the receiver listens on 127.0.0.1
     if not settings.redis_url:
         env.pop("MODELMETER_REDIS_URL")
     return subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "serve", "--port", str(port), "--no-worker"],

@@ -109,17 +109,31 @@ async def test_release_returns_draws_and_settle_keeps_them(replicas: Replicas, k
     assert await store.credit_balances(tenant) == {"cg_a": 50}
 
 
-async def test_expired_hold_returns_its_draws(replicas: Replicas) -> None:  # noqa: F811
-    store = replicas.store(hold_ttl_s=0.05)
-    tenant, grants = uuid.uuid4().hex, [balance("cg_a", 100)]
-    held = await store.reserve_drawing(tenant, PERIOD, Amount(cost_micro=100), Caps(), baseline=no_baseline,
-                                       credits=terms(grants))
-    assert held is not None
-    await asyncio.sleep(0.1)  # the replica holding it died: the hold lapses and its draw comes back
-    again = await store.reserve_drawing(tenant, PERIOD, Amount(cost_micro=100), Caps(), baseline=no_baseline,
-                                        credits=terms(grants))
-    assert again is not None
-    assert again.draws == (("cg_a", 100),)
+@pytest.mark.parametrize("kind", ["redis", "local"])
+async def test_expired_holds_park_their_draws_until_the_ledger_says(replicas: Replicas, kind: str) -> None:  # noqa: F811
+    """A hold that lapses unsettled (its replica died, or the settle failed) neither refunds nor keeps its draw
+    blindly: the draw is parked, out of the balance, until the ledger says whether the request was served (its
+    usage row exists: keep it) or not (return it). Credits are never drawn twice, nor lost."""
+    clock = [1000.0]
+    store: QuotaStore = (replicas.store(hold_ttl_s=0.05) if kind == "redis"
+                         else InProcessQuotaStore(hold_ttl_s=0.05, clock=lambda: clock[0]))
+    tenant, grants = uuid.uuid4().hex, [balance("cg_a", 300)]
+    for request_id in ("req_served", "req_lost"):
+        held = await store.reserve_drawing(tenant, PERIOD, Amount(cost_micro=100), Caps(), baseline=no_baseline,
+                                           credits=terms(grants), reservation_id=request_id)
+        assert held is not None
+        assert held.id == request_id
+    await asyncio.sleep(0.1)
+    clock[0] += 1
+    # The next reservation reaps both: their 200 stay out of the balance, so only 100 is left to draw.
+    assert await store.reserve_drawing(tenant, PERIOD, Amount(cost_micro=150), Caps(), baseline=no_baseline,
+                                       credits=terms(grants)) is None
+    assert await store.credit_balances(tenant) == {"cg_a": 100}
+    assert await store.expired_draws(tenant) == {"req_served": (("cg_a", 100),), "req_lost": (("cg_a", 100),)}
+    await store.resolve_expired(tenant, {"req_served": True, "req_lost": False})
+    await store.resolve_expired(tenant, {"req_lost": False})  # resolving twice returns nothing more
+    assert await store.expired_draws(tenant) == {}
+    assert await store.credit_balances(tenant) == {"cg_a": 200}
 
 
 @pytest.mark.parametrize("kind", ["redis", "local"])

@@ -24,7 +24,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
-from modelmeter.billing.alerts import event_public
+from modelmeter.billing.alerts import event_public, private_address
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
 
 log = logging.getLogger("modelmeter.alerts")
@@ -60,8 +60,9 @@ class AlertRelay:
 
     def __init__(self, *, sessions: sessionmaker[Session], max_attempts: int = 8, timeout_s: float = 5.0,
                  backoff_base_s: int = 2, backoff_cap_s: int = 3600, lease_s: int = 60, batch: int = 100,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, allow_private: bool = False) -> None:
         self._sessions = sessions
+        self._allow_private = allow_private
         self._max_attempts = max_attempts
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
@@ -156,6 +157,8 @@ class AlertRelay:
         status: int | None = None
         error: str | None = None
         try:
+            if not self._allow_private and private_address(row.url, resolve=True):
+                raise PermissionError("the URL resolves to a loopback, private or link-local address: not sent")
             body, secret = self._body(row)
             timestamp = clock.now_s()
             response = self._client.post(row.url, content=body, headers={

@@ -11,12 +11,15 @@ event gets one delivery row per URL (the outbox the relay in :mod:`modelmeter.bi
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
+import socket
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 from sqlalchemy import func
@@ -63,6 +66,27 @@ def _http_url(url: str) -> str:
             c in _SPACE for c in url):
         raise ValueError("url must be an http:// or https:// URL")
     return url
+
+
+def private_address(url: str, *, resolve: bool = False) -> bool:
+    """Whether ``url``'s host is loopback, private, link-local, reserved, multicast or unspecified: an IP literal or
+    ``localhost`` as written, and with ``resolve`` every address the name resolves to (at send time, so a name
+    cannot be pointed inside the network after the check). An unresolvable name is not private (it fails to send).
+    """
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        if not resolve:
+            return False
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except (OSError, UnicodeError):
+            return False
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    return any(not a.is_global or a.is_multicast for a in addresses)
 
 
 class AlertSettingsUpdate(BaseModel):

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -109,6 +110,20 @@ _DRAW_INSERT = sa_insert(CreditDraw)
 _ROW_FIELDS = tuple(name for name in UsageRecord.__dataclass_fields__ if name != "credits")
 
 
+def _fire_alerts(conn: Connection, alerts: AlertHook, written: list[UsageRecord], periods: dict[str, str]) -> None:
+    """Alerts never cost the usage rows: a failure is logged and the group commits without its events (the next
+    usage catches them up, as alerts fire on what is reached). On PostgreSQL a failed statement aborts the
+    transaction, so the hook runs in a savepoint there; on SQLite a failed statement undoes only itself."""
+    try:
+        if conn.dialect.name == "postgresql":
+            with conn.begin_nested():
+                alerts.fire(conn, written, periods)
+        else:
+            alerts.fire(conn, written, periods)
+    except Exception:
+        log.exception("firing usage alerts for %d rows failed; the rows are kept", len(written))
+
+
 def record_usage(
     *, session: Session | Connection, records: Sequence[UsageRecord], periods: PeriodFor = default_periods,
     alerts: AlertHook | None = None,
@@ -130,7 +145,7 @@ def record_usage(
         for r in records:
             if r.request_id in new:
                 firsts.setdefault(r.request_id, r)
-        alerts.fire(conn, list(firsts.values()), assigned)
+        _fire_alerts(conn, alerts, list(firsts.values()), assigned)
     # A row's credit draws go in with it, only when the row itself is new: a repeat draws nothing twice.
     draws = []
     for r in records:
@@ -255,6 +270,13 @@ def period_usage(*, session: Session, tenant_id: str, period: str) -> Usage:
     return Usage(int(r or 0), int(t or 0), int(tr or 0))
 
 
+def served_requests(*, sessions: sessionmaker[Session], request_ids: Sequence[str]) -> set[str]:
+    """The request ids among ``request_ids`` that have a usage row (they were served and billed)."""
+    with sessions() as session:
+        query = select(UsageEvent.request_id).where(col(UsageEvent.request_id).in_(list(request_ids)))
+        return set(session.exec(query).all())
+
+
 def as_amount(usage: Usage) -> Amount:
     return Amount(requests=usage.requests, tokens=usage.tokens, training_tokens=usage.training_tokens)
 
@@ -283,14 +305,17 @@ class Meter:
     """The billing side of the request path: reserve, then commit the usage row and settle (or release)."""
 
     def __init__(self, *, sessions: sessionmaker[Session], ledger: LedgerWriter, quota: QuotaStore,
-                 grants: GrantLoader | None = None) -> None:
+                 grants: GrantLoader | None = None, resolve_every_s: float = 60.0) -> None:  # float-ok: seconds
         self._sessions = sessions
         self.ledger = ledger
         self.quota = quota
         self._grants = grants
+        self._resolve_every_s = resolve_every_s
+        self._resolved_at: dict[str, float] = {}  # float-ok: tenant -> monotonic time of the last check
+        self._tasks: set[asyncio.Task[int]] = set()
 
     async def reserve(self, *, tenant_id: str, plan: Plan, budget_cents: int | None, amount: Amount,
-                      at: int, credits_epoch: int = 0) -> Hold:
+                      at: int, credits_epoch: int = 0, request_id: str | None = None) -> Hold:
         """Hold ``amount`` against the plan's hard limit and the budget, drawing prepaid credits when the tenant
         has had any (``credits_epoch`` > 0) or the plan is prepaid; 429 ``insufficient_quota`` if it does not fit
         (nothing is held then)."""
@@ -313,7 +338,9 @@ class Meter:
 
             terms = CreditTerms(epoch=credits_epoch, now=at, prepaid=plan.prepaid, load=load)
         reservation = await self.quota.reserve_drawing(tenant_id, period, amount, caps, baseline=baseline,
-                                                       credits=terms)
+                                                       credits=terms, reservation_id=request_id)
+        if drawing:
+            self._check_expired(tenant_id)
         if reservation is None:
             raise InsufficientQuotaError(
                 "This request would exceed your prepaid credits, your plan's monthly quota or your budget; it was "
@@ -323,6 +350,36 @@ class Meter:
                 "Do not retry: raise the budget or change plan."
             )
         return Hold(tenant_id, period, amount, reservation.id, reservation.draws)
+
+    def _check_expired(self, tenant_id: str) -> None:
+        """Now and then (``resolve_every_s`` per tenant), in the background: settle the credit draws of holds that
+        expired unsettled, by asking the ledger whether their request was served (its usage row, written with the
+        draws, exists). Until then those draws stay out of the balance: credits are never drawn twice."""
+        now = time.monotonic()
+        if now - self._resolved_at.get(tenant_id, -self._resolve_every_s) < self._resolve_every_s:
+            return
+        self._resolved_at[tenant_id] = now
+        task = asyncio.get_running_loop().create_task(self.resolve_expired(tenant_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Wait for the background checks (they use the database: before the engine is disposed)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def resolve_expired(self, tenant_id: str) -> int:
+        """Settle the tenant's expired draws against the ledger; returns how many were settled."""
+        try:
+            parked = await self.quota.expired_draws(tenant_id)
+            if not parked:
+                return 0
+            served = await asyncio.to_thread(served_requests, sessions=self._sessions, request_ids=list(parked))
+            await self.quota.resolve_expired(tenant_id, {rid: rid in served for rid in parked})
+            return len(parked)
+        except Exception:
+            log.exception("settling expired credit draws of %s failed; retried later", tenant_id)
+            return 0
 
     async def commit(self, hold: Hold, record: UsageRecord) -> None:
         """Make the usage row durable, then turn the hold into committed usage.

@@ -111,10 +111,21 @@ class QuotaStore(Protocol):
 
     async def reserve_drawing(
         self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline,
-        credits: CreditTerms | None = None,
+        credits: CreditTerms | None = None, reservation_id: str | None = None,
     ) -> Reservation | None:
         """``reserve``, and with ``credits`` draw the request's marginal cost from the tenant's grants in the same
-        atomic step (``drawdown``): the reservation carries the draws; a release returns them."""
+        atomic step (``drawdown``): the reservation carries the draws; a release returns them. ``reservation_id``
+        (the request's id) names the hold, so that an expired hold's draws can be checked against the ledger."""
+        ...
+
+    async def expired_draws(self, tenant_id: str) -> dict[str, Draws]:
+        """The draws of holds that expired unsettled (a replica died, or its settle failed), by reservation id:
+        kept out of the balance until ``resolve_expired`` learns from the ledger whether their request was
+        served."""
+        ...
+
+    async def resolve_expired(self, tenant_id: str, served: dict[str, bool]) -> None:
+        """Settle expired draws: a served request's draw stays drawn, an unserved one returns to its grants."""
         ...
 
     async def settle(self, tenant_id: str, period: str, reservation_id: str, actual: Amount) -> None:
@@ -147,6 +158,7 @@ class QuotaStore(Protocol):
 class _Credits:
     epoch: int = -1
     grants: dict[str, GrantBalance] = field(default_factory=dict)
+    expired: dict[str, Draws] = field(default_factory=dict)  # draws of holds that lapsed unsettled
 
 
 @dataclass
@@ -184,7 +196,7 @@ class InProcessQuotaStore:
 
     async def reserve_drawing(
         self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline,
-        credits: CreditTerms | None = None,
+        credits: CreditTerms | None = None, reservation_id: str | None = None,
     ) -> Reservation | None:
         """Hold ``amount`` if it fits every cap, drawing credits; see ``QuotaStore.reserve_drawing``."""
         ledger = await self._ledger((tenant_id, period), baseline)
@@ -205,7 +217,7 @@ class InProcessQuotaStore:
             for grant_id, micro in planned:
                 grants[grant_id].remaining_micro -= micro
             draws = planned
-        reservation_id = uuid.uuid4().hex
+        reservation_id = reservation_id or uuid.uuid4().hex
         ledger.holds[reservation_id] = (amount, self._clock() + self._hold_ttl_s)
         ledger.reserved += amount
         if draws:
@@ -221,6 +233,23 @@ class InProcessQuotaStore:
                 for grant in await credits.load():
                     state.grants.setdefault(grant.id, grant)  # a held grant's own balance is the current one
                 state.epoch = credits.epoch
+
+    async def expired_draws(self, tenant_id: str) -> dict[str, Draws]:
+        """Draws of holds that lapsed unsettled; see ``QuotaStore.expired_draws``."""
+        state = self._credits.get(tenant_id)
+        return {} if state is None else dict(state.expired)
+
+    async def resolve_expired(self, tenant_id: str, served: dict[str, bool]) -> None:
+        """Keep or return expired draws; see ``QuotaStore.resolve_expired``."""
+        state = self._credits.get(tenant_id)
+        if state is None:
+            return
+        for reservation_id, was_served in served.items():
+            draws = state.expired.pop(reservation_id, ())
+            if not was_served:
+                for grant_id, micro in draws:
+                    if grant_id in state.grants:
+                        state.grants[grant_id].remaining_micro += micro
 
     async def credit_balances(self, tenant_id: str) -> dict[str, int] | None:
         """What is left of each grant held for the tenant; see ``QuotaStore.credit_balances``."""
@@ -274,11 +303,14 @@ class InProcessQuotaStore:
         now = self._clock()
         expired = list(itertools.takewhile(lambda item: item[1][1] <= now, ledger.holds.items()))
         for reservation_id, _ in expired:
-            self._unhold(ledger, reservation_id, refund=True)
+            draws = ledger.draws.get(reservation_id, ())
+            self._unhold(ledger, reservation_id, refund=False)
+            if draws:  # its usage row may be in the ledger: the draw stays out of the balance until checked
+                ledger.credits.expired[reservation_id] = draws
 
     @staticmethod
     def _unhold(ledger: _Ledger, reservation_id: str, *, refund: bool) -> bool:
-        """Drop a hold; ``refund`` returns its credit draws to their grants (a release, or an expired hold)."""
+        """Drop a hold; ``refund`` returns its credit draws to their grants (a release)."""
         hold = ledger.holds.pop(reservation_id, None)
         if hold is None:
             return False
@@ -356,6 +388,9 @@ end
 local function incr(field, digits, sign)
   if digits ~= '0' then redis.call('HINCRBY', KEYS[1], field, sign .. digits) end
 end
+-- refund: true returns the hold's credit draws to their grants (a release), false keeps them drawn (a settle),
+-- 'expired' parks them under "x:" id in the credits hash, out of the balance, until the ledger says whether the
+-- request was served (resolve_expired).
 local function unhold(id, refund)
   local hold = redis.call('HGET', KEYS[2], id)
   if not hold then return false end
@@ -371,7 +406,9 @@ local function unhold(id, refund)
   local drawn = redis.call('HGET', KEYS[2], 'd:' .. id)
   if drawn then
     redis.call('HDEL', KEYS[2], 'd:' .. id)
-    if refund then
+    if refund == 'expired' then
+      redis.call('HSET', KEYS[4], 'x:' .. id, drawn)
+    elseif refund then
       for grant, digits in string.gmatch(drawn, '(%S+) (%d+)') do
         if redis.call('HEXISTS', KEYS[4], 'm:' .. grant) == 1 then
           redis.call('HINCRBY', KEYS[4], 'r:' .. grant, digits)
@@ -439,7 +476,7 @@ end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', string.format('%d', now_ms), 'LIMIT', 0, 64)
-for _, id in ipairs(expired) do unhold(id, true) end
+for _, id in ipairs(expired) do unhold(id, 'expired') end
 local cur = redis.call('HMGET', KEYS[1], C[1], C[2], C[3], C[4], R[1], R[2], R[3], R[4])
 local before, totals = {}, {}
 for i = 1, 4 do
@@ -529,6 +566,24 @@ return 1
 """
 )
 
+# KEYS: the tenant's credits hash. ARGV: reservation id, '1' (served: keep the draw) or '0' (return it), ...
+_RESOLVE_LUA = """
+for i = 1, #ARGV, 2 do
+  local drawn = redis.call('HGET', KEYS[1], 'x:' .. ARGV[i])
+  if drawn then
+    redis.call('HDEL', KEYS[1], 'x:' .. ARGV[i])
+    if ARGV[i + 1] == '0' then
+      for grant, digits in string.gmatch(drawn, '(%S+) (%d+)') do
+        if redis.call('HEXISTS', KEYS[1], 'm:' .. grant) == 1 then
+          redis.call('HINCRBY', KEYS[1], 'r:' .. grant, digits)
+        end
+      end
+    end
+  end
+end
+return 1
+"""
+
 _COUNTER_FIELDS = (
     *(f"c_{name}" for name in ("requests", "tokens", "training_tokens", "cost_micro")),
     *(f"r_{name}" for name in ("requests", "tokens", "training_tokens", "cost_micro")),
@@ -603,6 +658,7 @@ class RedisQuotaStore:
         self._settle = client.register_script(_SETTLE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._add = client.register_script(_ADD_COMMITTED_LUA)
+        self._resolve = client.register_script(_RESOLVE_LUA)
 
     async def reserve(
         self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline
@@ -613,13 +669,13 @@ class RedisQuotaStore:
 
     async def reserve_drawing(
         self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline,
-        credits: CreditTerms | None = None,
+        credits: CreditTerms | None = None, reservation_id: str | None = None,
     ) -> Reservation | None:
         """Hold ``amount`` if it fits every cap, drawing credits; see ``QuotaStore.reserve_drawing``.
 
         The script says what it lacks (the baseline: counters unknown; the grants: credits epoch behind); each is
         awaited once and sent with the next call, which initialises only what is still absent."""
-        reservation_id = uuid.uuid4().hex
+        reservation_id = reservation_id or uuid.uuid4().hex
         keys = self._keys(tenant_id, period)
         start: Amount | None = None
         grants: list[GrantBalance] | None = None
@@ -638,6 +694,19 @@ class RedisQuotaStore:
             else:
                 return None
         raise RuntimeError("the quota store kept asking for a baseline")  # only if the keys vanish in between
+
+    async def expired_draws(self, tenant_id: str) -> dict[str, Draws]:
+        """Draws of holds that lapsed unsettled; see ``QuotaStore.expired_draws``."""
+        flat: dict[bytes | str, bytes | str] = await self._client.hgetall(self._credits_key(tenant_id))
+        parked = {_text(k)[2:]: _text(v).split() for k, v in flat.items() if _text(k).startswith("x:")}
+        return {rid: tuple((words[i], int(words[i + 1])) for i in range(0, len(words), 2))
+                for rid, words in parked.items()}
+
+    async def resolve_expired(self, tenant_id: str, served: dict[str, bool]) -> None:
+        """Keep or return expired draws; see ``QuotaStore.resolve_expired``."""
+        if served:
+            args = [v for rid, was in served.items() for v in (rid, "1" if was else "0")]
+            await self._resolve(keys=[self._credits_key(tenant_id)], args=args)
 
     async def credit_balances(self, tenant_id: str) -> dict[str, int] | None:
         """What is left of each grant held for the tenant; see ``QuotaStore.credit_balances``."""

@@ -232,7 +232,7 @@ class LocalTrainer:
                 job = ops_jobs.get_job(sessions=self.services.sessions, job_id=self.job_id)
                 if job["status"] in FINISHED_STATUSES:
                     return
-                if not self.worker.run_once():
+                if not self.worker.run_once(only=self.job_id):  # never another tenant's job
                     self.stop.wait(self.services.settings.worker_poll_s)
         except BaseException as exc:  # reported by check() in the thread that follows the job
             self.error = exc

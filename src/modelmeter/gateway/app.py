@@ -92,7 +92,8 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
     if settings.alerts_relay_interval_s > 0:
         services.alerts = AlertRelay(sessions=sessions, max_attempts=settings.alerts_max_attempts,
                                      timeout_s=settings.alerts_timeout_s,
-                                     backoff_base_s=settings.alerts_backoff_base_s)
+                                     backoff_base_s=settings.alerts_backoff_base_s,
+                                     allow_private=settings.alerts_allow_private_urls)
     return services
 
 
@@ -132,10 +133,18 @@ def prepare_database(services: Services) -> None:
         register_platform_models(session=session)
 
 
-async def _housekeeping_loop(services: Services) -> None:
+async def _pause(stop: asyncio.Event, seconds: float) -> bool:  # float-ok: seconds
+    """Sleep ``seconds`` unless ``stop`` is set first; True when the loop should end."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+# The loops below end at ``stop`` rather than being cancelled: a cancelled task does not stop the worker thread it
+# awaits, and a thread still holding a pooled connection when the engine is disposed leaks that connection.
+async def _housekeeping_loop(services: Services, stop: asyncio.Event) -> None:
     """Every ``last_used_flush_s``: write the buffered ``last_used_at`` values, forget expired idempotency keys."""
-    while True:
-        await asyncio.sleep(services.settings.last_used_flush_s)
+    while not await _pause(stop, services.settings.last_used_flush_s):
         try:
             await run_in_threadpool(services.auth.flush_last_used)
         except Exception:
@@ -146,7 +155,7 @@ async def _housekeeping_loop(services: Services) -> None:
             log.exception("purging expired idempotency keys failed; will retry")
 
 
-async def _alert_tenants_loop(services: Services) -> None:
+async def _alert_tenants_loop(services: Services, stop: asyncio.Event) -> None:
     """Keep the ledger's set of tenants with alerts fresh (tenants outside it cost the ledger no query)."""
     hook = services.alert_hook
     assert hook is not None
@@ -155,15 +164,18 @@ async def _alert_tenants_loop(services: Services) -> None:
             await run_in_threadpool(hook.refresh, services.engine)
         except Exception:
             log.exception("refreshing the tenants with alerts failed; will retry")
-        await asyncio.sleep(services.settings.alerts_refresh_s)
+        if await _pause(stop, services.settings.alerts_refresh_s):
+            return
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services: Services = app.state.services
     await run_in_threadpool(prepare_database, services)
-    flusher = asyncio.create_task(_housekeeping_loop(services))
-    refresher = asyncio.create_task(_alert_tenants_loop(services)) if services.alert_hook is not None else None
+    stop = asyncio.Event()
+    flusher = asyncio.create_task(_housekeeping_loop(services, stop))
+    refresher = (asyncio.create_task(_alert_tenants_loop(services, stop)) if services.alert_hook is not None
+                 else None)
     services.ledger.start()
     if services.stripe is not None:
         services.stripe.start(services.settings.stripe_sync_interval_s)
@@ -175,11 +187,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if worker is not None:
             await run_in_threadpool(stop_worker, worker)
-        for task in (flusher, refresher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        stop.set()
+        await asyncio.gather(*(task for task in (flusher, refresher) if task is not None), return_exceptions=True)
+        await services.meter.aclose()
         await services.server.close()
         await services.ledger.close()
         await services.rate.aclose()

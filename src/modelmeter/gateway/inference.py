@@ -75,7 +75,7 @@ async def serve(
             _check_dimensions(model.backend, dimensions)
             encoded = await _tokenize(model.backend, texts, truncate)
             now = clock.now_s()
-            headers, hold = await _admit(services, principal, encoded.total_tokens, now)
+            headers, hold = await _admit(services, principal, encoded.total_tokens, now, request.state.request_id)
             try:
                 submission = await _submit(request, model.batcher, encoded.ids, model.tag)
             except BaseException:
@@ -109,7 +109,8 @@ async def _source(services: Services, principal: Principal, info: ModelInfo) -> 
     return replace(source, base=base_source)
 
 
-async def _admit(services: Services, principal: Principal, tokens: int, now: int) -> tuple[dict[str, str], Hold]:
+async def _admit(services: Services, principal: Principal, tokens: int, now: int,
+                 request_id: str) -> tuple[dict[str, str], Hold]:
     """Rate limits (RPM and TPM), then quota and budget: the request's cost is known before compute."""
     plan = services.plans.get(principal.plan)
     decision = await services.rate.check(
@@ -124,7 +125,7 @@ async def _admit(services: Services, principal: Principal, tokens: int, now: int
         hold = await services.meter.reserve(tenant_id=principal.tenant_id, plan=plan,
                                             budget_cents=principal.monthly_budget_cents,
                                             amount=Amount(requests=1, tokens=tokens), at=now,
-                                            credits_epoch=principal.credits_epoch)
+                                            credits_epoch=principal.credits_epoch, request_id=request_id)
     except InsufficientQuotaError as exc:
         services.telemetry.quota_refused(principal.tenant_id)
         exc.headers.update(headers)

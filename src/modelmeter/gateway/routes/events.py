@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from modelmeter.billing import alerts
+from modelmeter.errors import InvalidRequestError
 from modelmeter.gateway.deps import (
     AdminDep,
     BillingPrincipal,
@@ -37,6 +38,9 @@ def put_alerts(data: alerts.AlertSettingsUpdate, principal: BillingWritePrincipa
                services: ServicesDep) -> dict[str, Any]:
     """Set the thresholds (percent of the monthly budget, or of the plan's included tokens when no budget is set)
     and the URL events are POSTed to. Each call makes a new signing secret, shown only in this response."""
+    if not services.settings.alerts_allow_private_urls and alerts.private_address(data.url):
+        raise InvalidRequestError("url must point at a public address, not a loopback, private or link-local one.",
+                                  code="invalid_url", param="url")
     with services.sessions() as session:
         body = alerts.put_settings(session=session, tenant_id=principal.tenant_id, data=data)
     if services.alert_hook is not None:

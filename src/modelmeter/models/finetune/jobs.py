@@ -336,10 +336,13 @@ def cancel_job(*, session: Session, job: FineTuningJob) -> FineTuningJob:
     return job
 
 
-def claim_next(*, sessions: sessionmaker[Session], worker_id: str) -> str | None:
-    """Claim the oldest queued job for ``worker_id``; ``None`` when there is none."""
+def claim_next(*, sessions: sessionmaker[Session], worker_id: str, only: str | None = None) -> str | None:
+    """Claim the oldest queued job for ``worker_id`` (``only``: that job, if it is queued); ``None`` when there is
+    none."""
     with sessions() as session:
         query = select(FineTuningJob.id).where(FineTuningJob.status == "queued")
+        if only is not None:
+            query = query.where(FineTuningJob.id == only)
         query = query.order_by(col(FineTuningJob.created_at), col(FineTuningJob.id)).limit(1)
         if session.get_bind().dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)

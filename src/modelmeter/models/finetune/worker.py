@@ -71,11 +71,12 @@ class Worker:
             if not self.run_once():
                 stop.wait(self.config.poll_s)
 
-    def run_once(self) -> bool:
-        """Recover orphaned jobs, then claim and run one job; ``False`` when the queue was empty."""
+    def run_once(self, only: str | None = None) -> bool:
+        """Recover orphaned jobs, then claim and run one job (``only``: that one, no other tenant's); ``False``
+        when there was none to run."""
         for orphan in jobs.recover_orphans(sessions=self.sessions, is_dead=self._is_dead):
             log.warning("recovered job %s from a dead worker", orphan)
-        job_id = jobs.claim_next(sessions=self.sessions, worker_id=self.worker_id)
+        job_id = jobs.claim_next(sessions=self.sessions, worker_id=self.worker_id, only=only)
         if job_id is None:
             return False
         self.run_job(job_id)
