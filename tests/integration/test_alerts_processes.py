@@ -33,7 +33,9 @@ def plans_settings(settings: Settings, tmp_path: Path) -> Settings:
     packaged = json.loads((Path(__file__).parents[2] / "src/modelmeter/billing/plans.json").read_text())
     path = tmp_path / "plans.json"
     path.write_text(json.dumps({"plans": packaged["plans"] + PLANS}))
-    return settings.model_copy(update={"plans_file": path, "alerts_relay_interval_s": 0})
+    # The receiver listens on 127.0.0.1: private URLs are allowed here (refused by default).
+    return settings.model_copy(update={"plans_file": path, "alerts_relay_interval_s": 0,
+                                       "alerts_allow_private_urls": True})
 
 
 @pytest.fixture
