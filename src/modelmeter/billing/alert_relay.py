@@ -9,8 +9,6 @@ attempt sends the same event, same id: receivers deduplicate on it. The body is 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -25,6 +23,7 @@ from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.billing.alerts import event_public, private_address
+from modelmeter.billing.periodic import Periodic
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
 
 log = logging.getLogger("modelmeter.alerts")
@@ -58,7 +57,8 @@ class DeliveryReport:
 class AlertRelay:
     """Sends due deliveries; ``run_once`` is one pass (tests call it on a fake clock), ``start`` loops."""
 
-    def __init__(self, *, sessions: sessionmaker[Session], max_attempts: int = 8, timeout_s: float = 5.0,
+    def __init__(self, *, sessions: sessionmaker[Session], max_attempts: int = 8,
+                 timeout_s: float = 5.0,  # float-ok: seconds
                  backoff_base_s: int = 2, backoff_cap_s: int = 3600, lease_s: int = 60, batch: int = 100,
                  transport: httpx.BaseTransport | None = None, allow_private: bool = False) -> None:
         self._sessions = sessions
@@ -71,8 +71,7 @@ class AlertRelay:
         self._client = httpx.Client(timeout=timeout_s, transport=transport, follow_redirects=False,
                                     headers={"user-agent": "modelmeter-alerts/1"})
         self._lock = threading.Lock()
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic(self.run_once, name="alert delivery pass")
 
     def backoff_s(self, attempts: int) -> int:
         """Seconds before attempt ``attempts + 1``: base, 2 base, 4 base, ... capped."""
@@ -80,26 +79,13 @@ class AlertRelay:
 
     # lifecycle
 
-    def start(self, interval_s: float) -> None:
-        self._stop = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run_forever(interval_s))
-
-    async def _run_forever(self, interval_s: float) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval_s)
-            if self._stop.is_set():
-                return
-            try:
-                await asyncio.to_thread(self.run_once)
-            except Exception:
-                log.exception("alert delivery pass failed; will retry")
+    def start(self, interval_s: float) -> None:  # float-ok: seconds
+        """Run a pass every ``interval_s`` seconds in a worker thread until ``aclose`` (call from the event loop)."""
+        self._loop.start(interval_s)
 
     async def aclose(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        """Stop the loop after the pass in flight, then close the client's connections."""
+        await self._loop.stop()
         self._client.close()
 
     # one pass
@@ -108,10 +94,10 @@ class AlertRelay:
         """Send every due delivery once (in batches while batches fill)."""
         report = DeliveryReport()
         with self._lock:
-            while not self._stop.is_set():
+            while not self._loop.stopping:
                 due = self._due()
                 for row in due:
-                    if self._stop.is_set():
+                    if self._loop.stopping:
                         break
                     if self._claim(row):
                         report.rows.append(self._send(row))

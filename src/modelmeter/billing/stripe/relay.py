@@ -7,8 +7,6 @@ the row is ``failed`` until an operator requeues it. What each row sends is :mod
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.periodic import Periodic
 from modelmeter.billing.stripe.client import PermanentSyncError, make_client, retryable
 from modelmeter.billing.stripe.dunning import suspend_overdue
 from modelmeter.billing.stripe.mirror import Sent, StripeMirror
@@ -102,33 +101,17 @@ class StripeRelay(StripeMirror):
             "credit_purchase": self._send_credit_purchase,
         }
         self._tick_lock = threading.Lock()
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic(self.tick, name="Stripe sync")
 
     # lifecycle
 
-    def start(self, interval_s: int) -> None:
-        """Run ``tick`` every ``interval_s`` seconds in a worker thread until ``aclose`` (call from the event loop)."""
-        self._stop = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run_forever(interval_s))
-
-    async def _run_forever(self, interval_s: int) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval_s)
-            if self._stop.is_set():
-                return
-            try:
-                await asyncio.to_thread(self.tick)
-            except Exception:
-                log.exception("Stripe sync failed; will retry")
+    def start(self, interval_s: float) -> None:  # float-ok: seconds
+        """Run a pass every ``interval_s`` seconds in a worker thread until ``aclose`` (call from the event loop)."""
+        self._loop.start(interval_s)
 
     async def aclose(self) -> None:
-        """Stop the loop after the row in flight, then close the client's connections."""
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        """Stop the loop after the pass in flight, then close the client's connections."""
+        await self._loop.stop()
         self.close()
 
     def close(self) -> None:
@@ -149,7 +132,7 @@ class StripeRelay(StripeMirror):
     def run_once(self) -> RelayReport:
         """Send every due row once, in order per tenant (in batches, while batches make progress)."""
         report = RelayReport()
-        while not self._stop.is_set():
+        while not self._loop.stopping:
             due = self._due()
             if self._pass(due, report) == 0 or len(due) < self._batch:
                 return report
@@ -159,7 +142,7 @@ class StripeRelay(StripeMirror):
         blocked: set[str] = set()
         sent = 0
         for row in rows:
-            if self._stop.is_set():
+            if self._loop.stopping:
                 break
             if row.tenant_id in blocked or self._waits_behind(row) or not self._claim(row):
                 blocked.add(row.tenant_id)
