@@ -64,7 +64,7 @@ class NoopBackend:
 
 
 def install_noop(app: FastAPI) -> None:
-    server: ModelServer = app.state.services.server
+    server: ModelServer = app.state.services.engines.server
 
     def load(model_id: str) -> SharedBase:
         from modelmeter.models.batching import Batcher

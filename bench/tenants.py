@@ -203,7 +203,7 @@ async def _gateway(models: list[tuple[str, str, str]], pick: Callable[[], int] |
             await run_for(call, seconds=min(2.0, seconds), concurrency=CONCURRENCY)
             with PeakRSS() as peak:
                 n, latencies = await run_for(call, seconds=seconds, concurrency=CONCURRENCY)
-        server = app.state.services.server
+        server = app.state.services.engines.server
         bases = server.shared_bases()
         adapters = bases[0].adapters if bases else None
         result |= {

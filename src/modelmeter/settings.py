@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     # 0 = one tier; N = N MiB of device pages (on the CPU too, where it only serves tests of the mechanism).
     adapter_device_mb: Annotated[int, Field(ge=0)] | None = None
     torch_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per core
+    # Engines (`serve --workers N`): one process per device; unset = every CUDA device, else the CPU.
+    devices: str | None = None
+    # batch_ms=<float>,row_us=<float>: engines wait instead of computing (capacity planning only; never a default).
+    simulated_device: str | None = None
+    # Set by `serve` for its fronts: the engines' ipc socket paths, comma-separated (in-process engine when unset).
+    engine_sockets: str | None = None
 
     # Fine-tuning
     start_worker: bool = True

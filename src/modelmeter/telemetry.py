@@ -48,7 +48,7 @@ from modelmeter.billing.metering import UsageRecord
 from modelmeter.models.batching import OnBatch
 
 if TYPE_CHECKING:
-    from modelmeter.models.serving import ModelServer
+    from modelmeter.models.serving import ModelServer, ServerHooks
 
 log = logging.getLogger("modelmeter.telemetry")
 
@@ -157,6 +157,9 @@ class Telemetry:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.batch_wait = Histogram("modelmeter_batch_wait_seconds", "How long a batch's oldest input waited.",
                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.engine_simulated = Gauge("modelmeter_engine_simulated", "1 when the engine's device is simulated "
+                                      "(MODELMETER_SIMULATED_DEVICE: forward passes are waits, outputs are fake).",
+                                      multiprocess_mode="max", registry=r)
         self.queue_depth = Gauge("modelmeter_queue_depth", "Inputs waiting for a batch.", ["model"],
                                  multiprocess_mode="livesum", registry=r)
         self.queue_requests = Gauge("modelmeter_queue_requests", "Requests holding a queue permit (queued or "
@@ -299,6 +302,18 @@ class Telemetry:
                 copies.inc(copied)
 
         return on_adapter_batch
+
+    def server_hooks(self, wrap_batch: Callable[[OnBatch | None], OnBatch] | None = None) -> ServerHooks:
+        """The model server's callbacks onto these metrics; ``wrap_batch`` adds the engine's own counting."""
+        from modelmeter.models.serving import AdapterHooks, ServerHooks  # the engine side: torch is loaded there
+
+        def on_batch(model_id: str) -> OnBatch:
+            hook = self.batch_hook(model_id)
+            return wrap_batch(hook) if wrap_batch is not None else hook
+
+        return ServerHooks(on_batch=on_batch, on_load=self.on_load, on_evict=self.on_evict,
+                           adapters=AdapterHooks(on_load=self.on_adapter_load, on_evict=self.on_adapter_evict,
+                                                 on_batch=self.adapter_batch_hook))
 
     # --- live gauges ---------------------------------------------------------------------------------
 

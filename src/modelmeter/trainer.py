@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 
 from sqlalchemy.engine import Engine
@@ -66,23 +63,3 @@ def run_worker(settings: Settings) -> None:
         build_worker(settings, engine=engine).run_forever(stop)
     finally:
         engine.dispose()
-
-
-def spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
-    """Start ``modelmeter worker`` as a child process on the same data dir, database and device."""
-    env = {
-        **os.environ,
-        "MODELMETER_DATA_DIR": str(settings.data_dir.resolve()),
-        "MODELMETER_DATABASE_URL": settings.effective_database_url,
-        "MODELMETER_DEVICE": settings.device,
-    }
-    return subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "worker"], env=env)
-
-
-def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

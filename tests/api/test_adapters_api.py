@@ -68,7 +68,7 @@ async def test_tenants_share_a_batch_and_each_gets_its_own_labels(
             assert set(response.json()["data"][0]["scores"]) == {"sports", "politics", "science"}
         else:
             assert len(response.json()["data"][0]["embedding"]) == 32
-    server = app.state.services.server
+    server = app.state.services.engines.server
     assert server.bases.loaded() == ["tiny-base"]
     assert server.pool.loaded() == []
     # The batches really mixed tenants: some batch held rows of both adapters.

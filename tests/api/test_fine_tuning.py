@@ -222,7 +222,7 @@ def test_worker_trains_registers_and_meters(client: TestClient, tenant: Any, bas
     listed = {m["id"]: m for m in client.get("/v1/models", headers=headers).json()["data"]}[model]
     assert (listed["base_model"], listed["training_type"]) == (base, stored["type"])
     assert done["training_type"] == stored
-    server = services.server
+    server = services.engines.server
     assert (model in server.pool.loaded()) == (stored["type"] == "full")  # adapters run on the shared base
 
 

@@ -224,7 +224,7 @@ async def test_concurrent_requests_one_row_each_and_one_load(
     model = register_model(tenant_id)
     app = create_app(client.app.state.services.settings)  # type: ignore[attr-defined]
     batches: list[int] = []
-    server = app.state.services.server
+    server = app.state.services.engines.server
     server._on_batch = lambda _m: (lambda size, *_: batches.append(size))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -23,8 +23,8 @@ from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.billing.alerts import event_public, private_address
-from modelmeter.billing.periodic import Periodic
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
+from modelmeter.periodic import Periodic
 
 log = logging.getLogger("modelmeter.alerts")
 

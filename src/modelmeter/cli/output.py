@@ -20,7 +20,7 @@ P = ParamSpec("P")
 
 def load_services() -> Services:
     """The platform's services on the configured database (migrated), printing the admin token if generated."""
-    from modelmeter.gateway.app import build_services, prepare_database
+    from modelmeter.gateway.wiring import build_services, prepare_database
 
     settings = Settings()
     token, generated = ensure_admin_token(settings)

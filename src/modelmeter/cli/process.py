@@ -51,7 +51,7 @@ def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> 
 
     import uvicorn
 
-    from modelmeter.trainer import spawn_worker, stop_worker
+    from modelmeter.runtime.worker import spawn_worker, stop_worker
 
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     metrics_dir = Path(given) if given else Path(tempfile.mkdtemp(prefix="modelmeter-metrics-"))

@@ -26,11 +26,12 @@ from modelmeter.errors import (
 from modelmeter.gateway.auth import Principal
 from modelmeter.gateway.ratelimit_headers import rate_headers
 from modelmeter.gateway.services import Services
-from modelmeter.models.backends import BertBackend, Encoded, InputTooLong, Result
-from modelmeter.models.batching import Batcher, QueueFull, Submission
+from modelmeter.models.batching import BatcherClosed, QueueFull, Submission
+from modelmeter.models.engine.client import EngineUnavailable, Result
 from modelmeter.models.pool import ModelLoadError
 from modelmeter.models.registry import ModelInfo, artifact_path
-from modelmeter.models.serving import ModelSource
+from modelmeter.models.source import ModelSource
+from modelmeter.models.text import Encoded, InputTooLong, TextEncoder
 
 # Tokenizing this many characters takes long enough to be worth a thread hop off the event loop.
 _INLINE_TOKENIZE_CHARS = 4096
@@ -70,33 +71,42 @@ async def serve(
     if check is not None:
         check(info)
     source = await _source(services, principal, info)
+    encoder = await _encoder(services, source)
+    _check_dimensions(encoder, dimensions)
+    encoded = await _tokenize(encoder, texts, truncate)
+    now = clock.now_s()
+    headers, hold = await _admit(services, principal, encoded.total_tokens, now, request.state.request_id)
     try:
-        async with services.server.use(source) as model:
-            _check_dimensions(model.backend, dimensions)
-            encoded = await _tokenize(model.backend, texts, truncate)
-            now = clock.now_s()
-            headers, hold = await _admit(services, principal, encoded.total_tokens, now, request.state.request_id)
-            try:
-                submission = await _submit(request, model.batcher, encoded.ids, model.tag)
-            except BaseException:
-                await asyncio.shield(services.meter.release(hold))  # not served: not billed
-                raise
-            record = _record(request, principal, info, encoded, submission, endpoint, model.backend.device.type, now)
-            await services.meter.commit(hold, record)
-            services.telemetry.observe_served(info.id, queue_s=submission.queue_s, inference_s=submission.inference_s)
-    except ModelLoadError as exc:
-        raise ServiceUnavailableError(
-            f"The model '{model_id}' could not be loaded: {exc.reason}. Retry later.", code="model_unavailable"
-        ) from exc
+        submission = await _submit(request, services, source, encoded.ids)
+    except BaseException:
+        await asyncio.shield(services.meter.release(hold))  # not served: not billed
+        raise
+    record = _record(request, principal, info, encoded, submission, endpoint, services.engines.device, now)
+    await services.meter.commit(hold, record)
+    services.telemetry.observe_served(info.id, queue_s=submission.queue_s, inference_s=submission.inference_s)
     return Served(info.id, info.task, submission.results, encoded.total_tokens, submission.queue_s,
                   submission.inference_s, headers)
+
+
+async def _encoder(services: Services, source: ModelSource) -> TextEncoder:
+    """The model's tokenizer, on the front (an adapter uses its base's); the first use reads its files."""
+    path = (source.base or source).path
+    found = services.encoders.peek(path)
+    if found is not None:
+        return found
+    try:
+        return await run_in_threadpool(services.encoders.get, path)
+    except (OSError, ValueError) as exc:
+        raise ServiceUnavailableError(
+            f"The model '{source.model_id}' cannot be served: its tokenizer could not be read.",
+            code="model_unavailable") from exc
 
 
 async def _source(services: Services, principal: Principal, info: ModelInfo) -> ModelSource:
     """Where the model's files are; a LoRA adapter also names the platform base it runs on (from the registry,
     never from the request)."""
     data_dir = services.settings.data_dir
-    source = ModelSource(info.id, artifact_path(info.artifact, data_dir), info.task)  # type: ignore[arg-type]
+    source = ModelSource(info.id, artifact_path(info.artifact, data_dir), info.task)
     if not info.is_adapter:
         return source
     try:
@@ -105,7 +115,7 @@ async def _source(services: Services, principal: Principal, info: ModelInfo) -> 
         raise ServiceUnavailableError(
             f"The model '{info.id}' cannot be served: its base model '{info.base_model}' is not available.",
             code="model_unavailable") from exc
-    base_source = ModelSource(base.id, artifact_path(base.artifact, data_dir), base.task)  # type: ignore[arg-type]
+    base_source = ModelSource(base.id, artifact_path(base.artifact, data_dir), base.task)
     return replace(source, base=base_source)
 
 
@@ -144,20 +154,20 @@ def _rate_error(decision: RateDecision, headers: dict[str, str], tokens: int) ->
         headers=headers)
 
 
-def _check_dimensions(backend: BertBackend, dimensions: int | None) -> None:
-    if dimensions is not None and dimensions != backend.dimensions:
+def _check_dimensions(encoder: TextEncoder, dimensions: int | None) -> None:
+    if dimensions is not None and dimensions != encoder.dimensions:
         raise InvalidRequestError(
-            f"This model returns {backend.dimensions}-dimensional embeddings; 'dimensions' cannot change that.",
+            f"This model returns {encoder.dimensions}-dimensional embeddings; 'dimensions' cannot change that.",
             code="unsupported_dimensions",
             param="dimensions",
         )
 
 
-async def _tokenize(backend: BertBackend, texts: list[str], truncate: bool) -> Encoded:
+async def _tokenize(encoder: TextEncoder, texts: list[str], truncate: bool) -> Encoded:
     try:
         if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:
-            return backend.tokenize(texts, truncate=truncate)
-        return await run_in_threadpool(backend.tokenize, texts, truncate=truncate)
+            return encoder.tokenize(texts, truncate=truncate)
+        return await run_in_threadpool(encoder.tokenize, texts, truncate=truncate)
     except InputTooLong as exc:
         raise InvalidRequestError(
             f"Input {exc.index} has {exc.tokens} tokens; the model accepts at most {exc.max_length}. "
@@ -167,17 +177,17 @@ async def _tokenize(backend: BertBackend, texts: list[str], truncate: bool) -> E
         ) from exc
 
 
-async def _submit(request: Request, batcher: Batcher[Result], ids: list[list[int]], tag: object) -> Submission[Result]:
-    """Submit to the batcher while watching the connection: a departed client's inputs are dropped."""
-    work = asyncio.ensure_future(batcher.submit(ids, tag))
+async def _submit(request: Request, services: Services, source: ModelSource,
+                  ids: list[list[int]]) -> Submission[Result]:
+    """Run the rows on the engine while watching the connection: a departed client's rows are dropped."""
+    work = asyncio.ensure_future(services.engines.submit(source, ids))
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
         if not work.done():
-            # Leave only once the batcher has let go of the rows: the caller then releases the model (an
-            # adapter's pages may be reused), which must not happen under a queued or running row.
+            # Leave only once the engine has let go of the rows (an adapter's pages may be reused once it does).
             work.cancel()
             await asyncio.shield(asyncio.gather(work, return_exceptions=True))
     if work.cancelled():
@@ -185,10 +195,18 @@ async def _submit(request: Request, batcher: Batcher[Result], ids: list[list[int
     try:
         return work.result()
     except QueueFull as exc:
-        request.app.state.services.telemetry.overloaded(request.state.model_id)
+        services.telemetry.overloaded(request.state.model_id)
         raise OverloadedError(
             "The model's queue is full; retry shortly.", headers={"Retry-After": "1"}
         ) from exc
+    except ModelLoadError as exc:
+        raise ServiceUnavailableError(
+            f"The model '{source.model_id}' could not be loaded: {exc.reason}. Retry later.", code="model_unavailable"
+        ) from exc
+    except (EngineUnavailable, BatcherClosed) as exc:
+        raise ServiceUnavailableError(
+            "The inference engine is restarting; retry in a second.", code="engine_unavailable",
+            headers={"Retry-After": "1"}) from exc
 
 
 async def _disconnected(request: Request) -> None:

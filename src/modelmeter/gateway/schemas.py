@@ -374,6 +374,30 @@ class Ready(Public):
     checks: dict[str, str]
 
 
+class EngineFront(Public):
+    pid: int
+
+
+class EngineReport(Public):
+    """One engine process (or the in-process engine) and its counters since it started."""
+
+    pid: int
+    device: str
+    simulated: bool
+    batches: int
+    rows: int
+    queue_rows: int
+    adapters_resident: int
+    dropped_messages: int
+
+
+class EngineStatus(Public):
+    """``GET /admin/engine``: the fronts the engines have heard from, and every engine."""
+
+    fronts: list[EngineFront]
+    engines: list[EngineReport]
+
+
 # --- usage alerts and events -----------------------------------------------------------------------
 
 

@@ -17,8 +17,9 @@ from modelmeter.billing.quota import InProcessQuotaStore, QuotaStore, RedisQuota
 from modelmeter.billing.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from modelmeter.billing.stripe.relay import StripeRelay
 from modelmeter.gateway.auth import KeyAuthenticator
+from modelmeter.models.engine.client import EngineClient
 from modelmeter.models.registry import ModelCache
-from modelmeter.models.serving import ModelServer
+from modelmeter.models.text import TextEncoders
 from modelmeter.settings import Settings
 from modelmeter.telemetry import Telemetry
 
@@ -33,12 +34,13 @@ class Services:
     auth: KeyAuthenticator
     plans: PlanCatalog
     models: ModelCache
-    server: ModelServer
+    engines: EngineClient  # in-process (LocalEngine) or the engine processes (RemoteEngine)
     ledger: LedgerWriter
     rate: RateLimiter
     quota: QuotaStore
     meter: Meter
     telemetry: Telemetry = field(default_factory=Telemetry)
+    encoders: TextEncoders = field(default_factory=TextEncoders)
     stripe: StripeRelay | None = None  # set when a Stripe key is configured
     alert_hook: Alerts | None = None  # the ledger's alert hook (its set of tenants with alerts is refreshed)
     alerts: AlertRelay | None = None  # the usage alerts relay (None when alerts_relay_interval_s is 0)

@@ -7,13 +7,9 @@ A backend is one loaded model on one device. It knows nothing of HTTP, tenants o
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeAlias
 
@@ -21,34 +17,13 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from modelmeter.models.text import Encoded, InputTooLong, encoders
+
 Task: TypeAlias = Literal["text-classification", "feature-extraction"]
 Result: TypeAlias = dict[str, float] | list[float]
 
 TASKS: tuple[Task, ...] = ("text-classification", "feature-extraction")
 _CUDA_SPEC = re.compile(r"cuda(?::(\d+))?")
-
-
-class InputTooLong(Exception):
-    """An input has more tokens than the model accepts and truncation was not requested."""
-
-    def __init__(self, index: int, tokens: int, max_length: int) -> None:
-        super().__init__(f"input {index} has {tokens} tokens; the model accepts at most {max_length}")
-        self.index = index
-        self.tokens = tokens
-        self.max_length = max_length
-
-
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """Token ids per input (special tokens included) and the billable token count of each."""
-
-    ids: list[list[int]]
-    tokens: list[int]
-
-    @property
-    def total_tokens(self) -> int:
-        """Billable tokens of the whole request."""
-        return sum(self.tokens)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -87,7 +62,7 @@ class BertBackend:
         device: torch.device,
         max_length: int,
     ) -> None:
-        self._whole, self._truncating = _encoders(tokenizer, max_length)
+        self._whole, self._truncating = encoders(tokenizer, max_length)
         self._pad_id = pad_id
         self._model = model
         self._task: Task = task
@@ -196,40 +171,6 @@ def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> list[Result]:
     mean = summed / weights.sum(dim=1).clamp(min=1e-9)
     vectors = torch.nn.functional.normalize(mean, p=2, dim=1)
     return list(vectors.cpu().tolist())
-
-
-# Fine-tunes share their base's tokenizer: one pair of encoders per distinct tokenizer, not per loaded model
-# (each pair costs ~13 MB of resident memory for a BERT vocabulary; measured in bench/tenants.py's RSS figures).
-_ENCODER_CACHE: OrderedDict[tuple[str, int], tuple[Tokenizer, Tokenizer]] = OrderedDict()
-_ENCODER_CACHE_SIZE = 8
-_ENCODER_LOCK = threading.Lock()
-
-
-def _encoders(tokenizer: Tokenizer, max_length: int) -> tuple[Tokenizer, Tokenizer]:
-    """Two copies configured once: without truncation, and truncating to ``max_length``.
-
-    Reconfiguring one tokenizer per call (what ``PreTrainedTokenizerFast.__call__`` does) races when
-    requests tokenize from several threads ("Already borrowed"); encoding alone is safe to share, so models
-    with the same tokenizer share one pair.
-    """
-    spec = tokenizer.to_str()
-    key = (hashlib.sha256(spec.encode()).hexdigest(), max_length)
-    with _ENCODER_LOCK:
-        cached = _ENCODER_CACHE.get(key)
-        if cached is not None:
-            _ENCODER_CACHE.move_to_end(key)
-            return cached
-    whole = Tokenizer.from_str(spec)
-    whole.no_truncation()
-    whole.no_padding()
-    truncating = Tokenizer.from_str(spec)
-    truncating.no_padding()
-    truncating.enable_truncation(max_length)
-    with _ENCODER_LOCK:
-        _ENCODER_CACHE[key] = (whole, truncating)
-        while len(_ENCODER_CACHE) > _ENCODER_CACHE_SIZE:
-            _ENCODER_CACHE.popitem(last=False)
-    return whole, truncating
 
 
 def _load_model(path: Path, *, task: Task, device: torch.device) -> PreTrainedModel:

@@ -16,12 +16,12 @@ import ctypes
 import ctypes.util
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -29,6 +29,14 @@ from modelmeter.models.adapters.backend import AdapterBackend, OnAdapterBatch, R
 from modelmeter.models.backends import BertBackend, Result, Task
 from modelmeter.models.batching import Batcher, OnBatch
 from modelmeter.models.pool import ModelPool
+from modelmeter.models.simulated import SimulatedDevice
+from modelmeter.models.source import ModelSource
+from modelmeter.settings import Settings
+
+__all__ = ["AdapterConfig", "AdapterHooks", "BatchCaps", "Lease", "ModelServer", "ModelSource", "SharedBase",
+           "build_model_server"]
+MIB = 1024 * 1024
+DEFAULT_ADAPTER_DEVICE_MB = 1024
 
 log = logging.getLogger("modelmeter.serving")
 
@@ -49,16 +57,6 @@ class AdapterConfig:
     budget_bytes: int
     device_bytes: int | None = None
     max_labels: int = 100
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSource:
-    """Where a model's artifacts are; ``base`` is set for a LoRA adapter (the base it runs on)."""
-
-    model_id: str
-    path: Path
-    task: Task
-    base: ModelSource | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +121,10 @@ class ModelServer:
         on_load: Callable[[str, float], None] | None = None,
         on_evict: Callable[[str], None] | None = None,
         adapter_hooks: AdapterHooks | None = None,
+        simulated: SimulatedDevice | None = None,
     ) -> None:
         self.device = device
+        self.simulated = simulated
         self._caps = caps
         self._adapter_config = adapters or AdapterConfig(budget_bytes=1024 * 1024 * 1024)
         self._on_batch = on_batch
@@ -145,7 +145,7 @@ class ModelServer:
 
     def _batcher(self, model_id: str, backend: BertBackend) -> Batcher[Result]:
         return Batcher(
-            backend.forward,
+            self._forward(backend),
             max_batch_tokens=self._caps.max_batch_tokens,
             max_batch_size=self._caps.max_batch_size,
             max_wait_ms=self._caps.max_wait_ms,
@@ -156,9 +156,19 @@ class ModelServer:
             executor=self._lane,
         )
 
+    def _forward(self, backend: BertBackend) -> Callable[..., list[Result]]:
+        if self.simulated is None:
+            return backend.forward
+        labels = backend.labels
+
+        def labels_of(tag: object) -> Sequence[str] | None:
+            return tag.labels if isinstance(tag, ResidentAdapter) else labels
+
+        return self.simulated.forward(labels_of=labels_of, dimensions=backend.dimensions)
+
     def _load(self, model_id: str) -> ServedModel:
         source = self._sources[model_id]
-        backend = BertBackend.load(source.path, task=source.task, device=self.device)
+        backend = BertBackend.load(source.path, task=cast(Task, source.task), device=self.device)
         return ServedModel(model_id, backend, self._batcher(model_id, backend))
 
     def _load_base(self, model_id: str) -> SharedBase:
@@ -234,6 +244,35 @@ class ModelServer:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self._lane.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHooks:
+    """Telemetry callbacks of a model server (see :class:`ModelServer`)."""
+
+    on_batch: Callable[[str], OnBatch | None] | None = None
+    on_load: Callable[[str, float], None] | None = None
+    on_evict: Callable[[str], None] | None = None
+    adapters: AdapterHooks | None = None
+
+
+def build_model_server(settings: Settings, *, device: torch.device, hooks: ServerHooks | None = None,
+                       simulated: SimulatedDevice | None = None) -> ModelServer:
+    """The model server an engine runs on ``device``, sized by ``settings``."""
+    hooks = hooks or ServerHooks()
+    device_mb = settings.adapter_device_mb
+    if device_mb is None:  # auto: two tiers on CUDA (device pages backed by host memory), one on the CPU
+        device_mb = DEFAULT_ADAPTER_DEVICE_MB if device.type == "cuda" else 0
+    adapters = AdapterConfig(budget_bytes=settings.adapter_pool_mb * MIB,
+                             device_bytes=device_mb * MIB if device_mb else None, max_labels=settings.max_labels)
+    return ModelServer(
+        device=device,
+        memory_budget_bytes=settings.pool_memory_mb * MIB,
+        caps=BatchCaps(settings.max_batch_tokens, settings.max_batch_size, settings.max_wait_ms,
+                       settings.max_queue_requests, settings.max_padding_ratio),
+        adapters=adapters, on_batch=hooks.on_batch, on_load=hooks.on_load, on_evict=hooks.on_evict,
+        adapter_hooks=hooks.adapters, simulated=simulated,
+    )
 
 
 def _return_freed_memory() -> None:

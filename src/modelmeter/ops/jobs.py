@@ -15,8 +15,8 @@ from modelmeter.billing.metering import as_amount, check_training_quota, period_
 from modelmeter.billing.quota import Amount
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import parse_dataset
+from modelmeter.models.finetune.estimate import estimate_training_tokens
 from modelmeter.models.finetune.tables import FineTuningJob
-from modelmeter.models.finetune.train import estimate_training_tokens
 from modelmeter.models.registry import MlModel, ModelInfo, artifact_path
 from modelmeter.tenancy.tenants import get_tenant, lock_tenant
 

@@ -20,12 +20,12 @@ from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.periodic import Periodic
 from modelmeter.billing.stripe.client import PermanentSyncError, make_client, retryable
 from modelmeter.billing.stripe.dunning import suspend_overdue
 from modelmeter.billing.stripe.mirror import Sent, StripeMirror
 from modelmeter.billing.stripe.outbox import enable_outbox
 from modelmeter.billing.tables import Invoice, StripeOutbox
+from modelmeter.periodic import Periodic
 from modelmeter.settings import Settings
 
 log = logging.getLogger("modelmeter.stripe")

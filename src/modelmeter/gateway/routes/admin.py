@@ -23,6 +23,7 @@ from modelmeter.gateway.schemas import (
     BillingClose,
     CreditGrant,
     CreditList,
+    EngineStatus,
     Page,
     Simulation,
     UnitEconomics,
@@ -39,6 +40,16 @@ READ, ONE, WRITE, WRITE_ONE = (errors(*ADMIN_READ), errors(*ADMIN_READ, 404), er
                                errors(*ADMIN_WRITE, 404))
 # A calendar month, as the ledger and invoices name it (the schema says so, so that clients and fuzzers know).
 PERIOD = SIMULATION_PERIOD
+
+
+@router.get("/engine", response_model=EngineStatus, responses=READ)
+async def get_engine(services: ServicesDep) -> dict[str, Any]:
+    """The fronts and engines serving inference, with each engine's batch and row counters."""
+    fronts, engines = await services.engines.stats()
+    return {"fronts": [{"pid": pid} for pid in fronts],
+            "engines": [{"pid": e.pid, "device": e.device, "simulated": e.simulated, "batches": e.batches,
+                         "rows": e.rows, "queue_rows": e.queue_rows, "adapters_resident": e.adapters_resident,
+                         "dropped_messages": e.dropped_messages} for e in engines]}
 
 
 @router.post("/tenants", status_code=201, response_model=TenantPublic, responses=WRITE)

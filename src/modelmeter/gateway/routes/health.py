@@ -23,10 +23,13 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=Ready, responses=errors(503))
 async def readyz(services: ServicesDep) -> dict[str, Any]:
-    """Ready when the database answers."""
+    """Ready when the database answers and the engine serving the models does."""
+    if not services.engines.ready():
+        raise ServiceUnavailableError("The inference engine is not running yet; retry in a second.",
+                                      code="engine_unavailable", headers={"Retry-After": "1"})
     try:
         await run_in_threadpool(ping, services.engine)
     except Exception as exc:
         message = f"Database unreachable: {type(exc).__name__}."
         raise ServiceUnavailableError(message, code="database_unavailable") from exc
-    return {"status": "ready", "checks": {"database": "ok"}}
+    return {"status": "ready", "checks": {"database": "ok", "engine": "ok"}}

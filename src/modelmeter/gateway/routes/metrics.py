@@ -29,9 +29,8 @@ def make_telemetry(settings: Settings, registry: CollectorRegistry | None = None
 
 
 def instrument(services: Services) -> None:
-    """Watch the model server's queues and pool, and add the database gauges read at scrape time."""
+    """Add the database gauges read at scrape time (the in-process engine's queues are watched by ``wiring``)."""
     settings = services.settings
-    services.telemetry.watch(services.server)
     services.telemetry.add_scrape_collector(DatabaseCollector(
         sessions=services.sessions, catalog=services.plans, prices=compute_prices(settings), tenants=_tenants,
         max_tenants=settings.metrics_max_tenants, ttl_s=settings.metrics_db_ttl_s,

@@ -23,18 +23,20 @@ from modelmeter import clock
 from modelmeter.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
 from modelmeter.fields import INTEGRAL, PYTHON_RE
 from modelmeter.ids import new_id
-from modelmeter.models.finetune.recipes import DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK, MAX_LORA_RANK
+from modelmeter.models.finetune.hparams import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LEARNING_RATE_MULTIPLIER,
+    DEFAULT_LORA_ALPHA,
+    DEFAULT_LORA_RANK,
+    DEFAULT_N_EPOCHS,
+    MAX_LORA_RANK,
+)
 from modelmeter.models.finetune.tables import (
     ACTIVE_STATUSES,
     FINISHED_STATUSES,
     FineTuningEvent,
     FineTuningJob,
     TenantFile,
-)
-from modelmeter.models.finetune.train import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_LEARNING_RATE_MULTIPLIER,
-    DEFAULT_N_EPOCHS,
 )
 
 Auto = Literal["auto"]

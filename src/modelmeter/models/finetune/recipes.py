@@ -23,13 +23,15 @@ import torch
 from transformers import BertForSequenceClassification
 
 from modelmeter.models.adapters.artifact import ADAPTER_CONFIG, ADAPTER_META, META_FORMAT, SERVED_TARGETS
+from modelmeter.models.finetune.hparams import (
+    DEFAULT_LORA_ALPHA,
+    DEFAULT_LORA_RANK,
+    FULL_BASE_LEARNING_RATE,
+    LORA_BASE_LEARNING_RATE,
+    LORA_DROPOUT,
+    MAX_LORA_RANK,
+)
 
-FULL_BASE_LEARNING_RATE = 1e-4
-LORA_BASE_LEARNING_RATE = 1e-3
-DEFAULT_LORA_RANK = 8
-DEFAULT_LORA_ALPHA = 16
-LORA_DROPOUT = 0.1
-MAX_LORA_RANK = 64
 # Every linear layer of the encoder and the pooler ("dense" matches the attention output, intermediate, output
 # and pooler projections); the classifier is trained whole beside the adapter (PEFT's modules_to_save).
 LORA_TARGETS: tuple[str, ...] = SERVED_TARGETS

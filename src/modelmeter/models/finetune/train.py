@@ -30,12 +30,9 @@ from transformers import AutoTokenizer, BertForSequenceClassification, get_linea
 from modelmeter.models.finetune import recipes
 from modelmeter.models.finetune.batches import length_bucketed_batches
 from modelmeter.models.finetune.dataset import Example
+from modelmeter.models.finetune.hparams import DEFAULT_BATCH_SIZE, DEFAULT_LEARNING_RATE_MULTIPLIER, DEFAULT_N_EPOCHS
 from modelmeter.models.finetune.metrics import Metrics, classification_metrics
 from modelmeter.models.finetune.recipes import LoraTraining, TrainingType
-
-DEFAULT_N_EPOCHS = 3
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_LEARNING_RATE_MULTIPLIER = 1.0
 
 WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
@@ -201,13 +198,6 @@ def _load_model(base_model_dir: Path, labels: list[str], device: torch.device) -
     # Trained in float32 whatever the checkpoint's dtype; autocast provides the mixed precision.
     torch.nn.Module.to(model, device=device, dtype=torch.float32)
     return model
-
-
-def estimate_training_tokens(base_model_dir: Path, texts: list[str], n_epochs: int, max_length: int = 128) -> int:
-    """Billable training tokens of a job before it runs: every row's tokens (special tokens included, after
-    truncation, as training counts them) times the epochs. An upper bound when a hold-out is split off."""
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir), local_files_only=True)
-    return sum(len(ids) for ids in _encode(tokenizer, texts, max_length)) * n_epochs
 
 
 def _encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:

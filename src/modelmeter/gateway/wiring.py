@@ -1,0 +1,163 @@
+"""The composition root: everything a front runs, built in one place and shut down in reverse.
+
+``build_services(settings)`` makes the request-independent parts (no I/O beyond creating the database engine);
+``running(services)`` starts them in order on an :class:`~contextlib.AsyncExitStack` (the database prepared, the
+engine client connected, the ledger writer, the relays and every background :class:`~modelmeter.periodic.Periodic`,
+the fine-tuning worker) and the stack stops them in the reverse order. The engine is in-process unless ``serve``
+gave this front the engines' sockets (``MODELMETER_ENGINE_SOCKETS``): then this process loads no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from starlette.concurrency import run_in_threadpool
+
+from modelmeter import db
+from modelmeter.billing.alert_relay import AlertRelay
+from modelmeter.billing.alerts import Alerts
+from modelmeter.billing.catalog import PlanCatalog
+from modelmeter.billing.credits import store_grants
+from modelmeter.billing.metering import LedgerWriter, Meter
+from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
+from modelmeter.gateway.auth import KeyAuthenticator
+from modelmeter.gateway.routes import metrics
+from modelmeter.gateway.services import Services, make_limiters
+from modelmeter.models.engine.client import EngineClient, RemoteEngine
+from modelmeter.models.registry import ModelCache, register_platform_models
+from modelmeter.periodic import Periodic
+from modelmeter.runtime.worker import spawn_worker, stop_worker
+from modelmeter.settings import Settings, ensure_admin_token
+from modelmeter.telemetry import Telemetry
+from modelmeter.tenancy import idempotency
+
+log = logging.getLogger("modelmeter.gateway")
+
+
+def build_services(settings: Settings, *, registry: CollectorRegistry | None = None) -> Services:
+    """Connect to the database and build the request-independent parts (no I/O beyond the engine).
+
+    ``registry``: where the metrics are created (tests inject one); a fresh registry per app when omitted.
+    """
+    ensure_admin_token(settings)
+    engine = db.engine_from_settings(settings)
+    sessions = db.session_maker(engine)
+    telemetry = metrics.make_telemetry(settings, registry)
+    plans = PlanCatalog.load(settings.plans_file)
+    alert_hook = Alerts(plans)
+    ledger = LedgerWriter(sessions, on_commit=telemetry.on_commit, alerts=alert_hook)
+    rate, quota = make_limiters(settings.redis_url)
+    services = Services(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        auth=KeyAuthenticator(sessions, ttl_s=settings.key_cache_ttl_s),
+        plans=plans,
+        models=ModelCache(sessions),
+        engines=_engines(settings, telemetry),
+        ledger=ledger,
+        rate=rate,
+        quota=quota,
+        meter=Meter(sessions=sessions, ledger=ledger, quota=quota,
+                    grants=lambda tenant_id, now: store_grants(sessions=sessions, tenant_id=tenant_id, now=now)),
+        telemetry=telemetry,
+        alert_hook=alert_hook,
+    )
+    metrics.instrument(services)
+    services.stripe = _stripe_relay(services)
+    if settings.alerts_relay_interval_s > 0:
+        services.alerts = AlertRelay(sessions=sessions, max_attempts=settings.alerts_max_attempts,
+                                     timeout_s=settings.alerts_timeout_s,
+                                     backoff_base_s=settings.alerts_backoff_base_s,
+                                     allow_private=settings.alerts_allow_private_urls)
+    return services
+
+
+def _engines(settings: Settings, telemetry: Telemetry) -> EngineClient:
+    """The engine processes' client when ``serve`` started them; else the model server in this process."""
+    if settings.engine_sockets:
+        return RemoteEngine([Path(path) for path in settings.engine_sockets.split(",") if path])
+    # Only the in-process engine imports torch: a front of `serve --workers N` never reaches these imports.
+    from modelmeter.models.backends import configure_torch_threads, resolve_device
+    from modelmeter.models.engine.core import EngineCounters
+    from modelmeter.models.engine.local import LocalEngine
+    from modelmeter.models.serving import build_model_server
+    from modelmeter.models.simulated import SimulatedDevice
+
+    configure_torch_threads(settings.torch_threads)
+    simulated = SimulatedDevice.parse(settings.simulated_device) if settings.simulated_device else None
+    if simulated is not None:
+        log.warning("SIMULATED DEVICE (%s): forward passes are waits and outputs are not a model's",
+                    settings.simulated_device)
+        telemetry.engine_simulated.set(1)
+    counters = EngineCounters()
+    server = build_model_server(settings, device=resolve_device(settings.device),
+                                hooks=telemetry.server_hooks(counters.wrap), simulated=simulated)
+    telemetry.watch(server)
+    return LocalEngine(server, counters)
+
+
+def _stripe_relay(services: Services) -> StripeRelay | None:
+    """The Stripe outbox relay when a key is set (refuses a live key unless live mode is on)."""
+
+    def invalidate(tenant_id: str) -> None:
+        services.auth.invalidate(lambda p: p.tenant_id == tenant_id)
+
+    return relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans,
+                               on_suspend=invalidate)
+
+
+def prepare_database(services: Services) -> None:
+    """Apply migrations and register platform models (idempotent)."""
+    db.upgrade(services.engine)
+    with db.session_scope(services.sessions) as session:
+        register_platform_models(session=session)
+
+
+def _housekeeping(services: Services) -> None:
+    """Write the buffered ``last_used_at`` values, forget expired idempotency keys."""
+    try:
+        services.auth.flush_last_used()
+    finally:
+        idempotency.purge(sessions=services.sessions)
+
+
+@asynccontextmanager
+async def running(services: Services) -> AsyncIterator[None]:
+    """Start everything ``services`` runs, in order; stop it in reverse when the block ends."""
+    settings = services.settings
+    async with AsyncExitStack() as stack:
+        await run_in_threadpool(prepare_database, services)
+        stack.callback(services.engine.dispose)
+        stack.callback(services.telemetry.close)
+        stack.push_async_callback(run_in_threadpool, services.auth.flush_last_used)
+        stack.push_async_callback(services.quota.aclose)
+        stack.push_async_callback(services.rate.aclose)
+        services.ledger.start()
+        stack.push_async_callback(services.ledger.close)
+        await services.engines.start()
+        stack.push_async_callback(services.engines.aclose)
+        stack.push_async_callback(services.meter.aclose)
+        if services.stripe is not None:
+            services.stripe.start(settings.stripe_sync_interval_s)
+            stack.push_async_callback(services.stripe.aclose)
+        if services.alerts is not None:
+            services.alerts.start(settings.alerts_relay_interval_s)
+            stack.push_async_callback(services.alerts.aclose)
+        loops = [Periodic(lambda: _housekeeping(services), name="housekeeping")]
+        loops[0].start(settings.last_used_flush_s)
+        if services.alert_hook is not None:
+            hook = services.alert_hook
+            refresh = Periodic(lambda: hook.refresh(services.engine), name="alert tenants refresh", immediately=True)
+            refresh.start(settings.alerts_refresh_s)
+            loops.append(refresh)
+        for loop in loops:
+            stack.push_async_callback(loop.stop)
+        if settings.start_worker:
+            worker = spawn_worker(settings)
+            stack.push_async_callback(run_in_threadpool, stop_worker, worker)
+        yield

@@ -1,0 +1,44 @@
+"""The in-process engine: the model server in the front's own process, behind the :class:`EngineClient`
+interface (tests, and ``serve`` with one process where the hop to another process buys nothing)."""
+
+from __future__ import annotations
+
+import os
+
+from modelmeter.models.batching import Submission
+from modelmeter.models.engine.client import EngineStats, Result
+from modelmeter.models.engine.core import EngineCounters, server_load
+from modelmeter.models.serving import ModelServer
+from modelmeter.models.source import ModelSource
+
+
+class LocalEngine:
+    """Runs rows on ``server`` in this process; ``counters`` must be the ones its batch hook updates."""
+
+    def __init__(self, server: ModelServer, counters: EngineCounters | None = None) -> None:
+        self.server = server
+        self.counters = counters or EngineCounters()
+
+    @property
+    def device(self) -> str:
+        return self.server.device.type
+
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def submit(self, source: ModelSource, ids: list[list[int]], *, priority: int = 0) -> Submission[Result]:
+        async with self.server.use(source) as lease:
+            return await lease.batcher.submit(ids, lease.tag)
+
+    async def stats(self) -> tuple[list[int], list[EngineStats]]:
+        server, c = self.server, self.counters
+        queue_rows, adapters = server_load(server)
+        engine = EngineStats(os.getpid(), self.device, server.simulated is not None, c.batches, c.rows, queue_rows,
+                             adapters, c.dropped_messages)
+        return [os.getpid()], [engine]
+
+    async def aclose(self) -> None:
+        await self.server.close()

@@ -1,0 +1,157 @@
+"""The messages between fronts and engines: msgspec structs over ZMQ, token ids and outputs as raw buffers.
+
+A front's DEALER socket talks to an engine's ROUTER socket (``ipc://`` in the data dir). Requests carry a
+front-chosen ``rid``; the engine answers each :class:`Infer` with exactly one :class:`Done` or :class:`Failed`
+(none when it was cancelled). Token ids travel as little-endian int32 with a row-length vector; vectors and
+class probabilities as float32, row-major (no pickle, no JSON: decoding never runs code, and a message that does
+not decode is dropped and counted by the engine).
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+
+from modelmeter.models.source import ModelSource
+
+
+class Source(msgspec.Struct, array_like=True, frozen=True):
+    """A model to run on: its id, artifact directory and task; ``base`` for a LoRA adapter."""
+
+    model_id: str
+    path: str
+    task: str
+    base: Source | None = None
+
+
+class Infer(msgspec.Struct, tag=1, array_like=True):
+    rid: int
+    source: Source
+    ids: bytes  # every row's token ids, concatenated (int32)
+    lengths: bytes  # one int32 per row
+    priority: int = 0  # lower is sooner (interactive 0)
+
+
+class Cancel(msgspec.Struct, tag=2, array_like=True):
+    rid: int
+
+
+class Ping(msgspec.Struct, tag=3, array_like=True):
+    seq: int
+    front_pid: int
+
+
+class StatsRequest(msgspec.Struct, tag=4, array_like=True):
+    rid: int
+
+
+def wire(source: ModelSource) -> Source:
+    return Source(source.model_id, str(source.path), source.task, wire(source.base) if source.base else None)
+
+
+def source_of(source: Source) -> ModelSource:
+    return ModelSource(source.model_id, Path(source.path), source.task,
+                       source_of(source.base) if source.base else None)
+
+
+ToEngine = Infer | Cancel | Ping | StatsRequest
+
+
+class Done(msgspec.Struct, tag=11, array_like=True):
+    rid: int
+    kind: str  # "vectors" | "scores"
+    rows: int
+    cols: int
+    data: bytes  # float32, rows x cols
+    labels: list[str]  # the score columns' labels ("scores"), in order
+    queue_us: int
+    inference_us: int
+    compute_us: int
+
+
+class Failed(msgspec.Struct, tag=12, array_like=True):
+    rid: int
+    code: str  # "overloaded" | "model_unavailable" | "engine_error" | "closed"
+    message: str
+
+
+class Pong(msgspec.Struct, tag=13, array_like=True):
+    seq: int
+    pid: int
+    device: str
+
+
+class Stats(msgspec.Struct, tag=14, array_like=True):
+    rid: int
+    pid: int
+    device: str
+    simulated: bool
+    batches: int
+    rows: int
+    queue_rows: int
+    adapters_resident: int
+    dropped_messages: int
+    fronts: list[int]
+
+
+ToFront = Done | Failed | Pong | Stats
+
+_BIG = sys.byteorder == "big"
+
+
+def pack_ids(rows: Sequence[Sequence[int]]) -> tuple[bytes, bytes]:
+    """Rows of token ids as (concatenated int32, int32 lengths)."""
+    flat = array("i")
+    for row in rows:
+        flat.extend(row)
+    lengths = array("i", [len(row) for row in rows])
+    if _BIG:
+        flat.byteswap()
+        lengths.byteswap()
+    return flat.tobytes(), lengths.tobytes()
+
+
+def unpack_ids(ids: bytes, lengths: bytes) -> list[list[int]]:
+    """The inverse of :func:`pack_ids`; ``ValueError`` when the buffers disagree."""
+    flat, sizes = array("i"), array("i")
+    flat.frombytes(ids)
+    sizes.frombytes(lengths)
+    if _BIG:
+        flat.byteswap()
+        sizes.byteswap()
+    if any(n <= 0 for n in sizes) or sum(sizes) != len(flat):
+        raise ValueError("row lengths do not match the ids")
+    rows, at = [], 0
+    for n in sizes:
+        rows.append(flat[at: at + n].tolist())
+        at += n
+    return rows
+
+
+def pack_floats(rows: Sequence[Sequence[float]]) -> bytes:
+    flat = array("f")
+    for row in rows:
+        flat.extend(row)
+    if _BIG:
+        flat.byteswap()
+    return flat.tobytes()
+
+
+def unpack_floats(data: bytes, rows: int, cols: int) -> list[list[float]]:
+    flat = array("f")
+    flat.frombytes(data)
+    if _BIG:
+        flat.byteswap()
+    if len(flat) != rows * cols:
+        raise ValueError("output buffer does not match its shape")
+    values = flat.tolist()
+    return [values[i * cols: (i + 1) * cols] for i in range(rows)]
+
+
+to_engine_encoder = msgspec.msgpack.Encoder()
+to_engine_decoder = msgspec.msgpack.Decoder(ToEngine)
+to_front_decoder = msgspec.msgpack.Decoder(ToFront)

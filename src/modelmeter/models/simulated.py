@@ -1,0 +1,60 @@
+"""A device that waits instead of computing (``MODELMETER_SIMULATED_DEVICE=batch_ms=1,row_us=2``).
+
+Each forward pass becomes a sleep of ``batch_ms + rows * row_us`` and returns deterministic outputs of the right
+shapes (class scores over the model's labels, unit vectors of its width), so the fronts and the batching across
+them can be measured on a machine without the accelerator they would feed. Never a default.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+Result = dict[str, float] | list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedDevice:
+    batch_ms: float
+    row_us: float
+
+    @classmethod
+    def parse(cls, spec: str) -> SimulatedDevice:
+        """``batch_ms=<float>,row_us=<float>`` (either may be left out: 0)."""
+        values = {"batch_ms": 0.0, "row_us": 0.0}
+        for part in filter(None, (piece.strip() for piece in spec.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or key.strip() not in values:
+                raise ValueError(f"simulated device: expected batch_ms=<float>,row_us=<float>, got {spec!r}")
+            number = float(value)
+            if not math.isfinite(number) or number < 0:
+                raise ValueError(f"simulated device: {key.strip()} must be a non-negative number")
+            values[key.strip()] = number
+        return cls(values["batch_ms"], values["row_us"])
+
+    def wait_s(self, rows: int) -> float:  # float-ok: seconds
+        return self.batch_ms / 1e3 + rows * self.row_us / 1e6
+
+    def forward(self, *, labels_of: Callable[[object], Sequence[str] | None], dimensions: int
+                ) -> Callable[[list[list[int]], Sequence[object] | None], list[Result]]:
+        """A forward pass for one backend: ``labels_of(tag)`` is a row's class labels (``None``: a vector row)."""
+
+        def run(batch_ids: list[list[int]], tags: Sequence[object] | None = None) -> list[Result]:
+            time.sleep(self.wait_s(len(batch_ids)))
+            row_tags = tags if tags is not None else [None] * len(batch_ids)
+            return [_output(ids, labels_of(tag), dimensions) for ids, tag in zip(batch_ids, row_tags, strict=True)]
+
+        return run
+
+
+def _output(ids: list[int], labels: Sequence[str] | None, dimensions: int) -> Result:
+    seed = zlib.crc32(bytes(i & 0xFF for i in ids))
+    if labels:
+        first = seed % len(labels)
+        rest = 0.1 / max(1, len(labels) - 1)
+        return {label: (0.9 if i == first or len(labels) == 1 else rest) for i, label in enumerate(labels)}
+    unit = 1.0 / math.sqrt(dimensions) if dimensions else 0.0
+    return [unit if (seed >> (i % 31)) & 1 else -unit for i in range(dimensions)]
