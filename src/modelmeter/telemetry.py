@@ -48,6 +48,7 @@ from modelmeter.billing.metering import UsageRecord
 from modelmeter.models.batching import OnBatch
 
 if TYPE_CHECKING:
+    from modelmeter.models.engine.core import EngineCounters
     from modelmeter.models.serving import ModelServer, ServerHooks
 
 log = logging.getLogger("modelmeter.telemetry")
@@ -303,17 +304,18 @@ class Telemetry:
 
         return on_adapter_batch
 
-    def server_hooks(self, wrap_batch: Callable[[OnBatch | None], OnBatch] | None = None) -> ServerHooks:
-        """The model server's callbacks onto these metrics; ``wrap_batch`` adds the engine's own counting."""
+    def server_hooks(self, counters: EngineCounters | None = None) -> ServerHooks:
+        """The model server's callbacks onto these metrics, and onto the engine's ``counters`` when given."""
         from modelmeter.models.serving import AdapterHooks, ServerHooks  # the engine side: torch is loaded there
 
         def on_batch(model_id: str) -> OnBatch:
             hook = self.batch_hook(model_id)
-            return wrap_batch(hook) if wrap_batch is not None else hook
+            return counters.wrap(hook) if counters is not None else hook
 
         return ServerHooks(on_batch=on_batch, on_load=self.on_load, on_evict=self.on_evict,
                            adapters=AdapterHooks(on_load=self.on_adapter_load, on_evict=self.on_adapter_evict,
-                                                 on_batch=self.adapter_batch_hook))
+                                                 on_batch=self.adapter_batch_hook),
+                           on_origins=counters.on_origins if counters is not None else None)
 
     # --- live gauges ---------------------------------------------------------------------------------
 

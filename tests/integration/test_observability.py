@@ -309,8 +309,9 @@ def two_process_gateway(settings: Settings, tmp_path: Path) -> Iterator[tuple[st
     process = subprocess.Popen(command, env=_gateway_env(settings, metrics_dir), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: len(list(metrics_dir.glob("gauge_max_*.db"))) == 2 and httpx.get(f"{url}/healthz").is_success,
-              120, "two gateway processes")
+        _wait(lambda: httpx.get(f"{url}/readyz").is_success and len(httpx.get(
+            f"{url}/admin/engine", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["fronts"]) == 2,
+              180, "two fronts and their engine")
         yield url, metrics_dir
     finally:
         process.send_signal(signal.SIGINT)

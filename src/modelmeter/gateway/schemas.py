@@ -386,6 +386,7 @@ class EngineReport(Public):
     simulated: bool
     batches: int
     rows: int
+    mixed_batches: int  # batches carrying rows of more than one front
     queue_rows: int
     adapters_resident: int
     dropped_messages: int

@@ -96,7 +96,7 @@ def _engines(settings: Settings, telemetry: Telemetry) -> EngineClient:
         telemetry.engine_simulated.set(1)
     counters = EngineCounters()
     server = build_model_server(settings, device=resolve_device(settings.device),
-                                hooks=telemetry.server_hooks(counters.wrap), simulated=simulated)
+                                hooks=telemetry.server_hooks(counters), simulated=simulated)
     telemetry.watch(server)
     return LocalEngine(server, counters)
 

@@ -58,6 +58,7 @@ class _Request(Generic[R]):
     results: list[R | None]
     remaining: int
     enqueued: float
+    origin: object = None
     started: float | None = None
     finished: float = 0.0
     compute_s: float = 0.0
@@ -100,6 +101,7 @@ class Batcher(Generic[R]):
         on_batch: OnBatch | None = None,
         name: str = "batcher",
         executor: ThreadPoolExecutor | None = None,
+        on_origins: Callable[[int], None] | None = None,
     ) -> None:
         if min(max_batch_tokens, max_batch_size, max_queue) <= 0 or max_wait_ms < 0:
             raise ValueError("caps must be positive and max_wait_ms non-negative")
@@ -110,6 +112,7 @@ class Batcher(Generic[R]):
         self.max_queue = max_queue
         self.max_padding_ratio = max_padding_ratio
         self._on_batch = on_batch
+        self._on_origins = on_origins  # distinct request origins (the engine's fronts) per batch
         self._name = name
         # Grouping by length looks this far into the queue: enough to find neighbours, cheap when deep.
         self._lookahead = max(4 * max_batch_size, 256)
@@ -134,17 +137,18 @@ class Batcher(Generic[R]):
         """Requests holding a permit: queued or being computed."""
         return self._permits_used
 
-    async def submit(self, ids: list[list[int]], tag: Any = None) -> Submission[R]:
+    async def submit(self, ids: list[list[int]], tag: Any = None, *, origin: object = None) -> Submission[R]:
         """Queue one request's inputs and wait for all their results; :class:`QueueFull` when no permit.
 
-        ``tag`` goes to the forward pass with each of the request's rows."""
+        ``tag`` goes to the forward pass with each of the request's rows; ``origin`` (opaque: the engine passes the
+        front a request came from) is only counted, per batch, for ``on_origins``."""
         if self._closed:
             raise BatcherClosed(f"{self._name} is closed")
         if self._permits_used >= self.max_queue:
             raise QueueFull(f"{self._name} already holds {self.max_queue} requests")
         self._permits_used += 1
         try:
-            return await self._serve(ids, tag)
+            return await self._serve(ids, tag, origin)
         finally:
             self._permits_used -= 1
 
@@ -169,11 +173,11 @@ class Batcher(Generic[R]):
     async def __aexit__(self, *_: object) -> None:
         await self.close()
 
-    async def _serve(self, ids: list[list[int]], tag: Any) -> Submission[R]:
+    async def _serve(self, ids: list[list[int]], tag: Any, origin: object) -> Submission[R]:
         now = time.perf_counter()
         if not ids:
             return Submission(results=[], queue_s=0.0, inference_s=0.0)
-        request = self._enqueue(ids, tag, now)
+        request = self._enqueue(ids, tag, now, origin)
         try:
             await request.future
         except asyncio.CancelledError:
@@ -195,9 +199,9 @@ class Batcher(Generic[R]):
         if any(item.request is request for item in self._running):
             await asyncio.shield(self._batch_done.wait())
 
-    def _enqueue(self, ids: list[list[int]], tag: Any, now: float) -> _Request[R]:
+    def _enqueue(self, ids: list[list[int]], tag: Any, now: float, origin: object = None) -> _Request[R]:
         loop = asyncio.get_running_loop()
-        request: _Request[R] = _Request(loop.create_future(), [None] * len(ids), len(ids), now)
+        request: _Request[R] = _Request(loop.create_future(), [None] * len(ids), len(ids), now, origin)
         # A request that finds the worker idle and nothing queued goes at once: there is nothing to wait for.
         idle = not self._pending and not self._running
         ready_at = now if idle else now + self.max_wait_s
@@ -324,6 +328,8 @@ class Batcher(Generic[R]):
             self._drop(request)
 
     def _report(self, batch: list[_Item[R]], started: float, compute_s: float) -> None:
+        if self._on_origins is not None:
+            self._on_origins(len({id(item.request.origin) for item in batch}))
         if self._on_batch is None:
             return
         real = sum(len(item.ids) for item in batch)

@@ -122,9 +122,11 @@ class ModelServer:
         on_evict: Callable[[str], None] | None = None,
         adapter_hooks: AdapterHooks | None = None,
         simulated: SimulatedDevice | None = None,
+        on_origins: Callable[[int], None] | None = None,
     ) -> None:
         self.device = device
         self.simulated = simulated
+        self._on_origins = on_origins
         self._caps = caps
         self._adapter_config = adapters or AdapterConfig(budget_bytes=1024 * 1024 * 1024)
         self._on_batch = on_batch
@@ -154,6 +156,7 @@ class ModelServer:
             on_batch=self._on_batch(model_id) if self._on_batch else None,
             name=f"batcher:{model_id}",
             executor=self._lane,
+            on_origins=self._on_origins,
         )
 
     def _forward(self, backend: BertBackend) -> Callable[..., list[Result]]:
@@ -254,6 +257,7 @@ class ServerHooks:
     on_load: Callable[[str, float], None] | None = None
     on_evict: Callable[[str], None] | None = None
     adapters: AdapterHooks | None = None
+    on_origins: Callable[[int], None] | None = None  # distinct fronts per batch (the engine's counter)
 
 
 def build_model_server(settings: Settings, *, device: torch.device, hooks: ServerHooks | None = None,
@@ -271,7 +275,7 @@ def build_model_server(settings: Settings, *, device: torch.device, hooks: Serve
         caps=BatchCaps(settings.max_batch_tokens, settings.max_batch_size, settings.max_wait_ms,
                        settings.max_queue_requests, settings.max_padding_ratio),
         adapters=adapters, on_batch=hooks.on_batch, on_load=hooks.on_load, on_evict=hooks.on_evict,
-        adapter_hooks=hooks.adapters, simulated=simulated,
+        adapter_hooks=hooks.adapters, simulated=simulated, on_origins=hooks.on_origins,
     )
 
 

@@ -37,7 +37,7 @@ def build_engine(settings: Settings, device_spec: str, telemetry: Telemetry) -> 
         telemetry.engine_simulated.set(1)
     counters = EngineCounters()
     server = build_model_server(settings, device=resolve_device(device_spec),
-                                hooks=telemetry.server_hooks(counters.wrap), simulated=simulated)
+                                hooks=telemetry.server_hooks(counters), simulated=simulated)
     telemetry.watch(server)
     return server, counters
 

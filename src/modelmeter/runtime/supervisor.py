@@ -34,9 +34,10 @@ def devices_of(settings: Settings) -> list[str]:
         return [d.strip() for d in settings.devices.split(",") if d.strip()]
     if settings.device not in ("auto", ""):
         return [settings.device]
-    import torch  # only here, in the supervisor: the fronts never import it
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # Asked of a child interpreter: with one front, the supervisor's process is that front, and stays torch-free.
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)  # noqa: S603
+    count = int(found.stdout.strip() or 0) if found.returncode == 0 else 0
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
 

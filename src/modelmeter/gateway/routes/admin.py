@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query
@@ -46,10 +47,7 @@ PERIOD = SIMULATION_PERIOD
 async def get_engine(services: ServicesDep) -> dict[str, Any]:
     """The fronts and engines serving inference, with each engine's batch and row counters."""
     fronts, engines = await services.engines.stats()
-    return {"fronts": [{"pid": pid} for pid in fronts],
-            "engines": [{"pid": e.pid, "device": e.device, "simulated": e.simulated, "batches": e.batches,
-                         "rows": e.rows, "queue_rows": e.queue_rows, "adapters_resident": e.adapters_resident,
-                         "dropped_messages": e.dropped_messages} for e in engines]}
+    return {"fronts": [{"pid": pid} for pid in fronts], "engines": [dataclasses.asdict(e) for e in engines]}
 
 
 @router.post("/tenants", status_code=201, response_model=TenantPublic, responses=WRITE)

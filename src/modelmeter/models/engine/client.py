@@ -54,6 +54,7 @@ class EngineStats:
     simulated: bool
     batches: int
     rows: int
+    mixed_batches: int
     queue_rows: int
     adapters_resident: int
     dropped_messages: int = 0
@@ -177,17 +178,14 @@ class RemoteEngine:
         payload = self._encode(p.Infer(rid, p.wire(source), flat, lengths, priority))
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         link.pending[rid] = future
-        try:
-            link.sock.send(payload, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again as exc:
+        if not p.send_now(link.sock, [payload]):
             link.pending.pop(rid, None)
-            raise EngineUnavailable("the engine is not connected") from exc
+            raise EngineUnavailable("the engine is not connected")
         try:
             reply = await future
         except asyncio.CancelledError:
             if link.pending.pop(rid, None) is not None:  # the client left: the engine drops the rows
-                with contextlib.suppress(zmq.ZMQError):
-                    link.sock.send(self._encode(p.Cancel(rid)), flags=zmq.NOBLOCK)
+                p.send_now(link.sock, [self._encode(p.Cancel(rid))])
             raise
         return _submission(reply)
 
@@ -201,15 +199,17 @@ class RemoteEngine:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             link.pending[rid] = future
             try:
-                link.sock.send(self._encode(p.StatsRequest(rid)), flags=zmq.NOBLOCK)
+                if not p.send_now(link.sock, [self._encode(p.StatsRequest(rid))]):
+                    raise EngineUnavailable("not connected")
                 async with asyncio.timeout(2.0):
                     reply: p.Stats = await future
-            except (zmq.Again, TimeoutError, EngineUnavailable):
+            except (TimeoutError, EngineUnavailable):
                 link.pending.pop(rid, None)
                 continue
             fronts.update(reply.fronts)
             engines.append(EngineStats(reply.pid, reply.device, reply.simulated, reply.batches, reply.rows,
-                                       reply.queue_rows, reply.adapters_resident, reply.dropped_messages))
+                                       reply.mixed_batches, reply.queue_rows, reply.adapters_resident,
+                                       reply.dropped_messages))
         return sorted(fronts), engines
 
     async def _read(self, link: _Link) -> None:
@@ -245,8 +245,8 @@ class RemoteEngine:
         self._ping(link, next(self._rids))
 
     def _ping(self, link: _Link, seq: int) -> None:
-        with contextlib.suppress(zmq.Again, zmq.ZMQError):
-            link.sock.send(self._encode(p.Ping(seq, self._pid)), flags=zmq.NOBLOCK)
+        with contextlib.suppress(zmq.ZMQError):
+            p.send_now(link.sock, [self._encode(p.Ping(seq, self._pid))])
 
     async def aclose(self) -> None:
         for beat in self._beats:

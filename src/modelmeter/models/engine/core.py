@@ -35,6 +35,7 @@ class EngineCounters:
 
     batches: int = 0
     rows: int = 0
+    mixed_batches: int = 0  # batches that carried rows of more than one front
     dropped_messages: int = 0
     fronts: dict[int, float] = field(default_factory=dict)  # pid -> last ping (loop time)
 
@@ -46,6 +47,10 @@ class EngineCounters:
                 inner(size, real, padded, waited, compute)
 
         return on_batch
+
+    def on_origins(self, fronts: int) -> None:
+        if fronts > 1:
+            self.mixed_batches += 1
 
 
 def bind_path(path: Path) -> str:
@@ -67,6 +72,7 @@ class EngineCore:
         self._device = server.device.type
         self._pid = os.getpid()
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._origins: dict[bytes, bytes] = {}
         self._decode = p.to_engine_decoder.decode
         self._encode = msgspec.msgpack.Encoder().encode
         self._stop = asyncio.Event()
@@ -131,7 +137,8 @@ class EngineCore:
 
     def _send(self, ident: bytes, message: msgspec.Struct) -> None:
         try:
-            self._sock.send_multipart([ident, self._encode(message)], flags=zmq.NOBLOCK, copy=False)
+            if not p.send_now(self._sock, [ident, self._encode(message)]):
+                log.debug("reply to a departed front dropped")
         except zmq.ZMQError as exc:  # the front went away
             log.debug("reply to a departed front dropped: %r", exc)
 
@@ -147,7 +154,7 @@ class EngineCore:
         reply: msgspec.Struct
         try:
             async with self.server.use(source) as lease:
-                submission = await lease.batcher.submit(ids, lease.tag)
+                submission = await lease.batcher.submit(ids, lease.tag, origin=self._origin(ident))
             reply = _done(rid, submission.results, submission.queue_s, submission.inference_s, submission.compute_s)
         except QueueFull as exc:
             reply = p.Failed(rid, "overloaded", str(exc))
@@ -162,6 +169,10 @@ class EngineCore:
             reply = p.Failed(rid, "engine_error", type(exc).__name__)
         self._send(ident, reply)
 
+    def _origin(self, ident: bytes) -> object:
+        """One object per front (the batcher counts distinct origins by identity)."""
+        return self._origins.setdefault(ident, ident)
+
     def _stats(self, rid: int) -> p.Stats:
         now = asyncio.get_running_loop().time()
         fronts = self.counters.fronts
@@ -169,8 +180,8 @@ class EngineCore:
             del fronts[pid]
         queue_rows, adapters = server_load(self.server)
         c = self.counters
-        return p.Stats(rid, self._pid, self._device, self.simulated, c.batches, c.rows, queue_rows, adapters,
-                       c.dropped_messages, sorted(fronts))
+        return p.Stats(rid, self._pid, self._device, self.simulated, c.batches, c.rows, c.mixed_batches, queue_rows,
+                       adapters, c.dropped_messages, sorted(fronts))
 
 
 def server_load(server: ModelServer) -> tuple[int, int]:

@@ -13,8 +13,10 @@ import sys
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
+import zmq
 
 from modelmeter.models.source import ModelSource
 
@@ -92,6 +94,7 @@ class Stats(msgspec.Struct, tag=14, array_like=True):
     simulated: bool
     batches: int
     rows: int
+    mixed_batches: int
     queue_rows: int
     adapters_resident: int
     dropped_messages: int
@@ -150,6 +153,19 @@ def unpack_floats(data: bytes, rows: int, cols: int) -> list[list[float]]:
         raise ValueError("output buffer does not match its shape")
     values = flat.tolist()
     return [values[i * cols: (i + 1) * cols] for i in range(rows)]
+
+
+def send_now(sock: Any, frames: list[Any]) -> bool:
+    """Send without waiting on a zmq.asyncio socket; False when it would block (no engine connected).
+
+    The asyncio socket's non-blocking send reports EAGAIN on the future it returns, not by raising; a future that
+    is not done yet (it never is with NOBLOCK) has its outcome consumed so nothing is logged as unretrieved.
+    """
+    future = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    if future.done():
+        return future.exception() is None
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return True
 
 
 to_engine_encoder = msgspec.msgpack.Encoder()
