@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -13,9 +14,8 @@ from modelmeter.cli import admin, jobs, process, quickstart
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def main(verbose: bool) -> None:
     """modelmeter: a metered model-API platform for fine-tuned BERT models."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = "DEBUG" if verbose else os.environ.get("MODELMETER_LOG_LEVEL", "info").upper()  # what serve honours
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
