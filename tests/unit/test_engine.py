@@ -91,7 +91,7 @@ def tokens(tree: dict[str, Path], texts: list[str]) -> list[list[int]]:
 
 async def test_remote_answers_equal_the_in_process_engine(engine: tuple[Running, RemoteEngine],
                                                          tree: dict[str, Path]) -> None:
-    running, client = engine
+    _, client = engine
     local = LocalEngine(make_server(EngineCounters()))
     ids = tokens(tree, TEXTS)
     try:
