@@ -216,6 +216,11 @@ class Alerts:
         if self._tenants is not None:
             self._tenants = self._tenants | {tenant_id}
 
+    def concerns(self, written: Sequence[UsageRecord]) -> bool:
+        """Whether any row's tenant may have alerts (every tenant may, until the set is first loaded)."""
+        known = self._tenants
+        return known is None or any(r.tenant_id in known for r in written)
+
     def fire(self, conn: Connection, written: Sequence[UsageRecord], periods: dict[str, str]) -> int:
         """Write an event (and its delivery) for every threshold the new rows ``written`` cross; returns how many.
 

@@ -140,6 +140,10 @@ class QuotaStore(Protocol):
         """Count usage that had no reservation, if the counters are known (else the baseline will include it)."""
         ...
 
+    async def add_committed_many(self, items: Sequence[tuple[str, str, Amount]]) -> None:
+        """:meth:`add_committed` for several (tenant, period, amount) at once (one round trip on Redis)."""
+        ...
+
     async def snapshot(self, tenant_id: str, period: str) -> tuple[Amount, Amount] | None:
         """(committed, reserved), or None when the counters are not known."""
         ...
@@ -275,6 +279,10 @@ class InProcessQuotaStore:
         ledger = self._ledgers.get((tenant_id, period))
         if ledger is not None:
             ledger.committed += amount
+
+    async def add_committed_many(self, items: Sequence[tuple[str, str, Amount]]) -> None:
+        for tenant_id, period, amount in items:
+            await self.add_committed(tenant_id, period, amount)
 
     async def snapshot(self, tenant_id: str, period: str) -> tuple[Amount, Amount] | None:
         """(committed, reserved), or None before the first reservation."""
@@ -728,6 +736,17 @@ class RedisQuotaStore:
     async def add_committed(self, tenant_id: str, period: str, amount: Amount) -> None:
         """Count unreserved usage if the counters exist."""
         await self._add(keys=self._keys(tenant_id, period), args=[self._ttl_s, *_amount_args(amount)])
+
+    async def add_committed_many(self, items: Sequence[tuple[str, str, Amount]]) -> None:
+        """One pipeline (one round trip) for every (tenant, period) of a group."""
+        if len(items) == 1:
+            await self.add_committed(*items[0])
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for tenant_id, period, amount in items:
+                await self._add(keys=self._keys(tenant_id, period), args=[self._ttl_s, *_amount_args(amount)],
+                                client=pipe)
+            await pipe.execute()
 
     async def snapshot(self, tenant_id: str, period: str) -> tuple[Amount, Amount] | None:
         """(committed, reserved), or None when the counters do not exist."""

@@ -49,7 +49,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app = FastAPI(title="modelmeter", version="0.1.0", lifespan=lifespan)
     app.state.services = build_services(settings, registry=registry)
     install_handlers(app)
-    routers = (health, metrics, admin, inference, files, fine_tuning, usage, billing, events, dashboard, webhooks)
+    # Routes match in order: the inference routes, the hot path, go first (each route tried costs a regex match).
+    routers = (inference, health, metrics, admin, files, fine_tuning, usage, billing, events, dashboard, webhooks)
     for router in (module.router for module in routers):
         app.include_router(router)
     app.include_router(events.admin_router)
