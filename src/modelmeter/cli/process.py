@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,10 @@ def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> 
     db.upgrade(engine)  # once, here: the processes' own (no-op) upgrades then never race on a fresh database
     engine.dispose()
     supervisor = Supervisor(settings)
+    # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down; ending with SystemExit here lets the
+    # engines and the worker be stopped below instead of the signal's default action killing this process.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_on_signal)
     supervisor.start()  # raises when an engine cannot start: nothing answers without one
     os.environ["MODELMETER_ENGINE_SOCKETS"] = supervisor.sockets
     child = spawn_worker(settings) if settings.start_worker else None
@@ -91,6 +96,10 @@ def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> 
         supervisor.stop()
         if not given:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum if signum != signal.SIGTERM else 0)
 
 
 @click.command()

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -55,10 +56,20 @@ async def serve(settings: Settings, device_spec: str, socket: Path) -> None:
         loop.add_signal_handler(signum, core.stop)
     gauges = Periodic(telemetry.refresh_live, name="engine gauges", in_thread=False)
     gauges.start(1.0)
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the supervisor died without stopping us (kill -9): nobody would restart or stop us
+        if os.getppid() != parent:
+            log.error("the supervisor (pid %d) is gone; stopping", parent)
+            core.stop()
+
+    orphan_check = Periodic(orphaned, name="engine parent check", in_thread=False)
+    orphan_check.start(0.5)
     log.info("engine %s serving on %s", device_spec, socket)
     try:
         await core.run()
     finally:
+        await orphan_check.stop()
         await gauges.stop()
         await server.close()
         telemetry.close()
