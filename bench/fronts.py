@@ -117,13 +117,18 @@ def wrk(url: str, *, key: str | None, clients: int, seconds: float) -> tuple[flo
     return rps, int(bad.group(1)) if bad else 0
 
 
+REAL_DEVICE = False  # --real: the engine computes on its device instead of waiting (bench/device.sh on a GPU)
+
+
 def _env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMETER_")}
     for name in ("MODELMETER_DATABASE_URL", "MODELMETER_REDIS_URL"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     env.update({"MODELMETER_DATA_DIR": str(data_dir), "MODELMETER_ADMIN_TOKEN": ADMIN_TOKEN,
-                "MODELMETER_LOG_LEVEL": "warning", "MODELMETER_SIMULATED_DEVICE": SIMULATED, **extra})
+                "MODELMETER_LOG_LEVEL": "warning", **extra})
+    if not REAL_DEVICE:
+        env["MODELMETER_SIMULATED_DEVICE"] = SIMULATED
     return env
 
 
@@ -281,5 +286,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--profile", action="store_true", help="py-spy the front (pip install py-spy)")
+    parser.add_argument("--real", action="store_true", help="compute on the engine's device (no simulation)")
     args = parser.parse_args()
+    REAL_DEVICE = args.real
     print(json.dumps(main(args.seconds, args.profile), indent=2))
