@@ -184,12 +184,12 @@ def bare(seconds: float, clients: int) -> float:
     return rps
 
 
-def metered(workers: int, client_counts: list[int], seconds: float, profile: Path | None = None
-            ) -> dict[int, dict[str, float]]:
+def metered(workers: int, client_counts: list[int], seconds: float, profile: Path | None = None,
+            engine: str = "process") -> dict[int, dict[str, float]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     data_dir = Path(tempfile.mkdtemp(prefix="mm-fronts-data-"))
-    command = [sys.executable, "-m", "modelmeter.cli", "serve", "--workers", str(workers), "--engine", "process",
+    command = [sys.executable, "-m", "modelmeter.cli", "serve", "--workers", str(workers), "--engine", engine,
                "--no-worker", "--port", str(port)]
     results: dict[int, dict[str, float]] = {}
     try:
@@ -199,7 +199,8 @@ def metered(workers: int, client_counts: list[int], seconds: float, profile: Pat
             for clients in client_counts:
                 status = _engine(url)
                 before = status["engines"][0]
-                groups = {"fronts": [f["pid"] for f in status["fronts"]], "engine": [before["pid"]],
+                front_pids = [f["pid"] for f in status["fronts"]]
+                groups = {"fronts": front_pids, "engine": [p for p in [before["pid"]] if p not in front_pids],
                           "postgres": _pids_named("postgres:"), "redis": _pids_named("redis-server")}
                 cpu_before = {name: _cpu_s(pids) for name, pids in groups.items()}
                 rps, bad = wrk(url, key=key, clients=clients, seconds=seconds)
@@ -243,7 +244,7 @@ def _profile(url: str, key: str, out: Path, seconds: float) -> dict[str, float]:
     raw = out / "front.txt"
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     spy = subprocess.Popen([py_spy, "record", "-p", str(fronts[0]), "-d", f"{seconds:g}", "-r", "500",
-                            "-f", "raw", "-o", str(raw), "--nonblocking"],
+                            "-f", "raw", "-o", str(raw), "--nonblocking", "--gil"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rps, _ = wrk(url, key=key, clients=32, seconds=seconds)
     spy.wait()
@@ -270,9 +271,12 @@ def main(seconds: float, profile: bool) -> dict[str, Any]:
     bare_rps = bare(seconds, 32)
     scratch = Path(tempfile.mkdtemp(prefix="mm-fronts-prof-")) if profile else None
     one = metered(1, [32], seconds, scratch)
+    inprocess = metered(1, [32], seconds, engine="inprocess")
     two = metered(2, [64], seconds) if os.environ.get("MODELMETER_REDIS_URL") else {}
     report: dict[str, Any] = {"bare_rps": round(bare_rps, 1), "one_front": one[32]}
     report["metered_over_bare_per_front"] = round(one[32]["rps"] / bare_rps, 3)
+    report["one_front_inprocess_engine"] = inprocess[32]
+    report["inprocess_over_engine_process"] = round(inprocess[32]["rps"] / one[32]["rps"], 3)
     if two:
         report["two_fronts"] = two[64]
         report["two_fronts_per_front_over_bare"] = round(two[64]["rps"] / 2 / bare_rps, 3)
