@@ -139,7 +139,16 @@ class ModelServer:
             self._load, memory_budget_bytes, on_load=on_load, on_evict=self._evicted
         )
         # Bases are few (the platform's catalog) and hold their adapters: loaded once, never evicted.
-        self.bases: ModelPool[SharedBase] = ModelPool(self._load_base, sys.maxsize, on_load=on_load)
+        # A base is built on the forward thread: its page pools are allocated with torch ops that run OpenMP
+        # parallel regions, and a second OpenMP team (the loader thread's) left beside the forward thread's makes
+        # libgomp throttle its spin-waits on a small machine: every later forward pass then pays for sleeping
+        # workers (one sentence 17-20 ms against 7-9 ms, ~1.1 cores busy instead of ~1.9 on 2 cores; this was the
+        # served-throughput regression since round 1, found by A/B against d010bd6).
+        self.bases: ModelPool[SharedBase] = ModelPool(self._on_lane(self._load_base), sys.maxsize, on_load=on_load)
+
+    def _on_lane(self, load: Callable[[str], SharedBase]) -> Callable[[str], SharedBase]:
+        """``load`` run on the forward thread (the pool calls the result from a worker thread, which waits)."""
+        return lambda model_id: self._lane.submit(load, model_id).result()
 
     @property
     def adapter_config(self) -> AdapterConfig:
