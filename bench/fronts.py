@@ -220,22 +220,34 @@ def metered(workers: int, client_counts: list[int], seconds: float, profile: Pat
     return results
 
 
-# Stages of the front's request path, by the functions that do them (first match from the leaf wins).
+# Stages of the front's request path, by the functions that do them: a sample belongs to the innermost frame that
+# names a stage; samples under no stage are the HTTP server, the event loop, or the framework (FastAPI/Starlette
+# routing and our middlewares) by their leaf.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("auth", ("authenticate", "KeyAuthenticator", "auth.py")),
+    ("auth", ("gateway/auth.py", "tenancy/keys.py", "current_principal")),
     ("limits", ("ratelimit.py",)),
-    ("reservation", ("quota.py", "meter.reserve", "reserve (", "credits.py")),
-    ("tokenization", ("text.py",)),
-    ("ipc", ("engine/client.py", "protocol.py", "zmq")),
-    ("ledger hand-off", ("commit (", "metering.py")),
-    ("metrics", ("telemetry.py", "prometheus_client")),
-    ("idempotency", ("idempotency.py",)),
-    ("middleware", ("middleware.py",)),
-    ("validation", ("pydantic", "fastapi/dependencies", "_compat")),
-    ("response", ("encoders.py", "responses.py", "json/encoder", "schemas.py", "routes/inference.py")),
-    ("http server", ("uvicorn", "httptools", "h11")),
-    ("asyncio", ("asyncio", "uvloop")),
+    ("reservation", ("quota.py", "Meter.reserve", "credits.py")),
+    ("tokenization", ("models/text.py",)),
+    ("ipc", ("engine/client.py", "engine/protocol.py", "zmq/")),
+    ("ledger hand-off", ("metering.py", "sqlalchemy", "psycopg")),
+    ("metrics", ("telemetry.py", "prometheus_client", "_observe")),
+    ("validation", ("pydantic", "fastapi/dependencies/", "fastapi/_compat")),
+    ("response", ("routes/inference.py", "responses.py", "orjson")),
 ]
+FALLBACK: list[tuple[str, tuple[str, ...]]] = [
+    ("http server", ("uvicorn", "httptools", "h11")),
+    ("framework (routing, middleware)", ("starlette", "fastapi", "gateway/middleware.py", "gateway/idempotency.py")),
+    ("event loop", ("asyncio", "uvloop", "selectors")),
+]
+
+
+def _stage_of(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, needles in STAGES:
+            if any(needle in frame for needle in needles):
+                return name
+    leaf = frames[-1] if frames else ""
+    return next((name for name, needles in FALLBACK if any(n in leaf for n in needles)), "other")
 
 
 def _profile(url: str, key: str, out: Path, seconds: float) -> dict[str, float]:
@@ -252,15 +264,11 @@ def _profile(url: str, key: str, out: Path, seconds: float) -> dict[str, float]:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
         samples = int(n)
         total += samples
-        frames = stack.split(";")
-        stage = "other"
-        for frame in reversed(frames):
-            hit = next((name for name, needles in STAGES if any(needle in frame for needle in needles)), None)
-            if hit is not None:
-                stage = hit
-                break
+        stage = _stage_of(stack.split(";"))
         counts[stage] = counts.get(stage, 0) + samples
     # A saturated front spends 1/rps seconds of one core per request (the sampler sees only this front).
     per_request_us = 1e6 / rps
