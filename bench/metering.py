@@ -54,7 +54,7 @@ class NoopBackend:
         type = "cpu"
 
     def tokenize(self, texts: list[str], *, truncate: bool) -> Any:
-        from modelmeter.models.backends import Encoded
+        from modelmeter.models.text import Encoded
 
         ids = [[101, *range(len(t.split())), 102] for t in texts]
         return Encoded(ids=ids, tokens=[len(i) for i in ids])

@@ -13,10 +13,10 @@ from transformers import AutoTokenizer
 
 from modelmeter.models.backends import (
     BertBackend,
-    InputTooLong,
     configure_torch_threads,
     resolve_device,
 )
+from modelmeter.models.text import InputTooLong
 from tests.tiny_bert import make_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

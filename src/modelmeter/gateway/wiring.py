@@ -82,22 +82,10 @@ def _engines(settings: Settings, telemetry: Telemetry) -> EngineClient:
     if settings.engine_sockets:
         return RemoteEngine([Path(path) for path in settings.engine_sockets.split(",") if path])
     # Only the in-process engine imports torch: a front of `serve --workers N` never reaches these imports.
-    from modelmeter.models.backends import configure_torch_threads, resolve_device
-    from modelmeter.models.engine.core import EngineCounters
     from modelmeter.models.engine.local import LocalEngine
-    from modelmeter.models.serving import build_model_server
-    from modelmeter.models.simulated import SimulatedDevice
+    from modelmeter.runtime.engine import build_engine
 
-    configure_torch_threads(settings.torch_threads)
-    simulated = SimulatedDevice.parse(settings.simulated_device) if settings.simulated_device else None
-    if simulated is not None:
-        log.warning("SIMULATED DEVICE (%s): forward passes are waits and outputs are not a model's",
-                    settings.simulated_device)
-        telemetry.engine_simulated.set(1)
-    counters = EngineCounters()
-    server = build_model_server(settings, device=resolve_device(settings.device),
-                                hooks=telemetry.server_hooks(counters), simulated=simulated)
-    telemetry.watch(server)
+    server, counters = build_engine(settings, settings.device, telemetry)
     return LocalEngine(server, counters)
 
 

@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from modelmeter.models.text import Encoded, InputTooLong, encoders
+from modelmeter.models.text import Encoded, TextEncoder
 
 Task: TypeAlias = Literal["text-classification", "feature-extraction"]
 Result: TypeAlias = dict[str, float] | list[float]
@@ -62,7 +62,7 @@ class BertBackend:
         device: torch.device,
         max_length: int,
     ) -> None:
-        self._whole, self._truncating = encoders(tokenizer, max_length)
+        self._text = TextEncoder(tokenizer, max_length=max_length, dimensions=int(model.config.hidden_size))
         self._pad_id = pad_id
         self._model = model
         self._task: Task = task
@@ -121,16 +121,7 @@ class BertBackend:
 
     def tokenize(self, texts: list[str], *, truncate: bool) -> Encoded:
         """Token ids and billable counts for ``texts``; raise :class:`InputTooLong` unless ``truncate``."""
-        if not texts:
-            return Encoded(ids=[], tokens=[])
-        encoder = self._truncating if truncate else self._whole
-        # A lone text skips encode_batch's rayon fan-out, which would compete with torch for the cores.
-        batch = [encoder.encode(texts[0])] if len(texts) == 1 else encoder.encode_batch(texts)
-        ids = [encoding.ids for encoding in batch]
-        for index, row in enumerate(ids):
-            if len(row) > self._max_length:
-                raise InputTooLong(index, len(row), self._max_length)
-        return Encoded(ids=ids, tokens=[len(row) for row in ids])
+        return self._text.tokenize(texts, truncate=truncate)
 
     def forward(self, batch_ids: list[list[int]], tags: Sequence[object] | None = None) -> list[Result]:
         """Run one padded batch; one result per input, independent of the rest of the batch.
