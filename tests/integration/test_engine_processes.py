@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from modelmeter.models.registry import BASE_MODEL_ID
 from modelmeter.settings import Settings
 from tests.binaries import free_port
 from tests.conftest import ADMIN_TOKEN, bearer, sst2_rows
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.slow  # the packaged base model, loaded by a real engine process
 
@@ -43,19 +44,6 @@ def _env(settings: Settings, tmp_path: Path, **extra: str) -> dict[str, str]:
                 "MODELMETER_LOG_LEVEL": "warning", "MODELMETER_TORCH_THREADS": "1",
                 "MODELMETER_REDIS_URL": settings.redis_url or "redis://127.0.0.1:6379/15", **extra})
     return env
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = predicate()
-        except (httpx.HTTPError, OSError, ValueError, KeyError):
-            result = None
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def engine_status(url: str) -> dict[str, Any]:
@@ -72,7 +60,7 @@ def two_fronts(settings: Settings, tmp_path: Path, client: TestClient) -> Iterat
     process = subprocess.Popen(command, env=_env(settings, tmp_path), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: httpx.get(f"{url}/readyz").is_success and len(engine_status(url)["fronts"]) == 2, 180,
+        wait_until(lambda: httpx.get(f"{url}/readyz").is_success and len(engine_status(url)["fronts"]) == 2, 180,
               "one engine and two fronts")
         yield url, process
     finally:
@@ -185,11 +173,11 @@ def test_engine_killed_under_load_gives_503s_then_serves_again_and_bills_only_an
     threads = [threading.Thread(target=load, args=(n,), daemon=True) for n in range(12)]
     for t in threads:
         t.start()
-    _wait(lambda: outcomes[200] >= 50, 60, "traffic before the kill")
+    wait_until(lambda: outcomes[200] >= 50, 60, "traffic before the kill")
     old = engine_status(url)["engines"][0]["pid"]
     os.kill(old, signal.SIGKILL)
     killed_at = time.monotonic()
-    _wait(lambda: outcomes[503] > 0, 10, "503s while the engine is gone")
+    wait_until(lambda: outcomes[503] > 0, 10, "503s while the engine is gone")
 
     def back() -> bool:
         engines = engine_status(url)["engines"]
@@ -202,10 +190,10 @@ def test_engine_killed_under_load_gives_503s_then_serves_again_and_bills_only_an
                 unavailable.append(probe)
         return probe.status_code == 200
 
-    _wait(back, 30, "a new engine serving")
+    wait_until(back, 30, "a new engine serving")
     assert time.monotonic() - killed_at < 30
     served_before = outcomes[200]
-    _wait(lambda: outcomes[200] >= served_before + 30, 30, "traffic after the restart")
+    wait_until(lambda: outcomes[200] >= served_before + 30, 30, "traffic after the restart")
     stop.set()
     for t in threads:
         t.join(timeout=60)

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +35,7 @@ from modelmeter.money import MICRO_PER_CENT
 from modelmeter.settings import Settings
 from tests.binaries import free_port, require_binary
 from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, LiveServer, bearer
+from tests.processes import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -261,19 +261,6 @@ def test_outstanding_credits_fold_beyond_the_tenant_cap(settings: Settings, clie
 # --- several processes -------------------------------------------------------------------------------------
 
 
-def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = predicate()
-        except (httpx.HTTPError, OSError, ValueError, KeyError):
-            result = None
-        if result:
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _per_process_tokens(metrics_dir: Path, scratch: Path) -> list[float]:
     """Billable tokens each process wrote, read from its own counter file."""
     totals = []
@@ -309,7 +296,7 @@ def two_process_gateway(settings: Settings, tmp_path: Path) -> Iterator[tuple[st
     process = subprocess.Popen(command, env=_gateway_env(settings, metrics_dir), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: httpx.get(f"{url}/readyz").is_success and len(httpx.get(
+        wait_until(lambda: httpx.get(f"{url}/readyz").is_success and len(httpx.get(
             f"{url}/admin/engine", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["fronts"]) == 2,
               180, "two fronts and their engine")
         yield url, metrics_dir
@@ -373,7 +360,7 @@ def prometheus(live_server: LiveServer, tmp_path: Path) -> Iterator[int]:
                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
                                stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).is_success, 60, "Prometheus")
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).is_success, 60, "Prometheus")
         yield port
     finally:
         process.terminate()
@@ -396,7 +383,7 @@ def test_prometheus_scrapes_a_running_gateway(client: TestClient, live_server: L
         result = _query(prometheus, "sum(modelmeter_billable_tokens_total)")
         return float(result[0]["value"][1]) if result and float(result[0]["value"][1]) == ledger else None
 
-    assert _wait(scraped_total, 60, "a scrape after the traffic") == ledger
+    assert wait_until(scraped_total, 60, "a scrape after the traffic") == ledger
     (up,) = _query(prometheus, 'up{job="modelmeter-gateway"}')
     assert up["value"][1] == "1"
     by_tenant = _query(prometheus, "sum by (tenant) (modelmeter_billable_tokens_total)")
@@ -407,7 +394,7 @@ def test_prometheus_scrapes_a_running_gateway(client: TestClient, live_server: L
         rules = [rule for group in groups for rule in group["rules"]]
         return rules if rules and all(rule["health"] != "unknown" for rule in rules) else None
 
-    for rule in _wait(rules_evaluated, 30, "the rules to be evaluated"):
+    for rule in wait_until(rules_evaluated, 30, "the rules to be evaluated"):
         assert rule["health"] == "ok", rule
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Annotated, Any, Literal
 
+import msgspec
 from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
@@ -47,7 +47,9 @@ PERIOD = SIMULATION_PERIOD
 async def get_engine(services: ServicesDep) -> dict[str, Any]:
     """The fronts and engines serving inference, with each engine's batch and row counters."""
     fronts, engines = await services.engines.stats()
-    return {"fronts": [{"pid": pid} for pid in fronts], "engines": [dataclasses.asdict(e) for e in engines]}
+    hidden = ("rid", "fronts")  # the wire's request id; the fronts are listed once, above
+    return {"fronts": [{"pid": pid} for pid in fronts],
+            "engines": [{k: v for k, v in msgspec.structs.asdict(e).items() if k not in hidden} for e in engines]}
 
 
 @router.post("/tenants", status_code=201, response_model=TenantPublic, responses=WRITE)

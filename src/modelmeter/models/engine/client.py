@@ -21,7 +21,6 @@ import os
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,19 +44,7 @@ class EngineUnavailable(Exception):
     """The engine serving this model is not running (died, restarting, or not started yet)."""
 
 
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    """One engine's counters since it started (``GET /admin/engine``)."""
-
-    pid: int
-    device: str
-    simulated: bool
-    batches: int
-    rows: int
-    mixed_batches: int
-    queue_rows: int
-    adapters_resident: int
-    dropped_messages: int = 0
+EngineStats = p.Stats  # one engine's counters since it started (``GET /admin/engine``)
 
 
 class EngineClient(Protocol):
@@ -207,9 +194,7 @@ class RemoteEngine:
                 link.pending.pop(rid, None)
                 continue
             fronts.update(reply.fronts)
-            engines.append(EngineStats(reply.pid, reply.device, reply.simulated, reply.batches, reply.rows,
-                                       reply.mixed_batches, reply.queue_rows, reply.adapters_resident,
-                                       reply.dropped_messages))
+            engines.append(reply)
         return sorted(fronts), engines
 
     async def _read(self, link: _Link) -> None:

@@ -36,8 +36,8 @@ class LocalEngine:
     async def stats(self) -> tuple[list[int], list[EngineStats]]:
         server, c = self.server, self.counters
         queue_rows, adapters = server_load(server)
-        engine = EngineStats(os.getpid(), self.device, server.simulated is not None, c.batches, c.rows,
-                             c.mixed_batches, queue_rows, adapters, c.dropped_messages)
+        engine = EngineStats(0, os.getpid(), self.device, server.simulated is not None, c.batches, c.rows,
+                             c.mixed_batches, queue_rows, adapters, c.dropped_messages, [os.getpid()])
         return [os.getpid()], [engine]
 
     async def aclose(self) -> None:
