@@ -7,6 +7,7 @@ them can be measured on a machine without the accelerator they would feed. Never
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import zlib
@@ -51,10 +52,19 @@ class SimulatedDevice:
 
 
 def _output(ids: list[int], labels: Sequence[str] | None, dimensions: int) -> Result:
-    seed = zlib.crc32(bytes(i & 0xFF for i in ids))
+    seed = zlib.crc32(bytes(i & 0xFF for i in ids)) % _VARIANTS
     if labels:
         first = seed % len(labels)
         rest = 0.1 / max(1, len(labels) - 1)
         return {label: (0.9 if i == first or len(labels) == 1 else rest) for i, label in enumerate(labels)}
+    return list(_vector(seed, dimensions))  # a copy: callers may keep or change their rows
+
+
+_VARIANTS = 251  # distinct outputs per shape: enough to tell rows apart, few enough to build once
+
+
+@functools.lru_cache(maxsize=4 * _VARIANTS)
+def _vector(seed: int, dimensions: int) -> tuple[float, ...]:
+    """A unit vector per (seed, width), built once (simulated rows should cost the engine nothing to make)."""
     unit = 1.0 / math.sqrt(dimensions) if dimensions else 0.0
-    return [unit if (seed >> (i % 31)) & 1 else -unit for i in range(dimensions)]
+    return tuple(unit if (seed >> (i % 8)) & 1 else -unit for i in range(dimensions))

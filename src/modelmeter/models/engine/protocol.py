@@ -9,6 +9,7 @@ not decode is dropped and counted by the engine).
 
 from __future__ import annotations
 
+import functools
 import sys
 from array import array
 from collections.abc import Sequence
@@ -51,10 +52,14 @@ class StatsRequest(msgspec.Struct, tag=4, array_like=True):
     rid: int
 
 
+# Both conversions are cached: a front sends the same few models' sources over and over, and building a Path per
+# request was ~4% of an engine's GIL time in bench/fronts.py's profile. Both types are frozen (hashable).
+@functools.lru_cache(maxsize=4096)
 def wire(source: ModelSource) -> Source:
     return Source(source.model_id, str(source.path), source.task, wire(source.base) if source.base else None)
 
 
+@functools.lru_cache(maxsize=4096)
 def source_of(source: Source) -> ModelSource:
     return ModelSource(source.model_id, Path(source.path), source.task,
                        source_of(source.base) if source.base else None)
