@@ -4,6 +4,7 @@ Starting, restarting and stopping real engines is tested in tests/integration/te
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -16,10 +17,12 @@ def test_devices_come_from_the_setting_then_the_single_device(tmp_path: Path) ->
     assert devices_of(Settings(data_dir=tmp_path, device="cpu")) == ["cpu"]
 
 
-def test_sockets_live_in_a_private_directory(tmp_path: Path) -> None:
+def test_sockets_live_in_a_private_directory_of_this_supervisor(tmp_path: Path) -> None:
     run = socket_dir(Settings(data_dir=tmp_path / "data"))
-    assert run == (tmp_path / "data" / "run").resolve()
+    assert run.parent == (tmp_path / "data" / "run").resolve()
+    assert run.name.endswith(f"-{os.getpid()}")  # two servers on one data dir never share a socket path
     assert stat.S_IMODE(run.stat().st_mode) == 0o700
+    assert stat.S_IMODE(run.parent.stat().st_mode) == 0o700
 
 
 def test_a_data_dir_too_long_for_a_socket_gets_a_private_temporary_one(tmp_path: Path) -> None:

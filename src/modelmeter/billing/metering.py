@@ -125,7 +125,11 @@ def _pg_unnest_insert() -> str:
     columns = [c for c in table.columns if c.name in (*_ROW_FIELDS_SET, "period")]
     names = ", ".join(c.name for c in columns)
     dialect = postgresql.dialect()  # type: ignore[no-untyped-call]  # untyped in SQLAlchemy's stubs
-    arrays = ", ".join(f"%({c.name})s::{c.type.compile(dialect=dialect)}[]" for c in columns)
+    # Strings go in as text[]: a cast to varchar(n) would silently cut an over-long value, where the column's own
+    # length check raises (as the SQLAlchemy insert did).
+    arrays = ", ".join(
+        f"%({c.name})s::{'text' if 'CHAR' in c.type.compile(dialect=dialect) else c.type.compile(dialect=dialect)}[]"
+        for c in columns)
     # Names and types come from our own table definition, never from input: no injection vector.
     return (f"INSERT INTO {UsageEvent.__tablename__} ({names}) SELECT * FROM unnest({arrays}) "  # noqa: S608
             "ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
@@ -183,6 +187,7 @@ def record_usage(
 
 
 _PG_INSERT: str | None = None
+_LEDGER_IDLE_S = 10.0  # float-ok: seconds; longer idle than this and the kept connection is checked out afresh
 
 
 def _insert_rows(conn: Connection, values: list[dict[str, object]]) -> set[str]:
@@ -227,6 +232,7 @@ class LedgerWriter:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: Connection | None = None  # used only by the writer thread
+        self._used_at = 0.0  # float-ok: monotonic time of the last commit on it
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -260,17 +266,26 @@ class LedgerWriter:
     def _commit(self, group: list[tuple[UsageRecord, asyncio.Future[None]]]) -> None:
         records = [r for r, _ in group]
         error: Exception | None = None
-        try:
-            # One connection kept by the writer thread: a checkout per group would cost the pool's pre-ping
-            # round trip each time; a broken connection is dropped and the next group opens a new one.
-            if self._conn is None or self._conn.closed or self._conn.invalidated:
-                self._conn = self._engine.connect()
-            with self._conn.begin():
-                record_usage(session=self._conn, records=records, periods=self._periods, alerts=self._alerts)
-        except Exception as exc:
-            log.exception("ledger commit of %d rows failed", len(records))
-            error = exc
-            self._drop_connection()
+        # One connection kept by the writer thread: a checkout per group would cost the pool's pre-ping round trip
+        # each time. A connection idle for a while is checked out afresh (pre-ping), and a group that fails is tried
+        # once more on a new connection (the server restarted, a proxy dropped it): the insert skips rows already
+        # there and draws credits only for new ones, so a retry after an ambiguous commit bills nothing twice.
+        for attempt in (1, 2):
+            try:
+                if time.monotonic() - self._used_at > _LEDGER_IDLE_S:
+                    self._drop_connection()
+                if self._conn is None or self._conn.closed or self._conn.invalidated:
+                    self._conn = self._engine.connect()
+                with self._conn.begin():
+                    record_usage(session=self._conn, records=records, periods=self._periods, alerts=self._alerts)
+                self._used_at = time.monotonic()
+                error = None
+                break
+            except Exception as exc:
+                self._drop_connection()
+                error = exc
+                if attempt == 2:
+                    log.exception("ledger commit of %d rows failed", len(records))
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._resolve, group, error)
 

@@ -80,10 +80,11 @@ def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> 
     # engines and the worker be stopped below instead of the signal's default action killing this process.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_on_signal)
-    supervisor.start()  # raises when an engine cannot start: nothing answers without one
-    os.environ["MODELMETER_ENGINE_SOCKETS"] = supervisor.sockets
-    child = spawn_worker(settings) if settings.start_worker else None
+    child = None
     try:
+        supervisor.start()  # raises when an engine cannot start: nothing answers without one
+        os.environ["MODELMETER_ENGINE_SOCKETS"] = supervisor.sockets
+        child = spawn_worker(settings) if settings.start_worker else None
         # A front on a busy machine can take longer than uvicorn's 5 s default to answer its first health check,
         # and would be killed and restarted forever.
         supported = "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters

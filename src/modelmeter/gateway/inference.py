@@ -19,6 +19,7 @@ from modelmeter.billing.ratelimit import RateDecision
 from modelmeter.errors import (
     ClientDisconnectedError,
     InsufficientQuotaError,
+    InternalError,
     InvalidRequestError,
     NotFoundError,
     OverloadedError,
@@ -29,7 +30,7 @@ from modelmeter.gateway.auth import Principal
 from modelmeter.gateway.ratelimit_headers import rate_headers
 from modelmeter.gateway.services import Services
 from modelmeter.models.batching import BatcherClosed, QueueFull, Submission
-from modelmeter.models.engine.client import EngineUnavailable, Result
+from modelmeter.models.engine.client import EngineError, EngineUnavailable, Result
 from modelmeter.models.pool import ModelLoadError
 from modelmeter.models.registry import ModelInfo, artifact_path
 from modelmeter.models.source import ModelSource
@@ -83,7 +84,7 @@ async def serve(
     except BaseException:
         await asyncio.shield(services.meter.release(hold))  # not served: not billed
         raise
-    record = _record(request, principal, info, encoded, submission, endpoint, services.engines.device, now)
+    record = _record(request, principal, info, encoded, submission, endpoint, services.engines.device_for(source), now)
     await services.meter.commit(hold, record)
     services.telemetry.observe_served(info.id, queue_s=submission.queue_s, inference_s=submission.inference_s)
     return Served(info.id, info.task, submission.results, encoded.total_tokens, submission.queue_s,
@@ -220,6 +221,8 @@ async def _submit(request: Request, services: Services, source: ModelSource,
         raise ServiceUnavailableError(
             "The inference engine is restarting; retry in a second.", code="engine_unavailable",
             headers={"Retry-After": "1"}) from exc
+    except EngineError as exc:
+        raise InternalError("The inference engine failed this request.", code="engine_error") from exc
 
 
 async def _disconnected(request: Request) -> None:

@@ -56,8 +56,8 @@ class TextEncoder:
             raise ValueError(f"{path}: a fast tokenizer (tokenizer.json) is required")
         config = json.loads((path / "config.json").read_text())
         limit = min(max_length, int(config.get("max_position_embeddings", max_length)))
-        return cls(Tokenizer.from_file(str(tokenizer_file)), max_length=limit,
-                   dimensions=int(config.get("hidden_size", 0)))
+        width = config.get("hidden_size") or config.get("dim") or config.get("d_model") or 0  # BERT, DistilBERT, ...
+        return cls(Tokenizer.from_file(str(tokenizer_file)), max_length=limit, dimensions=int(width))
 
     def tokenize(self, texts: list[str], *, truncate: bool) -> Encoded:
         """Token ids and billable counts for ``texts``; raise :class:`InputTooLong` unless ``truncate``."""

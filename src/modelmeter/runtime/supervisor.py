@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,8 @@ from modelmeter.settings import Settings
 
 log = logging.getLogger("modelmeter.supervisor")
 MAX_IPC_PATH = 100  # sun_path holds 108 bytes; ZMQ wants room for the terminator
+PING_EVERY_S = 1.0  # float-ok: how often the supervisor pings each running engine
+HUNG_S = 20.0  # float-ok: an engine silent this long is killed and restarted
 
 
 def devices_of(settings: Settings) -> list[str]:
@@ -42,10 +46,14 @@ def devices_of(settings: Settings) -> list[str]:
 
 
 def socket_dir(settings: Settings) -> Path:
-    """``<data dir>/run`` (0700); a fresh private temporary directory when that path is too long for a socket."""
-    run = (settings.data_dir / "run").resolve()
+    """``<data dir>/run/<host>-<pid>`` (0700: one per supervisor, so two servers, or two pods on a shared data
+    volume, never bind or unlink each other's sockets); a fresh private temporary directory when that path is too
+    long for a Unix socket."""
+    run = (settings.data_dir / "run").resolve() / f"{socket.gethostname()[:24]}-{os.getpid()}"
     if len(str(run / "engine-00.sock")) <= MAX_IPC_PATH:
-        run.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(run.parent, 0o700)
+        run.mkdir(mode=0o700, exist_ok=True)
         os.chmod(run, 0o700)
         return run
     return Path(tempfile.mkdtemp(prefix="modelmeter-run-"))  # mkdtemp makes it 0700
@@ -59,6 +67,8 @@ class EngineProcess:
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
     started_at: float = field(default=0.0)
+    checked_at: float = field(default=0.0)
+    answered_at: float = field(default=0.0)
 
 
 class Supervisor:
@@ -92,7 +102,9 @@ class Supervisor:
     def _spawn(self, engine: EngineProcess) -> None:
         command = [sys.executable, "-m", "modelmeter.runtime.engine", "--device", engine.device,
                    "--socket", str(engine.socket)]
-        engine.process = subprocess.Popen(command, env=self._env)  # noqa: S603 (our own interpreter and module)
+        # Its own session: a Ctrl-C to the terminal's process group reaches the fronts, not the engines, which are
+        # stopped after the fronts have drained (and stop themselves should this supervisor die).
+        engine.process = subprocess.Popen(command, env=self._env, start_new_session=True)  # noqa: S603
         engine.starts += 1
         engine.started_at = time.monotonic()
         log.info("engine %d on %s started (pid %d)", engine.index, engine.device, engine.process.pid)
@@ -113,8 +125,12 @@ class Supervisor:
         while not self._stopping.wait(0.1):
             for engine in self.engines:
                 process = engine.process
-                if process is None or process.poll() is None or self._stopping.is_set():
+                if process is not None and process.poll() is None:
+                    self._check_alive(engine, process)
                     continue
+                if process is None or self._stopping.is_set():
+                    continue
+                _forget_metrics(process.pid)
                 log.error("engine %d on %s (pid %d) exited with %s; restarting", engine.index, engine.device,
                           process.pid, process.returncode)
                 # A crash loop backs off (a second), a one-off death restarts at once.
@@ -123,6 +139,19 @@ class Supervisor:
                 if not self._stopping.is_set():
                     self.restarts += 1
                     self._spawn(engine)
+
+    def _check_alive(self, engine: EngineProcess, process: subprocess.Popen[bytes]) -> None:
+        """A running engine that has not answered a ping for ``HUNG_S`` is killed (the watcher then restarts it)."""
+        now = time.monotonic()
+        if now - engine.checked_at < PING_EVERY_S or now - engine.started_at < self._ready_timeout_s / 4:
+            return
+        engine.checked_at = now
+        if answers_ping(engine.socket, timeout_ms=1000):
+            engine.answered_at = now
+        elif now - max(engine.answered_at, engine.started_at) > HUNG_S:
+            log.error("engine %d on %s (pid %d) has not answered for %g s; killing it", engine.index, engine.device,
+                      process.pid, HUNG_S)
+            process.kill()
 
     def stop(self, timeout_s: float = 15.0) -> None:  # float-ok: seconds
         self._stopping.set()
@@ -141,6 +170,17 @@ class Supervisor:
                 engine.process.kill()
                 engine.process.wait()
             engine.socket.unlink(missing_ok=True)
+        if self.engines:
+            shutil.rmtree(self.engines[0].socket.parent, ignore_errors=True)
+
+
+def _forget_metrics(pid: int) -> None:
+    """Drop a dead engine's live gauges from the multiprocess metrics (its counters stay, as Prometheus expects)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]  # untyped lib
 
 
 def answers_ping(path: Path, timeout_ms: int = 500) -> bool:

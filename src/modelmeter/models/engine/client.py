@@ -44,6 +44,10 @@ class EngineUnavailable(Exception):
     """The engine serving this model is not running (died, restarting, or not started yet)."""
 
 
+class EngineError(Exception):
+    """The engine failed this request itself (not a restart: retrying does not help)."""
+
+
 EngineStats = p.Stats  # one engine's counters since it started (``GET /admin/engine``)
 
 
@@ -52,7 +56,11 @@ class EngineClient(Protocol):
 
     @property
     def device(self) -> str:
-        """The device type rows of ``source`` run on (``cpu``, ``cuda``): it goes into the usage row."""
+        """The device type of the first engine (``cpu``, ``cuda``)."""
+        ...
+
+    def device_for(self, source: ModelSource) -> str:
+        """The device type rows of ``source`` run on: it goes into the usage row (compute is priced by it)."""
         ...
 
     def ready(self) -> bool: ...
@@ -125,6 +133,9 @@ class RemoteEngine:
     @property
     def device(self) -> str:
         return self._links[0].device if self._links else "cpu"
+
+    def device_for(self, source: ModelSource) -> str:
+        return self._link_for(source).device
 
     def ready(self) -> bool:
         return bool(self._links) and all(link.up for link in self._links)
@@ -272,4 +283,4 @@ def _error_of(reply: p.Failed) -> Exception:
         return ModelLoadError(model_id, reason)
     if reply.code == "closed":
         return BatcherClosed(reply.message)
-    return EngineUnavailable(reply.message)
+    return EngineError(reply.message)

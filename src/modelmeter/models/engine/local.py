@@ -23,6 +23,9 @@ class LocalEngine:
     def device(self) -> str:
         return self.server.device.type
 
+    def device_for(self, source: ModelSource) -> str:
+        return self.device
+
     def ready(self) -> bool:
         return True
 
