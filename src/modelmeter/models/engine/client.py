@@ -202,8 +202,9 @@ class RemoteEngine:
                 async with asyncio.timeout(2.0):
                     reply: p.Stats = await future
             except (TimeoutError, EngineUnavailable):
-                link.pending.pop(rid, None)
                 continue
+            finally:
+                link.pending.pop(rid, None)  # answered, timed out or cancelled: nothing is left waiting
             fronts.update(reply.fronts)
             engines.append(reply)
         return sorted(fronts), engines
