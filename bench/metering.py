@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from modelmeter import clock
-from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.billing.quota import Amount
 from modelmeter.gateway.app import create_app
 from modelmeter.gateway.services import Services

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,3 +23,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
             return result
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop(process: subprocess.Popen[bytes], *, signum: int = signal.SIGTERM, timeout: float = 60) -> None:
+    """Ask ``process`` to stop with ``signum``; kill it if it has not exited within ``timeout`` seconds."""
+    process.send_signal(signum)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

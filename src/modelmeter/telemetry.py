@@ -44,7 +44,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from modelmeter import __version__
-from modelmeter.billing.metering import UsageRecord
+from modelmeter.billing.ledger import UsageRecord
 from modelmeter.models.batching import OnBatch
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from sqlmodel import Session
 from modelmeter import clock, db
 from modelmeter.billing.alerts import Alerts
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.metering import AlertHook, UsageRecord, record_usage
+from modelmeter.billing.ledger import AlertHook, UsageRecord, record_usage
 from modelmeter.models.backends import resolve_device
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.models.finetune.train import TrainResult

@@ -66,7 +66,7 @@ def test_close_bills_october_once_and_late_usage_moves_on(client: TestClient, pa
     assert invoice["total"] == invoice["subtotal"] == sum(line["amount"] for line in invoice["lines"]["data"])
 
     # A request served in October but recorded after the close lands in November.
-    from modelmeter.billing.metering import UsageRecord, record_usage
+    from modelmeter.billing.ledger import UsageRecord, record_usage
 
     with services.sessions() as session:
         record_usage(session=session, records=[UsageRecord(request_id="late", tenant_id=tenant["id"], model_id=model,

@@ -216,7 +216,7 @@ def test_credits_that_paid_everything_leave_nothing_owed_to_rounding(
         client: TestClient, on_plan: Callable[[str], Tenant], services: Services, october: FakeClock) -> None:
     """One request and 1,000 tokens cost exactly 1 cent, drawn from credits; the two lines round to 1 cent each.
     Credits applied is then the lines' 2 cents, not the draws' 1: credits that paid everything leave 0 owed."""
-    from modelmeter.billing.metering import UsageRecord, record_usage
+    from modelmeter.billing.ledger import UsageRecord, record_usage
 
     tenant, headers, _ = on_plan("halves")
     grant_id = grant(client, tenant["id"], amount_cents=100).json()["id"]
@@ -253,7 +253,8 @@ async def test_expired_draws_are_settled_by_the_ledger(client: TestClient, on_pl
     """Two requests drew credits and their replica died before settling: the one whose usage row was committed
     keeps its draw, the one never served gets it back. The ledger decides, not the lapse of the hold."""
     from modelmeter.billing.credits import store_grants
-    from modelmeter.billing.metering import Meter, UsageRecord, record_usage
+    from modelmeter.billing.ledger import UsageRecord, record_usage
+    from modelmeter.billing.metering import Meter
     from modelmeter.billing.quota import Amount, InProcessQuotaStore
 
     tenant, _, _ = on_plan("prepaid_dime")

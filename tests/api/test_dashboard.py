@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
-from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.cli import main
 from modelmeter.errors import AuthenticationError
 from modelmeter.gateway.dashboard import issue_token, load_page, verify_token

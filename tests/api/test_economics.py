@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from modelmeter import clock
 from modelmeter.billing import credits
-from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.cli import main
 from modelmeter.gateway.app import create_app
 from modelmeter.money import MICRO_PER_CENT

@@ -243,7 +243,7 @@ async def test_concurrent_requests_one_row_each_and_one_load(
 
 
 def test_usage_row_is_idempotent(client: TestClient, tenant_key: Any, services: Services) -> None:
-    from modelmeter.billing.metering import UsageRecord, record_usage
+    from modelmeter.billing.ledger import UsageRecord, record_usage
 
     tenant_id, _ = tenant_key
     record = UsageRecord(request_id="req_same", tenant_id=tenant_id, model_id="m", created=1_700_000_000, tokens=5)

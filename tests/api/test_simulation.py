@@ -21,7 +21,7 @@ from sqlmodel import select
 
 from modelmeter import clock
 from modelmeter.billing import credits
-from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.billing.simulation import simulate
 from modelmeter.billing.tables import Invoice
 from modelmeter.cli import main

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer

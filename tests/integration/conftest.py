@@ -21,7 +21,7 @@ import stripe
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from modelmeter.billing.metering import UsageRecord, record_usage
+from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.billing.tables import Invoice, InvoiceLine, StripeEvent, StripeOutbox
 from modelmeter.gateway.app import create_app

@@ -30,7 +30,7 @@ from modelmeter.models.registry import BASE_MODEL_ID
 from modelmeter.settings import Settings
 from tests.binaries import free_port
 from tests.conftest import ADMIN_TOKEN, bearer, sst2_rows
-from tests.processes import wait_until
+from tests.processes import stop, wait_until
 
 pytestmark = pytest.mark.slow  # the packaged base model, loaded by a real engine process
 
@@ -64,12 +64,7 @@ def two_fronts(settings: Settings, tmp_path: Path, client: TestClient) -> Iterat
               "one engine and two fronts")
         yield url, process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         log.close()
 
 

@@ -35,7 +35,7 @@ from modelmeter.money import MICRO_PER_CENT
 from modelmeter.settings import Settings
 from tests.binaries import free_port, require_binary
 from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, LiveServer, bearer
-from tests.processes import wait_until
+from tests.processes import stop, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -301,12 +301,7 @@ def two_process_gateway(settings: Settings, tmp_path: Path) -> Iterator[tuple[st
               180, "two fronts and their engine")
         yield url, metrics_dir
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, signum=signal.SIGINT, timeout=30)
         log.close()
 
 

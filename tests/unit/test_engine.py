@@ -108,7 +108,7 @@ async def test_remote_answers_equal_the_in_process_engine(engine: tuple[Running,
                     assert max(abs(a - b) for a, b in zip(r, lo, strict=True)) < 1e-5
     finally:
         await local.aclose()
-    assert client.device == "cpu"
+    assert all(client.device_for(source) == "cpu" for source in sources(tree))
     fronts, engines = await client.stats()
     assert fronts == [os.getpid()]
     assert engines[0].rows >= 3 * len(TEXTS)

@@ -21,7 +21,7 @@ from modelmeter.billing.economics import (
     units_to_cents,
     units_to_decimal_cents,
 )
-from modelmeter.billing.metering import UsageRecord
+from modelmeter.billing.ledger import UsageRecord
 from modelmeter.billing.pricing import Usage
 from modelmeter.gateway.collectors import quota_utilisation
 from modelmeter.telemetry import OTHER, LabelCap, Telemetry
@@ -165,7 +165,7 @@ def test_grouping_sums_exactly_and_computes_the_margin() -> None:
 _CHILD = textwrap.dedent("""
     import sys
     from prometheus_client import CollectorRegistry
-    from modelmeter.billing.metering import UsageRecord
+    from modelmeter.billing.ledger import UsageRecord
     from modelmeter.telemetry import Telemetry, multiprocess_dir_from_env
     telemetry = Telemetry(CollectorRegistry(), multiprocess_dir=multiprocess_dir_from_env())
     tokens = int(sys.argv[1])

@@ -38,7 +38,7 @@ from modelmeter.money import MICRO_PER_CENT, micro_to_cents
 from modelmeter.tenancy.tenants import Tenant, lock_tenant
 
 if TYPE_CHECKING:
-    from modelmeter.billing.metering import UsageRecord
+    from modelmeter.billing.ledger import UsageRecord
 
 EVENT_TYPE = "usage.threshold_crossed"
 MAX_THRESHOLDS = 10

@@ -40,10 +40,10 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
-from modelmeter.billing import credits, invoicing, metering
+from modelmeter.billing import credits, invoicing, ledger
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.counts import add_into
-from modelmeter.billing.metering import period_bounds
+from modelmeter.billing.ledger import period_bounds
 from modelmeter.billing.tables import Invoice, UsageEvent
 from modelmeter.errors import ConflictError
 from modelmeter.money import MICRO_PER_CENT, decimal_text, quantize_half_up, round_half_up_div, unit_micro_cents
@@ -259,7 +259,7 @@ def compute_prices(settings: Settings) -> ComputePrices:
 def economics_report(*, session: Session, catalog: PlanCatalog, settings: Settings, period: str | None,
                      group_by: GroupBy) -> list[EconomicsRow]:
     """Revenue, compute cost and margin of ``period`` (the running month when omitted) per tenant or plan."""
-    current = metering.period_of(clock.now_s())
+    current = ledger.period_of(clock.now_s())
     period = invoicing.parse_period(period) if period else current
     if period > current:
         # 409 like closing an unfinished month: the request is well formed, the period is not there yet.

@@ -22,7 +22,7 @@ from sqlmodel import Session, col, select
 from modelmeter import clock
 from modelmeter.billing import credits
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.metering import period_bounds, period_of
+from modelmeter.billing.ledger import period_bounds, period_of
 from modelmeter.billing.pricing import Line, Usage, price_period, subtotal, usage_cost_micro
 from modelmeter.billing.stripe.outbox import enqueue_invoice, enqueue_plan_change
 from modelmeter.billing.tables import (

@@ -38,7 +38,7 @@ from sqlmodel import Session
 from modelmeter import clock
 from modelmeter.billing import credits, economics, invoicing
 from modelmeter.billing.catalog import Plan, PlanCatalog
-from modelmeter.billing.metering import period_bounds, period_of
+from modelmeter.billing.ledger import period_bounds, period_of
 from modelmeter.billing.pricing import Line, Usage, price_period, usage_cost_micro
 from modelmeter.errors import ConflictError, InvalidRequestError
 from modelmeter.fields import PYTHON_RE

@@ -29,7 +29,7 @@ from modelmeter import clock
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.credits import outstanding_by_tenant
 from modelmeter.billing.economics import ComputePrices, EconomicsRow, group, period_economics
-from modelmeter.billing.metering import period_of
+from modelmeter.billing.ledger import period_of
 from modelmeter.billing.pricing import Usage, usage_cost_micro
 from modelmeter.billing.tables import AlertDelivery, StripeOutbox
 from modelmeter.models.finetune.tables import ACTIVE_STATUSES, FINISHED_STATUSES, FineTuningJob

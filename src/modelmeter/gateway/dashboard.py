@@ -19,7 +19,8 @@ from sqlmodel import Session
 from modelmeter import clock
 from modelmeter.billing import alerts, credits, invoicing
 from modelmeter.billing.catalog import Plan, PlanCatalog
-from modelmeter.billing.metering import period_of, period_usage
+from modelmeter.billing.ledger import period_of
+from modelmeter.billing.metering import period_usage
 from modelmeter.billing.pricing import Usage, usage_cost_micro
 from modelmeter.billing.usage import UsageQuery, usage_buckets
 from modelmeter.errors import AuthenticationError, TenantSuspendedError

@@ -12,7 +12,8 @@ from sqlmodel import Session
 from modelmeter.billing.alert_relay import AlertRelay
 from modelmeter.billing.alerts import Alerts
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.metering import LedgerWriter, Meter
+from modelmeter.billing.ledger import LedgerWriter
+from modelmeter.billing.metering import Meter
 from modelmeter.billing.quota import InProcessQuotaStore, QuotaStore, RedisQuotaStore
 from modelmeter.billing.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from modelmeter.billing.stripe.relay import StripeRelay

@@ -22,7 +22,8 @@ from modelmeter.billing.alert_relay import AlertRelay
 from modelmeter.billing.alerts import Alerts
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.credits import store_grants
-from modelmeter.billing.metering import LedgerWriter, Meter
+from modelmeter.billing.ledger import LedgerWriter
+from modelmeter.billing.metering import Meter
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.gateway.auth import KeyAuthenticator
 from modelmeter.gateway.routes import metrics

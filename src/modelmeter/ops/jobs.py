@@ -11,7 +11,8 @@ from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.metering import as_amount, check_training_quota, period_of, period_usage
+from modelmeter.billing.ledger import period_of
+from modelmeter.billing.metering import as_amount, check_training_quota, period_usage
 from modelmeter.billing.quota import Amount
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import parse_dataset

@@ -10,7 +10,8 @@ from fastapi import APIRouter
 from modelmeter import clock
 from modelmeter.billing import invoicing
 from modelmeter.billing.credits import CreditPurchaseCreate
-from modelmeter.billing.metering import period_bounds, period_of, period_usage
+from modelmeter.billing.ledger import period_bounds, period_of
+from modelmeter.billing.metering import period_usage
 from modelmeter.billing.pricing import usage_cost_micro
 from modelmeter.billing.tables import Invoice
 from modelmeter.errors import NotFoundError

@@ -54,11 +54,6 @@ EngineStats = p.Stats  # one engine's counters since it started (``GET /admin/en
 class EngineClient(Protocol):
     """The interface the routes use, whichever side of a socket the engine is on."""
 
-    @property
-    def device(self) -> str:
-        """The device type of the first engine (``cpu``, ``cuda``)."""
-        ...
-
     def device_for(self, source: ModelSource) -> str:
         """The device type rows of ``source`` run on: it goes into the usage row (compute is priced by it)."""
         ...
@@ -129,10 +124,6 @@ class RemoteEngine:
         self._pid = os.getpid()
         self._encode = p.to_engine_encoder.encode
         self._decode = p.to_front_decoder.decode
-
-    @property
-    def device(self) -> str:
-        return self._links[0].device if self._links else "cpu"
 
     def device_for(self, source: ModelSource) -> str:
         return self._link_for(source).device
