@@ -233,6 +233,8 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("metrics", ("telemetry.py", "prometheus_client", "_observe")),
     ("validation", ("pydantic", "fastapi/dependencies/", "fastapi/_compat")),
     ("response", ("routes/inference.py", "responses.py", "orjson")),
+    ("fast lane (gate, decode, send)", ("gateway/fastlane.py",)),
+    ("pipeline glue", ("gateway/inference.py",)),
 ]
 FALLBACK: list[tuple[str, tuple[str, ...]]] = [
     ("http server", ("uvicorn", "httptools", "h11")),

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     idempotency_ttl_s: Annotated[int, Field(gt=0)] = 24 * 3600  # how long an Idempotency-Key's answer is kept
     idempotency_lock_s: Annotated[int, Field(gt=0)] = 120  # lease on a key in flight (frees a dead replica's)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    fast_lane: bool = True  # /v1/embeddings and /v1/classify by gateway/fastlane.py (same answers, less CPU)
 
     # Serving
     max_inputs_per_request: Annotated[int, Field(gt=0)] = 256

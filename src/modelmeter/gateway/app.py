@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from modelmeter.errors import install_handlers
 from modelmeter.gateway import openapi
+from modelmeter.gateway.fastlane import FastLane
 from modelmeter.gateway.idempotency import IdempotencyMiddleware
 from modelmeter.gateway.middleware import (
     JSON,
@@ -59,6 +60,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app.add_middleware(IdempotencyMiddleware, services=app.state.services)  # inside: sees the body as routes do
     app.add_middleware(ContentTypeMiddleware, expects=_media_types)
     app.add_middleware(BodyLimitMiddleware, limit_for=_limits(settings))
+    if settings.fast_lane:  # inside the request context (ids, access log, metrics), before everything else
+        app.add_middleware(FastLane, router=inference.router, services=app.state.services)
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -8,6 +8,7 @@ The request path: authenticate → resolve the model (in-memory registry) → to
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -29,7 +30,7 @@ from modelmeter.gateway.schemas import (
     Page,
     errors,
 )
-from modelmeter.models.registry import ModelPublic
+from modelmeter.models.registry import ModelInfo, ModelPublic
 
 router = APIRouter(tags=["inference"])
 
@@ -100,24 +101,33 @@ class _FastJSON(JSONResponse):
         return orjson.dumps(content)
 
 
-def _respond(body: Any, served: Served) -> JSONResponse:
-    """Serialise directly (no per-float encoder walk: embeddings are long lists) with the serving headers."""
-    headers = {
+def serving_headers(served: Served) -> dict[str, str]:
+    """The rate-limit headers and the serving figures every inference answer carries."""
+    return {
         **served.headers,
         "x-compute-tokens": str(served.tokens),
         "x-queue-time": f"{served.queue_s * 1000:.3f}",
         "x-inference-time": f"{served.inference_s * 1000:.3f}",
     }
-    return _FastJSON(body, headers=headers)
 
 
-def _check_task(model_id: str, task: str, wanted: str, route: str) -> None:
-    if task != wanted:
-        raise InvalidRequestError(
-            f"The model '{model_id}' is a {task} model; {route} needs a {wanted} model.",
-            code="unsupported_task",
-            param="model",
-        )
+def _respond(body: Any, served: Served) -> JSONResponse:
+    """Serialise directly (no per-float encoder walk: embeddings are long lists) with the serving headers."""
+    return _FastJSON(body, headers=serving_headers(served))
+
+
+def task_check(wanted: str, route: str) -> Callable[[ModelInfo], None]:
+    """The check ``serve`` runs on the resolved model: a route serves one task (400 naming the model's)."""
+
+    def check(model: ModelInfo) -> None:
+        if model.task != wanted:
+            raise InvalidRequestError(
+                f"The model '{model.id}' is a {model.task} model; {route} needs a {wanted} model.",
+                code="unsupported_task",
+                param="model",
+            )
+
+    return check
 
 
 # The inference routes return their JSONResponse directly: FastAPI documents ``response_model`` and skips
@@ -137,14 +147,18 @@ async def classify(body: ClassifyRequest, principal: InferencePrincipal, request
     """Label each input with the model's classes: ``label``, ``score`` and every class's probability."""
     served = await serve(
         request, principal, body.model, _as_list(body.input), truncate=body.truncate, endpoint="classify",
-        check=lambda m: _check_task(m.id, m.task, "text-classification", "/v1/classify"),
+        check=task_check("text-classification", "/v1/classify"),
     )
+    return _respond(classify_answer(body.model, served), served)
+
+
+def classify_answer(model: str, served: Served) -> dict[str, Any]:
     data = []
     for index, scores in enumerate(served.results):
         assert isinstance(scores, dict)
         label = max(scores, key=scores.__getitem__)
         data.append({"index": index, "label": label, "score": scores[label], "scores": scores})
-    return _respond({"object": "list", "model": body.model, "data": data, "usage": _usage(served)}, served)
+    return {"object": "list", "model": model, "data": data, "usage": _usage(served)}
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:
@@ -158,14 +172,17 @@ async def embeddings(body: EmbeddingsRequest, principal: InferencePrincipal, req
     """OpenAI-compatible embeddings (mean-pooled, L2-normalised)."""
     served = await serve(
         request, principal, body.model, _as_list(body.input), truncate=body.truncate, endpoint="embeddings",
-        check=lambda m: _check_task(m.id, m.task, "feature-extraction", "/v1/embeddings"),
-        dimensions=body.dimensions,
+        check=task_check("feature-extraction", "/v1/embeddings"), dimensions=body.dimensions,
     )
+    return _respond(embeddings_answer(body.model, body.encoding_format, served), served)
+
+
+def embeddings_answer(model: str, encoding_format: str, served: Served) -> dict[str, Any]:
     data = [
-        {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}  # type: ignore[arg-type]
+        {"object": "embedding", "index": i, "embedding": _encode(v, encoding_format)}  # type: ignore[arg-type]
         for i, v in enumerate(served.results)
     ]
-    return _respond({"object": "list", "data": data, "model": body.model, "usage": _usage(served)}, served)
+    return {"object": "list", "data": data, "model": model, "usage": _usage(served)}
 
 
 @router.post("/models/{model:path}", response_model=HFResponse, responses=_INFERENCE_ERRORS)
