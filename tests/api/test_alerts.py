@@ -285,19 +285,16 @@ def test_receiver_failing_twice_gets_each_event_once_signed(
     [event] = events(client, headers)
     relay = AlertRelay(sessions=services.sessions, timeout_s=0.3, backoff_base_s=10, max_attempts=5,
                        allow_private=True)
-    try:
-        assert [o.result for o in relay.run_once().rows] == ["retry"]  # 500
-        assert relay.run_once().rows == []  # backing off
-        october.advance(10)
-        assert [o.result for o in relay.run_once().rows] == ["retry"]  # timeout
-        october.advance(19)
-        assert relay.run_once().rows == []  # 20 s this time
-        october.advance(1)
-        assert [o.result for o in relay.run_once().rows] == ["done"]
-        october.advance(3600)
-        assert relay.run_once().rows == []  # done is done
-    finally:
-        relay._client.close()
+    assert [o.result for o in relay.run_once().rows] == ["retry"]  # 500
+    assert relay.run_once().rows == []  # backing off
+    october.advance(10)
+    assert [o.result for o in relay.run_once().rows] == ["retry"]  # timeout
+    october.advance(19)
+    assert relay.run_once().rows == []  # 20 s this time
+    october.advance(1)
+    assert [o.result for o in relay.run_once().rows] == ["done"]
+    october.advance(3600)
+    assert relay.run_once().rows == []  # done is done
     assert len(hook.received) == 3
     for sent_headers, body in hook.received:
         assert json.loads(body) == event  # the same event, the same id, every attempt
@@ -316,13 +313,10 @@ def test_deliveries_that_keep_failing_are_marked_and_listed(
     classify(client, headers, model, 3)
     relay = AlertRelay(sessions=services.sessions, timeout_s=1, backoff_base_s=1, max_attempts=3,
                        allow_private=True)
-    try:
-        results = []
-        for _ in range(3):
-            results += [o.result for o in relay.run_once().rows]
-            october.advance(100)
-    finally:
-        relay._client.close()
+    results = []
+    for _ in range(3):
+        results += [o.result for o in relay.run_once().rows]
+        october.advance(100)
     assert results == ["retry", "retry", "failed"]
     listed = client.get("/admin/events/deliveries", params={"status": "failed"}, headers=ADMIN).json()
     [row] = listed["data"]
@@ -369,10 +363,10 @@ def test_a_name_resolving_to_a_private_address_is_caught_at_send_time(monkeypatc
 
     from modelmeter.billing.alerts import private_address
 
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: [(2, 1, 6, "", ("169.254.169.254", 0))])
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, **kw: [(2, 1, 6, "", ("169.254.169.254", 0))])
     assert private_address("https://hooks.example.net/x") is False
     assert private_address("https://hooks.example.net/x", resolve=True) is True
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: [(2, 1, 6, "", ("93.184.216.34", 0))])
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, **kw: [(2, 1, 6, "", ("93.184.216.34", 0))])
     assert private_address("https://hooks.example.net/x", resolve=True) is False
 
 

@@ -5,10 +5,19 @@ connection error) is retried with exponential backoff, up to ``max_attempts``, t
 ``modelmeter_alert_deliveries_failed`` gauge and ``GET /admin/events/deliveries?status=failed`` show it). Every
 attempt sends the same event, same id: receivers deduplicate on it. The body is signed as Stripe signs webhooks:
 ``modelmeter-signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>" under the tenant's secret>``.
+
+A receiver is the tenant's and hostile (issue 21): it may answer gigabytes, gzip bombs, or drip its headers a byte
+at a time. An attempt is bounded before it starts: the connection goes to the address that was checked
+(``destinations.pin``: no second DNS lookup), ``accept-encoding: identity`` is asked, only the status line and
+headers are read (h11 caps them at 64 KiB) and never the body (the stream is closed unread), and the whole attempt,
+connect to headers, has one wall-clock deadline (``timeout_s``). Each query round takes at most one due delivery
+per tenant, oldest first, so a tenant with thousands of pending deliveries to a slow receiver delays another
+tenant's by at most one attempt per round.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -17,12 +26,13 @@ import threading
 from dataclasses import dataclass, field
 
 import httpx
-from sqlalchemy import or_, update
+from sqlalchemy import func, or_, update
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
-from modelmeter.billing.alerts import event_public, private_address
+from modelmeter.billing.alerts import event_public
+from modelmeter.billing.destinations import pin
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
 from modelmeter.periodic import Periodic
 
@@ -60,7 +70,7 @@ class AlertRelay:
     def __init__(self, *, sessions: sessionmaker[Session], max_attempts: int = 8,
                  timeout_s: float = 5.0,  # float-ok: seconds
                  backoff_base_s: int = 2, backoff_cap_s: int = 3600, lease_s: int = 60, batch: int = 100,
-                 transport: httpx.BaseTransport | None = None, allow_private: bool = False) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, allow_private: bool = False) -> None:
         self._sessions = sessions
         self._allow_private = allow_private
         self._max_attempts = max_attempts
@@ -68,8 +78,8 @@ class AlertRelay:
         self._backoff_cap_s = backoff_cap_s
         self._lease_s = max(lease_s, int(timeout_s) + 1)
         self._batch = batch
-        self._client = httpx.Client(timeout=timeout_s, transport=transport, follow_redirects=False,
-                                    headers={"user-agent": "modelmeter-alerts/1"})
+        self._timeout_s = timeout_s
+        self._transport = transport
         self._lock = threading.Lock()
         self._loop = Periodic(self.run_once, name="alert delivery pass")
 
@@ -86,7 +96,6 @@ class AlertRelay:
     async def aclose(self) -> None:
         """Stop the loop after the pass in flight, then close the client's connections."""
         await self._loop.stop()
-        self._client.close()
 
     # one pass
 
@@ -106,11 +115,15 @@ class AlertRelay:
         return report
 
     def _due(self) -> list[AlertDelivery]:
+        """The oldest due delivery of each tenant (up to ``batch`` tenants), oldest first."""
         now = clock.now_s()
-        query = (select(AlertDelivery)
-                 .where(AlertDelivery.status == "pending", col(AlertDelivery.next_attempt_at) <= now,
-                        or_(col(AlertDelivery.locked_until).is_(None), col(AlertDelivery.locked_until) <= now))
-                 .order_by(col(AlertDelivery.id)).limit(self._batch))
+        ranked = (select(col(AlertDelivery.id).label("id"), func.row_number().over(
+                      partition_by=col(AlertDelivery.tenant_id), order_by=col(AlertDelivery.id)).label("rank"))
+                  .where(AlertDelivery.status == "pending", col(AlertDelivery.next_attempt_at) <= now,
+                         or_(col(AlertDelivery.locked_until).is_(None), col(AlertDelivery.locked_until) <= now))
+                  .subquery())
+        query = (select(AlertDelivery).join(ranked, col(AlertDelivery.id) == ranked.c.id)
+                 .where(ranked.c.rank == 1).order_by(col(AlertDelivery.id)).limit(self._batch))
         with self._sessions() as session:
             return list(session.exec(query).all())
 
@@ -143,18 +156,29 @@ class AlertRelay:
         status: int | None = None
         error: str | None = None
         try:
-            if not self._allow_private and private_address(row.url, resolve=True):
-                raise PermissionError("the URL resolves to a loopback, private or link-local address: not sent")
             body, secret = self._body(row)
-            timestamp = clock.now_s()
-            response = self._client.post(row.url, content=body, headers={
-                "content-type": "application/json", SIGNATURE_HEADER: sign(secret, timestamp, body)})
-            status = response.status_code
+            status = asyncio.run(asyncio.wait_for(self._post(row.url, body, secret), self._timeout_s))
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
-        except Exception as exc:  # timeouts, refused connections, bad URLs: all retried
+        except TimeoutError:
+            error = f"no answer within {self._timeout_s:g} s"
+        except Exception as exc:  # refused connections, bad URLs, private addresses: all retried
             error = f"{type(exc).__name__}: {exc}"[:1000]
         return self._finish(row, status, error)
+
+    async def _post(self, url: str, body: bytes, secret: str) -> int:
+        """One attempt: the status of the receiver's answer, whose body is never read."""
+        target = pin(url, allow_private=self._allow_private)
+        headers = {"host": target.host, "content-type": "application/json", "accept-encoding": "identity",
+                   "user-agent": "modelmeter-alerts/1", SIGNATURE_HEADER: sign(secret, clock.now_s(), body)}
+        extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+        async with (
+            httpx.AsyncClient(timeout=self._timeout_s, transport=self._transport, follow_redirects=False,
+                              trust_env=False) as client,
+            client.stream("POST", target.connect_url, content=body, headers=headers,
+                          extensions=extensions) as response,
+        ):
+            return response.status_code  # closing the stream unread drops the connection
 
     def _finish(self, row: AlertDelivery, status: int | None, error: str | None) -> DeliveryOutcome:
         assert row.id is not None

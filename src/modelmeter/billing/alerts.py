@@ -11,9 +11,7 @@ event gets one delivery row per URL (the outbox the relay in :mod:`modelmeter.bi
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
-import socket
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.billing.catalog import Plan, PlanCatalog
+from modelmeter.billing.destinations import addresses, canonical_host, forbidden, is_local_name
 from modelmeter.billing.pricing import Usage, usage_cost_micro
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting, UsageEvent
 from modelmeter.ids import new_id
@@ -65,28 +64,21 @@ def _http_url(url: str) -> str:
     if not sep or scheme.lower() not in ("http", "https") or not rest or rest.startswith("/") or any(
             c in _SPACE for c in url):
         raise ValueError("url must be an http:// or https:// URL")
+    parts = urlsplit(url)
+    canonical_host(parts.hostname or "")
+    _ = parts.port  # a port that is not a number in range raises ValueError here, not at send time
     return url
 
 
 def private_address(url: str, *, resolve: bool = False) -> bool:
-    """Whether ``url``'s host is loopback, private, link-local, reserved, multicast or unspecified: an IP literal or
-    ``localhost`` as written, and with ``resolve`` every address the name resolves to (at send time, so a name
-    cannot be pointed inside the network after the check). An unresolvable name is not private (it fails to send).
-    """
-    host = (urlsplit(url).hostname or "").rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    """Whether ``url``'s host is loopback, private, link-local, reserved, multicast or unspecified (itself or the
+    IPv4 address an IPv6 form carries): an IP literal or ``localhost`` as written, and with ``resolve`` every
+    address the name resolves to. An unresolvable name is not private (it fails to send). At send time the relay
+    connects to an address it checked (``destinations.pin``)."""
+    host = urlsplit(url).hostname or ""
+    if is_local_name(host):
         return True
-    try:
-        addresses = [ipaddress.ip_address(host)]
-    except ValueError:
-        if not resolve:
-            return False
-        try:
-            infos = socket.getaddrinfo(host, None)
-        except (OSError, UnicodeError):
-            return False
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-    return any(not a.is_global or a.is_multicast for a in addresses)
+    return any(forbidden(a) for a in addresses(host, resolve=resolve))
 
 
 class AlertSettingsUpdate(BaseModel):
