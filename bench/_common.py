@@ -13,7 +13,7 @@ from typing import Any
 
 from modelmeter.settings import Settings
 
-ADMIN_TOKEN = "mmadmin_bench-token-0123456789"
+ADMIN_TOKEN = "mmadmin_bench-token-0123456789abcdef0123"
 
 
 def bench_settings(**overrides: Any) -> Settings:

@@ -20,7 +20,7 @@ from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
 from modelmeter.tables import import_all_tables
 
-ADMIN_TOKEN = "mmadmin_test-token-0123456789"
+ADMIN_TOKEN = "mmadmin_test-token-0123456789abcdef0123"
 PG_URL = os.environ.get("MODELMETER_DATABASE_URL", "")
 REDIS_URL = os.environ.get("MODELMETER_REDIS_URL", "")
 ON_POSTGRES = PG_URL.startswith("postgresql")

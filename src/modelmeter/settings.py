@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     metrics_max_models: Annotated[int, Field(ge=0)] = 200
     metrics_db_ttl_s: Annotated[float, Field(ge=0)] = 15.0  # scrape-time database gauges are cached this long
     dashboard_secret: str | None = None  # signs dashboard links; derived from the admin token when unset
+    metrics_token: str | None = None  # a bearer token for GET /metrics besides the admin token (Prometheus's)
     public_url: str | None = None  # the gateway's external base URL, for links made outside a request (CLI)
 
     @field_validator("data_dir")
@@ -131,6 +132,33 @@ def ensure_admin_token(settings: Settings) -> tuple[str, bool]:
     path.write_text(token + "\n")
     settings.admin_token = token
     return token, True
+
+
+# The secrets `serve` refuses: shorter than this, or a placeholder shipped in deploy/ (tests/unit/test_secrets.py
+# reads every value deploy/ ships for these settings and checks each is listed here).
+MIN_SECRET_CHARS = 32
+PLACEHOLDER_SECRETS = frozenset({
+    "mmadmin_change-me", "change-me-to-32-random-bytes", "mmadmin_change-me-to-a-long-random-token",
+    "change-me-to-a-long-random-signing-secret", "change-me-to-a-long-random-metrics-token",
+})
+_CHECKED_SECRETS = {"admin_token": "MODELMETER_ADMIN_TOKEN", "dashboard_secret": "MODELMETER_DASHBOARD_SECRET",
+                    "stripe_webhook_secret": "MODELMETER_STRIPE_WEBHOOK_SECRET",
+                    "metrics_token": "MODELMETER_METRICS_TOKEN"}
+
+
+def weak_secrets(settings: Settings) -> list[str]:
+    """One message per secret that is set but too short or a shipped placeholder (empty means unset)."""
+    problems = []
+    for field, variable in _CHECKED_SECRETS.items():
+        value = getattr(settings, field)
+        if not value:
+            continue
+        if value in PLACEHOLDER_SECRETS or "change-me" in value:
+            problems.append(f"{variable} is the placeholder shipped in deploy/: set a random value of its own")
+        elif len(value) < MIN_SECRET_CHARS:
+            problems.append(f"{variable} has {len(value)} characters; it needs at least {MIN_SECRET_CHARS} "
+                            "(e.g. openssl rand -hex 24)")
+    return problems
 
 
 @lru_cache

@@ -18,7 +18,7 @@ from modelmeter.gateway.app import create_app
 from modelmeter.gateway.services import Services
 from modelmeter.models.adapters.artifact import ADAPTER_WEIGHTS
 from modelmeter.models.registry import MlModel
-from tests.conftest import assert_envelope, bearer
+from tests.conftest import ADMIN, assert_envelope, bearer
 
 pytestmark = pytest.mark.anyio
 TEXTS = ["a fine film", "the worst, most tedious two hours I have spent in a cinema this year", "ok", "fine " * 40]
@@ -45,7 +45,7 @@ async def _drive(client: TestClient, calls: list[tuple[str, dict[str, Any], dict
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             responses = await asyncio.gather(*(http.post(path, json=body, headers=h) for path, body, h in calls))
-            metrics = (await http.get("/metrics")).text
+            metrics = (await http.get("/metrics", headers=ADMIN)).text
     return list(responses), (app, metrics)
 
 

@@ -14,7 +14,7 @@ from modelmeter.settings import Settings
 from modelmeter.tenancy import keys as auth
 from tests.conftest import ADMIN, assert_envelope, bearer
 
-PUBLIC = {"/healthz", "/readyz", "/metrics", "/webhooks/stripe", "/dashboard", "/docs", "/docs/oauth2-redirect",
+PUBLIC = {"/healthz", "/readyz", "/webhooks/stripe", "/dashboard", "/docs", "/docs/oauth2-redirect",
           "/redoc", "/openapi.json"}
 
 
@@ -102,3 +102,18 @@ def test_models_lists_platform_models(client: TestClient, make_tenant: Any, make
     assert model["object"] == "model"
     assert model["owned_by"] == "modelmeter"
     assert model["task"] == "feature-extraction"
+
+
+def test_metrics_take_the_admin_or_the_metrics_token(settings: Settings, make_tenant: Any, make_key: Any,
+                                                      client: TestClient) -> None:
+    """/metrics names every tenant with its revenue and margin: nobody reads it without a bearer token."""
+    tenant_key = make_key(make_tenant()["id"])["key"]
+    assert_envelope(client.get("/metrics"), 401, code="missing_api_key")
+    assert_envelope(client.get("/metrics", headers=bearer(tenant_key)), 401, code="invalid_api_key")
+    assert_envelope(client.get("/metrics", headers=bearer("mmadmin_" + "0" * 40)), 401, code="invalid_api_key")
+    assert client.get("/metrics", headers=ADMIN).status_code == 200
+    metrics_token = "m" * 40
+    with TestClient(create_app(settings.model_copy(update={"metrics_token": metrics_token}))) as other:
+        assert other.get("/metrics", headers=bearer(metrics_token)).status_code == 200
+        assert other.get("/metrics", headers=ADMIN).status_code == 200
+        assert_envelope(other.get("/metrics", headers=bearer(metrics_token + "x")), 401)

@@ -88,7 +88,8 @@ def test_metric_values_after_known_traffic(gateway: TestClient, registry: Collec
     assert (wrong_task.status_code, unknown.status_code) == (422, 404)
     assert gateway.get("/v1/fine_tuning/jobs/ftjob_doesnotexist", headers=headers).status_code == 404
     assert gateway.get("/nowhere/at-all").status_code == 404
-    metrics = gateway.get("/metrics")  # no credentials needed
+    assert gateway.get("/metrics").status_code == 401  # it names every tenant: a bearer token is needed
+    metrics = gateway.get("/metrics", headers=ADMIN)
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
 
@@ -148,7 +149,7 @@ def test_tenant_label_is_capped(settings: Settings, client: TestClient, make_ten
     keys = [bearer(make_key(make_tenant()["id"])["key"]) for _ in range(3)]
     with TestClient(create_app(settings.model_copy(update={"metrics_max_tenants": 1}), registry=registry)) as capped:
         tokens = [classify(capped.post, headers, model, "same words") for headers in keys]
-        exposition = capped.get("/metrics").text
+        exposition = capped.get("/metrics", headers=ADMIN).text
     labels = tenant_label_values(exposition)
     assert OTHER_LABEL in labels
     assert len(labels - {OTHER_LABEL}) == 1
@@ -170,7 +171,7 @@ def test_evictions_and_pool_gauges(settings: Settings, client: TestClient, calle
     with TestClient(create_app(settings.model_copy(update={"pool_memory_mb": 6}), registry=registry)) as small:
         for model in (caller["model"], second, caller["model"]):
             classify(small.post, caller["headers"], model, "hello")
-        small.get("/metrics")
+        small.get("/metrics", headers=ADMIN)
     value = registry.get_sample_value
     assert value("modelmeter_model_loads_total", {"model": caller["model"]}) == 2
     assert value("modelmeter_model_evictions_total", {"model": caller["model"]}) == 1
@@ -321,7 +322,7 @@ def test_two_gateway_processes_aggregate(client: TestClient, caller: dict[str, A
     per_process = _per_process_tokens(metrics_dir, tmp_path / "final")
     assert len([x for x in per_process if x]) == 2, "both processes must have served requests"
 
-    exposition = httpx.get(f"{url}/metrics", timeout=30).text
+    exposition = httpx.get(f"{url}/metrics", headers=ADMIN, timeout=30).text
     families = {f.name: f for f in text_string_to_metric_families(exposition)}
     total = sum(s.value for s in families["modelmeter_billable_tokens"].samples if s.name.endswith("_total"))
     assert total == sum(per_process) == sum(sent) == ledger_tokens(client)
@@ -348,6 +349,7 @@ def prometheus(live_server: LiveServer, tmp_path: Path) -> Iterator[int]:
     shutil.copy(DEPLOY / "prometheus" / "rules.yml", tmp_path / "rules.yml")
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": ["rules.yml"],
               "scrape_configs": [{"job_name": "modelmeter-gateway", "metrics_path": "/metrics",
+                                  "authorization": {"type": "Bearer", "credentials": ADMIN_TOKEN},
                                   "static_configs": [{"targets": [live_server.url.removeprefix("http://")]}]}]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = (tmp_path / "prometheus.log").open("wb")
@@ -396,11 +398,19 @@ def test_prometheus_scrapes_a_running_gateway(client: TestClient, live_server: L
 # --- deploy/ -------------------------------------------------------------------------------------------------
 
 
-def test_promtool_accepts_the_config_and_rules() -> None:
+def test_promtool_accepts_the_config_and_rules(tmp_path: Path) -> None:
     promtool = require_binary("promtool")
+    # The config reads the metrics token from the container's secret file: here, a file of ours in its place.
+    for name in ("rules.yml", "rules.test.yml"):
+        shutil.copy(DEPLOY / "prometheus" / name, tmp_path / name)
+    (tmp_path / "metrics-token").write_text("t" * 40)
+    config = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    assert "/run/secrets/metrics-token" in config
+    (tmp_path / "prometheus.yml").write_text(config.replace("/run/secrets/metrics-token",
+                                                            str(tmp_path / "metrics-token")))
     for args in (["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"],
                  ["test", "rules", "rules.test.yml"]):
-        done = subprocess.run([promtool, *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True,
+        done = subprocess.run([promtool, *args], cwd=tmp_path, capture_output=True, text=True,
                               timeout=60, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
 
@@ -431,7 +441,7 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
 
 def test_dashboards_and_rules_query_only_exported_metrics(gateway: TestClient, caller: dict[str, Any]) -> None:
     classify(gateway.post, caller["headers"], caller["model"], "warm up")
-    exported = exported_names(gateway.get("/metrics").text)
+    exported = exported_names(gateway.get("/metrics", headers=ADMIN).text)
     boards = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
     assert {b.stem for b in boards} >= {"overview", "tenants", "economics"}
     used: set[str] = set()
@@ -463,6 +473,21 @@ def test_grafana_provisioning_matches_the_dashboards() -> None:
         assert panels, board.name
         assert all(p["datasource"]["uid"] == uid for p in panels), board.name
         assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_every_shipped_scrape_sends_the_metrics_token() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "modelmeter-gateway"]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/metrics-token"}
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert compose["services"]["prometheus"]["secrets"] == ["metrics-token"]
+    assert compose["secrets"]["metrics-token"] == {"environment": "MODELMETER_METRICS_TOKEN"}
+    assert "MODELMETER_METRICS_TOKEN" in compose["x-modelmeter"]["environment"]
+    monitor = yaml.safe_load((DEPLOY / "k8s" / "servicemonitor.yaml").read_text())
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["authorization"]["credentials"] == {"name": "modelmeter-secrets", "key": "MODELMETER_METRICS_TOKEN"}
+    secret = yaml.safe_load((DEPLOY / "k8s" / "secret.yaml").read_text())
+    assert "MODELMETER_METRICS_TOKEN" in secret["stringData"]
 
 
 def test_compose_and_kubernetes_manifests() -> None:

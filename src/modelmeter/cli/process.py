@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from modelmeter import db
-from modelmeter.settings import Settings, ensure_admin_token
+from modelmeter.settings import Settings, ensure_admin_token, weak_secrets
 
 
 @click.command()
@@ -29,6 +29,11 @@ def serve(host: str, port: int, worker: bool | None, workers: int, engine_mode: 
     if worker is not None:
         settings.start_worker = worker
     token, generated = ensure_admin_token(settings)
+    problems = weak_secrets(settings)
+    if problems:
+        for problem in problems:
+            click.echo(f"modelmeter serve: refusing to start: {problem}.", err=True)
+        raise SystemExit(2)
     if generated:
         click.echo(f"Admin token (shown once, kept in {settings.data_dir}/admin_token): {token}", err=True)
     separate = engine_mode == "process" or (engine_mode == "auto" and workers > 1)

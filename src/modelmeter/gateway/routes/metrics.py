@@ -1,4 +1,5 @@
-"""``GET /metrics``: the Prometheus exposition (no auth: keep it off the public ingress), and the wiring of the
+"""``GET /metrics``: the Prometheus exposition (a bearer token: the admin token or ``MODELMETER_METRICS_TOKEN``,
+since it names every tenant with its revenue and margin), and the wiring of the
 scrape-time database collectors (:mod:`modelmeter.gateway.collectors`) onto the app's
 :class:`~modelmeter.telemetry.Telemetry`."""
 
@@ -6,12 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter.billing.economics import compute_prices
+from modelmeter.errors import AuthenticationError
+from modelmeter.gateway.auth import admin_token_matches, parse_bearer
 from modelmeter.gateway.collectors import DatabaseCollector
 from modelmeter.gateway.deps import ServicesDep
 from modelmeter.gateway.services import Services
@@ -41,9 +44,22 @@ def _tenants(session: Session) -> Sequence[Tenant]:
     return all_tenants(session=session)
 
 
+def _reader(request: Request, services: Services) -> None:
+    """The admin token or the metrics token passes; anything else (a tenant key too) is 401."""
+    token = parse_bearer(request.headers.get("authorization"))
+    if token is None:
+        raise AuthenticationError("GET /metrics needs 'Authorization: Bearer <admin or metrics token>'.",
+                                  code="missing_api_key")
+    settings = services.settings
+    if not any(expected and admin_token_matches(token, expected)
+               for expected in (settings.admin_token, settings.metrics_token)):
+        raise AuthenticationError("This token cannot read the metrics.", code="invalid_api_key")
+
+
 @router.get("/metrics", include_in_schema=False)
-async def metrics(services: ServicesDep) -> Response:
+async def metrics(request: Request, services: ServicesDep) -> Response:
     """Every metric in the Prometheus text format (aggregated over worker processes in multiprocess mode)."""
+    _reader(request, services)
     services.telemetry.refresh_live()
     body = await run_in_threadpool(services.telemetry.exposition)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
