@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     last_used_flush_s: Annotated[float, Field(gt=0)] = 60.0
     default_key_grace_s: Annotated[int, Field(ge=0)] = 24 * 3600
     idempotency_ttl_s: Annotated[int, Field(gt=0)] = 24 * 3600  # how long an Idempotency-Key's answer is kept
+    idempotency_max_answer_bytes: Annotated[int, Field(ge=0)] = 1024 * 1024  # larger: a 409 is kept instead
     idempotency_lock_s: Annotated[int, Field(gt=0)] = 120  # lease on a key in flight (frees a dead replica's)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     fast_lane: bool = True  # /v1/embeddings and /v1/classify by gateway/fastlane.py (same answers, less CPU)

@@ -114,9 +114,13 @@ def test_keys_are_scoped_to_the_caller(client: TestClient, make_tenant: Any, mak
     a1, a2, b1 = make_key(a)["key"], make_key(a)["key"], make_key(b)["key"]
     first = client.post("/v1/dashboard/links", headers=keyed("shared", bearer(a1)))
     assert first.status_code == 200, first.text
+    same_key = client.post("/v1/dashboard/links", headers=keyed("shared", bearer(a1)))
+    assert same_key.headers["idempotent-replayed"] == "true"
+    assert same_key.json() == first.json()
+    # Another key of the same tenant is another caller (it may hold other scopes): its own answer.
     same_tenant = client.post("/v1/dashboard/links", headers=keyed("shared", bearer(a2)))
-    assert same_tenant.headers["idempotent-replayed"] == "true"
-    assert same_tenant.json() == first.json()
+    assert same_tenant.status_code == 200
+    assert "idempotent-replayed" not in same_tenant.headers
     other_tenant = client.post("/v1/dashboard/links", headers=keyed("shared", bearer(b1)))
     assert other_tenant.status_code == 200
     assert "idempotent-replayed" not in other_tenant.headers
@@ -124,6 +128,32 @@ def test_keys_are_scoped_to_the_caller(client: TestClient, make_tenant: Any, mak
     admin = client.post("/admin/tenants", json=TENANT, headers=keyed("shared"))
     assert admin.status_code == 201
     assert "idempotent-replayed" not in admin.headers
+
+
+def test_a_narrower_key_gets_no_replay_of_a_wider_keys_answer(client: TestClient, make_tenant: Any,
+                                                                make_key: Any) -> None:
+    """The attack (issue 21): an inference-only key reused the full key's Idempotency-Key and was replayed the
+    dashboard link and the purchase answer, both of which answer it 403 directly."""
+    tenant = make_tenant()["id"]
+    full, narrow = make_key(tenant)["key"], make_key(tenant, scopes=["inference"])["key"]
+    link = client.post("/v1/dashboard/links", headers=keyed("stolen", bearer(full)))
+    assert link.status_code == 200, link.text
+    replayed = client.post("/v1/dashboard/links", headers=keyed("stolen", bearer(narrow)))
+    assert_envelope(replayed, 403, code="insufficient_scope")
+    assert "idempotent-replayed" not in replayed.headers
+
+
+def test_an_answer_over_the_cap_is_not_kept_nor_run_again(app_factory: Any, services: Services) -> None:
+    """A 2 MB answer was kept 24 h for 768 billed tokens; now past the cap a short 409 is kept in its place."""
+    with TestClient(app_factory(idempotency_max_answer_bytes=200)) as small:
+        first = small.post("/admin/tenants", json=TENANT, headers=keyed("big"))
+        assert first.status_code == 201
+        assert len(first.content) > 200
+        retry = small.post("/admin/tenants", json=TENANT, headers=keyed("big"))
+        assert_envelope(retry, 409, code="idempotency_answer_not_kept")
+        assert retry.headers["idempotent-replayed"] == "true"
+        assert len(tenant_ids(small)) == 1  # created once
+    assert max(len(r.body or b"") for r in rows(services)) < 1000
 
 
 @pytest.mark.parametrize("value", ["x" * 256, "", "   ", "a\x01b", "tab\there", "del\x7f", b"caf\xc3\xa9"],

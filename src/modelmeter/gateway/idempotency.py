@@ -1,15 +1,22 @@
 """``Idempotency-Key`` on every POST: a retried request replays the first one's answer instead of running again.
 
-The key is scoped to the caller (a tenant, whichever of its keys is used, or the admin token) and kept
-``MODELMETER_IDEMPOTENCY_TTL_S`` (24 h). The same key with the same request (method, path, query and body; a
-JSON body compared after parsing, a multipart body without its boundary) replays the first answer with
-``Idempotent-Replayed: true``: the replay never reaches the route, so nothing is billed, rate-limited or created
-again. Another request with the key gets 422 ``idempotency_key_reused``; the key while its first request is
-still running gets 409 ``idempotency_key_in_use``; a malformed key 400 ``invalid_idempotency_key``.
+The key is scoped to the caller (the API key that made the first request, or the admin token) and kept
+``MODELMETER_IDEMPOTENCY_TTL_S`` (24 h). Not the tenant: another key of the same tenant may hold fewer scopes,
+and a replay never reaches the route that checks them (issue 21: an inference-only key was replayed the full
+key's dashboard link); the same key passed its scope check when its answer was kept. The same key with the same
+request (method, path, query and body; a JSON body compared after parsing, a multipart body without its
+boundary) replays the first answer with ``Idempotent-Replayed: true``: the replay never reaches the route, so
+nothing is billed, rate-limited or created again. Another request with the key gets 422
+``idempotency_key_reused``; the key while its first request is still running gets 409
+``idempotency_key_in_use``; a malformed key 400 ``invalid_idempotency_key``.
 
 Only a 2xx answer is kept: it is the one whose effect happened. Any other outcome (a refusal, an error, a
 disconnect) releases the key, so the retry runs afresh: a refused request changed nothing, and a 429 must not be
 replayed for a day. The store is the database (:mod:`modelmeter.tenancy.idempotency`), so replicas share it.
+
+A kept answer is bounded (``MODELMETER_IDEMPOTENCY_MAX_ANSWER_BYTES``, 1 MiB): over it, the key is kept with a
+short 409 ``idempotency_answer_not_kept`` in the answer's place, so a retry neither stores megabytes for a day
+nor runs (and bills) the request again.
 
 A kept answer's body is sealed (AES-GCM, a key derived from the admin token): a key creation or roll answers
 with the new API key's secret, which must not rest in the database readable (keys are stored as hashes only).
@@ -131,7 +138,7 @@ class IdempotencyMiddleware:
         principal = await principal_of(self.services, token)
         if principal is None or not principal.admitted_at(clock.now_s()):
             return None
-        return principal.tenant_id
+        return principal.key_id
 
     async def _run(self, scope: Scope, body: bytes, send: Send, receive: Receive, *, caller: str, key: str,
                    claim_id: str) -> None:
@@ -160,7 +167,8 @@ class IdempotencyMiddleware:
                 if not message.get("more_body", False):
                     settled = True
                     ok = 200 <= status < 300
-                    answer = self.sealer.seal(StoredResponse(status, headers, b"".join(chunks))) if ok else None
+                    answer = self.sealer.seal(self._bounded(StoredResponse(status, headers, b"".join(chunks)),
+                                                            scope)) if ok else None
                     if not (answer is not None and await _complete(sessions, caller, key, claim_id, answer)):
                         await release()
             await send(message)
@@ -170,6 +178,20 @@ class IdempotencyMiddleware:
         finally:
             if not settled:  # no complete answer: an exception, or the client left
                 await release()
+
+
+    def _bounded(self, answer: StoredResponse, scope: Scope) -> StoredResponse:
+        """The answer to keep: itself, or past the size cap a 409 saying it was served and is not kept."""
+        limit = self.services.settings.idempotency_max_answer_bytes
+        if len(answer.body) <= limit:
+            return answer
+        request_id = scope.get("state", {}).get("request_id", "")
+        error = ConflictError(
+            f"The request with this Idempotency-Key was served (request id {request_id}), but its answer of "
+            f"{len(answer.body)} bytes is over the {limit}-byte limit for kept answers: it is not replayed, and "
+            "the request is not run again. Use a new key to run it again.",
+            code="idempotency_answer_not_kept", param=PARAM)
+        return StoredResponse(409, [("content-type", "application/json")], json.dumps(error.body()).encode())
 
 
 _SEAL_CONTEXT = b"modelmeter/idempotency-answers/v1"

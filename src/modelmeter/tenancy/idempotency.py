@@ -39,7 +39,7 @@ class IdempotencyRecord(SQLModel, table=True):
     __tablename__ = "idempotency_key"
     __table_args__ = (Index("ix_idempotency_key_expires_at", "expires_at"),)
 
-    scope: str = Field(primary_key=True, max_length=40)  # a tenant id, or "admin"
+    scope: str = Field(primary_key=True, max_length=40)  # an API key id, or "admin"
     key: str = Field(primary_key=True, max_length=255)
     fingerprint: str = Field(max_length=64)  # SHA-256 (hex) of method, path, query and canonical body
     claim_id: str = Field(max_length=40)  # the request holding the row
