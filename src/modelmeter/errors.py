@@ -31,9 +31,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
@@ -247,42 +249,75 @@ def allowed_methods(request: Request, raised: Mapping[str, str] | None) -> list[
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
+# What a client of PostgreSQL or Redis raises when the server is unreachable, restarting or partitioned away.
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+_DATABASE_DOWN = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+
+
+def unavailable_dependency(exc: BaseException) -> ServiceUnavailableError | None:
+    """The 503 for an error that says PostgreSQL or Redis cannot be reached (None for any other error).
+
+    product.md: a dependency fault is 503 ``service_unavailable`` with ``Retry-After``, never a 500. The request
+    that met it changed nothing it answers for: a usage row that could not be written fails the request (the
+    ledger's contract), and a reservation is released or expires."""
+    if isinstance(exc, _REDIS_DOWN):
+        what = "Redis (limits and quotas)"
+    elif isinstance(exc, _DATABASE_DOWN) or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated):
+        what = "the database"
+    else:
+        return None
+    return ServiceUnavailableError(f"The service is temporarily unavailable: {what} cannot be reached. Retry "
+                                   "shortly.", headers={"Retry-After": "1"})
+
+
+async def _ours(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ModelMeterError)
+    return error_response(exc)
+
+
+async def _validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(from_validation(exc))
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    error = from_http(exc)
+    if exc.status_code == 405:  # every method of the path, not only those of the first route that matched it
+        error.headers["Allow"] = ", ".join(allowed_methods(request, exc.headers))
+    return error_response(error)
+
+
+async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
+    """A value the database refused (PostgreSQL holds no NUL in text and 32-bit integers): the statement
+    failed, its transaction rolled back, nothing changed; the client sent it, so a client error."""
+    text = str(exc)
+    if "NUL (0x00)" in text:
+        return error_response(MalformedRequestError("Text may not contain NUL (U+0000) characters.",
+                                                    code="invalid_text"))
+    if "out of range" in text:
+        return error_response(InvalidRequestError("A number is outside the range the service stores.",
+                                                  code="value_out_of_range"))
+    return await _unexpected(request, exc)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    """The catch-all (also what Starlette's outermost middleware answers for an error raised in a middleware):
+    a dependency fault is a 503, anything else a 500 with the traceback logged."""
+    unavailable = unavailable_dependency(exc)
+    if unavailable is not None:
+        log.warning("answered 503: %s: %s", type(exc).__name__, (str(exc).splitlines() or [""])[0])
+        return error_response(unavailable)
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(InternalError("The server had an error while processing the request."))
+
+
 def install_handlers(app: FastAPI) -> None:
     """Register the one handler for every error path of the app."""
-
-    async def _ours(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ModelMeterError)
-        return error_response(exc)
-
-    async def _validation(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        return error_response(from_validation(exc))
-
-    async def _http(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        error = from_http(exc)
-        if exc.status_code == 405:  # every method of the path, not only those of the first route that matched it
-            error.headers["Allow"] = ", ".join(allowed_methods(request, exc.headers))
-        return error_response(error)
-
-    async def _unstorable(_: Request, exc: Exception) -> JSONResponse:
-        """A value the database refused (PostgreSQL holds no NUL in text and 32-bit integers): the statement
-        failed, its transaction rolled back, nothing changed; the client sent it, so a client error."""
-        text = str(exc)
-        if "NUL (0x00)" in text:
-            return error_response(MalformedRequestError("Text may not contain NUL (U+0000) characters.",
-                                                        code="invalid_text"))
-        if "out of range" in text:
-            return error_response(InvalidRequestError("A number is outside the range the service stores.",
-                                                      code="value_out_of_range"))
-        return await _unexpected(_, exc)
-
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(InternalError("The server had an error while processing the request."))
-
     app.add_exception_handler(ModelMeterError, _ours)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(DataError, _unstorable)
+    for kind in (*_REDIS_DOWN, *_DATABASE_DOWN, sa_exc.DBAPIError):
+        app.add_exception_handler(kind, _unexpected)
     app.add_exception_handler(Exception, _unexpected)

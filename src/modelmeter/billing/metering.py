@@ -210,8 +210,14 @@ class Meter:
             log.exception("settling quota for %s failed; the hold expires on its own", record.request_id)
 
     async def release(self, hold: Hold) -> None:
-        if hold.reservation_id is not None:
+        """Give the hold back; a store that cannot be reached (Redis down) is logged, not raised: the hold
+        expires on its own, and the request's own answer (its error) must not become this one."""
+        if hold.reservation_id is None:
+            return
+        try:
             await self.quota.release(hold.tenant_id, hold.period, hold.reservation_id)
+        except Exception:
+            log.exception("releasing the hold of %s failed; it expires on its own", hold.tenant_id)
 
 
 def check_training_quota(*, plan: Plan, budget_cents: int | None, used: Amount, training_tokens: int) -> None:

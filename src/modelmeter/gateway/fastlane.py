@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelmeter import clock
-from modelmeter.errors import InternalError, ModelMeterError, error_response
+from modelmeter.errors import InternalError, ModelMeterError, error_response, unavailable_dependency
 from modelmeter.gateway.auth import Principal, parse_bearer
 from modelmeter.gateway.inference import Served, serve
 from modelmeter.gateway.routes.inference import classify_answer, embeddings_answer, serving_headers, task_check
@@ -153,9 +153,11 @@ class FastLane:
         except ModelMeterError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        except Exception as exc:  # the app's catch-all handler's answer, from the lane
-            log.exception("unhandled error", exc_info=exc)
-            await error_response(InternalError("The server had an error while processing the request."))(
+        except Exception as exc:  # the app's handlers' answers, from the lane
+            error = unavailable_dependency(exc)
+            if error is None:
+                log.exception("unhandled error", exc_info=exc)
+            await error_response(error or InternalError("The server had an error while processing the request."))(
                 scope, receive, send)
             return
         await _send_json(send, answer, served)
