@@ -84,6 +84,17 @@ async def test_same_decisions_as_in_process_on_an_injected_clock(replicas: Repli
         assert got == want
 
 
+async def test_a_request_taken_apart_from_its_tokens_decides_the_same(replicas: Replicas) -> None:
+    """requests=0: the tokens of a request whose place in RPM was taken before it was tokenized."""
+    remote, local = replicas.limiter(), InProcessRateLimiter()
+    steps = [(0.0, 0, 1), (0.0, 400, 0), (0.0, 0, 1), (0.0, 700, 0), (0.0, 0, 1), (0.0, 0, 1), (0.0, 0, 1),
+             (0.0, 0, 1), (1.0, 10, 0), (12.0, 0, 1), (12.0, 1, 1)]
+    for now, tokens, requests in steps:
+        want = await local.check("t", rpm=5, tpm=1000, tokens=tokens, now=1e6 + now, requests=requests)
+        got = await remote.check("t", rpm=5, tpm=1000, tokens=tokens, now=1e6 + now, requests=requests)
+        assert got == want, (now, tokens, requests)
+
+
 async def test_burst_then_refusal_on_server_time(replicas: Replicas) -> None:
     limiter = replicas.limiter()
     decisions = [await limiter.check("t", rpm=5, tpm=BIG, tokens=1) for _ in range(6)]

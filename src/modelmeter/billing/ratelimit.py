@@ -54,8 +54,11 @@ class RateLimiter(Protocol):
         tpm: int,
         tokens: int,
         now: float | None = None,  # float-ok
+        requests: int = 1,
     ) -> RateDecision:
-        """Take one request and ``tokens`` tokens if both fit (else nothing); ``now`` (seconds) is for tests."""
+        """Take ``requests`` (1, or 0: already taken) and ``tokens`` tokens if both fit (else nothing); ``now``
+        (seconds) is for tests. A large request takes its request first, before it is tokenized, and its tokens
+        in a second check (``gateway.inference``): a refused request never costs the tokenizer."""
         ...
 
     async def aclose(self) -> None:
@@ -68,11 +71,13 @@ def _interval_us(limit: int) -> int:
     return max(1, _WINDOW_US // limit)
 
 
-def _validate_rate(rpm: int, tpm: int, tokens: int) -> None:
+def _validate_rate(rpm: int, tpm: int, tokens: int, requests: int = 1) -> None:
     if rpm < 1 or tpm < 1:
         raise ValueError(f"rate limits must be positive (rpm={rpm}, tpm={tpm})")
     if tokens < 0:
         raise ValueError(f"tokens must not be negative ({tokens})")
+    if requests not in (0, 1):
+        raise ValueError(f"requests must be 0 or 1 ({requests})")
 
 
 def _lateness_us(tat: int, now: int, limit: int, cost: int) -> int:
@@ -96,13 +101,14 @@ def _reason(tokens: int, tpm: int, late_r: int, late_t: int) -> RateReason | Non
     return "requests" if late_r >= late_t else "tokens"
 
 
-def _gcra(now: int, tat_r: int, tat_t: int, *, rpm: int, tpm: int, tokens: int) -> tuple[RateDecision, int, int]:
+def _gcra(now: int, tat_r: int, tat_t: int, *, rpm: int, tpm: int, tokens: int,
+          requests: int = 1) -> tuple[RateDecision, int, int]:
     """Decide one request against both buckets; returns the decision and the arrival times to store."""
-    late_r = _lateness_us(tat_r, now, rpm, 1)
+    late_r = _lateness_us(tat_r, now, rpm, requests)
     late_t = _lateness_us(tat_t, now, tpm, tokens)
     reason = _reason(tokens, tpm, late_r, late_t)
     if reason is None:
-        tat_r = max(tat_r, now) + _interval_us(rpm)
+        tat_r = max(tat_r, now) + requests * _interval_us(rpm)
         tat_t = max(tat_t, now) + tokens * _interval_us(tpm)
         retry_after = 0.0  # float-ok
     else:
@@ -146,12 +152,13 @@ class InProcessRateLimiter:
         tpm: int,
         tokens: int,
         now: float | None = None,  # float-ok
+        requests: int = 1,
     ) -> RateDecision:
-        """Take one request and ``tokens`` tokens from ``key``'s buckets if both fit, else nothing."""
-        _validate_rate(rpm, tpm, tokens)
+        """Take ``requests`` and ``tokens`` tokens from ``key``'s buckets if both fit, else nothing."""
+        _validate_rate(rpm, tpm, tokens, requests)
         now_us = to_us(self._clock() if now is None else now)
         tat_r, tat_t = self._tats.get(key, (now_us, now_us))
-        decision, tat_r, tat_t = _gcra(now_us, tat_r, tat_t, rpm=rpm, tpm=tpm, tokens=tokens)
+        decision, tat_r, tat_t = _gcra(now_us, tat_r, tat_t, rpm=rpm, tpm=tpm, tokens=tokens, requests=requests)
         if decision.allowed:
             self._tats[key] = (tat_r, tat_t)
             self._sweep(now_us)
@@ -177,11 +184,12 @@ else
   now = tonumber(ARGV[4])
 end
 local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local requests = tonumber(ARGV[5])
 local state = redis.call('HMGET', KEYS[1], 'r', 't')
 local tat_r = tonumber(state[1]) or now
 local tat_t = tonumber(state[2]) or now
 local function interval(limit) return math.max(1, math.floor(60000000 / limit)) end
-local new_r = math.max(tat_r, now) + interval(rpm)
+local new_r = math.max(tat_r, now) + requests * interval(rpm)
 local new_t = math.max(tat_t, now) + tokens * interval(tpm)
 if tokens <= tpm and new_r - now <= interval(rpm) * rpm and new_t - now <= interval(tpm) * tpm then
   redis.call('HSET', KEYS[1], 'r', string.format('%d', new_r), 't', string.format('%d', new_t))
@@ -208,13 +216,16 @@ class RedisRateLimiter:
         tpm: int,
         tokens: int,
         now: float | None = None,  # float-ok
+        requests: int = 1,
     ) -> RateDecision:
-        """Take one request and ``tokens`` tokens if both fit, on Redis time unless ``now`` is given (tests)."""
-        _validate_rate(rpm, tpm, tokens)
+        """Take ``requests`` and ``tokens`` tokens if both fit, on Redis time unless ``now`` is given (tests)."""
+        _validate_rate(rpm, tpm, tokens, requests)
         now_arg = "" if now is None else str(to_us(now))
         # The script decides and stores with the same arithmetic as _gcra; it returns the state it decided on.
-        now_us, tat_r, tat_t = await self._script(keys=[self._prefix + key], args=[rpm, tpm, tokens, now_arg])
-        decision, _, _ = _gcra(int(now_us), int(tat_r), int(tat_t), rpm=rpm, tpm=tpm, tokens=tokens)
+        now_us, tat_r, tat_t = await self._script(keys=[self._prefix + key],
+                                                  args=[rpm, tpm, tokens, now_arg, requests])
+        decision, _, _ = _gcra(int(now_us), int(tat_r), int(tat_t), rpm=rpm, tpm=tpm, tokens=tokens,
+                               requests=requests)
         return decision
 
     async def aclose(self) -> None:
