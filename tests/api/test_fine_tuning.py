@@ -85,6 +85,11 @@ def test_upload_formats(client: TestClient, tenant: Any, name: str, data: bytes,
     (b"", "empty"),
     (b'{"text": "good", "label": 1}\n{"text": "caf\xe9", "label": 0}\n', "line 2"),
     (b'{"text": "good", "label": 1.5}\n{"text": "bad", "label": 0}\n', "line 1"),
+    # Hostile files (issue 21): a line nested past the recursion limit was a 500; labels had no bounds.
+    (b'{"text": "good", "label": 1}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n", "line 2: malformed JSON: nested"),
+    (b'{"text": "good", "label": 1}\n{"text": "bad", "label": "' + b"x" * 101 + b'"}\n', "line 2: 'label' is 101"),
+    (b'{"text": "good", "label": 1}\n{"text": "bad", "label": "a\\u0000b"}\n', "line 2: 'label' contains"),
+    (b'{"text": "good", "label": 1}\n{"text": "bad", "label": "a\\u202eb"}\n', "line 2: 'label' contains"),
 ])
 def test_upload_refusals_name_the_line_and_store_nothing(
     client: TestClient, tenant: Any, data: bytes, needle: str
@@ -380,3 +385,36 @@ def test_claiming_one_job_leaves_every_other_queued(client: TestClient, base: st
     assert jobs.claim_next(sessions=services.sessions, worker_id="qs", only=mine) is None  # not queued any more
     with services.sessions() as session:
         assert session.get(FineTuningJob, older).status == "queued"  # type: ignore[union-attr]
+
+
+def test_a_file_is_tokenized_once_however_many_jobs_use_it(client: TestClient, tenant: Any, base: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack (issue 21): each job creation tokenized the whole file before refusing it (~3.6 s for 6.6 MB),
+    unbounded in count. Now the upload counts the tokens once; jobs read the count."""
+    from modelmeter.models.text import TextEncoder
+
+    calls: list[int] = []
+    real = TextEncoder.tokenize
+
+    def counting(self: TextEncoder, texts: list[str], *, truncate: bool) -> Any:
+        calls.append(len(texts))
+        return real(self, texts, truncate=truncate)
+
+    monkeypatch.setattr(TextEncoder, "tokenize", counting)
+    _, headers = tenant
+    file_id = upload(client, headers, _jsonl()).json()["id"]
+    assert calls == [40]
+    estimates = []
+    for _ in range(3):
+        job = create_job(client, headers, file_id, base)
+        assert job.status_code == 200, job.text
+        estimates.append(job.json()["id"])
+        client.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/cancel", headers=headers)
+    assert calls == [40]  # no job tokenized it again
+    services = client.app.state.services  # type: ignore[attr-defined]
+    from modelmeter.models.finetune.tables import FineTuningJob
+
+    with services.sessions() as session:
+        kept = {session.get(FineTuningJob, job_id).estimated_tokens for job_id in estimates}  # type: ignore[union-attr]
+    assert len(kept) == 1
+    assert kept.pop() > 40

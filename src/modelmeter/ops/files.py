@@ -15,11 +15,12 @@ from modelmeter.errors import ConflictError
 from modelmeter.ids import new_id
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import ParsedDataset
+from modelmeter.models.finetune.estimate import epoch_tokens, tokenizer_fingerprint
 from modelmeter.models.finetune.tables import TenantFile
 
 
 def store_file(*, sessions: sessionmaker[Session], data_dir: Path, tenant_id: str, filename: str, data: bytes,
-               parsed: ParsedDataset) -> TenantFile:
+               parsed: ParsedDataset, token_counts: dict[str, int] | None = None) -> TenantFile:
     """Write the file, then its row; if the row cannot be committed, the file is removed again."""
     file_id = new_id("file")
     relative = Path("files") / tenant_id / file_id
@@ -28,6 +29,7 @@ def store_file(*, sessions: sessionmaker[Session], data_dir: Path, tenant_id: st
         id=file_id, tenant_id=tenant_id, filename=filename, purpose="fine-tune", bytes=len(data),
         format=Path(filename).suffix.lstrip(".").lower()[:8] or "jsonl", rows=len(parsed.examples),
         labels_json=json.dumps(parsed.labels), path=str(relative), created_at=clock.now_s(),
+        token_counts_json=json.dumps(token_counts) if token_counts else None,
     )
     try:
         with sessions() as session:
@@ -57,3 +59,14 @@ def _write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_suffix(".partial")
     partial.write_bytes(data)
     os.replace(partial, path)
+
+
+def platform_token_counts(parsed: ParsedDataset, base_dirs: list[Path]) -> dict[str, int]:
+    """One epoch's training tokens under each platform base's tokenizer (most bases share one: counted once)."""
+    counts: dict[str, int] = {}
+    texts = [example.text for example in parsed.examples]
+    for base_dir in base_dirs:
+        fingerprint = tokenizer_fingerprint(base_dir)
+        if fingerprint not in counts:
+            counts[fingerprint] = epoch_tokens(base_dir, texts)
+    return counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ from modelmeter.billing.metering import as_amount, check_training_quota, period_
 from modelmeter.billing.quota import Amount
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import parse_dataset
-from modelmeter.models.finetune.estimate import estimate_training_tokens
-from modelmeter.models.finetune.tables import FineTuningJob
+from modelmeter.models.finetune.estimate import epoch_tokens, tokenizer_fingerprint
+from modelmeter.models.finetune.tables import FineTuningJob, TenantFile
 from modelmeter.models.registry import MlModel, ModelInfo, artifact_path
 from modelmeter.tenancy.tenants import get_tenant, lock_tenant
 
@@ -31,10 +32,10 @@ class CreatedJob:
 def create_job(*, sessions: sessionmaker[Session], catalog: PlanCatalog, data_dir: Path, max_active: int,
                tenant_id: str, data: jobs.JobCreate, bases: dict[str, ModelInfo]) -> CreatedJob:
     """Validate the files, estimate the training tokens, and queue the job if it fits the quota and budget
-    (blocking: tokenizes the training file)."""
+    (blocking, but never tokenizes a file twice: its count is kept with it)."""
     with sessions() as session:
         training = jobs.validate_job(session=session, tenant_id=tenant_id, data=data, base_models=list(bases))
-    estimate = _estimate(data_dir, training, bases[data.model].artifact, jobs.n_epochs_of(data))
+    estimate = _estimate(sessions, data_dir, training, bases[data.model].artifact, jobs.n_epochs_of(data))
     with sessions() as session:
         # One job creation per tenant at a time, so the active-job limit and the training quota hold.
         lock_tenant(session=session, tenant_id=tenant_id)
@@ -49,11 +50,28 @@ def create_job(*, sessions: sessionmaker[Session], catalog: PlanCatalog, data_di
         return CreatedJob(job, estimate)
 
 
-def _estimate(data_dir: Path, training: Any, artifact: str, n_epochs: int) -> int:
+def _estimate(sessions: sessionmaker[Session], data_dir: Path, training: TenantFile, artifact: str,
+              n_epochs: int) -> int:
+    """The file's kept epoch count for this base's tokenizer times the epochs; counted (once) if not kept."""
+    base_dir = artifact_path(artifact, data_dir)
+    fingerprint = tokenizer_fingerprint(base_dir)
+    per_epoch = training.token_counts.get(fingerprint)
+    if per_epoch is None:
+        per_epoch = count_file_tokens(data_dir, training, base_dir)
+        with sessions() as session:
+            row = session.get(TenantFile, training.id)
+            if row is not None:
+                row.token_counts_json = json.dumps({**row.token_counts, fingerprint: per_epoch})
+                session.add(row)
+                session.commit()
+    return per_epoch * n_epochs
+
+
+def count_file_tokens(data_dir: Path, training: TenantFile, base_dir: Path) -> int:
+    """Tokenize a stored file's texts (it was validated, and so bounded, at upload)."""
     parsed = parse_dataset((data_dir / training.path).read_bytes(), filename=training.filename, max_rows=10**9,
                            max_text_chars=10**9, max_labels=10**6)
-    texts = [example.text for example in parsed.examples]
-    return estimate_training_tokens(artifact_path(artifact, data_dir), texts, n_epochs)
+    return epoch_tokens(base_dir, [example.text for example in parsed.examples])
 
 
 def cancel_job(*, sessions: sessionmaker[Session], tenant_id: str, job_id: str) -> FineTuningJob:

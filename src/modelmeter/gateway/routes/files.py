@@ -13,6 +13,7 @@ from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, Ses
 from modelmeter.gateway.schemas import TENANT_READ, TENANT_WRITE, FileDeleted, FileObject, Page, errors
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import DatasetError, ParsedDataset, parse_dataset
+from modelmeter.models.registry import artifact_path
 from modelmeter.ops import files
 from modelmeter.settings import Settings
 
@@ -42,9 +43,15 @@ async def upload_file(
     data = await file.read()
     filename = Path(file.filename or "upload.jsonl").name[:255]
     parsed = await run_in_threadpool(_parse, settings, data, filename)
+    visible = await services.models.visible(principal.tenant_id)
+    bases = [artifact_path(m.artifact, settings.data_dir) for m in visible
+             if m.owner_tenant_id is None and m.task == "feature-extraction"]
+    # The training tokens are counted here, once per file (a job's creation reads the count).
+    counts = await run_in_threadpool(files.platform_token_counts, parsed, bases)
     row = await run_in_threadpool(
         lambda: files.store_file(sessions=services.sessions, data_dir=settings.data_dir,
-                                 tenant_id=principal.tenant_id, filename=filename, data=data, parsed=parsed))
+                                 tenant_id=principal.tenant_id, filename=filename, data=data, parsed=parsed,
+                                 token_counts=counts))
     return jobs.file_public(row)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, Column, Index, Integer
+from sqlalchemy import BigInteger, Column, Index, Integer, Text
 from sqlmodel import Field, SQLModel
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
@@ -28,10 +28,17 @@ class TenantFile(SQLModel, table=True):
     labels_json: str
     path: str = Field(max_length=1024)
     created_at: int
+    # Training tokens of one epoch, by tokenizer fingerprint: counted once (at upload for the platform's bases,
+    # else at the first job on another base), so creating a job never tokenizes the file again (issue 21).
+    token_counts_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
     @property
     def labels(self) -> list[str]:
         return list(json.loads(self.labels_json))
+
+    @property
+    def token_counts(self) -> dict[str, int]:
+        return dict(json.loads(self.token_counts_json)) if self.token_counts_json else {}
 
 
 class FineTuningJob(SQLModel, table=True):

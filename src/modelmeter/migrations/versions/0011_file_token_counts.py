@@ -1,0 +1,25 @@
+"""training files keep their token counts (one tokenization per file and tokenizer, never per job)
+
+Revision ID: 0011
+Revises: 0010
+Create Date: 2026-12-03 11:55:00
+"""
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = '0011'
+down_revision: str | None = '0010'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('tenant_file') as batch:
+        batch.add_column(sa.Column('token_counts_json', sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('tenant_file') as batch:
+        batch.drop_column('token_counts_json')
