@@ -115,6 +115,16 @@ class Settings(BaseSettings):
         return self.effective_database_url.startswith("sqlite")
 
 
+def private_data_dir(settings: Settings) -> Path:
+    """The data directory, created (or narrowed) to 0700: it holds the SQLite database with alert secrets and
+    Stripe ids, tenants' training files and models, and the admin token (issue 21: it was 0755, the database 0644)."""
+    path = settings.data_dir
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
 def ensure_admin_token(settings: Settings) -> tuple[str, bool]:
     """Return the admin token and whether it was generated now (first start).
 
@@ -127,7 +137,7 @@ def ensure_admin_token(settings: Settings) -> tuple[str, bool]:
         token = path.read_text().strip()
         settings.admin_token = token
         return token, False
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_data_dir(settings)
     token = "mmadmin_" + secrets.token_urlsafe(32)
     path.touch(mode=0o600)
     path.write_text(token + "\n")

@@ -63,6 +63,21 @@ def refused(client: TestClient, token: str, secret_text: str, status: int = 401)
     assert secret_text not in response.text
 
 
+def test_a_forged_host_header_does_not_set_the_links_host(client: TestClient, acme: Any,
+                                                          live_server: Any) -> None:
+    """The attack (issue 21): with MODELMETER_PUBLIC_URL unset, the Host header set the link's host, so a link
+    requested with Host: evil.example carried the tenant's token to evil.example."""
+    import httpx
+
+    _, headers = acme
+    link = httpx.post(f"{live_server.url}/v1/dashboard/links", headers={**headers, "Host": "evil.example"},
+                      timeout=30).json()
+    assert link["url"].startswith(f"{live_server.url}/dashboard?token="), link["url"]
+    forwarded = client.post("/v1/dashboard/links", headers={**headers, "Host": "evil.example",
+                                                             "X-Forwarded-Host": "evil.example"}).json()
+    assert "evil.example" not in forwarded["url"]
+
+
 def test_link_opens_the_tenants_page(client: TestClient, acme: Any, fake_clock: FakeClock) -> None:
     _, headers = acme
     link = new_link(client, headers)

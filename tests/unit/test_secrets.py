@@ -57,3 +57,26 @@ def test_serve_refuses_to_start(variable: str, value: str, tmp_path: Path) -> No
     assert result.exit_code == 2, result.output
     assert variable in result.output
     assert "refusing to start" in result.output
+
+
+def test_the_data_dir_and_database_are_private(tmp_path: Path) -> None:
+    """Before: the data dir was 0755 and the SQLite database 0644, alert secrets readable by any local user."""
+    import os
+    import stat
+
+    from modelmeter import db
+    from modelmeter.settings import private_data_dir
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    os.chmod(data, 0o755)
+    settings = Settings(data_dir=data, _env_file=None)  # type: ignore[call-arg]
+    assert stat.S_IMODE(private_data_dir(settings).stat().st_mode) == 0o700
+    database = data / "modelmeter.db"
+    database.touch(mode=0o644)
+    os.chmod(database, 0o644)
+    engine = db.make_engine(f"sqlite:///{database}")
+    db.upgrade(engine)
+    engine.dispose()
+    for part in data.iterdir():
+        assert stat.S_IMODE(part.stat().st_mode) & 0o077 == 0, part.name

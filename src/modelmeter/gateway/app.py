@@ -47,7 +47,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None) -> FastAPI:
     """The gateway app for ``settings`` (the environment's when omitted); metrics on ``registry`` if given."""
     settings = settings or get_settings()
-    app = FastAPI(title="modelmeter", version="0.1.0", lifespan=lifespan)
+    # No /docs or /redoc: FastAPI's pages load unpinned scripts from a CDN into the gateway's origin (issue 21).
+    # The contract is /openapi.json, for any OpenAPI viewer run locally.
+    app = FastAPI(title="modelmeter", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = build_services(settings, registry=registry)
     install_handlers(app)
     # Routes match in order: the inference routes, the hot path, go first (each route tried costs a regex match).

@@ -32,7 +32,7 @@ from modelmeter.models.engine.client import EngineClient, RemoteEngine
 from modelmeter.models.registry import ModelCache, register_platform_models
 from modelmeter.periodic import Periodic
 from modelmeter.runtime.worker import spawn_worker, stop_worker
-from modelmeter.settings import Settings, ensure_admin_token
+from modelmeter.settings import Settings, ensure_admin_token, private_data_dir
 from modelmeter.telemetry import Telemetry
 from modelmeter.tenancy import idempotency
 
@@ -44,6 +44,7 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
 
     ``registry``: where the metrics are created (tests inject one); a fresh registry per app when omitted.
     """
+    private_data_dir(settings)
     ensure_admin_token(settings)
     engine = db.engine_from_settings(settings)
     sessions = db.session_maker(engine)

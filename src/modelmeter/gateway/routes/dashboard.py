@@ -30,8 +30,18 @@ _PAGE_HEADERS = {
 @router.post("/v1/dashboard/links", response_model=DashboardLink, responses=errors(*TENANT_WRITE))
 async def create_link(principal: BillingPrincipal, services: ServicesDep, request: Request) -> dict[str, Any]:
     """A link to the caller's dashboard page, valid for ``MODELMETER_DASHBOARD_LINK_TTL_S`` seconds."""
-    base = services.settings.public_url or str(request.base_url)
+    base = services.settings.public_url or bound_url(request)
     return issue_link(services.settings, principal.tenant_id, base).public()
+
+
+def bound_url(request: Request) -> str:
+    """The address this server answers on, from the socket, never from the client's Host header (issue 21: a
+    forged Host made the link point at the attacker's server, which then received the tenant's token)."""
+    scheme = request.scope.get("scheme", "http")
+    host, port = request.scope.get("server") or ("127.0.0.1", 80)
+    name = f"[{host}]" if ":" in str(host) else str(host)
+    default = {"http": 80, "https": 443}.get(scheme)
+    return f"{scheme}://{name}" + ("" if port in (None, default) else f":{port}")
 
 
 def _page(services: Services, tenant_id: str, expires_at: int, live: dict[str, int] | None) -> str:
