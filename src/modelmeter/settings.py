@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     # HTTP edge
     max_body_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
     key_cache_ttl_s: Annotated[float, Field(ge=0)] = 30.0
+    auth_failures_per_minute: Annotated[int, Field(gt=0)] = 30  # per client address, then 429 before any lookup
     last_used_flush_s: Annotated[float, Field(gt=0)] = 60.0
     default_key_grace_s: Annotated[int, Field(ge=0)] = 24 * 3600
     idempotency_ttl_s: Annotated[int, Field(gt=0)] = 24 * 3600  # how long an Idempotency-Key's answer is kept

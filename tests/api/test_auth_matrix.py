@@ -28,6 +28,12 @@ def _routes(settings: Settings) -> list[tuple[str, str]]:
     ]
 
 
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The matrix sends hundreds of bad keys from one address: past the throttle they would be 429s."""
+    return settings.model_copy(update={"auth_failures_per_minute": 1_000_000})
+
+
 def _concrete(path: str) -> str:
     return re.sub(r"\{[^}]+\}", "x_missing", path)
 
@@ -124,3 +130,23 @@ def test_no_page_loads_scripts_from_elsewhere(client: TestClient) -> None:
     for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
         assert client.get(path).status_code == 404, path
     assert client.get("/openapi.json").status_code == 200
+
+
+def test_failed_authentications_are_throttled_per_address(settings: Settings, make_tenant: Any,
+                                                         make_key: Any) -> None:
+    """The attack (issue 21): failed authentication was never throttled, so keys could be guessed at full speed,
+    each guess a database lookup. Past the limit an address gets 429 before any lookup; valid keys still work."""
+    with TestClient(create_app(settings.model_copy(update={"auth_failures_per_minute": 5}))) as small:
+        tenant = small.post("/admin/tenants", json={"name": "T", "email": "t@example.com", "plan": "payg"},
+                            headers=ADMIN).json()["id"]
+        good = small.post(f"/admin/tenants/{tenant}/keys", json={}, headers=ADMIN).json()["key"]
+        assert small.get("/v1/models", headers=bearer(good)).status_code == 200  # cached
+        for _ in range(5):
+            assert_envelope(small.get("/v1/models", headers=bearer(auth.generate_key())), 401)
+        throttled = small.get("/v1/models", headers=bearer(auth.generate_key()))
+        assert_envelope(throttled, 429, code="too_many_failed_authentications")
+        assert 1 <= int(throttled.headers["Retry-After"]) <= 60
+        assert_envelope(small.get("/admin/tenants", headers=bearer("mmadmin_" + "9" * 40)), 429,
+                        code="too_many_failed_authentications")
+        assert small.get("/v1/models", headers=bearer(good)).status_code == 200  # a valid key is never held
+        assert small.get("/admin/tenants", headers=ADMIN).status_code == 200

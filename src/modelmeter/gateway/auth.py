@@ -16,7 +16,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select, update
 
 from modelmeter import clock
-from modelmeter.errors import AuthenticationError, PermissionDeniedError, TenantSuspendedError
+from modelmeter.errors import AuthenticationError, PermissionDeniedError, RateLimitError, TenantSuspendedError
 from modelmeter.tenancy.keys import ApiKey, hash_key
 from modelmeter.tenancy.tenants import Tenant
 
@@ -134,6 +134,41 @@ class KeyAuthenticator:
                 )
             session.commit()
         return len(pending)
+
+
+class FailedAuthThrottle:
+    """Failed authentications per client address, per minute (fixed windows), in this process.
+
+    A key that is unknown, revoked or malformed costs a database lookup and tells the caller something; past
+    ``per_minute`` failures from one address, that address gets 429 ``too_many_failed_authentications`` before
+    any lookup until the window ends (issue 21: failures were never throttled). A valid cached key is never
+    throttled, so a tenant sharing an address with a guesser keeps working. At most ``max_entries`` addresses
+    are tracked (the oldest windows are dropped first)."""
+
+    def __init__(self, *, per_minute: int, max_entries: int = 100_000) -> None:
+        self._limit = per_minute
+        self._max = max_entries
+        self._windows: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, address: str) -> None:
+        """Raise 429 when ``address`` has spent its failures for this minute."""
+        minute = int(time.monotonic() // 60)
+        with self._lock:
+            window = self._windows.get(address)
+        if window is not None and window[0] == minute and window[1] >= self._limit:
+            retry = 60 - int(time.monotonic() % 60)
+            raise RateLimitError(
+                f"Too many failed authentications from this address; retry in {retry} s.",
+                code="too_many_failed_authentications", headers={"Retry-After": str(max(1, retry))})
+
+    def failed(self, address: str) -> None:
+        minute = int(time.monotonic() // 60)
+        with self._lock:
+            start, count = self._windows.pop(address, (minute, 0))
+            self._windows[address] = (minute, 1) if start != minute else (minute, count + 1)
+            while len(self._windows) > self._max:
+                self._windows.popitem(last=False)
 
 
 def parse_bearer(header: str | None) -> str | None:

@@ -72,10 +72,22 @@ async def principal_of(services: Services, token: str) -> Principal | None:
     return principal
 
 
+def _address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
 async def current_principal(request: Request, services: ServicesDep) -> Principal:
-    """Authenticate the tenant key: malformed, unknown, revoked and expired keys get one 401 message."""
+    """Authenticate the tenant key: malformed, unknown, revoked and expired keys get one 401 message (and count
+    against the caller's address: past the limit, 429 before any lookup; a valid cached key is never held)."""
     token = _bearer(request)
-    principal = services.auth.check(await principal_of(services, token))
+    hit, cached = services.auth.cached(token) if well_formed(token) else (False, None)
+    if not (hit and cached is not None):
+        services.failed_auth.check(_address(request))
+    try:
+        principal = services.auth.check(cached if hit else await principal_of(services, token))
+    except AuthenticationError:
+        services.failed_auth.failed(_address(request))
+        raise
     request.state.principal = principal
     refuse_media_type(request.state)
     return principal
@@ -105,10 +117,12 @@ async def require_admin(request: Request, services: ServicesDep) -> None:
     if expected and admin_token_matches(token, expected):
         refuse_media_type(request.state)
         return
+    services.failed_auth.check(_address(request))
     principal = await principal_of(services, token)
     if principal is not None:
         services.auth.check(principal)
         raise PermissionDeniedError("Tenant API keys cannot call admin endpoints.", code="admin_only")
+    services.failed_auth.failed(_address(request))
     raise AuthenticationError(INVALID_KEY_MESSAGE)
 
 

@@ -21,7 +21,7 @@ from modelmeter.billing.metering import Meter
 from modelmeter.billing.quota import InProcessQuotaStore, QuotaStore, RedisQuotaStore
 from modelmeter.billing.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from modelmeter.billing.stripe.relay import StripeRelay
-from modelmeter.gateway.auth import KeyAuthenticator
+from modelmeter.gateway.auth import FailedAuthThrottle, KeyAuthenticator
 from modelmeter.models.engine.client import EngineClient
 from modelmeter.models.registry import ModelCache
 from modelmeter.models.text import TextEncoders
@@ -49,6 +49,7 @@ class Services:
     stripe: StripeRelay | None = None  # set when a Stripe key is configured
     alert_hook: Alerts | None = None  # the ledger's alert hook (its set of tenants with alerts is refreshed)
     alerts: AlertRelay | None = None  # the usage alerts relay (None when alerts_relay_interval_s is 0)
+    failed_auth: FailedAuthThrottle = field(default_factory=lambda: FailedAuthThrottle(per_minute=30))
 
 
 def make_limiters(redis_url: str | None) -> tuple[RateLimiter, QuotaStore]:

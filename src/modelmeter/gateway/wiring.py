@@ -25,7 +25,7 @@ from modelmeter.billing.credits import store_grants
 from modelmeter.billing.ledger import LedgerWriter
 from modelmeter.billing.metering import Meter
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
-from modelmeter.gateway.auth import KeyAuthenticator
+from modelmeter.gateway.auth import FailedAuthThrottle, KeyAuthenticator
 from modelmeter.gateway.routes import metrics
 from modelmeter.gateway.services import Services, make_limiters
 from modelmeter.models.engine.client import EngineClient, RemoteEngine
@@ -68,6 +68,7 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
                     grants=lambda tenant_id, now: store_grants(sessions=sessions, tenant_id=tenant_id, now=now)),
         telemetry=telemetry,
         alert_hook=alert_hook,
+        failed_auth=FailedAuthThrottle(per_minute=settings.auth_failures_per_minute),
     )
     metrics.instrument(services)
     services.stripe = _stripe_relay(services)
