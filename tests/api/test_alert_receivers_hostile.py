@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 
 from modelmeter import clock
 from modelmeter.billing.alert_relay import AlertRelay
-from modelmeter.billing.alerts import private_address
+from modelmeter.billing.alerts import private_address, secret_sealer
 from modelmeter.billing.destinations import canonical_host, forbidden, pin
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
 from modelmeter.gateway.services import Services
-from tests.conftest import bearer
+from tests.conftest import ADMIN_TOKEN, bearer
 
 
 class RawReceiver:
@@ -82,7 +82,8 @@ def _deliveries(services: Services, tenant_id: str, url: str, count: int = 1) ->
     now = clock.now_s()
     with services.sessions() as session:
         if session.get(AlertSetting, tenant_id) is None:
-            session.add(AlertSetting(tenant_id=tenant_id, thresholds=[50], url=url, secret="whsec_test",
+            session.add(AlertSetting(tenant_id=tenant_id, thresholds=[50], url=url,
+                                     secret=secret_sealer(ADMIN_TOKEN).seal_text("whsec_test", tenant_id),
                                      created=now, updated=now))
         for n in range(count):
             event = AlertEvent(id=f"evt_{tenant_id[-8:]}_{n}_{time.monotonic_ns()}", tenant_id=tenant_id,
@@ -96,7 +97,8 @@ def _deliveries(services: Services, tenant_id: str, url: str, count: int = 1) ->
 
 
 def _relay(services: Services, **kw: Any) -> AlertRelay:
-    return AlertRelay(sessions=services.sessions, backoff_base_s=60, **{"allow_private": True, **kw})
+    return AlertRelay(sessions=services.sessions, backoff_base_s=60,
+                      **{"allow_private": True, "sealer": secret_sealer(ADMIN_TOKEN), **kw})
 
 
 def test_an_endless_answer_is_never_read(client: TestClient, make_tenant: Any, services: Services,

@@ -18,11 +18,14 @@ from fastapi.testclient import TestClient
 from sqlmodel import func, select
 
 from modelmeter.billing.alert_relay import AlertRelay
+from modelmeter.billing.alerts import secret_sealer
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
 from modelmeter.gateway.app import create_app
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
-from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
+from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, assert_envelope, bearer
+
+SEALER = secret_sealer(ADMIN_TOKEN)
 
 TOKENS_PER_X = 3  # "x" is [CLS] x [SEP] for the tiny model
 ALERT_PLANS = [
@@ -283,7 +286,7 @@ def test_receiver_failing_twice_gets_each_event_once_signed(
     secret = put_alerts(client, headers, thresholds=[50], url=hook.url).json()["secret"]
     classify(client, headers, model, 3)
     [event] = events(client, headers)
-    relay = AlertRelay(sessions=services.sessions, timeout_s=0.3, backoff_base_s=10, max_attempts=5,
+    relay = AlertRelay(sessions=services.sessions, timeout_s=0.3, backoff_base_s=10, max_attempts=5, sealer=SEALER,
                        allow_private=True)
     assert [o.result for o in relay.run_once().rows] == ["retry"]  # 500
     assert relay.run_once().rows == []  # backing off
@@ -311,7 +314,7 @@ def test_deliveries_that_keep_failing_are_marked_and_listed(
     tenant, headers, model = on_plan("five_x")
     put_alerts(client, headers, thresholds=[50], url=hook.url)
     classify(client, headers, model, 3)
-    relay = AlertRelay(sessions=services.sessions, timeout_s=1, backoff_base_s=1, max_attempts=3,
+    relay = AlertRelay(sessions=services.sessions, timeout_s=1, backoff_base_s=1, max_attempts=3, sealer=SEALER,
                        allow_private=True)
     results = []
     for _ in range(3):
@@ -326,6 +329,80 @@ def test_deliveries_that_keep_failing_are_marked_and_listed(
     metrics = client.get("/metrics", headers=ADMIN).text
     assert "modelmeter_alert_deliveries_failed 1.0" in metrics
     assert count(services, AlertEvent) == 1
+
+
+def test_a_failed_delivery_is_retried_by_the_operator(
+        client: TestClient, on_plan: Callable[..., Tenant], services: Services, october: FakeClock,
+        receiver: Callable[[list[int | str]], Receiver]) -> None:
+    """Before: a delivery the relay gave up on could never be sent again."""
+    hook = receiver([503, 503, 200])
+    _, headers, model = on_plan("five_x")
+    secret = put_alerts(client, headers, thresholds=[50], url=hook.url).json()["secret"]
+    classify(client, headers, model, 3)
+    relay = AlertRelay(sessions=services.sessions, timeout_s=1, backoff_base_s=1, max_attempts=2, sealer=SEALER,
+                       allow_private=True)
+    for _ in range(2):
+        relay.run_once()
+        october.advance(100)
+    [failed] = client.get("/admin/events/deliveries", params={"status": "failed"}, headers=ADMIN).json()["data"]
+    assert_envelope(client.post("/admin/events/deliveries/999999/retry", headers=ADMIN), 404)
+    assert_envelope(client.post(f"/admin/events/deliveries/{failed['id']}/retry", headers=headers), 403)
+    retried = client.post(f"/admin/events/deliveries/{failed['id']}/retry", headers=ADMIN)
+    assert retried.status_code == 200, retried.text
+    assert (retried.json()["status"], retried.json()["attempts"], retried.json()["last_error"]) == ("pending", 0, None)
+    assert_envelope(client.post(f"/admin/events/deliveries/{failed['id']}/retry", headers=ADMIN), 409,
+                    code="delivery_not_failed")
+    assert [o.result for o in relay.run_once().rows] == ["done"]
+    sent_headers, body = hook.received[-1]
+    verify(secret, sent_headers, body)
+
+
+def test_alert_settings_can_be_deleted(client: TestClient, on_plan: Callable[..., Tenant], services: Services,
+                                       receiver: Callable[[list[int | str]], Receiver]) -> None:
+    """Before: alert settings could not be deleted; a tenant could only point them elsewhere."""
+    hook = receiver([503])
+    _, headers, model = on_plan("five_x")
+    put_alerts(client, headers, thresholds=[50, 80], url=hook.url)
+    classify(client, headers, model, 3)  # 60%: one event, one pending delivery
+    deleted = client.delete("/v1/billing/alerts", headers=headers)
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json() == {"object": "alert_settings", "thresholds": [], "url": None}
+    assert client.get("/v1/billing/alerts", headers=headers).json()["url"] is None
+    [delivery] = client.get("/admin/events/deliveries", headers=ADMIN).json()["data"]
+    assert (delivery["status"], delivery["last_error"]) == ("failed", "alert settings deleted")
+    assert_envelope(client.post(f"/admin/events/deliveries/{delivery['id']}/retry", headers=ADMIN), 409,
+                    code="alerts_deleted")
+    classify(client, headers, model, 2)  # 100%: no new event
+    assert count(services, AlertEvent) == 1
+    relay = AlertRelay(sessions=services.sessions, sealer=SEALER, allow_private=True)
+    assert relay.run_once().rows == []
+    assert hook.received == []
+    assert client.delete("/v1/billing/alerts", headers=headers).status_code == 200  # idempotent
+
+
+def test_signing_secrets_rest_sealed(client: TestClient, on_plan: Callable[..., Tenant],
+                                     services: Services) -> None:
+    """Before: the secret sat readable in the database (0644 on SQLite), enough to forge a tenant's webhooks."""
+    tenant, headers, _ = on_plan("five_x")
+    other, other_headers, _ = on_plan("five_x")
+    secret = put_alerts(client, headers, thresholds=[50], url="https://example.com").json()["secret"]
+    put_alerts(client, other_headers, thresholds=[50], url="https://example.com")
+    with services.sessions() as session:
+        row = session.get(AlertSetting, tenant["id"])
+        other_row = session.get(AlertSetting, other["id"])
+        assert row is not None
+        assert other_row is not None
+        stored, other_stored = row.secret, other_row.secret
+    assert secret not in stored
+    assert secret[6:] not in stored
+    assert stored.startswith("sealed:v1:")
+    assert SEALER.open_text(stored, tenant["id"]) == secret
+    from cryptography.exceptions import InvalidTag
+
+    with pytest.raises(InvalidTag):  # bound to its tenant: copied onto another's row, it does not open
+        SEALER.open_text(stored, other["id"])
+    with pytest.raises(InvalidTag):  # and only the admin token's key opens it
+        secret_sealer("mmadmin_" + "z" * 40).open_text(other_stored, other["id"])
 
 
 def test_dashboard_lists_recent_alerts(client: TestClient, on_plan: Callable[..., Tenant]) -> None:

@@ -35,6 +35,7 @@ from modelmeter.billing.alerts import event_public
 from modelmeter.billing.destinations import pin
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
 from modelmeter.periodic import Periodic
+from modelmeter.sealing import Sealer
 
 log = logging.getLogger("modelmeter.alerts")
 
@@ -70,8 +71,10 @@ class AlertRelay:
     def __init__(self, *, sessions: sessionmaker[Session], max_attempts: int = 8,
                  timeout_s: float = 5.0,  # float-ok: seconds
                  backoff_base_s: int = 2, backoff_cap_s: int = 3600, lease_s: int = 60, batch: int = 100,
-                 transport: httpx.AsyncBaseTransport | None = None, allow_private: bool = False) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, allow_private: bool = False,
+                 sealer: Sealer | None = None) -> None:
         self._sessions = sessions
+        self._sealer = sealer  # opens the tenants' sealed signing secrets (``alerts.secret_sealer``)
         self._allow_private = allow_private
         self._max_attempts = max_attempts
         self._backoff_base_s = backoff_base_s
@@ -148,7 +151,11 @@ class AlertRelay:
             event = session.get(AlertEvent, row.event_id)
             setting = session.get(AlertSetting, row.tenant_id)
             assert event is not None
-            secret = setting.secret if setting is not None else ""
+            if setting is None:
+                raise LookupError("the tenant's alert settings are gone")
+            if self._sealer is None:
+                raise LookupError("this relay has no sealer to open the tenant's signing secret")
+            secret = self._sealer.open_text(setting.secret, row.tenant_id)
             return json.dumps(event_public(event), separators=(",", ":")).encode(), secret
 
     def _send(self, row: AlertDelivery) -> DeliveryOutcome:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -32,8 +32,10 @@ from modelmeter.billing.catalog import Plan, PlanCatalog
 from modelmeter.billing.destinations import addresses, canonical_host, forbidden, is_local_name
 from modelmeter.billing.pricing import Usage, usage_cost_micro
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting, UsageEvent
+from modelmeter.errors import ConflictError, NotFoundError
 from modelmeter.ids import new_id
 from modelmeter.money import MICRO_PER_CENT, micro_to_cents
+from modelmeter.sealing import Sealer
 from modelmeter.tenancy.tenants import Tenant, lock_tenant
 
 if TYPE_CHECKING:
@@ -95,17 +97,27 @@ class AlertSettingsUpdate(BaseModel):
                    AfterValidator(_http_url)]
 
 
-def put_settings(*, session: Session, tenant_id: str, data: AlertSettingsUpdate) -> dict[str, Any]:
-    """Set the tenant's alerts with a new signing secret (committed); the body shows the secret, once."""
+_SECRET_PURPOSE = b"modelmeter/alert-secrets/v1"
+
+
+def secret_sealer(admin_token: str) -> Sealer:
+    """Alert signing secrets rest sealed (issue 21: they were readable to anyone who could read the database);
+    each is bound to its tenant, so a sealed value copied onto another tenant's row does not open."""
+    return Sealer(admin_token, _SECRET_PURPOSE)
+
+
+def put_settings(*, session: Session, tenant_id: str, data: AlertSettingsUpdate, sealer: Sealer) -> dict[str, Any]:
+    """Set the tenant's alerts with a new signing secret (committed, sealed); the body shows the secret, once."""
     now = clock.now_s()
     lock_tenant(session=session, tenant_id=tenant_id)
     row = session.get(AlertSetting, tenant_id)
     secret = "whsec_" + secrets.token_hex(24)
+    stored = sealer.seal_text(secret, tenant_id)
     if row is None:
-        row = AlertSetting(tenant_id=tenant_id, thresholds=data.thresholds, url=data.url, secret=secret, created=now,
+        row = AlertSetting(tenant_id=tenant_id, thresholds=data.thresholds, url=data.url, secret=stored, created=now,
                            updated=now)
     else:
-        row.thresholds, row.url, row.secret, row.updated = list(data.thresholds), data.url, secret, now
+        row.thresholds, row.url, row.secret, row.updated = list(data.thresholds), data.url, stored, now
     session.add(row)
     session.commit()
     return settings_public(row) | {"secret": secret}
@@ -119,6 +131,40 @@ def settings_public(row: AlertSetting | None) -> dict[str, Any]:
 
 def get_settings(*, session: Session, tenant_id: str) -> dict[str, Any]:
     return settings_public(session.get(AlertSetting, tenant_id))
+
+
+def delete_settings(*, session: Session, tenant_id: str) -> dict[str, Any]:
+    """Remove the tenant's alerts (committed): no event fires from now on, and deliveries still pending are
+    given up (``failed``, saying why) rather than POSTed to a URL its owner took back."""
+    lock_tenant(session=session, tenant_id=tenant_id)
+    row = session.get(AlertSetting, tenant_id)
+    if row is not None:
+        session.delete(row)
+    session.exec(update(AlertDelivery).where(col(AlertDelivery.tenant_id) == tenant_id,
+                                             col(AlertDelivery.status) == "pending")
+                 .values(status="failed", locked_until=None, last_error="alert settings deleted"))
+    session.commit()
+    return settings_public(None)
+
+
+def retry_delivery(*, session: Session, delivery_id: int) -> AlertDelivery:
+    """Give a ``failed`` delivery a fresh start (the operator fixed, or heard from, the receiver): 404 for an
+    unknown id, 409 unless it failed."""
+    row = session.get(AlertDelivery, delivery_id)
+    if row is None:
+        raise NotFoundError(f"No event delivery '{delivery_id}'.", code="delivery_not_found", param="delivery_id")
+    if row.status != "failed":
+        raise ConflictError(f"Delivery {delivery_id} is {row.status}; only a failed delivery is retried.",
+                            code="delivery_not_failed", param="delivery_id")
+    if session.get(AlertSetting, row.tenant_id) is None:
+        raise ConflictError("The tenant has deleted its alert settings; nothing is sent.",
+                            code="alerts_deleted", param="delivery_id")
+    row.status, row.attempts, row.next_attempt_at = "pending", 0, clock.now_s()
+    row.locked_until, row.last_error = None, None
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row
 
 
 # --- events --------------------------------------------------------------------------------------------
@@ -207,6 +253,11 @@ class Alerts:
     def add(self, tenant_id: str) -> None:
         if self._tenants is not None:
             self._tenants = self._tenants | {tenant_id}
+
+    def discard(self, tenant_id: str) -> None:
+        """A tenant whose settings are gone (``fire`` reads the settings, so this only saves the lookup)."""
+        if self._tenants is not None:
+            self._tenants = self._tenants - {tenant_id}
 
     def concerns(self, written: Sequence[UsageRecord]) -> bool:
         """Whether any row's tenant may have alerts (every tenant may, until the set is first loaded)."""

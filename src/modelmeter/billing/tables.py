@@ -232,7 +232,7 @@ class AlertSetting(SQLModel, table=True):
     tenant_id: str = Field(primary_key=True, foreign_key="tenant.id", max_length=40)
     thresholds: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     url: str = Field(max_length=2000)
-    secret: str = Field(max_length=100)
+    secret: str = Field(max_length=255)  # sealed (``alerts.secret_sealer``); a pre-0011 one may be plain
     created: int
     updated: int
 

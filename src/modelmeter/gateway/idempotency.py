@@ -29,17 +29,14 @@ its 401/403, and nothing is stored), as does Stripe's webhook (Stripe signs and 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
-import os
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from modelmeter import clock
+from modelmeter import clock, sealing
 from modelmeter.errors import (
     ConflictError,
     IdempotencyKeyInUseError,
@@ -195,26 +192,23 @@ class IdempotencyMiddleware:
 
 
 _SEAL_CONTEXT = b"modelmeter/idempotency-answers/v1"
-_NONCE_BYTES = 12
 
 
 class Sealer:
-    """Seal and open kept answers' bodies: AES-256-GCM under a key derived (HMAC-SHA256) from the admin token,
-    bound to the status so that a sealed body cannot be replayed under another one."""
+    """Seal and open kept answers' bodies (``modelmeter.sealing``), bound to the status so that a sealed body
+    cannot be replayed under another one."""
 
     def __init__(self, settings: Settings) -> None:
         token, _ = ensure_admin_token(settings)
-        self._aead = AESGCM(hmac.new(token.encode(), _SEAL_CONTEXT, hashlib.sha256).digest())
+        self._sealer = sealing.Sealer(token, _SEAL_CONTEXT)
 
     def seal(self, response: StoredResponse) -> StoredResponse:
-        nonce = os.urandom(_NONCE_BYTES)
-        sealed = nonce + self._aead.encrypt(nonce, response.body, str(response.status).encode())
+        sealed = self._sealer.seal(response.body, str(response.status).encode())
         return StoredResponse(response.status, response.headers, sealed)
 
     def open(self, response: StoredResponse) -> StoredResponse:
         """Raises ``InvalidTag`` when the body was not sealed by this key (or was altered)."""
-        nonce, sealed = response.body[:_NONCE_BYTES], response.body[_NONCE_BYTES:]
-        body = self._aead.decrypt(nonce, sealed, str(response.status).encode())
+        body = self._sealer.open(response.body, str(response.status).encode())
         return StoredResponse(response.status, response.headers, body)
 
 

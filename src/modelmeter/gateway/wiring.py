@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from modelmeter import db
 from modelmeter.billing.alert_relay import AlertRelay
-from modelmeter.billing.alerts import Alerts
+from modelmeter.billing.alerts import Alerts, secret_sealer
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.credits import store_grants
 from modelmeter.billing.ledger import LedgerWriter
@@ -76,7 +76,8 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
         services.alerts = AlertRelay(sessions=sessions, max_attempts=settings.alerts_max_attempts,
                                      timeout_s=settings.alerts_timeout_s,
                                      backoff_base_s=settings.alerts_backoff_base_s,
-                                     allow_private=settings.alerts_allow_private_urls)
+                                     allow_private=settings.alerts_allow_private_urls,
+                                     sealer=secret_sealer(ensure_admin_token(settings)[0]))
     return services
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from modelmeter.billing import alerts
 from modelmeter.errors import InvalidRequestError
@@ -19,6 +19,7 @@ from modelmeter.gateway.deps import (
 )
 from modelmeter.gateway.schemas import (
     ADMIN_READ,
+    ADMIN_WRITE,
     TENANT_READ,
     TENANT_WRITE,
     AlertSettings,
@@ -28,6 +29,7 @@ from modelmeter.gateway.schemas import (
     Page,
     errors,
 )
+from modelmeter.settings import ensure_admin_token
 
 router = APIRouter(tags=["events"])
 admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
@@ -41,10 +43,21 @@ def put_alerts(data: alerts.AlertSettingsUpdate, principal: BillingWritePrincipa
     if not services.settings.alerts_allow_private_urls and alerts.private_address(data.url):
         raise InvalidRequestError("url must point at a public address, not a loopback, private or link-local one.",
                                   code="invalid_url", param="url")
+    sealer = alerts.secret_sealer(ensure_admin_token(services.settings)[0])
     with services.sessions() as session:
-        body = alerts.put_settings(session=session, tenant_id=principal.tenant_id, data=data)
+        body = alerts.put_settings(session=session, tenant_id=principal.tenant_id, data=data, sealer=sealer)
     if services.alert_hook is not None:
         services.alert_hook.add(principal.tenant_id)  # this process's ledger fires for it from now on
+    return body
+
+
+@router.delete("/v1/billing/alerts", response_model=AlertSettings, responses=errors(*TENANT_WRITE))
+def delete_alerts(principal: BillingWritePrincipal, services: ServicesDep) -> dict[str, Any]:
+    """Remove the alert settings: no event is sent from now on, and deliveries still pending are given up."""
+    with services.sessions() as session:
+        body = alerts.delete_settings(session=session, tenant_id=principal.tenant_id)
+    if services.alert_hook is not None:
+        services.alert_hook.discard(principal.tenant_id)
     return body
 
 
@@ -70,3 +83,12 @@ def list_deliveries(session: SessionDep, limit: Annotated[int, Query(ge=1, le=10
     rows, has_more = alerts.list_deliveries(session=session, status=status, limit=limit,
                                             after=None if after is None else int(after))
     return list_body([alerts.delivery_public(row) for row in rows], has_more)
+
+
+@admin_router.post("/events/deliveries/{delivery_id}/retry", response_model=EventDelivery,
+                   responses=errors(*ADMIN_WRITE, 404, 409))
+def retry_delivery(delivery_id: Annotated[str, Path(pattern=r"^[0-9]{1,18}$")],
+                   services: ServicesDep) -> dict[str, Any]:
+    """Send a ``failed`` delivery again from its first attempt (after the receiver is fixed); 409 otherwise."""
+    with services.sessions() as session:
+        return alerts.delivery_public(alerts.retry_delivery(session=session, delivery_id=int(delivery_id)))

@@ -1,4 +1,5 @@
-"""training files keep their token counts (one tokenization per file and tokenizer, never per job)
+"""training files keep their token counts (one tokenization per file and tokenizer, never per job); alert
+secrets are stored sealed (a wider column)
 
 Revision ID: 0011
 Revises: 0010
@@ -18,8 +19,14 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table('tenant_file') as batch:
         batch.add_column(sa.Column('token_counts_json', sa.Text(), nullable=True))
+    with op.batch_alter_table('alert_setting') as batch:
+        batch.alter_column('secret', type_=sa.String(length=255), existing_type=sa.String(length=100),
+                           existing_nullable=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('alert_setting') as batch:
+        batch.alter_column('secret', type_=sa.String(length=100), existing_type=sa.String(length=255),
+                           existing_nullable=False)
     with op.batch_alter_table('tenant_file') as batch:
         batch.drop_column('token_counts_json')
