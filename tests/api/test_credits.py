@@ -15,7 +15,7 @@ from sqlmodel import col, func, select
 from modelmeter.billing.tables import CreditDraw, CreditGrant, UsageEvent
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
-from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
+from tests.conftest import ADMIN, REDIS_URL, FakeClock, assert_envelope, bearer
 
 DIME_PLANS = [
     # 10 cents a request, tokens free: every request costs exactly one dime.
@@ -279,3 +279,31 @@ async def test_expired_draws_are_settled_by_the_ledger(client: TestClient, on_pl
     assert await meter.resolve_expired(tenant["id"]) == 2
     assert await store.credit_balances(tenant["id"]) == {holds[0].draws[0][0]: 10 * 1_000_000}  # req_lost's dime
     await meter.aclose()
+
+
+@pytest.mark.skipif(not REDIS_URL, reason="replicas share limits and invalidations through Redis")
+def test_credits_granted_on_one_replica_serve_on_another_within_a_second(
+        client: TestClient, settings: Settings, on_plan: Callable[[str], Tenant]) -> None:
+    """Before (issue 21): another replica kept the tenant's cached credits epoch for the key TTL (30 s) and answered
+    429 meanwhile. Now the grant is published and every replica forgets its cached keys at once."""
+    import time
+
+    from modelmeter.gateway.app import create_app
+
+    tenant, headers, model = on_plan("prepaid_dime")
+    with TestClient(create_app(settings)) as other:
+        other_services = other.app.state.services  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while not other_services.invalidations.subscribed.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert_envelope(classify(other, headers, model), 429, code="insufficient_quota")  # cached on `other`
+        grant(client, tenant["id"], amount_cents=20)  # through the first replica
+        served_at = None
+        started = time.monotonic()
+        while time.monotonic() - started < 5:
+            if classify(other, headers, model).status_code == 200:
+                served_at = time.monotonic() - started
+                break
+            time.sleep(0.05)
+        assert served_at is not None, "the other replica never saw the new credits"
+        assert served_at < 1.0

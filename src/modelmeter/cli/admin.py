@@ -235,14 +235,16 @@ def _grant_line(g: dict[str, Any], currency: str) -> str:
 @reports_errors
 def credits_grant(tenant_id: str, amount_cents: int, description: str | None, expires_at: int | None,
                   as_json: bool) -> None:
-    """Grant credits to a tenant, as POST /admin/tenants/{id}/credits (running gateways draw them once their
-    key cache refreshes, within MODELMETER_KEY_CACHE_TTL_S)."""
+    """Grant credits to a tenant, as POST /admin/tenants/{id}/credits (running gateways draw them at once with
+    MODELMETER_REDIS_URL, which carries the change to them; else once their key cache refreshes)."""
     from modelmeter.billing.credits import CreditGrantCreate, grant_credits
+    from modelmeter.gateway.invalidation import publish_tenant_change
 
     with admin_services() as services:
         data = CreditGrantCreate(amount_cents=amount_cents, description=description, expires_at=expires_at)
         payload = grant_credits(sessions=services.sessions, tenant_id=tenant_id, data=data)
         currency = _currency(services, tenant_id)
+        publish_tenant_change(services.settings.redis_url, tenant_id)
     emit(as_json, payload, lambda g: f"granted {_grant_line(g, currency)}")
 
 

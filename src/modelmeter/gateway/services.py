@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-import redis.asyncio as redis
-from redis import exceptions as redis_errors
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
@@ -22,6 +17,8 @@ from modelmeter.billing.quota import InProcessQuotaStore, QuotaStore, RedisQuota
 from modelmeter.billing.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from modelmeter.billing.stripe.relay import StripeRelay
 from modelmeter.gateway.auth import FailedAuthThrottle, KeyAuthenticator
+from modelmeter.gateway.invalidation import Invalidations
+from modelmeter.gateway.redis_clients import redis_client
 from modelmeter.models.engine.client import EngineClient
 from modelmeter.models.registry import ModelCache
 from modelmeter.models.text import TextEncoders
@@ -50,6 +47,21 @@ class Services:
     alert_hook: Alerts | None = None  # the ledger's alert hook (its set of tenants with alerts is refreshed)
     alerts: AlertRelay | None = None  # the usage alerts relay (None when alerts_relay_interval_s is 0)
     failed_auth: FailedAuthThrottle = field(default_factory=lambda: FailedAuthThrottle(per_minute=30))
+    invalidations: Invalidations | None = None  # set by wiring (key caches forgotten on every replica)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        """Every replica's cached keys of ``tenant_id`` (credits, plan, limits or status changed)."""
+        if self.invalidations is not None:
+            self.invalidations.tenant(tenant_id)
+        else:
+            self.auth.invalidate(lambda p: p.tenant_id == tenant_id)
+
+    def forget_key(self, key_id: str) -> None:
+        """Every replica's cached principal of ``key_id`` (revoked or rolled)."""
+        if self.invalidations is not None:
+            self.invalidations.key(key_id)
+        else:
+            self.auth.invalidate(lambda p: p.key_id == key_id)
 
 
 def make_limiters(redis_url: str | None) -> tuple[RateLimiter, QuotaStore]:
@@ -61,32 +73,3 @@ def make_limiters(redis_url: str | None) -> tuple[RateLimiter, QuotaStore]:
     quotas = RedisQuotaStore(redis_client(redis_url), owns_client=True)
     return limiter, quotas
 
-
-def redis_client(redis_url: str) -> redis.Redis:
-    """A client that gives up within ~2 s when Redis is unreachable (the request then answers 503
-    ``service_unavailable``): redis-py's defaults wait 5 s per socket operation and retry three times with up to
-    10 s of backoff. One quick retry, on a fresh connection, covers a pooled connection the server closed."""
-    secure = redis_url.startswith("rediss://")
-    return redis.from_url(redis_url, decode_responses=True, socket_timeout=0.75, socket_connect_timeout=0.5,
-                          retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
-                          connection_class=_SecureConnection if secure else _Connection)
-
-
-class _ClosedTransportIsConnectionError:
-    """Under uvloop, writing to a connection the peer has reset raises RuntimeError ("the handler is closed"),
-    which redis-py neither converts nor retries: tests/integration/test_dependency_faults.py found it as 500s
-    during a Redis outage. Here it is what it means, a ConnectionError (retried once, then a 503)."""
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        try:
-            await super().send_packed_command(command, check_health)  # type: ignore[misc]
-        except RuntimeError as exc:  # redis-py has already dropped the connection
-            raise redis_errors.ConnectionError(f"Error while writing to socket: {exc}") from exc
-
-
-class _Connection(_ClosedTransportIsConnectionError, redis.Connection):
-    pass
-
-
-class _SecureConnection(_ClosedTransportIsConnectionError, redis.SSLConnection):
-    pass

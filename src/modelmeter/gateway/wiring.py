@@ -26,6 +26,7 @@ from modelmeter.billing.ledger import LedgerWriter
 from modelmeter.billing.metering import Meter
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.gateway.auth import FailedAuthThrottle, KeyAuthenticator
+from modelmeter.gateway.invalidation import Invalidations
 from modelmeter.gateway.routes import metrics
 from modelmeter.gateway.services import Services, make_limiters
 from modelmeter.models.engine.client import EngineClient, RemoteEngine
@@ -70,6 +71,7 @@ def build_services(settings: Settings, *, registry: CollectorRegistry | None = N
         alert_hook=alert_hook,
         failed_auth=FailedAuthThrottle(per_minute=settings.auth_failures_per_minute),
     )
+    services.invalidations = Invalidations(services.auth, settings.redis_url)
     metrics.instrument(services)
     services.stripe = _stripe_relay(services)
     if settings.alerts_relay_interval_s > 0:
@@ -96,11 +98,8 @@ def _engines(settings: Settings, telemetry: Telemetry) -> EngineClient:
 def _stripe_relay(services: Services) -> StripeRelay | None:
     """The Stripe outbox relay when a key is set (refuses a live key unless live mode is on)."""
 
-    def invalidate(tenant_id: str) -> None:
-        services.auth.invalidate(lambda p: p.tenant_id == tenant_id)
-
     return relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans,
-                               on_suspend=invalidate)
+                               on_suspend=services.forget_tenant)
 
 
 def prepare_database(services: Services) -> None:
@@ -131,6 +130,9 @@ async def running(services: Services) -> AsyncIterator[None]:
         stack.push_async_callback(services.rate.aclose)
         services.ledger.start()
         stack.push_async_callback(services.ledger.close)
+        if services.invalidations is not None:
+            await services.invalidations.start()
+            stack.push_async_callback(services.invalidations.aclose)
         await services.engines.start()
         stack.push_async_callback(services.engines.aclose)
         stack.push_async_callback(services.meter.aclose)

@@ -71,7 +71,7 @@ def get_one_tenant(tenant_id: str, services: ServicesDep) -> Any:
 @router.patch("/tenants/{tenant_id}", response_model=TenantPublic, responses=WRITE_ONE)
 def patch_tenant(tenant_id: str, data: TenantUpdate, services: ServicesDep) -> Any:
     tenant = ops.update_tenant(sessions=services.sessions, catalog=services.plans, tenant_id=tenant_id, data=data)
-    services.auth.invalidate(lambda p: p.tenant_id == tenant_id)
+    services.forget_tenant(tenant_id)
     return tenant
 
 
@@ -79,7 +79,7 @@ def patch_tenant(tenant_id: str, data: TenantUpdate, services: ServicesDep) -> A
 def post_credits(tenant_id: str, data: CreditGrantCreate, services: ServicesDep) -> Any:
     """Grant prepaid credits: they pay the tenant's usage as it is incurred, from the next request on."""
     granted = grant_credits(sessions=services.sessions, tenant_id=tenant_id, data=data)
-    services.auth.invalidate(lambda p: p.tenant_id == tenant_id)  # the new credits epoch, at once
+    services.forget_tenant(tenant_id)  # the new credits epoch, at once, on every replica
     return granted
 
 
@@ -108,7 +108,7 @@ def get_keys(tenant_id: str, services: ServicesDep, page: ListDep) -> dict[str, 
 @router.delete("/keys/{key_id}", response_model=ApiKeyPublic, responses=ONE)
 def delete_key(key_id: str, services: ServicesDep) -> Any:
     key = ops.revoke_key(sessions=services.sessions, key_id=key_id)
-    services.auth.invalidate(lambda p: p.key_id == key_id)
+    services.forget_key(key_id)
     return ApiKeyPublic.of(key, now=clock.now_s())
 
 
@@ -119,7 +119,7 @@ def post_roll(
     grace = data.grace_period_seconds if data and data.grace_period_seconds is not None else None
     new, plaintext = ops.roll_key(sessions=services.sessions, key_id=key_id,
                                   grace_s=services.settings.default_key_grace_s if grace is None else grace)
-    services.auth.invalidate(lambda p: p.key_id == key_id)
+    services.forget_key(key_id)
     return ApiKeyCreated(**ApiKeyPublic.of(new, now=clock.now_s()).model_dump(), key=plaintext)
 
 

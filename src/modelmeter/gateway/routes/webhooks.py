@@ -31,8 +31,7 @@ async def stripe_webhook(request: Request, services: ServicesDep) -> dict[str, A
     result = await run_in_threadpool(lambda: apply_event(sessions=services.sessions, event=event, now=clock.now_s(),
                                                          grace_s=services.settings.past_due_grace_s))
     if result.tenant_id is not None:
-        tenant_id = result.tenant_id
-        services.auth.invalidate(lambda p: p.tenant_id == tenant_id)
+        services.forget_tenant(result.tenant_id)
     return result.public()
 
 
