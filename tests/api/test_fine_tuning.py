@@ -418,3 +418,35 @@ def test_a_file_is_tokenized_once_however_many_jobs_use_it(client: TestClient, t
         kept = {session.get(FineTuningJob, job_id).estimated_tokens for job_id in estimates}  # type: ignore[union-attr]
     assert len(kept) == 1
     assert kept.pop() > 40
+
+
+def test_an_explicit_validation_file_is_bounded_and_billed(client: TestClient, tenant: Any, base: str,
+                                                           services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before (issue 21): a tenant's own validation file was evaluated in full and never billed."""
+    from modelmeter.models.finetune import worker as worker_module
+    from modelmeter.models.finetune.estimate import epoch_tokens
+    from modelmeter.models.registry import artifact_path
+
+    monkeypatch.setattr(worker_module, "MAX_VALIDATION_ROWS", 10)
+    _, headers = tenant
+    train_id = upload(client, headers, _jsonl(16)).json()["id"]
+    validation_id = upload(client, headers, _jsonl(40), name="validation.jsonl").json()["id"]
+    job = create_job(client, headers, train_id, base, validation_file=validation_id)
+    assert job.status_code == 200, job.text
+    job_id = job.json()["id"]
+    assert worker_for(client).run_once() is True
+    done = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
+    assert done["status"] == "succeeded", done
+    assert done["result"]["n_validation"] == 10  # a seeded sample, as large as the automatic hold-out may be
+    events = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100",
+                                               headers=headers).json()["data"]]
+    assert any("validating on 10 rows" in m for m in events)
+    with services.sessions() as session:
+        base_row = session.get(MlModel, base)
+        assert base_row is not None
+        estimated = session.get(FineTuningJob, job_id).estimated_tokens  # type: ignore[union-attr]
+    base_dir = artifact_path(base_row.artifact, services.settings.data_dir)
+    train_tokens = epoch_tokens(base_dir, [json.loads(line)["text"] for line in _jsonl(16).decode().splitlines()])
+    assert train_tokens < done["trained_tokens"] <= train_tokens + epoch_tokens(
+        base_dir, [json.loads(line)["text"] for line in _jsonl(40).decode().splitlines()])
+    assert estimated >= done["trained_tokens"]  # the estimate held against the quota covers what is billed

@@ -35,7 +35,13 @@ def create_job(*, sessions: sessionmaker[Session], catalog: PlanCatalog, data_di
     (blocking, but never tokenizes a file twice: its count is kept with it)."""
     with sessions() as session:
         training = jobs.validate_job(session=session, tenant_id=tenant_id, data=data, base_models=list(bases))
-    estimate = _estimate(sessions, data_dir, training, bases[data.model].artifact, jobs.n_epochs_of(data))
+    artifact = bases[data.model].artifact
+    estimate = _estimate(sessions, data_dir, training, artifact, jobs.n_epochs_of(data))
+    if data.validation_file:  # evaluated once and billed as training: counted (an upper bound: it may be sampled)
+        with sessions() as session:
+            validation = jobs.get_file(session=session, tenant_id=tenant_id, file_id=data.validation_file,
+                                       param="validation_file")
+        estimate += _estimate(sessions, data_dir, validation, artifact, 1)
     with sessions() as session:
         # One job creation per tenant at a time, so the active-job limit and the training quota hold.
         lock_tenant(session=session, tenant_id=tenant_id)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from sqlmodel import Session
 from modelmeter import clock
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import Example, parse_dataset, stratified_split
+from modelmeter.models.finetune.estimate import epoch_tokens
 from modelmeter.models.finetune.recipes import training_from_public
 from modelmeter.models.finetune.tables import FineTuningJob, TenantFile
 from modelmeter.models.finetune.train import Cancelled, Hyperparameters, Progress, TrainResult, train_classifier
@@ -123,6 +125,9 @@ class Worker:
             should_stop=stop.is_set, show_progress=self.config.show_progress,
             training=training_from_public(job.training_type), base_model=job.model,
         )
+        if job.validation_file:  # evaluating the tenant's own file is compute on its behalf: billed as training
+            evaluated = epoch_tokens(base_dir, [example.text for example in validation])
+            result = replace(result, training_tokens=result.training_tokens + evaluated)
         if not self._succeed(job, result, labels, output):
             shutil.rmtree(output, ignore_errors=True)
 
@@ -137,7 +142,11 @@ class Worker:
             validation_file = session.get(TenantFile, job.validation_file) if job.validation_file else None
         examples, labels = train_data
         if job.validation_file:
+            # Bounded like the automatic hold-out (issue 21: a tenant's explicit file was evaluated in full),
+            # a seeded sample when larger; its tokens are billed as training (see _train).
             validation = self._read(validation_file, "validation_file")[0]
+            if len(validation) > MAX_VALIDATION_ROWS:
+                validation = random.Random(job.seed).sample(validation, MAX_VALIDATION_ROWS)
         else:
             examples, validation = stratified_split(examples, fraction=VALIDATION_FRACTION, seed=job.seed)
             validation = validation[:MAX_VALIDATION_ROWS]
