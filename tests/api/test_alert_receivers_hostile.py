@@ -5,6 +5,7 @@ straight into the outbox."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import threading
@@ -62,6 +63,8 @@ class RawReceiver:
 
     def close(self) -> None:
         self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() a close alone would leave blocked
         self.sock.close()
 
 

@@ -159,3 +159,80 @@ def test_an_outage_is_answered_503_and_service_comes_back(
     served = {a.request_id for a in answers if a.status == 200}
     assert len(served) == sum(a.status == 200 for a in answers)
     assert _ledger_ids() == served  # one row per 200 answered, none for a 503
+
+
+@pytest.mark.slow  # an engine process loads the packaged base model
+@pytest.mark.parametrize("dependency", ["redis", "postgres"])
+def test_an_outage_through_two_fronts_and_an_engine_process(
+        settings: Settings, database_url: str, proxies: tuple[FaultProxy, FaultProxy], tmp_path: Path,
+        dependency: str) -> None:
+    """The same outage through ``serve --workers 2`` (two torch-free fronts, one engine process)."""
+    import subprocess
+    import sys
+
+    from tests.binaries import free_port
+    from tests.integration.test_engine_processes import _env, engine_status
+    from tests.processes import stop
+
+    pg, rd = proxies
+    host, port = _host_port(PG_URL, 5432)
+    proxied_pg = PG_URL.replace(f"{host}:{port}", f"127.0.0.1:{pg.port}", 1)
+    proxied_redis = REDIS_URL.replace(REDIS_URL.split("://", 1)[1].split("/", 1)[0], f"127.0.0.1:{rd.port}", 1)
+    http_port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    env = _env(settings.model_copy(update={"database_url": proxied_pg, "redis_url": proxied_redis}), tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "serve", "--workers", "2", "--no-worker",
+                                "--port", str(http_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/readyz").is_success and len(engine_status(url)["fronts"]) == 2, 180,
+                   "one engine and two fronts")
+        tenant = httpx.post(f"{url}/admin/tenants", json={"name": "F", "email": "f@example.com", "plan": "payg"},
+                            headers=ADMIN, timeout=30).json()["id"]
+        httpx.patch(f"{url}/admin/tenants/{tenant}", json={"rpm_limit": 1_000_000, "tpm_limit": 100_000_000},
+                    headers=ADMIN, timeout=30)
+        key = httpx.post(f"{url}/admin/tenants/{tenant}/keys", json={}, headers=ADMIN, timeout=30).json()["key"]
+        answers: list[Answer] = []
+        failures: list[str] = []
+        stop_load = threading.Event()
+        clients = [threading.Thread(target=_load_embeddings, args=(url, key, stop_load, answers, failures))
+                   for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        try:
+            wait_until(lambda: sum(a.status == 200 for a in answers) >= 20, 60, "service before the outage")
+            cut_at = time.monotonic()
+            (rd if dependency == "redis" else pg).cut()
+            wait_until(lambda: any(a.status == 503 and a.at >= cut_at for a in answers), 30, "a 503")
+            time.sleep(OUTAGE_S)
+            restored_at = time.monotonic()
+            (rd if dependency == "redis" else pg).restore()
+            wait_until(lambda: sum(a.status == 200 and a.at >= restored_at for a in answers) >= 20, 30,
+                       "service after the outage")
+        finally:
+            stop_load.set()
+            for thread in clients:
+                thread.join(60)
+    finally:
+        stop(process)
+        log.close()
+    assert failures == []
+    assert {a.status for a in answers} == {200, 503}
+    assert {a.code for a in answers if a.status == 503} == {"service_unavailable"}
+    served = {a.request_id for a in answers if a.status == 200}
+    assert _ledger_ids() == served
+
+
+def _load_embeddings(url: str, key: str, stop: threading.Event, answers: list[Answer], failures: list[str]) -> None:
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                response = http.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": "a fine film"},
+                                     headers=bearer(key))
+            except httpx.HTTPError as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            code = response.json().get("error", {}).get("code") if response.status_code != 200 else None
+            answers.append(Answer(response.status_code, code, response.headers.get("retry-after"),
+                                  response.headers.get("x-request-id"), time.monotonic() - started, started))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -216,6 +217,12 @@ class LedgerWriter:
 
     A dedicated thread fed by a queue (rather than a thread-pool hop per commit) keeps a lone request's wait
     to one insert and two thread wake-ups; under load, whatever queued during a commit goes in the next one.
+
+    A group whose commit failed on both tries is *doubtful*: its requests are answered as failed (503), but the
+    first try's COMMIT may have reached the database before the connection broke (tests/faultproxy.py found it: a
+    row for a request answered 503). Once the database answers again, the writer deletes whatever rows (and credit
+    draws) of doubtful requests exist, so the ledger holds exactly the requests that were answered. Their holds
+    were released when the commit failed, so the counters already leave them out.
     """
 
     def __init__(
@@ -237,6 +244,7 @@ class LedgerWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: Connection | None = None  # used only by the writer thread
         self._used_at = 0.0  # float-ok: monotonic time of the last commit on it
+        self._doubtful: set[str] = set()  # request ids answered as failed whose rows may exist (writer thread)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -252,7 +260,11 @@ class LedgerWriter:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            item = self._queue.get()
+            try:  # while rows are doubtful, wake every second to settle them once the database is back
+                item = self._queue.get(timeout=1.0 if self._doubtful else None)
+            except queue.Empty:
+                self._settle_doubtful()
+                continue
             group = []
             while item is not None:
                 group.append(item)
@@ -265,6 +277,8 @@ class LedgerWriter:
             stopping = item is None
             if group:
                 self._commit(group)
+        if self._doubtful:
+            self._settle_doubtful()  # a last try on the way out
         self._drop_connection()
 
     def _commit(self, group: list[tuple[UsageRecord, asyncio.Future[None]]]) -> None:
@@ -290,8 +304,29 @@ class LedgerWriter:
                 error = exc
                 if attempt == 2:
                     log.exception("ledger commit of %d rows failed", len(records))
+                    self._doubtful.update(r.request_id for r in records)
+        if error is None and self._doubtful:
+            self._settle_doubtful()
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._resolve, group, error)
+
+    def _settle_doubtful(self) -> None:
+        """Delete the rows (and credit draws) of requests answered as failed, if their commit reached the database."""
+        ids = sorted(self._doubtful)
+        try:
+            if self._conn is None or self._conn.closed or self._conn.invalidated:
+                self._conn = self._engine.connect()
+            with self._conn.begin():
+                self._conn.execute(sa_delete(CreditDraw).where(col(CreditDraw.request_id).in_(ids)))
+                removed = self._conn.execute(sa_delete(UsageEvent).where(col(UsageEvent.request_id).in_(ids)))
+        except Exception:
+            self._drop_connection()
+            log.warning("settling %d doubtful usage rows failed; retried in a second", len(ids))
+            return
+        self._doubtful.difference_update(ids)
+        if removed.rowcount:
+            log.warning("removed %d usage rows whose requests were answered as failed (their commit had landed)",
+                        removed.rowcount)
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
