@@ -288,28 +288,39 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     return error_response(error)
 
 
-async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
+def unstorable_value(exc: BaseException) -> ModelMeterError | None:
     """A value the database refused (PostgreSQL holds no NUL in text and 32-bit integers): the statement
     failed, its transaction rolled back, nothing changed; the client sent it, so a client error."""
+    if not isinstance(exc, DataError):
+        return None
     text = str(exc)
     if "NUL (0x00)" in text:
-        return error_response(MalformedRequestError("Text may not contain NUL (U+0000) characters.",
-                                                    code="invalid_text"))
+        return MalformedRequestError("Text may not contain NUL (U+0000) characters.", code="invalid_text")
     if "out of range" in text:
-        return error_response(InvalidRequestError("A number is outside the range the service stores.",
-                                                  code="value_out_of_range"))
-    return await _unexpected(request, exc)
+        return InvalidRequestError("A number is outside the range the service stores.", code="value_out_of_range")
+    return None
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    """The catch-all (also what Starlette's outermost middleware answers for an error raised in a middleware):
-    a dependency fault is a 503, anything else a 500 with the traceback logged."""
+def error_for(exc: BaseException) -> ModelMeterError:
+    """What a request answers for an exception that is not already ours (the app's handlers and the fast lane):
+    a refused value is the client's error, a dependency fault a 503, anything else a 500 with its traceback
+    logged."""
+    if isinstance(exc, ModelMeterError):
+        return exc
+    refused = unstorable_value(exc)
+    if refused is not None:
+        return refused
     unavailable = unavailable_dependency(exc)
     if unavailable is not None:
         log.warning("answered 503: %s: %s", type(exc).__name__, (str(exc).splitlines() or [""])[0])
-        return error_response(unavailable)
+        return unavailable
     log.exception("unhandled error", exc_info=exc)
-    return error_response(InternalError("The server had an error while processing the request."))
+    return InternalError("The server had an error while processing the request.")
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    """The catch-all, also what Starlette's outermost middleware answers for an error raised in a middleware."""
+    return error_response(error_for(exc))
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -317,7 +328,7 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModelMeterError, _ours)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
-    app.add_exception_handler(DataError, _unstorable)
+    app.add_exception_handler(DataError, _unexpected)
     for kind in (*_REDIS_DOWN, *_DATABASE_DOWN, sa_exc.DBAPIError):
         app.add_exception_handler(kind, _unexpected)
     app.add_exception_handler(Exception, _unexpected)

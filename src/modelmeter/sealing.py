@@ -36,6 +36,10 @@ class Sealer:
         """A text column's sealed form: ``sealed:v1:`` + base64 (fits where the plain text's ASCII did, x2)."""
         return _TEXT_PREFIX + base64.b64encode(self.seal(text.encode(), associated.encode())).decode()
 
+    @staticmethod
+    def is_sealed(stored: str) -> bool:
+        return stored.startswith(_TEXT_PREFIX)
+
     def open_text(self, stored: str, associated: str = "") -> str:
         """The plain text of a sealed column; a value stored before sealing (no prefix) is returned as it is."""
         if not stored.startswith(_TEXT_PREFIX):

@@ -5,6 +5,7 @@ straight into the outbox."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import socket
@@ -181,12 +182,13 @@ def test_the_connection_goes_to_the_address_that_was_checked(
 def test_pin_keeps_the_name_for_host_and_sni(monkeypatch: pytest.MonkeyPatch) -> None:
     public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 0))]
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **kw: public)
-    target = pin("https://user:pw@Hooks.Example.net:8443/a/b?c=1", allow_private=False)
+    target = asyncio.run(pin("https://user:p%40ss@Hooks.Example.net:8443/a/b?c=1", allow_private=False))
     assert target.connect_url == "https://93.184.216.34:8443/a/b?c=1"
     assert target.host == "Hooks.Example.net:8443"  # never the credentials
     assert target.sni_hostname == "hooks.example.net"
+    assert target.credentials == ("user", "p@ss")  # sent as Basic authentication, as before pinning
     with pytest.raises(PermissionError):
-        pin("http://localhost/x", allow_private=False)
+        asyncio.run(pin("http://localhost/x", allow_private=False))
 
 
 @pytest.mark.parametrize("literal", [

@@ -464,3 +464,21 @@ def test_training_usage_fires_alerts_too(client: TestClient, on_plan: Callable[.
         meter_training(session, job, result, "cpu", alerts=Alerts(services.plans))  # type: ignore[arg-type]
         session.commit()
     assert crossings(client, headers) == [("2026-10", "budget", 50, 60, 100)]
+
+
+def test_secrets_stored_before_sealing_are_sealed_at_start(client: TestClient, on_plan: Callable[..., Tenant],
+                                                           services: Services, settings: Settings) -> None:
+    tenant, headers, _ = on_plan("five_x")
+    put_alerts(client, headers, thresholds=[50], url="https://example.com")
+    with services.sessions() as session:  # as round 2 stored it
+        row = session.get(AlertSetting, tenant["id"])
+        assert row is not None
+        row.secret = "whsec_plain0123456789"
+        session.add(row)
+        session.commit()
+    with TestClient(create_app(settings)):
+        pass
+    with services.sessions() as session:
+        stored = session.get(AlertSetting, tenant["id"]).secret  # type: ignore[union-attr]
+    assert stored.startswith("sealed:v1:")
+    assert SEALER.open_text(stored, tenant["id"]) == "whsec_plain0123456789"

@@ -175,15 +175,15 @@ class AlertRelay:
 
     async def _post(self, url: str, body: bytes, secret: str) -> int:
         """One attempt: the status of the receiver's answer, whose body is never read."""
-        target = pin(url, allow_private=self._allow_private)
+        target = await pin(url, allow_private=self._allow_private)
         headers = {"host": target.host, "content-type": "application/json", "accept-encoding": "identity",
                    "user-agent": "modelmeter-alerts/1", SIGNATURE_HEADER: sign(secret, clock.now_s(), body)}
         extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
         async with (
             httpx.AsyncClient(timeout=self._timeout_s, transport=self._transport, follow_redirects=False,
                               trust_env=False) as client,
-            client.stream("POST", target.connect_url, content=body, headers=headers,
-                          extensions=extensions) as response,
+            client.stream("POST", target.connect_url, content=body, headers=headers, extensions=extensions,
+                          auth=httpx.BasicAuth(*target.credentials) if target.credentials else None) as response,
         ):
             return response.status_code  # closing the stream unread drops the connection
 

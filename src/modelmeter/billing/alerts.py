@@ -106,6 +106,16 @@ def secret_sealer(admin_token: str) -> Sealer:
     return Sealer(admin_token, _SECRET_PURPOSE)
 
 
+def seal_plain_secrets(*, session: Session, sealer: Sealer) -> int:
+    """Seal the signing secrets stored before they were sealed (at start-up; idempotent); returns how many."""
+    rows = [r for r in session.exec(select(AlertSetting)).all() if not sealer.is_sealed(r.secret)]
+    for row in rows:
+        row.secret = sealer.seal_text(row.secret, row.tenant_id)
+        session.add(row)
+    session.commit()
+    return len(rows)
+
+
 def put_settings(*, session: Session, tenant_id: str, data: AlertSettingsUpdate, sealer: Sealer) -> dict[str, Any]:
     """Set the tenant's alerts with a new signing secret (committed, sealed); the body shows the secret, once."""
     now = clock.now_s()

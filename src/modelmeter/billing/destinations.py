@@ -17,11 +17,13 @@ are closed here:
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import socket
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -62,16 +64,37 @@ def canonical_host(host: str) -> None:
 
 def addresses(host: str, *, resolve: bool) -> list[Address]:
     """The host as an IP literal, or (``resolve``) every address the name resolves to; [] when it does not."""
-    name = host.rstrip(".").lower()
+    literal = _literal(host)
+    if literal is not None or not resolve:
+        return [literal] if literal is not None else []
     try:
-        return [ipaddress.ip_address(name)]
-    except ValueError:
-        if not resolve:
-            return []
-    try:
-        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host.rstrip(".").lower(), None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return []
+    return _of(infos)
+
+
+async def resolved(host: str) -> list[Address]:
+    """``addresses(host, resolve=True)`` without blocking the event loop, so the caller's deadline covers a
+    tenant's nameserver that stalls."""
+    literal = _literal(host)
+    if literal is not None:
+        return [literal]
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host.rstrip(".").lower(), None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    return _of(infos)
+
+
+def _literal(host: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(host.rstrip(".").lower())
+    except ValueError:
+        return None
+
+
+def _of(infos: list[tuple[Any, ...]]) -> list[Address]:
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 
 
@@ -82,22 +105,24 @@ def is_local_name(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Pinned:
-    """A request to ``url`` sent to one checked address: connect to ``connect_url``, say ``host``."""
+    """A request to ``url`` sent to one checked address: connect to ``connect_url``, say ``host``, and send the
+    URL's own credentials (``user:password@``), if any, as Basic authentication."""
 
     connect_url: str
     host: str
     sni_hostname: str | None
     address: Address
+    credentials: tuple[str, str] | None = None
 
 
-def pin(url: str, *, allow_private: bool) -> Pinned:
+async def pin(url: str, *, allow_private: bool) -> Pinned:
     """Resolve ``url``'s host once and choose the address to connect to; PermissionError when any address the
     name has is forbidden (unless ``allow_private``), OSError when it has none."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if is_local_name(host) and not allow_private:
         raise PermissionError("the URL names localhost: not sent")
-    found = addresses(host, resolve=True)
+    found = await resolved(host)
     if not found:
         raise OSError(f"the host {host!r} does not resolve")
     if not allow_private and any(forbidden(a) for a in found):
@@ -106,7 +131,8 @@ def pin(url: str, *, allow_private: bool) -> Pinned:
     netloc = f"[{address}]" if address.version == 6 else str(address)
     if parts.port is not None:
         netloc += f":{parts.port}"
-    literal = bool(addresses(host, resolve=False))
-    sni = host if parts.scheme.lower() == "https" and not literal else None
-    header = parts.netloc.rpartition("@")[2]  # never the URL's credentials
-    return Pinned(urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, "")), header, sni, address)
+    sni = host if parts.scheme.lower() == "https" and _literal(host) is None else None
+    header = parts.netloc.rpartition("@")[2]  # the credentials go in Authorization, never in Host
+    credentials = (unquote(parts.username), unquote(parts.password or "")) if parts.username is not None else None
+    return Pinned(urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, "")), header, sni, address,
+                  credentials)

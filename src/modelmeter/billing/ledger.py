@@ -192,6 +192,7 @@ def record_usage(
 
 
 _PG_INSERT: str | None = None
+_SETTLE_CHUNK = 1000
 _LEDGER_IDLE_S = 10.0  # float-ok: seconds; longer idle than this and the kept connection is checked out afresh
 
 
@@ -288,12 +289,14 @@ class LedgerWriter:
         # each time. A connection idle for a while is checked out afresh (pre-ping), and a group that fails is tried
         # once more on a new connection (the server restarted, a proxy dropped it): the insert skips rows already
         # there and draws credits only for new ones, so a retry after an ambiguous commit bills nothing twice.
+        sent = False  # whether any try got as far as the server (else nothing can have landed)
         for attempt in (1, 2):
             try:
                 if time.monotonic() - self._used_at > _LEDGER_IDLE_S:
                     self._drop_connection()
                 if self._conn is None or self._conn.closed or self._conn.invalidated:
                     self._conn = self._engine.connect()
+                sent = True
                 with self._conn.begin():
                     record_usage(session=self._conn, records=records, periods=self._periods, alerts=self._alerts)
                 self._used_at = time.monotonic()
@@ -304,7 +307,8 @@ class LedgerWriter:
                 error = exc
                 if attempt == 2:
                     log.exception("ledger commit of %d rows failed", len(records))
-                    self._doubtful.update(r.request_id for r in records)
+                    if sent:
+                        self._doubtful.update(r.request_id for r in records)
         if error is None and self._doubtful:
             self._settle_doubtful()
         assert self._loop is not None
@@ -313,20 +317,23 @@ class LedgerWriter:
     def _settle_doubtful(self) -> None:
         """Delete the rows (and credit draws) of requests answered as failed, if their commit reached the database."""
         ids = sorted(self._doubtful)
+        removed = 0
         try:
             if self._conn is None or self._conn.closed or self._conn.invalidated:
                 self._conn = self._engine.connect()
-            with self._conn.begin():
-                self._conn.execute(sa_delete(CreditDraw).where(col(CreditDraw.request_id).in_(ids)))
-                removed = self._conn.execute(sa_delete(UsageEvent).where(col(UsageEvent.request_id).in_(ids)))
+            for start in range(0, len(ids), _SETTLE_CHUNK):  # bounded statements (psycopg takes 65,535 parameters)
+                chunk = ids[start:start + _SETTLE_CHUNK]
+                with self._conn.begin():
+                    self._conn.execute(sa_delete(CreditDraw).where(col(CreditDraw.request_id).in_(chunk)))
+                    removed += self._conn.execute(
+                        sa_delete(UsageEvent).where(col(UsageEvent.request_id).in_(chunk))).rowcount
+                self._doubtful.difference_update(chunk)
         except Exception:
             self._drop_connection()
-            log.warning("settling %d doubtful usage rows failed; retried in a second", len(ids))
-            return
-        self._doubtful.difference_update(ids)
-        if removed.rowcount:
+            log.warning("settling %d doubtful usage rows failed; retried in a second", len(self._doubtful))
+        if removed:
             log.warning("removed %d usage rows whose requests were answered as failed (their commit had landed)",
-                        removed.rowcount)
+                        removed)
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

@@ -10,6 +10,7 @@ import click
 from modelmeter import clock
 from modelmeter.cli.output import admin_services, dump, emit, json_option, load_services, reports_errors
 from modelmeter.cli.simulation import simulate
+from modelmeter.gateway.invalidation import publish_key_change, publish_tenant_change
 from modelmeter.gateway.services import Services
 from modelmeter.money import amount_text, major_price_text, unit_price_text
 from modelmeter.ops import tenants as ops
@@ -78,6 +79,7 @@ def tenant_update(tenant_id: str, as_json: bool, **fields: Any) -> None:
         row = ops.update_tenant(sessions=services.sessions, catalog=services.plans, tenant_id=tenant_id,
                                 data=data)
         payload = dump(TenantPublic.model_validate(row))
+        publish_tenant_change(services.settings.redis_url, tenant_id)  # every running replica, at once
     emit(as_json, payload, lambda t: f"updated {_tenant_line(t)}")
 
 
@@ -125,6 +127,7 @@ def key_revoke(key_id: str, as_json: bool) -> None:
     with admin_services() as services:
         row = ops.revoke_key(sessions=services.sessions, key_id=key_id)
         payload = dump(ApiKeyPublic.of(row, now=clock.now_s()))
+        publish_key_change(services.settings.redis_url, key_id)
     emit(as_json, payload, lambda k: f"revoked {_key_line(k)}")
 
 
@@ -138,6 +141,7 @@ def key_roll(key_id: str, grace_s: int | None, as_json: bool) -> None:
         grace = services.settings.default_key_grace_s if grace_s is None else grace_s
         row, plaintext = ops.roll_key(sessions=services.sessions, key_id=key_id, grace_s=grace)
         payload = {**dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
+        publish_key_change(services.settings.redis_url, key_id)
     emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k['key']}")
 
 
@@ -238,7 +242,6 @@ def credits_grant(tenant_id: str, amount_cents: int, description: str | None, ex
     """Grant credits to a tenant, as POST /admin/tenants/{id}/credits (running gateways draw them at once with
     MODELMETER_REDIS_URL, which carries the change to them; else once their key cache refreshes)."""
     from modelmeter.billing.credits import CreditGrantCreate, grant_credits
-    from modelmeter.gateway.invalidation import publish_tenant_change
 
     with admin_services() as services:
         data = CreditGrantCreate(amount_cents=amount_cents, description=description, expires_at=expires_at)

@@ -66,6 +66,7 @@ class KeyAuthenticator:
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
         self._lock = threading.Lock()
         self._last_used: dict[str, int] = {}
+        self._generation = 0  # bumped by every invalidation: a lookup that overlapped one does not store its result
 
     def cached(self, key: str) -> tuple[bool, Principal | None]:
         """(hit, principal) from the cache alone; a miss means the caller must ``load``."""
@@ -77,8 +78,11 @@ class KeyAuthenticator:
             return True, entry[1]
 
     def load(self, key: str) -> Principal | None:
-        """Database lookup (call from a worker thread); result cached."""
+        """Database lookup (call from a worker thread); result cached unless an invalidation ran meanwhile (the
+        row read may predate the change it announced: another replica's revocation, say)."""
         digest = hash_key(key)
+        with self._lock:
+            generation = self._generation
         with self._factory() as session:
             row = session.exec(
                 select(ApiKey, Tenant).join(Tenant, col(Tenant.id) == col(ApiKey.tenant_id))
@@ -91,11 +95,13 @@ class KeyAuthenticator:
                 key_row.id, tenant.id, frozenset(key_row.scope_list), key_row.expires_at, tenant.status, tenant.plan,
                 tenant.rpm_limit, tenant.tpm_limit, tenant.monthly_budget_cents, tenant.credits_epoch,
             )
-        self._store(digest, principal)
+        self._store(digest, principal, generation)
         return principal
 
-    def _store(self, digest: str, principal: Principal | None) -> None:
+    def _store(self, digest: str, principal: Principal | None, generation: int) -> None:
         with self._lock:
+            if generation != self._generation:
+                return
             self._cache[digest] = (time.monotonic(), principal)
             self._cache.move_to_end(digest)
             while len(self._cache) > self._max:
@@ -113,6 +119,7 @@ class KeyAuthenticator:
     def invalidate(self, predicate: Callable[[Principal], bool] | None = None) -> None:
         """Drop cached entries (all, or those matching ``predicate``); misses are always dropped."""
         with self._lock:
+            self._generation += 1
             if predicate is None:
                 self._cache.clear()
                 return

@@ -21,7 +21,6 @@ and compares status, body and headers; ``MODELMETER_FAST_LANE=false`` turns the 
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -32,14 +31,12 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelmeter import clock
-from modelmeter.errors import InternalError, ModelMeterError, error_response, unavailable_dependency
+from modelmeter.errors import ModelMeterError, error_for, error_response
 from modelmeter.gateway.auth import Principal, parse_bearer
 from modelmeter.gateway.inference import Served, serve
 from modelmeter.gateway.routes.inference import classify_answer, embeddings_answer, serving_headers, task_check
 from modelmeter.gateway.services import Services
 from modelmeter.tenancy.keys import well_formed
-
-log = logging.getLogger(__name__)
 
 _Text = Annotated[str, msgspec.Meta(min_length=1)]
 _Inputs = _Text | Annotated[list[_Text], msgspec.Meta(min_length=1)]
@@ -111,11 +108,13 @@ class FastLane:
         authorization = None
         length = None
         json = False
+        seen_type: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 length = int(value) if value.isdigit() and length is None else -1
-            elif name == b"content-type":
-                json = value.split(b";", 1)[0].strip().lower() == b"application/json"
+            elif name == b"content-type":  # sent twice: the app reads the first, the lane takes neither
+                json = seen_type is None and value.split(b";", 1)[0].strip().lower() == b"application/json"
+                seen_type = value
             elif name == b"authorization":
                 authorization = value.decode("latin-1") if authorization is None else ""
             elif name == b"idempotency-key":
@@ -133,7 +132,10 @@ class FastLane:
             raise _Pass
         if not principal.admitted_at(clock.now_s()):
             raise _Pass
-        return self.services.auth.check(principal)
+        try:
+            return self.services.auth.check(principal)
+        except ModelMeterError:  # expired between the two clock reads: the route answers it
+            raise _Pass from None
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send, principal: Principal,
                       body: _Classify | _Embeddings) -> None:
@@ -150,15 +152,8 @@ class FastLane:
                 served = await serve(request, principal, body.model, texts, truncate=body.truncate,
                                      endpoint="classify", check=task_check("text-classification", "/v1/classify"))
                 answer = classify_answer(body.model, served)
-        except ModelMeterError as exc:
-            await error_response(exc)(scope, receive, send)
-            return
-        except Exception as exc:  # the app's handlers' answers, from the lane
-            error = unavailable_dependency(exc)
-            if error is None:
-                log.exception("unhandled error", exc_info=exc)
-            await error_response(error or InternalError("The server had an error while processing the request."))(
-                scope, receive, send)
+        except Exception as exc:  # ours, or what the app's handlers would answer for it
+            await error_response(error_for(exc))(scope, receive, send)
             return
         await _send_json(send, answer, served)
 

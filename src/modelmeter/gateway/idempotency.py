@@ -42,6 +42,7 @@ from modelmeter.errors import (
     IdempotencyKeyInUseError,
     IdempotencyKeyReusedError,
     InvalidIdempotencyKeyError,
+    RateLimitError,
     error_response,
 )
 from modelmeter.gateway.auth import admin_token_matches, parse_bearer
@@ -50,6 +51,7 @@ from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings, ensure_admin_token
 from modelmeter.tenancy import idempotency as store
 from modelmeter.tenancy.idempotency import ADMIN_SCOPE, StoredResponse
+from modelmeter.tenancy.keys import well_formed
 
 log = logging.getLogger("modelmeter.idempotency")
 
@@ -132,7 +134,14 @@ class IdempotencyMiddleware:
         expected = self.services.settings.admin_token
         if expected and admin_token_matches(token, expected):
             return ADMIN_SCOPE
-        principal = await principal_of(self.services, token)
+        hit, cached = self.services.auth.cached(token) if well_formed(token) else (False, None)
+        if not (hit and cached is not None):
+            client = scope.get("client")
+            try:  # an address over its failed-authentication limit gets no lookup here either: the route says 429
+                self.services.failed_auth.check(client[0] if client else "unknown")
+            except RateLimitError:
+                return None
+        principal = cached if hit else await principal_of(self.services, token)
         if principal is None or not principal.admitted_at(clock.now_s()):
             return None
         return principal.key_id

@@ -118,13 +118,22 @@ class Invalidations:
 def publish_tenant_change(redis_url: str | None, tenant_id: str) -> bool:
     """From outside a gateway (the CLI): tell every running replica to forget ``tenant_id``'s cached keys.
     Returns whether it was published (no Redis, or Redis unreachable: the replicas' key TTL bounds it)."""
+    return _publish_sync(redis_url, f"t:{tenant_id}")
+
+
+def publish_key_change(redis_url: str | None, key_id: str) -> bool:
+    """From outside a gateway: tell every running replica to forget key ``key_id`` (revoked or rolled)."""
+    return _publish_sync(redis_url, f"k:{key_id}")
+
+
+def _publish_sync(redis_url: str | None, message: str) -> bool:
     if not redis_url:
         return False
     import redis as sync_redis
 
     try:
         with sync_redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2) as client:
-            client.publish(CHANNEL, f"t:{tenant_id}")
+            client.publish(CHANNEL, message)
         return True
     except sync_redis.RedisError:
         log.warning("publishing a cache invalidation failed; replicas forget it within the key TTL")

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from modelmeter import db
 from modelmeter.billing.alert_relay import AlertRelay
-from modelmeter.billing.alerts import Alerts, secret_sealer
+from modelmeter.billing.alerts import Alerts, seal_plain_secrets, secret_sealer
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.credits import store_grants
 from modelmeter.billing.ledger import LedgerWriter
@@ -107,6 +107,8 @@ def prepare_database(services: Services) -> None:
     db.upgrade(services.engine)
     with db.session_scope(services.sessions) as session:
         register_platform_models(session=session)
+    with services.sessions() as session:  # secrets stored before they were sealed (round 2's)
+        seal_plain_secrets(session=session, sealer=secret_sealer(ensure_admin_token(services.settings)[0]))
 
 
 def _housekeeping(services: Services) -> None:
