@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as redis
 
@@ -86,33 +86,41 @@ class Invalidations:
     async def _listen(self, url: str) -> None:
         # No socket timeout here: a subscription is idle by nature (get_message's own timeout paces the loop).
         client = redis.from_url(url, decode_responses=True, socket_connect_timeout=0.5, health_check_interval=10)
+        pubsub = client.pubsub()
         try:
             while True:
                 try:
-                    async with client.pubsub() as pubsub:
-                        await pubsub.subscribe(CHANNEL)
-                        self._auth.invalidate()  # whatever was published while not subscribed
-                        self.subscribed.set()
-                        while True:
-                            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                            if message is not None and message.get("type") == "message":
-                                self._forget(str(message["data"]))
+                    await pubsub.subscribe(CHANNEL)
+                    self._auth.invalidate()  # whatever was published while not subscribed
+                    self.subscribed.set()
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None and message.get("type") == "message":
+                            self._forget(str(message["data"]))
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     self.subscribed.clear()
                     log.warning("the cache invalidation subscription dropped; subscribing again in 1 s")
+                    await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+                    pubsub = client.pubsub()
                     await asyncio.sleep(1)
         finally:
-            await client.aclose()
+            # Bounded: a subscription cancelled half-way can leave redis-py's cleanup waiting on its connection.
+            await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+            await _quietly(client.aclose())
 
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=3)  # never holds up shutdown
         if self._publisher is not None:
-            await self._publisher.aclose()
+            await _quietly(self._publisher.aclose())
+
+
+async def _quietly(closing: Awaitable[object]) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(closing, 1)
 
 
 def publish_tenant_change(redis_url: str | None, tenant_id: str) -> bool:
