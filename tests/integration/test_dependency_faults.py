@@ -93,14 +93,13 @@ def _model(app: Any, tenant_id: str) -> str:
     return "tiny-faults"
 
 
-def _load(url: str, key: str, model: str, stop: threading.Event, answers: list[Answer],
+def _load(url: str, key: str, path: str, model: str, stop: threading.Event, answers: list[Answer],
           failures: list[str]) -> None:
     with httpx.Client(base_url=url, timeout=30) as http:
         while not stop.is_set():
             started = time.monotonic()
             try:
-                response = http.post("/v1/classify", json={"model": model, "input": "a fine film"},
-                                     headers=bearer(key))
+                response = http.post(path, json={"model": model, "input": "a fine film"}, headers=bearer(key))
             except httpx.HTTPError as exc:  # a dropped connection: what must never happen
                 failures.append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -108,6 +107,34 @@ def _load(url: str, key: str, model: str, stop: threading.Event, answers: list[A
             answers.append(Answer(response.status_code, body.get("error", {}).get("code") if response.status_code
                                   != 200 else None, response.headers.get("retry-after"),
                                   response.headers.get("x-request-id"), time.monotonic() - started, started))
+
+
+def _through_an_outage(url: str, key: str, path: str, model: str,
+                       proxy: FaultProxy) -> tuple[list[Answer], list[str]]:
+    """Four clients load ``path`` through steady service, an outage of ``proxy``'s dependency and the recovery;
+    returns every answer and every dropped connection."""
+    answers: list[Answer] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    clients = [threading.Thread(target=_load, args=(url, key, path, model, stop, answers, failures))
+               for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_until(lambda: sum(a.status == 200 for a in answers) >= 20, 60, "service before the outage")
+        cut_at = time.monotonic()
+        proxy.cut()
+        wait_until(lambda: any(a.status == 503 and a.at >= cut_at for a in answers), 30, "a 503 in the outage")
+        time.sleep(OUTAGE_S)
+        restored_at = time.monotonic()
+        proxy.restore()
+        wait_until(lambda: sum(a.status == 200 and a.at >= restored_at for a in answers) >= 20, 30,
+                   "service after the outage")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(60)
+    return answers, failures
 
 
 def _ledger_ids() -> set[str]:
@@ -130,26 +157,7 @@ def test_an_outage_is_answered_503_and_service_comes_back(
     assert httpx.patch(f"{url}/admin/tenants/{tenant}", json=limits, headers=ADMIN, timeout=30).status_code == 200
     key = httpx.post(f"{url}/admin/tenants/{tenant}/keys", json={}, headers=ADMIN, timeout=30).json()["key"]
     model = _model(app, tenant)
-    answers: list[Answer] = []
-    failures: list[str] = []
-    stop = threading.Event()
-    clients = [threading.Thread(target=_load, args=(url, key, model, stop, answers, failures)) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    try:
-        wait_until(lambda: sum(a.status == 200 for a in answers) >= 20, 60, "service before the outage")
-        cut_at = time.monotonic()
-        proxy.cut()
-        wait_until(lambda: any(a.status == 503 and a.at >= cut_at for a in answers), 30, "a 503 in the outage")
-        time.sleep(OUTAGE_S)
-        restored_at = time.monotonic()
-        proxy.restore()
-        wait_until(lambda: sum(a.status == 200 and a.at >= restored_at for a in answers) >= 20, 30,
-                   "service after the outage")
-    finally:
-        stop.set()
-        for thread in clients:
-            thread.join(60)
+    answers, failures = _through_an_outage(url, key, "/v1/classify", model, proxy)
     assert failures == []
     assert {a.status for a in answers} == {200, 503}
     refused = [a for a in answers if a.status == 503]
@@ -192,27 +200,8 @@ def test_an_outage_through_two_fronts_and_an_engine_process(
         httpx.patch(f"{url}/admin/tenants/{tenant}", json={"rpm_limit": 1_000_000, "tpm_limit": 100_000_000},
                     headers=ADMIN, timeout=30)
         key = httpx.post(f"{url}/admin/tenants/{tenant}/keys", json={}, headers=ADMIN, timeout=30).json()["key"]
-        answers: list[Answer] = []
-        failures: list[str] = []
-        stop_load = threading.Event()
-        clients = [threading.Thread(target=_load_embeddings, args=(url, key, stop_load, answers, failures))
-                   for _ in range(4)]
-        for thread in clients:
-            thread.start()
-        try:
-            wait_until(lambda: sum(a.status == 200 for a in answers) >= 20, 60, "service before the outage")
-            cut_at = time.monotonic()
-            (rd if dependency == "redis" else pg).cut()
-            wait_until(lambda: any(a.status == 503 and a.at >= cut_at for a in answers), 30, "a 503")
-            time.sleep(OUTAGE_S)
-            restored_at = time.monotonic()
-            (rd if dependency == "redis" else pg).restore()
-            wait_until(lambda: sum(a.status == 200 and a.at >= restored_at for a in answers) >= 20, 30,
-                       "service after the outage")
-        finally:
-            stop_load.set()
-            for thread in clients:
-                thread.join(60)
+        answers, failures = _through_an_outage(url, key, "/v1/embeddings", "all-MiniLM-L6-v2",
+                                               rd if dependency == "redis" else pg)
     finally:
         stop(process)
         log.close()
@@ -221,18 +210,3 @@ def test_an_outage_through_two_fronts_and_an_engine_process(
     assert {a.code for a in answers if a.status == 503} == {"service_unavailable"}
     served = {a.request_id for a in answers if a.status == 200}
     assert _ledger_ids() == served
-
-
-def _load_embeddings(url: str, key: str, stop: threading.Event, answers: list[Answer], failures: list[str]) -> None:
-    with httpx.Client(base_url=url, timeout=30) as http:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                response = http.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": "a fine film"},
-                                     headers=bearer(key))
-            except httpx.HTTPError as exc:
-                failures.append(f"{type(exc).__name__}: {exc}")
-                continue
-            code = response.json().get("error", {}).get("code") if response.status_code != 200 else None
-            answers.append(Answer(response.status_code, code, response.headers.get("retry-after"),
-                                  response.headers.get("x-request-id"), time.monotonic() - started, started))
