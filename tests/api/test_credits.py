@@ -27,6 +27,10 @@ DIME_PLANS = [
     {"id": "prepaid_tiers", "name": "Prepaid tiers", "rpm_limit": 100000, "tpm_limit": 100000000, "prepaid": True,
      "request_tiers": {"tiers_mode": "graduated", "tiers": [
          {"up_to": 2, "unit_amount_decimal": "0.10"}, {"up_to": None, "unit_amount_decimal": "0.05"}]}},
+    # Volume request tiers: a dime each for up to two requests in the month, a nickel each (all of them) beyond.
+    {"id": "prepaid_volume", "name": "Prepaid volume", "rpm_limit": 100000, "tpm_limit": 100000000,
+     "prepaid": True, "request_tiers": {"tiers_mode": "volume", "tiers": [
+         {"up_to": 2, "unit_amount_decimal": "0.10"}, {"up_to": None, "unit_amount_decimal": "0.05"}]}},
     # Half a cent a request and half a cent per 1,000 tokens: lines that each round up by half a cent.
     {"id": "halves", "name": "Halves", "price_per_request": "0.005", "price_per_1k_tokens": "0.005",
      "rpm_limit": 100000, "tpm_limit": 100000000},
@@ -245,6 +249,53 @@ def test_draws_follow_the_tier_the_period_is_in(client: TestClient, on_plan: Cal
     upcoming = client.get("/v1/billing/invoices/upcoming", headers=headers).json()
     assert [line["amount"] for line in upcoming["lines"]["data"]] == [20, 10, 0, -30]
     assert upcoming["total"] == 0
+
+
+def drawn_micro(services: Services, tenant_id: str) -> list[int]:
+    with services.sessions() as session:
+        query = select(CreditDraw.amount_micro).where(CreditDraw.tenant_id == tenant_id).order_by(col(CreditDraw.id))
+        return list(session.exec(query).all())
+
+
+def test_volume_tiers_draw_no_more_than_the_period_charges(client: TestClient, on_plan: Callable[[str], Tenant],
+                                                           services: Services) -> None:
+    """Requests 1 and 2 draw a dime each; the 3rd moves every request to the nickel tier (15 cents in all) and
+    draws nothing, and so does the 4th (20 cents: what was drawn); the 5th draws a nickel. At the margin alone,
+    the 4th would have drawn a nickel the period never charges."""
+    tenant, headers, model = on_plan("prepaid_volume")
+    grant(client, tenant["id"], amount_cents=100)
+    assert [classify(client, headers, model).status_code for _ in range(5)] == [200] * 5
+    assert drawn_micro(services, tenant["id"]) == [10**7, 10**7, 5 * 10**6]
+    assert credits_of(client, headers)["balance_cents"] == 75
+    upcoming = client.get("/v1/billing/invoices/upcoming", headers=headers).json()
+    assert [line["amount"] for line in upcoming["lines"]["data"]] == [25, 0, -25]
+
+
+def test_a_period_closed_after_a_reprice_returns_what_it_overdrew(
+        client: TestClient, on_plan: Callable[[str], Tenant], services: Services, october: FakeClock) -> None:
+    """Three requests drew 20 cents and the period charges 15: closing it gives the 5 back, as a grant with the
+    drawn grant's source and expiry, once; the next request can spend it."""
+    tenant, headers, model = on_plan("prepaid_volume")
+    expires = october.t + 90 * 86_400
+    grant(client, tenant["id"], amount_cents=25, expires_at=expires)
+    assert [classify(client, headers, model).status_code for _ in range(3)] == [200] * 3
+    assert credits_of(client, headers)["balance_cents"] == 5
+
+    october.t = 1_793_491_200 + 86_400  # 2026-11-02: close October
+    for _ in range(2):  # the second close changes nothing
+        assert client.post("/admin/billing/close", json={"period": "2026-10"}, headers=ADMIN).status_code == 200
+    (invoice,) = client.get("/v1/billing/invoices", headers=headers).json()["data"]
+    assert [(line["code"], line["amount"]) for line in invoice["lines"]["data"]] == [
+        ("requests", 15), ("tokens", 0), ("credits", -15)]
+    assert invoice["total"] == 0
+    grants = credits_of(client, headers)
+    assert grants["balance_cents"] == 10
+    back = grants["data"][0]
+    assert (back["amount_cents"], back["remaining_cents"], back["source"], back["expires_at"]) == (
+        5, 5, "granted", expires)
+    assert "Returned from 2026-10" in back["description"]
+    assert classify(client, headers, model).status_code == 200  # November's first request: a dime, 5 of it back
+    assert classify(client, headers, model).status_code == 429
 
 
 @pytest.mark.anyio

@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelmeter.billing.drawdown import CreditTerms, GrantBalance, draw_rank, plan_draws
+from modelmeter.billing.pricing import MeteredPrice, MeteredPrices
 from modelmeter.billing.quota import Amount, Caps, InProcessQuotaStore, QuotaStore
+from modelmeter.billing.tiers import PriceTier
 from tests.integration.test_limits_redis import REDIS_URL, Replicas, replicas  # noqa: F401 (fixture)
 
 pytestmark = [
@@ -29,11 +31,15 @@ async def no_baseline() -> Amount:
     return Amount()
 
 
-def terms(grants: list[GrantBalance], *, epoch: int = 1, now: int = NOW, prepaid: bool = True) -> CreditTerms:
+def terms(grants: list[GrantBalance], *, epoch: int = 1, now: int = NOW, prepaid: bool = True,
+          drawn: int = 0) -> CreditTerms:
     async def load() -> list[GrantBalance]:
         return [GrantBalance(g.id, g.rank, g.expires_at, g.remaining_micro) for g in grants]
 
-    return CreditTerms(epoch=epoch, now=now, prepaid=prepaid, load=load)
+    async def period_drawn() -> int:
+        return drawn
+
+    return CreditTerms(epoch=epoch, now=now, prepaid=prepaid, load=load, drawn=period_drawn)
 
 
 def balance(gid: str, micro: int, *, source: str = "granted", expires_at: int | None = None,
@@ -159,3 +165,92 @@ async def test_replicas_loading_grants_together_draw_once(replicas: Replicas) ->
                                       credits=terms(grants)) for i in range(50)))
     assert sum(o is not None for o in outcomes) == 33
     assert await stores[0].credit_balances(tenant) == {"cg_a": 10}
+
+
+# Requests priced in volume tiers: 10 micro-cents each up to 100 billable requests, 5 each (all of them) beyond.
+VOLUME = Caps(prices=MeteredPrices(
+    requests=MeteredPrice(0, tiers=(PriceTier(100, 10), PriceTier(None, 5)), mode="volume"),
+    tokens=MeteredPrice(0), training_tokens=MeteredPrice(0)))
+
+
+async def served(store: QuotaStore, tenant: str, count: int, grants: list[GrantBalance], **kw: int) -> int:
+    """Reserve and settle ``count`` requests of one unit each; what they drew in all."""
+    drawn = 0
+    for _ in range(count):
+        held = await store.reserve_drawing(tenant, PERIOD, Amount(requests=1), VOLUME, baseline=no_baseline,
+                                           credits=terms(grants, **kw))
+        assert held is not None
+        drawn += held.drawn_micro
+        await store.settle(tenant, PERIOD, held.id, Amount(requests=1))
+    return drawn
+
+
+@pytest.mark.parametrize("kind", ["redis", "local"])
+async def test_volume_tiers_never_draw_past_the_periods_cost(replicas: Replicas, kind: str) -> None:  # noqa: F811
+    """drawdown's worked example: at the margin, requests 1..100 draw 10 each; request 101 reprices the period to
+    505 and draws nothing, and so do 102..200 (the cost catches up with the 1000 drawn); 201 draws 5. Without the
+    period's drawn total, 102..201 would have drawn 5 each: 500 more than the period charges."""
+    store: QuotaStore = replicas.store() if kind == "redis" else InProcessQuotaStore()
+    tenant, grants = uuid.uuid4().hex, [balance("cg_a", 10_000)]
+    assert await served(store, tenant, 100, grants) == 1000
+    assert await served(store, tenant, 100, grants) == 0
+    assert await served(store, tenant, 1, grants) == 5
+    assert await store.credit_balances(tenant) == {"cg_a": 10_000 - 1005}
+    assert VOLUME.cost_of(Amount(requests=201)) == 1005
+
+
+@pytest.mark.parametrize("kind", ["redis", "local"])
+async def test_the_drawn_total_starts_from_the_ledger_and_a_release_takes_its_draw_off(
+        replicas: Replicas, kind: str) -> None:  # noqa: F811
+    """Counters that start after a restart (or an empty Redis) take the period's draws from the ledger: 150
+    requests served, 1000 drawn, so the 151st draws nothing. A released hold's draw leaves the drawn total with
+    it, so the next request draws it again."""
+    store: QuotaStore = replicas.store() if kind == "redis" else InProcessQuotaStore()
+    tenant, grants = uuid.uuid4().hex, [balance("cg_a", 10_000)]
+
+    async def ledger() -> Amount:
+        return Amount(requests=150)
+
+    held = await store.reserve_drawing(tenant, PERIOD, Amount(requests=1), VOLUME, baseline=ledger,
+                                       credits=terms(grants, drawn=1000))
+    assert held is not None
+    assert held.draws == ()
+    await store.settle(tenant, PERIOD, held.id, Amount(requests=1))
+    assert await served(store, tenant, 49, grants) == 0  # 200 requests: 1000, all drawn already
+    first = await store.reserve_drawing(tenant, PERIOD, Amount(requests=1), VOLUME, baseline=ledger,
+                                        credits=terms(grants))
+    assert first is not None
+    assert first.draws == (("cg_a", 5),)
+    await store.release(tenant, PERIOD, first.id)
+    again = await store.reserve_drawing(tenant, PERIOD, Amount(requests=1), VOLUME, baseline=ledger,
+                                        credits=terms(grants))
+    assert again is not None
+    assert again.draws == (("cg_a", 5),)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.integers(1, 150), st.booleans()), min_size=1, max_size=12),
+       micro=st.integers(0, 5000))
+async def test_lua_drawn_total_is_the_python_rule(store: QuotaStore, steps: list[tuple[int, bool]],
+                                                  micro: int) -> None:
+    """Across volume-tier reprices, settles and releases, Redis and the in-process store draw the same amounts,
+    and after every draw the period's draws are within the period's cost (``drawdown.due_micro``)."""
+    tenant, grants = uuid.uuid4().hex, [balance("cg_a", micro)]
+    local = InProcessQuotaStore()
+    counted, drawn = 0, 0  # requests held or settled, and their draws, per the model
+    for requests, keep in steps:
+        outcomes = [await s.reserve_drawing(tenant, PERIOD, Amount(requests=requests), VOLUME,
+                                            baseline=no_baseline, credits=terms(grants, prepaid=False))
+                    for s in (store, local)]
+        assert outcomes[0] is not None and outcomes[1] is not None
+        assert outcomes[0].draws == outcomes[1].draws
+        if outcomes[0].draws:
+            assert drawn + outcomes[0].drawn_micro <= VOLUME.cost_of(Amount(requests=counted + requests))
+        for s, held in zip((store, local), outcomes, strict=True):
+            if keep:
+                await s.settle(tenant, PERIOD, held.id, Amount(requests=requests))
+            else:
+                await s.release(tenant, PERIOD, held.id)
+        if keep:
+            counted, drawn = counted + requests, drawn + outcomes[0].drawn_micro
+    assert await store.credit_balances(tenant) == await local.credit_balances(tenant) == {"cg_a": micro - drawn}

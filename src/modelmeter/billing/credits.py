@@ -159,6 +159,38 @@ def drawn_in_period(*, session: Session, tenant_id: str, period: str) -> dict[st
     return {source: int(total or 0) for source, total in session.exec(query).all()}
 
 
+def return_overdraw(*, session: Session, tenant_id: str, period: str, over_micro: int, now: int
+                    ) -> list[CreditGrant]:
+    """Give back what a closing period drew past its usage charge (a volume tier repriced it below what its
+    requests drew at the margin: ``drawdown``), as new grants the quota stores load with the next epoch.
+
+    One grant per grant the period drew from, the last in the draw order first, each up to what the period drew
+    from it, with its source and expiry and the amount rounded half-up to cents; the share of a grant that has
+    expired since is not returned (it could pay nothing now). Flushed, not committed: the caller closes the period
+    in the same transaction, so a period returns once."""
+    if over_micro <= 0:
+        return []
+    query = (select(CreditDraw.grant_id, func.sum(CreditDraw.amount_micro))
+             .where(CreditDraw.tenant_id == tenant_id, CreditDraw.period == period)
+             .group_by(col(CreditDraw.grant_id)))
+    drawn = {grant_id: int(total or 0) for grant_id, total in session.exec(query).all()}
+    rows = session.exec(select(CreditGrant).where(col(CreditGrant.id).in_(list(drawn)))).all()
+    rows = sorted(rows, reverse=True, key=lambda r: draw_rank(source=r.source, expires_at=r.expires_at,
+                                                             created=r.created, grant_id=r.id))
+    returned, due = [], over_micro
+    for row in rows:
+        part = min(due, drawn[row.id])
+        due -= part
+        cents = micro_to_cents(part)
+        if cents > 0 and (row.expires_at is None or row.expires_at > now):
+            returned.append(grant(session=session, tenant_id=tenant_id, amount_cents=cents, source=row.source,
+                                  description=f"Returned from {period}: its volume tier charged less than it drew",
+                                  expires_at=row.expires_at, now=now))
+        if due <= 0:
+            break
+    return returned
+
+
 def applied_cents(drawn_micro: int, usage_cents: int) -> int:
     """The credits an invoice applies: the period's draws rounded half-up, never more than its usage charges."""
     return max(0, min(micro_to_cents(drawn_micro), usage_cents))

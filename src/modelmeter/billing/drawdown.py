@@ -8,7 +8,18 @@ rest is invoiced. A request whose marginal cost is zero or negative (within an a
 reprices the period lower) draws nothing. The draws are part of the hold: a release returns them, a settle keeps
 them, and the ledger writes them (``CreditDraw``) in the transaction that writes the usage row.
 
-``plan_draws`` is the rule; the Redis store's Lua (``quota.DRAW_LUA``) mirrors it: change both together.
+A volume tier reprices every unit of the period when usage crosses its bound, so the period can end up costing
+less than its requests drew when each was priced at the margin. Two rules keep the draws within the charge: a
+store keeps the period's drawn total (held and settled draws, from the ledger's ``CreditDraw`` rows when its
+counters start) and a request draws at most the period's cost with it less that total (``due_micro``): after a
+reprice, requests draw nothing until the usage cost catches up with what was drawn. What is still over at the end
+(the period closed right after a reprice) goes back to the tenant when the period closes
+(``credits.return_overdraw``). Worked: 100 units at 10 then 5 per unit over 100 (volume): unit 100 brings the
+drawn total to 1000; unit 101 reprices the period to 505 and draws nothing; units 102..200 draw nothing (cost 510
+.. 1000 is within 1000 drawn); unit 201 draws 5. Closed at 150 units (cost 750), 250 goes back.
+
+``plan_draws`` and ``due_micro`` are the rule; the Redis store's Lua (``quota.DRAW_LUA``, the reserve script)
+mirrors them: change both together.
 """
 
 from __future__ import annotations
@@ -45,13 +56,15 @@ class CreditTerms:
     ``epoch`` is the tenant's credits epoch as the caller read it: a store that has seen an older one awaits
     ``load`` (each live grant with what the ledger says is left of it) and adds the grants it does not hold yet;
     the grants it holds keep their own, more current, balance. ``now`` decides expiry. ``prepaid`` refuses a
-    request that credits cannot pay in full.
+    request that credits cannot pay in full. ``drawn`` is awaited when the period's counters start, for the
+    drawn total ``due_micro`` needs (None: nothing drawn yet).
     """
 
     epoch: int
     now: int
     prepaid: bool
     load: Callable[[], Awaitable[list[GrantBalance]]]
+    drawn: Callable[[], Awaitable[int]] | None = None  # the period's draws per the ledger (micro-cents)
 
 
 Draws = tuple[tuple[str, int], ...]  # (grant id, micro-cents), in draw order
@@ -67,6 +80,12 @@ class Reservation:
     @property
     def drawn_micro(self) -> int:
         return sum(amount for _, amount in self.draws)
+
+
+def due_micro(*, marginal_micro: int, cost_after_micro: int, drawn_micro: int) -> int:
+    """What a request may draw: its marginal cost, but never past the period's cost with it less what the period
+    has drawn already (held or settled). Zero or less draws nothing."""
+    return min(marginal_micro, cost_after_micro - drawn_micro)
 
 
 def plan_draws(grants: Iterable[GrantBalance], cost_micro: int, *, now: int, prepaid: bool) -> Draws | None:

@@ -107,14 +107,21 @@ def credits_line(*, session: Session, tenant_id: str, period: str, lines: Sequen
                 amount=-applied, plan=plan)
 
 
+def usage_micro_of(*, session: Session, catalog: PlanCatalog, tenant_id: str, period: str, current_plan: str
+                   ) -> int:
+    """The exact usage cost of a tenant's period (micro-cents), each plan's usage priced by that plan."""
+    usage = usage_by_plan(session=session, tenant_id=tenant_id, period=period)
+    return sum(usage_cost_micro(catalog.get(plan or current_plan), used) for plan, used in usage.items())
+
+
 def invoice_lines(*, session: Session, catalog: PlanCatalog, tenant_id: str, period: str, current_plan: str
                   ) -> tuple[list[Line], int, int]:
     """A period's lines (charges, then credits applied), its subtotal (the charges) and its total."""
     lines = price_tenant_period(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
                                 current_plan=current_plan)
     charges = subtotal(lines)
-    usage = usage_by_plan(session=session, tenant_id=tenant_id, period=period)
-    usage_micro = sum(usage_cost_micro(catalog.get(plan or current_plan), used) for plan, used in usage.items())
+    usage_micro = usage_micro_of(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
+                                 current_plan=current_plan)
     applied = credits_line(session=session, tenant_id=tenant_id, period=period, lines=lines, plan=current_plan,
                            usage_micro=usage_micro)
     if applied is None:
@@ -182,6 +189,7 @@ class CloseResult:
     invoices: int
     already_closed: bool
     closed_at: int
+    returned_to: tuple[str, ...] = ()  # tenants given credits back (credits.return_overdraw): caches to forget
 
     def public(self) -> dict[str, Any]:
         return {"object": "billing_close", "period": self.period, "invoices": self.invoices,
@@ -215,14 +223,19 @@ def _close(sessions: sessionmaker[Session], catalog: PlanCatalog, period: str, s
             return CloseResult(period, done.invoices, True, done.closed_at)
         now = clock.now_s()
         existed = [t for t in all_tenants(session=session) if t.created < end]
-        count = sum(_invoice_tenant(session=session, catalog=catalog, tenant=t, period=period, start=start, end=end,
-                                    now=now) for t in existed)
+        count, returned_to = 0, []
+        for tenant in existed:
+            written, returned = _invoice_tenant(session=session, catalog=catalog, tenant=tenant, period=period,
+                                                start=start, end=end, now=now)
+            count += written
+            if returned:
+                returned_to.append(tenant.id)
         session.add(BillingClose(period=period, closed_at=now, invoices=count))
         if state.closed_through is None or period > state.closed_through:
             state.closed_through = period
         session.add(state)
         session.commit()
-        return CloseResult(period, count, False, now)
+        return CloseResult(period, count, False, now, tuple(returned_to))
 
 
 def _lock_state(session: Session) -> BillingState:
@@ -238,11 +251,12 @@ def _lock_state(session: Session) -> BillingState:
 
 
 def _invoice_tenant(*, session: Session, catalog: PlanCatalog, tenant: Tenant, period: str,
-                    start: int, end: int, now: int) -> int:
+                    start: int, end: int, now: int) -> tuple[int, bool]:
+    """Write the tenant's invoice for the period (1) unless it exists (0); and whether credits went back."""
     tenant_id, plan = tenant.id, tenant.plan
     exists = session.exec(select(Invoice.id).where(Invoice.tenant_id == tenant_id, Invoice.period == period)).first()
     if exists is not None:
-        return 0
+        return 0, False
     lines, charges, total = invoice_lines(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
                                           current_plan=plan)
     invoice = Invoice(id=new_id("in"), tenant_id=tenant_id, period=period, currency=catalog.get(plan).currency,
@@ -255,4 +269,8 @@ def _invoice_tenant(*, session: Session, catalog: PlanCatalog, tenant: Tenant, p
                                 amount=line.amount))
     session.flush()
     enqueue_invoice(session=session, invoice=invoice, has_lines=bool(lines))
-    return 1
+    drawn = sum(credits.drawn_in_period(session=session, tenant_id=tenant_id, period=period).values())
+    over = drawn - usage_micro_of(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
+                                  current_plan=plan) if drawn else 0
+    returned = credits.return_overdraw(session=session, tenant_id=tenant_id, period=period, over_micro=over, now=now)
+    return 1, bool(returned)

@@ -20,7 +20,7 @@ from modelmeter.billing.drawdown import CreditTerms, Draws, GrantBalance
 from modelmeter.billing.ledger import LedgerWriter, UsageRecord, period_of
 from modelmeter.billing.pricing import Usage, metered_prices
 from modelmeter.billing.quota import Amount, Caps, QuotaStore
-from modelmeter.billing.tables import UsageEvent
+from modelmeter.billing.tables import CreditDraw, UsageEvent
 from modelmeter.errors import InsufficientQuotaError
 from modelmeter.money import MICRO_PER_CENT
 
@@ -69,6 +69,14 @@ def ledger_totals(*, sessions: sessionmaker[Session], tenant_id: str, period: st
     """The quota counters' baseline: the period's committed usage."""
     with sessions() as session:
         return as_amount(period_usage(session=session, tenant_id=tenant_id, period=period))
+
+
+def ledger_drawn(*, sessions: sessionmaker[Session], tenant_id: str, period: str) -> int:
+    """The period's credit draws per the ledger, micro-cents: the drawn total a quota store starts from."""
+    with sessions() as session:
+        query = select(func.sum(CreditDraw.amount_micro)).where(CreditDraw.tenant_id == tenant_id,
+                                                                 CreditDraw.period == period)
+        return int(session.exec(query).one() or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +131,11 @@ class Meter:
             async def load() -> list[GrantBalance]:
                 return await asyncio.to_thread(loader, tenant_id, at)
 
-            terms = CreditTerms(epoch=credits_epoch, now=at, prepaid=plan.prepaid, load=load)
+            async def drawn() -> int:
+                return await asyncio.to_thread(ledger_drawn, sessions=self._sessions, tenant_id=tenant_id,
+                                               period=period)
+
+            terms = CreditTerms(epoch=credits_epoch, now=at, prepaid=plan.prepaid, load=load, drawn=drawn)
         reservation = await self.quota.reserve_drawing(tenant_id, period, amount, caps, baseline=baseline,
                                                        credits=terms, reservation_id=request_id)
         if drawing:

@@ -23,7 +23,7 @@ from typing import Protocol
 import redis.asyncio as redis
 
 from modelmeter.billing.counts import fieldwise
-from modelmeter.billing.drawdown import CreditTerms, Draws, GrantBalance, Reservation, plan_draws
+from modelmeter.billing.drawdown import CreditTerms, Draws, GrantBalance, Reservation, due_micro, plan_draws
 from modelmeter.billing.pricing import MeteredPrice, MeteredPrices, Usage, metered_cost_micro
 
 _QUOTA_TTL_S = 40 * 24 * 3600
@@ -172,6 +172,7 @@ class _Ledger:
     reserved: Amount = Amount()
     holds: dict[str, tuple[Amount, float]] = field(default_factory=dict)  # float-ok: id -> (amount, deadline)
     draws: dict[str, Draws] = field(default_factory=dict)
+    drawn_micro: int = 0  # the period's credit draws, held and settled (drawdown.due_micro)
 
 
 class InProcessQuotaStore:
@@ -203,7 +204,7 @@ class InProcessQuotaStore:
         credits: CreditTerms | None = None, reservation_id: str | None = None,
     ) -> Reservation | None:
         """Hold ``amount`` if it fits every cap, drawing credits; see ``QuotaStore.reserve_drawing``."""
-        ledger = await self._ledger((tenant_id, period), baseline)
+        ledger = await self._ledger((tenant_id, period), baseline, None if credits is None else credits.drawn)
         if credits is not None:
             await self._load_credits(tenant_id, credits)
         # No await from here on: the check and the holds are one step.
@@ -214,12 +215,14 @@ class InProcessQuotaStore:
         draws: Draws = ()
         if credits is not None:
             grants = ledger.credits.grants
-            planned = plan_draws(grants.values(), caps.marginal_cost(before, amount), now=credits.now,
-                                 prepaid=credits.prepaid)
+            due = due_micro(marginal_micro=caps.marginal_cost(before, amount),
+                            cost_after_micro=caps.cost_of(before + amount), drawn_micro=ledger.drawn_micro)
+            planned = plan_draws(grants.values(), due, now=credits.now, prepaid=credits.prepaid)
             if planned is None:
                 return None
             for grant_id, micro in planned:
                 grants[grant_id].remaining_micro -= micro
+                ledger.drawn_micro += micro
             draws = planned
         reservation_id = reservation_id or uuid.uuid4().hex
         ledger.holds[reservation_id] = (amount, self._clock() + self._hold_ttl_s)
@@ -292,7 +295,8 @@ class InProcessQuotaStore:
     async def aclose(self) -> None:
         """Nothing to release."""
 
-    async def _ledger(self, key: tuple[str, str], baseline: Baseline) -> _Ledger:
+    async def _ledger(self, key: tuple[str, str], baseline: Baseline,
+                      drawn: Callable[[], Awaitable[int]] | None) -> _Ledger:
         ledger = self._ledgers.get(key)
         if ledger is not None:
             return ledger
@@ -301,8 +305,9 @@ class InProcessQuotaStore:
             if ledger is None:
                 # setdefault: a baseline retried after a failure must never replace a live ledger.
                 start = await baseline()
+                drawn_micro = 0 if drawn is None else await drawn()
                 credits = self._credits.setdefault(key[0], _Credits())
-                ledger = self._ledgers.setdefault(key, _Ledger(start, credits))
+                ledger = self._ledgers.setdefault(key, _Ledger(start, credits, drawn_micro=drawn_micro))
         self._init_locks.pop(key, None)
         return ledger
 
@@ -315,6 +320,8 @@ class InProcessQuotaStore:
             self._unhold(ledger, reservation_id, refund=False)
             if draws:  # its usage row may be in the ledger: the draw stays out of the balance until checked
                 ledger.credits.expired[reservation_id] = draws
+                # and out of the period's drawn total, as its usage is out of the counters (Redis does the same)
+                ledger.drawn_micro -= sum(micro for _, micro in draws)
 
     @staticmethod
     def _unhold(ledger: _Ledger, reservation_id: str, *, refund: bool) -> bool:
@@ -327,6 +334,7 @@ class InProcessQuotaStore:
         if refund:
             for grant_id, micro in draws:
                 ledger.credits.grants[grant_id].remaining_micro += micro
+                ledger.drawn_micro -= micro
         return True
 
 
@@ -398,7 +406,8 @@ local function incr(field, digits, sign)
 end
 -- refund: true returns the hold's credit draws to their grants (a release), false keeps them drawn (a settle),
 -- 'expired' parks them under "x:" id in the credits hash, out of the balance, until the ledger says whether the
--- request was served (resolve_expired).
+-- request was served (resolve_expired). A release or an expiry takes the draws off the period's drawn total
+-- (``d_micro``: the draws of the usage the counters hold), as it takes the hold's amounts off the reserved ones.
 local function unhold(id, refund)
   local hold = redis.call('HGET', KEYS[2], id)
   if not hold then return false end
@@ -416,12 +425,13 @@ local function unhold(id, refund)
     redis.call('HDEL', KEYS[2], 'd:' .. id)
     if refund == 'expired' then
       redis.call('HSET', KEYS[4], 'x:' .. id, drawn)
-    elseif refund then
-      for grant, digits in string.gmatch(drawn, '(%S+) (%d+)') do
-        if redis.call('HEXISTS', KEYS[4], 'm:' .. grant) == 1 then
-          redis.call('HINCRBY', KEYS[4], 'r:' .. grant, digits)
-        end
+    end
+    local counted = redis.call('EXISTS', KEYS[1]) == 1
+    for grant, digits in string.gmatch(drawn, '(%S+) (%d+)') do
+      if refund == true and redis.call('HEXISTS', KEYS[4], 'm:' .. grant) == 1 then
+        redis.call('HINCRBY', KEYS[4], 'r:' .. grant, digits)
       end
+      if refund and counted then redis.call('HINCRBY', KEYS[1], 'd_micro', '-' .. digits) end
     end
   end
   return true
@@ -455,7 +465,8 @@ end
 
 # ARGV: ttl, id, hold_ms, has_baseline, amount x4 (5-8), caps x4 ('' = uncapped, 9-12), baseline x4 (13-16),
 # credit terms (17: JSON {"epoch", "now", "prepaid", "grants"?: [[id, rank, expires_at, "micro"], ...]}, '' = none),
-# prices (18: '' = not priced, else the text ``_price_args`` writes).
+# prices (18: '' = not priced, else the text ``_price_args`` writes), the period's drawn baseline (19, micro-cents).
+# The counters hash also keeps ``d_micro``: the period's credit draws, held and settled (``drawdown.due_micro``).
 # Returns -1: counters unknown (send a baseline); -2: grants unknown (send them); 0: refused; {1, grant, micro, ...}.
 _RESERVE_LUA = (
     _QUOTA_PRELUDE
@@ -465,7 +476,7 @@ _RESERVE_LUA = (
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[4] == '0' then return -1 end
   redis.call('HSET', KEYS[1], C[1], ARGV[13], C[2], ARGV[14], C[3], ARGV[15], C[4], ARGV[16],
-             R[1], '0', R[2], '0', R[3], '0', R[4], '0')
+             R[1], '0', R[2], '0', R[3], '0', R[4], '0', 'd_micro', ARGV[19])
 end
 local terms = nil
 if ARGV[17] ~= '' then
@@ -511,6 +522,8 @@ local drawn = {}
 if terms then
   local due = cost_after - before[4]
   if prices then due = cost_after - usage_cost(before, prices) end
+  -- Mirrors drawdown.due_micro: never past the period's cost less what it has drawn.
+  due = math.min(due, cost_after - tonumber(redis.call('HGET', KEYS[1], 'd_micro') or '0'))
   if due > 0 then
     local grants, available = live_grants(terms.now)
     if terms.prepaid and available < due then
@@ -530,7 +543,10 @@ for i = 1, 4 do incr(R[i], ARGV[4 + i], '') end
 redis.call('HSET', KEYS[2], ARGV[2], table.concat({ARGV[5], ARGV[6], ARGV[7], ARGV[8]}, ' '))
 redis.call('ZADD', KEYS[3], string.format('%d', now_ms + tonumber(ARGV[3])), ARGV[2])
 if #drawn > 0 then
-  for i = 1, #drawn, 2 do redis.call('HINCRBY', KEYS[4], 'r:' .. drawn[i], '-' .. drawn[i + 1]) end
+  for i = 1, #drawn, 2 do
+    redis.call('HINCRBY', KEYS[4], 'r:' .. drawn[i], '-' .. drawn[i + 1])
+    redis.call('HINCRBY', KEYS[1], 'd_micro', drawn[i + 1])
+  end
   redis.call('HSET', KEYS[2], 'd:' .. ARGV[2], table.concat(drawn, ' '))
 end
 touch()
@@ -686,14 +702,17 @@ class RedisQuotaStore:
         reservation_id = reservation_id or uuid.uuid4().hex
         keys = self._keys(tenant_id, period)
         start: Amount | None = None
+        drawn = 0
         grants: list[GrantBalance] | None = None
         for _ in range(3):
             args = [str(self._ttl_s), reservation_id, str(self._hold_ms), "0" if start is None else "1",
                     *_amount_args(amount), *_cap_args(caps), *_amount_args(start or Amount()),
-                    _credit_args(credits, grants), *_price_args(caps.prices)]
+                    _credit_args(credits, grants), *_price_args(caps.prices), str(drawn)]
             outcome = await self._reserve(keys=keys, args=args)
             if outcome == -1:
                 start = await baseline()
+                if credits is not None and credits.drawn is not None:
+                    drawn = await credits.drawn()
             elif outcome == -2 and credits is not None:
                 grants = await credits.load()
             elif isinstance(outcome, list):

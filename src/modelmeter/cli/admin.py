@@ -188,6 +188,8 @@ def billing_close(period: str, as_json: bool) -> None:
 
     with admin_services() as services:
         result = close_period(sessions=services.sessions, catalog=services.plans, period=period)
+        for tenant_id in result.returned_to:  # credits given back: every running replica loads them at once
+            publish_tenant_change(services.settings.redis_url, tenant_id)
     emit(as_json, result.public(), lambda r: (
         f"period {r['period']} already closed ({r['invoices']} invoices)" if r["already_closed"]
         else f"closed {r['period']}: {r['invoices']} invoices"))

@@ -131,7 +131,10 @@ class CloseRequest(BaseModel):
 @router.post("/billing/close", response_model=BillingClose, responses=WRITE)
 def post_close(data: CloseRequest, services: ServicesDep) -> dict[str, Any]:
     """Close a finished month into one invoice per tenant; closing it again changes nothing."""
-    return close_period(sessions=services.sessions, catalog=services.plans, period=data.period).public()
+    result = close_period(sessions=services.sessions, catalog=services.plans, period=data.period)
+    for tenant_id in result.returned_to:  # credits given back: the next request loads the new grants
+        services.forget_tenant(tenant_id)
+    return result.public()
 
 
 @router.post("/billing/simulate", response_model=Simulation, responses=errors(*ADMIN_WRITE))
