@@ -1,8 +1,9 @@
 """Redis and PostgreSQL outages under load, through a real gateway: what clients get, how fast, and the ledger.
 
 A TCP proxy (tests/faultproxy.py) sits between the gateway and each dependency; for each of Redis and PostgreSQL
-in turn: steady load, then the proxy resets every connection and refuses new ones for ``--outage`` seconds, then
-the dependency is back. Eight client threads send ``/v1/embeddings`` with one sentence (the packaged base model,
+in turn: steady load, then the proxy resets every connection and refuses new ones for ``--outage`` seconds (or,
+as "blackhole", drops every packet with iptables and resets nothing: a partition or a frozen host; needs root),
+then the dependency is back. Eight client threads send ``/v1/embeddings`` with one sentence (the packaged base model,
 in-process engine). Prints, per outage: answers 200 and 503 during it, anything else (500s, dropped connections:
 the target is none), the 503s' latency (target: within 2 s), seconds from restore to the first 200, and whether the
 ledger holds exactly one row per 200 answered.
@@ -29,7 +30,7 @@ import uvicorn
 from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.faultproxy import FaultProxy  # the tests' harness (run from the repository root)
+from tests.faultproxy import FaultProxy, can_blackhole  # the tests' harness (run from the repository root)
 
 from modelmeter import db
 from modelmeter.gateway.app import create_app
@@ -64,8 +65,9 @@ def main(outage_s: float, clients: int) -> dict[str, Any]:
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     report: dict[str, Any] = {}
     try:
-        for name, proxy in (("redis", rd), ("postgres", pg)):
-            report[name] = _outage(url, engine, proxy, outage_s, clients)
+        for fault in ("reset", "blackhole") if can_blackhole() else ("reset",):
+            for name, proxy in (("redis", rd), ("postgres", pg)):
+                report[f"{name} {fault}"] = _outage(url, engine, proxy, outage_s, clients, fault == "blackhole")
     finally:
         server.should_exit = True
         pg.close()
@@ -73,7 +75,8 @@ def main(outage_s: float, clients: int) -> dict[str, Any]:
     return report
 
 
-def _outage(url: str, engine: Any, proxy: FaultProxy, outage_s: float, clients: int) -> dict[str, Any]:
+def _outage(url: str, engine: Any, proxy: FaultProxy, outage_s: float, clients: int,
+            blackhole: bool) -> dict[str, Any]:
     tenant = httpx.post(f"{url}/admin/tenants", json={"name": "F", "email": "f@example.com", "plan": "payg"},
                         headers=ADMIN, timeout=60).json()["id"]
     httpx.patch(f"{url}/admin/tenants/{tenant}", json={"rpm_limit": 1_000_000, "tpm_limit": 1_000_000_000},
@@ -100,7 +103,7 @@ def _outage(url: str, engine: Any, proxy: FaultProxy, outage_s: float, clients: 
         t.start()
     time.sleep(3)
     cut_at = time.monotonic()
-    proxy.cut()
+    proxy.blackhole() if blackhole else proxy.cut()
     time.sleep(outage_s)
     restored_at = time.monotonic()
     proxy.restore()

@@ -1,14 +1,17 @@
 """A TCP proxy the tests put between the gateway and PostgreSQL or Redis, to cut and restore real connections.
 
 ``cut()`` closes every proxied connection (both ends) and refuses new ones until ``restore()``: what the gateway
-sees when the server process dies or the network partitions with resets. Runs its own event loop in a thread.
+sees when the server process dies or the network partitions with resets. ``blackhole()`` drops the packets instead
+(nothing is reset: a partition or a frozen host). Runs its own event loop in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
+import subprocess
 import threading
 
 
@@ -23,6 +26,7 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._up = True
+        self._dropping = False
         self._server: asyncio.AbstractServer | None = None
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
@@ -71,10 +75,26 @@ class FaultProxy:
 
         self._loop.call_soon_threadsafe(go)
 
+    def blackhole(self) -> None:
+        """Drop every packet to and from the proxy's port (iptables on loopback), resetting nothing: what a
+        partitioned network or a frozen host looks like. Needs root and iptables; ``restore`` lifts it."""
+        for rule in self._rules():
+            subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+        self._dropping = True
+
     def restore(self) -> None:
+        if self._dropping:
+            for rule in self._rules():
+                subprocess.run(["iptables", "-D", *rule], check=False, capture_output=True)
+            self._dropping = False
         self._loop.call_soon_threadsafe(setattr, self, "_up", True)
 
+    def _rules(self) -> list[list[str]]:
+        return [["INPUT", "-i", "lo", "-p", "tcp", f"--{end}", str(self.port), "-j", "DROP"]
+                for end in ("dport", "sport")]
+
     def close(self) -> None:
+        self.restore()
         self.cut()
 
         async def stop() -> None:
@@ -95,3 +115,10 @@ def _reset(writer: asyncio.StreamWriter) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     with contextlib.suppress(Exception):
         writer.close()
+
+
+def can_blackhole() -> bool:
+    """Whether ``FaultProxy.blackhole`` can work here: root and an iptables that can list its rules."""
+    if shutil.which("iptables") is None:
+        return False
+    return subprocess.run(["iptables", "-S", "INPUT"], capture_output=True).returncode == 0

@@ -242,7 +242,8 @@ async def test_lua_drawn_total_is_the_python_rule(store: QuotaStore, steps: list
         outcomes = [await s.reserve_drawing(tenant, PERIOD, Amount(requests=requests), VOLUME,
                                             baseline=no_baseline, credits=terms(grants, prepaid=False))
                     for s in (store, local)]
-        assert outcomes[0] is not None and outcomes[1] is not None
+        assert outcomes[0] is not None
+        assert outcomes[1] is not None
         assert outcomes[0].draws == outcomes[1].draws
         if outcomes[0].draws:
             assert drawn + outcomes[0].drawn_micro <= VOLUME.cost_of(Amount(requests=counted + requests))

@@ -8,6 +8,7 @@ cut), a real uvicorn on a loopback port, four client threads. Runs on PostgreSQL
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from modelmeter import clock, db
 from modelmeter.gateway.app import create_app
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, ON_POSTGRES, PG_URL, REDIS_URL, bearer
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import FaultProxy, can_blackhole
 from tests.processes import wait_until
 
 pytestmark = pytest.mark.skipif(not (ON_POSTGRES and REDIS_URL), reason="needs PostgreSQL and Redis")
@@ -109,10 +110,10 @@ def _load(url: str, key: str, path: str, model: str, stop: threading.Event, answ
                                   response.headers.get("x-request-id"), time.monotonic() - started, started))
 
 
-def _through_an_outage(url: str, key: str, path: str, model: str,
-                       proxy: FaultProxy) -> tuple[list[Answer], list[str]]:
-    """Four clients load ``path`` through steady service, an outage of ``proxy``'s dependency and the recovery;
-    returns every answer and every dropped connection."""
+def _through_an_outage(url: str, key: str, path: str, model: str, proxy: FaultProxy,
+                       blackhole: bool = False) -> tuple[list[Answer], list[str]]:
+    """Four clients load ``path`` through steady service, an outage of ``proxy``'s dependency (connections reset,
+    or with ``blackhole`` packets dropped) and the recovery; returns every answer and every dropped connection."""
     answers: list[Answer] = []
     failures: list[str] = []
     stop = threading.Event()
@@ -123,7 +124,7 @@ def _through_an_outage(url: str, key: str, path: str, model: str,
     try:
         wait_until(lambda: sum(a.status == 200 for a in answers) >= 20, 60, "service before the outage")
         cut_at = time.monotonic()
-        proxy.cut()
+        proxy.blackhole() if blackhole else proxy.cut()
         wait_until(lambda: any(a.status == 503 and a.at >= cut_at for a in answers), 30, "a 503 in the outage")
         time.sleep(OUTAGE_S)
         restored_at = time.monotonic()
@@ -145,9 +146,16 @@ def _ledger_ids() -> set[str]:
     return ids
 
 
+@pytest.mark.parametrize("fault", ["reset", "blackhole"])
 @pytest.mark.parametrize("dependency", ["redis", "postgres"])
 def test_an_outage_is_answered_503_and_service_comes_back(
-        gateway: tuple[str, Any], proxies: tuple[FaultProxy, FaultProxy], dependency: str) -> None:
+        gateway: tuple[str, Any], proxies: tuple[FaultProxy, FaultProxy], dependency: str, fault: str) -> None:
+    """Reset: the server died or the network reset. Blackhole: packets dropped, nothing reset (a partition, a
+    frozen host), where only our own timeouts (redis_clients, db.PG_FAIL_FAST) stop a request waiting on TCP."""
+    if fault == "blackhole" and not can_blackhole():
+        if os.environ.get("CI"):
+            pytest.fail("CI needs root and iptables for the blackhole faults (.ci/run installs iptables)")
+        pytest.skip("needs root and iptables")
     url, app = gateway
     pg, rd = proxies
     proxy = rd if dependency == "redis" else pg
@@ -157,7 +165,7 @@ def test_an_outage_is_answered_503_and_service_comes_back(
     assert httpx.patch(f"{url}/admin/tenants/{tenant}", json=limits, headers=ADMIN, timeout=30).status_code == 200
     key = httpx.post(f"{url}/admin/tenants/{tenant}/keys", json={}, headers=ADMIN, timeout=30).json()["key"]
     model = _model(app, tenant)
-    answers, failures = _through_an_outage(url, key, "/v1/classify", model, proxy)
+    answers, failures = _through_an_outage(url, key, "/v1/classify", model, proxy, blackhole=fault == "blackhole")
     assert failures == []
     assert {a.status for a in answers} == {200, 503}
     refused = [a for a in answers if a.status == 503]

@@ -194,6 +194,15 @@ def record_usage(
 _PG_INSERT: str | None = None
 _SETTLE_CHUNK = 1000
 _LEDGER_IDLE_S = 10.0  # float-ok: seconds; longer idle than this and the kept connection is checked out afresh
+# After a group's commit failed, the groups that arrive within this many seconds fail at once (nothing is sent, so
+# nothing is doubtful), and the first one after it tries again. Through a black-holed PostgreSQL a try costs ~1 s
+# (db.PG_FAIL_FAST): without this, every group queued behind a try waited for its own, and 503s took 2.5-4.5 s
+# (bench/faults.py, "postgres blackhole"); with it, at most one try is ahead of a group. A reset fails in
+# milliseconds, so recovery waits at most this long.
+_FAIL_FAST_S = 0.25  # float-ok: seconds
+# A failed try is retried on a new connection only when it failed this fast: a connection the server or a proxy had
+# closed fails at once, and the retry is what recovers it; a try that timed out would only time out again.
+_RETRY_IF_FAILED_WITHIN_S = 0.5  # float-ok: seconds
 
 
 def _insert_rows(conn: Connection, values: list[dict[str, object]]) -> set[str]:
@@ -246,6 +255,7 @@ class LedgerWriter:
         self._conn: Connection | None = None  # used only by the writer thread
         self._used_at = 0.0  # float-ok: monotonic time of the last commit on it
         self._doubtful: set[str] = set()  # request ids answered as failed whose rows may exist (writer thread)
+        self._failed: tuple[float, Exception] | None = None  # float-ok: (monotonic time, error) of the last failure
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -276,7 +286,10 @@ class LedgerWriter:
                 except queue.Empty:
                     break
             stopping = item is None
-            if group:
+            if group and self._failed is not None and time.monotonic() - self._failed[0] < _FAIL_FAST_S:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._resolve, group, self._failed[1])
+            elif group:
                 self._commit(group)
         if self._doubtful:
             self._settle_doubtful()  # a last try on the way out
@@ -291,6 +304,7 @@ class LedgerWriter:
         # there and draws credits only for new ones, so a retry after an ambiguous commit bills nothing twice.
         sent = False  # whether any try got as far as the server (else nothing can have landed)
         for attempt in (1, 2):
+            started = time.monotonic()
             try:
                 if time.monotonic() - self._used_at > _LEDGER_IDLE_S:
                     self._drop_connection()
@@ -305,10 +319,12 @@ class LedgerWriter:
             except Exception as exc:
                 self._drop_connection()
                 error = exc
-                if attempt == 2:
+                if attempt == 2 or time.monotonic() - started >= _RETRY_IF_FAILED_WITHIN_S:
                     log.exception("ledger commit of %d rows failed", len(records))
                     if sent:
                         self._doubtful.update(r.request_id for r in records)
+                    break
+        self._failed = None if error is None else (time.monotonic(), error)
         if error is None and self._doubtful:
             self._settle_doubtful()
         assert self._loop is not None
