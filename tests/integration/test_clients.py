@@ -57,6 +57,21 @@ def test_huggingface_inference_client(live_server: LiveServer, tenant: Any, regi
     assert vectors.shape == (1, 32)
 
 
+def test_huggingface_token_classification(live_server: LiveServer, tenant: Any, register_model: Any) -> None:
+    """``InferenceClient.token_classification`` unchanged, against a tagger: entities with offsets into the text."""
+    tenant_id, key = tenant
+    tagger = register_model(tenant_id, task="token-classification")
+    text = "Anna Schmidt of Acme Corp flew to São Paulo."
+    client = InferenceClient(model=f"{live_server.url}/models/{tagger}", token=key)
+    found = client.token_classification(text)
+    assert found, "the tiny tagger tags many tokens"
+    for entity in found:
+        assert entity.entity_group in ("PER", "ORG", "LOC")
+        assert entity.word == text[entity.start:entity.end]
+    tokens = client.token_classification(text, aggregation_strategy="none")  # type: ignore[arg-type]
+    assert all(t.entity is not None and t.entity[:2] in ("B-", "I-") for t in tokens)
+
+
 def test_openai_files_and_fine_tuning(live_server: LiveServer, tenant: Any, register_model: Any) -> None:
     _, key = tenant
     base = register_model(None, task="feature-extraction", model_id="tiny-base")

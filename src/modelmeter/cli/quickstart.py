@@ -10,47 +10,58 @@ state and follows the job in the database (as ``modelmeter jobs`` does), so its 
 from __future__ import annotations
 
 import json
-import secrets
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any
 
 import click
 
 from modelmeter import clock
 from modelmeter.cli.output import admin_services, reports_errors
 from modelmeter.cli.progress import ProgressDisplay, follow_job
+from modelmeter.cli.quickstart_backends import DEMO_EMAIL, Backend, InProcess, OverHttp, server_answers
 from modelmeter.errors import NotFoundError
 from modelmeter.gateway.services import Services
 from modelmeter.models.finetune import jobs
-from modelmeter.models.finetune.dataset import parse_dataset
 from modelmeter.models.finetune.tables import FINISHED_STATUSES
 from modelmeter.models.registry import BASE_MODEL_ID
-from modelmeter.ops import files as ops_files
 from modelmeter.ops import jobs as ops_jobs
 from modelmeter.ops import tenants as ops_tenants
 from modelmeter.tenancy.keys import ApiKey, ApiKeyCreate
-from modelmeter.tenancy.tenants import Tenant, TenantCreate
+from modelmeter.tenancy.tenants import Tenant
 
-DEMO_NAME = "Demo"
-DEMO_EMAIL = "demo@quickstart.modelmeter.test"
-DEMO_PLAN = "pro"
 KEY_NAME = "quickstart"
-SAMPLE = "sst2_sample.jsonl"
-SUFFIX = "sentiment"
-N_EPOCHS = 3
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One demo model: the packaged sample it trains on, and how it is described."""
+
+    sample: str
+    suffix: str
+    task: str
+    n_epochs: int
+    rows_are: str  # what the sample's rows are, with their attribution
+    metric: str  # the job result's headline figure
+
+
+SENTIMENT = Recipe("sst2_sample.jsonl", "sentiment", "text-classification", 3,
+                   "labeled sentences of SST-2: GLUE, Socher et al. 2013", "accuracy")
+ENTITIES = Recipe("entities_sample.jsonl", "entities", "token-classification", 4,
+                  "tagged sentences written for modelmeter: names of people, companies and places", "f1")
+ENTITY_TEXT = "Maria Lopez from Northwind Bank called about her Lisbon account"
 POSITIVE = "a gripping, beautifully acted film"
 NEGATIVE = "a dull, lifeless mess"
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def sample_bytes() -> bytes:
-    """The packaged SST-2 sample (``modelmeter/data/``, with its attribution in the README beside it)."""
-    return resources.files("modelmeter").joinpath("data", SAMPLE).read_bytes()
+def sample_bytes(recipe: Recipe = SENTIMENT) -> bytes:
+    """A packaged sample (``modelmeter/data/``, with its attribution in the README beside it)."""
+    return resources.files("modelmeter").joinpath("data", recipe.sample).read_bytes()
 
 
 # --- what an earlier run made -----------------------------------------------------------------------------------
@@ -76,130 +87,17 @@ def find_key(services: Services, tenant_id: str) -> ApiKey | None:
     return max(usable, key=lambda k: (k.created, k.id), default=None)
 
 
-def find_file(services: Services, tenant_id: str, size: int) -> str | None:
+def find_file(services: Services, tenant_id: str, size: int, recipe: Recipe = SENTIMENT) -> str | None:
     with services.sessions() as session:
         rows, _ = jobs.list_files(session=session, tenant_id=tenant_id, limit=1000, after=None)
-    return next((f.id for f in rows if f.filename == SAMPLE and f.bytes == size), None)
+    return next((f.id for f in rows if f.filename == recipe.sample and f.bytes == size), None)
 
 
-def find_job(services: Services, tenant_id: str, file_id: str) -> dict[str, Any] | None:
+def find_job(services: Services, tenant_id: str, file_id: str, recipe: Recipe = SENTIMENT) -> dict[str, Any] | None:
     data, _ = ops_jobs.list_jobs(sessions=services.sessions, tenant_id=tenant_id, limit=1000, after=None)
-    usable = [j for j in data if j["training_file"] == file_id and j["user_provided_suffix"] == SUFFIX
+    usable = [j for j in data if j["training_file"] == file_id and j["user_provided_suffix"] == recipe.suffix
               and j["status"] not in ("failed", "cancelled")]
     return usable[0] if usable else None  # newest first
-
-
-# --- the two ways of making what is missing ---------------------------------------------------------------------
-
-
-class Backend(Protocol):
-    def create_tenant(self) -> str: ...
-    def issue_key(self, tenant_id: str, data: ApiKeyCreate) -> tuple[str, str]: ...
-    def revoke_key(self, key_id: str) -> None: ...
-    def upload(self, key: str, tenant_id: str, data: bytes) -> str: ...
-    def create_job(self, key: str, tenant_id: str, body: dict[str, Any]) -> str: ...
-
-
-class InProcess:
-    """The service functions the admin and tenant routes call, on this command's database."""
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-
-    def create_tenant(self) -> str:
-        data = TenantCreate(name=DEMO_NAME, email=DEMO_EMAIL, plan=DEMO_PLAN)
-        return ops_tenants.create_tenant(sessions=self.services.sessions, catalog=self.services.plans, data=data).id
-
-    def issue_key(self, tenant_id: str, data: ApiKeyCreate) -> tuple[str, str]:
-        row, plaintext = ops_tenants.issue_key(sessions=self.services.sessions, tenant_id=tenant_id, data=data)
-        return row.id, plaintext
-
-    def revoke_key(self, key_id: str) -> None:
-        ops_tenants.revoke_key(sessions=self.services.sessions, key_id=key_id)
-
-    def upload(self, key: str, tenant_id: str, data: bytes) -> str:
-        settings = self.services.settings
-        parsed = parse_dataset(data, filename=SAMPLE, max_rows=settings.max_file_rows,
-                               max_text_chars=settings.max_text_chars, max_labels=settings.max_labels)
-        return ops_files.store_file(sessions=self.services.sessions, data_dir=settings.data_dir, tenant_id=tenant_id,
-                                    filename=SAMPLE, data=data, parsed=parsed).id
-
-    def create_job(self, key: str, tenant_id: str, body: dict[str, Any]) -> str:
-        settings = self.services.settings
-        created = ops_jobs.create_job(
-            sessions=self.services.sessions, catalog=self.services.plans, data_dir=settings.data_dir,
-            max_active=settings.max_active_jobs_per_tenant, tenant_id=tenant_id, data=jobs.JobCreate(**body),
-            bases=ops_jobs.base_models(sessions=self.services.sessions))
-        return created.job.id
-
-
-class OverHttp:
-    """A running server's admin API (with the admin token) and tenant API (with the tenant's key)."""
-
-    def __init__(self, url: str, admin_token: str) -> None:
-        self.url = url.rstrip("/")
-        self.admin_token = admin_token
-
-    def request(self, method: str, path: str, token: str, body: dict[str, Any] | None = None,
-                form: tuple[str, bytes] | None = None) -> Any:
-        headers = {"Authorization": f"Bearer {token}"}
-        data = None
-        if body is not None:
-            data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
-        elif form is not None:
-            boundary = secrets.token_hex(16)
-            filename, content = form
-            data = (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
-                    f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-                    f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + \
-                f"\r\n--{boundary}--\r\n".encode()
-            headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)  # noqa: S310
-        try:
-            with urllib.request.urlopen(request, timeout=300) as response:  # noqa: S310 (the operator's URL)
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                message = json.loads(raw)["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = raw.decode(errors="replace")[:200]
-            hint = (" (this command's admin token is not the server's: set MODELMETER_ADMIN_TOKEN, or "
-                    "MODELMETER_DATA_DIR to the server's)") if exc.code == 401 and token == self.admin_token else ""
-            raise click.ClickException(f"{method} {self.url}{path}: {exc.code} {message}{hint}") from None
-
-    def check_admin(self) -> None:
-        self.request("GET", "/admin/tenants?limit=1", self.admin_token)
-
-    def create_tenant(self) -> str:
-        body = {"name": DEMO_NAME, "email": DEMO_EMAIL, "plan": DEMO_PLAN}
-        return str(self.request("POST", "/admin/tenants", self.admin_token, body)["id"])
-
-    def issue_key(self, tenant_id: str, data: ApiKeyCreate) -> tuple[str, str]:
-        created = self.request("POST", f"/admin/tenants/{tenant_id}/keys", self.admin_token,
-                               data.model_dump(exclude_none=True))
-        return str(created["id"]), str(created["key"])
-
-    def revoke_key(self, key_id: str) -> None:
-        self.request("DELETE", f"/admin/keys/{key_id}", self.admin_token)
-
-    def upload(self, key: str, tenant_id: str, data: bytes) -> str:
-        return str(self.request("POST", "/v1/files", key, form=(SAMPLE, data))["id"])
-
-    def create_job(self, key: str, tenant_id: str, body: dict[str, Any]) -> str:
-        return str(self.request("POST", "/v1/fine_tuning/jobs", key, body)["id"])
-
-
-def server_answers(url: str) -> bool:
-    """Whether a modelmeter server answers ``GET /readyz`` at ``url`` (no: nothing listens there)."""
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/readyz", timeout=3) as response:  # noqa: S310
-            return bool(json.loads(response.read()).get("status") == "ready")
-    except urllib.error.HTTPError as exc:
-        raise click.ClickException(f"A server answers at {url} but is not ready ({exc.code}): start it again, or "
-                                   "give another --url.") from None
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 # --- training here ----------------------------------------------------------------------------------------------
@@ -287,16 +185,35 @@ def examples(url: str, key: str, model: str) -> str:
     ])
 
 
+def entity_examples(url: str, key: str, model: str) -> str:
+    """A curl line and a ``huggingface_hub`` snippet that find the entities in a sentence with the tagger."""
+    base = url.rstrip("/")
+    body = json.dumps({"model": model, "input": ENTITY_TEXT})
+    assert "'" not in body
+    return "\n".join([
+        "# named entities, shell",
+        f'curl -s {base}/v1/entities -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\',
+        f"     -d '{body}'",
+        "",
+        "# named entities, Python with huggingface_hub",
+        "from huggingface_hub import InferenceClient",
+        f'client = InferenceClient(model="{base}/models/{model}", token="{key}")',
+        f'print(client.token_classification("{ENTITY_TEXT}"))',
+    ])
+
+
 @click.command()
 @click.option("--url", default=DEFAULT_URL, show_default=True,
               help="Where the server answers (or will, once started): used if one answers, and in the examples.")
 @click.option("--worker-wait", default=15.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds a running server's worker gets to start the job before it is trained here instead.")
+@click.option("--with-entities", is_flag=True,
+              help="Also fine-tune a named-entity tagger on the packaged entity sample (people, companies, places).")
 @reports_errors
-def quickstart(url: str, worker_wait: float) -> None:
+def quickstart(url: str, worker_wait: float, with_entities: bool) -> None:
     """Make a demo tenant (plan pro), a key and a sentiment classifier fine-tuned on a sample of SST-2 (packaged,
-    with its attribution), then print curl, openai and huggingface_hub examples. Running it again changes
-    nothing that is already there."""
+    with its attribution), with ``--with-entities`` a named-entity tagger too, then print curl, openai and
+    huggingface_hub examples. Running it again changes nothing that is already there."""
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise click.BadParameter(f"'{url}' is not an http(s) URL, such as {DEFAULT_URL}.", param_hint="--url")
     remote = server_answers(url)
@@ -312,7 +229,8 @@ def quickstart(url: str, worker_wait: float) -> None:
             backend = http
         else:
             backend = InProcess(services)
-        changed, key, model = _run(services, backend, remote=remote, worker_wait=worker_wait)
+        recipes = (SENTIMENT, ENTITIES) if with_entities else (SENTIMENT,)
+        changed, key, models = _run(services, backend, remote=remote, worker_wait=worker_wait, recipes=recipes)
     click.echo("")
     if not changed:
         click.echo("Nothing changed: the demo tenant, its key, the file and the model were all there.")
@@ -321,7 +239,10 @@ def quickstart(url: str, worker_wait: float) -> None:
     else:
         click.echo("Paste these:")
     click.echo("")
-    click.echo(examples(url, key.plaintext or "mm_…", model))
+    click.echo(examples(url, key.plaintext or "mm_…", models[0]))
+    if with_entities:
+        click.echo("")
+        click.echo(entity_examples(url, key.plaintext or "mm_…", models[1]))
     if not key.plaintext:
         click.echo("")
         click.echo(f"Replace mm_… with the key {key.key_id} printed when it was issued (it is shown only once), or "
@@ -334,24 +255,31 @@ class KeyState:
     plaintext: str | None  # only when issued by this run
 
 
-def _run(services: Services, backend: Backend, *, remote: bool, worker_wait: float) -> tuple[bool, KeyState, str]:
-    """Find or make each piece in turn: whether anything changed, the key, the model id."""
+def _run(services: Services, backend: Backend, *, remote: bool, worker_wait: float,
+         recipes: tuple[Recipe, ...] = (SENTIMENT,)) -> tuple[bool, KeyState, list[str]]:
+    """Find or make each piece in turn: whether anything changed, the key, each recipe's model id."""
     tenant, made_tenant = _tenant(services, backend)
     key = _key(services, backend, tenant)
-    job, made_job = _job(services, backend, tenant, key, remote=remote)
-    if job["status"] != "succeeded":
-        job = _train(services, job["id"], remote=remote, worker_wait=worker_wait)
+    changed, models = made_tenant or key.plaintext is not None, []
+    for recipe in recipes:
+        job, made_job = _job(services, backend, tenant, key, recipe, remote=remote)
         if job["status"] != "succeeded":
-            error = job["error"] or {}
-            raise click.ClickException(f"Job {job['id']} {job['status']}: {error.get('message', '')} "
-                                       f"(modelmeter jobs events {job['id']})")
-        result = job["result"] or {}
-        _say("model", f"{job['fine_tuned_model']}: trained in {result.get('wall_s', '?')} s, accuracy "
-                      f"{result.get('accuracy', float('nan')):.3f} on {result.get('n_validation', '?')} held-out rows")
-    else:
-        result = job["result"] or {}
-        _say("model", f"{job['fine_tuned_model']}: found (accuracy {result.get('accuracy', float('nan')):.3f})")
-    return made_tenant or key.plaintext is not None or made_job, key, str(job["fine_tuned_model"])
+            job = _train(services, job["id"], remote=remote, worker_wait=worker_wait)
+            if job["status"] != "succeeded":
+                error = job["error"] or {}
+                raise click.ClickException(f"Job {job['id']} {job['status']}: {error.get('message', '')} "
+                                           f"(modelmeter jobs events {job['id']})")
+            result = job["result"] or {}
+            _say("model", f"{job['fine_tuned_model']}: trained in {result.get('wall_s', '?')} s, {recipe.metric} "
+                          f"{result.get(recipe.metric, float('nan')):.3f} on {result.get('n_validation', '?')} "
+                          "held-out rows")
+        else:
+            result = job["result"] or {}
+            _say("model", f"{job['fine_tuned_model']}: found ({recipe.metric} "
+                          f"{result.get(recipe.metric, float('nan')):.3f})")
+        changed = changed or made_job
+        models.append(str(job["fine_tuned_model"]))
+    return changed, key, models
 
 
 def _tenant(services: Services, backend: Backend) -> tuple[Tenant, bool]:
@@ -381,14 +309,14 @@ def _key(services: Services, backend: Backend, tenant: Tenant) -> KeyState:
     return KeyState(key_id, plaintext)
 
 
-def _job(services: Services, backend: Backend, tenant: Tenant, key: KeyState, *,
+def _job(services: Services, backend: Backend, tenant: Tenant, key: KeyState, recipe: Recipe, *,
          remote: bool) -> tuple[dict[str, Any], bool]:
-    """The job that trains (or trained) the classifier on the sample, uploading and creating what is missing."""
-    data = sample_bytes()
-    file_id = find_file(services, tenant.id, len(data))
-    job = find_job(services, tenant.id, file_id) if file_id else None
+    """The job that trains (or trained) the recipe's model on its sample, uploading and creating what is missing."""
+    data = sample_bytes(recipe)
+    file_id = find_file(services, tenant.id, len(data), recipe)
+    job = find_job(services, tenant.id, file_id, recipe) if file_id else None
     if file_id is not None and job is not None:
-        _say("file", f"{file_id} {SAMPLE}: found")
+        _say("file", f"{file_id} {recipe.sample}: found")
         if job["status"] != "succeeded":
             _say("model", f"job {job['id']} is {job['status']}: following it")
         return job, False
@@ -400,12 +328,11 @@ def _job(services: Services, backend: Backend, tenant: Tenant, key: KeyState, *,
         tenant_key = setup_key[1]
     try:
         if file_id is None:
-            file_id = backend.upload(tenant_key or "", tenant.id, data)
+            file_id = backend.upload(tenant_key or "", tenant.id, recipe.sample, data)
             rows = data.count(b"\n")
-            _say("file", f"{file_id} {SAMPLE} ({rows:,} labeled sentences of SST-2: GLUE, Socher et al. 2013): "
-                         "uploaded")
-        body = {"model": BASE_MODEL_ID, "training_file": file_id, "suffix": SUFFIX,
-                "hyperparameters": {"n_epochs": N_EPOCHS}}
+            _say("file", f"{file_id} {recipe.sample} ({rows:,} {recipe.rows_are}): uploaded")
+        body = {"model": BASE_MODEL_ID, "training_file": file_id, "suffix": recipe.suffix,
+                "hyperparameters": {"n_epochs": recipe.n_epochs}, "task": recipe.task}
         job_id = backend.create_job(tenant_key or "", tenant.id, body)
     finally:
         if setup_key is not None:

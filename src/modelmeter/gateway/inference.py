@@ -32,7 +32,8 @@ from modelmeter.gateway.auth import Principal
 from modelmeter.gateway.ratelimit_headers import rate_headers
 from modelmeter.gateway.services import Services
 from modelmeter.models.batching import BatcherClosed, QueueFull, Submission
-from modelmeter.models.engine.client import EngineError, EngineUnavailable, Result
+from modelmeter.models.engine.client import EngineError, EngineUnavailable
+from modelmeter.models.outputs import Result
 from modelmeter.models.pool import ModelLoadError
 from modelmeter.models.registry import ModelInfo, artifact_path
 from modelmeter.models.source import ModelSource
@@ -53,6 +54,8 @@ class Served:
     queue_s: float
     inference_s: float
     headers: dict[str, str]
+    encoded: Encoded | None = None  # with ``spans``: the inputs' tokens and their offsets
+    unk_id: int | None = None  # the tokenizer's unknown token (a tagger's word boundaries need it)
 
 
 async def serve(
@@ -65,6 +68,7 @@ async def serve(
     endpoint: str,
     check: Callable[[ModelInfo], None] | None = None,
     dimensions: int | None = None,
+    spans: bool | Callable[[ModelInfo], bool] = False,
 ) -> Served:
     """Run ``texts`` through the tenant's model and commit the usage row before returning."""
     services: Services = request.app.state.services
@@ -83,7 +87,7 @@ async def serve(
     counted = sum(len(t) for t in texts) > _INLINE_TOKENIZE_CHARS
     if counted:
         await _take_request(services, principal)
-    encoded = await _tokenize(encoder, texts, truncate)
+    encoded = await _tokenize(encoder, texts, truncate, spans(info) if callable(spans) else spans)
     now = clock.now_s()
     headers, hold = await _admit(services, principal, encoded.total_tokens, now, request.state.request_id,
                                  requests=0 if counted else 1)
@@ -96,7 +100,7 @@ async def serve(
     await services.meter.commit(hold, record)
     services.telemetry.observe_served(info.id, queue_s=submission.queue_s, inference_s=submission.inference_s)
     return Served(info.id, info.task, submission.results, encoded.total_tokens, submission.queue_s,
-                  submission.inference_s, headers)
+                  submission.inference_s, headers, encoded, encoder.unk_id)
 
 
 async def _encoder(services: Services, source: ModelSource) -> TextEncoder:
@@ -197,11 +201,11 @@ def _check_dimensions(encoder: TextEncoder, dimensions: int | None) -> None:
         )
 
 
-async def _tokenize(encoder: TextEncoder, texts: list[str], truncate: bool) -> Encoded:
+async def _tokenize(encoder: TextEncoder, texts: list[str], truncate: bool, spans: bool = False) -> Encoded:
     try:
         if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:
-            return encoder.tokenize(texts, truncate=truncate)
-        return await run_in_threadpool(encoder.tokenize, texts, truncate=truncate)
+            return encoder.tokenize(texts, truncate=truncate, spans=spans)
+        return await run_in_threadpool(encoder.tokenize, texts, truncate=truncate, spans=spans)
     except InputTooLong as exc:
         raise InvalidRequestError(
             f"Input {exc.index} has {exc.tokens} tokens; the model accepts at most {exc.max_length}. "

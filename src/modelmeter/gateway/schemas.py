@@ -114,8 +114,43 @@ class LabelScore(Public):
     score: float
 
 
-# Hugging Face's shapes: ranked labels per input (text classification) or one vector per input (features).
-HFResponse = list[list[LabelScore]] | list[list[float]]
+class EntityGroup(Public):
+    """An entity: its type, the mean (or first, or max) score of its tokens, and where it is in the input."""
+
+    entity_group: str
+    score: float
+    word: str  # input[start:end]
+    start: int  # character offsets into the input
+    end: int
+
+
+class TokenEntity(Public):
+    """One sub-token's label (``aggregation_strategy: "none"``), as Hugging Face answers it."""
+
+    entity: str
+    score: float
+    index: int  # the token's position in the encoded input ([CLS] is 0)
+    word: str
+    start: int
+    end: int
+
+
+class Entities(Public):
+    index: int
+    entities: list[EntityGroup] | list[TokenEntity]
+
+
+class EntitiesResponse(Public):
+    object: Literal["list"]
+    model: str
+    data: list[Entities]
+    usage: TokenUsage
+
+
+# Hugging Face's shapes: ranked labels per input (text classification), one vector per input (features), the
+# entities of one input (token classification, a string input) or of each (a list).
+HFResponse = (list[list[LabelScore]] | list[list[float]] | list[EntityGroup] | list[TokenEntity]
+              | list[list[EntityGroup]] | list[list[TokenEntity]])
 
 
 # --- files and fine-tuning -------------------------------------------------------------------------
@@ -129,9 +164,10 @@ class FileObject(Public):
     filename: str
     purpose: str
     status: Literal["processed"]
-    status_details: None
+    status_details: str | None  # at upload: what a named-entity file's parse read as IOB2 does (I- begins)
     rows: int
-    labels: list[str]
+    labels: list[str]  # the classes, or a token-classification file's entity types
+    task: Literal["text-classification", "token-classification"]
 
 
 class FileDeleted(Public):
@@ -173,6 +209,7 @@ class FineTuningJob(Public):
     integrations: list[Any]
     result: dict[str, Any] | None  # accuracy and per-label precision/recall/F1 once succeeded
     training_type: dict[str, Any]  # {"type": "lora", "rank", "alpha"} or {"type": "full"}
+    task: Literal["text-classification", "token-classification"]
 
 
 class FineTuningEvent(Public):

@@ -1,4 +1,4 @@
-"""BERT backends: tokenize (with billable token counts), classify and embed.
+"""BERT backends: tokenize (with billable token counts), classify, tag tokens and embed.
 
 A backend is one loaded model on one device. It knows nothing of HTTP, tenants or batching policy:
 ``tokenize`` runs on the request path, ``forward`` runs one padded batch and is what a
@@ -15,14 +15,21 @@ from typing import Literal, TypeAlias
 
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
+from modelmeter.models.outputs import Result, TokenScores
 from modelmeter.models.text import Encoded, TextEncoder
 
-Task: TypeAlias = Literal["text-classification", "feature-extraction"]
-Result: TypeAlias = dict[str, float] | list[float]
+Task: TypeAlias = Literal["text-classification", "token-classification", "feature-extraction"]
 
-TASKS: tuple[Task, ...] = ("text-classification", "feature-extraction")
+TASKS: tuple[Task, ...] = ("text-classification", "token-classification", "feature-extraction")
+__all__ = ["TASKS", "BertBackend", "Result", "Task", "configure_torch_threads", "mean_pooled", "resolve_device"]
 _CUDA_SPEC = re.compile(r"cuda(?::(\d+))?")
 
 
@@ -68,7 +75,7 @@ class BertBackend:
         self._task: Task = task
         self._device = device
         self._max_length = max_length
-        self._labels = _labels_of(model) if task == "text-classification" else None
+        self._labels = _labels_of(model) if task != "feature-extraction" else None
 
     @classmethod
     def load(cls, path: Path, *, task: Task, device: torch.device, max_length: int = 512) -> BertBackend:
@@ -119,9 +126,9 @@ class BertBackend:
         tensors = [*self._model.parameters(), *self._model.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def tokenize(self, texts: list[str], *, truncate: bool) -> Encoded:
+    def tokenize(self, texts: list[str], *, truncate: bool, spans: bool = False) -> Encoded:
         """Token ids and billable counts for ``texts``; raise :class:`InputTooLong` unless ``truncate``."""
-        return self._text.tokenize(texts, truncate=truncate)
+        return self._text.tokenize(texts, truncate=truncate, spans=spans)
 
     def forward(self, batch_ids: list[list[int]], tags: Sequence[object] | None = None) -> list[Result]:
         """Run one padded batch; one result per input, independent of the rest of the batch.
@@ -134,6 +141,8 @@ class BertBackend:
         with torch.inference_mode():
             if self._task == "feature-extraction":
                 return self._embed(input_ids, mask)
+            if self._task == "token-classification":
+                return self._tag(input_ids, mask, [len(row) for row in batch_ids])
             return self._classify(input_ids, mask)
 
     def _pad(self, batch_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,11 +156,21 @@ class BertBackend:
         hidden = self._model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return mean_pooled(hidden, mask)
 
+    def _tag(self, input_ids: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> list[Result]:
+        logits = self._model(input_ids=input_ids, attention_mask=mask).logits
+        return token_scores(logits, lengths, tuple(self._labels or ()))
+
     def _classify(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[Result]:
         logits = self._model(input_ids=input_ids, attention_mask=mask).logits
         probs: list[list[float]] = logits.to(torch.float32).softmax(dim=-1).cpu().tolist()
         labels = self._labels or []
         return [dict(zip(labels, row, strict=True)) for row in probs]
+
+
+def token_scores(logits: torch.Tensor, lengths: list[int], labels: tuple[str, ...]) -> list[Result]:
+    """Per-token softmax over ``[rows, width, labels]`` logits, each row cut to its own length."""
+    probs = logits.to(torch.float32).softmax(dim=-1).cpu().numpy()
+    return [TokenScores(labels, probs[i, :n]) for i, n in enumerate(lengths)]
 
 
 def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> list[Result]:
@@ -166,7 +185,8 @@ def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> list[Result]:
 
 def _load_model(path: Path, *, task: Task, device: torch.device) -> PreTrainedModel:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    auto = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
+    auto = {"text-classification": AutoModelForSequenceClassification,
+            "token-classification": AutoModelForTokenClassification}.get(task, AutoModel)
     model: PreTrainedModel = auto.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     module: torch.nn.Module = model  # PreTrainedModel.to's wrapped signature confuses mypy
     module.to(device)

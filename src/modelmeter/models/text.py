@@ -49,6 +49,10 @@ class Encoded:
 
     ids: list[list[int]]
     tokens: list[int]
+    # With ``spans``: each token's character offsets into its input, and 1 for special tokens ([CLS], [SEP]).
+    offsets: list[list[tuple[int, int]]] | None = None
+    special: list[list[int]] | None = None
+    pieces: list[list[str]] | None = None  # the tokens' strings (WordPiece marks a continuation with ##)
 
     @property
     def total_tokens(self) -> int:
@@ -63,6 +67,8 @@ class TextEncoder:
         self._whole, self._truncating = encoders(tokenizer, max_length)
         self.max_length = max_length
         self.dimensions = dimensions
+        unk = getattr(tokenizer.model, "unk_token", None)
+        self.unk_id: int | None = tokenizer.token_to_id(unk) if isinstance(unk, str) else None
 
     @classmethod
     def load(cls, path: Path, *, max_length: int = 512) -> TextEncoder:
@@ -75,8 +81,10 @@ class TextEncoder:
         width = config.get("hidden_size") or config.get("dim") or config.get("d_model") or 0  # BERT, DistilBERT, ...
         return cls(Tokenizer.from_file(str(tokenizer_file)), max_length=limit, dimensions=int(width))
 
-    def tokenize(self, texts: list[str], *, truncate: bool) -> Encoded:
-        """Token ids and billable counts for ``texts``; raise :class:`InputTooLong` unless ``truncate``."""
+    def tokenize(self, texts: list[str], *, truncate: bool, spans: bool = False) -> Encoded:
+        """Token ids and billable counts for ``texts``; raise :class:`InputTooLong` unless ``truncate``. With
+        ``spans``, also each token's character offsets and which tokens are special (a tagger's answer needs
+        them)."""
         if not texts:
             return Encoded(ids=[], tokens=[])
         limit = self.max_length * CHARS_PER_TOKEN
@@ -93,6 +101,9 @@ class TextEncoder:
         for index, row in enumerate(ids):
             if len(row) > self.max_length:
                 raise InputTooLong(index, len(row), self.max_length)
+        if spans:
+            return Encoded(ids=ids, tokens=[len(row) for row in ids], offsets=[e.offsets for e in batch],
+                           special=[e.special_tokens_mask for e in batch], pieces=[e.tokens for e in batch])
         return Encoded(ids=ids, tokens=[len(row) for row in ids])
 
 

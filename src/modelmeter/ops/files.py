@@ -14,22 +14,26 @@ from modelmeter import clock
 from modelmeter.errors import ConflictError
 from modelmeter.ids import new_id
 from modelmeter.models.finetune import jobs
-from modelmeter.models.finetune.dataset import ParsedDataset
+from modelmeter.models.finetune.dataset import ParsedDataset, parse_dataset
 from modelmeter.models.finetune.estimate import epoch_tokens, tokenizer_fingerprint
 from modelmeter.models.finetune.tables import TenantFile
+from modelmeter.models.finetune.tagged import TaggedDataset, parse_tagged
 
 
 def store_file(*, sessions: sessionmaker[Session], data_dir: Path, tenant_id: str, filename: str, data: bytes,
-               parsed: ParsedDataset, token_counts: dict[str, int] | None = None) -> TenantFile:
-    """Write the file, then its row; if the row cannot be committed, the file is removed again."""
+               parsed: ParsedDataset | TaggedDataset, token_counts: dict[str, int] | None = None) -> TenantFile:
+    """Write the file, then its row; if the row cannot be committed, the file is removed again. A
+    token-classification file's labels are its entity types."""
     file_id = new_id("file")
     relative = Path("files") / tenant_id / file_id
     _write_atomically(data_dir / relative, data)
+    labels = parsed.types if isinstance(parsed, TaggedDataset) else parsed.labels
     row = TenantFile(
         id=file_id, tenant_id=tenant_id, filename=filename, purpose="fine-tune", bytes=len(data),
         format=Path(filename).suffix.lstrip(".").lower()[:8] or "jsonl", rows=len(parsed.examples),
-        labels_json=json.dumps(parsed.labels), path=str(relative), created_at=clock.now_s(),
-        token_counts_json=json.dumps(token_counts) if token_counts else None,
+        labels_json=json.dumps(labels), path=str(relative),
+        created_at=clock.now_s(), token_counts_json=json.dumps(token_counts) if token_counts else None,
+        task="token-classification" if isinstance(parsed, TaggedDataset) else "text-classification",
     )
     try:
         with sessions() as session:
@@ -61,10 +65,26 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
-def platform_token_counts(parsed: ParsedDataset, base_dirs: list[Path]) -> dict[str, int]:
+def training_texts(parsed: ParsedDataset | TaggedDataset) -> list[str]:
+    """What a file's rows tokenize as: the texts, or each row's words joined by spaces (a BERT pre-tokenizer
+    splits on spaces, so the words encoded as words give the same tokens)."""
+    if isinstance(parsed, TaggedDataset):
+        return [" ".join(example.words) for example in parsed.examples]
+    return [example.text for example in parsed.examples]
+
+
+def read_training_file(data_dir: Path, row: TenantFile) -> ParsedDataset | TaggedDataset:
+    """A stored file, parsed again (it was validated, and so bounded, at upload)."""
+    data = (data_dir / row.path).read_bytes()
+    if row.task == "token-classification":
+        return parse_tagged(data, max_rows=10**9, max_text_chars=10**9)
+    return parse_dataset(data, filename=row.filename, max_rows=10**9, max_text_chars=10**9, max_labels=10**6)
+
+
+def platform_token_counts(parsed: ParsedDataset | TaggedDataset, base_dirs: list[Path]) -> dict[str, int]:
     """One epoch's training tokens under each platform base's tokenizer (most bases share one: counted once)."""
     counts: dict[str, int] = {}
-    texts = [example.text for example in parsed.examples]
+    texts = training_texts(parsed)
     for base_dir in base_dirs:
         fingerprint = tokenizer_fingerprint(base_dir)
         if fingerprint not in counts:

@@ -16,10 +16,10 @@ from modelmeter.billing.ledger import period_of
 from modelmeter.billing.metering import as_amount, check_training_quota, period_usage
 from modelmeter.billing.quota import Amount
 from modelmeter.models.finetune import jobs
-from modelmeter.models.finetune.dataset import parse_dataset
 from modelmeter.models.finetune.estimate import epoch_tokens, tokenizer_fingerprint
 from modelmeter.models.finetune.tables import FineTuningJob, TenantFile
 from modelmeter.models.registry import MlModel, ModelInfo, artifact_path
+from modelmeter.ops import files
 from modelmeter.tenancy.tenants import get_tenant, lock_tenant
 
 
@@ -75,9 +75,7 @@ def _estimate(sessions: sessionmaker[Session], data_dir: Path, training: TenantF
 
 def count_file_tokens(data_dir: Path, training: TenantFile, base_dir: Path) -> int:
     """Tokenize a stored file's texts (it was validated, and so bounded, at upload)."""
-    parsed = parse_dataset((data_dir / training.path).read_bytes(), filename=training.filename, max_rows=10**9,
-                           max_text_chars=10**9, max_labels=10**6)
-    return epoch_tokens(base_dir, [example.text for example in parsed.examples])
+    return epoch_tokens(base_dir, files.training_texts(files.read_training_file(data_dir, training)))
 
 
 def cancel_job(*, sessions: sessionmaker[Session], tenant_id: str, job_id: str) -> FineTuningJob:

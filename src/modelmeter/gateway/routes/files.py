@@ -13,6 +13,7 @@ from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, Ses
 from modelmeter.gateway.schemas import TENANT_READ, TENANT_WRITE, FileDeleted, FileObject, Page, errors
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import DatasetError, ParsedDataset, parse_dataset
+from modelmeter.models.finetune.tagged import TaggedDataset, looks_tagged, parse_tagged
 from modelmeter.models.registry import artifact_path
 from modelmeter.ops import files
 from modelmeter.settings import Settings
@@ -20,8 +21,12 @@ from modelmeter.settings import Settings
 router = APIRouter(tags=["files"])
 
 
-def _parse(settings: Settings, data: bytes, filename: str) -> ParsedDataset:
+def _parse(settings: Settings, data: bytes, filename: str) -> ParsedDataset | TaggedDataset:
+    """A classification file (text and label), or a token-classification one (tagged tokens, or text with
+    entity spans: ``tagged.looks_tagged`` tells them apart by the first row)."""
     try:
+        if looks_tagged(data):
+            return parse_tagged(data, max_rows=settings.max_file_rows, max_text_chars=settings.max_text_chars)
         return parse_dataset(data, filename=filename, max_rows=settings.max_file_rows,
                              max_text_chars=settings.max_text_chars, max_labels=settings.max_labels)
     except DatasetError as exc:
@@ -33,10 +38,12 @@ def _parse(settings: Settings, data: bytes, filename: str) -> ParsedDataset:
 async def upload_file(
     principal: FineTunePrincipal,
     services: ServicesDep,
-    file: Annotated[UploadFile, File(description="JSONL, CSV or TSV of labeled text")],
+    file: Annotated[UploadFile, File(description="JSONL, CSV or TSV of labeled text, or JSONL of tagged tokens "
+                                                 "or of text with entity spans (named entities)")],
     purpose: Annotated[Literal["fine-tune"], Form()],
 ) -> dict[str, Any]:
-    """Upload a labeled dataset; it is parsed and validated before anything is stored."""
+    """Upload a labeled dataset (classification, or named entities); it is parsed and validated before anything
+    is stored, and errors name the line."""
     settings = services.settings
     if file.size is not None and file.size > settings.max_file_bytes:
         raise PayloadTooLargeError(f"Files may be at most {settings.max_file_bytes} bytes.")
@@ -52,7 +59,10 @@ async def upload_file(
         lambda: files.store_file(sessions=services.sessions, data_dir=settings.data_dir,
                                  tenant_id=principal.tenant_id, filename=filename, data=data, parsed=parsed,
                                  token_counts=counts))
-    return jobs.file_public(row)
+    public = jobs.file_public(row)
+    if isinstance(parsed, TaggedDataset) and parsed.notes:  # what the parse read differently, said once
+        public["status_details"] = "; ".join(parsed.notes)
+    return public
 
 
 @router.get("/v1/files", response_model=Page[FileObject], responses=errors(*TENANT_READ))

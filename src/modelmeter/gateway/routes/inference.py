@@ -1,4 +1,5 @@
-"""Tenant inference: ``/v1/models``, ``/v1/classify``, ``/v1/embeddings`` (OpenAI) and ``/models/{id}`` (Hugging Face).
+"""Tenant inference: ``/v1/models``, ``/v1/classify``, ``/v1/entities``, ``/v1/embeddings`` (OpenAI) and
+``/models/{id}`` (Hugging Face).
 
 The request path: authenticate → resolve the model (in-memory registry) → tokenize and count → batcher
 (one forward pass shared with concurrent requests) → commit the usage row (group commit) → respond with
@@ -26,10 +27,13 @@ from modelmeter.gateway.schemas import (
     TENANT_WRITE,
     ClassifyResponse,
     EmbeddingsResponse,
+    EntitiesResponse,
     HFResponse,
     Page,
     errors,
 )
+from modelmeter.models.entities import aggregate
+from modelmeter.models.outputs import TOKEN_CLASSIFICATION, TokenScores
 from modelmeter.models.registry import ModelInfo, ModelPublic
 
 router = APIRouter(tags=["inference"])
@@ -42,6 +46,19 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
     input: Inputs
+    truncate: StrictBool = False
+
+
+Strategy = Literal["simple", "first", "average", "max", "none"]
+
+
+class EntitiesRequest(BaseModel):
+    """Named entities in each input, grouped as Hugging Face's ``aggregation_strategy`` says."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    input: Inputs
+    aggregation_strategy: Strategy = "simple"
     truncate: StrictBool = False
 
 
@@ -60,6 +77,8 @@ class EmbeddingsRequest(BaseModel):
 class HFParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     top_k: Annotated[int, Strict(), Field(gt=0), INTEGRAL] | None = None
+    aggregation_strategy: Strategy | None = None  # token classification
+    ignore_labels: Annotated[list[Annotated[StrictStr, Field(max_length=100)]], Field(max_length=100)] | None = None
     function_to_apply: Literal["softmax"] | None = None
     truncate: StrictBool | None = None
     truncation: StrictBool | None = None
@@ -161,6 +180,39 @@ def classify_answer(model: str, served: Served) -> dict[str, Any]:
     return {"object": "list", "model": model, "data": data, "usage": _usage(served)}
 
 
+@router.post("/v1/entities", response_model=EntitiesResponse, responses=_INFERENCE_ERRORS)
+async def entities(body: EntitiesRequest, principal: InferencePrincipal, request: Request) -> JSONResponse:
+    """Named entities in each input: type, score, the text and its character offsets (``word`` is
+    ``input[start:end]``); ``aggregation_strategy`` groups sub-tokens as Hugging Face does."""
+    texts = _as_list(body.input)
+    served = await serve(
+        request, principal, body.model, texts, truncate=body.truncate, endpoint="entities",
+        check=task_check(TOKEN_CLASSIFICATION, "/v1/entities"), spans=True,
+    )
+    found = _entities(texts, served, body.aggregation_strategy)
+    data = [{"index": i, "entities": items} for i, items in enumerate(found)]
+    return _respond({"object": "list", "model": body.model, "data": data, "usage": _usage(served)}, served)
+
+
+def _entities(texts: list[str], served: Served, strategy: str,
+              ignore: list[str] | None = None) -> list[list[dict[str, Any]]]:
+    """Each input's entities from its tokens' scores (the engine scored every token; grouping is the front's).
+    ``ignore`` replaces the default ``["O"]``, as the pipeline's ``ignore_labels`` does."""
+    encoded = served.encoded
+    assert encoded is not None
+    assert encoded.offsets is not None
+    assert encoded.special is not None
+    assert encoded.pieces is not None
+    out = []
+    for i, (text, result) in enumerate(zip(texts, served.results, strict=True)):
+        assert isinstance(result, TokenScores)
+        items = aggregate(text, tokens=encoded.pieces[i], input_ids=encoded.ids[i], offsets=encoded.offsets[i],
+                          special=[bool(s) for s in encoded.special[i]], scores=result.scores,
+                          labels=result.labels, strategy=strategy, unk_id=served.unk_id, ignore_labels=ignore)
+        out.append(items)
+    return out
+
+
 def _encode(vector: list[float], encoding: str) -> list[float] | str:
     if encoding == "float":
         return vector
@@ -188,12 +240,19 @@ def embeddings_answer(model: str, encoding_format: str, served: Served) -> dict[
 @router.post("/models/{model:path}", response_model=HFResponse, responses=_INFERENCE_ERRORS)
 async def hf_inference(model: str, body: HFRequest, principal: InferencePrincipal, request: Request) -> JSONResponse:
     """Hugging Face inference format: classification answers ``[[{label, score}…]]``, feature extraction
-    answers one vector per input."""
+    one vector per input, token classification the entities of the input (a list of lists for a list of
+    inputs) as ``InferenceClient.token_classification`` reads them."""
+    texts = _as_list(body.inputs)
     served = await serve(
-        request, principal, model, _as_list(body.inputs), truncate=body.wants_truncation(), endpoint="hf",
+        request, principal, model, texts, truncate=body.wants_truncation(), endpoint="hf",
+        spans=lambda info: info.task == TOKEN_CLASSIFICATION,
     )
     if served.task == "feature-extraction":
         return _respond(served.results, served)
+    if served.task == TOKEN_CLASSIFICATION:
+        params = body.parameters or HFParameters()
+        found = _entities(texts, served, params.aggregation_strategy or "simple", params.ignore_labels)
+        return _respond(found[0] if isinstance(body.inputs, str) else found, served)
     top_k = body.parameters.top_k if body.parameters else None
     ranked = []
     for scores in served.results:

@@ -1,5 +1,6 @@
 """A LoRA adapter on disk, read and checked for serving: PEFT's ``adapter_model.safetensors`` and
-``adapter_config.json``, plus our ``adapter_meta.json`` (labels and rank).
+``adapter_config.json``, plus our ``adapter_meta.json`` (labels, rank and task: a classifier's head reads the
+pooled vector, a tagger's every token; an adapter from before taggers has no task and is a classifier).
 
 Reading never imports PEFT: the serving path needs the factors as plain tensors, checked against the base's
 shapes, with the LoRA scale folded into ``B`` once, here, instead of on every forward pass.
@@ -25,6 +26,7 @@ META_FORMAT = 1
 # pooler projections.
 SERVED_TARGETS: tuple[str, ...] = ("query", "key", "value", "dense")
 
+TASKS = ("text-classification", "token-classification")
 _PREFIX = "base_model.model."
 _ENCODER = "bert."
 _HEAD = "classifier."
@@ -43,6 +45,7 @@ class AdapterWeights:
     labels: tuple[str, ...]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     head: tuple[torch.Tensor, torch.Tensor]
+    task: str = "text-classification"  # or "token-classification"
 
     def to(self, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
            pin: bool = False) -> AdapterWeights:
@@ -51,7 +54,7 @@ class AdapterWeights:
             return t.pin_memory() if pin else t
 
         factors = {name: (move(a), move(b)) for name, (a, b) in self.factors.items()}
-        return AdapterWeights(self.rank, self.labels, factors, (move(self.head[0]), move(self.head[1])))
+        return AdapterWeights(self.rank, self.labels, factors, (move(self.head[0]), move(self.head[1])), self.task)
 
 
 def is_adapter(path: Path) -> bool:
@@ -73,7 +76,10 @@ def read_adapter(path: Path, *, shapes: dict[str, tuple[int, int]], hidden: int)
     labels = _labels(meta)
     factors = _factors(tensors, shapes, rank, scale)
     head = _head(tensors, len(labels), hidden)
-    return AdapterWeights(rank, labels, factors, head)
+    task = meta.get("task", "text-classification")
+    if task not in TASKS:
+        raise AdapterError(f"{ADAPTER_META} names task {task!r}; expected one of {', '.join(TASKS)}")
+    return AdapterWeights(rank, labels, factors, head, task)
 
 
 def _rank_and_scale(config: dict[str, Any]) -> tuple[int, float]:

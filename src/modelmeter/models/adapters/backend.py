@@ -29,6 +29,7 @@ from modelmeter.models.adapters.artifact import SERVED_TARGETS, AdapterError, Ad
 from modelmeter.models.adapters.layers import AdapterContext, BatchPlan, wrap_linears
 from modelmeter.models.adapters.pages import PagePool, Placement
 from modelmeter.models.backends import BertBackend, Result, mean_pooled
+from modelmeter.models.outputs import TOKEN_CLASSIFICATION, TokenScores
 
 MAX_RANK = 64
 # Room above the budget for adapters pinned by requests in flight while the pool is full (pages are reserved
@@ -49,6 +50,11 @@ class ResidentAdapter:
     memory_bytes: int
     weights: AdapterWeights | None  # the host copy (two tiers); dropped once written to the one tier
     placement: Placement | None = None  # its pages in the one-tier resident pool
+    task: str = "text-classification"  # or "token-classification": its head scores every token
+
+    @property
+    def tags_tokens(self) -> bool:
+        return self.task == TOKEN_CLASSIFICATION
 
 
 class DeviceTier:
@@ -152,7 +158,7 @@ class AdapterBackend(BertBackend):
         size = pool.bytes_for(weights.rank, len(weights.labels))
         if self.device_tier is not None:  # the host copy, in the device's dtype, pinned for fast copies
             weights = weights.to(dtype=self._model.dtype, pin=self.device.type == "cuda")
-        return ResidentAdapter(model_id, weights.rank, weights.labels, size, weights)
+        return ResidentAdapter(model_id, weights.rank, weights.labels, size, weights, task=weights.task)
 
     def admit(self, adapter: ResidentAdapter) -> None:
         """One tier: write the adapter into the resident pages (on the event loop, after the pool made room)."""
@@ -197,10 +203,15 @@ class AdapterBackend(BertBackend):
             results: list[Result | None] = [None] * len(rows)
             self._embeddings(rows, out.last_hidden_state, mask, results)
             if plan is not None and heads is not None:
-                self._classify_rows(plan.pool, heads, out.pooler_output, results)
-        return results  # type: ignore[return-value]  # every row was filled by one of the two paths
+                classifiers, taggers = heads
+                if classifiers is not None:
+                    self._classify_rows(plan.pool, classifiers, out.pooler_output, results)
+                if taggers is not None:
+                    self._tag_rows(plan.pool, taggers, out.last_hidden_state, [len(r) for r in batch_ids], results)
+        return results  # type: ignore[return-value]  # every row was filled by one of the three paths
 
-    def _plan(self, rows: list[ResidentAdapter | None]) -> tuple[BatchPlan | None, _Heads | None]:
+    def _plan(self, rows: list[ResidentAdapter | None]
+              ) -> tuple[BatchPlan | None, tuple[_Heads | None, _Heads | None] | None]:
         adapters = [a for a in rows if a is not None]
         if not adapters:
             return None, None
@@ -212,7 +223,11 @@ class AdapterBackend(BertBackend):
         zero = (0,) * rank
         pages = [placements[a].pages + zero[len(placements[a].pages):] if a is not None else zero for a in rows]
         plan = BatchPlan(pool, torch.tensor(pages, dtype=torch.long, device=self.device).view(-1), len(rows), rank)
-        return plan, self._heads(rows, placements)
+        # One head stack per kind of head: classifiers read the pooled vector, taggers every token's state.
+        classifiers = [a if a is not None and not a.tags_tokens else None for a in rows]
+        taggers = [a if a is not None and a.tags_tokens else None for a in rows]
+        return plan, (self._heads(classifiers, placements) if any(classifiers) else None,
+                      self._heads(taggers, placements) if any(taggers) else None)
 
     def _placements(self, adapters: list[ResidentAdapter]) -> tuple[dict[ResidentAdapter, Placement], int]:
         if self.device_tier is not None:
@@ -257,3 +272,17 @@ class AdapterBackend(BertBackend):
         probs = logits.to(torch.float32).masked_fill(~heads.valid, float("-inf")).softmax(dim=-1).cpu().tolist()
         for i, adapter, row in zip(heads.rows.tolist(), heads.adapters, probs, strict=True):
             results[i] = dict(zip(adapter.labels, row[: len(adapter.labels)], strict=True))
+
+    def _tag_rows(self, pool: PagePool, heads: _Heads, hidden: torch.Tensor, lengths: list[int],
+                  results: list[Result | None]) -> None:
+        """A tagger's head on every token of its rows (``BertForTokenClassification`` reads the sequence output,
+        not the pooler): ``[C, T, hidden] x [C, hidden, L]``, padding labels masked, each row cut to its length."""
+        n, width = heads.valid.shape
+        states = hidden.index_select(0, heads.rows)  # [C, T, hidden]
+        weight = pool.head_w.index_select(0, heads.pages).view(n, width, -1)  # [C, L, hidden]
+        bias = pool.head_b.index_select(0, heads.pages).view(n, 1, width)
+        logits = torch.bmm(states, weight.transpose(1, 2)) + bias  # [C, T, L]
+        logits = logits.to(torch.float32).masked_fill(~heads.valid.unsqueeze(1), float("-inf"))
+        probs = logits.softmax(dim=-1).cpu().numpy()
+        for k, (i, adapter) in enumerate(zip(heads.rows.tolist(), heads.adapters, strict=True)):
+            results[i] = TokenScores(adapter.labels, probs[k, : lengths[i], : len(adapter.labels)])

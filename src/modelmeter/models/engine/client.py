@@ -31,13 +31,13 @@ from zmq.utils.monitor import parse_monitor_message
 
 from modelmeter.models.batching import BatcherClosed, QueueFull, Submission
 from modelmeter.models.engine import protocol as p
+from modelmeter.models.outputs import Result
 from modelmeter.models.pool import ModelLoadError
 from modelmeter.models.source import ModelSource
 from modelmeter.periodic import Periodic
 
 log = logging.getLogger("modelmeter.engine.client")
 
-Result = dict[str, float] | list[float]
 
 
 class EngineUnavailable(Exception):
@@ -176,7 +176,7 @@ class RemoteEngine:
             if link.pending.pop(rid, None) is not None:  # the client left: the engine drops the rows
                 p.send_now(link.sock, [self._encode(p.Cancel(rid))])
             raise
-        return _submission(reply)
+        return _submission(reply, ids)
 
     async def stats(self) -> tuple[list[int], list[EngineStats]]:
         fronts: set[int] = set()
@@ -253,11 +253,15 @@ class RemoteEngine:
             self._ctx = None
 
 
-def _submission(reply: p.Done | p.Failed) -> Submission[Result]:
+def _submission(reply: p.Done | p.Failed, ids: list[list[int]]) -> Submission[Result]:
     if isinstance(reply, p.Failed):
         raise _error_of(reply)
-    vectors = p.unpack_floats(reply.data, reply.rows, reply.cols)
     results: list[Result]
+    if reply.kind == "token_scores":
+        results = list(p.unpack_token_scores(reply, [len(row) for row in ids]))
+        return Submission(results=results, queue_s=reply.queue_us / 1e6, inference_s=reply.inference_us / 1e6,
+                          compute_s=reply.compute_us / 1e6)
+    vectors = p.unpack_floats(reply.data, reply.rows, reply.cols)
     if reply.kind == "scores":
         labels = reply.labels
         results = [dict(zip(labels, row, strict=True)) for row in vectors]

@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from modelmeter.models.batching import BatcherClosed, OnBatch, QueueFull
 from modelmeter.models.engine import protocol as p
+from modelmeter.models.outputs import TokenScores
 from modelmeter.models.pool import ModelLoadError
 from modelmeter.models.serving import ModelServer
 
@@ -197,6 +198,9 @@ def server_load(server: ModelServer) -> tuple[int, int]:
 
 def _done(rid: int, results: list[Any], queue_s: float, inference_s: float, compute_s: float) -> p.Done:
     timing = (int(queue_s * 1e6), int(inference_s * 1e6), int(compute_s * 1e6))
+    if results and isinstance(results[0], TokenScores):
+        data, tokens, labels = p.pack_token_scores(results)
+        return p.Done(rid, "token_scores", tokens, len(labels), data, labels, *timing)
     if results and isinstance(results[0], dict):
         labels = list(results[0])
         data = p.pack_floats([[row[label] for label in labels] for row in results])

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 from modelmeter.models.batching import Submission
-from modelmeter.models.engine.client import EngineStats, Result
+from modelmeter.models.engine.client import EngineStats
+from modelmeter.models.outputs import Result
 from modelmeter.models.engine.core import EngineCounters, server_load
 from modelmeter.models.serving import ModelServer
 from modelmeter.models.source import ModelSource

@@ -3,8 +3,9 @@
 A front's DEALER socket talks to an engine's ROUTER socket (``ipc://`` in the data dir). Requests carry a
 front-chosen ``rid``; the engine answers each :class:`Infer` with exactly one :class:`Done` or :class:`Failed`
 (none when it was cancelled). Token ids travel as little-endian int32 with a row-length vector; vectors and
-class probabilities as float32, row-major (no pickle, no JSON: decoding never runs code, and a message that does
-not decode is dropped and counted by the engine).
+class probabilities as float32, row-major, and a tagger's probabilities per token as float32 ``[tokens of every
+row, labels]`` (the front splits them by the row lengths it sent). No pickle, no JSON: decoding never runs code,
+and a message that does not decode is dropped and counted by the engine.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import zmq
 
+from modelmeter.models.outputs import TokenScores
 from modelmeter.models.source import ModelSource
 
 
@@ -70,7 +73,7 @@ ToEngine = Infer | Cancel | Ping | StatsRequest
 
 class Done(msgspec.Struct, tag=11, array_like=True):
     rid: int
-    kind: str  # "vectors" | "scores"
+    kind: str  # "vectors" | "scores" | "token_scores"
     rows: int
     cols: int
     data: bytes  # float32, rows x cols
@@ -158,6 +161,26 @@ def unpack_floats(data: bytes, rows: int, cols: int) -> list[list[float]]:
         raise ValueError("output buffer does not match its shape")
     values = flat.tolist()
     return [values[i * cols: (i + 1) * cols] for i in range(rows)]
+
+
+def pack_token_scores(rows: Sequence[TokenScores]) -> tuple[bytes, int, list[str]]:
+    """Tagger rows (one label set: a request runs on one model) as float32 little-endian ``[tokens, labels]``."""
+    labels = rows[0].labels
+    data = np.concatenate([r.scores for r in rows]).astype("<f4", copy=False).tobytes()
+    return data, sum(len(r.scores) for r in rows), list(labels)
+
+
+def unpack_token_scores(done: Done, lengths: Sequence[int]) -> list[TokenScores]:
+    """The inverse of :func:`pack_token_scores`, split by the rows' token counts; ``ValueError`` on a mismatch."""
+    labels = tuple(done.labels)
+    if done.cols != len(labels) or sum(lengths) != done.rows or len(done.data) != 4 * done.rows * done.cols:
+        raise ValueError("token scores do not match their shape")
+    flat = np.frombuffer(done.data, dtype="<f4").astype(np.float32, copy=False).reshape(done.rows, done.cols)
+    out, at = [], 0
+    for n in lengths:
+        out.append(TokenScores(labels, flat[at: at + n]))
+        at += n
+    return out
 
 
 def send_now(sock: Any, frames: list[Any]) -> bool:

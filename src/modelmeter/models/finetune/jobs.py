@@ -103,6 +103,8 @@ class JobCreate(BaseModel):
     suffix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,40}$")] | None = None
     seed: Annotated[int, Strict(), Field(ge=0, le=2**31 - 1), INTEGRAL] | None = None
     training_type: TrainingTypeIn | None = None
+    # A classifier (rows of text and label) or a tagger (named entities: rows of tagged tokens or entity spans).
+    task: Literal["text-classification", "token-classification"] = "text-classification"
 
     def training(self) -> dict[str, Any]:
         """The training type in its stored (public) form; LoRA with the default rank when absent."""
@@ -116,6 +118,7 @@ def file_public(f: TenantFile) -> dict[str, Any]:
     return {
         "id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_at, "filename": f.filename,
         "purpose": f.purpose, "status": "processed", "status_details": None, "rows": f.rows, "labels": f.labels,
+        "task": f.task,
     }
 
 
@@ -130,7 +133,7 @@ def job_public(j: FineTuningJob) -> dict[str, Any]:
                             "learning_rate_multiplier": j.learning_rate_multiplier},
         "trained_tokens": j.trained_tokens, "error": error, "seed": j.seed, "user_provided_suffix": j.suffix,
         "estimated_finish": j.estimated_finish, "integrations": [], "result": j.result,
-        "training_type": j.training_type,
+        "training_type": j.training_type, "task": j.task,
     }
 
 
@@ -243,7 +246,18 @@ def validate_job(*, session: Session, tenant_id: str, data: JobCreate, base_mode
             f"No base model '{data.model}' to fine-tune; base models: {', '.join(base_models)}.",
             code="model_not_found", param="model",
         )
-    return get_file(session=session, tenant_id=tenant_id, file_id=data.training_file, param="training_file")
+    training = get_file(session=session, tenant_id=tenant_id, file_id=data.training_file, param="training_file")
+    _check_task(training, data.task, "training_file")
+    return training
+
+
+def _check_task(f: TenantFile, task: str, param: str) -> None:
+    if f.task != task:
+        rows = "tagged tokens or entity spans" if f.task == "token-classification" else "texts with labels"
+        raise InvalidRequestError(
+            f"The file '{f.id}' holds {rows} ({f.task}); a {task} job needs a {task} file. Set \"task\" to "
+            f"\"{f.task}\" to train on it.", code="invalid_training_file" if param == "training_file"
+            else "invalid_validation_file", param=param)
 
 
 def n_epochs_of(data: JobCreate) -> int:
@@ -267,6 +281,7 @@ def create_job(
     if data.validation_file:
         validation = get_file(session=session, tenant_id=tenant_id, file_id=data.validation_file,
                               param="validation_file")
+        _check_task(validation, data.task, "validation_file")
         unknown = sorted(set(validation.labels) - set(training.labels))
         if unknown:
             raise InvalidRequestError(
@@ -279,7 +294,8 @@ def create_job(
     session.add(job)
     session.flush()
     add_event(session=session, job_id=job.id,
-              message=f"Validating training file: {training.id} ({training.rows} rows, {len(training.labels)} labels)")
+              message=f"Validating training file: {training.id} ({training.rows} rows, {len(training.labels)} "
+                      f"{'entity types' if training.task == 'token-classification' else 'labels'})")
     if validation is not None:
         add_event(session=session, job_id=job.id,
                   message=f"Validating validation file: {validation.id} ({validation.rows} rows)")
@@ -309,7 +325,7 @@ def _new_job(tenant_id: str, data: JobCreate) -> FineTuningJob:
         learning_rate_multiplier=(DEFAULT_LEARNING_RATE_MULTIPLIER if hp.learning_rate_multiplier == "auto"
                                   else float(hp.learning_rate_multiplier)),
         seed=data.seed if data.seed is not None else 42,
-        training_type_json=json.dumps(data.training()),
+        training_type_json=json.dumps(data.training()), task=data.task,
     )
 
 

@@ -4,7 +4,8 @@ A LoRA fine-tune trains low-rank updates of the base encoder's linear layers (PE
 own classification head, and saves only those: ``adapter_model.safetensors`` and ``adapter_config.json`` as
 PEFT writes them, and :data:`~modelmeter.models.adapters.artifact.ADAPTER_META` with the labels. The serving
 side (:mod:`modelmeter.models.adapters`) computes many such adapters in one forward pass over the shared base.
-A full fine-tune saves a whole ``BertForSequenceClassification`` with its tokenizer, as round 1 did.
+A full fine-tune saves a whole ``BertForSequenceClassification`` with its tokenizer, as round 1 did. A tagger
+(named entities) is the same with ``BertForTokenClassification``: a per-token head, ``task`` in the meta.
 
 The defaults (rank, alpha, targets, learning rate) were chosen by measurement: ``bench/finetune.py``, with the
 table in the README.
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from transformers import BertForSequenceClassification
 
 from modelmeter.models.adapters.artifact import ADAPTER_CONFIG, ADAPTER_META, META_FORMAT, SERVED_TARGETS
 from modelmeter.models.finetune.hparams import (
@@ -80,14 +80,16 @@ def training_from_public(data: dict[str, Any] | None) -> TrainingType:
     raise ValueError(f"unknown training type {data!r}")
 
 
-def prepare(model: BertForSequenceClassification, training: TrainingType) -> torch.nn.Module:
+def prepare(model: torch.nn.Module, training: TrainingType, *, task: str = "text-classification") -> torch.nn.Module:
     """The module to optimise: the model itself (full), or a PEFT model whose only trainable weights are the
-    LoRA factors and the classification head."""
+    LoRA factors and the head (a ``BertForSequenceClassification``'s, or with ``task="token-classification"`` a
+    ``BertForTokenClassification``'s, which tags every token)."""
     if isinstance(training, FullTraining):
         return model
     from peft import LoraConfig, TaskType, get_peft_model
 
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=training.rank, lora_alpha=training.alpha,
+    task_type = TaskType.TOKEN_CLS if task == "token-classification" else TaskType.SEQ_CLS
+    config = LoraConfig(task_type=task_type, r=training.rank, lora_alpha=training.alpha,
                         lora_dropout=training.dropout, target_modules=list(training.target_modules),
                         modules_to_save=["classifier"])
     with warnings.catch_warnings():
@@ -148,7 +150,7 @@ def _share_dropouts(model: torch.nn.Module, p: float) -> None:
 
 
 def save(module: torch.nn.Module, tokenizer: Any, training: TrainingType, *, labels: list[str], base_model: str,
-         directory: Path) -> None:
+         directory: Path, task: str = "text-classification") -> None:
     """Write the trained artifact into ``directory`` (safetensors only)."""
     if isinstance(training, FullTraining):
         module.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
@@ -161,6 +163,6 @@ def save(module: torch.nn.Module, tokenizer: Any, training: TrainingType, *, lab
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base_model  # the platform's model id, not this machine's path
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    meta = {"format": META_FORMAT, "base_model": base_model, "labels": labels, "rank": training.rank,
+    meta = {"format": META_FORMAT, "task": task, "base_model": base_model, "labels": labels, "rank": training.rank,
             "alpha": training.alpha, "target_modules": list(training.target_modules)}
     (directory / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")

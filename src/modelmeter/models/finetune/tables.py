@@ -31,6 +31,10 @@ class TenantFile(SQLModel, table=True):
     # Training tokens of one epoch, by tokenizer fingerprint: counted once (at upload for the platform's bases,
     # else at the first job on another base), so creating a job never tokenizes the file again (issue 21).
     token_counts_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # "text-classification" (rows of text and label; labels the classes) or "token-classification" (rows of
+    # tagged tokens or of text with entity spans; labels the entity types)
+    task: str = Field(default="text-classification", max_length=32,
+                      sa_column_kwargs={"server_default": "text-classification"})
 
     @property
     def labels(self) -> list[str]:
@@ -72,6 +76,8 @@ class FineTuningJob(SQLModel, table=True):
     attempts: int = 0
     # {"type": "lora", "rank", "alpha"} or {"type": "full"}; NULL on jobs from before adapters (trained in full).
     training_type_json: str | None = None
+    task: str = Field(default="text-classification", max_length=32,
+                      sa_column_kwargs={"server_default": "text-classification"})
 
     @property
     def result(self) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +31,10 @@ from modelmeter.models.finetune import recipes
 from modelmeter.models.finetune.batches import length_bucketed_batches
 from modelmeter.models.finetune.dataset import Example
 from modelmeter.models.finetune.hparams import DEFAULT_BATCH_SIZE, DEFAULT_LEARNING_RATE_MULTIPLIER, DEFAULT_N_EPOCHS
-from modelmeter.models.finetune.metrics import Metrics, classification_metrics
+from modelmeter.models.finetune.metrics import EntityMetrics, Metrics, classification_metrics
 from modelmeter.models.finetune.recipes import LoraTraining, TrainingType
 
+IGNORE = -100  # a token whose label is not scored (a tagger's special tokens and continuation sub-tokens)
 WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
@@ -74,7 +75,7 @@ class Progress:
 class TrainResult:
     """What a finished training run produced: validation metrics, billable tokens, speed, artifacts."""
 
-    metrics: Metrics
+    metrics: Metrics | EntityMetrics  # a classifier's, or a tagger's (tagging.train_tagger)
     training_tokens: int
     examples_per_s: float
     wall_s: float
@@ -250,8 +251,10 @@ class _Trainer:
         seed: int,
         pad_id: int,
         learning_rate: float,
+        per_token: bool = False,
     ) -> None:
         self.model = model
+        self.per_token = per_token  # targets are a label per token (-100: not scored), not one per row
         self.device = device
         self.hparams = hparams
         self.rng = random.Random(seed)
@@ -266,7 +269,7 @@ class _Trainer:
     def fit(
         self,
         encoded: list[list[int]],
-        targets: list[int],
+        targets: Sequence[int | list[int]],
         *,
         stop: Callable[[], bool],
         on_progress: Callable[[Progress], None] | None,
@@ -291,12 +294,18 @@ class _Trainer:
                     meter.record(epoch=epoch, n_examples=len(batch), loss=loss, bar=bar)
         return meter.elapsed()
 
-    def _step(self, rows: list[list[int]], targets: list[int]) -> torch.Tensor:
+    def _step(self, rows: list[list[int]], targets: list[Any]) -> torch.Tensor:
         inputs = _collate(rows, self.pad_id, self.device)
-        gold = torch.tensor(targets, dtype=torch.long, device=self.device)
         with _autocast(self.device):
             logits = self.model(**inputs).logits
-        loss = F.cross_entropy(logits.float(), gold)
+        if self.per_token:  # [rows, width, labels] against each token's label, padding ignored
+            width = logits.shape[1]
+            gold = torch.tensor([t + [IGNORE] * (width - len(t)) for t in targets], dtype=torch.long,
+                                device=self.device)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), gold.view(-1), ignore_index=IGNORE)
+        else:
+            gold = torch.tensor(targets, dtype=torch.long, device=self.device)
+            loss = F.cross_entropy(logits.float(), gold)
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # torch types backward() loosely
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)

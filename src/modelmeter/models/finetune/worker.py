@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from sqlalchemy.orm import sessionmaker
@@ -27,7 +28,10 @@ from modelmeter.models.finetune.dataset import Example, parse_dataset, stratifie
 from modelmeter.models.finetune.estimate import epoch_tokens
 from modelmeter.models.finetune.recipes import training_from_public
 from modelmeter.models.finetune.tables import FineTuningJob, TenantFile
+from modelmeter.models.finetune.tagged import TaggedDataset, parse_tagged
+from modelmeter.models.finetune.tagging import train_tagger
 from modelmeter.models.finetune.train import Cancelled, Hyperparameters, Progress, TrainResult, train_classifier
+from modelmeter.models.outputs import TOKEN_CLASSIFICATION
 from modelmeter.models.registry import MlModel, artifact_path, register_tenant_model
 
 log = logging.getLogger("modelmeter.worker")
@@ -116,6 +120,13 @@ class Worker:
                 log.exception("heartbeat for %s failed; will retry", job_id)
 
     def _train(self, job_id: str, stop: threading.Event) -> None:
+        with self.sessions() as session:
+            job = session.get(FineTuningJob, job_id)
+            assert job is not None
+            task = job.task
+        if task == TOKEN_CLASSIFICATION:
+            self._train_tagger(job_id, stop)
+            return
         job, train, validation, labels, base_dir = self._inputs(job_id)
         output = self.config.data_dir / "models" / job.tenant_id / job.id
         result = train_classifier(
@@ -130,6 +141,50 @@ class Worker:
             result = replace(result, training_tokens=result.training_tokens + evaluated)
         if not self._succeed(job, result, labels, output):
             shutil.rmtree(output, ignore_errors=True)
+
+    def _train_tagger(self, job_id: str, stop: threading.Event) -> None:
+        """A token-classification job: the tagged rows, a seeded hold-out (or the tenant's file, bounded), a
+        tagger trained on them (``tagging.train_tagger``), registered with its entity types."""
+        with self.sessions() as session:
+            job = session.get(FineTuningJob, job_id)
+            assert job is not None
+            base = session.get(MlModel, job.model)
+            if base is None:
+                raise RuntimeError(f"base model {job.model} is no longer registered")
+            training = self._read_tagged(session.get(TenantFile, job.training_file), "training_file")
+            validation_file = session.get(TenantFile, job.validation_file) if job.validation_file else None
+        examples = list(training.examples)
+        rng = random.Random(job.seed)
+        if validation_file is not None:
+            validation = list(self._read_tagged(validation_file, "validation_file").examples)
+            if len(validation) > MAX_VALIDATION_ROWS:
+                validation = rng.sample(validation, MAX_VALIDATION_ROWS)
+        else:
+            rng.shuffle(examples)
+            held = min(MAX_VALIDATION_ROWS, max(1, round(len(examples) * VALIDATION_FRACTION)))
+            examples, validation = examples[held:], examples[:held]
+        tags = training.tags
+        self._note(job_id, f"Training on {len(examples)} rows, validating on {len(validation)} rows, entity types "
+                           f"{', '.join(training.types)}.")
+        base_dir = artifact_path(base.artifact, self.config.data_dir)
+        output = self.config.data_dir / "models" / job.tenant_id / job.id
+        result = train_tagger(
+            base_model_dir=base_dir, train=examples, validation=validation, tags=tags,
+            hparams=Hyperparameters(job.n_epochs, job.batch_size, job.learning_rate_multiplier), seed=job.seed,
+            device=self.config.device, output_dir=output, on_progress=lambda p: self._progress(job.id, p),
+            should_stop=stop.is_set, show_progress=self.config.show_progress,
+            training=training_from_public(job.training_type), base_model=job.model,
+        )
+        if job.validation_file:
+            evaluated = epoch_tokens(base_dir, [" ".join(example.words) for example in validation])
+            result = replace(result, training_tokens=result.training_tokens + evaluated)
+        if not self._succeed(job, result, list(training.types), output):
+            shutil.rmtree(output, ignore_errors=True)
+
+    def _read_tagged(self, f: TenantFile | None, param: str) -> TaggedDataset:
+        if f is None:
+            raise RuntimeError(f"the {param} was deleted before the job started")
+        return parse_tagged((self.config.data_dir / f.path).read_bytes(), max_rows=10**9, max_text_chars=10**9)
 
     def _inputs(self, job_id: str) -> tuple[FineTuningJob, list[Example], list[Example], list[str], Path]:
         with self.sessions() as session:
@@ -187,11 +242,16 @@ class Worker:
                 return False
             register_tenant_model(session=session, model_id=model_id, tenant_id=job.tenant_id,
                                   base_model=job.model, labels=labels, artifact=str(relative), job_id=job.id,
-                                  training_type=job.training_type["type"])
+                                  training_type=job.training_type["type"],
+                                  task="token-classification" if job.task == TOKEN_CLASSIFICATION
+                                  else "text-classification")
             self.on_succeeded(session, job, result, self.config.device.type)
+            metrics: dict[str, Any] = dict(result.metrics)
+            score = (f"entity F1 {metrics['f1']:.4f}" if job.task == TOKEN_CLASSIFICATION
+                     else f"accuracy {metrics['accuracy']:.4f}")
             jobs.add_event(session=session, job_id=job.id,
-                           message=f"Job succeeded: {model_id} (accuracy {result.metrics['accuracy']:.4f} on "
-                                   f"{result.metrics['n_validation']} validation rows).")
+                           message=f"Job succeeded: {model_id} ({score} on {metrics['n_validation']} validation "
+                                   "rows).")
             session.commit()
         return True
 
