@@ -85,3 +85,38 @@ def merged_classifier(base: Path, adapter: Path, n_labels: int) -> PreTrainedMod
     merged: PreTrainedModel = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.eval()
     return merged
+
+
+def make_tiny_tagger_adapter(path: Path, base: Path, tags: list[str], *, rank: int = 4, seed: int = 0,
+                             std: float = 0.3, head_std: float = 0.3) -> Path:
+    """A LoRA tagger for the tiny base (a ``BertForTokenClassification`` head), saved as a fine-tune saves one.
+    The head is drawn smaller than a classifier's (``head_std``): it reads LayerNorm outputs of magnitude ~1-3 per
+    dimension, not the pooler's tanh, and unit-variance weights there put logits near 20, where float32 rounding
+    of PEFT's merged weights against the unmerged path alone reaches 1e-5 (trained heads are far smaller)."""
+    from modelmeter.models.finetune import recipes
+
+    training = recipes.LoraTraining(rank=rank, alpha=2 * rank)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForTokenClassification.from_pretrained(base, num_labels=len(tags), local_files_only=True)
+        module = recipes.prepare(model, training, task="token-classification")
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    param.normal_(0.0, std if "lora" in name else head_std)
+    path.mkdir(parents=True, exist_ok=True)
+    recipes.save(module, None, training, labels=tags, base_model="tiny-base", directory=path,
+                 task="token-classification")
+    return path
+
+
+def merged_tagger(base: Path, adapter: Path, n_labels: int) -> PreTrainedModel:
+    """The tagger adapter loaded on a copy of the base by PEFT, unmerged (PEFT's own LoRA layers compute
+    ``W x + B A x``, as serving does; merged weights round differently, by up to ~1.3e-5 on these random
+    weights): the reference its served rows must equal."""
+    from peft import PeftModel
+
+    model = BertForTokenClassification.from_pretrained(base, num_labels=n_labels, local_files_only=True)
+    peft: PreTrainedModel = PeftModel.from_pretrained(model, adapter)
+    peft.eval()
+    return peft

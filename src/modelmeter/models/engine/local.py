@@ -7,8 +7,8 @@ import os
 
 from modelmeter.models.batching import Submission
 from modelmeter.models.engine.client import EngineStats
-from modelmeter.models.outputs import Result
 from modelmeter.models.engine.core import EngineCounters, server_load
+from modelmeter.models.outputs import Result
 from modelmeter.models.serving import ModelServer
 from modelmeter.models.source import ModelSource
 

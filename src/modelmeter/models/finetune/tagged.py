@@ -16,6 +16,8 @@ classification files (at most ``MAX_TYPE_CHARS`` characters, no control or forma
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import unicodedata
 from dataclasses import dataclass
@@ -67,7 +69,7 @@ def parse_tagged(data: bytes, *, max_rows: int, max_text_chars: int) -> TaggedDa
     text = _decode(data)
     examples: list[TaggedExample] = []
     types: set[str] = set()
-    notes: list[str] = []
+    notes = _Notes()
     form: tuple[str, int] | None = None  # the file's form and the line that set it
     for index, raw in enumerate(text.split("\n")):
         if not raw.strip():
@@ -88,17 +90,33 @@ def parse_tagged(data: bytes, *, max_rows: int, max_text_chars: int) -> TaggedDa
         raise DatasetError("file has no sentences")
     if not types:
         raise DatasetError("no entities in the file: at least one tag other than O is needed")
-    if len(notes) > MAX_NOTES:
-        notes = [*notes[:MAX_NOTES], f"... and {len(notes) - MAX_NOTES} more"]
     ordered = sorted(types)
-    return TaggedDataset(examples, ordered, ["O", *(f"{p}-{t}" for t in ordered for p in "BI")], notes)
+    return TaggedDataset(examples, ordered, ["O", *(f"{p}-{t}" for t in ordered for p in "BI")], notes.lines())
+
+
+class _Notes:
+    """The first ``MAX_NOTES`` notes of a parse, and how many more there were."""
+
+    def __init__(self) -> None:
+        self.kept: list[str] = []
+        self.more = 0
+
+    def add(self, note: str) -> None:
+        if len(self.kept) < MAX_NOTES:
+            self.kept.append(note)
+        else:
+            self.more += 1
+
+    def lines(self) -> list[str]:
+        return [*self.kept, f"... and {self.more} more"] if self.more else list(self.kept)
 
 
 def _row(obj: dict[str, Any], kind: str, line: int, max_text_chars: int, types: set[str],
-         notes: list[str]) -> TaggedExample:
-    words, tags = _tokens_row(obj, line) if kind == "tokens" else _spans_row(obj, line)
-    if sum(map(len, words)) + len(words) - 1 > max_text_chars:
-        raise DatasetError(f"the sentence is longer than {max_text_chars} characters", line)
+         notes: _Notes) -> TaggedExample:
+    if kind == "tokens":
+        words, tags = _tokens_row(obj, line, max_text_chars)
+    else:
+        words, tags = _spans_row(obj, line, max_text_chars)
     tags = _begin_orphans(tags, line, notes)
     for tag in tags:
         if tag != "O" and tag[2:] not in types:
@@ -132,11 +150,15 @@ def _strings(obj: dict[str, Any], field: str, line: int) -> list[str]:
     return value
 
 
-def _tokens_row(obj: dict[str, Any], line: int) -> tuple[list[str], list[str]]:
+def _tokens_row(obj: dict[str, Any], line: int, max_text_chars: int) -> tuple[list[str], list[str]]:
     words = _strings(obj, "tokens", line)
     tags = _strings(obj, "tags", line)
     if not words:
         raise DatasetError("'tokens' is empty", line)
+    length = sum(map(len, words)) + len(words) - 1
+    if length > max_text_chars:
+        raise DatasetError(f"'tokens' joined by spaces are {length} characters long; at most {max_text_chars} are "
+                           "allowed", line)
     for i, word in enumerate(words):
         if not word.strip():
             raise DatasetError(f"'tokens[{i}]' is empty or blank", line)
@@ -150,11 +172,13 @@ def _tokens_row(obj: dict[str, Any], line: int) -> tuple[list[str], list[str]]:
     return words, tags
 
 
-def _spans_row(obj: dict[str, Any], line: int) -> tuple[list[str], list[str]]:
+def _spans_row(obj: dict[str, Any], line: int, max_text_chars: int) -> tuple[list[str], list[str]]:
     text = obj.get("text")
     if not isinstance(text, str):
         raise DatasetError("missing 'text'" if text is None else f"'text' must be a string, got {_json_type(text)}",
                            line)
+    if len(text) > max_text_chars:
+        raise DatasetError(f"'text' is {len(text)} characters long; at most {max_text_chars} are allowed", line)
     words = _SPLITTER.pre_tokenize_str(text)
     if not words:
         raise DatasetError("'text' is empty or blank", line)
@@ -162,22 +186,36 @@ def _spans_row(obj: dict[str, Any], line: int) -> tuple[list[str], list[str]]:
     if not isinstance(spans, list):
         raise DatasetError("missing 'entities'" if spans is None
                            else f"'entities' must be an array, got {_json_type(spans)}", line)
+    checked = [(*_span(span, i, len(text), line), i) for i, span in enumerate(spans)]
+    _check_overlaps(checked, line)
+    return [word for word, _ in words], _span_tags(words, checked, line)
+
+
+def _check_overlaps(spans: list[tuple[int, int, str, int]], line: int) -> None:
+    # Sorted by start, with no overlap found so far: a span can only overlap the one just before it.
+    for before, after in itertools.pairwise(sorted(spans)):
+        if after[0] < before[1]:
+            first, second = sorted((before, after), key=lambda span: span[3])
+            raise DatasetError(f"'entities[{second[3]}]' ({second[0]}-{second[1]}) overlaps 'entities[{first[3]}]' "
+                               f"({first[0]}-{first[1]})", line)
+
+
+def _span_tags(words: list[tuple[str, tuple[int, int]]], spans: list[tuple[int, int, str, int]],
+               line: int) -> list[str]:
+    # Words are in text order and do not overlap: those a span overlaps are a run found by bisection.
+    word_starts = [start for _, (start, _) in words]
+    word_ends = [end for _, (_, end) in words]
     tags = ["O"] * len(words)
-    taken: list[tuple[int, int, int]] = []
-    for i, span in enumerate(spans):
-        start, end, label = _span(span, i, len(text), line)
-        for s, e, j in taken:
-            if start < e and s < end:
-                raise DatasetError(f"'entities[{i}]' ({start}-{end}) overlaps 'entities[{j}]' ({s}-{e})", line)
-        taken.append((start, end, i))
-        covered = [k for k, (_, (ws, we)) in enumerate(words) if ws < end and start < we]
-        if not covered:
+    for start, end, label, i in spans:
+        first_word, stop = bisect.bisect_right(word_ends, start), bisect.bisect_left(word_starts, end)
+        if first_word >= stop:
             raise DatasetError(f"'entities[{i}]' ({start}-{end}) covers no word of 'text'", line)
-        for n, k in enumerate(covered):
+        for k in range(first_word, stop):
             if tags[k] != "O":
-                raise DatasetError(f"'entities[{i}]' shares a word with another entity", line)
-            tags[k] = f"{'B' if n == 0 else 'I'}-{label}"
-    return [word for word, _ in words], tags
+                raise DatasetError(f"'entities[{i}]' ({start}-{end}) shares the word {words[k][0][:60]!r} with "
+                                   "another entity: spans are tagged by whole words", line)
+            tags[k] = f"{'B' if k == first_word else 'I'}-{label}"
+    return tags
 
 
 def _span(span: object, i: int, length: int, line: int) -> tuple[int, int, str]:
@@ -210,12 +248,12 @@ def _check_type(kind: str, field: str, line: int) -> None:
         raise DatasetError(f"'{field}' contains a control or format character", line)
 
 
-def _begin_orphans(tags: list[str], line: int, notes: list[str]) -> list[str]:
+def _begin_orphans(tags: list[str], line: int, notes: _Notes) -> list[str]:
     """IOB2: an ``I-X`` with no ``X`` before it begins one (it becomes ``B-X``)."""
     out: list[str] = []
     for i, tag in enumerate(tags):
         if tag.startswith("I-") and (i == 0 or out[-1] == "O" or out[-1][2:] != tag[2:]):
-            notes.append(f"line {line}: {tag} with no {tag[2:]} to continue begins an entity (IOB2)")
+            notes.add(f"line {line}: {tag} with no {tag[2:]} to continue begins an entity (IOB2)")
             tag = "B-" + tag[2:]
         out.append(tag)
     return out

@@ -42,7 +42,7 @@ from modelmeter.models.finetune.train import (
 )
 
 TASK = "token-classification"
-__all__ = ["Cancelled", "align", "train_tagger"]
+__all__ = ["Cancelled", "align", "predict", "train_tagger"]
 
 
 def align(tokenizer: Any, examples: list[TaggedExample], tags: list[str], max_length: int
@@ -50,20 +50,26 @@ def align(tokenizer: Any, examples: list[TaggedExample], tags: list[str], max_le
     """Token ids, the label of each token (the tag's index on a word's first sub-token, -100 elsewhere) and each
     token's word index (None for special tokens), per example."""
     index = {tag: i for i, tag in enumerate(tags)}
-    encoded = tokenizer([list(ex.words) for ex in examples], is_split_into_words=True, truncation=True,
-                        max_length=max_length)
-    ids: list[list[int]] = encoded["input_ids"]
-    labels, words = [], []
-    for row, example in enumerate(examples):
-        word_ids = encoded.word_ids(row)
+    ids, words = _encode_words(tokenizer, examples, max_length)
+    labels = []
+    for example, word_ids in zip(examples, words, strict=True):
         previous: int | None = None
         row_labels = []
         for word in word_ids:
             row_labels.append(IGNORE if word is None or word == previous else index[example.tags[word]])
             previous = word
         labels.append(row_labels)
-        words.append(word_ids)
     return ids, labels, words
+
+
+def _encode_words(tokenizer: Any, examples: list[TaggedExample], max_length: int
+                  ) -> tuple[list[list[int]], list[list[int | None]]]:
+    """Each example's token ids and the word of each token (None: a special token), truncated to ``max_length``."""
+    if not examples:
+        return [], []
+    encoded = tokenizer([list(ex.words) for ex in examples], is_split_into_words=True, truncation=True,
+                        max_length=max_length)
+    return encoded["input_ids"], [encoded.word_ids(row) for row in range(len(examples))]
 
 
 def train_tagger(
@@ -115,7 +121,7 @@ def predict(model: torch.nn.Module, tokenizer: Any, examples: list[TaggedExample
             device: torch.device, max_length: int, *, batch_size: int = EVAL_BATCH_SIZE,
             stop: Callable[[], bool] = _never) -> list[list[str]]:
     """Each word's tag, read from its first sub-token; words past the truncation are ``O``."""
-    ids, _, words = _words_only(tokenizer, examples, max_length)
+    ids, words = _encode_words(tokenizer, examples, max_length)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     predicted: list[list[str]] = [["O"] * len(ex.words) for ex in examples]
     was_training = model.training
@@ -135,13 +141,6 @@ def predict(model: torch.nn.Module, tokenizer: Any, examples: list[TaggedExample
     finally:
         model.train(was_training)
     return predicted
-
-
-def _words_only(tokenizer: Any, examples: list[TaggedExample], max_length: int
-                ) -> tuple[list[list[int]], None, list[list[int | None]]]:
-    encoded = tokenizer([list(ex.words) for ex in examples], is_split_into_words=True, truncation=True,
-                        max_length=max_length)
-    return encoded["input_ids"], None, [encoded.word_ids(row) for row in range(len(examples))]
 
 
 def _check(train: list[TaggedExample], validation: list[TaggedExample], tags: list[str], output_dir: Path) -> None:
