@@ -17,6 +17,7 @@ from modelmeter.models.finetune.tables import TenantFile
 from tests.api.test_fine_tuning import create_job, upload, worker_for
 from tests.conftest import assert_envelope, bearer
 
+
 @pytest.fixture
 def base(register_model: Any) -> str:
     """A tiny platform feature-extraction model that tenants may fine-tune."""
