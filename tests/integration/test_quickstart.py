@@ -56,12 +56,12 @@ def serving(settings: Settings, port: int) -> Iterator[str]:
         thread.join(timeout=30)
 
 
-def run_quickstart(settings: Settings, url: str) -> subprocess.CompletedProcess[str]:
+def run_quickstart(settings: Settings, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in {"MODELMETER_ADMIN_TOKEN"}}
     assert settings.database_url
     env |= {"MODELMETER_DATA_DIR": str(settings.data_dir), "MODELMETER_DATABASE_URL": settings.database_url,
             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "modelmeter.cli", "quickstart", "--url", url], env=env,
+    done = subprocess.run([sys.executable, "-m", "modelmeter.cli", "quickstart", "--url", url, *extra], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     return done
@@ -186,3 +186,24 @@ def test_quickstart_through_a_running_server_whose_worker_is_off(settings: Setti
     assert f"modelmeter key roll {key['id']}" in out
     keys = client.get(f"/admin/tenants/{tenant['id']}/keys", headers=ADMIN).json()["data"]
     assert sorted((k["name"], k["status"]) for k in keys) == [("quickstart", "active"), ("quickstart-setup", "revoked")]
+
+
+def test_quickstart_with_entities_trains_a_tagger_whose_printed_example_works(settings: Settings) -> None:
+    """``--with-entities``: the sentiment classifier and a tagger on the packaged entity sample; the printed curl
+    line for the tagger, run against a live server, finds the person, the company and the place."""
+    import json
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    out = run_quickstart(settings, url, "--with-entities").stdout
+    assert re.search(r"^file +file_\w+ entities_sample.jsonl \(800 tagged sentences", out, re.M), out
+    found = re.search(r"^model +ft:all-MiniLM-L6-v2:entities:\w+: trained in [\d.]+ s, f1 (0\.\d+)", out, re.M)
+    assert found, out
+    assert float(found.group(1)) > 0.8  # templated sentences: a tagger learns them well
+    curl = example(out, "named entities, shell")
+    server_settings = settings.model_copy(update={"admin_token": None})
+    with serving(server_settings, port):
+        answer = json.loads(subprocess.run(["bash", "-ec", curl], capture_output=True, text=True, timeout=120,
+                                           check=True).stdout)
+    groups = {(e["entity_group"], e["word"]) for e in answer["data"][0]["entities"]}
+    assert {("PER", "Maria Lopez"), ("ORG", "Northwind Bank"), ("LOC", "Lisbon")} <= groups, groups

@@ -230,8 +230,8 @@ def test_lora_saves_only_the_adapter_and_head_as_safetensors(tiny_base: Path, lo
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_meta.json",
                                                      "adapter_model.safetensors"]
     meta = json.loads((out / "adapter_meta.json").read_text())
-    assert meta == {"format": 1, "base_model": "tiny-base", "labels": LABELS, "rank": 4, "alpha": 8,
-                    "target_modules": ["query", "key", "value", "dense"]}
+    assert meta == {"format": 1, "task": "text-classification", "base_model": "tiny-base", "labels": LABELS,
+                    "rank": 4, "alpha": 8, "target_modules": ["query", "key", "value", "dense"]}
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, "tiny-base")
     weights = load_file(out / "adapter_model.safetensors")
