@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -167,8 +168,8 @@ def test_quickstart_through_a_running_server_whose_worker_is_off(settings: Setti
     key = client.post(f"/admin/tenants/{tenant['id']}/keys", json={"name": "quickstart"}, headers=ADMIN).json()
     small = "".join(f'{{"text": "{t}", "label": "{["negative", "positive"][y]}"}}\n'
                     for t, y in sst2_rows(60, seed=3) if '"' not in t and "\\" not in t)
-    monkeypatch.setattr(quickstart, "sample_bytes", lambda: small.encode())
-    monkeypatch.setattr(quickstart, "N_EPOCHS", 1)
+    monkeypatch.setattr(quickstart, "sample_bytes", lambda recipe=None: small.encode())
+    monkeypatch.setattr(quickstart, "SENTIMENT", dataclasses.replace(quickstart.SENTIMENT, n_epochs=1))
     monkeypatch.setenv("MODELMETER_DATA_DIR", str(settings.data_dir))
     assert settings.database_url
     monkeypatch.setenv("MODELMETER_DATABASE_URL", settings.database_url)
