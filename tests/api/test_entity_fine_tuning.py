@@ -170,3 +170,12 @@ def test_worker_trains_a_tagger_that_serves_at_once(client: TestClient, tenant: 
     with services.sessions() as session:
         kinds = sorted(session.exec(select(UsageEvent.kind).where(UsageEvent.tenant_id == tenant_id)).all())
     assert kinds == ["inference", "training"]
+
+
+def test_a_classification_file_with_a_tokens_key_stays_a_classification_file(client: TestClient,
+                                                                              tenant: Any) -> None:
+    _, headers = tenant
+    rows = [{"text": f"good {i}", "label": "pos", "tokens": 17} for i in range(4)]
+    rows += [{"text": f"bad {i}", "label": "neg", "tokens": 9} for i in range(4)]
+    body = upload(client, headers, "\n".join(json.dumps(r) for r in rows).encode()).json()
+    assert (body["task"], body["labels"]) == ("text-classification", ["neg", "pos"])

@@ -17,6 +17,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr
+from starlette.concurrency import run_in_threadpool
 
 from modelmeter.errors import InvalidRequestError
 from modelmeter.fields import INTEGRAL
@@ -189,7 +190,8 @@ async def entities(body: EntitiesRequest, principal: InferencePrincipal, request
         request, principal, body.model, texts, truncate=body.truncate, endpoint="entities",
         check=task_check(TOKEN_CLASSIFICATION, "/v1/entities"), spans=True,
     )
-    found = _entities(texts, served, body.aggregation_strategy)
+    # Grouping is per-token Python work: off the event loop, so a long request does not stall the front's others.
+    found = await run_in_threadpool(_entities, texts, served, body.aggregation_strategy)
     data = [{"index": i, "entities": items} for i, items in enumerate(found)]
     return _respond({"object": "list", "model": body.model, "data": data, "usage": _usage(served)}, served)
 
@@ -251,7 +253,8 @@ async def hf_inference(model: str, body: HFRequest, principal: InferencePrincipa
         return _respond(served.results, served)
     if served.task == TOKEN_CLASSIFICATION:
         params = body.parameters or HFParameters()
-        found = _entities(texts, served, params.aggregation_strategy or "simple", params.ignore_labels)
+        found = await run_in_threadpool(_entities, texts, served, params.aggregation_strategy or "simple",
+                                        params.ignore_labels)
         return _respond(found[0] if isinstance(body.inputs, str) else found, served)
     top_k = body.parameters.top_k if body.parameters else None
     ranked = []

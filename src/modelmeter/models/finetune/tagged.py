@@ -53,14 +53,16 @@ class TaggedDataset:
 
 
 def looks_tagged(data: bytes) -> bool:
-    """Whether the first non-blank line is a JSON object with ``tokens`` or ``entities`` (a named-entity file)."""
+    """Whether the first non-blank line is a JSON object with a ``tokens`` or ``entities`` array and no ``label``
+    (a named-entity file); a classification row that carries a ``tokens`` count as metadata stays one."""
     for raw in data.split(b"\n", 64)[:64]:
         if raw.strip():
             try:
                 obj = json.loads(raw.decode("utf-8", errors="replace").removeprefix("\ufeff"))
             except (ValueError, RecursionError):
                 return False
-            return isinstance(obj, dict) and ("tokens" in obj or "entities" in obj)
+            return (isinstance(obj, dict) and "label" not in obj
+                    and (isinstance(obj.get("tokens"), list) or isinstance(obj.get("entities"), list)))
     return False
 
 
