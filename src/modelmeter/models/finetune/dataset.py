@@ -152,7 +152,9 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, str, str]]:
             yield _jsonl_row(raw, index + 1)
 
 
-def _jsonl_row(raw: str, line: int) -> tuple[int, str, str]:
+def json_object(raw: str, line: int) -> dict[str, Any]:
+    """One JSONL line as an object, or a :class:`DatasetError` naming the line (malformed, too deep, not an
+    object). Shared with the named-entity files (``tagged.py``)."""
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -161,6 +163,11 @@ def _jsonl_row(raw: str, line: int) -> tuple[int, str, str]:
         raise DatasetError("malformed JSON: nested too deeply", line) from None
     if not isinstance(obj, dict):
         raise DatasetError(f"expected a JSON object, got {_json_type(obj)}", line)
+    return obj
+
+
+def _jsonl_row(raw: str, line: int) -> tuple[int, str, str]:
+    obj = json_object(raw, line)
     return line, _json_text(obj, line), _json_label(obj, line)
 
 

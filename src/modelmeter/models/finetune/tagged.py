@@ -25,7 +25,7 @@ from typing import Any
 
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
-from modelmeter.models.finetune.dataset import DatasetError, _decode, _json_type
+from modelmeter.models.finetune.dataset import DatasetError, _decode, _json_type, json_object
 
 MAX_TYPES = 100
 MAX_TYPE_CHARS = 50
@@ -77,7 +77,7 @@ def parse_tagged(data: bytes, *, max_rows: int, max_text_chars: int) -> TaggedDa
         if not raw.strip():
             continue
         line = index + 1
-        obj = _object(raw, line)
+        obj = json_object(raw, line)
         kind = "tokens" if "tokens" in obj else "text" if "text" in obj or "entities" in obj else None
         if kind is None:
             raise DatasetError("expected 'tokens' and 'tags', or 'text' and 'entities'", line)
@@ -126,18 +126,6 @@ def _row(obj: dict[str, Any], kind: str, line: int, max_text_chars: int, types: 
             if len(types) > MAX_TYPES:
                 raise DatasetError(f"too many entity types: at most {MAX_TYPES} are allowed", line)
     return TaggedExample(tuple(words), tuple(tags))
-
-
-def _object(raw: str, line: int) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"malformed JSON: {exc.msg} (column {exc.colno})", line) from None
-    except RecursionError:
-        raise DatasetError("malformed JSON: nested too deeply", line) from None
-    if not isinstance(obj, dict):
-        raise DatasetError(f"expected a JSON object, got {_json_type(obj)}", line)
-    return obj
 
 
 def _strings(obj: dict[str, Any], field: str, line: int) -> list[str]:
