@@ -8,7 +8,7 @@ import pytest
 
 from modelmeter.billing.catalog import Plan
 from modelmeter.billing.drawdown import GrantBalance, draw_rank, plan_draws
-from modelmeter.billing.metering import check_training_quota
+from modelmeter.billing.meter import check_training_quota
 from modelmeter.billing.quota import Amount
 from modelmeter.errors import InsufficientQuotaError
 

@@ -20,18 +20,19 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
-from sqlalchemy import func, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
+from sqlalchemy import update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
-from modelmeter.billing.catalog import Plan, PlanCatalog
+from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.destinations import addresses, canonical_host, forbidden, is_local_name
-from modelmeter.billing.pricing import Usage, usage_cost_micro
-from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting, UsageEvent
+from modelmeter.billing.pricing import Usage
+from modelmeter.billing.spend import billed_spend_micro, usage_by_plan
+from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
 from modelmeter.errors import ConflictError, NotFoundError
 from modelmeter.ids import new_id
 from modelmeter.money import MICRO_PER_CENT, micro_to_cents
@@ -302,20 +303,10 @@ class Alerts:
         crossings: list[Crossing] = []
         for tenant_id, period in added:
             thresholds, url, budget_cents, plan_id = settings[tenant_id]
-            after = self._totals(conn, tenant_id, period)
+            after = usage_by_plan(conn, tenant_id=tenant_id, period=period)
             crossings += self._crossings(conn, tenant_id, period, list(thresholds), url, budget_cents, plan_id,
                                          after)
         return self._write(conn, crossings)
-
-    def _totals(self, conn: Connection, tenant_id: str, period: str) -> dict[str, Usage]:
-        query = (sa_select(col(UsageEvent.plan), func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens),
-                           func.sum(UsageEvent.training_tokens))
-                 .where(col(UsageEvent.tenant_id) == tenant_id, col(UsageEvent.period) == period)
-                 .group_by(col(UsageEvent.plan)))
-        return {plan: Usage(int(r or 0), int(t or 0), int(tr or 0)) for plan, r, t, tr in conn.execute(query).all()}
-
-    def _plan(self, plan_id: str, fallback: str) -> Plan:
-        return self._catalog.get(plan_id if plan_id in self._catalog else fallback)
 
     def _crossings(self, conn: Connection, tenant_id: str, period: str, thresholds: list[int], url: str,
                    budget_cents: int | None, plan_id: str, after: dict[str, Usage]) -> list[Crossing]:
@@ -323,7 +314,7 @@ class Alerts:
             resource: Resource = "budget"
 
             def measure(usage: dict[str, Usage]) -> int:
-                return sum(usage_cost_micro(self._plan(p, plan_id), u) for p, u in usage.items())
+                return billed_spend_micro(self._catalog, usage, plan_id)
 
             limit, value_after = budget_cents * MICRO_PER_CENT, measure(after)
             hits = reached(thresholds, value_after, limit, self._fired(conn, tenant_id, period, resource))

@@ -40,10 +40,10 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
-from modelmeter.billing import credits, invoicing, ledger
+from modelmeter.billing import credits, invoicing, periods
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.counts import add_into
-from modelmeter.billing.ledger import period_bounds
+from modelmeter.billing.periods import period_bounds
 from modelmeter.billing.tables import Invoice, UsageEvent
 from modelmeter.errors import ConflictError
 from modelmeter.money import MICRO_PER_CENT, decimal_text, quantize_half_up, round_half_up_div, unit_micro_cents
@@ -197,7 +197,7 @@ def tenant_revenue(*, session: Session, catalog: PlanCatalog, tenant: Tenant, pe
 def period_economics(*, session: Session, catalog: PlanCatalog, prices: ComputePrices, period: str,
                      tenants: Sequence[Tenant]) -> list[EconomicsRow]:
     """One row per (tenant, plan) with revenue or usage in ``period``, for tenants that existed in it."""
-    invoicing.parse_period(period)
+    periods.parse_period(period)
     end = period_bounds(period)[1]
     tallies = ledger_tallies(session=session, period=period, prices=prices)
     rows: list[EconomicsRow] = []
@@ -259,8 +259,8 @@ def compute_prices(settings: Settings) -> ComputePrices:
 def economics_report(*, session: Session, catalog: PlanCatalog, settings: Settings, period: str | None,
                      group_by: GroupBy) -> list[EconomicsRow]:
     """Revenue, compute cost and margin of ``period`` (the running month when omitted) per tenant or plan."""
-    current = ledger.period_of(clock.now_s())
-    period = invoicing.parse_period(period) if period else current
+    current = periods.period_of(clock.now_s())
+    period = periods.parse_period(period) if period else current
     if period > current:
         # 409 like closing an unfinished month: the request is well formed, the period is not there yet.
         raise ConflictError(f"Period {period} has not started yet.", code="period_in_future", param="period")

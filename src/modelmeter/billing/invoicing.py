@@ -8,13 +8,11 @@ transaction that advances ``billing_state.closed_through``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
@@ -22,8 +20,9 @@ from sqlmodel import Session, col, select
 from modelmeter import clock
 from modelmeter.billing import credits
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.ledger import period_bounds, period_of
-from modelmeter.billing.pricing import Line, Usage, price_period, subtotal, usage_cost_micro
+from modelmeter.billing.periods import parse_period, period_bounds, period_of
+from modelmeter.billing.pricing import Line, Usage, price_period, subtotal
+from modelmeter.billing.spend import billed_spend_micro, usage_by_plan
 from modelmeter.billing.stripe.outbox import enqueue_invoice, enqueue_plan_change
 from modelmeter.billing.tables import (
     BillingClose,
@@ -31,38 +30,17 @@ from modelmeter.billing.tables import (
     Invoice,
     InvoiceLine,
     PlanChange,
-    UsageEvent,
 )
-from modelmeter.errors import ConflictError, InvalidRequestError
+from modelmeter.errors import ConflictError
 from modelmeter.ids import new_id
 from modelmeter.money import decimal_text
 from modelmeter.tenancy.tenants import Tenant, all_tenants
-
-PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
-
-
-def parse_period(period: str) -> str:
-    """Validate ``YYYY-MM`` (422 otherwise)."""
-    if not PERIOD_RE.match(period) or not 1970 <= int(period[:4]) <= 9999:
-        raise InvalidRequestError("period must look like YYYY-MM.", code="invalid_period", param="period")
-    return period
 
 
 def record_plan_change(*, session: Session, tenant_id: str, plan: str, at: int | None = None) -> None:
     change = PlanChange(tenant_id=tenant_id, plan=plan, effective_at=clock.now_s() if at is None else at)
     session.add(change)
     enqueue_plan_change(session=session, change=change)
-
-
-def usage_by_plan(*, session: Session, tenant_id: str, period: str) -> dict[str, Usage]:
-    """Committed usage of a tenant's period, per plan it was served under."""
-    query = (
-        select(UsageEvent.plan, func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens),
-               func.sum(UsageEvent.training_tokens))
-        .where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)
-        .group_by(col(UsageEvent.plan))
-    )
-    return {plan: Usage(int(r or 0), int(t or 0), int(tr or 0)) for plan, r, t, tr in session.exec(query).all()}
 
 
 def plan_segments(*, session: Session, tenant_id: str, start: int, end: int) -> list[tuple[str, int]]:
@@ -86,7 +64,7 @@ def price_tenant_period(
     """The invoice lines of one tenant's period, from its plan history and its ledger."""
     start, end = period_bounds(period)
     segments = plan_segments(session=session, tenant_id=tenant_id, start=start, end=end) or [(current_plan, 0)]
-    usage = usage_by_plan(session=session, tenant_id=tenant_id, period=period)
+    usage = usage_by_plan(session.connection(), tenant_id=tenant_id, period=period)
     # price_period merges entries of the same plan: time held on it, and the usage served under it.
     triples = [(catalog.get(plan), secs, Usage()) for plan, secs in segments]
     triples += [(catalog.get(plan or current_plan), 0, amount) for plan, amount in usage.items()]
@@ -107,21 +85,14 @@ def credits_line(*, session: Session, tenant_id: str, period: str, lines: Sequen
                 amount=-applied, plan=plan)
 
 
-def usage_micro_of(*, session: Session, catalog: PlanCatalog, tenant_id: str, period: str, current_plan: str
-                   ) -> int:
-    """The exact usage cost of a tenant's period (micro-cents), each plan's usage priced by that plan."""
-    usage = usage_by_plan(session=session, tenant_id=tenant_id, period=period)
-    return sum(usage_cost_micro(catalog.get(plan or current_plan), used) for plan, used in usage.items())
-
-
 def invoice_lines(*, session: Session, catalog: PlanCatalog, tenant_id: str, period: str, current_plan: str
                   ) -> tuple[list[Line], int, int]:
     """A period's lines (charges, then credits applied), its subtotal (the charges) and its total."""
     lines = price_tenant_period(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
                                 current_plan=current_plan)
     charges = subtotal(lines)
-    usage_micro = usage_micro_of(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
-                                 current_plan=current_plan)
+    usage_micro = billed_spend_micro(catalog, usage_by_plan(session.connection(), tenant_id=tenant_id,
+                                                            period=period), current_plan)
     applied = credits_line(session=session, tenant_id=tenant_id, period=period, lines=lines, plan=current_plan,
                            usage_micro=usage_micro)
     if applied is None:
@@ -270,7 +241,7 @@ def _invoice_tenant(*, session: Session, catalog: PlanCatalog, tenant: Tenant, p
     session.flush()
     enqueue_invoice(session=session, invoice=invoice, has_lines=bool(lines))
     drawn = sum(credits.drawn_in_period(session=session, tenant_id=tenant_id, period=period).values())
-    over = drawn - usage_micro_of(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
-                                  current_plan=plan) if drawn else 0
+    by_plan = usage_by_plan(session.connection(), tenant_id=tenant_id, period=period) if drawn else {}
+    over = drawn - billed_spend_micro(catalog, by_plan, plan) if drawn else 0
     returned = credits.return_overdraw(session=session, tenant_id=tenant_id, period=period, over_micro=over, now=now)
     return 1, bool(returned)

@@ -2,32 +2,30 @@
 
 ``LedgerWriter.record`` returns only once the row is durable, so a response is never sent for usage that
 is not in the ledger; a request id recorded twice is a no-op (unique constraint, ``ON CONFLICT DO NOTHING``).
-Admission (reserve, settle, release) is :mod:`modelmeter.billing.metering`.
+Admission (reserve, settle, release) is :mod:`modelmeter.billing.meter`; the calendar :mod:`modelmeter.billing.periods`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import insert as sa_insert
-from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col
 
 from modelmeter.billing.drawdown import Draws
-from modelmeter.billing.tables import BillingState, CreditDraw, UsageEvent
+from modelmeter.billing.periods import closed_through, next_period, period_of
+from modelmeter.billing.tables import CreditDraw, UsageEvent
 
 log = logging.getLogger("modelmeter.ledger")
 
@@ -62,39 +60,6 @@ class AlertHook(Protocol):
     def concerns(self, written: Sequence[UsageRecord]) -> bool:
         """Whether any of these rows' tenants may have alerts (False: ``fire`` would do nothing)."""
         ...
-
-
-def period_of(ts: int) -> str:
-    """The calendar month (UTC) of a Unix timestamp, as ``YYYY-MM``."""
-    return _month_of_day(int(ts) // 86400)
-
-
-# A UTC day lies in one month. The ledger names every row's month (and the open one after a closed month):
-# datetime's formatting and parsing cost ~2.5% of a saturated front's samples in bench/fronts.py's profile.
-@functools.lru_cache(maxsize=1024)
-def _month_of_day(day: int) -> str:
-    return datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m")
-
-
-def period_bounds(period: str) -> tuple[int, int]:
-    """``[start, end)`` of a ``YYYY-MM`` period in Unix seconds (UTC)."""
-    start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    return int(start.timestamp()), int(end.timestamp())
-
-
-@functools.lru_cache(maxsize=256)
-def next_period(period: str) -> str:
-    return period_of(period_bounds(period)[1])
-
-
-def closed_through(conn: Connection, *, lock: bool = False) -> str | None:
-    """The latest closed period. ``lock`` takes the row FOR SHARE on PostgreSQL, so a concurrent close
-    (which takes it FOR UPDATE) waits for this transaction and never misses its rows."""
-    query = sa_select(col(BillingState.closed_through)).where(col(BillingState.id) == 1)
-    if lock and conn.dialect.name == "postgresql":
-        query = query.with_for_update(read=True)
-    return conn.execute(query).scalar()
 
 
 PeriodFor = Callable[[Connection, Sequence[UsageRecord]], dict[str, str]]

@@ -38,15 +38,14 @@ from sqlmodel import Session
 from modelmeter import clock
 from modelmeter.billing import credits, economics, invoicing
 from modelmeter.billing.catalog import Plan, PlanCatalog
-from modelmeter.billing.ledger import period_bounds, period_of
-from modelmeter.billing.pricing import Line, Usage, price_period, usage_cost_micro
+from modelmeter.billing.periods import PERIOD, parse_period, period_bounds, period_of
+from modelmeter.billing.pricing import Line, price_period, usage_cost_micro
+from modelmeter.billing.spend import period_usage
 from modelmeter.errors import ConflictError, InvalidRequestError
 from modelmeter.fields import PYTHON_RE
 from modelmeter.settings import Settings
 from modelmeter.tenancy.tenants import Tenant, all_tenants
 
-# A calendar month as the ledger names it (the same pattern the admin routes state).
-PERIOD = r"^(19[7-9][0-9]|2[01][0-9]{2})-(0[1-9]|1[0-2])$"
 MAX_PLANS = 100
 MAX_ASSIGNMENTS = 10_000
 MONEY_FIELDS = ("revenue_actual_cents", "revenue_simulated_cents", "compute_cost_cents", "margin_actual_cents",
@@ -149,7 +148,7 @@ def _assigned_lines(*, session: Session, catalog: PlanCatalog, tenant_id: str, p
     start, end = period_bounds(period)
     held = sum(secs for _, secs in invoicing.plan_segments(session=session, tenant_id=tenant_id, start=start,
                                                             end=end))
-    used = sum(invoicing.usage_by_plan(session=session, tenant_id=tenant_id, period=period).values(), Usage())
+    used = period_usage(session=session, tenant_id=tenant_id, period=period)
     plan = catalog.get(plan_id)
     lines = price_period([(plan, held, used)], seconds_in_period=end - start)
     applied = invoicing.credits_line(session=session, tenant_id=tenant_id, period=period, lines=lines,
@@ -191,7 +190,7 @@ def simulate(*, sessions: sessionmaker[Session], catalog: PlanCatalog, settings:
     """Re-price ``period`` (closed or running) under ``plans`` and ``assign``; rows sorted by the change in margin,
     largest gain first, then tenant id. 422 for a bad period, a repeated plan id or a bad assignment; 409 for a
     period that has not started. Writes nothing."""
-    invoicing.parse_period(period)
+    parse_period(period)
     if period > period_of(clock.now_s()):
         raise ConflictError(f"Period {period} has not started yet.", code="period_in_future", param="period")
     candidate = candidate_catalog(catalog, plans)

@@ -17,7 +17,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col
 
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.ledger import period_bounds, period_of
+from modelmeter.billing.periods import period_bounds, period_of
 from modelmeter.billing.pricing import Usage, marginal_cost_micro
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.errors import InvalidRequestError

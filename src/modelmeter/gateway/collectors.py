@@ -29,8 +29,9 @@ from modelmeter import clock
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.credits import outstanding_by_tenant
 from modelmeter.billing.economics import ComputePrices, EconomicsRow, group, period_economics
-from modelmeter.billing.ledger import period_of
-from modelmeter.billing.pricing import Usage, usage_cost_micro
+from modelmeter.billing.periods import period_of
+from modelmeter.billing.pricing import Usage
+from modelmeter.billing.spend import budget_spend_micro
 from modelmeter.billing.tables import AlertDelivery, StripeOutbox
 from modelmeter.models.finetune.tables import ACTIVE_STATUSES, FINISHED_STATUSES, FineTuningJob
 from modelmeter.money import MICRO_PER_CENT
@@ -67,7 +68,7 @@ def quota_utilisation(catalog: PlanCatalog, tenant: Tenant, used: Usage) -> dict
                                      ("tokens", plan.included_tokens, used.tokens)):
             out[resource] = float(Fraction(value, cap)) if cap else 1.0
     if plan is not None and tenant.monthly_budget_cents is not None:
-        spent = Fraction(usage_cost_micro(plan, used), MICRO_PER_CENT)
+        spent = Fraction(budget_spend_micro(plan, used), MICRO_PER_CENT)
         budget = tenant.monthly_budget_cents
         out["budget"] = float(spent / budget) if budget else 1.0
     return out

@@ -19,9 +19,9 @@ from sqlmodel import Session
 from modelmeter import clock
 from modelmeter.billing import alerts, credits, invoicing
 from modelmeter.billing.catalog import Plan, PlanCatalog
-from modelmeter.billing.ledger import period_of
-from modelmeter.billing.metering import period_usage
-from modelmeter.billing.pricing import Usage, usage_cost_micro
+from modelmeter.billing.periods import period_of
+from modelmeter.billing.pricing import Usage
+from modelmeter.billing.spend import budget_spend_micro, period_usage
 from modelmeter.billing.usage import UsageQuery, usage_buckets
 from modelmeter.errors import AuthenticationError, TenantSuspendedError
 from modelmeter.money import micro_to_cents
@@ -149,7 +149,7 @@ def load_page(*, session: Session, catalog: PlanCatalog, tenant_id: str, expires
     used = period_usage(session=session, tenant_id=tenant.id, period=period)
     rows, _ = invoicing.list_invoices(session=session, tenant_id=tenant.id, limit=12, after=None)
     return PageData(
-        tenant=tenant, plan=plan, period=period, used=used, spent_cents=micro_to_cents(usage_cost_micro(plan, used)),
+        tenant=tenant, plan=plan, period=period, used=used, spent_cents=micro_to_cents(budget_spend_micro(plan, used)),
         upcoming=invoicing.preview(session=session, catalog=catalog, tenant_id=tenant.id, plan=tenant.plan),
         invoices=[invoicing.invoice_public(i, invoicing.lines_of(session=session, invoice_id=i.id)) for i in rows],
         days=daily_usage(session=session, catalog=catalog, tenant=tenant, now=now), expires_at=expires_at, now=now,

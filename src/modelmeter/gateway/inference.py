@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from modelmeter import clock
 from modelmeter.billing.ledger import UsageRecord
-from modelmeter.billing.metering import Hold
+from modelmeter.billing.meter import Hold
 from modelmeter.billing.quota import Amount
 from modelmeter.billing.ratelimit import RateDecision
 from modelmeter.errors import (

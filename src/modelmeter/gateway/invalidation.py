@@ -102,12 +102,12 @@ class Invalidations:
                 except Exception:
                     self.subscribed.clear()
                     log.warning("the cache invalidation subscription dropped; subscribing again in 1 s")
-                    await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+                    await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call, unused-ignore]
                     pubsub = client.pubsub()
                     await asyncio.sleep(1)
         finally:
             # Bounded: a subscription cancelled half-way can leave redis-py's cleanup waiting on its connection.
-            await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+            await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call, unused-ignore]
             await _quietly(client.aclose())
 
     async def aclose(self) -> None:

@@ -12,7 +12,7 @@ from modelmeter.billing.alert_relay import AlertRelay
 from modelmeter.billing.alerts import Alerts
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.ledger import LedgerWriter
-from modelmeter.billing.metering import Meter
+from modelmeter.billing.meter import Meter
 from modelmeter.billing.quota import InProcessQuotaStore, QuotaStore, RedisQuotaStore
 from modelmeter.billing.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from modelmeter.billing.stripe.relay import StripeRelay
@@ -73,3 +73,13 @@ def make_limiters(redis_url: str | None) -> tuple[RateLimiter, QuotaStore]:
     quotas = RedisQuotaStore(redis_client(redis_url), owns_client=True)
     return limiter, quotas
 
+
+
+def services_of(app: object) -> Services:
+    """The app's services, typed: ``services_of(request.app)`` or ``services_of(client.app)`` in a test.
+
+    ``app.state`` is untyped in Starlette; this is the one place that says what ``services`` on it is."""
+    services = app.state.services  # type: ignore[attr-defined]  # Starlette's State is a bag of attributes
+    if not isinstance(services, Services):
+        raise TypeError(f"app.state.services is {type(services).__name__}, not Services")
+    return services

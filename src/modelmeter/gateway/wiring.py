@@ -23,7 +23,7 @@ from modelmeter.billing.alerts import Alerts, seal_plain_secrets, secret_sealer
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.credits import store_grants
 from modelmeter.billing.ledger import LedgerWriter
-from modelmeter.billing.metering import Meter
+from modelmeter.billing.meter import Meter
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.gateway.auth import FailedAuthThrottle, KeyAuthenticator
 from modelmeter.gateway.invalidation import Invalidations

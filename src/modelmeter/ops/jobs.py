@@ -12,9 +12,10 @@ from sqlmodel import Session, col, select
 
 from modelmeter import clock
 from modelmeter.billing.catalog import PlanCatalog
-from modelmeter.billing.ledger import period_of
-from modelmeter.billing.metering import as_amount, check_training_quota, period_usage
+from modelmeter.billing.meter import as_amount, check_training_quota
+from modelmeter.billing.periods import period_of
 from modelmeter.billing.quota import Amount
+from modelmeter.billing.spend import period_usage
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.estimate import epoch_tokens, tokenizer_fingerprint
 from modelmeter.models.finetune.tables import FineTuningJob, TenantFile

@@ -14,7 +14,7 @@ from modelmeter.billing.catalog import Plan
 from modelmeter.billing.credits import CreditGrantCreate, grant_credits
 from modelmeter.billing.economics import economics_report
 from modelmeter.billing.invoicing import close_period
-from modelmeter.billing.simulation import PERIOD as SIMULATION_PERIOD
+from modelmeter.billing.periods import PERIOD
 from modelmeter.billing.simulation import SimulationRequest, simulate
 from modelmeter.fields import PYTHON_RE, matching
 from modelmeter.gateway.deps import AdminDep, ListDep, ServicesDep, SessionDep, list_body
@@ -39,9 +39,6 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 
 READ, ONE, WRITE, WRITE_ONE = (errors(*ADMIN_READ), errors(*ADMIN_READ, 404), errors(*ADMIN_WRITE),
                                errors(*ADMIN_WRITE, 404))
-# A calendar month, as the ledger and invoices name it (the schema says so, so that clients and fuzzers know).
-PERIOD = SIMULATION_PERIOD
-
 
 @router.get("/engine", response_model=EngineStatus, responses=READ)
 async def get_engine(services: ServicesDep) -> dict[str, Any]:

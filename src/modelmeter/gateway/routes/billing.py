@@ -10,9 +10,8 @@ from fastapi import APIRouter
 from modelmeter import clock
 from modelmeter.billing import invoicing
 from modelmeter.billing.credits import CreditPurchaseCreate
-from modelmeter.billing.ledger import period_bounds, period_of
-from modelmeter.billing.metering import period_usage
-from modelmeter.billing.pricing import usage_cost_micro
+from modelmeter.billing.periods import period_bounds, period_of
+from modelmeter.billing.spend import budget_spend_micro, period_usage
 from modelmeter.billing.tables import Invoice
 from modelmeter.errors import NotFoundError
 from modelmeter.gateway.deps import (
@@ -39,7 +38,7 @@ def subscription(principal: BillingPrincipal, services: ServicesDep, session: Se
     period = period_of(clock.now_s())
     start, end = period_bounds(period)
     used = period_usage(session=session, tenant_id=tenant.id, period=period)
-    spent_micro = usage_cost_micro(plan, used)
+    spent_micro = budget_spend_micro(plan, used)
     spent_cents, spent_exact = micro_to_cents(spent_micro), cents_text(spent_micro)
     budget = tenant.monthly_budget_cents
     return {

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from modelmeter.billing.ledger import period_of
+from modelmeter.billing.periods import period_of
 from modelmeter.billing.quota import Amount
 from modelmeter.fields import matching
 from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep, list_body

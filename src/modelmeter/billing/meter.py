@@ -17,14 +17,16 @@ from sqlmodel import Session, col, select
 
 from modelmeter.billing.catalog import Plan
 from modelmeter.billing.drawdown import CreditTerms, Draws, GrantBalance
-from modelmeter.billing.ledger import LedgerWriter, UsageRecord, period_of
+from modelmeter.billing.ledger import LedgerWriter, UsageRecord
+from modelmeter.billing.periods import period_of
 from modelmeter.billing.pricing import Usage, metered_prices
 from modelmeter.billing.quota import Amount, Caps, QuotaStore
+from modelmeter.billing.spend import period_usage
 from modelmeter.billing.tables import CreditDraw, UsageEvent
 from modelmeter.errors import InsufficientQuotaError
 from modelmeter.money import MICRO_PER_CENT
 
-log = logging.getLogger("modelmeter.metering")
+log = logging.getLogger("modelmeter.metering")  # the logger these messages have always gone to
 
 
 # --- quota and budget: reserve before compute, settle after the row is durable ---------------------------
@@ -45,13 +47,6 @@ def quota_caps(plan: Plan, budget_cents: int | None, *, training: bool = False,
         max_cost_micro=budget_cents * MICRO_PER_CENT if budget_cents is not None else None,
         prices=metered_prices(plan) if budget_cents is not None or credits else None,
     )
-
-
-def period_usage(*, session: Session, tenant_id: str, period: str) -> Usage:
-    """Committed usage of a tenant's period, from the ledger."""
-    query = select(func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens))
-    r, t, tr = session.exec(query.where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)).one()
-    return Usage(int(r or 0), int(t or 0), int(tr or 0))
 
 
 def served_requests(*, sessions: sessionmaker[Session], request_ids: Sequence[str]) -> set[str]:
