@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from modelmeter.billing.catalog import PRICES, Plan
 from modelmeter.billing.pricing import metered_cost_micro, metered_prices
 from modelmeter.billing.quota import Amount, Caps, InProcessQuotaStore, RedisQuotaStore
-from modelmeter.billing.ratelimit import InProcessRateLimiter, RedisRateLimiter
+from modelmeter.gateway.ratelimit import InProcessRateLimiter, RedisRateLimiter
 from modelmeter.gateway.services import make_limiters
 from tests.plan_strategies import tiered_plans
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from modelmeter.billing.quota import Amount, Caps, InProcessQuotaStore
-from modelmeter.billing.ratelimit import InProcessRateLimiter, RateDecision
+from modelmeter.gateway.ratelimit import InProcessRateLimiter, RateDecision
 from modelmeter.gateway.ratelimit_headers import _duration, rate_headers
 from modelmeter.gateway.services import make_limiters
 

@@ -17,7 +17,6 @@ from modelmeter import clock
 from modelmeter.billing.ledger import UsageRecord
 from modelmeter.billing.meter import Hold
 from modelmeter.billing.quota import Amount
-from modelmeter.billing.ratelimit import RateDecision
 from modelmeter.errors import (
     ClientDisconnectedError,
     InsufficientQuotaError,
@@ -29,6 +28,7 @@ from modelmeter.errors import (
     ServiceUnavailableError,
 )
 from modelmeter.gateway.auth import Principal
+from modelmeter.gateway.ratelimit import RateDecision
 from modelmeter.gateway.ratelimit_headers import rate_headers
 from modelmeter.gateway.services import Services
 from modelmeter.models.batching import BatcherClosed, QueueFull, Submission

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from modelmeter.billing.ratelimit import WINDOW_S, RateDecision, to_us
+from modelmeter.gateway.ratelimit import WINDOW_S, RateDecision, to_us
 
 
 def _ceil_s(seconds: float) -> int:  # float-ok

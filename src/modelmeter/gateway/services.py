@@ -14,10 +14,10 @@ from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.ledger import LedgerWriter
 from modelmeter.billing.meter import Meter
 from modelmeter.billing.quota import InProcessQuotaStore, QuotaStore, RedisQuotaStore
-from modelmeter.billing.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from modelmeter.billing.stripe.relay import StripeRelay
 from modelmeter.gateway.auth import FailedAuthThrottle, KeyAuthenticator
 from modelmeter.gateway.invalidation import Invalidations
+from modelmeter.gateway.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from modelmeter.gateway.redis_clients import redis_client
 from modelmeter.models.engine.client import EngineClient
 from modelmeter.models.registry import ModelCache
