@@ -152,7 +152,7 @@ def test_the_progress_bar_follows_metrics_events(sessions: Any, runner: CliRunne
     display = ProgressDisplay(bar=True, out=out)
     job = follow_job(lambda after: ops_jobs.job_events(sessions=sessions, job_id=job_id, after_seq=after), display,
                      interval_s=0.01)
-    assert job["status"] == "succeeded"
+    assert job.status == "succeeded"
     assert "step" not in out.getvalue()  # metrics events move the bar instead of printing lines
     assert "Job succeeded" in out.getvalue()
     bar = capsys.readouterr().err

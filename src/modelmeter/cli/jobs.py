@@ -7,13 +7,14 @@ server, and whichever worker trains the job.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import click
 
-from modelmeter.cli.output import admin_services, emit, json_option, reports_errors
+from modelmeter.cli.output import admin_services, dump, emit, json_option, reports_errors
 from modelmeter.cli.progress import ProgressDisplay, event_line, follow_job
+from modelmeter.models.finetune.tables import FineTuningJobPublic
 from modelmeter.ops import jobs as ops
+from modelmeter.shapes import Page
 
 
 @click.group()
@@ -25,32 +26,31 @@ def _when(ts: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-def _accuracy(job: dict[str, Any]) -> str:
-    result = job.get("result") or {}
+def _accuracy(job: FineTuningJobPublic) -> str:
+    result = job.result or {}
     return f"{result['accuracy']:.4f}" if "accuracy" in result else "-"
 
 
-def _job_line(j: dict[str, Any]) -> str:
-    return (f"{j['id']}  {j['organization_id']}  {j['status']:<16} {j['model']:<20} "
-            f"{j['fine_tuned_model'] or '-':<44} accuracy={_accuracy(j):<6} created {_when(j['created_at'])}")
+def _job_line(j: FineTuningJobPublic) -> str:
+    return (f"{j.id}  {j.organization_id}  {j.status:<16} {j.model:<20} "
+            f"{j.fine_tuned_model or '-':<44} accuracy={_accuracy(j):<6} created {_when(j.created_at)}")
 
 
-def _job_text(j: dict[str, Any]) -> str:
-    hp = j["hyperparameters"]
-    training = j["training_type"]
+def _job_text(j: FineTuningJobPublic) -> str:
+    hp = j.hyperparameters
     lines = {
-        "id": j["id"], "tenant": j["organization_id"], "status": j["status"], "model": j["model"],
-        "fine_tuned_model": j["fine_tuned_model"] or "-",
-        "training_type": " ".join(f"{k}={v}" for k, v in training.items()),
-        "hyperparameters": f"n_epochs={hp['n_epochs']} batch_size={hp['batch_size']} "
-                           f"learning_rate_multiplier={hp['learning_rate_multiplier']}",
-        "training_file": j["training_file"], "validation_file": j["validation_file"] or "-",
-        "created": _when(j["created_at"]), "finished": _when(j["finished_at"]),
-        "trained_tokens": j["trained_tokens"] if j["trained_tokens"] is not None else "-",
+        "id": j.id, "tenant": j.organization_id, "status": j.status, "model": j.model,
+        "fine_tuned_model": j.fine_tuned_model or "-",
+        "training_type": " ".join(f"{k}={v}" for k, v in j.training_type.items()),
+        "hyperparameters": f"n_epochs={hp.n_epochs} batch_size={hp.batch_size} "
+                           f"learning_rate_multiplier={hp.learning_rate_multiplier}",
+        "training_file": j.training_file, "validation_file": j.validation_file or "-",
+        "created": _when(j.created_at), "finished": _when(j.finished_at),
+        "trained_tokens": j.trained_tokens if j.trained_tokens is not None else "-",
     }
-    if j["error"]:
-        lines["error"] = f"{j['error']['code']}: {j['error']['message']}"
-    result = j["result"] or {}
+    if j.error:
+        lines["error"] = f"{j.error.code}: {j.error.message}"
+    result = j.result or {}
     if "accuracy" in result:
         lines["accuracy"] = f"{result['accuracy']:.4f} (macro F1 {result.get('macro_f1', float('nan')):.4f}, " \
                             f"{result.get('n_validation', '?')} validation rows)"
@@ -68,8 +68,7 @@ def jobs_list(tenant_id: str | None, limit: int, as_json: bool) -> None:
     """Fine-tuning jobs, newest first: every tenant's, or one tenant's."""
     with admin_services() as services:
         data, has_more = ops.list_jobs(sessions=services.sessions, tenant_id=tenant_id, limit=limit, after=None)
-    emit(as_json, {"object": "list", "data": data, "has_more": has_more},
-         lambda p: "\n".join(_job_line(j) for j in p["data"]) or "no jobs")
+    emit(as_json, dump(Page.of(data, has_more)), lambda _: "\n".join(_job_line(j) for j in data) or "no jobs")
 
 
 @jobs.command("show")
@@ -80,7 +79,7 @@ def jobs_show(job_id: str, as_json: bool) -> None:
     """One job: status, hyperparameters, result (accuracy) or error."""
     with admin_services() as services:
         payload = ops.get_job(sessions=services.sessions, job_id=job_id)
-    emit(as_json, payload, _job_text)
+    emit(as_json, dump(payload), lambda _: _job_text(payload))
 
 
 @jobs.command("events")
@@ -96,16 +95,16 @@ def jobs_events(job_id: str, follow: bool, interval: float, as_json: bool) -> No
     with admin_services() as services:
         if not follow:
             job, events = ops.job_events(sessions=services.sessions, job_id=job_id, limit=10**6)
-            emit(as_json, {"object": "list", "data": events[::-1], "has_more": False},
-                 lambda p: "\n".join(event_line(e) for e in events) or "no events")
+            emit(as_json, dump(Page.of(events[::-1])),
+                 lambda _: "\n".join(event_line(e) for e in events) or "no events")
             return
         display = ProgressDisplay(as_json=as_json)
         job = follow_job(lambda after: ops.job_events(sessions=services.sessions, job_id=job_id, after_seq=after),
                          display, interval_s=interval)
     if not as_json:
-        click.echo(f"{job['id']} {job['status']}" + (f": {job['fine_tuned_model']} (accuracy {_accuracy(job)})"
-                                                     if job["status"] == "succeeded" else ""))
-    if job["status"] != "succeeded":
+        click.echo(f"{job.id} {job.status}" + (f": {job.fine_tuned_model} (accuracy {_accuracy(job)})"
+                                               if job.status == "succeeded" else ""))
+    if job.status != "succeeded":
         raise SystemExit(1)
 
 

@@ -7,7 +7,6 @@ knows nothing of where they are kept.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -16,20 +15,22 @@ from typing import IO, Any
 import click
 from tqdm import tqdm
 
+from modelmeter.models.finetune.tables import FineTuningEventPublic, FineTuningJobPublic
+
 FINISHED = ("succeeded", "failed", "cancelled")
 
 # poll(after_seq) -> (the job, its events after event number ``after_seq``, oldest first), both in public form
-Poll = Callable[[int], tuple[dict[str, Any], list[dict[str, Any]]]]
+Poll = Callable[[int], tuple[FineTuningJobPublic, list[FineTuningEventPublic]]]
 
 
-def event_seq(event: dict[str, Any]) -> int:
-    return int(str(event["id"]).removeprefix("ftevent_"))
+def event_seq(event: FineTuningEventPublic) -> int:
+    return int(event.id.removeprefix("ftevent_"))
 
 
-def event_line(event: dict[str, Any]) -> str:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["created_at"]))
-    level = "" if event["level"] == "info" else f"[{event['level']}] "
-    return f"{stamp}  {level}{event['message']}"
+def event_line(event: FineTuningEventPublic) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.created_at))
+    level = "" if event.level == "info" else f"[{event.level}] "
+    return f"{stamp}  {level}{event.message}"
 
 
 class ProgressDisplay:
@@ -42,12 +43,12 @@ class ProgressDisplay:
         self.out = out
         self.bar: tqdm[Any] | None = None
 
-    def show(self, event: dict[str, Any]) -> None:
+    def show(self, event: FineTuningEventPublic) -> None:
         if self.as_json:
-            click.echo(json.dumps(event), file=self.out)
+            click.echo(event.model_dump_json(), file=self.out)
             return
-        if event["type"] == "metrics" and self.use_bar:
-            self._advance(event.get("data") or {})
+        if event.type == "metrics" and self.use_bar:
+            self._advance(event.data)
             return
         if self.bar is not None:
             self.bar.clear()
@@ -68,9 +69,9 @@ class ProgressDisplay:
             f"{data.get('examples_per_s', 0):.0f} examples/s, {data.get('eta_s', 0):.0f} s left", refresh=False)
         self.bar.refresh()
 
-    def close(self, job: dict[str, Any] | None = None) -> None:
+    def close(self, job: FineTuningJobPublic | None = None) -> None:
         if self.bar is not None:
-            if job is not None and job["status"] == "succeeded" and self.bar.total:
+            if job is not None and job.status == "succeeded" and self.bar.total:
                 self.bar.n = self.bar.total
                 self.bar.refresh()
             self.bar.close()
@@ -78,7 +79,7 @@ class ProgressDisplay:
 
 
 def follow_job(poll: Poll, display: ProgressDisplay, *, interval_s: float = 1.0, after_seq: int = 0,
-               on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+               on_poll: Callable[[FineTuningJobPublic], None] | None = None) -> FineTuningJobPublic:
     """Show the job's events (from ``after_seq`` on) as they come until it has finished; the finished job.
 
     ``on_poll(job)`` runs after every poll (e.g. to check that something will train a queued job)."""
@@ -88,7 +89,7 @@ def follow_job(poll: Poll, display: ProgressDisplay, *, interval_s: float = 1.0,
             for event in events:
                 display.show(event)
                 after_seq = max(after_seq, event_seq(event))
-            if job["status"] in FINISHED:
+            if job.status in FINISHED:
                 if events:  # perhaps more than one poll's worth: read on until none is left
                     continue
                 display.close(job)

@@ -16,7 +16,6 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 
 import click
 
@@ -27,7 +26,7 @@ from modelmeter.cli.quickstart_backends import DEMO_EMAIL, Backend, InProcess, O
 from modelmeter.errors import NotFoundError
 from modelmeter.gateway.services import Services
 from modelmeter.models.finetune import jobs
-from modelmeter.models.finetune.tables import FINISHED_STATUSES
+from modelmeter.models.finetune.tables import FINISHED_STATUSES, FineTuningJobPublic
 from modelmeter.models.registry import BASE_MODEL_ID
 from modelmeter.ops import jobs as ops_jobs
 from modelmeter.ops import tenants as ops_tenants
@@ -93,10 +92,11 @@ def find_file(services: Services, tenant_id: str, size: int, recipe: Recipe = SE
     return next((f.id for f in rows if f.filename == recipe.sample and f.bytes == size), None)
 
 
-def find_job(services: Services, tenant_id: str, file_id: str, recipe: Recipe = SENTIMENT) -> dict[str, Any] | None:
+def find_job(services: Services, tenant_id: str, file_id: str, recipe: Recipe = SENTIMENT
+             ) -> FineTuningJobPublic | None:
     data, _ = ops_jobs.list_jobs(sessions=services.sessions, tenant_id=tenant_id, limit=1000, after=None)
-    usable = [j for j in data if j["training_file"] == file_id and j["user_provided_suffix"] == recipe.suffix
-              and j["status"] not in ("failed", "cancelled")]
+    usable = [j for j in data if j.training_file == file_id and j.user_provided_suffix == recipe.suffix
+              and j.status not in ("failed", "cancelled")]
     return usable[0] if usable else None  # newest first
 
 
@@ -128,7 +128,7 @@ class LocalTrainer:
         try:
             while not self.stop.is_set():
                 job = ops_jobs.get_job(sessions=self.services.sessions, job_id=self.job_id)
-                if job["status"] in FINISHED_STATUSES:
+                if job.status in FINISHED_STATUSES:
                     return
                 if not self.worker.run_once(only=self.job_id):  # never another tenant's job
                     self.stop.wait(self.services.settings.worker_poll_s)
@@ -263,22 +263,22 @@ def _run(services: Services, backend: Backend, *, remote: bool, worker_wait: flo
     changed, models = made_tenant or key.plaintext is not None, []
     for recipe in recipes:
         job, made_job = _job(services, backend, tenant, key, recipe, remote=remote)
-        if job["status"] != "succeeded":
-            job = _train(services, job["id"], remote=remote, worker_wait=worker_wait)
-            if job["status"] != "succeeded":
-                error = job["error"] or {}
-                raise click.ClickException(f"Job {job['id']} {job['status']}: {error.get('message', '')} "
-                                           f"(modelmeter jobs events {job['id']})")
-            result = job["result"] or {}
-            _say("model", f"{job['fine_tuned_model']}: trained in {result.get('wall_s', '?')} s, {recipe.metric} "
+        if job.status != "succeeded":
+            job = _train(services, job.id, remote=remote, worker_wait=worker_wait)
+            if job.status != "succeeded":
+                error = job.error
+                raise click.ClickException(f"Job {job.id} {job.status}: {error.message if error else ''} "
+                                           f"(modelmeter jobs events {job.id})")
+            result = job.result or {}
+            _say("model", f"{job.fine_tuned_model}: trained in {result.get('wall_s', '?')} s, {recipe.metric} "
                           f"{result.get(recipe.metric, float('nan')):.3f} on {result.get('n_validation', '?')} "
                           "held-out rows")
         else:
-            result = job["result"] or {}
-            _say("model", f"{job['fine_tuned_model']}: found ({recipe.metric} "
+            result = job.result or {}
+            _say("model", f"{job.fine_tuned_model}: found ({recipe.metric} "
                           f"{result.get(recipe.metric, float('nan')):.3f})")
         changed = changed or made_job
-        models.append(str(job["fine_tuned_model"]))
+        models.append(str(job.fine_tuned_model))
     return changed, key, models
 
 
@@ -310,15 +310,15 @@ def _key(services: Services, backend: Backend, tenant: Tenant) -> KeyState:
 
 
 def _job(services: Services, backend: Backend, tenant: Tenant, key: KeyState, recipe: Recipe, *,
-         remote: bool) -> tuple[dict[str, Any], bool]:
+         remote: bool) -> tuple[FineTuningJobPublic, bool]:
     """The job that trains (or trained) the recipe's model on its sample, uploading and creating what is missing."""
     data = sample_bytes(recipe)
     file_id = find_file(services, tenant.id, len(data), recipe)
     job = find_job(services, tenant.id, file_id, recipe) if file_id else None
     if file_id is not None and job is not None:
         _say("file", f"{file_id} {recipe.sample}: found")
-        if job["status"] != "succeeded":
-            _say("model", f"job {job['id']} is {job['status']}: following it")
+        if job.status != "succeeded":
+            _say("model", f"job {job.id} is {job.status}: following it")
         return job, False
     setup_key: tuple[str, str] | None = None
     tenant_key = key.plaintext
@@ -341,7 +341,7 @@ def _job(services: Services, backend: Backend, tenant: Tenant, key: KeyState, re
     return ops_jobs.get_job(sessions=services.sessions, job_id=job_id), True
 
 
-def _train(services: Services, job_id: str, *, remote: bool, worker_wait: float) -> dict[str, Any]:
+def _train(services: Services, job_id: str, *, remote: bool, worker_wait: float) -> FineTuningJobPublic:
     """Follow the job until it finishes, training it here unless a server's worker starts it in time."""
     trainer: LocalTrainer | None = None
     started = clock.now()
@@ -351,10 +351,10 @@ def _train(services: Services, job_id: str, *, remote: bool, worker_wait: float)
         trainer = LocalTrainer(services, job_id)
         trainer.start()
 
-    def on_poll(job: dict[str, Any]) -> None:
+    def on_poll(job: FineTuningJobPublic) -> None:
         if trainer is not None:
             trainer.check()
-        elif job["status"] == "queued" and clock.now() - started > worker_wait:
+        elif job.status == "queued" and clock.now() - started > worker_wait:
             click.echo(f"The server's worker has not started the job in {worker_wait:g} s (is it running with "
                        "--no-worker, or busy?): training here, in this process, as well.")
             train_here()

@@ -14,6 +14,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from modelmeter.shapes import public_name
+
 BEARER = "bearer"
 _AUTHENTICATED = ("/v1/", "/models/", "/admin/")
 _INPUT_FIELDS = {"ClassifyRequest": "input", "EmbeddingsRequest": "input", "HFRequest": "inputs"}
@@ -27,6 +29,7 @@ def install(app: FastAPI, *, plan_ids: Iterable[str], max_inputs: int) -> None:
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, description=app.description,
                                    routes=app.routes)
+            _name_by_title(document)
             _add_security(document)
             schemas = document.get("components", {}).get("schemas", {})
             for name in ("TenantCreate", "TenantUpdate"):
@@ -37,6 +40,34 @@ def install(app: FastAPI, *, plan_ids: Iterable[str], max_inputs: int) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _name_by_title(document: dict[str, Any]) -> None:
+    """Name each component as its model's title says (``shapes.Public``): ``FineTuningJobPublic``, the class
+    beside the ``FineTuningJob`` table, is ``FineTuningJob`` to clients, as it was before the class moved."""
+    schemas: dict[str, Any] = document.get("components", {}).get("schemas", {})
+    renamed = {key: public_name(key) for key in schemas}
+    if len(set(renamed.values())) != len(renamed):
+        raise RuntimeError(f"two OpenAPI components would share a name: {sorted(renamed.items())}")
+    prefix = "#/components/schemas/"
+    refs = {prefix + old: prefix + new for old, new in renamed.items() if old != new}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref in refs:
+                node["$ref"] = refs[ref]
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(document)
+    document.setdefault("components", {})["schemas"] = {
+        renamed[key]: schema | ({"title": public_name(schema["title"])} if "title" in schema else {})
+        for key, schema in schemas.items()
+    }
 
 
 def _add_security(document: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
@@ -18,7 +17,7 @@ from modelmeter.billing.quota import Amount
 from modelmeter.billing.spend import period_usage
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.estimate import epoch_tokens, tokenizer_fingerprint
-from modelmeter.models.finetune.tables import FineTuningJob, TenantFile
+from modelmeter.models.finetune.tables import FineTuningEventPublic, FineTuningJob, FineTuningJobPublic, TenantFile
 from modelmeter.models.registry import MlModel, ModelInfo, artifact_path
 from modelmeter.ops import files
 from modelmeter.tenancy.tenants import get_tenant, lock_tenant
@@ -90,31 +89,31 @@ def cancel_job(*, sessions: sessionmaker[Session], tenant_id: str, job_id: str) 
 # --- the operator's view: any tenant's jobs (``modelmeter jobs``, ``modelmeter quickstart``) -------------------
 
 
-def get_job(*, sessions: sessionmaker[Session], job_id: str) -> dict[str, Any]:
+def get_job(*, sessions: sessionmaker[Session], job_id: str) -> FineTuningJobPublic:
     """Any tenant's job, in its public form (404 when there is none)."""
     with sessions() as session:
-        return jobs.job_public(jobs.find_job(session=session, job_id=job_id))
+        return FineTuningJobPublic.of(jobs.find_job(session=session, job_id=job_id))
 
 
 def list_jobs(*, sessions: sessionmaker[Session], tenant_id: str | None, limit: int,
-              after: str | None) -> tuple[list[dict[str, Any]], bool]:
+              after: str | None) -> tuple[list[FineTuningJobPublic], bool]:
     """Every tenant's jobs (or one tenant's: 404 for a missing tenant), newest first, in their public form."""
     with sessions() as session:
         if tenant_id is not None:
             get_tenant(session=session, tenant_id=tenant_id)
         rows, has_more = jobs.list_all_jobs(session=session, tenant_id=tenant_id, limit=limit, after=after)
-        return [jobs.job_public(j) for j in rows], has_more
+        return [FineTuningJobPublic.of(j) for j in rows], has_more
 
 
 def job_events(*, sessions: sessionmaker[Session], job_id: str, after_seq: int = 0,
-               limit: int = 1000) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+               limit: int = 1000) -> tuple[FineTuningJobPublic, list[FineTuningEventPublic]]:
     """A job (404 when there is none) and its events after ``after_seq``, oldest first, in their public form.
 
     The job is read before the events, so once it has finished the events include its last one."""
     with sessions() as session:
-        job = jobs.job_public(jobs.find_job(session=session, job_id=job_id))
+        job = FineTuningJobPublic.of(jobs.find_job(session=session, job_id=job_id))
         events = jobs.events_since(session=session, job_id=job_id, after_seq=after_seq, limit=limit)
-        return job, [jobs.event_public(e) for e in events]
+        return job, [FineTuningEventPublic.of(e) for e in events]
 
 
 def base_models(*, sessions: sessionmaker[Session]) -> dict[str, ModelInfo]:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter.errors import InvalidRequestError, PayloadTooLargeError
-from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep, list_body
-from modelmeter.gateway.schemas import TENANT_READ, TENANT_WRITE, FileDeleted, FileObject, Page, errors
+from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep
+from modelmeter.gateway.schemas import TENANT_READ, TENANT_WRITE, errors
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import DatasetError, ParsedDataset, parse_dataset
+from modelmeter.models.finetune.tables import FileDeleted, FilePublic
 from modelmeter.models.finetune.tagged import TaggedDataset, looks_tagged, parse_tagged
 from modelmeter.models.registry import artifact_path
 from modelmeter.ops import files
 from modelmeter.settings import Settings
+from modelmeter.shapes import Page
 
 router = APIRouter(tags=["files"])
 
@@ -34,14 +36,14 @@ def _parse(settings: Settings, data: bytes, filename: str) -> ParsedDataset | Ta
                                   param="file") from exc
 
 
-@router.post("/v1/files", response_model=FileObject, responses=errors(*TENANT_WRITE))
+@router.post("/v1/files", response_model=FilePublic, responses=errors(*TENANT_WRITE))
 async def upload_file(
     principal: FineTunePrincipal,
     services: ServicesDep,
     file: Annotated[UploadFile, File(description="JSONL, CSV or TSV of labeled text, or JSONL of tagged tokens "
                                                  "or of text with entity spans (named entities)")],
     purpose: Annotated[Literal["fine-tune"], Form()],
-) -> dict[str, Any]:
+) -> FilePublic:
     """Upload a labeled dataset (classification, or named entities); it is parsed and validated before anything
     is stored, and errors name the line."""
     settings = services.settings
@@ -59,30 +61,29 @@ async def upload_file(
         lambda: files.store_file(sessions=services.sessions, data_dir=settings.data_dir,
                                  tenant_id=principal.tenant_id, filename=filename, data=data, parsed=parsed,
                                  token_counts=counts))
-    public = jobs.file_public(row)
-    if isinstance(parsed, TaggedDataset) and parsed.notes:  # what the parse read differently, said once
-        public["status_details"] = "; ".join(parsed.notes)
-    return public
+    # What a named-entity file's parse read differently, said once, at upload.
+    notes = parsed.notes if isinstance(parsed, TaggedDataset) else []
+    return FilePublic.of(row, status_details="; ".join(notes) or None)
 
 
-@router.get("/v1/files", response_model=Page[FileObject], responses=errors(*TENANT_READ))
+@router.get("/v1/files", response_model=Page[FilePublic], responses=errors(*TENANT_READ))
 def list_files(
     principal: FineTunePrincipal, session: SessionDep, page: ListDep,
     purpose: Annotated[str | None, Query(max_length=32)] = None,
-) -> dict[str, Any]:
+) -> Page[FilePublic]:
     rows, has_more = jobs.list_files(session=session, tenant_id=principal.tenant_id, limit=page.limit,
                                      after=page.after, purpose=purpose)
-    return list_body([jobs.file_public(f) for f in rows], has_more)
+    return Page.of([FilePublic.of(f) for f in rows], has_more)
 
 
-@router.get("/v1/files/{file_id}", response_model=FileObject, responses=errors(*TENANT_READ, 404))
-def get_file(file_id: str, principal: FineTunePrincipal, session: SessionDep) -> dict[str, Any]:
-    return jobs.file_public(jobs.get_file(session=session, tenant_id=principal.tenant_id, file_id=file_id))
+@router.get("/v1/files/{file_id}", response_model=FilePublic, responses=errors(*TENANT_READ, 404))
+def get_file(file_id: str, principal: FineTunePrincipal, session: SessionDep) -> FilePublic:
+    return FilePublic.of(jobs.get_file(session=session, tenant_id=principal.tenant_id, file_id=file_id))
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted, responses=errors(*TENANT_READ, 404, 409))
-def delete_file(file_id: str, principal: FineTunePrincipal, services: ServicesDep) -> dict[str, Any]:
+def delete_file(file_id: str, principal: FineTunePrincipal, services: ServicesDep) -> FileDeleted:
     """Delete a file not used by an active job (409 otherwise)."""
     files.delete_file(sessions=services.sessions, data_dir=services.settings.data_dir,
                       tenant_id=principal.tenant_id, file_id=file_id)
-    return {"id": file_id, "object": "file", "deleted": True}
+    return FileDeleted.of(file_id)

@@ -111,40 +111,6 @@ class JobCreate(BaseModel):
         return (self.training_type or DEFAULT_TRAINING).public()
 
 
-# --- public shapes ---------------------------------------------------------------------------------
-
-
-def file_public(f: TenantFile) -> dict[str, Any]:
-    return {
-        "id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_at, "filename": f.filename,
-        "purpose": f.purpose, "status": "processed", "status_details": None, "rows": f.rows, "labels": f.labels,
-        "task": f.task,
-    }
-
-
-def job_public(j: FineTuningJob) -> dict[str, Any]:
-    error = {"code": j.error_code, "message": j.error_message, "param": j.error_param} if j.error_code else None
-    return {
-        "id": j.id, "object": "fine_tuning.job", "created_at": j.created_at, "finished_at": j.finished_at,
-        "model": j.model, "fine_tuned_model": j.fine_tuned_model, "organization_id": j.tenant_id,
-        "result_files": [], "status": j.status, "validation_file": j.validation_file,
-        "training_file": j.training_file,
-        "hyperparameters": {"n_epochs": j.n_epochs, "batch_size": j.batch_size,
-                            "learning_rate_multiplier": j.learning_rate_multiplier},
-        "trained_tokens": j.trained_tokens, "error": error, "seed": j.seed, "user_provided_suffix": j.suffix,
-        "estimated_finish": j.estimated_finish, "integrations": [], "result": j.result,
-        "training_type": j.training_type, "task": j.task,
-    }
-
-
-def event_public(e: FineTuningEvent) -> dict[str, Any]:
-    return {
-        "id": f"ftevent_{e.seq}", "object": "fine_tuning.job.event", "created_at": e.created_at,
-        "level": e.level, "message": e.message, "type": e.type,
-        "data": json.loads(e.data_json) if e.data_json else {},
-    }
-
-
 # --- queries ----------------------------------------------------------------------------------------
 
 

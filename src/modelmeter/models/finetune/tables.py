@@ -1,14 +1,18 @@
-"""Fine-tuning tables: uploaded files, jobs and their events."""
+"""Fine-tuning tables: uploaded files, jobs and their events; and beside each, its public shape (``XPublic.of``)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Literal
 
+from pydantic import ConfigDict
 from sqlalchemy import BigInteger, Column, Index, Integer, Text
 from sqlmodel import Field, SQLModel
 
+from modelmeter.shapes import Public
+
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+Task = Literal["text-classification", "token-classification"]
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 
@@ -101,3 +105,112 @@ class FineTuningEvent(SQLModel, table=True):
     type: str = Field(default="message", max_length=16)
     message: str
     data_json: str | None = None
+
+
+# --- public shapes ---------------------------------------------------------------------------------------
+
+
+class FilePublic(Public):
+    """An uploaded file (OpenAI's file object, with what validation found)."""
+
+    model_config = ConfigDict(title="FileObject")
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"]
+    status_details: str | None  # at upload: what a named-entity file's parse read as IOB2 does (I- begins)
+    rows: int
+    labels: list[str]  # the classes, or a token-classification file's entity types
+    task: Task
+
+    @classmethod
+    def of(cls, f: TenantFile, *, status_details: str | None = None) -> FilePublic:
+        return cls(id=f.id, object="file", bytes=f.bytes, created_at=f.created_at, filename=f.filename,
+                   purpose=f.purpose, status="processed", status_details=status_details, rows=f.rows,
+                   labels=f.labels, task=f.task)
+
+
+class FileDeleted(Public):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+    @classmethod
+    def of(cls, file_id: str) -> FileDeleted:
+        return cls(id=file_id, object="file", deleted=True)
+
+
+class Hyperparameters(Public):
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class JobError(Public):
+    code: str
+    message: str | None
+    param: str | None
+
+
+class FineTuningJobPublic(Public):
+    """A fine-tuning job (OpenAI's shape, with the result metrics, the training type and the task)."""
+
+    model_config = ConfigDict(title="FineTuningJob")
+
+    id: str
+    object: Literal["fine_tuning.job"]
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    result_files: list[str]
+    status: JobStatus
+    validation_file: str | None
+    training_file: str
+    hyperparameters: Hyperparameters
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    user_provided_suffix: str | None
+    estimated_finish: int | None
+    integrations: list[Any]
+    result: dict[str, Any] | None  # accuracy and per-label precision/recall/F1 once succeeded
+    training_type: dict[str, Any]  # {"type": "lora", "rank", "alpha"} or {"type": "full"}
+    task: Task
+
+    @classmethod
+    def of(cls, j: FineTuningJob) -> FineTuningJobPublic:
+        error = JobError(code=j.error_code, message=j.error_message, param=j.error_param) if j.error_code else None
+        return cls(
+            id=j.id, object="fine_tuning.job", created_at=j.created_at, finished_at=j.finished_at, model=j.model,
+            fine_tuned_model=j.fine_tuned_model, organization_id=j.tenant_id, result_files=[],
+            status=j.status,
+            validation_file=j.validation_file, training_file=j.training_file,
+            hyperparameters=Hyperparameters(n_epochs=j.n_epochs, batch_size=j.batch_size,
+                                            learning_rate_multiplier=j.learning_rate_multiplier),
+            trained_tokens=j.trained_tokens, error=error, seed=j.seed, user_provided_suffix=j.suffix,
+            estimated_finish=j.estimated_finish, integrations=[], result=j.result, training_type=j.training_type,
+            task=j.task,
+        )
+
+
+class FineTuningEventPublic(Public):
+    model_config = ConfigDict(title="FineTuningEvent")
+
+    id: str
+    object: Literal["fine_tuning.job.event"]
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, e: FineTuningEvent) -> FineTuningEventPublic:
+        return cls(id=f"ftevent_{e.seq}", object="fine_tuning.job.event", created_at=e.created_at, level=e.level,
+                   message=e.message, type=e.type, data=json.loads(e.data_json) if e.data_json else {})
