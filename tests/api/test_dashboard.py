@@ -24,10 +24,12 @@ from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.cli import main
 from modelmeter.errors import AuthenticationError
 from modelmeter.gateway.dashboard import issue_token, load_page, verify_token
+from modelmeter.gateway.services import services_of
 from modelmeter.money import MICRO_PER_CENT
 from modelmeter.settings import Settings
 from tests.binaries import require_binary
-from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, LiveServer, assert_envelope, bearer
+from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, assert_envelope, bearer
+from tests.support.live_server import LiveServer
 
 DAY = 86_400
 
@@ -82,7 +84,7 @@ def test_link_opens_the_tenants_page(client: TestClient, acme: Any, fake_clock: 
     _, headers = acme
     link = new_link(client, headers)
     assert link["object"] == "dashboard_link"
-    assert link["expires_at"] == fake_clock.t // 1 + client.app.state.services.settings.dashboard_link_ttl_s  # type: ignore[attr-defined]
+    assert link["expires_at"] == fake_clock.t // 1 + services_of(client.app).settings.dashboard_link_ttl_s
     assert link["url"].startswith("http://testserver/dashboard?token=")
     page = client.get(page_path(link["url"]))
     assert page.status_code == 200
@@ -160,7 +162,7 @@ def test_tokens_are_bound_to_the_server_secret(settings: Settings, fake_clock: F
 
 def seed_usage(client: TestClient, tenant_id: str, model: str, start: int, days: int) -> int:
     """One ledger row per hour-ish block, with a weekly rhythm; returns the tokens recorded."""
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     records = []
     for d in range(days):
         weekday = (start // DAY + d + 4) % 7  # 1970-01-01 was a Thursday
@@ -203,7 +205,7 @@ def test_page_shows_usage_spend_and_invoices(client: TestClient, make_tenant: An
 def seed_credits(client: TestClient, tenant_id: str, at: int, description: str = "Launch <promo> & co"
                  ) -> dict[str, Any]:
     """A $25.00 grant expiring 2026-12-31, $7.345 of it drawn by one usage row, and a used-up $1.00 grant."""
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     body = {"amount_cents": 2500, "description": description, "expires_at": ts(2026, 12, 31)}
     grant = client.post(f"/admin/tenants/{tenant_id}/credits", json=body, headers=ADMIN).json()
     small = client.post(f"/admin/tenants/{tenant_id}/credits", json={"amount_cents": 100}, headers=ADMIN).json()
@@ -220,16 +222,16 @@ def test_page_data_and_page_show_credits(client: TestClient, acme: Any, fake_clo
     tenant, headers = acme
     fake_clock.t = ts(2026, 10, 20, 12)
     grant = seed_credits(client, tenant["id"], ts(2026, 10, 20, 11))
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     with services.sessions() as session:
         data = load_page(session=session, catalog=services.plans, tenant_id=tenant["id"], expires_at=0).credits
     # $25.00 - $7.345 leaves $17.655: shown rounded down, as the API shows it.
-    assert data == client.get("/v1/billing/credits", headers=headers).json()
-    assert data["balance_cents"] == 1765
-    (used, first) = data["data"]
-    assert (first["id"], first["source"], first["amount_cents"], first["remaining_cents"], first["status"],
-            first["expires_at"]) == (grant["id"], "granted", 2500, 1765, "active", ts(2026, 12, 31))
-    assert (used["amount_cents"], used["remaining_cents"], used["status"]) == (100, 0, "used")
+    assert data.model_dump(mode="json") == client.get("/v1/billing/credits", headers=headers).json()
+    assert data.balance_cents == 1765
+    (used, first) = data.data
+    assert (first.id, first.source, first.amount_cents, first.remaining_cents, first.status,
+            first.expires_at) == (grant["id"], "granted", 2500, 1765, "active", ts(2026, 12, 31))
+    assert (used.amount_cents, used.remaining_cents, used.status) == (100, 0, "used")
 
     page = client.get(page_path(new_link(client, headers)["url"])).text
     assert '<span class="value" id="credit-balance">$17.65</span>' in page
@@ -360,7 +362,7 @@ def test_page_shows_money_in_the_display_form(client: TestClient, make_tenant: A
     fake_clock.t = ts(2026, 10, 11, 7, 41) + 13
     assert client.patch(f"/admin/tenants/{tenant['id']}", json={"plan": "scale"}, headers=ADMIN).status_code == 200
     grant = client.post(f"/admin/tenants/{tenant['id']}/credits", json={"amount_cents": 2500}, headers=ADMIN).json()
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     records = [
         UsageRecord(request_id="odd_pro", tenant_id=tenant["id"], model_id="all-MiniLM-L6-v2",
                     created=ts(2026, 10, 5), plan="pro", tokens=5_123_457, requests=7, inputs=7),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from modelmeter.billing.economics import UnitEconomics
 from modelmeter.cli import main
 from modelmeter.cli.admin import _economics_line
 from modelmeter.money import MICRO_PER_CENT, micro_to_cents
@@ -88,9 +89,10 @@ def test_plans_text_shows_money_in_the_display_form(runner: CliRunner) -> None:
     ("12345.678901", "cost=$123.46 "),  # a dollar or more: the amount says it all
 ])
 def test_economics_line_shows_the_exact_cost_only_when_it_adds(exact: str, cost: str) -> None:
-    row = {"tenant_id": "ten_a", "currency": "usd", "revenue_cents": 4900, "margin_ratio": "0.9986", "tokens": 1000,
-           "compute_cost_cents": micro_to_cents(int(Decimal(exact) * MICRO_PER_CENT)),
-           "compute_cost_cents_decimal": exact, "cpu_compute_ms": 0, "gpu_compute_ms": 0, "margin_cents": 0}
+    row = UnitEconomics(object="unit_economics", period="2026-11", tenant_id="ten_a", currency="usd",
+                        revenue_cents=4900, revenue_source="invoice", margin_ratio="0.9986", requests=10, tokens=1000,
+                        training_tokens=0, compute_cost_cents=micro_to_cents(int(Decimal(exact) * MICRO_PER_CENT)),
+                        compute_cost_cents_decimal=exact, cpu_compute_ms=0, gpu_compute_ms=0, margin_cents=0)
     line = _economics_line(row)
     assert cost in line
     assert "revenue=      $49.00" in line

@@ -15,7 +15,7 @@ from modelmeter import db
 from modelmeter.billing.accounts import create_tenant
 from modelmeter.billing.stripe.client import StripeConfigError, check_key, retryable
 from modelmeter.billing.stripe.outbox import enable_outbox, idempotency_key
-from modelmeter.billing.stripe.relay import BACKOFF_CAP_S, RelayReport, RowOutcome, backoff_s
+from modelmeter.billing.stripe.relay import BACKOFF_CAP_S, RelayReport, RowOutcome, StripeSync, backoff_s
 from modelmeter.billing.stripe.webhooks import verify_event
 from modelmeter.billing.tables import StripeOutbox
 from modelmeter.tenancy.tenants import TenantCreate
@@ -95,8 +95,8 @@ def test_report_summary() -> None:
         RowOutcome(1, "customer", "ten_1", "done", stripe_id="cus_1"),
         RowOutcome(2, "invoice", "in_1", "retry", error="APIConnectionError: down"),
     ], suspended=["ten_2"])
-    assert report.public()["sent"] == 1
-    assert report.public()["retrying"] == 1
+    assert StripeSync.of(report).sent == 1
+    assert StripeSync.of(report).retrying == 1
     text = report.summary()
     assert "cus_1" in text
     assert "APIConnectionError" in text

@@ -17,6 +17,7 @@ from modelmeter.billing.economics import (
     ComputePrices,
     EconomicsRow,
     Tally,
+    UnitEconomics,
     group,
     units_to_cents,
     units_to_decimal_cents,
@@ -152,9 +153,9 @@ def test_grouping_sums_exactly_and_computes_the_margin() -> None:
             EconomicsRow("2026-10", "usd", "ten_a", "pro", 4900, "invoice", Tally(tokens=5, cost_units=unit * 900)),
             EconomicsRow("2026-10", "usd", "ten_b", "pro", 0, "preview", Tally(tokens=1, cost_units=unit // 2))]
     by_tenant = {r.tenant_id: r for r in group(rows, "tenant")}
-    assert by_tenant["ten_a"].public()["plans"] == ["payg", "pro"]
+    assert UnitEconomics.of(by_tenant["ten_a"]).plans == ["payg", "pro"]
     assert (by_tenant["ten_a"].revenue_cents, by_tenant["ten_a"].compute_cost_cents) == (5400, 1000)
-    assert by_tenant["ten_a"].public()["margin_ratio"] == str(Decimal(4400) / Decimal(5400))[:6]
+    assert UnitEconomics.of(by_tenant["ten_a"]).margin_ratio == str(Decimal(4400) / Decimal(5400))[:6]
     assert (by_tenant["ten_b"].margin_cents, by_tenant["ten_b"].margin_ratio()) == (-1, None)
     by_plan = {r.plan: r for r in group(rows, "plan")}
     assert by_plan["pro"].revenue_cents == 4900

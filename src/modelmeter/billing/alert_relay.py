@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
-from modelmeter.billing.alerts import event_public
+from modelmeter.billing.alerts import EventPublic
 from modelmeter.billing.destinations import pin
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
 from modelmeter.periodic import Periodic
@@ -156,7 +155,7 @@ class AlertRelay:
             if self._sealer is None:
                 raise LookupError("this relay has no sealer to open the tenant's signing secret")
             secret = self._sealer.open_text(setting.secret, row.tenant_id)
-            return json.dumps(event_public(event), separators=(",", ":")).encode(), secret
+            return EventPublic.of(event).model_dump_json().encode(), secret
 
     def _send(self, row: AlertDelivery) -> DeliveryOutcome:
         assert row.id is not None

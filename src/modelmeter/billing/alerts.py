@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
@@ -37,6 +37,7 @@ from modelmeter.errors import ConflictError, NotFoundError
 from modelmeter.ids import new_id
 from modelmeter.money import MICRO_PER_CENT, micro_to_cents
 from modelmeter.sealing import Sealer
+from modelmeter.shapes import Public
 from modelmeter.tenancy.tenants import Tenant, lock_tenant
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ def seal_plain_secrets(*, session: Session, sealer: Sealer) -> int:
     return len(rows)
 
 
-def put_settings(*, session: Session, tenant_id: str, data: AlertSettingsUpdate, sealer: Sealer) -> dict[str, Any]:
+def put_settings(*, session: Session, tenant_id: str, data: AlertSettingsUpdate, sealer: Sealer
+                 ) -> AlertSettingsCreated:
     """Set the tenant's alerts with a new signing secret (committed, sealed); the body shows the secret, once."""
     now = clock.now_s()
     lock_tenant(session=session, tenant_id=tenant_id)
@@ -131,20 +133,14 @@ def put_settings(*, session: Session, tenant_id: str, data: AlertSettingsUpdate,
         row.thresholds, row.url, row.secret, row.updated = list(data.thresholds), data.url, stored, now
     session.add(row)
     session.commit()
-    return settings_public(row) | {"secret": secret}
+    return AlertSettingsCreated(**AlertSettingsPublic.of(row).model_dump(), secret=secret)
 
 
-def settings_public(row: AlertSetting | None) -> dict[str, Any]:
-    """The settings without the secret (``thresholds`` empty and ``url`` null when none are set)."""
-    return {"object": "alert_settings", "thresholds": list(row.thresholds) if row else [],
-            "url": row.url if row else None}
+def get_settings(*, session: Session, tenant_id: str) -> AlertSettingsPublic:
+    return AlertSettingsPublic.of(session.get(AlertSetting, tenant_id))
 
 
-def get_settings(*, session: Session, tenant_id: str) -> dict[str, Any]:
-    return settings_public(session.get(AlertSetting, tenant_id))
-
-
-def delete_settings(*, session: Session, tenant_id: str) -> dict[str, Any]:
+def delete_settings(*, session: Session, tenant_id: str) -> AlertSettingsPublic:
     """Remove the tenant's alerts (committed): no event fires from now on, and deliveries still pending are
     given up (``failed``, saying why) rather than POSTed to a URL its owner took back."""
     lock_tenant(session=session, tenant_id=tenant_id)
@@ -155,7 +151,7 @@ def delete_settings(*, session: Session, tenant_id: str) -> dict[str, Any]:
                                              col(AlertDelivery.status) == "pending")
                  .values(status="failed", locked_until=None, last_error="alert settings deleted"))
     session.commit()
-    return settings_public(None)
+    return AlertSettingsPublic.of(None)
 
 
 def retry_delivery(*, session: Session, delivery_id: int) -> AlertDelivery:
@@ -181,11 +177,6 @@ def retry_delivery(*, session: Session, delivery_id: int) -> AlertDelivery:
 # --- events --------------------------------------------------------------------------------------------
 
 
-def event_public(event: AlertEvent) -> dict[str, Any]:
-    return {"id": event.id, "object": "event", "type": event.type, "created": event.created,
-            "data": {"period": event.period, "resource": event.resource,
-                     "threshold_percent": event.threshold_percent, "value": event.value,
-                     "limit": event.limit_value}}
 
 
 def list_events(*, session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[list[AlertEvent], bool]:
@@ -209,11 +200,85 @@ def list_deliveries(*, session: Session, status: str | None, limit: int,
     return rows[:limit], len(rows) > limit
 
 
-def delivery_public(row: AlertDelivery) -> dict[str, Any]:
-    return {"object": "event_delivery", "id": str(row.id), "event_id": row.event_id, "tenant_id": row.tenant_id,
-            "url": row.url, "status": row.status, "attempts": row.attempts, "next_attempt_at": row.next_attempt_at,
-            "last_status": row.last_status, "last_error": row.last_error, "created": row.created,
-            "done_at": row.done_at}
+
+
+# --- public shapes: the settings, the event (one model for GET /v1/events and the webhook body), deliveries ---
+
+
+class AlertSettingsPublic(Public):
+    """The settings without the secret (``thresholds`` empty and ``url`` null when none are set)."""
+
+    model_config = ConfigDict(title="AlertSettings")
+
+    object: Literal["alert_settings"]
+    thresholds: list[int]  # percent of the monthly budget, or of the plan's included tokens without one
+    url: str | None
+
+    @classmethod
+    def of(cls, row: AlertSetting | None) -> AlertSettingsPublic:
+        return cls(object="alert_settings", thresholds=list(row.thresholds) if row else [],
+                   url=row.url if row else None)
+
+
+class AlertSettingsCreated(AlertSettingsPublic):
+    model_config = ConfigDict(title="AlertSettingsCreated")
+
+    secret: str  # signs each delivery (header modelmeter-signature); shown only in this response
+
+
+class EventData(Public):
+    period: str
+    resource: Literal["budget", "included_tokens"]
+    threshold_percent: int
+    value: int  # cents spent (budget) or tokens used (included_tokens), when the threshold was crossed
+    limit: int  # the budget in cents, or the included tokens
+
+
+class EventPublic(Public):
+    """An event, as ``GET /v1/events`` lists it and as the alert relay POSTs it to the tenant's URL (the body
+    the ``modelmeter-signature`` header signs: this model's compact JSON)."""
+
+    model_config = ConfigDict(title="Event")
+
+    id: str
+    object: Literal["event"]
+    type: Literal["usage.threshold_crossed"]
+    created: int
+    data: EventData
+
+    @classmethod
+    def of(cls, event: AlertEvent) -> EventPublic:
+        return cls(id=event.id, object="event",
+                   type=event.type,
+                   created=event.created,
+                   data=EventData(period=event.period,
+                                  resource=event.resource,
+                                  threshold_percent=event.threshold_percent, value=event.value,
+                                  limit=event.limit_value))
+
+
+class EventDeliveryPublic(Public):
+    model_config = ConfigDict(title="EventDelivery")
+
+    id: str
+    object: Literal["event_delivery"]
+    event_id: str
+    tenant_id: str
+    url: str
+    status: Literal["pending", "done", "failed"]
+    attempts: int
+    next_attempt_at: int
+    last_status: int | None  # the receiver's last HTTP status (None: no answer)
+    last_error: str | None
+    created: int
+    done_at: int | None
+
+    @classmethod
+    def of(cls, row: AlertDelivery) -> EventDeliveryPublic:
+        return cls(id=str(row.id), object="event_delivery", event_id=row.event_id, tenant_id=row.tenant_id,
+                   url=row.url, status=row.status,
+                   attempts=row.attempts, next_attempt_at=row.next_attempt_at, last_status=row.last_status,
+                   last_error=row.last_error, created=row.created, done_at=row.done_at)
 
 
 # --- firing, inside the ledger transaction --------------------------------------------------------------

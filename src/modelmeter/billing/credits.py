@@ -11,7 +11,7 @@ Revenue from credits is counted once, when they pay for usage (see :mod:`modelme
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints
 from sqlalchemy import func
@@ -25,6 +25,7 @@ from modelmeter.errors import InvalidRequestError
 from modelmeter.fields import INTEGRAL, PYTHON_RE
 from modelmeter.ids import new_id
 from modelmeter.money import MICRO_PER_CENT, micro_to_cents, round_half_up_div
+from modelmeter.shapes import Page, Public
 from modelmeter.tenancy.tenants import Tenant, get_tenant, lock_tenant
 
 MAX_GRANT_CENTS = 100_000_000  # $1,000,000 in one grant
@@ -69,14 +70,15 @@ def grant(*, session: Session, tenant_id: str, amount_cents: int, source: str, d
     return row
 
 
-def grant_credits(*, sessions: Sessions, tenant_id: str, data: CreditGrantCreate) -> dict[str, Any]:
+def grant_credits(*, sessions: Sessions, tenant_id: str, data: CreditGrantCreate) -> CreditGrantPublic:
     """The operator's grant to an existing tenant (404 first), committed; its public form."""
     with sessions() as session:
         get_tenant(session=session, tenant_id=tenant_id)
         row = grant(session=session, tenant_id=tenant_id, amount_cents=data.amount_cents, source="granted",
                     description=data.description, expires_at=data.expires_at)
         session.commit()
-        return grant_public(row, drawn_micro=0, now=clock.now_s())
+        now = clock.now_s()
+        return CreditGrantPublic.of(row, left_micro=left_micro(row, 0, now), now=now)
 
 
 def drawn_by_grant(*, session: Session, grant_ids: Sequence[str]) -> dict[str, int]:
@@ -100,19 +102,36 @@ def left_micro(row: CreditGrant, drawn_micro: int, now: int) -> int:
     return max(0, row.amount_cents * MICRO_PER_CENT - drawn_micro)
 
 
-def grant_public(row: CreditGrant, *, drawn_micro: int, now: int) -> dict[str, Any]:
-    left = left_micro(row, drawn_micro, now)
-    expired = row.expires_at is not None and row.expires_at <= now
-    return {
-        "id": row.id, "object": "credit_grant", "amount_cents": row.amount_cents,
-        "remaining_cents": left // MICRO_PER_CENT, "source": row.source, "description": row.description,
-        "status": "expired" if expired else "active" if left > 0 else "used",
-        "expires_at": row.expires_at, "created": row.created,
-    }
+class CreditGrantPublic(Public):
+    model_config = ConfigDict(title="CreditGrant")
+
+    id: str
+    object: Literal["credit_grant"]
+    amount_cents: int
+    remaining_cents: int  # what is left, in whole cents (rounded down); 0 once expired
+    source: Literal["granted", "purchased"]
+    description: str | None
+    status: Literal["active", "used", "expired"]
+    expires_at: int | None
+    created: int
+
+    @classmethod
+    def of(cls, row: CreditGrant, *, left_micro: int, now: int) -> CreditGrantPublic:
+        """``left_micro``: what the grant can still pay (``left_micro()`` of the function of that name)."""
+        expired = row.expires_at is not None and row.expires_at <= now
+        return cls(id=row.id, object="credit_grant", amount_cents=row.amount_cents,
+                   remaining_cents=left_micro // MICRO_PER_CENT,
+                   source=row.source,
+                   description=row.description, status="expired" if expired else "active" if left_micro else "used",
+                   expires_at=row.expires_at, created=row.created)
+
+
+class CreditList(Page[CreditGrantPublic]):
+    balance_cents: int  # what every live grant holds, in whole cents (rounded down)
 
 
 def credits_page(*, session: Session, tenant_id: str, limit: int, after: str | None,
-                 live: dict[str, int] | None = None) -> dict[str, Any]:
+                 live: dict[str, int] | None = None) -> CreditList:
     """``GET /v1/billing/credits``: the tenant's grants, newest first, and the balance of all live ones.
 
     ``live`` (micro-cents left per grant, from the quota store) overrides the ledger for the grants it holds,
@@ -120,16 +139,16 @@ def credits_page(*, session: Session, tenant_id: str, limit: int, after: str | N
     now = clock.now_s()
     rows = _grants(session=session, tenant_id=tenant_id)
     drawn = drawn_by_grant(session=session, grant_ids=[r.id for r in rows])
-    public = []
+    left: dict[str, int] = {}
     for row in rows:
         used = drawn.get(row.id, 0)
         if live is not None and row.id in live:
             used = row.amount_cents * MICRO_PER_CENT - live[row.id]
-        public.append(grant_public(row, drawn_micro=used, now=now) | {"_left": left_micro(row, used, now)})
-    balance_micro = sum(g.pop("_left") for g in public)
-    page = [g for g in public if after is None or g["id"] < after]
-    return {"object": "list", "data": page[:limit], "has_more": len(page) > limit,
-            "balance_cents": balance_micro // MICRO_PER_CENT}
+        left[row.id] = left_micro(row, used, now)
+    page = [row for row in rows if after is None or row.id < after]
+    data = [CreditGrantPublic.of(r, left_micro=left[r.id], now=now) for r in page[:limit]]
+    return CreditList(object="list", data=data, has_more=len(page) > limit,
+                      balance_cents=sum(left.values()) // MICRO_PER_CENT)
 
 
 def balance_cents(*, session: Session, tenant_id: str, now: int | None = None) -> int:
@@ -228,10 +247,25 @@ def outstanding_by_tenant(*, session: Session, now: int | None = None) -> dict[s
 # --- purchases ------------------------------------------------------------------------------------------
 
 
-def purchase_public(row: CreditPurchase) -> dict[str, Any]:
-    return {"id": row.id, "object": "credit_purchase", "amount_cents": row.amount_cents, "currency": row.currency,
-            "status": row.status, "credit_grant": row.grant_id, "stripe_invoice_id": row.stripe_invoice_id,
-            "created": row.created, "paid_at": row.paid_at}
+class CreditPurchasePublic(Public):
+    model_config = ConfigDict(title="CreditPurchase")
+
+    id: str
+    object: Literal["credit_purchase"]
+    amount_cents: int
+    currency: str
+    status: Literal["pending", "paid"]
+    credit_grant: str | None  # the grant made when Stripe reported the invoice paid
+    stripe_invoice_id: str | None
+    created: int
+    paid_at: int | None
+
+    @classmethod
+    def of(cls, row: CreditPurchase) -> CreditPurchasePublic:
+        return cls(id=row.id, object="credit_purchase", amount_cents=row.amount_cents, currency=row.currency,
+                   status=row.status,
+                   credit_grant=row.grant_id, stripe_invoice_id=row.stripe_invoice_id, created=row.created,
+                   paid_at=row.paid_at)
 
 
 def create_purchase(*, session: Session, tenant_id: str, amount_cents: int, currency: str) -> CreditPurchase:

@@ -48,6 +48,7 @@ from modelmeter.billing.tables import Invoice, UsageEvent
 from modelmeter.errors import ConflictError
 from modelmeter.money import MICRO_PER_CENT, decimal_text, quantize_half_up, round_half_up_div, unit_micro_cents
 from modelmeter.settings import Settings
+from modelmeter.shapes import Public
 from modelmeter.tenancy.tenants import Tenant, all_tenants
 
 US_PER_HOUR = 3_600_000_000
@@ -130,20 +131,42 @@ class EconomicsRow:
             return None
         return decimal_text(quantize_half_up(self.margin_cents, self.revenue_cents, places=4))
 
-    def public(self) -> dict[str, Any]:
-        """The JSON shape of the admin API and the CLI."""
-        u = self.usage
-        body: dict[str, Any] = {"object": "unit_economics", "period": self.period}
-        body |= {"tenant_id": self.tenant_id} if self.tenant_id is not None else {}
-        body |= {"plan": self.plan} if self.plan is not None else {"plans": self.plans}
-        return body | {
-            "currency": self.currency, "revenue_cents": self.revenue_cents, "revenue_source": self.revenue_source,
-            "compute_cost_cents": self.compute_cost_cents,
-            "compute_cost_cents_decimal": units_to_decimal_cents(u.cost_units),
-            "margin_cents": self.margin_cents, "margin_ratio": self.margin_ratio(),
-            "requests": u.requests, "tokens": u.tokens, "training_tokens": u.training_tokens,
-            "cpu_compute_ms": u.cpu_us // 1000, "gpu_compute_ms": u.gpu_us // 1000,
-        }
+
+
+class UnitEconomics(Public):
+    """One row of ``GET /admin/economics`` (and ``modelmeter economics``): revenue against compute cost."""
+
+    object: Literal["unit_economics"]
+    period: str
+    tenant_id: str | None = None  # group_by=tenant
+    plan: str | None = None  # group_by=plan
+    plans: list[str] | None = None  # group_by=tenant: the plans the tenant was on in the period
+    currency: str
+    revenue_cents: int
+    revenue_source: str
+    compute_cost_cents: int
+    compute_cost_cents_decimal: str
+    margin_cents: int
+    margin_ratio: str | None
+    requests: int
+    tokens: int
+    training_tokens: int
+    cpu_compute_ms: int
+    gpu_compute_ms: int
+
+    @classmethod
+    def of(cls, row: EconomicsRow) -> UnitEconomics:
+        """Only the grouping's own fields are set (the route answers with ``exclude_unset``)."""
+        u = row.usage
+        grouping: dict[str, Any] = {"tenant_id": row.tenant_id} if row.tenant_id is not None else {}
+        grouping |= {"plan": row.plan} if row.plan is not None else {"plans": row.plans}
+        return cls(object="unit_economics", period=row.period, **grouping, currency=row.currency,
+                   revenue_cents=row.revenue_cents, revenue_source=row.revenue_source,
+                   compute_cost_cents=row.compute_cost_cents,
+                   compute_cost_cents_decimal=units_to_decimal_cents(u.cost_units), margin_cents=row.margin_cents,
+                   margin_ratio=row.margin_ratio(), requests=u.requests, tokens=u.tokens,
+                   training_tokens=u.training_tokens, cpu_compute_ms=u.cpu_us // 1000,
+                   gpu_compute_ms=u.gpu_us // 1000)
 
 
 # --- queries ---------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Literal
 
+from pydantic import ConfigDict
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
@@ -34,6 +35,7 @@ from modelmeter.billing.tables import (
 from modelmeter.errors import ConflictError
 from modelmeter.ids import new_id
 from modelmeter.money import decimal_text
+from modelmeter.shapes import Page, Public
 from modelmeter.tenancy.tenants import Tenant, all_tenants
 
 
@@ -103,39 +105,69 @@ def invoice_lines(*, session: Session, catalog: PlanCatalog, tenant_id: str, per
 # --- public shapes -----------------------------------------------------------------------------------
 
 
-def line_public(line: Line | InvoiceLine) -> dict[str, Any]:
-    unit = line.unit_amount_decimal  # a stored line holds the text written when its invoice was closed
-    unit_text = unit if isinstance(unit, str) else decimal_text(unit, exponent=True)
-    return {
-        "object": "line_item", "code": line.code, "plan": line.plan, "description": line.description,
-        "quantity": line.quantity, "unit_amount_decimal": unit_text, "amount": line.amount,
-    }
+class InvoiceLinePublic(Public):
+    model_config = ConfigDict(title="InvoiceLine")
+
+    object: Literal["line_item"]
+    code: str
+    plan: str | None
+    description: str
+    quantity: int
+    unit_amount_decimal: str
+    amount: int
+
+    @classmethod
+    def of(cls, line: Line | InvoiceLine) -> InvoiceLinePublic:
+        unit = line.unit_amount_decimal  # a stored line holds the text written when its invoice was closed
+        unit_text = unit if isinstance(unit, str) else decimal_text(unit, exponent=True)
+        return cls(object="line_item", code=line.code, plan=line.plan, description=line.description,
+                   quantity=line.quantity, unit_amount_decimal=unit_text, amount=line.amount)
 
 
-def invoice_public(invoice: Invoice, lines: Sequence[InvoiceLine]) -> dict[str, Any]:
-    return {
-        "id": invoice.id, "object": "invoice", "tenant_id": invoice.tenant_id, "period": invoice.period,
-        "status": invoice.status, "currency": invoice.currency, "period_start": invoice.period_start,
-        "period_end": invoice.period_end, "created": invoice.created,
-        "lines": {"object": "list", "data": [line_public(x) for x in lines], "has_more": False},
-        "subtotal": invoice.subtotal, "total": invoice.total, "sync_status": invoice.sync_status,
-        "stripe_invoice_id": invoice.stripe_invoice_id, "paid_at": invoice.paid_at,
-    }
+class InvoicePublic(Public):
+    """A closed period's invoice, or the running period's draft (``id`` None) as it stands now."""
+
+    model_config = ConfigDict(title="Invoice")
+
+    id: str | None  # None on the upcoming (draft) invoice
+    object: Literal["invoice"]
+    tenant_id: str
+    period: str
+    status: str
+    currency: str
+    period_start: int
+    period_end: int
+    created: int | None
+    lines: Page[InvoiceLinePublic]
+    subtotal: int
+    total: int
+    sync_status: str
+    stripe_invoice_id: str | None
+    paid_at: int | None
+
+    @classmethod
+    def of(cls, invoice: Invoice, lines: Sequence[InvoiceLine]) -> InvoicePublic:
+        return cls(id=invoice.id, object="invoice", tenant_id=invoice.tenant_id, period=invoice.period,
+                   status=invoice.status, currency=invoice.currency, period_start=invoice.period_start,
+                   period_end=invoice.period_end, created=invoice.created,
+                   lines=Page.of([InvoiceLinePublic.of(x) for x in lines]), subtotal=invoice.subtotal,
+                   total=invoice.total, sync_status=invoice.sync_status, stripe_invoice_id=invoice.stripe_invoice_id,
+                   paid_at=invoice.paid_at)
 
 
 def preview(*, session: Session, catalog: PlanCatalog, tenant_id: str, plan: str, period: str | None = None
-            ) -> dict[str, Any]:
+            ) -> InvoicePublic:
     """The running (or given, not yet closed) period's invoice as it stands now."""
     period = period or period_of(clock.now_s())
     start, end = period_bounds(period)
     lines, charges, total = invoice_lines(session=session, catalog=catalog, tenant_id=tenant_id, period=period,
                                           current_plan=plan)
-    return {
-        "id": None, "object": "invoice", "tenant_id": tenant_id, "period": period, "status": "draft",
-        "currency": catalog.get(plan).currency, "period_start": start, "period_end": end, "created": None,
-        "lines": {"object": "list", "data": [line_public(x) for x in lines], "has_more": False},
-        "subtotal": charges, "total": total, "sync_status": "not_synced", "stripe_invoice_id": None, "paid_at": None,
-    }
+    return InvoicePublic(
+        id=None, object="invoice", tenant_id=tenant_id, period=period, status="draft",
+        currency=catalog.get(plan).currency, period_start=start, period_end=end, created=None,
+        lines=Page.of([InvoiceLinePublic.of(x) for x in lines]), subtotal=charges, total=total,
+        sync_status="not_synced", stripe_invoice_id=None, paid_at=None,
+    )
 
 
 def lines_of(*, session: Session, invoice_id: str) -> list[InvoiceLine]:
@@ -162,9 +194,23 @@ class CloseResult:
     closed_at: int
     returned_to: tuple[str, ...] = ()  # tenants given credits back (credits.return_overdraw): caches to forget
 
-    def public(self) -> dict[str, Any]:
-        return {"object": "billing_close", "period": self.period, "invoices": self.invoices,
-                "already_closed": self.already_closed, "closed_at": self.closed_at}
+
+
+class BillingClosePublic(Public):
+    """What ``POST /admin/billing/close`` did (``already_closed``: an earlier close's result, unchanged)."""
+
+    model_config = ConfigDict(title="BillingClose")
+
+    object: Literal["billing_close"]
+    period: str
+    invoices: int
+    already_closed: bool
+    closed_at: int
+
+    @classmethod
+    def of(cls, result: CloseResult) -> BillingClosePublic:
+        return cls(object="billing_close", period=result.period, invoices=result.invoices,
+                   already_closed=result.already_closed, closed_at=result.closed_at)
 
 
 def close_period(*, sessions: sessionmaker[Session], catalog: PlanCatalog, period: str) -> CloseResult:

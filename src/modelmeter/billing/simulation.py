@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
 from sqlalchemy import text
@@ -44,6 +44,7 @@ from modelmeter.billing.spend import period_usage
 from modelmeter.errors import ConflictError, InvalidRequestError
 from modelmeter.fields import PYTHON_RE
 from modelmeter.settings import Settings
+from modelmeter.shapes import Public
 from modelmeter.tenancy.tenants import Tenant, all_tenants
 
 MAX_PLANS = 100
@@ -100,9 +101,6 @@ class SimulationRow:
     def margin_change_cents(self) -> int:
         return self.margin_simulated_cents - self.margin_actual_cents
 
-    def public(self) -> dict[str, Any]:
-        return {"tenant_id": self.tenant_id, "plan_actual": self.plan_actual, "plan_simulated": self.plan_simulated,
-                **{name: getattr(self, name) for name in MONEY_FIELDS}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +111,49 @@ class Simulation:
     def totals(self) -> dict[str, int]:
         return {name: sum(getattr(row, name) for row in self.rows) for name in MONEY_FIELDS}
 
-    def public(self) -> dict[str, Any]:
-        return {"object": "simulation", "period": self.period, "data": [r.public() for r in self.rows],
-                "totals": self.totals()}
+
+
+class SimulationFigures(Public):
+    """Cents summed over the simulation's rows."""
+
+    revenue_actual_cents: int
+    revenue_simulated_cents: int
+    compute_cost_cents: int
+    margin_actual_cents: int
+    margin_simulated_cents: int
+
+
+class SimulationRowPublic(SimulationFigures):
+    """One tenant: its plans in the period (``+``-joined when it changed) and the simulated one, both revenues
+    (the unit economics view's), the compute cost and both margins."""
+
+    model_config = ConfigDict(title="SimulationRow")
+
+    tenant_id: str
+    plan_actual: str
+    plan_simulated: str
+
+    @classmethod
+    def of(cls, row: SimulationRow) -> SimulationRowPublic:
+        return cls(tenant_id=row.tenant_id, plan_actual=row.plan_actual, plan_simulated=row.plan_simulated,
+                   **{name: getattr(row, name) for name in MONEY_FIELDS})
+
+
+class SimulationPublic(Public):
+    """``POST /admin/billing/simulate``: each tenant's period re-priced, largest gain in margin first."""
+
+    model_config = ConfigDict(title="Simulation")
+
+    object: Literal["simulation"]
+    period: str
+    data: list[SimulationRowPublic]
+    totals: SimulationFigures
+
+    @classmethod
+    def of(cls, simulation: Simulation) -> SimulationPublic:
+        return cls(object="simulation", period=simulation.period,
+                   data=[SimulationRowPublic.of(r) for r in simulation.rows],
+                   totals=SimulationFigures(**simulation.totals()))
 
 
 def candidate_catalog(catalog: PlanCatalog, plans: Sequence[Plan]) -> PlanCatalog:

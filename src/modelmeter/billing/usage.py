@@ -23,6 +23,7 @@ from modelmeter.billing.tables import UsageEvent
 from modelmeter.errors import InvalidRequestError
 from modelmeter.fields import INT32_MAX
 from modelmeter.money import cents_text, micro_to_cents
+from modelmeter.shapes import Public
 
 GroupBy = Literal["model", "key", "plan"]
 WIDTHS = {"1h": 3600, "1d": 86400}
@@ -74,7 +75,7 @@ def _rows(*, session: Session, tenant_id: str, q: UsageQuery) -> list[tuple[Any,
 
 
 def usage_buckets(*, session: Session, catalog: PlanCatalog, tenant_id: str, q: UsageQuery,
-                  current_plan: str) -> list[dict[str, Any]]:
+                  current_plan: str) -> list[UsageBucket]:
     """Buckets of ``q.bucket_width`` within ``[q.start, q.end)`` with per-group results."""
     width = WIDTHS[q.bucket_width]
     consumed: dict[tuple[str, str], Usage] = defaultdict(Usage)
@@ -94,14 +95,35 @@ def usage_buckets(*, session: Session, catalog: PlanCatalog, tenant_id: str, q: 
     return [_bucket(start, width, q.group_by, groups) for start, groups in sorted(results.items())]
 
 
-def _bucket(start: int, width: int, group_by: GroupBy | None, groups: dict[Any, dict[str, int]]) -> dict[str, Any]:
+class UsageResult(Public):
+    object: Literal["usage.result"]
+    requests: int
+    tokens: int
+    training_tokens: int
+    cost_cents: int
+    cost_cents_decimal: str
+    model: str | None = None  # with group_by=model
+    key_id: str | None = None  # with group_by=key
+    plan: str | None = None  # with group_by=plan
+
+
+class UsageBucket(Public):
+    object: Literal["bucket"]
+    start_time: int
+    end_time: int
+    results: list[UsageResult]
+
+
+_GROUP_FIELD = {"model": "model", "key": "key_id", "plan": "plan"}
+
+
+def _bucket(start: int, width: int, group_by: GroupBy | None, groups: dict[Any, dict[str, int]]) -> UsageBucket:
     out = []
     for group, slot in sorted(groups.items(), key=lambda kv: str(kv[0])):
         cost = slot["cost"]
-        result: dict[str, Any] = {"object": "usage.result", "requests": slot["requests"], "tokens": slot["tokens"],
-                                  "training_tokens": slot["training_tokens"], "cost_cents": micro_to_cents(cost),
-                                  "cost_cents_decimal": cents_text(cost)}
-        if group_by is not None:
-            result[{"model": "model", "key": "key_id", "plan": "plan"}[group_by]] = group
-        out.append(result)
-    return {"object": "bucket", "start_time": start, "end_time": start + width, "results": out}
+        # Only the grouping's own field is set (the route answers with ``exclude_unset``).
+        grouping = {_GROUP_FIELD[group_by]: group} if group_by is not None else {}
+        out.append(UsageResult(object="usage.result", requests=slot["requests"], tokens=slot["tokens"],
+                               training_tokens=slot["training_tokens"], cost_cents=micro_to_cents(cost),
+                               cost_cents_decimal=cents_text(cost), **grouping))
+    return UsageBucket(object="bucket", start_time=start, end_time=start + width, results=out)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,8 +15,13 @@ from modelmeter.gateway.services import Services
 from modelmeter.money import amount_text, major_price_text, unit_price_text
 from modelmeter.ops import tenants as ops
 from modelmeter.settings import Settings
+from modelmeter.shapes import Page
 from modelmeter.tenancy.keys import ALL_SCOPES, ApiKeyCreate, ApiKeyPublic
 from modelmeter.tenancy.tenants import TenantCreate, TenantPublic, TenantUpdate
+
+if TYPE_CHECKING:
+    from modelmeter.billing.credits import CreditGrantPublic
+    from modelmeter.billing.economics import UnitEconomics
 
 
 @click.group()
@@ -184,15 +189,15 @@ def billing() -> None:
 @reports_errors
 def billing_close(period: str, as_json: bool) -> None:
     """Close a finished month into one invoice per tenant (running it again changes nothing)."""
-    from modelmeter.billing.invoicing import close_period
+    from modelmeter.billing.invoicing import BillingClosePublic, close_period
 
     with admin_services() as services:
         result = close_period(sessions=services.sessions, catalog=services.plans, period=period)
         for tenant_id in result.returned_to:  # credits given back: every running replica loads them at once
             publish_tenant_change(services.settings.redis_url, tenant_id)
-    emit(as_json, result.public(), lambda r: (
-        f"period {r['period']} already closed ({r['invoices']} invoices)" if r["already_closed"]
-        else f"closed {r['period']}: {r['invoices']} invoices"))
+    emit(as_json, BillingClosePublic.of(result), lambda r: (
+        f"period {r.period} already closed ({r.invoices} invoices)" if r.already_closed
+        else f"closed {r.period}: {r.invoices} invoices"))
 
 
 billing.add_command(simulate)
@@ -203,6 +208,8 @@ billing.add_command(simulate)
 @json_option
 def billing_sync(retry_failed: bool, as_json: bool) -> None:
     """Send the pending Stripe outbox rows once and apply the past-due grace period."""
+    from modelmeter.billing.stripe.relay import StripeSync
+
     services = load_services()
     try:
         if services.stripe is None:
@@ -212,7 +219,7 @@ def billing_sync(retry_failed: bool, as_json: bool) -> None:
         if services.stripe is not None:
             services.stripe.close()
         services.engine.dispose()
-    emit(as_json, report.public(), lambda _: report.summary())
+    emit(as_json, StripeSync.of(report), lambda _: report.summary())
 
 
 @click.group()
@@ -225,11 +232,11 @@ def _currency(services: Services, tenant_id: str) -> str:
     return services.plans.get(plan).currency if plan in services.plans else "usd"
 
 
-def _grant_line(g: dict[str, Any], currency: str) -> str:
-    expires = f"expires_at={g['expires_at']}" if g["expires_at"] is not None else "no expiry"
-    return (f"{g['id']}  {g['source']:<9} amount={amount_text(g['amount_cents'], currency):>12} "
-            f"remaining={amount_text(g['remaining_cents'], currency):>12} {g['status']:<7} {expires}"
-            f"{'  ' + g['description'] if g['description'] else ''}")
+def _grant_line(g: CreditGrantPublic, currency: str) -> str:
+    expires = f"expires_at={g.expires_at}" if g.expires_at is not None else "no expiry"
+    return (f"{g.id}  {g.source:<9} amount={amount_text(g.amount_cents, currency):>12} "
+            f"remaining={amount_text(g.remaining_cents, currency):>12} {g.status:<7} {expires}"
+            f"{'  ' + g.description if g.description else ''}")
 
 
 @credits.command("grant")
@@ -266,9 +273,9 @@ def credits_list(tenant_id: str, limit: int, as_json: bool) -> None:
         payload = list_credits(sessions=services.sessions, tenant_id=tenant_id, limit=limit, after=None)
         currency = _currency(services, tenant_id)
     emit(as_json, payload, lambda p: "\n".join(
-        [_grant_line(g, currency) for g in p["data"]]
-        + [f"balance {amount_text(p['balance_cents'], currency)}" + (" (more grants: raise --limit)"
-                                                                      if p["has_more"] else "")]))
+        [_grant_line(g, currency) for g in p.data]
+        + [f"balance {amount_text(p.balance_cents, currency)}" + (" (more grants: raise --limit)"
+                                                                   if p.has_more else "")]))
 
 
 @click.command("dashboard-link")
@@ -285,19 +292,19 @@ def dashboard_link(tenant_id: str, base_url: str | None, ttl: int | None, as_jso
     with admin_services() as services:
         ops.get_tenant(sessions=services.sessions, tenant_id=tenant_id)
         base = base_url or services.settings.public_url or "http://127.0.0.1:8000"
-        payload = issue_link(services.settings, tenant_id, base, ttl_s=ttl).public()
-    emit(as_json, payload, lambda p: str(p["url"]))
+        payload = issue_link(services.settings, tenant_id, base, ttl_s=ttl)
+    emit(as_json, payload, lambda p: p.url)
 
 
-def _economics_line(r: dict[str, Any]) -> str:
-    who = r.get("tenant_id") or r.get("plan") or ""
-    ratio = f"{r['margin_ratio']}" if r["margin_ratio"] is not None else "-"
-    cost = amount_text(r["compute_cost_cents"], r["currency"])
-    exact = unit_price_text(r["compute_cost_cents_decimal"], r["currency"])  # a sub-cent cost, shown when it adds
+def _economics_line(r: UnitEconomics) -> str:
+    who = r.tenant_id or r.plan or ""
+    ratio = r.margin_ratio if r.margin_ratio is not None else "-"
+    cost = amount_text(r.compute_cost_cents, r.currency)
+    exact = unit_price_text(r.compute_cost_cents_decimal, r.currency)  # a sub-cent cost, shown when it adds
     cost += f" ({exact})" if exact != cost else ""
-    return (f"{who:<28} revenue={amount_text(r['revenue_cents'], r['currency']):>12} cost={cost:<28} "
-            f"margin={amount_text(r['margin_cents'], r['currency']):>12} ratio={ratio:<7} tokens={r['tokens']:,} "
-            f"cpu_ms={r['cpu_compute_ms']:,} gpu_ms={r['gpu_compute_ms']:,}")
+    return (f"{who:<28} revenue={amount_text(r.revenue_cents, r.currency):>12} cost={cost:<28} "
+            f"margin={amount_text(r.margin_cents, r.currency):>12} ratio={ratio:<7} tokens={r.tokens:,} "
+            f"cpu_ms={r.cpu_compute_ms:,} gpu_ms={r.gpu_compute_ms:,}")
 
 
 @click.command()
@@ -307,15 +314,15 @@ def _economics_line(r: dict[str, Any]) -> str:
 @reports_errors
 def economics(period: str | None, group_by: str, as_json: bool) -> None:
     """Revenue against compute cost, and the margin, per tenant or per plan."""
-    from modelmeter.billing.economics import economics_report, total
+    from modelmeter.billing.economics import UnitEconomics, economics_report, total
 
     with admin_services() as services, services.sessions() as session:
         rows = economics_report(session=session, catalog=services.plans, settings=services.settings,
                                 period=period, group_by=group_by)  # type: ignore[arg-type]
-    payload = {"object": "list", "data": [r.public() for r in rows], "has_more": False}
+    page = Page.of([UnitEconomics.of(r) for r in rows])
     summary = total(rows, rows[0].period) if rows else None
-    emit(as_json, payload, lambda p: "\n".join(
-        [_economics_line(r) for r in p["data"]] + ([_economics_line(summary.public())] if summary else [])
+    emit(as_json, page.model_dump(mode="json", exclude_unset=True), lambda _: "\n".join(
+        [_economics_line(r) for r in page.data] + ([_economics_line(UnitEconomics.of(summary))] if summary else [])
     ) or "no tenants")
 
 

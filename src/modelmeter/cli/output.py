@@ -42,8 +42,10 @@ def admin_services() -> Iterator[Services]:
 
 
 def emit(as_json: bool, payload: Any, human: Callable[[Any], str]) -> None:
+    """Print ``payload`` as JSON (a public model as the API sends it) or as ``human(payload)`` says."""
     if as_json:
-        click.echo(json.dumps(payload, indent=2, default=str))
+        data = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
+        click.echo(json.dumps(data, indent=2, default=str))
     else:
         click.echo(human(payload))
 

@@ -6,12 +6,15 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from modelmeter.cli.output import admin_services, reports_errors
 from modelmeter.money import amount_text
+
+if TYPE_CHECKING:
+    from modelmeter.billing.simulation import SimulationPublic
 
 COLUMNS = ("tenant_id", "plan_actual", "plan_simulated", "revenue_actual_cents", "revenue_simulated_cents",
            "compute_cost_cents", "margin_actual_cents", "margin_simulated_cents", "margin_change_cents")
@@ -43,10 +46,10 @@ def _plans(path: Path | None) -> list[Any]:
     return plans
 
 
-def _rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(simulation: SimulationPublic) -> list[dict[str, Any]]:
     """The rows in the API's order (largest gain first) and the totals, each with its change in margin."""
-    totals = {"tenant_id": TOTAL, "plan_actual": "", "plan_simulated": "", **payload["totals"]}
-    rows = [*payload["data"], totals]
+    totals = {"tenant_id": TOTAL, "plan_actual": "", "plan_simulated": "", **simulation.totals.model_dump()}
+    rows = [*(r.model_dump() for r in simulation.data), totals]
     return [r | {"margin_change_cents": r["margin_simulated_cents"] - r["margin_actual_cents"]} for r in rows]
 
 
@@ -54,7 +57,7 @@ def _signed(cents: int, currency: str) -> str:
     return ("+" if cents > 0 else "") + amount_text(cents, currency)
 
 
-def table(payload: dict[str, Any], currency: str = "usd") -> str:
+def table(payload: SimulationPublic, currency: str = "usd") -> str:
     """Fixed-width text: plans as ids, money as ``$1,234.56``, the change signed; the totals last."""
     cells = [list(HEADERS)]
     for r in _rows(payload):
@@ -66,7 +69,7 @@ def table(payload: dict[str, Any], currency: str = "usd") -> str:
                                enumerate(zip(row, widths, strict=True))).rstrip() for row in cells)
 
 
-def as_csv(payload: dict[str, Any]) -> str:
+def as_csv(payload: SimulationPublic) -> str:
     """One row per tenant, then the totals; amounts in integer cents."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
@@ -87,18 +90,19 @@ def as_csv(payload: dict[str, Any]) -> str:
 def simulate(period: str, plans_file: Path | None, assign: dict[str, str], as_json: bool, as_csv_: bool) -> None:
     """What a period would have earned under candidate plans and assignments (as POST /admin/billing/simulate):
     revenue, compute cost and margin per tenant, sorted by the change in margin. Writes nothing."""
-    from modelmeter.billing.simulation import SimulationRequest
+    from modelmeter.billing.simulation import SimulationPublic, SimulationRequest
     from modelmeter.billing.simulation import simulate as run
 
     if as_json and as_csv_:
         raise click.UsageError("--json and --csv exclude each other.")
     request = SimulationRequest.model_validate({"period": period, "plans": _plans(plans_file), "assign": assign})
     with admin_services() as services:
-        payload = run(sessions=services.sessions, catalog=services.plans, settings=services.settings,
-                      period=request.period, plans=request.plans, assign=request.assign).public()
+        payload = SimulationPublic.of(run(sessions=services.sessions, catalog=services.plans,
+                                          settings=services.settings, period=request.period, plans=request.plans,
+                                          assign=request.assign))
     if as_json:
-        click.echo(json.dumps(payload, indent=2))
+        click.echo(json.dumps(payload.model_dump(mode="json"), indent=2))
     elif as_csv_:
         click.echo(as_csv(payload), nl=False)
     else:
-        click.echo(table(payload) if payload["data"] else "no tenants")
+        click.echo(table(payload) if payload.data else "no tenants")

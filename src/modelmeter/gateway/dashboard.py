@@ -12,13 +12,16 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
 from sqlmodel import Session
 
 from modelmeter import clock
 from modelmeter.billing import alerts, credits, invoicing
+from modelmeter.billing.alerts import EventPublic
 from modelmeter.billing.catalog import Plan, PlanCatalog
+from modelmeter.billing.credits import CreditList
+from modelmeter.billing.invoicing import InvoicePublic
 from modelmeter.billing.periods import period_of
 from modelmeter.billing.pricing import Usage
 from modelmeter.billing.spend import budget_spend_micro, period_usage
@@ -26,6 +29,7 @@ from modelmeter.billing.usage import UsageQuery, usage_buckets
 from modelmeter.errors import AuthenticationError, TenantSuspendedError
 from modelmeter.money import micro_to_cents
 from modelmeter.settings import Settings, ensure_admin_token
+from modelmeter.shapes import Public
 from modelmeter.tenancy.tenants import Tenant
 
 _TOKEN_RE = re.compile(r"^(?P<tenant>[a-z]{1,16}_[0-9a-z]{1,64})\.(?P<exp>[0-9]{1,12})\.(?P<sig>[A-Za-z0-9_-]{43})$")
@@ -37,13 +41,12 @@ ALERT_ROWS = 10  # the newest usage alerts the page lists
 CREDIT_ROWS = 20  # the newest grants the page lists (the balance counts them all)
 
 
-@dataclass(frozen=True, slots=True)
-class DashboardLink:
+class DashboardLink(Public):
+    """A signed, short-lived link to the tenant's dashboard page (``POST /v1/dashboard/links``)."""
+
+    object: Literal["dashboard_link"]
     url: str
     expires_at: int
-
-    def public(self) -> dict[str, Any]:
-        return {"object": "dashboard_link", "url": self.url, "expires_at": self.expires_at}
 
 
 def signing_key(settings: Settings) -> bytes:
@@ -68,7 +71,8 @@ def issue_token(settings: Settings, tenant_id: str, *, ttl_s: int | None = None)
 def issue_link(settings: Settings, tenant_id: str, base_url: str, *, ttl_s: int | None = None) -> DashboardLink:
     """A link to ``tenant_id``'s dashboard page on the gateway at ``base_url``."""
     token, expires_at = issue_token(settings, tenant_id, ttl_s=ttl_s)
-    return DashboardLink(f"{base_url.rstrip('/')}/dashboard?token={token}", expires_at)
+    return DashboardLink(object="dashboard_link", url=f"{base_url.rstrip('/')}/dashboard?token={token}",
+                         expires_at=expires_at)
 
 
 def verify_token(settings: Settings, token: str) -> tuple[str, int]:
@@ -105,13 +109,13 @@ class PageData:
     period: str
     used: Usage
     spent_cents: int
-    upcoming: dict[str, Any]
-    invoices: list[dict[str, Any]]
+    upcoming: InvoicePublic
+    invoices: list[InvoicePublic]
     days: list[DayUsage]
     expires_at: int
     now: int
-    credits: dict[str, Any]  # ``GET /v1/billing/credits``'s body: the newest grants and the balance of all
-    alerts: list[dict[str, Any]] = field(default_factory=list)  # the newest events, as ``GET /v1/events`` lists
+    credits: CreditList  # as ``GET /v1/billing/credits`` answers: the newest grants and the balance of all
+    alerts: list[EventPublic] = field(default_factory=list)  # the newest events, as ``GET /v1/events`` lists
 
 
 def load_tenant(*, session: Session, tenant_id: str) -> Tenant:
@@ -129,12 +133,12 @@ def daily_usage(*, session: Session, catalog: PlanCatalog, tenant: Tenant, now: 
     first = now - now % DAY - (CHART_DAYS - 1) * DAY
     buckets = usage_buckets(session=session, catalog=catalog, tenant_id=tenant.id,
                             q=UsageQuery(first, now + 1, "1d", None), current_plan=tenant.plan)
-    by_start = {b["start_time"]: b["results"] for b in buckets}
+    by_start = {b.start_time: b.results for b in buckets}
     days = []
     for start in range(first, first + CHART_DAYS * DAY, DAY):
         results = by_start.get(start, [])
-        days.append(DayUsage(start, sum(r["requests"] for r in results), sum(r["tokens"] for r in results),
-                             sum(r["cost_cents"] for r in results)))
+        days.append(DayUsage(start, sum(r.requests for r in results), sum(r.tokens for r in results),
+                             sum(r.cost_cents for r in results)))
     return days
 
 
@@ -151,9 +155,9 @@ def load_page(*, session: Session, catalog: PlanCatalog, tenant_id: str, expires
     return PageData(
         tenant=tenant, plan=plan, period=period, used=used, spent_cents=micro_to_cents(budget_spend_micro(plan, used)),
         upcoming=invoicing.preview(session=session, catalog=catalog, tenant_id=tenant.id, plan=tenant.plan),
-        invoices=[invoicing.invoice_public(i, invoicing.lines_of(session=session, invoice_id=i.id)) for i in rows],
+        invoices=[InvoicePublic.of(i, invoicing.lines_of(session=session, invoice_id=i.id)) for i in rows],
         days=daily_usage(session=session, catalog=catalog, tenant=tenant, now=now), expires_at=expires_at, now=now,
         credits=credits.credits_page(session=session, tenant_id=tenant.id, limit=CREDIT_ROWS, after=None, live=live),
-        alerts=[alerts.event_public(e) for e in alerts.list_events(session=session, tenant_id=tenant.id,
-                                                                    limit=ALERT_ROWS, after=None)[0]],
+        alerts=[EventPublic.of(e) for e in alerts.list_events(session=session, tenant_id=tenant.id,
+                                                               limit=ALERT_ROWS, after=None)[0]],
     )

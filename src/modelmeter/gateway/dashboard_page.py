@@ -10,9 +10,10 @@ from functools import cache
 from html import escape
 from importlib import resources
 from string import Template
-from typing import Any
 
+from modelmeter.billing.alerts import EventData
 from modelmeter.billing.catalog import Tiers
+from modelmeter.billing.invoicing import InvoicePublic
 from modelmeter.gateway.dashboard import DayUsage, PageData
 from modelmeter.money import amount_text, major_price_text, unit_price_text
 
@@ -104,7 +105,7 @@ def cards(data: PageData) -> str:
     tokens_sub = f"of {plan.included_tokens:,} included" if plan.included_tokens else "no allowance: all billed"
     requests_sub = f"of {plan.included_requests:,} included" if plan.included_requests else "no allowance: all billed"
     return "".join((
-        _card("Upcoming invoice", amount_text(data.upcoming["total"], cur), f"{data.period} so far · {plan.name} plan"),
+        _card("Upcoming invoice", amount_text(data.upcoming.total, cur), f"{data.period} so far · {plan.name} plan"),
         _card("Usage spend", amount_text(data.spent_cents, cur), spend_sub, _meter(data.spent_cents, budget)),
         _card("Tokens this period", f"{data.used.tokens:,}", tokens_sub,
               _meter(data.used.tokens, plan.included_tokens)),
@@ -113,29 +114,29 @@ def cards(data: PageData) -> str:
     ))
 
 
-def _lines_table(invoice: dict[str, Any]) -> str:
-    lines = invoice["lines"]["data"]
+def _lines_table(invoice: InvoicePublic) -> str:
+    lines = invoice.lines.data
     if not lines:
         return '<div class="empty">Nothing billed yet this period.</div>'
-    cur = invoice["currency"]
+    cur = invoice.currency
     rows = "".join(
-        f'<tr><td>{escape(x["description"])}</td><td class="num">{x["quantity"]:,}</td>'
-        f'<td class="num">{escape(unit_price_text(x["unit_amount_decimal"], cur))}</td>'
-        f'<td class="num">{amount_text(x["amount"], cur)}</td></tr>'
+        f'<tr><td>{escape(x.description)}</td><td class="num">{x.quantity:,}</td>'
+        f'<td class="num">{escape(unit_price_text(x.unit_amount_decimal, cur))}</td>'
+        f'<td class="num">{amount_text(x.amount, cur)}</td></tr>'
         for x in lines
     )
     return (f'<table><tr><th>Line</th><th class="num">Qty</th><th class="num">Unit</th><th class="num">Amount</th>'
             f'</tr>{rows}<tr class="total"><td colspan="3">Total</td>'
-            f'<td class="num">{amount_text(invoice["total"], cur)}</td></tr></table>')
+            f'<td class="num">{amount_text(invoice.total, cur)}</td></tr></table>')
 
 
-def _invoices_table(invoices: list[dict[str, Any]]) -> str:
+def _invoices_table(invoices: list[InvoicePublic]) -> str:
     if not invoices:
         return '<div class="empty">No closed periods yet.</div>'
     rows = "".join(
-        f'<tr><td>{escape(i["period"])}</td><td>{escape(i["id"])}</td>'
-        f'<td><span class="pill {"paid" if i["paid_at"] else ""}">{"paid" if i["paid_at"] else escape(i["status"])}'
-        f'</span></td><td class="num">{amount_text(i["total"], i["currency"])}</td></tr>'
+        f'<tr><td>{escape(i.period)}</td><td>{escape(i.id or "")}</td>'
+        f'<td><span class="pill {"paid" if i.paid_at else ""}">{"paid" if i.paid_at else escape(i.status)}'
+        f'</span></td><td class="num">{amount_text(i.total, i.currency)}</td></tr>'
         for i in invoices
     )
     return f'<table><tr><th>Period</th><th>Invoice</th><th>Status</th><th class="num">Total</th></tr>{rows}</table>'
@@ -148,23 +149,23 @@ def credits_panel(data: PageData) -> str:
     """The credit balance and the newest grants: source, amount, what is left, expiry and status."""
     cur, body = data.plan.currency, data.credits
     balance = (f'<div class="balance"><span class="label">Balance</span> '
-               f'<span class="value" id="credit-balance">{amount_text(body["balance_cents"], cur)}</span>'
+               f'<span class="value" id="credit-balance">{amount_text(body.balance_cents, cur)}</span>'
                f'<span class="sub">pays usage charges as they are incurred'
                f'{"; this plan is prepaid: usage stops when it runs out" if data.plan.prepaid else ""}</span></div>')
-    grants = body["data"]
+    grants = body.data
     if not grants:
         return balance + '<div class="empty">No credits yet.</div>'
     rows = "".join(
-        f'<tr class="grant"><td>{escape(g["id"])}'
-        f'{"<br><small>" + escape(g["description"]) + "</small>" if g["description"] else ""}</td>'
-        f'<td>{escape(_SOURCES.get(g["source"], g["source"]))}</td>'
-        f'<td class="num">{amount_text(g["amount_cents"], cur)}</td>'
-        f'<td class="num">{amount_text(g["remaining_cents"], cur)}</td>'
-        f'<td>{day(g["expires_at"], "%Y-%m-%d %H:%M") + " UTC" if g["expires_at"] is not None else "never"}</td>'
-        f'<td><span class="pill {escape(g["status"])}">{escape(g["status"])}</span></td></tr>'
+        f'<tr class="grant"><td>{escape(g.id)}'
+        f'{"<br><small>" + escape(g.description) + "</small>" if g.description else ""}</td>'
+        f'<td>{escape(_SOURCES.get(g.source, g.source))}</td>'
+        f'<td class="num">{amount_text(g.amount_cents, cur)}</td>'
+        f'<td class="num">{amount_text(g.remaining_cents, cur)}</td>'
+        f'<td>{day(g.expires_at, "%Y-%m-%d %H:%M") + " UTC" if g.expires_at is not None else "never"}</td>'
+        f'<td><span class="pill {escape(g.status)}">{escape(g.status)}</span></td></tr>'
         for g in grants
     )
-    more = '<div class="empty">Older grants are not shown.</div>' if body["has_more"] else ""
+    more = '<div class="empty">Older grants are not shown.</div>' if body.has_more else ""
     return (f'{balance}<table><tr><th>Grant</th><th>Source</th><th class="num">Amount</th>'
             f'<th class="num">Remaining</th><th>Expires</th><th>Status</th></tr>{rows}</table>{more}')
 
@@ -200,14 +201,14 @@ def alerts_panel(data: PageData) -> str:
         return '<div class="empty">No alerts yet (set thresholds with PUT /v1/billing/alerts).</div>'
     cur = data.plan.currency
 
-    def figure(d: dict[str, Any], key: str) -> str:
-        return amount_text(d[key], cur) if d["resource"] == "budget" else f"{compact(d[key])} tokens"
+    def figure(d: EventData, value: int) -> str:
+        return amount_text(value, cur) if d.resource == "budget" else f"{compact(value)} tokens"
 
     names = {"budget": "budget", "included_tokens": "included tokens"}
     rows = "".join(
-        f'<tr class="alert"><td>{day(e["created"], "%Y-%m-%d %H:%M")} UTC</td><td>{escape(e["data"]["period"])}</td>'
-        f'<td>{e["data"]["threshold_percent"]}% of {names.get(e["data"]["resource"], "?")}</td>'
-        f'<td class="num">{figure(e["data"], "value")}</td><td class="num">{figure(e["data"], "limit")}</td></tr>'
+        f'<tr class="alert"><td>{day(e.created, "%Y-%m-%d %H:%M")} UTC</td><td>{escape(e.data.period)}</td>'
+        f'<td>{e.data.threshold_percent}% of {names.get(e.data.resource, "?")}</td>'
+        f'<td class="num">{figure(e.data, e.data.value)}</td><td class="num">{figure(e.data, e.data.limit)}</td></tr>'
         for e in data.alerts
     )
     return (f'<table id="alerts"><tr><th>When</th><th>Period</th><th>Threshold</th><th class="num">Value</th>'

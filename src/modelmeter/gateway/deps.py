@@ -142,8 +142,3 @@ class ListParams:
 
 
 ListDep = Annotated[ListParams, Depends()]
-
-
-def list_body(data: list[Any], has_more: bool) -> dict[str, Any]:
-    """The one list envelope: ``{"object": "list", "data": [...], "has_more": bool}``."""
-    return {"object": "list", "data": data, "has_more": has_more}

@@ -28,8 +28,9 @@ def install(app: FastAPI, *, plan_ids: Iterable[str], max_inputs: int) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, description=app.description,
-                                   routes=app.routes)
+                                   routes=app.routes, webhooks=app.webhooks.routes)
             _name_by_title(document)
+            _receiver_answers(document)
             _add_security(document)
             schemas = document.get("components", {}).get("schemas", {})
             for name in ("TenantCreate", "TenantUpdate"):
@@ -68,6 +69,21 @@ def _name_by_title(document: dict[str, Any]) -> None:
         renamed[key]: schema | ({"title": public_name(schema["title"])} if "title" in schema else {})
         for key, schema in schemas.items()
     }
+
+
+def _receiver_answers(document: dict[str, Any]) -> None:
+    """A webhook's responses are what the tenant's receiver may answer, not FastAPI's defaults for a route (a 422
+    with its validation schema): any 2xx is a delivery, anything else a retry."""
+    for operations in document.get("webhooks", {}).values():
+        for operation in operations.values():
+            operation["responses"] = {"2XX": {"description": "Delivered. Any other answer, or none within the "
+                                                             "timeout, is retried with backoff."}}
+    text = repr(document.get("paths", {})) + repr(document.get("webhooks", {}))
+    schemas = document.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{unused}" not in text and unused in schemas and all(
+                f"#/components/schemas/{unused}'" not in repr(v) for k, v in schemas.items() if k != unused):
+            del schemas[unused]
 
 
 def _add_security(document: dict[str, Any]) -> None:

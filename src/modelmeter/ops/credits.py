@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
@@ -17,7 +15,7 @@ Sessions = sessionmaker[Session]
 
 
 def list_credits(*, sessions: Sessions, tenant_id: str, limit: int, after: str | None,
-                 live: dict[str, int] | None = None) -> dict[str, Any]:
+                 live: dict[str, int] | None = None) -> credits.CreditList:
     """The tenant's grants and balance (404 for an unknown tenant)."""
     with sessions() as session:
         get_tenant(session=session, tenant_id=tenant_id)
@@ -25,7 +23,7 @@ def list_credits(*, sessions: Sessions, tenant_id: str, limit: int, after: str |
 
 
 def purchase_credits(*, sessions: Sessions, catalog: PlanCatalog, tenant_id: str,
-                     data: credits.CreditPurchaseCreate) -> dict[str, Any]:
+                     data: credits.CreditPurchaseCreate) -> credits.CreditPurchasePublic:
     """A pending top-up and its Stripe invoice, queued in one transaction (409 when Stripe is not configured)."""
     with sessions() as session:
         if not outbox_enabled(session=session):
@@ -37,4 +35,4 @@ def purchase_credits(*, sessions: Sessions, catalog: PlanCatalog, tenant_id: str
                                            currency=catalog.get(tenant.plan).currency)
         enqueue_credit_purchase(session=session, purchase=purchase)
         session.commit()
-        return credits.purchase_public(purchase)
+        return credits.CreditPurchasePublic.of(purchase)

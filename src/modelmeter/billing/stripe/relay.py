@@ -7,11 +7,12 @@ the row is ``failed`` until an operator requeues it. What each row sends is :mod
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import stripe
 from sqlalchemy import or_, update
@@ -27,6 +28,7 @@ from modelmeter.billing.stripe.outbox import enable_outbox
 from modelmeter.billing.tables import Invoice, StripeOutbox
 from modelmeter.periodic import Periodic
 from modelmeter.settings import Settings
+from modelmeter.shapes import Public
 
 log = logging.getLogger("modelmeter.stripe")
 
@@ -56,6 +58,23 @@ class RowOutcome:
     error: str | None = None
 
 
+class StripeSync(Public):
+    """``modelmeter billing sync --json``: what one pass sent, what waits for a retry, what gave up."""
+
+    object: Literal["stripe_sync"]
+    sent: int
+    retrying: int
+    failed: int
+    suspended: list[str]
+    rows: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, report: RelayReport) -> StripeSync:
+        return cls(object="stripe_sync", sent=report.count("done"), retrying=report.count("retry"),
+                   failed=report.count("failed"), suspended=report.suspended,
+                   rows=[dataclasses.asdict(row) for row in report.rows])
+
+
 @dataclass
 class RelayReport:
     """What one pass of the relay did."""
@@ -66,10 +85,6 @@ class RelayReport:
     def count(self, result: str) -> int:
         return sum(1 for row in self.rows if row.result == result)
 
-    def public(self) -> dict[str, Any]:
-        return {"object": "stripe_sync", "sent": self.count("done"), "retrying": self.count("retry"),
-                "failed": self.count("failed"), "suspended": self.suspended,
-                "rows": [row.__dict__ for row in self.rows]}
 
     def summary(self) -> str:
         lines = [f"{r.kind:<12} {r.object_id:<40} {r.result:<6} {r.stripe_id or r.error or ''}" for r in self.rows]

@@ -24,6 +24,7 @@ from modelmeter import clock
 from modelmeter.billing import credits
 from modelmeter.billing.stripe.dunning import refresh_billing
 from modelmeter.billing.tables import CreditPurchase, Invoice, PlanChange, StripeEvent
+from modelmeter.shapes import Public
 from modelmeter.tenancy.tenants import Tenant, lock_tenant
 
 log = logging.getLogger("modelmeter.stripe")
@@ -36,8 +37,17 @@ class EventResult:
     outcome: str  # applied | stale | superseded | ignored | duplicate | unknown_customer | unhandled
     tenant_id: str | None = None
 
-    def public(self) -> dict[str, Any]:
-        return {"received": True, "outcome": self.outcome}
+
+
+class WebhookReceipt(Public):
+    """The answer to Stripe: the event was received and what it did."""
+
+    received: bool
+    outcome: str
+
+    @classmethod
+    def of(cls, result: EventResult) -> WebhookReceipt:
+        return cls(received=True, outcome=result.outcome)
 
 
 def verify_event(payload: bytes, signature: str | None, secret: str, *, tolerance: int = 300) -> dict[str, Any]:

@@ -11,27 +11,17 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from modelmeter import clock
 from modelmeter.billing.catalog import Plan
-from modelmeter.billing.credits import CreditGrantCreate, grant_credits
-from modelmeter.billing.economics import economics_report
-from modelmeter.billing.invoicing import close_period
+from modelmeter.billing.credits import CreditGrantCreate, CreditGrantPublic, CreditList, grant_credits
+from modelmeter.billing.economics import UnitEconomics, economics_report
+from modelmeter.billing.invoicing import BillingClosePublic, close_period
 from modelmeter.billing.periods import PERIOD
-from modelmeter.billing.simulation import SimulationRequest, simulate
+from modelmeter.billing.simulation import SimulationPublic, SimulationRequest, simulate
 from modelmeter.fields import PYTHON_RE, matching
-from modelmeter.gateway.deps import AdminDep, ListDep, ServicesDep, SessionDep, list_body
-from modelmeter.gateway.schemas import (
-    ADMIN_READ,
-    ADMIN_WRITE,
-    BillingClose,
-    CreditGrant,
-    CreditList,
-    EngineStatus,
-    Page,
-    Simulation,
-    UnitEconomics,
-    errors,
-)
+from modelmeter.gateway.deps import AdminDep, ListDep, ServicesDep, SessionDep
+from modelmeter.gateway.schemas import ADMIN_READ, ADMIN_WRITE, errors
 from modelmeter.ops import credits as credit_ops
 from modelmeter.ops import tenants as ops
+from modelmeter.shapes import Page, Public
 from modelmeter.tenancy.keys import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeyRoll
 from modelmeter.tenancy.tenants import TenantCreate, TenantPublic, TenantUpdate
 
@@ -40,13 +30,40 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 READ, ONE, WRITE, WRITE_ONE = (errors(*ADMIN_READ), errors(*ADMIN_READ, 404), errors(*ADMIN_WRITE),
                                errors(*ADMIN_WRITE, 404))
 
+class EngineFront(Public):
+    pid: int
+
+
+class EngineReport(Public):
+    """One engine process (or the in-process engine) and its counters since it started."""
+
+    pid: int
+    device: str
+    simulated: bool
+    batches: int
+    rows: int
+    mixed_batches: int  # batches carrying rows of more than one front
+    queue_rows: int
+    adapters_resident: int
+    dropped_messages: int
+
+
+class EngineStatus(Public):
+    """``GET /admin/engine``: the fronts the engines have heard from, and every engine."""
+
+    fronts: list[EngineFront]
+    engines: list[EngineReport]
+
+
 @router.get("/engine", response_model=EngineStatus, responses=READ)
-async def get_engine(services: ServicesDep) -> dict[str, Any]:
+async def get_engine(services: ServicesDep) -> EngineStatus:
     """The fronts and engines serving inference, with each engine's batch and row counters."""
     fronts, engines = await services.engines.stats()
     hidden = ("rid", "fronts")  # the wire's request id; the fronts are listed once, above
-    return {"fronts": [{"pid": pid} for pid in fronts],
-            "engines": [{k: v for k, v in msgspec.structs.asdict(e).items() if k not in hidden} for e in engines]}
+    return EngineStatus(
+        fronts=[EngineFront(pid=pid) for pid in fronts],
+        engines=[EngineReport(**{k: v for k, v in msgspec.structs.asdict(e).items() if k not in hidden})
+                 for e in engines])
 
 
 @router.post("/tenants", status_code=201, response_model=TenantPublic, responses=WRITE)
@@ -55,9 +72,9 @@ def post_tenant(data: TenantCreate, services: ServicesDep) -> Any:
 
 
 @router.get("/tenants", response_model=Page[TenantPublic], responses=READ)
-def get_tenants(services: ServicesDep, page: ListDep) -> dict[str, Any]:
+def get_tenants(services: ServicesDep, page: ListDep) -> Page[TenantPublic]:
     rows, has_more = ops.list_tenants(sessions=services.sessions, limit=page.limit, after=page.after)
-    return list_body([TenantPublic.model_validate(t) for t in rows], has_more)
+    return Page.of([TenantPublic.model_validate(t) for t in rows], has_more)
 
 
 @router.get("/tenants/{tenant_id}", response_model=TenantPublic, responses=ONE)
@@ -72,7 +89,7 @@ def patch_tenant(tenant_id: str, data: TenantUpdate, services: ServicesDep) -> A
     return tenant
 
 
-@router.post("/tenants/{tenant_id}/credits", status_code=201, response_model=CreditGrant, responses=WRITE_ONE)
+@router.post("/tenants/{tenant_id}/credits", status_code=201, response_model=CreditGrantPublic, responses=WRITE_ONE)
 def post_credits(tenant_id: str, data: CreditGrantCreate, services: ServicesDep) -> Any:
     """Grant prepaid credits: they pay the tenant's usage as it is incurred, from the next request on."""
     granted = grant_credits(sessions=services.sessions, tenant_id=tenant_id, data=data)
@@ -94,12 +111,12 @@ def post_key(tenant_id: str, services: ServicesDep, data: ApiKeyCreate | None = 
 
 
 @router.get("/tenants/{tenant_id}/keys", response_model=Page[ApiKeyPublic], responses=ONE)
-def get_keys(tenant_id: str, services: ServicesDep, page: ListDep) -> dict[str, Any]:
+def get_keys(tenant_id: str, services: ServicesDep, page: ListDep) -> Page[ApiKeyPublic]:
     services.auth.flush_last_used()
     rows, has_more = ops.list_keys(sessions=services.sessions, tenant_id=tenant_id, limit=page.limit,
                                    after=page.after)
     now = clock.now_s()
-    return list_body([ApiKeyPublic.of(k, now=now) for k in rows], has_more)
+    return Page.of([ApiKeyPublic.of(k, now=now) for k in rows], has_more)
 
 
 @router.delete("/keys/{key_id}", response_model=ApiKeyPublic, responses=ONE)
@@ -125,25 +142,25 @@ class CloseRequest(BaseModel):
     period: Annotated[str, StringConstraints(pattern=PERIOD)]
 
 
-@router.post("/billing/close", response_model=BillingClose, responses=WRITE)
-def post_close(data: CloseRequest, services: ServicesDep) -> dict[str, Any]:
+@router.post("/billing/close", response_model=BillingClosePublic, responses=WRITE)
+def post_close(data: CloseRequest, services: ServicesDep) -> BillingClosePublic:
     """Close a finished month into one invoice per tenant; closing it again changes nothing."""
     result = close_period(sessions=services.sessions, catalog=services.plans, period=data.period)
     for tenant_id in result.returned_to:  # credits given back: the next request loads the new grants
         services.forget_tenant(tenant_id)
-    return result.public()
+    return BillingClosePublic.of(result)
 
 
-@router.post("/billing/simulate", response_model=Simulation, responses=errors(*ADMIN_WRITE))
-def post_simulate(data: SimulationRequest, services: ServicesDep) -> dict[str, Any]:
+@router.post("/billing/simulate", response_model=SimulationPublic, responses=errors(*ADMIN_WRITE))
+def post_simulate(data: SimulationRequest, services: ServicesDep) -> SimulationPublic:
     """Re-price a period's ledger (closed or running) under candidate plans and assignments; writes nothing."""
-    return simulate(sessions=services.sessions, catalog=services.plans, settings=services.settings,
-                    period=data.period, plans=data.plans, assign=data.assign).public()
+    return SimulationPublic.of(simulate(sessions=services.sessions, catalog=services.plans, settings=services.settings,
+                                        period=data.period, plans=data.plans, assign=data.assign))
 
 
 @router.get("/plans", response_model=Page[Plan], responses=READ)
-def get_plans(services: ServicesDep) -> dict[str, Any]:
-    return list_body([p.model_dump(mode="json") for p in services.plans.all()], False)
+def get_plans(services: ServicesDep) -> Page[Plan]:
+    return Page.of(services.plans.all())
 
 
 @router.get("/economics", response_model=Page[UnitEconomics], response_model_exclude_unset=True,
@@ -152,8 +169,8 @@ def get_economics(
     services: ServicesDep, session: SessionDep,
     period: Annotated[str | None, Query(json_schema_extra={"pattern": PERIOD}), matching(PERIOD)] = None,
     group_by: Literal["tenant", "plan"] = "tenant",
-) -> dict[str, Any]:
+) -> Page[UnitEconomics]:
     """Revenue (invoices; the preview while open) against compute cost, and the margin, per tenant or plan."""
     rows = economics_report(session=session, catalog=services.plans, settings=services.settings, period=period,
                             group_by=group_by)
-    return list_body([r.public() for r in rows], False)
+    return Page.of([UnitEconomics.of(r) for r in rows])

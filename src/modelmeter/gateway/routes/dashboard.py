@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from modelmeter.gateway.dashboard import issue_link, load_page, verify_token
+from modelmeter.gateway.dashboard import DashboardLink, issue_link, load_page, verify_token
 from modelmeter.gateway.dashboard_page import render
 from modelmeter.gateway.deps import BillingPrincipal, ServicesDep
-from modelmeter.gateway.schemas import TENANT_WRITE, DashboardLink, errors
+from modelmeter.gateway.schemas import TENANT_WRITE, errors
 from modelmeter.gateway.services import Services
 
 router = APIRouter(tags=["dashboard"])
@@ -28,10 +27,10 @@ _PAGE_HEADERS = {
 
 
 @router.post("/v1/dashboard/links", response_model=DashboardLink, responses=errors(*TENANT_WRITE))
-async def create_link(principal: BillingPrincipal, services: ServicesDep, request: Request) -> dict[str, Any]:
+async def create_link(principal: BillingPrincipal, services: ServicesDep, request: Request) -> DashboardLink:
     """A link to the caller's dashboard page, valid for ``MODELMETER_DASHBOARD_LINK_TTL_S`` seconds."""
     base = services.settings.public_url or bound_url(request)
-    return issue_link(services.settings, principal.tenant_id, base).public()
+    return issue_link(services.settings, principal.tenant_id, base)
 
 
 def bound_url(request: Request) -> str:

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 
 from modelmeter.billing import alerts
+from modelmeter.billing.alerts import AlertSettingsCreated, AlertSettingsPublic, EventDeliveryPublic, EventPublic
 from modelmeter.errors import InvalidRequestError
-from modelmeter.gateway.deps import (
-    AdminDep,
-    BillingPrincipal,
-    BillingWritePrincipal,
-    ListDep,
-    ServicesDep,
-    SessionDep,
-    list_body,
-)
-from modelmeter.gateway.schemas import (
-    ADMIN_READ,
-    ADMIN_WRITE,
-    TENANT_READ,
-    TENANT_WRITE,
-    AlertSettings,
-    AlertSettingsCreated,
-    Event,
-    EventDelivery,
-    Page,
-    errors,
-)
+from modelmeter.gateway.deps import AdminDep, BillingPrincipal, BillingWritePrincipal, ListDep, ServicesDep, SessionDep
+from modelmeter.gateway.schemas import ADMIN_READ, ADMIN_WRITE, TENANT_READ, TENANT_WRITE, errors
 from modelmeter.settings import ensure_admin_token
+from modelmeter.shapes import Page
 
 router = APIRouter(tags=["events"])
 admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
@@ -37,7 +20,7 @@ admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep
 
 @router.put("/v1/billing/alerts", response_model=AlertSettingsCreated, responses=errors(*TENANT_WRITE))
 def put_alerts(data: alerts.AlertSettingsUpdate, principal: BillingWritePrincipal,
-               services: ServicesDep) -> dict[str, Any]:
+               services: ServicesDep) -> AlertSettingsCreated:
     """Set the thresholds (percent of the monthly budget, or of the plan's included tokens when no budget is set)
     and the URL events are POSTed to. Each call makes a new signing secret, shown only in this response."""
     if not services.settings.alerts_allow_private_urls and alerts.private_address(data.url):
@@ -51,8 +34,8 @@ def put_alerts(data: alerts.AlertSettingsUpdate, principal: BillingWritePrincipa
     return body
 
 
-@router.delete("/v1/billing/alerts", response_model=AlertSettings, responses=errors(*TENANT_WRITE))
-def delete_alerts(principal: BillingWritePrincipal, services: ServicesDep) -> dict[str, Any]:
+@router.delete("/v1/billing/alerts", response_model=AlertSettingsPublic, responses=errors(*TENANT_WRITE))
+def delete_alerts(principal: BillingWritePrincipal, services: ServicesDep) -> AlertSettingsPublic:
     """Remove the alert settings: no event is sent from now on, and deliveries still pending are given up."""
     with services.sessions() as session:
         body = alerts.delete_settings(session=session, tenant_id=principal.tenant_id)
@@ -61,34 +44,42 @@ def delete_alerts(principal: BillingWritePrincipal, services: ServicesDep) -> di
     return body
 
 
-@router.get("/v1/billing/alerts", response_model=AlertSettings, responses=errors(*TENANT_READ))
-def get_alerts(principal: BillingPrincipal, session: SessionDep) -> dict[str, Any]:
+@router.get("/v1/billing/alerts", response_model=AlertSettingsPublic, responses=errors(*TENANT_READ))
+def get_alerts(principal: BillingPrincipal, session: SessionDep) -> AlertSettingsPublic:
     return alerts.get_settings(session=session, tenant_id=principal.tenant_id)
 
 
-@router.get("/v1/events", response_model=Page[Event], responses=errors(*TENANT_READ))
-def list_events(principal: BillingPrincipal, session: SessionDep, page: ListDep) -> dict[str, Any]:
+@router.get("/v1/events", response_model=Page[EventPublic], responses=errors(*TENANT_READ))
+def list_events(principal: BillingPrincipal, session: SessionDep, page: ListDep) -> Page[EventPublic]:
     """The tenant's events (``usage.threshold_crossed``), newest first."""
     rows, has_more = alerts.list_events(session=session, tenant_id=principal.tenant_id, limit=page.limit,
                                         after=page.after)
-    return list_body([alerts.event_public(row) for row in rows], has_more)
+    return Page.of([EventPublic.of(row) for row in rows], has_more)
 
 
-@admin_router.get("/events/deliveries", response_model=Page[EventDelivery], responses=errors(*ADMIN_READ))
+@admin_router.get("/events/deliveries", response_model=Page[EventDeliveryPublic], responses=errors(*ADMIN_READ))
 def list_deliveries(session: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
                     after: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$")] = None,
-                    status: Annotated[Literal["pending", "done", "failed"] | None, Query()] = None) -> dict[str, Any]:
+                    status: Annotated[Literal["pending", "done", "failed"] | None, Query()] = None,
+                    ) -> Page[EventDeliveryPublic]:
     """Alert deliveries, newest first (``after``: a delivery id, the cursor); ``?status=failed``: those the relay
     gave up on (receivers to look at)."""
     rows, has_more = alerts.list_deliveries(session=session, status=status, limit=limit,
                                             after=None if after is None else int(after))
-    return list_body([alerts.delivery_public(row) for row in rows], has_more)
+    return Page.of([EventDeliveryPublic.of(row) for row in rows], has_more)
 
 
-@admin_router.post("/events/deliveries/{delivery_id}/retry", response_model=EventDelivery,
+@admin_router.post("/events/deliveries/{delivery_id}/retry", response_model=EventDeliveryPublic,
                    responses=errors(*ADMIN_WRITE, 404, 409))
 def retry_delivery(delivery_id: Annotated[str, Path(pattern=r"^[0-9]{1,18}$")],
-                   services: ServicesDep) -> dict[str, Any]:
+                   services: ServicesDep) -> EventDeliveryPublic:
     """Send a ``failed`` delivery again from its first attempt (after the receiver is fixed); 409 otherwise."""
     with services.sessions() as session:
-        return alerts.delivery_public(alerts.retry_delivery(session=session, delivery_id=int(delivery_id)))
+        return EventDeliveryPublic.of(alerts.retry_delivery(session=session, delivery_id=int(delivery_id)))
+
+
+def usage_threshold_crossed(body: EventPublic) -> None:
+    """What the alert relay POSTs to the tenant's URL when a threshold is crossed: the event exactly as
+    ``GET /v1/events`` lists it (one model), as compact JSON. The ``modelmeter-signature`` header signs the body
+    (``t=<unix seconds>,v1=<hex HMAC-SHA256 of "t.body">`` with the secret shown when the alerts were set); a 2xx
+    answer is a delivery, anything else is retried with backoff."""

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from modelmeter.errors import InvalidRequestError
 from modelmeter.fields import INTEGRAL
-from modelmeter.gateway.deps import CurrentPrincipal, InferencePrincipal, ServicesDep, list_body
+from modelmeter.gateway.deps import CurrentPrincipal, InferencePrincipal, ServicesDep
 from modelmeter.gateway.inference import Served, serve
 from modelmeter.gateway.schemas import (
     TENANT_READ,
@@ -156,10 +156,10 @@ _INFERENCE_ERRORS = errors(*TENANT_WRITE, 404, 503)
 
 
 @router.get("/v1/models", response_model=Page[ModelPublic], responses=errors(*TENANT_READ))
-async def get_models(principal: CurrentPrincipal, services: ServicesDep) -> dict[str, Any]:
+async def get_models(principal: CurrentPrincipal, services: ServicesDep) -> Page[ModelPublic]:
     """The tenant's own models plus the platform's."""
     models = await services.models.visible(principal.tenant_id)
-    return list_body([m.public() for m in models], False)
+    return Page.of([m.public() for m in models])
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=_INFERENCE_ERRORS)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
 from modelmeter import clock
-from modelmeter.billing.usage import UsageQuery, usage_buckets
+from modelmeter.billing.usage import UsageBucket, UsageQuery, usage_buckets
 from modelmeter.fields import INT32_MAX
-from modelmeter.gateway.deps import BillingPrincipal, ServicesDep, SessionDep, list_body
-from modelmeter.gateway.schemas import TENANT_READ, Page, UsageBucket, errors
+from modelmeter.gateway.deps import BillingPrincipal, ServicesDep, SessionDep
+from modelmeter.gateway.schemas import TENANT_READ, errors
+from modelmeter.shapes import Page
 
 router = APIRouter(tags=["usage"])
 
@@ -27,7 +28,7 @@ def get_usage(
     end_time: Timestamp | None = None,
     bucket_width: Literal["1h", "1d"] = "1d",
     group_by: Literal["model", "key", "plan"] | None = None,
-) -> dict[str, Any]:
+) -> Page[UsageBucket]:
     """Requests, tokens, training tokens and cost per bucket (buckets align to UTC hours or days). One answer
     covers at most 31 days of 1h buckets or 366 days of 1d buckets; a wider range answers that much with
     ``has_more: true`` (ask again from ``start_time`` plus that span)."""
@@ -35,4 +36,4 @@ def get_usage(
                                  group_by).page()
     buckets = usage_buckets(session=session, catalog=services.plans, tenant_id=principal.tenant_id, q=query,
                             current_plan=principal.plan)
-    return list_body(buckets, has_more)
+    return Page.of(buckets, has_more)

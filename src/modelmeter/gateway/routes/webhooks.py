@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter import clock
-from modelmeter.billing.stripe.webhooks import apply_event, verify_event
+from modelmeter.billing.stripe.webhooks import WebhookReceipt, apply_event, verify_event
 from modelmeter.errors import MalformedRequestError, ServiceUnavailableError
 from modelmeter.gateway.deps import ServicesDep
-from modelmeter.gateway.schemas import WebhookReceipt, errors
+from modelmeter.gateway.schemas import errors
 
 router = APIRouter(tags=["webhooks"])
 
@@ -21,7 +21,7 @@ SIGNATURE_TOLERANCE_S = 300
 
 
 @router.post("/webhooks/stripe", response_model=WebhookReceipt, responses=errors(400, 413, 503))
-async def stripe_webhook(request: Request, services: ServicesDep) -> dict[str, Any]:
+async def stripe_webhook(request: Request, services: ServicesDep) -> WebhookReceipt:
     """Verify ``Stripe-Signature`` (HMAC-SHA256 of the raw body, 300 s tolerance), then apply the event once."""
     secret = services.settings.stripe_webhook_secret
     if not secret:
@@ -32,7 +32,7 @@ async def stripe_webhook(request: Request, services: ServicesDep) -> dict[str, A
                                                          grace_s=services.settings.past_due_grace_s))
     if result.tenant_id is not None:
         services.forget_tenant(result.tenant_id)
-    return result.public()
+    return WebhookReceipt.of(result)
 
 
 def _verified(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class LoraTraining:
 TrainingType = FullTraining | LoraTraining
 
 
-def training_from_public(data: dict[str, Any] | None) -> TrainingType:
+def training_from_stored(data: dict[str, Any] | None) -> TrainingType:
     """The training type a job stored (``None``: a job from before adapters existed, trained in full)."""
     if data is None or data.get("type") == "full":
         return FullTraining()

@@ -26,7 +26,7 @@ from modelmeter import clock
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import Example, parse_dataset, stratified_split
 from modelmeter.models.finetune.estimate import epoch_tokens
-from modelmeter.models.finetune.recipes import training_from_public
+from modelmeter.models.finetune.recipes import training_from_stored
 from modelmeter.models.finetune.tables import FineTuningJob, TenantFile
 from modelmeter.models.finetune.tagged import TaggedDataset, parse_tagged
 from modelmeter.models.finetune.tagging import train_tagger
@@ -134,7 +134,7 @@ class Worker:
             hparams=Hyperparameters(job.n_epochs, job.batch_size, job.learning_rate_multiplier), seed=job.seed,
             device=self.config.device, output_dir=output, on_progress=lambda p: self._progress(job.id, p),
             should_stop=stop.is_set, show_progress=self.config.show_progress,
-            training=training_from_public(job.training_type), base_model=job.model,
+            training=training_from_stored(job.training_type), base_model=job.model,
         )
         if job.validation_file:  # evaluating the tenant's own file is compute on its behalf: billed as training
             evaluated = epoch_tokens(base_dir, [example.text for example in validation])
@@ -173,7 +173,7 @@ class Worker:
             hparams=Hyperparameters(job.n_epochs, job.batch_size, job.learning_rate_multiplier), seed=job.seed,
             device=self.config.device, output_dir=output, on_progress=lambda p: self._progress(job.id, p),
             should_stop=stop.is_set, show_progress=self.config.show_progress,
-            training=training_from_public(job.training_type), base_model=job.model,
+            training=training_from_stored(job.training_type), base_model=job.model,
         )
         if job.validation_file:
             evaluated = epoch_tokens(base_dir, [" ".join(example.words) for example in validation])
