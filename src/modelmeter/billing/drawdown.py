@@ -18,8 +18,8 @@ reprice, requests draw nothing until the usage cost catches up with what was dra
 drawn total to 1000; unit 101 reprices the period to 505 and draws nothing; units 102..200 draw nothing (cost 510
 .. 1000 is within 1000 drawn); unit 201 draws 5. Closed at 150 units (cost 750), 250 goes back.
 
-``plan_draws`` and ``due_micro`` are the rule; the Redis store's Lua (``quota.DRAW_LUA``, the reserve script)
-mirrors them: change both together.
+``plan_draws`` and ``due_micro`` are the rule; the Redis store's Lua (``billing/quota/lua/draw.lua`` and
+``reserve.lua``) mirrors them: change both together.
 """
 
 from __future__ import annotations

@@ -186,7 +186,8 @@ def metered_cost_micro(prices: MeteredPrices, usage: Usage) -> int:
     beyond its allowance at its unit price.
 
     The one cost formula: ``usage_cost_micro`` and the quota stores' budget check (``quota.Caps``) both use it.
-    The Redis quota store's Lua (``quota.USAGE_COST_LUA``) mirrors it (tiers included): change both together.
+    The Redis quota store's Lua (``billing/quota/lua/usage_cost.lua``) mirrors it (tiers included): change both
+    together.
     """
     return sum(charge.price(prices).cost_micro(charge.used(usage)) for charge in METERED_CHARGES)
 

@@ -16,7 +16,8 @@ With ``volume`` more usage can cost less (crossing into a cheaper tier reprices 
 can be negative; with ``graduated`` (and flat prices) it never is.
 
 Each reached tier is a ``TierPart``; ``pricing`` turns a part into invoice lines (one for its units, one for its
-flat amount when that is not zero). The Redis quota script mirrors ``tiered_cost_micro`` (``quota.USAGE_COST_LUA``).
+flat amount when that is not zero). The Redis quota script mirrors ``tiered_cost_micro``
+(``billing/quota/lua/usage_cost.lua``).
 """
 
 from __future__ import annotations
