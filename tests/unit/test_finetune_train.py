@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 from modelmeter.models.finetune.batches import length_bucketed_batches
 from modelmeter.models.finetune.dataset import Example
 from modelmeter.models.finetune.metrics import classification_metrics
-from modelmeter.models.finetune.recipes import FullTraining, LoraTraining, training_from_public
+from modelmeter.models.finetune.recipes import FullTraining, LoraTraining, training_from_stored
 from modelmeter.models.finetune.train import (
     Cancelled,
     Hyperparameters,
@@ -272,11 +272,11 @@ def test_lora_rank_is_bounded(rank: int) -> None:
 
 
 def test_stored_training_types() -> None:
-    assert training_from_public(None) == FullTraining()  # jobs from before adapters were full fine-tunes
-    assert training_from_public({"type": "full"}) == FullTraining()
-    assert training_from_public({"type": "lora", "rank": 16, "alpha": 32}) == LoraTraining(rank=16, alpha=32)
+    assert training_from_stored(None) == FullTraining()  # jobs from before adapters were full fine-tunes
+    assert training_from_stored({"type": "full"}) == FullTraining()
+    assert training_from_stored({"type": "lora", "rank": 16, "alpha": 32}) == LoraTraining(rank=16, alpha=32)
     with pytest.raises(ValueError, match="unknown"):
-        training_from_public({"type": "prefix"})
+        training_from_stored({"type": "prefix"})
 
 
 def test_shared_dropout_drops_about_p_keeps_the_mean_and_shares_its_mask() -> None:
