@@ -9,10 +9,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, make_url, text
+from sqlalchemy import event, make_url, or_, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
-from sqlmodel import Session, create_engine
+from sqlmodel import Session, col, create_engine
 
 from modelmeter.settings import Settings
 
@@ -110,3 +110,20 @@ def ping(engine: Engine) -> None:
     """Raise if the database cannot answer a trivial query."""
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+def claim_due(sessions: sessionmaker[Session], table: Any, row_id: object, *, now: int, lease_s: int) -> bool:
+    """Lease one due row of an outbox ``table`` (a model with ``id``, ``status``, ``next_attempt_at``,
+    ``locked_until`` and ``attempts``: the Stripe outbox, the alert deliveries): a compare-and-set on its being
+    pending, due and unleased, so two relays never send the same row at once. Counts the attempt; True if this
+    caller holds the lease now."""
+    statement = (
+        update(table)
+        .where(col(table.id) == row_id, col(table.status) == "pending", col(table.next_attempt_at) <= now,
+               or_(col(table.locked_until).is_(None), col(table.locked_until) <= now))
+        .values(locked_until=now + lease_s, attempts=col(table.attempts) + 1)
+    )
+    with sessions() as session:
+        claimed = bool(session.exec(statement).rowcount == 1)
+        session.commit()
+    return claimed

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 
 import httpx
-from sqlalchemy import func, or_, update
+from sqlalchemy import func, or_
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
@@ -33,6 +33,7 @@ from modelmeter import clock
 from modelmeter.billing.alerts import EventPublic
 from modelmeter.billing.destinations import pin
 from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
+from modelmeter.db import claim_due
 from modelmeter.periodic import Periodic
 from modelmeter.sealing import Sealer
 
@@ -130,17 +131,8 @@ class AlertRelay:
             return list(session.exec(query).all())
 
     def _claim(self, row: AlertDelivery) -> bool:
-        now = clock.now_s()
-        statement = (
-            update(AlertDelivery)
-            .where(col(AlertDelivery.id) == row.id, col(AlertDelivery.status) == "pending",
-                   col(AlertDelivery.next_attempt_at) <= now,
-                   or_(col(AlertDelivery.locked_until).is_(None), col(AlertDelivery.locked_until) <= now))
-            .values(locked_until=now + self._lease_s, attempts=col(AlertDelivery.attempts) + 1)
-        )
-        with self._sessions() as session:
-            claimed = session.exec(statement).rowcount == 1
-            session.commit()
+        """Lease a due row (``db.claim_due``: two relays never send the same row at once)."""
+        claimed = claim_due(self._sessions, AlertDelivery, row.id, now=clock.now_s(), lease_s=self._lease_s)
         if claimed:
             row.attempts += 1
         return claimed

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from modelmeter.billing.drawdown import CreditTerms, Draws, GrantBalance, Reservation, due_micro, plan_draws
-from modelmeter.billing.quota.store import Baseline
+from modelmeter.billing.quota.store import Baseline, QuotaStore
 from modelmeter.billing.quota.values import HOLD_TTL_S, Amount, Caps
 
 
@@ -31,7 +31,7 @@ class _Ledger:
     drawn_micro: int = 0  # the period's credit draws, held and settled (drawdown.due_micro)
 
 
-class InProcessQuotaStore:
+class InProcessQuotaStore(QuotaStore):
     """Counters in a dict, for one process. Updates have no await point, so they never interleave; a lock per key
     makes concurrent first calls await a single baseline."""
 
@@ -47,13 +47,6 @@ class InProcessQuotaStore:
         self._init_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._credits: dict[str, _Credits] = {}
         self._credit_locks: dict[str, asyncio.Lock] = {}
-
-    async def reserve(
-        self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline
-    ) -> str | None:
-        """Hold ``amount`` if it fits every cap; see ``QuotaStore.reserve``."""
-        reservation = await self.reserve_drawing(tenant_id, period, amount, caps, baseline=baseline)
-        return None if reservation is None else reservation.id
 
     async def reserve_drawing(
         self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline,

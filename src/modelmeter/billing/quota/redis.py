@@ -12,7 +12,7 @@ import redis.asyncio as redis
 
 from modelmeter.billing.drawdown import CreditTerms, Draws, GrantBalance, Reservation
 from modelmeter.billing.pricing import MeteredPrice, MeteredPrices
-from modelmeter.billing.quota.store import Baseline
+from modelmeter.billing.quota.store import Baseline, QuotaStore
 from modelmeter.billing.quota.values import HOLD_TTL_S, QUOTA_TTL_S, Amount, Caps
 
 
@@ -76,7 +76,7 @@ def _price_args(prices: MeteredPrices | None) -> tuple[str]:
     return (" ".join(word for price in dimensions for word in _dimension_words(price)),)
 
 
-class RedisQuotaStore:
+class RedisQuotaStore(QuotaStore):
     """Quota counters in Redis, shared by every replica; keys live ``ttl_s`` after their last write.
 
     Per (tenant, period): a hash of committed (``c_*``) and reserved (``r_*``) totals, a hash of reservation id ->
@@ -103,13 +103,6 @@ class RedisQuotaStore:
         self._release = client.register_script(_RELEASE_LUA)
         self._add = client.register_script(_ADD_COMMITTED_LUA)
         self._resolve = client.register_script(_RESOLVE_LUA)
-
-    async def reserve(
-        self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline
-    ) -> str | None:
-        """Hold ``amount`` if it fits every cap; see ``QuotaStore.reserve``."""
-        reservation = await self.reserve_drawing(tenant_id, period, amount, caps, baseline=baseline)
-        return None if reservation is None else reservation.id
 
     async def reserve_drawing(
         self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline,

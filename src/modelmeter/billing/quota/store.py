@@ -19,8 +19,9 @@ class QuotaStore(Protocol):
     ) -> str | None:
         """Hold ``amount`` if committed + reserved + amount fits every cap and return the reservation id; else
         change nothing and return None. ``baseline`` (committed totals from the ledger) is awaited only when the
-        counters are not known yet."""
-        ...
+        counters are not known yet. Both stores inherit this: ``reserve_drawing`` without credits."""
+        reservation = await self.reserve_drawing(tenant_id, period, amount, caps, baseline=baseline)
+        return None if reservation is None else reservation.id
 
     async def reserve_drawing(
         self, tenant_id: str, period: str, amount: Amount, caps: Caps, *, baseline: Baseline,

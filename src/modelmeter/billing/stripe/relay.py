@@ -26,6 +26,7 @@ from modelmeter.billing.stripe.dunning import suspend_overdue
 from modelmeter.billing.stripe.mirror import Sent, StripeMirror
 from modelmeter.billing.stripe.outbox import enable_outbox
 from modelmeter.billing.tables import Invoice, StripeOutbox
+from modelmeter.db import claim_due
 from modelmeter.periodic import Periodic
 from modelmeter.settings import Settings
 from modelmeter.shapes import Public
@@ -211,18 +212,8 @@ class StripeRelay(StripeMirror):
             return session.exec(query.limit(1)).first() is not None
 
     def _claim(self, row: StripeOutbox) -> bool:
-        """Lease a due row (compare-and-set, so two relays never send the same row at once)."""
-        now = clock.now_s()
-        statement = (
-            update(StripeOutbox)
-            .where(col(StripeOutbox.id) == row.id, col(StripeOutbox.status) == "pending",
-                   col(StripeOutbox.next_attempt_at) <= now,
-                   or_(col(StripeOutbox.locked_until).is_(None), col(StripeOutbox.locked_until) <= now))
-            .values(locked_until=now + self._lease_s, attempts=col(StripeOutbox.attempts) + 1)
-        )
-        with self._sessions() as session:
-            claimed = session.exec(statement).rowcount == 1
-            session.commit()
+        """Lease a due row (``db.claim_due``: two relays never send the same row at once)."""
+        claimed = claim_due(self._sessions, StripeOutbox, row.id, now=clock.now_s(), lease_s=self._lease_s)
         if claimed:
             row.attempts += 1
         return claimed

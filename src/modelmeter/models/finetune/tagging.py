@@ -10,34 +10,26 @@ seqeval (``metrics.entity_metrics``): exact span and type, per type and micro av
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
-from transformers import AutoTokenizer, BertForTokenClassification
+from transformers import BertForTokenClassification
 
-from modelmeter.models.finetune import recipes
 from modelmeter.models.finetune.metrics import entity_metrics
-from modelmeter.models.finetune.recipes import LoraTraining, TrainingType
 from modelmeter.models.finetune.tagged import TaggedExample
 from modelmeter.models.finetune.train import (
     EVAL_BATCH_SIZE,
     IGNORE,
     Cancelled,
-    Hyperparameters,
-    Progress,
+    Task,
+    TrainOptions,
     TrainResult,
-    _autocast,
-    _collate,
-    _cuda_devices,
     _never,
     _pad_id,
-    _raise_if_stopped,
-    _save_atomically,
-    _torch_threads,
-    _Trainer,
+    best_classes,
+    run_training,
 )
 
 TASK = "token-classification"
@@ -80,49 +72,27 @@ def _encode_words(tokenizer: Any, examples: list[TaggedExample], max_length: int
     return encoded["input_ids"], [encoded.word_ids(row) for row in range(len(examples))]
 
 
-def train_tagger(
-    *,
-    base_model_dir: Path,
-    train: list[TaggedExample],
-    validation: list[TaggedExample],
-    tags: list[str],
-    hparams: Hyperparameters,
-    seed: int,
-    device: torch.device | str,
-    output_dir: Path,
-    on_progress: Callable[[Progress], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    max_length: int = 128,
-    progress_every: int = 20,
-    threads: int | None = None,
-    show_progress: bool = False,
-    training: TrainingType = LoraTraining(),
-    base_model: str = "base",
-) -> TrainResult:
+def train_tagger(*, train: list[TaggedExample], validation: list[TaggedExample], tags: list[str],
+                 **options: Unpack[TrainOptions]) -> TrainResult:
     """Fine-tune a tagger on ``train`` (label ``tags[i]`` is class ``i``, ``O`` first) and save it; the contract
-    of ``train.train_classifier`` (atomic save, :class:`Cancelled`, deterministic under ``seed``, billable tokens =
-    tokens per epoch x epochs). Its metrics are ``metrics.entity_metrics`` on ``validation``."""
-    started = time.perf_counter()
-    _check(train, validation, tags, output_dir)
-    dev = torch.device(device)
-    stop = should_stop or _never
-    with _torch_threads(threads), torch.random.fork_rng(devices=_cuda_devices(dev), device_type="cuda"):
-        torch.manual_seed(seed)
-        tokenizer = AutoTokenizer.from_pretrained(base_model_dir, local_files_only=True)
+    of ``train.train_classifier`` (``TrainOptions``: atomic save, :class:`Cancelled`, deterministic under
+    ``seed``, billable tokens = tokens per epoch x epochs). Its metrics are ``metrics.entity_metrics`` on
+    ``validation``."""
+    _check(train, validation, tags, options["output_dir"])
+    base_dir = options["base_model_dir"]
+
+    def encode(tokenizer: Any, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
         ids, labels, _ = align(tokenizer, train, tags, max_length)
-        model = recipes.prepare(_load_model(base_model_dir, tags, dev), training, task=TASK)
-        trainer = _Trainer(model=model, device=dev, hparams=hparams, seed=seed, pad_id=_pad_id(tokenizer),
-                           learning_rate=hparams.learning_rate(training), per_token=True)
-        train_s = trainer.fit(ids, labels, stop=stop, on_progress=on_progress, progress_every=progress_every,
-                              show_progress=show_progress)
+        return ids, labels
+
+    def evaluate(model: torch.nn.Module, tokenizer: Any, dev: torch.device, max_length: int,
+                 stop: Callable[[], bool]) -> Any:
         predicted = predict(model, tokenizer, validation, tags, dev, max_length, stop=stop)
-        metrics = entity_metrics([list(ex.tags) for ex in validation], predicted)
-        _raise_if_stopped(stop)
-        _save_atomically(lambda staging: recipes.save(model, tokenizer, training, labels=tags, base_model=base_model,
-                                                      directory=staging, task=TASK), output_dir)
-    return TrainResult(metrics=metrics, training_tokens=sum(map(len, ids)) * hparams.n_epochs,
-                       examples_per_s=len(train) * hparams.n_epochs / train_s,
-                       wall_s=time.perf_counter() - started, output_dir=output_dir)
+        return entity_metrics([list(ex.tags) for ex in validation], predicted)
+
+    return run_training(options, Task(name=TASK, labels=tags, n_examples=len(train), encode=encode,
+                                      load=lambda dev: _load_model(base_dir, tags, dev), evaluate=evaluate,
+                                      per_token=True))
 
 
 def predict(model: torch.nn.Module, tokenizer: Any, examples: list[TaggedExample], tags: list[str],
@@ -130,24 +100,14 @@ def predict(model: torch.nn.Module, tokenizer: Any, examples: list[TaggedExample
             stop: Callable[[], bool] = _never) -> list[list[str]]:
     """Each word's tag, read from its first sub-token; words past the truncation are ``O``."""
     ids, words = _encode_words(tokenizer, examples, max_length)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     predicted: list[list[str]] = [["O"] * len(ex.words) for ex in examples]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), _autocast(device):
-            for start in range(0, len(order), batch_size):
-                _raise_if_stopped(stop)
-                batch = order[start:start + batch_size]
-                best = model(**_collate([ids[i] for i in batch], _pad_id(tokenizer), device)).logits.argmax(dim=-1)
-                for row, i in enumerate(batch):
-                    previous: int | None = None
-                    for position, word in enumerate(words[i]):
-                        if word is not None and word != previous:
-                            predicted[i][word] = tags[int(best[row, position])]
-                        previous = word
-    finally:
-        model.train(was_training)
+    for batch, best in best_classes(model, ids, _pad_id(tokenizer), device, batch_size=batch_size, stop=stop):
+        for row, i in enumerate(batch):
+            previous: int | None = None
+            for position, word in enumerate(words[i]):
+                if word is not None and word != previous:
+                    predicted[i][word] = tags[int(best[row, position])]
+                previous = word
     return predicted
 
 

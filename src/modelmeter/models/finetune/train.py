@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -86,63 +86,87 @@ class Cancelled(Exception):
     """Training stopped because ``should_stop()`` returned true; nothing was saved."""
 
 
-def train_classifier(
-    *,
-    base_model_dir: Path,
-    train: list[Example],
-    validation: list[Example],
-    labels: list[str],
-    hparams: Hyperparameters,
-    seed: int,
-    device: torch.device | str,
-    output_dir: Path,
-    on_progress: Callable[[Progress], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    max_length: int = 128,
-    progress_every: int = 20,
-    threads: int | None = None,
-    show_progress: bool = False,
-    training: TrainingType = LoraTraining(),
-    base_model: str = "base",
-) -> TrainResult:
-    """Fine-tune the BERT model in ``base_model_dir`` on ``train`` and save what ``training`` trained.
+class TrainOptions(TypedDict, total=False):
+    """How a run runs, whatever it trains: ``train_classifier`` and ``tagging.train_tagger`` take these as
+    keywords (written once here). The artifact goes to ``output_dir`` (which must not exist) only once training
+    and evaluation succeeded, through a temporary sibling directory, so a failure or :class:`Cancelled` leaves
+    nothing behind. ``should_stop`` is polled before every step; ``threads`` sets torch's CPU threads for this
+    call only; ``base_model`` is the id the artifact records it was trained on."""
 
-    Label ``labels[i]`` is class ``i``; a full model's config carries ``id2label``/``label2id``, an adapter's
-    ``adapter_meta.json`` the labels (and ``base_model``, the id it was trained on). The artifact is
-    written to ``output_dir`` (which must not exist) only once training and evaluation succeeded, through
-    a temporary sibling directory, so a failure or :class:`Cancelled` leaves nothing behind.
-    ``should_stop`` is polled before every step; ``threads`` sets torch's CPU threads for this call only.
-    """
+    base_model_dir: Required[Path]
+    hparams: Required[Hyperparameters]
+    seed: Required[int]
+    device: Required[torch.device | str]
+    output_dir: Required[Path]
+    on_progress: Callable[[Progress], None] | None
+    should_stop: Callable[[], bool] | None
+    max_length: int
+    progress_every: int
+    threads: int | None
+    show_progress: bool
+    training: TrainingType
+    base_model: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a classifier and a tagger do differently inside one run (``run_training``)."""
+
+    name: str  # recipes' task: "text-classification" or "token-classification"
+    labels: list[str]  # the classes, or the tags ("O" first)
+    n_examples: int
+    encode: Callable[[Any, int], tuple[list[list[int]], Any]]  # (tokenizer, max_length) -> (token ids, targets)
+    load: Callable[[torch.device], torch.nn.Module]  # the base with a new head, on the device
+    evaluate: Callable[[torch.nn.Module, Any, torch.device, int, Callable[[], bool]], Any]  # -> metrics
+    per_token: bool = False
+
+
+def run_training(options: TrainOptions, task: Task) -> TrainResult:
+    """One seeded run: tokenize, prepare the training type, fit, evaluate, save atomically (``TrainOptions``).
+    Billable tokens are the tokens of one epoch times the epochs."""
+    unknown = set(options) - set(TrainOptions.__annotations__)
+    if unknown:  # keywords are checked statically (Unpack); a typo at run time must not pass silently either
+        raise TypeError(f"unknown training options: {sorted(unknown)}")
     started = time.perf_counter()
-    _check_inputs(train=train, validation=validation, labels=labels, output_dir=output_dir)
-    dev = torch.device(device)
-    stop = should_stop or _never
-    with _torch_threads(threads), torch.random.fork_rng(devices=_cuda_devices(dev), device_type="cuda"):
+    dev = torch.device(options["device"])
+    stop = options.get("should_stop") or _never
+    training = options.get("training", LoraTraining())
+    hparams, max_length, seed = options["hparams"], options.get("max_length", 128), options["seed"]
+    with _torch_threads(options.get("threads")), torch.random.fork_rng(devices=_cuda_devices(dev), device_type="cuda"):
         torch.manual_seed(seed)
-        tokenizer = AutoTokenizer.from_pretrained(base_model_dir, local_files_only=True)
-        encoded = _encode(tokenizer, [ex.text for ex in train], max_length)
-        model = recipes.prepare(_load_model(base_model_dir, labels, dev), training)
+        tokenizer = AutoTokenizer.from_pretrained(options["base_model_dir"], local_files_only=True)
+        ids, targets = task.encode(tokenizer, max_length)
+        model = recipes.prepare(task.load(dev), training, task=task.name)
         trainer = _Trainer(model=model, device=dev, hparams=hparams, seed=seed, pad_id=_pad_id(tokenizer),
-                           learning_rate=hparams.learning_rate(training))
-        train_s = trainer.fit(
-            encoded,
-            _label_ids(train, labels),
-            stop=stop,
-            on_progress=on_progress,
-            progress_every=progress_every,
-            show_progress=show_progress,
-        )
-        metrics = evaluate(model, tokenizer, validation, labels, dev, max_length, should_stop=stop)
+                           learning_rate=hparams.learning_rate(training), per_token=task.per_token)
+        train_s = trainer.fit(ids, targets, stop=stop, on_progress=options.get("on_progress"),
+                              progress_every=options.get("progress_every", 20),
+                              show_progress=options.get("show_progress", False))
+        metrics = task.evaluate(model, tokenizer, dev, max_length, stop)
         _raise_if_stopped(stop)
-        _save_atomically(lambda staging: recipes.save(model, tokenizer, training, labels=labels,
-                                                      base_model=base_model, directory=staging), output_dir)
-    return TrainResult(
-        metrics=metrics,
-        training_tokens=sum(map(len, encoded)) * hparams.n_epochs,
-        examples_per_s=len(train) * hparams.n_epochs / train_s,
-        wall_s=time.perf_counter() - started,
-        output_dir=output_dir,
-    )
+        _save_atomically(lambda staging: recipes.save(model, tokenizer, training, labels=task.labels,
+                                                      base_model=options.get("base_model", "base"),
+                                                      directory=staging, task=task.name), options["output_dir"])
+    return TrainResult(metrics=metrics, training_tokens=sum(map(len, ids)) * hparams.n_epochs,
+                       examples_per_s=task.n_examples * hparams.n_epochs / train_s,
+                       wall_s=time.perf_counter() - started, output_dir=options["output_dir"])
+
+
+def train_classifier(*, train: list[Example], validation: list[Example], labels: list[str],
+                     **options: Unpack[TrainOptions]) -> TrainResult:
+    """Fine-tune the BERT model in ``base_model_dir`` on ``train`` and save what ``training`` trained
+    (``TrainOptions``). Label ``labels[i]`` is class ``i``; a full model's config carries ``id2label``/
+    ``label2id``, an adapter's ``adapter_meta.json`` the labels (and ``base_model``)."""
+    _check_inputs(train=train, validation=validation, labels=labels, output_dir=options["output_dir"])
+    base_dir = options["base_model_dir"]
+    return run_training(options, Task(
+        name="text-classification", labels=labels, n_examples=len(train),
+        encode=lambda tokenizer, max_length: (_encode(tokenizer, [ex.text for ex in train], max_length),
+                                              _label_ids(train, labels)),
+        load=lambda dev: _load_model(base_dir, labels, dev),
+        evaluate=lambda model, tokenizer, dev, max_length, stop: evaluate(model, tokenizer, validation, labels, dev,
+                                                                          max_length, should_stop=stop),
+    ))
 
 
 def _check_inputs(*, train: list[Example], validation: list[Example], labels: list[str], output_dir: Path) -> None:
@@ -397,6 +421,23 @@ def evaluate(
     return classification_metrics(gold, predicted, labels)
 
 
+def best_classes(model: torch.nn.Module, ids: list[list[int]], pad_id: int, device: torch.device, *,
+                 batch_size: int, stop: Callable[[], bool]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Inference over ``ids`` in batches of similar length (least padding), in eval mode: for each batch, the
+    indices of its rows and the argmax over the last dimension of the logits (a class per row, or per token)."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), _autocast(device):
+            for start in range(0, len(order), batch_size):
+                _raise_if_stopped(stop)
+                batch = order[start : start + batch_size]
+                yield batch, model(**_collate([ids[i] for i in batch], pad_id, device)).logits.argmax(dim=-1)
+    finally:
+        model.train(was_training)
+
+
 def _predict(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -408,20 +449,10 @@ def _predict(
     stop: Callable[[], bool],
 ) -> list[int]:
     encoded = _encode(tokenizer, texts, max_length)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     predicted = [0] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), _autocast(device):
-            for start in range(0, len(order), batch_size):
-                _raise_if_stopped(stop)
-                batch = order[start : start + batch_size]
-                logits = model(**_collate([encoded[i] for i in batch], _pad_id(tokenizer), device)).logits
-                for i, label_id in zip(batch, logits.argmax(dim=-1).tolist(), strict=True):
-                    predicted[i] = label_id
-    finally:
-        model.train(was_training)
+    for batch, best in best_classes(model, encoded, _pad_id(tokenizer), device, batch_size=batch_size, stop=stop):
+        for i, label_id in zip(batch, best.tolist(), strict=True):
+            predicted[i] = label_id
     return predicted
 
 

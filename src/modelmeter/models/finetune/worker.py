@@ -28,9 +28,16 @@ from modelmeter.models.finetune.dataset import Example, parse_dataset, stratifie
 from modelmeter.models.finetune.estimate import epoch_tokens
 from modelmeter.models.finetune.recipes import training_from_stored
 from modelmeter.models.finetune.tables import FineTuningJob, TenantFile
-from modelmeter.models.finetune.tagged import TaggedDataset, parse_tagged
+from modelmeter.models.finetune.tagged import TaggedDataset, TaggedExample, parse_tagged
 from modelmeter.models.finetune.tagging import train_tagger
-from modelmeter.models.finetune.train import Cancelled, Hyperparameters, Progress, TrainResult, train_classifier
+from modelmeter.models.finetune.train import (
+    Cancelled,
+    Hyperparameters,
+    Progress,
+    TrainOptions,
+    TrainResult,
+    train_classifier,
+)
 from modelmeter.models.outputs import TOKEN_CLASSIFICATION
 from modelmeter.models.registry import MlModel, artifact_path, register_tenant_model
 
@@ -120,42 +127,50 @@ class Worker:
                 log.exception("heartbeat for %s failed; will retry", job_id)
 
     def _train(self, job_id: str, stop: threading.Event) -> None:
-        with self.sessions() as session:
-            job = session.get(FineTuningJob, job_id)
-            assert job is not None
-            task = job.task
-        if task == TOKEN_CLASSIFICATION:
-            self._train_tagger(job_id, stop)
-            return
-        job, train, validation, labels, base_dir = self._inputs(job_id)
+        job, base_dir, training_file, validation_file = self._job(job_id)
         output = self.config.data_dir / "models" / job.tenant_id / job.id
-        result = train_classifier(
-            base_model_dir=base_dir, train=train, validation=validation, labels=labels,
-            hparams=Hyperparameters(job.n_epochs, job.batch_size, job.learning_rate_multiplier), seed=job.seed,
-            device=self.config.device, output_dir=output, on_progress=lambda p: self._progress(job.id, p),
-            should_stop=stop.is_set, show_progress=self.config.show_progress,
-            training=training_from_stored(job.training_type), base_model=job.model,
-        )
+        options = TrainOptions(
+            base_model_dir=base_dir, hparams=Hyperparameters(job.n_epochs, job.batch_size,
+                                                             job.learning_rate_multiplier),
+            seed=job.seed, device=self.config.device, output_dir=output,
+            on_progress=lambda p: self._progress(job.id, p), should_stop=stop.is_set,
+            show_progress=self.config.show_progress, training=training_from_stored(job.training_type),
+            base_model=job.model)
+        if job.task == TOKEN_CLASSIFICATION:
+            tagged, held, tags, labels = self._tagged_inputs(job, training_file, validation_file)
+            result = train_tagger(train=tagged, validation=held, tags=tags, **options)
+            validation_texts = [" ".join(example.words) for example in held]
+        else:
+            examples, validation, labels = self._inputs(job, training_file, validation_file)
+            result = train_classifier(train=examples, validation=validation, labels=labels, **options)
+            validation_texts = [example.text for example in validation]
         if job.validation_file:  # evaluating the tenant's own file is compute on its behalf: billed as training
-            evaluated = epoch_tokens(base_dir, [example.text for example in validation])
+            evaluated = epoch_tokens(base_dir, validation_texts)
             result = replace(result, training_tokens=result.training_tokens + evaluated)
         if not self._succeed(job, result, labels, output):
             shutil.rmtree(output, ignore_errors=True)
 
-    def _train_tagger(self, job_id: str, stop: threading.Event) -> None:
-        """A token-classification job: the tagged rows, a seeded hold-out (or the tenant's file, bounded), a
-        tagger trained on them (``tagging.train_tagger``), registered with its entity types."""
+    def _job(self, job_id: str) -> tuple[FineTuningJob, Path, TenantFile | None, TenantFile | None]:
+        """The job, its base model's directory and its files' rows (read once, in one session)."""
         with self.sessions() as session:
             job = session.get(FineTuningJob, job_id)
             assert job is not None
             base = session.get(MlModel, job.model)
             if base is None:
                 raise RuntimeError(f"base model {job.model} is no longer registered")
-            training = self._read_tagged(session.get(TenantFile, job.training_file), "training_file")
-            validation_file = session.get(TenantFile, job.validation_file) if job.validation_file else None
+            training = session.get(TenantFile, job.training_file)
+            validation = session.get(TenantFile, job.validation_file) if job.validation_file else None
+        return job, artifact_path(base.artifact, self.config.data_dir), training, validation
+
+    def _tagged_inputs(self, job: FineTuningJob, training_file: TenantFile | None,
+                       validation_file: TenantFile | None) -> tuple[list[TaggedExample], list[TaggedExample],
+                                                                    list[str], list[str]]:
+        """A token-classification job's rows, a seeded hold-out (or the tenant's file, bounded), the tags and the
+        entity types it registers with."""
+        training = self._read_tagged(training_file, "training_file")
         examples = list(training.examples)
         rng = random.Random(job.seed)
-        if validation_file is not None:
+        if job.validation_file:
             validation = list(self._read_tagged(validation_file, "validation_file").examples)
             if len(validation) > MAX_VALIDATION_ROWS:
                 validation = rng.sample(validation, MAX_VALIDATION_ROWS)
@@ -163,39 +178,19 @@ class Worker:
             rng.shuffle(examples)
             held = min(MAX_VALIDATION_ROWS, max(1, round(len(examples) * VALIDATION_FRACTION)))
             examples, validation = examples[held:], examples[:held]
-        tags = training.tags
-        self._note(job_id, f"Training on {len(examples)} rows, validating on {len(validation)} rows, entity types "
+        self._note(job.id, f"Training on {len(examples)} rows, validating on {len(validation)} rows, entity types "
                            f"{', '.join(training.types)}.")
-        base_dir = artifact_path(base.artifact, self.config.data_dir)
-        output = self.config.data_dir / "models" / job.tenant_id / job.id
-        result = train_tagger(
-            base_model_dir=base_dir, train=examples, validation=validation, tags=tags,
-            hparams=Hyperparameters(job.n_epochs, job.batch_size, job.learning_rate_multiplier), seed=job.seed,
-            device=self.config.device, output_dir=output, on_progress=lambda p: self._progress(job.id, p),
-            should_stop=stop.is_set, show_progress=self.config.show_progress,
-            training=training_from_stored(job.training_type), base_model=job.model,
-        )
-        if job.validation_file:
-            evaluated = epoch_tokens(base_dir, [" ".join(example.words) for example in validation])
-            result = replace(result, training_tokens=result.training_tokens + evaluated)
-        if not self._succeed(job, result, list(training.types), output):
-            shutil.rmtree(output, ignore_errors=True)
+        return examples, validation, training.tags, list(training.types)
 
     def _read_tagged(self, f: TenantFile | None, param: str) -> TaggedDataset:
         if f is None:
             raise RuntimeError(f"the {param} was deleted before the job started")
         return parse_tagged((self.config.data_dir / f.path).read_bytes(), max_rows=10**9, max_text_chars=10**9)
 
-    def _inputs(self, job_id: str) -> tuple[FineTuningJob, list[Example], list[Example], list[str], Path]:
-        with self.sessions() as session:
-            job = session.get(FineTuningJob, job_id)
-            assert job is not None
-            base = session.get(MlModel, job.model)
-            if base is None:
-                raise RuntimeError(f"base model {job.model} is no longer registered")
-            train_data = self._read(session.get(TenantFile, job.training_file), "training_file")
-            validation_file = session.get(TenantFile, job.validation_file) if job.validation_file else None
-        examples, labels = train_data
+    def _inputs(self, job: FineTuningJob, training_file: TenantFile | None, validation_file: TenantFile | None
+                ) -> tuple[list[Example], list[Example], list[str]]:
+        """A classification job's rows, a stratified hold-out (or the tenant's file, bounded) and its labels."""
+        examples, labels = self._read(training_file, "training_file")
         if job.validation_file:
             # Bounded like the automatic hold-out (issue 21: a tenant's explicit file was evaluated in full),
             # a seeded sample when larger; its tokens are billed as training (see _train).
@@ -205,9 +200,9 @@ class Worker:
         else:
             examples, validation = stratified_split(examples, fraction=VALIDATION_FRACTION, seed=job.seed)
             validation = validation[:MAX_VALIDATION_ROWS]
-        self._note(job_id, f"Training on {len(examples)} rows, validating on {len(validation)} rows, "
+        self._note(job.id, f"Training on {len(examples)} rows, validating on {len(validation)} rows, "
                            f"labels {', '.join(labels)}.")
-        return job, examples, validation, labels, artifact_path(base.artifact, self.config.data_dir)
+        return examples, validation, labels
 
     def _read(self, f: TenantFile | None, param: str) -> tuple[list[Example], list[str]]:
         if f is None:
