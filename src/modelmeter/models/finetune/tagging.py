@@ -1,6 +1,6 @@
 """Fine-tune a BERT encoder into a named-entity tagger: alignment, the training loop, evaluation and saving.
 
-``BertForTokenClassification`` on the base, trained by the classifier's loop (``train._Trainer``, a label per
+``BertForTokenClassification`` on the base, trained by the classifier's loop (``loop.Trainer``, a label per
 token) with the same schedule, clipping and training types (a LoRA adapter and head through PEFT, or every
 weight). Words are encoded as words (``is_split_into_words``): a word's first sub-token carries its IOB2 tag, its
 other sub-tokens the tag's continuation, special tokens are out of the loss (``align`` says why). Evaluation predicts
@@ -17,6 +17,7 @@ from typing import Any, Unpack
 import torch
 from transformers import BertForTokenClassification
 
+from modelmeter.models.finetune.loop import _never
 from modelmeter.models.finetune.metrics import entity_metrics
 from modelmeter.models.finetune.tagged import TaggedExample
 from modelmeter.models.finetune.train import (
@@ -26,7 +27,6 @@ from modelmeter.models.finetune.train import (
     Task,
     TrainOptions,
     TrainResult,
-    _never,
     _pad_id,
     best_classes,
     run_training,
