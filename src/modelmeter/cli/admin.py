@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from modelmeter import clock
-from modelmeter.cli.output import admin_services, dump, emit, json_option, load_services, reports_errors
+from modelmeter.cli.output import admin_services, emit, json_option, load_services, reports_errors
 from modelmeter.cli.simulation import simulate
 from modelmeter.gateway.invalidation import publish_key_change, publish_tenant_change
 from modelmeter.gateway.services import Services
@@ -16,7 +16,7 @@ from modelmeter.money import amount_text, major_price_text, unit_price_text
 from modelmeter.ops import tenants as ops
 from modelmeter.settings import Settings
 from modelmeter.shapes import Page
-from modelmeter.tenancy.keys import ALL_SCOPES, ApiKeyCreate, ApiKeyPublic
+from modelmeter.tenancy.keys import ALL_SCOPES, ApiKeyCreate, ApiKeyCreated, ApiKeyPublic
 from modelmeter.tenancy.tenants import TenantCreate, TenantPublic, TenantUpdate
 
 if TYPE_CHECKING:
@@ -29,8 +29,8 @@ def tenant() -> None:
     """Create, list, show and update tenants."""
 
 
-def _tenant_line(t: dict[str, Any]) -> str:
-    return f"{t['id']}  {t['name']:<24} {t['email']:<28} plan={t['plan']:<6} status={t['status']}"
+def _tenant_line(t: TenantPublic) -> str:
+    return f"{t.id}  {t.name:<24} {t.email:<28} plan={t.plan:<6} status={t.status}"
 
 
 @tenant.command("create")
@@ -43,7 +43,7 @@ def tenant_create(name: str, email: str, plan: str, as_json: bool) -> None:
     with admin_services() as services:
         data = TenantCreate(name=name, email=email, plan=plan)
         tenant = ops.create_tenant(sessions=services.sessions, catalog=services.plans, data=data)
-        payload = dump(TenantPublic.model_validate(tenant))
+        payload = TenantPublic.model_validate(tenant)
     emit(as_json, payload, lambda t: f"created {_tenant_line(t)}")
 
 
@@ -53,9 +53,8 @@ def tenant_create(name: str, email: str, plan: str, as_json: bool) -> None:
 def tenant_list(limit: int, as_json: bool) -> None:
     with admin_services() as services:
         rows, has_more = ops.list_tenants(sessions=services.sessions, limit=limit, after=None)
-        data = [dump(TenantPublic.model_validate(t)) for t in rows]
-    emit(as_json, {"object": "list", "data": data, "has_more": has_more},
-         lambda p: "\n".join(_tenant_line(t) for t in p["data"]) or "no tenants")
+        page = Page.of([TenantPublic.model_validate(t) for t in rows], has_more)
+    emit(as_json, page, lambda p: "\n".join(_tenant_line(t) for t in p.data) or "no tenants")
 
 
 @tenant.command("show")
@@ -64,9 +63,8 @@ def tenant_list(limit: int, as_json: bool) -> None:
 @reports_errors
 def tenant_show(tenant_id: str, as_json: bool) -> None:
     with admin_services() as services:
-        payload = dump(TenantPublic.model_validate(ops.get_tenant(sessions=services.sessions,
-                                                                   tenant_id=tenant_id)))
-    emit(as_json, payload, lambda t: "\n".join(f"{k:>22}: {v}" for k, v in t.items()))
+        payload = TenantPublic.model_validate(ops.get_tenant(sessions=services.sessions, tenant_id=tenant_id))
+    emit(as_json, payload, lambda t: "\n".join(f"{k:>22}: {v}" for k, v in t.model_dump(mode="json").items()))
 
 
 @tenant.command("update")
@@ -83,7 +81,7 @@ def tenant_update(tenant_id: str, as_json: bool, **fields: Any) -> None:
         data = TenantUpdate(**{k: v for k, v in fields.items() if v is not None})
         row = ops.update_tenant(sessions=services.sessions, catalog=services.plans, tenant_id=tenant_id,
                                 data=data)
-        payload = dump(TenantPublic.model_validate(row))
+        payload = TenantPublic.model_validate(row)
         publish_tenant_change(services.settings.redis_url, tenant_id)  # every running replica, at once
     emit(as_json, payload, lambda t: f"updated {_tenant_line(t)}")
 
@@ -93,8 +91,8 @@ def key() -> None:
     """Create, list, revoke and roll tenant API keys."""
 
 
-def _key_line(k: dict[str, Any]) -> str:
-    return f"{k['id']}  {k['prefix']}…{k['last4']}  {k['name']:<16} {','.join(k['scopes']):<32} {k['status']}"
+def _key_line(k: ApiKeyPublic) -> str:
+    return f"{k.id}  {k.prefix}…{k.last4}  {k.name:<16} {','.join(k.scopes):<32} {k.status}"
 
 
 @key.command("create")
@@ -108,8 +106,8 @@ def key_create(tenant_id: str, name: str, scopes: tuple[str, ...], expires_at: i
     with admin_services() as services:
         data = ApiKeyCreate(name=name, scopes=list(scopes) or None, expires_at=expires_at)  # type: ignore[arg-type]
         row, plaintext = ops.issue_key(sessions=services.sessions, tenant_id=tenant_id, data=data)
-        payload = {**dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
-    emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k['key']}")
+        payload = ApiKeyCreated.of_new(row, plaintext, now=clock.now_s())
+    emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k.key}")
 
 
 @key.command("list")
@@ -119,9 +117,8 @@ def key_create(tenant_id: str, name: str, scopes: tuple[str, ...], expires_at: i
 def key_list(tenant_id: str, as_json: bool) -> None:
     with admin_services() as services:
         rows, has_more = ops.list_keys(sessions=services.sessions, tenant_id=tenant_id, limit=1000, after=None)
-        data = [dump(ApiKeyPublic.of(k, now=clock.now_s())) for k in rows]
-    emit(as_json, {"object": "list", "data": data, "has_more": has_more},
-         lambda p: "\n".join(_key_line(k) for k in p["data"]) or "no keys")
+        page = Page.of([ApiKeyPublic.of(k, now=clock.now_s()) for k in rows], has_more)
+    emit(as_json, page, lambda p: "\n".join(_key_line(k) for k in p.data) or "no keys")
 
 
 @key.command("revoke")
@@ -131,7 +128,7 @@ def key_list(tenant_id: str, as_json: bool) -> None:
 def key_revoke(key_id: str, as_json: bool) -> None:
     with admin_services() as services:
         row = ops.revoke_key(sessions=services.sessions, key_id=key_id)
-        payload = dump(ApiKeyPublic.of(row, now=clock.now_s()))
+        payload = ApiKeyPublic.of(row, now=clock.now_s())
         publish_key_change(services.settings.redis_url, key_id)
     emit(as_json, payload, lambda k: f"revoked {_key_line(k)}")
 
@@ -145,9 +142,9 @@ def key_roll(key_id: str, grace_s: int | None, as_json: bool) -> None:
     with admin_services() as services:
         grace = services.settings.default_key_grace_s if grace_s is None else grace_s
         row, plaintext = ops.roll_key(sessions=services.sessions, key_id=key_id, grace_s=grace)
-        payload = {**dump(ApiKeyPublic.of(row, now=clock.now_s())), "key": plaintext}
+        payload = ApiKeyCreated.of_new(row, plaintext, now=clock.now_s())
         publish_key_change(services.settings.redis_url, key_id)
-    emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k['key']}")
+    emit(as_json, payload, lambda k: f"{_key_line(k)}\nkey (shown once): {k.key}")
 
 
 @click.command()

@@ -192,6 +192,10 @@ class ApiKeyCreated(ApiKeyPublic):
 
     key: str
 
+    @classmethod
+    def of_new(cls, key: ApiKey, plaintext: str, *, now: int) -> ApiKeyCreated:
+        return cls(**ApiKeyPublic.of(key, now=now).model_dump(), key=plaintext)
+
 
 def get_key(*, session: Session, key_id: str) -> ApiKey:
     key = session.get(ApiKey, key_id)

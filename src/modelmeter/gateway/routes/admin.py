@@ -107,7 +107,7 @@ async def get_credits(tenant_id: str, services: ServicesDep, page: ListDep) -> A
 @router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=ApiKeyCreated, responses=WRITE_ONE)
 def post_key(tenant_id: str, services: ServicesDep, data: ApiKeyCreate | None = Body(None)) -> Any:
     row, plaintext = ops.issue_key(sessions=services.sessions, tenant_id=tenant_id, data=data or ApiKeyCreate())
-    return ApiKeyCreated(**ApiKeyPublic.of(row, now=clock.now_s()).model_dump(), key=plaintext)
+    return ApiKeyCreated.of_new(row, plaintext, now=clock.now_s())
 
 
 @router.get("/tenants/{tenant_id}/keys", response_model=Page[ApiKeyPublic], responses=ONE)
@@ -134,7 +134,7 @@ def post_roll(
     new, plaintext = ops.roll_key(sessions=services.sessions, key_id=key_id,
                                   grace_s=services.settings.default_key_grace_s if grace is None else grace)
     services.forget_key(key_id)
-    return ApiKeyCreated(**ApiKeyPublic.of(new, now=clock.now_s()).model_dump(), key=plaintext)
+    return ApiKeyCreated.of_new(new, plaintext, now=clock.now_s())
 
 
 class CloseRequest(BaseModel):
