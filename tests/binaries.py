@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import pytest
 
@@ -21,9 +20,3 @@ def require_binary(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(f"{reason}; CI must install it")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,12 @@ from sqlalchemy import text
 
 from modelmeter import clock, db
 from modelmeter.gateway.app import create_app
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import Services, services_of
 from modelmeter.settings import Settings
 from modelmeter.tables import import_all_tables
+from tests.support.alerts import Receiver
+from tests.support.live_server import LiveServer, serve_in_thread
+from tests.support.shared_data import missing_reason, shared_data_dir
 
 ADMIN_TOKEN = "mmadmin_test-token-0123456789abcdef0123"
 PG_URL = os.environ.get("MODELMETER_DATABASE_URL", "")
@@ -239,47 +241,36 @@ def register_adapter(client: TestClient, register_model: Callable[..., str], ser
     return register
 
 
-class LiveServer:
-    def __init__(self, url: str, app: Any) -> None:
-        self.url = url
-        self.app = app
-
-
 @pytest.fixture
 def live_server(client: TestClient) -> Iterator[LiveServer]:
     """The same app (and database) as ``client``, also served by uvicorn on a loopback port."""
-    import threading
-
-    import uvicorn
-
-    app = create_app(client.app.state.services.settings)  # type: ignore[attr-defined]
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield LiveServer(f"http://127.0.0.1:{port}", app)
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(services_of(client.app).settings), timeout_s=30) as server:
+        yield server
 
 
-def shared_dir() -> Path:
-    """``shared/`` beside the repository (as sessions and CI lay it out), or MODELMETER_SHARED_DIR."""
-    override = os.environ.get("MODELMETER_SHARED_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared"
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder (``../shared/data``, or MODELMETER_SHARED_DATA): a test that reads it takes this
+    fixture, and is skipped, with the same reason everywhere, under CI too, when the data is absent."""
+    path = shared_data_dir()
+    reason = missing_reason(path)
+    if reason is not None:
+        pytest.skip(reason)
+    return path
 
 
-def sst2_rows(n: int, *, seed: int = 0) -> list[tuple[str, int]]:
-    import random
+@pytest.fixture
+def receiver() -> Iterator[Callable[[list[int | str]], Receiver]]:
+    """Make scripted webhook receivers (see :class:`tests.support.alerts.Receiver`); all are closed afterwards."""
+    made: list[Receiver] = []
 
-    lines = (shared_dir() / "data" / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    rows = [(s, int(label)) for s, label in (line.rsplit("\t", 1) for line in lines)]
-    random.Random(seed).shuffle(rows)
-    return rows[:n]
+    def make(script: list[int | str]) -> Receiver:
+        made.append(Receiver(script))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
 
 
 @pytest.fixture
@@ -291,5 +282,4 @@ def anyio_backend() -> str:
 @pytest.fixture
 def services(client: TestClient) -> Services:
     """The platform's services behind ``client`` (database sessions, the model server, limits, telemetry)."""
-    found: Services = client.app.state.services  # type: ignore[attr-defined]
-    return found
+    return services_of(client.app)

@@ -15,7 +15,7 @@ from sqlmodel import select
 
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway.app import create_app
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import Services, services_of
 from modelmeter.models.adapters.artifact import ADAPTER_WEIGHTS
 from modelmeter.models.registry import MlModel
 from tests.conftest import ADMIN, assert_envelope, bearer
@@ -32,7 +32,7 @@ def tenants(make_tenant: Any, make_key: Any) -> list[tuple[str, dict[str, str]]]
 
 
 def _ledger(client: TestClient) -> list[UsageEvent]:
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     with services.sessions() as session:
         return list(session.exec(select(UsageEvent).where(UsageEvent.kind == "inference")).all())
 
@@ -40,7 +40,7 @@ def _ledger(client: TestClient) -> list[UsageEvent]:
 async def _drive(client: TestClient, calls: list[tuple[str, dict[str, Any], dict[str, str]]],
                  registry: CollectorRegistry | None = None) -> tuple[list[httpx.Response], Any]:
     """Send every call at once through a fresh app on the same database (so that they share batches)."""
-    app = create_app(client.app.state.services.settings, registry=registry)  # type: ignore[attr-defined]
+    app = create_app(services_of(client.app).settings, registry=registry)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
@@ -68,7 +68,7 @@ async def test_tenants_share_a_batch_and_each_gets_its_own_labels(
             assert set(response.json()["data"][0]["scores"]) == {"sports", "politics", "science"}
         else:
             assert len(response.json()["data"][0]["embedding"]) == 32
-    server = app.state.services.engines.server
+    server = services_of(app).engines.server
     assert server.bases.loaded() == ["tiny-base"]
     assert server.pool.loaded() == []
     # The batches really mixed tenants: some batch held rows of both adapters.

@@ -3,13 +3,8 @@ request; replays, restarts and new periods; signed deliveries retried against a 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import threading
-import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +19,11 @@ from modelmeter.gateway.app import create_app
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, assert_envelope, bearer
+from tests.support.alerts import TOKENS_PER_X, Receiver, verify
+from tests.support.plans import with_plans
 
 SEALER = secret_sealer(ADMIN_TOKEN)
 
-TOKENS_PER_X = 3  # "x" is [CLS] x [SEP] for the tiny model
 ALERT_PLANS = [
     # A cent a token, nothing included: spend in cents is the token count.
     {"id": "cent_token", "name": "Cent a token", "price_per_1k_tokens": "10.00", "rpm_limit": 100000,
@@ -45,12 +41,8 @@ NOVEMBER = 1_793_491_200  # 2026-11-01T00:00:00Z
 
 @pytest.fixture
 def settings(settings: Settings, tmp_path: Path) -> Settings:
-    packaged = json.loads((Path(__file__).parents[2] / "src/modelmeter/billing/plans.json").read_text())
-    path = tmp_path / "plans.json"
-    path.write_text(json.dumps({"plans": packaged["plans"] + ALERT_PLANS}))
     # The receivers in these tests listen on 127.0.0.1: private URLs are allowed here (refused by default).
-    return settings.model_copy(update={"plans_file": path, "alerts_relay_interval_s": 0,
-                                       "alerts_allow_private_urls": True})
+    return with_plans(settings, tmp_path, ALERT_PLANS, alerts_relay_interval_s=0, alerts_allow_private_urls=True)
 
 
 @pytest.fixture
@@ -222,60 +214,6 @@ def test_events_are_private_and_paginated(client: TestClient, on_plan: Callable[
 
 
 # --- delivery ---------------------------------------------------------------------------------------------
-
-
-class Receiver:
-    """A real HTTP server on a loopback port answering from a script: an int is a status, ``"hang"`` sleeps
-    past the relay's timeout; the script's last entry repeats."""
-
-    def __init__(self, script: list[int | str]) -> None:
-        self.script = script
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                outer.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                step = outer.script[min(len(outer.received), len(outer.script)) - 1]
-                if step == "hang":
-                    time.sleep(1.0)
-                    step = 200  # too late: the relay has given up on this attempt
-                self.send_response(int(step))
-                self.end_headers()
-                with_body = b"ok"
-                self.wfile.write(with_body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Callable[[list[int | str]], Receiver]]:
-    made: list[Receiver] = []
-
-    def make(script: list[int | str]) -> Receiver:
-        made.append(Receiver(script))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
-def verify(secret: str, headers: dict[str, str], body: bytes) -> None:
-    fields = dict(part.split("=", 1) for part in headers["modelmeter-signature"].split(","))
-    expected = hmac.new(secret.encode(), f"{fields['t']}.".encode() + body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(fields["v1"], expected)
 
 
 def test_receiver_failing_twice_gets_each_event_once_signed(

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import services_of
 from modelmeter.settings import Settings
 from modelmeter.tenancy import keys as auth
 from tests.conftest import ADMIN, assert_envelope, bearer
@@ -92,7 +93,7 @@ def test_readyz_is_503_when_database_is_gone(tmp_path: Any) -> None:
     settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/db.sqlite", admin_token="mmadmin_x",
                         start_worker=False)
     with TestClient(create_app(settings)) as client:
-        client.app.state.services.engine.dispose()  # type: ignore[attr-defined]
+        services_of(client.app).engine.dispose()
         (tmp_path / "db.sqlite").unlink()
         (tmp_path / "db.sqlite").mkdir()  # a directory where the database file was: unopenable
         assert_envelope(client.get("/readyz"), 503, code="database_unavailable")

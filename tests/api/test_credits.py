@@ -3,7 +3,6 @@ prepaid plans refusing what credits cannot pay, and invoices applying credits wi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,10 @@ from fastapi.testclient import TestClient
 from sqlmodel import col, func, select
 
 from modelmeter.billing.tables import CreditDraw, CreditGrant, UsageEvent
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import Services, services_of
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, REDIS_URL, FakeClock, assert_envelope, bearer
+from tests.support.plans import with_plans
 
 DIME_PLANS = [
     # 10 cents a request, tokens free: every request costs exactly one dime.
@@ -39,10 +39,7 @@ DIME_PLANS = [
 
 @pytest.fixture
 def settings(settings: Settings, tmp_path: Path) -> Settings:
-    packaged = json.loads((Path(__file__).parents[2] / "src/modelmeter/billing/plans.json").read_text())
-    path = tmp_path / "plans.json"
-    path.write_text(json.dumps({"plans": packaged["plans"] + DIME_PLANS}))
-    return settings.model_copy(update={"plans_file": path})
+    return with_plans(settings, tmp_path, DIME_PLANS)
 
 
 @pytest.fixture
@@ -305,7 +302,7 @@ async def test_expired_draws_are_settled_by_the_ledger(client: TestClient, on_pl
     keeps its draw, the one never served gets it back. The ledger decides, not the lapse of the hold."""
     from modelmeter.billing.credits import store_grants
     from modelmeter.billing.ledger import UsageRecord, record_usage
-    from modelmeter.billing.metering import Meter
+    from modelmeter.billing.meter import Meter
     from modelmeter.billing.quota import Amount, InProcessQuotaStore
 
     tenant, _, _ = on_plan("prepaid_dime")
@@ -343,7 +340,7 @@ def test_credits_granted_on_one_replica_serve_on_another_within_a_second(
 
     tenant, headers, model = on_plan("prepaid_dime")
     with TestClient(create_app(settings)) as other:
-        other_services = other.app.state.services  # type: ignore[attr-defined]
+        other_services = services_of(other.app)
         deadline = time.monotonic() + 10
         while not other_services.invalidations.subscribed.is_set() and time.monotonic() < deadline:
             time.sleep(0.01)

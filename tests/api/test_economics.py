@@ -14,14 +14,16 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from modelmeter import clock
 from modelmeter.billing import credits
 from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.cli import main
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import services_of
 from modelmeter.money import MICRO_PER_CENT
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, assert_envelope, bearer
+from tests.support.credits import grant_credits
+from tests.support.ledger import add_usage
 
 HOUR_US = 3_600_000_000
 CORES = os.cpu_count() or 1  # the test settings leave torch_threads at 0: one thread per core
@@ -32,12 +34,7 @@ def ts(*args: int) -> int:
 
 
 def usage(client: TestClient, tenant_id: str, plan: str, at: int, n: int, **fields: Any) -> None:
-    services = client.app.state.services  # type: ignore[attr-defined]
-    record = UsageRecord(request_id=f"r_{tenant_id}_{at}_{n}", tenant_id=tenant_id, model_id="m", created=at,
-                         plan=plan, **fields)
-    with services.sessions() as session:
-        record_usage(session=session, records=[record])
-        session.commit()
+    add_usage(services_of(client.app), tenant_id, plan, at, f"r_{tenant_id}_{at}_{n}", **fields)
 
 
 @pytest.fixture
@@ -154,22 +151,6 @@ def test_cli(client: TestClient, settings: Settings, october: dict[str, str], fa
 # --- prepaid credits: revenue counted once, at use ----------------------------------------------------------
 
 
-def grant(client: TestClient, tenant_id: str, cents: int, source: str) -> str:
-    """A granted grant, or a purchase Stripe reported paid (its grant)."""
-    services = client.app.state.services  # type: ignore[attr-defined]
-    with services.sessions() as session:
-        if source == "granted":
-            grant_id = credits.grant(session=session, tenant_id=tenant_id, amount_cents=cents, source="granted").id
-        else:
-            purchase = credits.create_purchase(session=session, tenant_id=tenant_id, amount_cents=cents,
-                                               currency="usd")
-            assert credits.mark_paid(session=session, purchase=purchase, paid_at=clock.now_s(),
-                                     stripe_invoice_id="in_stripe_x")
-            grant_id = str(purchase.grant_id)
-        session.commit()
-    return grant_id
-
-
 def test_granted_share_splits_exactly() -> None:
     m = MICRO_PER_CENT
     assert credits.granted_share(250, {"granted": 250 * m}) == 250
@@ -188,16 +169,16 @@ def test_credit_funded_revenue_counts_once_at_use(client: TestClient, make_tenan
                                                 for p in ("payg", "payg", "payg", "payg", "pro"))
     paid_by: dict[str, tuple[tuple[str, int], ...]] = {
         # payg: 1000 requests and 100k tokens are 250 cents of charges, each paid by credits.
-        gifted: ((grant(client, gifted, 500, "granted"), 250 * MICRO_PER_CENT),),
-        bought: ((grant(client, bought, 500, "purchased"), 250 * MICRO_PER_CENT),),
-        mixed: ((grant(client, mixed, 100, "granted"), 100 * MICRO_PER_CENT),
-                (grant(client, mixed, 500, "purchased"), 150 * MICRO_PER_CENT)),
+        gifted: ((grant_credits(services_of(client.app), gifted, 500, "granted"), 250 * MICRO_PER_CENT),),
+        bought: ((grant_credits(services_of(client.app), bought, 500, "purchased"), 250 * MICRO_PER_CENT),),
+        mixed: ((grant_credits(services_of(client.app), mixed, 100, "granted"), 100 * MICRO_PER_CENT),
+                (grant_credits(services_of(client.app), mixed, 500, "purchased"), 150 * MICRO_PER_CENT)),
         # Draws worth more than the charges (300 cents against 250): the invoice applies 250, two thirds granted.
-        capped: ((grant(client, capped, 200, "granted"), 200 * MICRO_PER_CENT),
-                 (grant(client, capped, 500, "purchased"), 100 * MICRO_PER_CENT)),
+        capped: ((grant_credits(services_of(client.app), capped, 200, "granted"), 200 * MICRO_PER_CENT),
+                 (grant_credits(services_of(client.app), capped, 500, "purchased"), 100 * MICRO_PER_CENT)),
     }
-    grant(client, topped_up, 10_000, "purchased")  # a $100 top-up, none of it used
-    services = client.app.state.services  # type: ignore[attr-defined]
+    grant_credits(services_of(client.app), topped_up, 10_000, "purchased")  # a $100 top-up, none of it used
+    services = services_of(client.app)
     with services.sessions() as session:
         record_usage(session=session, records=[
             UsageRecord(request_id=f"r_{tenant}", tenant_id=tenant, model_id="m", created=ts(2026, 10, 10),

@@ -14,21 +14,8 @@ from sqlmodel import func, select
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway.services import Services
 from modelmeter.models.finetune.tables import TenantFile
-from tests.api.test_fine_tuning import create_job, upload, worker_for
-from tests.conftest import assert_envelope, bearer
-
-
-@pytest.fixture
-def base(register_model: Any) -> str:
-    """A tiny platform feature-extraction model that tenants may fine-tune."""
-    return str(register_model(None, task="feature-extraction", model_id="tiny-base"))
-
-
-@pytest.fixture
-def tenant(make_tenant: Any, make_key: Any) -> tuple[str, dict[str, str]]:
-    t = make_tenant()
-    return t["id"], bearer(make_key(t["id"])["key"])
-
+from tests.conftest import assert_envelope
+from tests.support.fine_tuning import create_job, upload, worker_for
 
 NAMES = ["Anna", "Omar", "Lena", "Kenji"]
 PLACES = ["Oslo", "Lima", "Kyoto", "Cairo"]

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway import fastlane
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import services_of
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, bearer
 
@@ -139,7 +140,7 @@ def _own(request: dict[str, Any], lane: str) -> dict[str, Any]:
 
 
 def _usage_rows(client: TestClient) -> int:
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     with services.sessions() as session:
         return int(session.exec(select(func.count()).select_from(UsageEvent)).one()[0])  # type: ignore[call-overload]
 
@@ -154,7 +155,7 @@ def test_both_lanes_give_the_same_answers_and_usage(client: TestClient, routes_o
                             headers=bearer(key))
     # Revoked through one app: the other (a second replica) drops its cached entry as its TTL would.
     assert client.delete(f"/admin/keys/{world['revoked_id']}", headers=ADMIN).status_code == 200
-    routes_only.app.state.services.auth.invalidate()  # type: ignore[attr-defined]
+    services_of(routes_only.app).auth.invalidate()
     dims = len(client.post("/v1/embeddings", json={"model": world["embedder"], "input": "d"},
                            headers=bearer(keys["full"])).json()["data"][0]["embedding"])
     routes_only.post("/v1/embeddings", json={"model": world["embedder"], "input": "d"}, headers=bearer(keys["full"]))

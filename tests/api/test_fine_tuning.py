@@ -12,13 +12,13 @@ from fastapi.testclient import TestClient
 from sqlmodel import select
 
 from modelmeter.billing.tables import UsageEvent
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import Services, services_of
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.models.registry import MlModel
 from modelmeter.settings import Settings
-from modelmeter.trainer import build_worker
 from tests.conftest import ADMIN, assert_envelope, bearer
+from tests.support.fine_tuning import create_job, upload, worker_for
 
 POSITIVE = ["a joyous , moving film", "great acting and a fine script", "warm , funny and wise", "a delight"]
 NEGATIVE = ["a tedious mess", "dull and lifeless", "the worst film of the year", "boring , boring , boring"]
@@ -28,32 +28,6 @@ def _jsonl(n: int = 40) -> bytes:
     rows = [{"text": f"{t} {i}", "label": "positive"} for i, t in enumerate(POSITIVE * (n // 8))]
     rows += [{"text": f"{t} {i}", "label": "negative"} for i, t in enumerate(NEGATIVE * (n // 8))]
     return "\n".join(json.dumps(r) for r in rows).encode()
-
-
-@pytest.fixture
-def base(register_model: Any) -> str:
-    """A tiny platform feature-extraction model that tenants may fine-tune."""
-    return str(register_model(None, task="feature-extraction", model_id="tiny-base"))
-
-
-@pytest.fixture
-def tenant(make_tenant: Any, make_key: Any) -> tuple[str, dict[str, str]]:
-    t = make_tenant()
-    return t["id"], bearer(make_key(t["id"])["key"])
-
-
-def upload(client: TestClient, headers: dict[str, str], data: bytes, name: str = "train.jsonl") -> Any:
-    return client.post("/v1/files", files={"file": (name, data)}, data={"purpose": "fine-tune"}, headers=headers)
-
-
-def create_job(client: TestClient, headers: dict[str, str], file_id: str, base: str, **extra: Any) -> Any:
-    body = {"model": base, "training_file": file_id, "hyperparameters": {"n_epochs": 1, "batch_size": 8}, **extra}
-    return client.post("/v1/fine_tuning/jobs", json=body, headers=headers)
-
-
-def worker_for(client: TestClient) -> Any:
-    services = client.app.state.services  # type: ignore[attr-defined]
-    return build_worker(services.settings, engine=services.engine, show_progress=False)
 
 
 # --- files -----------------------------------------------------------------------------------------
@@ -98,7 +72,7 @@ def test_upload_refusals_name_the_line_and_store_nothing(
     error = assert_envelope(upload(client, headers, data), 422, code="invalid_file")
     assert needle in error["message"], error
     assert client.get("/v1/files", headers=headers).json()["data"] == []
-    files_dir = client.app.state.services.settings.data_dir / "files"  # type: ignore[attr-defined]
+    files_dir = services_of(client.app).settings.data_dir / "files"
     assert not files_dir.exists() or not any(files_dir.rglob("*"))
 
 
@@ -411,7 +385,7 @@ def test_a_file_is_tokenized_once_however_many_jobs_use_it(client: TestClient, t
         estimates.append(job.json()["id"])
         client.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/cancel", headers=headers)
     assert calls == [40]  # no job tokenized it again
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     from modelmeter.models.finetune.tables import FineTuningJob
 
     with services.sessions() as session:

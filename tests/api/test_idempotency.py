@@ -15,10 +15,11 @@ from sqlmodel import select
 from modelmeter import clock
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway.idempotency import fingerprint
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import Services, services_of
 from modelmeter.tenancy import idempotency as store
 from modelmeter.tenancy.idempotency import ADMIN_SCOPE, IdempotencyRecord
-from tests.conftest import ADMIN, FakeClock, LiveServer, assert_envelope, bearer
+from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
+from tests.support.live_server import LiveServer
 
 TENANT = {"name": "Acme", "email": "ops@acme.test", "plan": "payg"}
 
@@ -242,7 +243,7 @@ def test_a_body_over_the_limit_is_413_and_not_kept(app_factory: Any) -> None:
     with TestClient(app_factory(max_body_bytes=64), raise_server_exceptions=False) as client:
         streamed = client.post("/admin/tenants", content=iter([b"{" + b" " * 100, b"}"]), headers=keyed("big"))
         assert_envelope(streamed, 413)
-        assert rows(client.app.state.services) == []  # type: ignore[attr-defined]
+        assert rows(services_of(client.app)) == []
 
 
 @pytest.mark.anyio

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway.app import create_app
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import Services, services_of
 from tests.conftest import ADMIN, assert_envelope, bearer
 
 TEXTS = ["a fine film", "the worst, most tedious two hours I have spent in a cinema this year", "ok"]
@@ -28,13 +28,13 @@ def tenant_key(make_tenant: Any, make_key: Any) -> tuple[str, str]:
 
 
 def _ledger(client: TestClient) -> list[UsageEvent]:
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     with services.sessions() as session:
         return list(session.exec(select(UsageEvent).order_by(UsageEvent.id)).scalars())  # type: ignore[arg-type]
 
 
 def _tokens(client: TestClient, model_dir: str, texts: list[str], **kw: Any) -> list[int]:
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     tokenizer = AutoTokenizer.from_pretrained(str(services.settings.data_dir / model_dir), local_files_only=True)
     return [len(ids) for ids in tokenizer(texts, **kw)["input_ids"]]
 
@@ -198,7 +198,7 @@ def test_non_utf8_body_is_refused(client: TestClient, tenant_key: Any, register_
 def test_failed_load_is_503_then_retried(client: TestClient, tenant_key: Any, register_model: Any) -> None:
     tenant_id, key = tenant_key
     model = register_model(tenant_id)
-    weights = client.app.state.services.settings.data_dir / "models" / tenant_id / model / "model.safetensors"  # type: ignore[attr-defined]
+    weights = services_of(client.app).settings.data_dir / "models" / tenant_id / model / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(b"corrupt")
     assert_envelope(client.post("/v1/classify", json={"model": model, "input": "x"}, headers=bearer(key)), 503,
@@ -222,9 +222,9 @@ async def test_concurrent_requests_one_row_each_and_one_load(
 ) -> None:
     tenant_id, key = tenant_key
     model = register_model(tenant_id)
-    app = create_app(client.app.state.services.settings)  # type: ignore[attr-defined]
+    app = create_app(services_of(client.app).settings)
     batches: list[int] = []
-    server = app.state.services.engines.server
+    server = services_of(app).engines.server
     server._on_batch = lambda _m: (lambda size, *_: batches.append(size))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

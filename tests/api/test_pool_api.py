@@ -7,7 +7,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from modelmeter.gateway.app import create_app
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import Services, services_of
 from modelmeter.settings import Settings
 from tests.conftest import bearer
 
@@ -19,7 +19,7 @@ def test_eviction_under_small_budget(settings: Settings, client: TestClient, mak
     first, second = register_model(tenant["id"]), register_model(tenant["id"])
     small = settings.model_copy(update={"pool_memory_mb": 5})  # one tiny BERT (~4 MB) fits, two do not
     with TestClient(create_app(small)) as http:
-        pool = http.app.state.services.engines.server.pool  # type: ignore[attr-defined]
+        pool = services_of(http.app).engines.server.pool
         for model in (first, second, first):
             response = http.post("/v1/classify", json={"model": model, "input": "x"}, headers=bearer(key))
             assert response.status_code == 200, response.text

@@ -31,7 +31,8 @@ def test_components_keep_their_names_and_no_class_name_leaks(client: TestClient)
         assert title in schemas, title
     text = repr(document)
     for cls_name in Public.public_names:
-        assert f"/{cls_name}'" not in text and f"_{cls_name}_" not in text, cls_name
+        assert f"/{cls_name}'" not in text, cls_name
+        assert f"_{cls_name}_" not in text, cls_name
     assert public_name("Page_FineTuningJobPublic_") == "Page_FineTuningJob_"
 
 

@@ -19,15 +19,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 from sqlmodel import select
 
-from modelmeter import clock
-from modelmeter.billing import credits
-from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.billing.simulation import simulate
 from modelmeter.billing.tables import Invoice
 from modelmeter.cli import main
 from modelmeter.gateway.services import Services
 from modelmeter.money import MICRO_PER_CENT
 from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, assert_envelope, bearer
+from tests.support.credits import grant_credits
+from tests.support.ledger import add_usage
 
 HOUR_US = 3_600_000_000
 OCT, NOV = 1_790_812_800, 1_793_491_200  # 2026-10-01, 2026-11-01 (UTC)
@@ -42,25 +41,7 @@ def half_up(value: Decimal) -> int:
 
 
 def usage(services: Services, tenant_id: str, plan: str, at: int, **fields: Any) -> None:
-    record = UsageRecord(request_id=f"r_{tenant_id}_{at}", tenant_id=tenant_id, model_id="m", created=at,
-                         plan=plan, **fields)
-    with services.sessions() as session:
-        record_usage(session=session, records=[record])
-        session.commit()
-
-
-def grant(services: Services, tenant_id: str, cents: int, source: str) -> str:
-    with services.sessions() as session:
-        if source == "granted":
-            grant_id = credits.grant(session=session, tenant_id=tenant_id, amount_cents=cents, source="granted").id
-        else:
-            purchase = credits.create_purchase(session=session, tenant_id=tenant_id, amount_cents=cents,
-                                               currency="usd")
-            assert credits.mark_paid(session=session, purchase=purchase, paid_at=clock.now_s(),
-                                     stripe_invoice_id="in_stripe_x")
-            grant_id = str(purchase.grant_id)
-        session.commit()
-    return grant_id
+    add_usage(services, tenant_id, plan, at, f"r_{tenant_id}_{at}", **fields)
 
 
 @pytest.fixture
@@ -71,10 +52,10 @@ def october(client: TestClient, services: Services, make_tenant: Any, fake_clock
     t = {name: make_tenant(plan=plan)["id"] for name, plan in (
         ("switch", "payg"), ("gifted", "payg"), ("bought", "payg"), ("scale", "scale"), ("pro", "pro"))}
     usage(services, t["switch"], "payg", ts(2026, 10, 10), requests=1000, tokens=100_000, compute_us=HOUR_US)
-    gifted = grant(services, t["gifted"], 300, "granted")
+    gifted = grant_credits(services, t["gifted"], 300, "granted")
     usage(services, t["gifted"], "payg", ts(2026, 10, 12), requests=500, tokens=50_000, compute_us=HOUR_US // 4,
           credits=((gifted, 100 * MICRO_PER_CENT),))
-    bought = grant(services, t["bought"], 500, "purchased")
+    bought = grant_credits(services, t["bought"], 500, "purchased")
     usage(services, t["bought"], "payg", ts(2026, 10, 12), requests=200, tokens=10_000,
           credits=((bought, 30 * MICRO_PER_CENT),))
     usage(services, t["scale"], "scale", ts(2026, 10, 13), requests=10, tokens=20_000_123,

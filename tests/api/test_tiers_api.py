@@ -3,7 +3,6 @@ the tier the period's usage is in, usage buckets and the dashboard price through
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, FakeClock, assert_envelope, bearer
+from tests.support.plans import with_plans
 
 PACKAGED = Path(__file__).parents[2] / "src/modelmeter/billing/plans.json"
 TEST_PLANS = [
@@ -35,9 +35,7 @@ def ts(*args: int) -> int:
 @pytest.fixture
 def settings(settings: Settings, tmp_path: Path) -> Settings:
     """The packaged catalog plus two small tiered plans."""
-    path = tmp_path / "plans.json"
-    path.write_text(json.dumps({"plans": json.loads(PACKAGED.read_text())["plans"] + TEST_PLANS}))
-    return settings.model_copy(update={"plans_file": path})
+    return with_plans(settings, tmp_path, TEST_PLANS)
 
 
 @pytest.fixture

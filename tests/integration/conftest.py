@@ -25,10 +25,11 @@ from modelmeter.billing.ledger import UsageRecord, record_usage
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.billing.tables import Invoice, InvoiceLine, StripeEvent, StripeOutbox
 from modelmeter.gateway.app import create_app
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import services_of
 from modelmeter.settings import Settings
 from modelmeter.tenancy.tenants import Tenant
 from tests.conftest import ADMIN, FakeClock, bearer
+from tests.support.net import free_port
 
 SECRET = "whsec_modelmeter_test_secret"
 GRACE_S = 3 * 24 * 3600
@@ -39,12 +40,6 @@ def ts(*args: int) -> int:
 
 
 # --- localstripe and the app -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
@@ -94,12 +89,8 @@ def app(stripe_settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
-def services_of(client: TestClient) -> Services:
-    return client.app.state.services  # type: ignore[attr-defined,no-any-return]
-
-
 def relay_of(client: TestClient) -> StripeRelay:
-    relay = services_of(client).stripe
+    relay = services_of(client.app).stripe
     assert relay is not None
     return relay
 
@@ -110,7 +101,7 @@ def restart(app: TestClient) -> Iterator[Callable[[], StripeRelay]]:
     made: list[StripeRelay] = []
 
     def make() -> StripeRelay:
-        services = services_of(app)
+        services = services_of(app.app)
         relay = relay_from_settings(services.settings, sessions=services.sessions, catalog=services.plans)
         assert relay is not None
         made.append(relay)
@@ -145,7 +136,7 @@ def new_tenant(client: TestClient, plan: str = "payg") -> dict[str, Any]:
 
 
 def use(client: TestClient, tenant: dict[str, Any], at: int, *, tokens: int, requests_: int = 1) -> None:
-    services = services_of(client)
+    services = services_of(client.app)
     records = [UsageRecord(request_id=uuid.uuid4().hex, tenant_id=tenant["id"], model_id="m", created=at,
                            tokens=tokens, plan=tenant["plan"]) for _ in range(requests_)]
     with services.sessions() as session:
@@ -160,7 +151,7 @@ def close(client: TestClient, period: str) -> dict[str, Any]:
 
 
 def db(client: TestClient) -> Session:
-    return services_of(client).sessions()
+    return services_of(client.app).sessions()
 
 
 def invoice_of(client: TestClient, tenant_id: str) -> tuple[Invoice, list[InvoiceLine]]:
@@ -197,14 +188,18 @@ def live_subscriptions(api: stripe.StripeClient, customer_id: str) -> list[strip
     return list(api.v1.subscriptions.list(params={"customer": customer_id, "limit": 100}).auto_paging_iter())
 
 
-def stripe_invoices_of(api: stripe.StripeClient, customer_id: str, invoice_id: str) -> list[stripe.Invoice]:
+def stripe_invoices_of(api: stripe.StripeClient, customer_id: str, invoice_id: str,
+                       key: str = "mm_invoice_id") -> list[stripe.Invoice]:
+    """The customer's Stripe invoices whose metadata ``key`` is ``invoice_id`` (ours; or a purchase's)."""
     found = api.v1.invoices.list(params={"customer": customer_id, "limit": 100}).auto_paging_iter()
-    return [i for i in found if meta(i).get("mm_invoice_id") == invoice_id]
+    return [i for i in found if meta(i).get(key) == invoice_id]
 
 
-def our_lines(api: stripe.StripeClient, stripe_invoice_id: str, invoice_id: str) -> list[Any]:
+def our_lines(api: stripe.StripeClient, stripe_invoice_id: str, invoice_id: str,
+              key: str = "mm_invoice_id") -> list[Any]:
+    """The Stripe invoice's lines whose metadata ``key`` is ``invoice_id`` (ours; or a purchase's)."""
     lines = api.v1.invoices.line_items.list(stripe_invoice_id, params={"limit": 100}).auto_paging_iter()
-    return [line for line in lines if meta(line).get("mm_invoice_id") == invoice_id]
+    return [line for line in lines if meta(line).get(key) == invoice_id]
 
 
 def billed_october(client: TestClient, clock: FakeClock, plan: str = "pro") -> dict[str, Any]:

@@ -3,14 +3,11 @@ two gateways sharing PostgreSQL and Redis fire exactly one event per threshold u
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,9 +15,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from modelmeter.settings import Settings
-from tests.api.test_alerts import TOKENS_PER_X, Receiver, verify
-from tests.conftest import ADMIN, ADMIN_TOKEN, ON_POSTGRES, REDIS_URL, bearer
-from tests.integration.test_billing_concurrency import _free_port, _setup, _wait_ready
+from tests.conftest import ADMIN, ON_POSTGRES, REDIS_URL, bearer
+from tests.support.alerts import TOKENS_PER_X, Receiver, verify
+from tests.support.gateways import running_gateways, start_gateway, warm_then_burst
+from tests.support.net import free_port, wait_ready
+from tests.support.plans import with_plans
+from tests.support.tenants import tenant_with_model
 
 pytestmark = pytest.mark.slow
 
@@ -30,37 +30,17 @@ PLANS = [{"id": "hundred_x", "name": "A hundred x", "included_tokens": 100 * TOK
 
 @pytest.fixture
 def plans_settings(settings: Settings, tmp_path: Path) -> Settings:
-    packaged = json.loads((Path(__file__).parents[2] / "src/modelmeter/billing/plans.json").read_text())
-    path = tmp_path / "plans.json"
-    path.write_text(json.dumps({"plans": packaged["plans"] + PLANS}))
     # The receiver listens on 127.0.0.1: private URLs are allowed here (refused by default).
-    return settings.model_copy(update={"plans_file": path, "alerts_relay_interval_s": 0,
-                                       "alerts_allow_private_urls": True})
-
-
-@pytest.fixture
-def receiver() -> Iterator[Callable[[list[int | str]], Receiver]]:
-    made: list[Receiver] = []
-
-    def make(script: list[int | str]) -> Receiver:
-        made.append(Receiver(script))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
+    return with_plans(settings, tmp_path, PLANS, alerts_relay_interval_s=0, alerts_allow_private_urls=True)
 
 
 def _gateway(settings: Settings, port: int, *, relay_s: float) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "MODELMETER_DATA_DIR": str(settings.data_dir), "MODELMETER_DATABASE_URL":
-           settings.database_url, "MODELMETER_REDIS_URL": settings.redis_url or "", "MODELMETER_ADMIN_TOKEN":
-           ADMIN_TOKEN, "MODELMETER_PLANS_FILE": str(settings.plans_file),
-           "MODELMETER_ALERTS_RELAY_INTERVAL_S": str(relay_s),
-           "MODELMETER_ALERTS_ALLOW_PRIVATE_URLS": "1"}  # the receiver listens on 127.0.0.1
-    if not settings.redis_url:
-        env.pop("MODELMETER_REDIS_URL")
-    return subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "serve", "--port", str(port), "--no-worker"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return start_gateway(settings, port, _alerts_env(relay_s))
+
+
+def _alerts_env(relay_s: float) -> dict[str, str]:
+    return {"MODELMETER_ALERTS_RELAY_INTERVAL_S": str(relay_s),
+            "MODELMETER_ALERTS_ALLOW_PRIVATE_URLS": "1"}  # the receiver listens on 127.0.0.1
 
 
 def _events(client: TestClient, key: str) -> list[dict[str, object]]:
@@ -72,15 +52,15 @@ def _events(client: TestClient, key: str) -> list[dict[str, object]]:
 def test_kill_9_after_the_usage_commit_loses_no_event(plans_settings: Settings,
                                                       receiver: Callable[[list[int | str]], Receiver]) -> None:
     hook = receiver([200])
-    client, _, key, model = _setup(plans_settings, "hundred_x")
+    client, _, key, model = tenant_with_model(plans_settings, "hundred_x")
     try:
         secret = client.put("/v1/billing/alerts", json={"thresholds": [50], "url": hook.url},
                             headers=bearer(key)).json()["secret"]
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         gateway = _gateway(plans_settings, port, relay_s=0)  # relay off: the event can only be in the database
         try:
-            _wait_ready(url)
+            wait_ready(url)
             served = httpx.post(f"{url}/v1/classify", json={"model": model, "input": ["x"] * 60},
                                 headers=bearer(key), timeout=60)
             assert served.status_code == 200, served.text
@@ -91,7 +71,7 @@ def test_kill_9_after_the_usage_commit_loses_no_event(plans_settings: Settings,
         [event] = _events(client, key)
         restarted = _gateway(plans_settings, port, relay_s=0.2)
         try:
-            _wait_ready(url)
+            wait_ready(url)
             deadline = time.monotonic() + 30
             while not hook.received and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -111,31 +91,17 @@ def test_kill_9_after_the_usage_commit_loses_no_event(plans_settings: Settings,
 @pytest.mark.anyio
 @pytest.mark.skipif(not (ON_POSTGRES and REDIS_URL), reason="needs PostgreSQL and Redis (CI sets both)")
 async def test_two_gateways_fire_each_threshold_exactly_once(plans_settings: Settings) -> None:
-    client, _, key, model = _setup(plans_settings, "hundred_x")
+    client, _, key, model = tenant_with_model(plans_settings, "hundred_x")
     thresholds = list(range(10, 110, 10))
     assert client.put("/v1/billing/alerts", json={"thresholds": thresholds, "url": "https://example.com/hook"},
                       headers=bearer(key)).status_code == 200
-    ports = [_free_port(), _free_port()]
-    processes = [_gateway(plans_settings, port, relay_s=0) for port in ports]
     try:
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
-        for url in urls:
-            _wait_ready(url)
-        async with httpx.AsyncClient(timeout=60) as http:
-            async def call(url: str, n: int) -> httpx.Response:
-                return await http.post(f"{url}/v1/classify", json={"model": model, "input": ["x"] * n},
-                                       headers=bearer(key))
-
-            warm = [await call(url, 1) for url in urls]  # 2 of the 100 "x" included
-            assert [r.status_code for r in warm] == [200, 200]
-            responses = await asyncio.gather(*(call(urls[i % 2], 3) for i in range(40)))  # 122% in all
+        with running_gateways(plans_settings, extra_env=_alerts_env(0)) as urls:
+            # 2 of the 100 "x" included to warm up, then 40 requests of 3: 122% in all
+            responses = await warm_then_burst(urls, model, key, 40, warm_input=["x"], burst_input=["x"] * 3)
         assert [r.status_code for r in responses] == [200] * 40
         events = _events(client, key)
         assert sorted(e["data"]["threshold_percent"] for e in events) == thresholds  # type: ignore[index]
         assert all(e["data"]["period"] == events[0]["data"]["period"] for e in events)  # type: ignore[index]
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
         client.__exit__(None, None, None)

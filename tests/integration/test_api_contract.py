@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, LiveServer
+from tests.conftest import ADMIN_TOKEN
+from tests.support.live_server import LiveServer
 
 CONFIG = Path(__file__).resolve().parents[1] / "contract" / "schemathesis.toml"
 BUDGET_S = int(os.environ.get("MODELMETER_FUZZ_SECONDS", "90"))

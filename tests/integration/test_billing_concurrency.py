@@ -4,14 +4,7 @@ and two gateway processes sharing PostgreSQL and Redis enforcing one tenant's li
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -20,8 +13,12 @@ from sqlmodel import func, select
 
 from modelmeter.billing.tables import CreditDraw, UsageEvent
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import services_of
 from modelmeter.settings import Settings
-from tests.conftest import ADMIN, ADMIN_TOKEN, ON_POSTGRES, PG_URL, REDIS_URL, bearer
+from tests.conftest import ADMIN, ON_POSTGRES, REDIS_URL, bearer
+from tests.support.gateways import running_gateways, warm_then_burst
+from tests.support.plans import with_plans
+from tests.support.tenants import tenant_with_model
 
 TEST_PLANS = [
     {"id": "quota10", "name": "Ten requests", "base_fee_cents": 0, "included_tokens": 100000,
@@ -35,21 +32,18 @@ TEST_PLANS = [
 
 @pytest.fixture
 def plans_settings(settings: Settings, tmp_path: Path) -> Settings:
-    packaged = json.loads((Path(__file__).parents[2] / "src/modelmeter/billing/plans.json").read_text())
-    path = tmp_path / "plans.json"
-    path.write_text(json.dumps({"plans": packaged["plans"] + TEST_PLANS}))
-    return settings.model_copy(update={"plans_file": path})
+    return with_plans(settings, tmp_path, TEST_PLANS)
 
 
 def _ledger_count(client: TestClient, tenant_id: str) -> int:
-    with client.app.state.services.sessions() as session:  # type: ignore[attr-defined]
+    with services_of(client.app).sessions() as session:
         return len(session.exec(select(UsageEvent).where(UsageEvent.tenant_id == tenant_id)).all())
 
 
 def _credits(client: TestClient, tenant_id: str) -> tuple[int, int]:
     """(balance in cents per the API, micro-cents drawn per the ledger)."""
     balance = client.get(f"/admin/tenants/{tenant_id}/credits", headers=ADMIN).json()["balance_cents"]
-    with client.app.state.services.sessions() as session:  # type: ignore[attr-defined]
+    with services_of(client.app).sessions() as session:
         drawn = session.exec(select(func.sum(CreditDraw.amount_micro)).where(CreditDraw.tenant_id == tenant_id)).one()
     return balance, int(drawn or 0)
 
@@ -64,31 +58,9 @@ async def _burst(settings: Settings, model: str, key: str, n: int = 64) -> list[
             )))
 
 
-def _setup(plans_settings: Settings, plan: str, **overrides: Any) -> tuple[TestClient, str, str, str]:
-    from tests.tiny_bert import make_tiny_bert
-
-    client = TestClient(create_app(plans_settings))
-    client.__enter__()
-    tenant = client.post("/admin/tenants", json={"name": "c", "email": "c@c.co", "plan": plan}, headers=ADMIN).json()
-    if overrides:
-        client.patch(f"/admin/tenants/{tenant['id']}", json=overrides, headers=ADMIN)
-    key = client.post(f"/admin/tenants/{tenant['id']}/keys", json={}, headers=ADMIN).json()["key"]
-    from modelmeter import clock
-    from modelmeter.models.registry import MlModel
-
-    services = client.app.state.services  # type: ignore[attr-defined]
-    make_tiny_bert(plans_settings.data_dir / "models" / tenant["id"] / "m", "text-classification")
-    with services.sessions() as session:
-        session.add(MlModel(id=f"m-{tenant['id']}", owner_tenant_id=tenant["id"], base_model="tiny", task=
-                            "text-classification", labels_json='["negative", "positive"]',
-                            artifact=f"models/{tenant['id']}/m", created=clock.now_s()))
-        session.commit()
-    return client, tenant["id"], key, f"m-{tenant['id']}"
-
-
 @pytest.mark.anyio
 async def test_hard_limit_admits_exactly_the_quota(plans_settings: Settings) -> None:
-    client, tenant_id, key, model = _setup(plans_settings, "quota10")
+    client, tenant_id, key, model = tenant_with_model(plans_settings, "quota10")
     try:
         responses = await _burst(plans_settings, model, key)
         codes = sorted(r.status_code for r in responses)
@@ -105,7 +77,7 @@ async def test_hard_limit_admits_exactly_the_quota(plans_settings: Settings) -> 
 @pytest.mark.anyio
 async def test_budget_is_never_overspent(plans_settings: Settings) -> None:
     # Each request: "x" is 3 tokens → 0.05 + 3 * 0.002 = 0.056 cents; a 1-cent budget admits 17 of them.
-    client, tenant_id, key, model = _setup(plans_settings, "metered", monthly_budget_cents=1)
+    client, tenant_id, key, model = tenant_with_model(plans_settings, "metered", monthly_budget_cents=1)
     try:
         responses = await _burst(plans_settings, model, key)
         assert [r.status_code for r in responses].count(200) == 17
@@ -120,7 +92,7 @@ async def test_budget_is_never_overspent(plans_settings: Settings) -> None:
 async def test_prepaid_credits_are_never_overdrawn(plans_settings: Settings) -> None:
     """$5.00 of credits, 100 concurrent requests at $0.10: exactly 50 served, 50 refused, nothing left, nothing
     drawn twice (the draw is part of the atomic reservation)."""
-    client, tenant_id, key, model = _setup(plans_settings, "prepaid_dime")
+    client, tenant_id, key, model = tenant_with_model(plans_settings, "prepaid_dime")
     try:
         granted = client.post(f"/admin/tenants/{tenant_id}/credits", json={"amount_cents": 500}, headers=ADMIN)
         assert granted.status_code == 201, granted.text
@@ -136,7 +108,7 @@ async def test_prepaid_credits_are_never_overdrawn(plans_settings: Settings) -> 
 
 @pytest.mark.anyio
 async def test_rpm_limit_under_concurrency(plans_settings: Settings) -> None:
-    client, tenant_id, key, model = _setup(plans_settings, "metered", rpm_limit=5)
+    client, tenant_id, key, model = tenant_with_model(plans_settings, "metered", rpm_limit=5)
     try:
         responses = await _burst(plans_settings, model, key)
         ok = [r for r in responses if r.status_code == 200]
@@ -157,86 +129,32 @@ async def test_rpm_limit_under_concurrency(plans_settings: Settings) -> None:
 # --- two gateway processes ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_gateway(settings: Settings, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "MODELMETER_DATA_DIR": str(settings.data_dir), "MODELMETER_DATABASE_URL": PG_URL,
-           "MODELMETER_REDIS_URL": REDIS_URL, "MODELMETER_ADMIN_TOKEN": ADMIN_TOKEN,
-           "MODELMETER_PLANS_FILE": str(settings.plans_file)}
-    return subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "serve", "--port", str(port), "--no-worker"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not become ready")
-
-
 @pytest.mark.anyio
 @pytest.mark.skipif(not (ON_POSTGRES and REDIS_URL), reason="needs PostgreSQL and Redis (CI sets both)")
 async def test_two_gateways_share_one_limit(plans_settings: Settings) -> None:
-    client, tenant_id, key, model = _setup(plans_settings, "quota10", rpm_limit=1000)
-    ports = [_free_port(), _free_port()]
-    processes = [_start_gateway(plans_settings, port) for port in ports]
+    client, tenant_id, key, model = tenant_with_model(plans_settings, "quota10", rpm_limit=1000)
     try:
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
-        for url in urls:
-            _wait_ready(url)
-        async with httpx.AsyncClient(timeout=60) as http:
-            async def call(url: str) -> httpx.Response:
-                return await http.post(f"{url}/v1/classify", json={"model": model, "input": "x"}, headers=bearer(key))
-
-            warm = [await call(url) for url in urls]  # each replica loads the model and serves one request
-            assert [r.status_code for r in warm] == [200, 200]
-            responses = await asyncio.gather(*(call(urls[i % 2]) for i in range(40)))
+        with running_gateways(plans_settings) as urls:
+            responses = await warm_then_burst(urls, model, key, 40)  # after one request each, to load the model
         codes = [r.status_code for r in responses]
         assert codes.count(200) == 8
         assert codes.count(429) == 32
         assert _ledger_count(client, tenant_id) == 10
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
         client.__exit__(None, None, None)
 
 
 @pytest.mark.anyio
 @pytest.mark.skipif(not (ON_POSTGRES and REDIS_URL), reason="needs PostgreSQL and Redis (CI sets both)")
 async def test_two_gateways_never_overdraw_credits(plans_settings: Settings) -> None:
-    client, tenant_id, key, model = _setup(plans_settings, "prepaid_dime")
-    ports = [_free_port(), _free_port()]
-    processes = [_start_gateway(plans_settings, port) for port in ports]
+    client, tenant_id, key, model = tenant_with_model(plans_settings, "prepaid_dime")
     try:
         client.post(f"/admin/tenants/{tenant_id}/credits", json={"amount_cents": 500}, headers=ADMIN)
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
-        for url in urls:
-            _wait_ready(url)
-        async with httpx.AsyncClient(timeout=60) as http:
-            async def call(url: str) -> httpx.Response:
-                return await http.post(f"{url}/v1/classify", json={"model": model, "input": "x"}, headers=bearer(key))
-
-            warm = [await call(url) for url in urls]  # each replica loads the model and serves one request
-            assert [r.status_code for r in warm] == [200, 200]
-            responses = await asyncio.gather(*(call(urls[i % 2]) for i in range(100)))
+        with running_gateways(plans_settings) as urls:
+            responses = await warm_then_burst(urls, model, key, 100)  # after one request each, to load the model
         codes = [r.status_code for r in responses]
         assert (codes.count(200), codes.count(429)) == (48, 52)
         assert _ledger_count(client, tenant_id) == 50
         assert _credits(client, tenant_id) == (0, 500 * 1_000_000)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
         client.__exit__(None, None, None)

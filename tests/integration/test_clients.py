@@ -9,7 +9,8 @@ import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI
 
-from tests.conftest import LiveServer
+from modelmeter.gateway.services import services_of
+from tests.support.live_server import LiveServer
 
 
 @pytest.fixture
@@ -72,13 +73,19 @@ def test_huggingface_token_classification(live_server: LiveServer, tenant: Any, 
     assert all(t.entity is not None and t.entity[:2] in ("B-", "I-") for t in tokens)
 
 
-def test_openai_files_and_fine_tuning(live_server: LiveServer, tenant: Any, register_model: Any) -> None:
+def _sdk_with_training_file(live_server: LiveServer, tenant: Any, register_model: Any,
+                            pairs: int) -> tuple[OpenAI, str, Any]:
+    """The SDK as the tenant, the tiny platform base, and an uploaded file of ``pairs`` good/bad rows."""
     _, key = tenant
     base = register_model(None, task="feature-extraction", model_id="tiny-base")
     client = OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
     lines = [f'{{"text": "good film {i}", "label": "pos"}}\n{{"text": "bad film {i}", "label": "neg"}}'
-             for i in range(10)]
-    uploaded = client.files.create(file=("train.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
+             for i in range(pairs)]
+    return client, base, client.files.create(file=("train.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
+
+
+def test_openai_files_and_fine_tuning(live_server: LiveServer, tenant: Any, register_model: Any) -> None:
+    client, base, uploaded = _sdk_with_training_file(live_server, tenant, register_model, 10)
     assert uploaded.id.startswith("file_")
     assert uploaded.purpose == "fine-tune"
     job = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="sdk", seed=3)
@@ -99,11 +106,7 @@ def test_openai_sdk_creates_lora_and_full_jobs_unchanged(live_server: LiveServer
     from modelmeter.trainer import build_worker
 
     _, key = tenant
-    base = register_model(None, task="feature-extraction", model_id="tiny-base")
-    client = OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
-    lines = [f'{{"text": "good film {i}", "label": "pos"}}\n{{"text": "bad film {i}", "label": "neg"}}'
-             for i in range(12)]
-    uploaded = client.files.create(file=("train.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
+    client, base, uploaded = _sdk_with_training_file(live_server, tenant, register_model, 12)
     default = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="plain")
     lora = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="lora",
                                           hyperparameters={"n_epochs": 1, "batch_size": 8},
@@ -114,7 +117,7 @@ def test_openai_sdk_creates_lora_and_full_jobs_unchanged(live_server: LiveServer
     assert lora.model_extra is not None
     assert lora.model_extra["training_type"] == {"type": "lora", "rank": 4, "alpha": 8}
     client.fine_tuning.jobs.cancel(default.id)
-    services = live_server.app.state.services
+    services = services_of(live_server.app)
     assert build_worker(services.settings, engine=services.engine, show_progress=False).run_once()
     full = client.fine_tuning.jobs.create(model=base, training_file=uploaded.id, suffix="full",
                                           hyperparameters={"n_epochs": 1, "batch_size": 8},

@@ -18,15 +18,16 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import text
 
 from modelmeter import clock, db
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import services_of
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, ON_POSTGRES, PG_URL, REDIS_URL, bearer
 from tests.faultproxy import FaultProxy, can_blackhole
 from tests.processes import wait_until
+from tests.support.live_server import serve_in_thread
 
 pytestmark = pytest.mark.skipif(not (ON_POSTGRES and REDIS_URL), reason="needs PostgreSQL and Redis")
 
@@ -67,22 +68,15 @@ def gateway(settings: Settings, database_url: str, proxies: tuple[FaultProxy, Fa
         "database_url": PG_URL.replace(f"{host}:{port}", f"127.0.0.1:{pg.port}", 1),
         "redis_url": REDIS_URL.replace(REDIS_URL.split("://", 1)[1].split("/", 1)[0], f"127.0.0.1:{rd.port}", 1),
     })
-    app = create_app(proxied)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 60, "uvicorn")
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    yield url, app
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(proxied), lifespan="auto") as server:
+        yield server.url, server.app
 
 
 def _model(app: Any, tenant_id: str) -> str:
     from modelmeter.models.registry import MlModel
     from tests.tiny_bert import make_tiny_bert
 
-    services = app.state.services
+    services = services_of(app)
     relative = Path("models") / tenant_id / "tiny"
     make_tiny_bert(services.settings.data_dir / relative, "text-classification", ["neg", "pos"])
     with services.sessions() as session:
@@ -183,26 +177,15 @@ def test_an_outage_through_two_fronts_and_an_engine_process(
         settings: Settings, database_url: str, proxies: tuple[FaultProxy, FaultProxy], tmp_path: Path,
         dependency: str) -> None:
     """The same outage through ``serve --workers 2`` (two torch-free fronts, one engine process)."""
-    import subprocess
-    import sys
-
-    from tests.binaries import free_port
-    from tests.integration.test_engine_processes import _env, engine_status
-    from tests.processes import stop
+    from tests.support.gateways import two_fronts
 
     pg, rd = proxies
     host, port = _host_port(PG_URL, 5432)
     proxied_pg = PG_URL.replace(f"{host}:{port}", f"127.0.0.1:{pg.port}", 1)
     proxied_redis = REDIS_URL.replace(REDIS_URL.split("://", 1)[1].split("/", 1)[0], f"127.0.0.1:{rd.port}", 1)
-    http_port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    env = _env(settings.model_copy(update={"database_url": proxied_pg, "redis_url": proxied_redis}), tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "serve", "--workers", "2", "--no-worker",
-                                "--port", str(http_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http_port}"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/readyz").is_success and len(engine_status(url)["fronts"]) == 2, 180,
-                   "one engine and two fronts")
+    proxied = settings.model_copy(update={"database_url": proxied_pg, "redis_url": proxied_redis})
+    with two_fronts(proxied, tmp_path, MODELMETER_TORCH_THREADS="1") as fronts:
+        url = fronts.url
         tenant = httpx.post(f"{url}/admin/tenants", json={"name": "F", "email": "f@example.com", "plan": "payg"},
                             headers=ADMIN, timeout=30).json()["id"]
         httpx.patch(f"{url}/admin/tenants/{tenant}", json={"rpm_limit": 1_000_000, "tpm_limit": 100_000_000},
@@ -210,9 +193,6 @@ def test_an_outage_through_two_fronts_and_an_engine_process(
         key = httpx.post(f"{url}/admin/tenants/{tenant}/keys", json={}, headers=ADMIN, timeout=30).json()["key"]
         answers, failures = _through_an_outage(url, key, "/v1/embeddings", "all-MiniLM-L6-v2",
                                                rd if dependency == "redis" else pg)
-    finally:
-        stop(process)
-        log.close()
     assert failures == []
     assert {a.status for a in answers} == {200, 503}
     assert {a.code for a in answers if a.status == 503} == {"service_unavailable"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -26,46 +25,22 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from modelmeter.billing.tables import UsageEvent
+from modelmeter.gateway.services import services_of
 from modelmeter.models.registry import BASE_MODEL_ID
 from modelmeter.settings import Settings
-from tests.binaries import free_port
-from tests.conftest import ADMIN_TOKEN, bearer, sst2_rows
-from tests.processes import stop, wait_until
+from tests.conftest import bearer
+from tests.processes import wait_until
+from tests.support import gateways
+from tests.support.gateways import engine_status
+from tests.support.shared_data import sst2_rows
 
 pytestmark = pytest.mark.slow  # the packaged base model, loaded by a real engine process
-
-ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def _env(settings: Settings, tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMETER_")}
-    env.update({"MODELMETER_DATA_DIR": str(settings.data_dir), "MODELMETER_DATABASE_URL": settings.database_url or "",
-                "MODELMETER_ADMIN_TOKEN": ADMIN_TOKEN, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus"),
-                "MODELMETER_LOG_LEVEL": "warning", "MODELMETER_TORCH_THREADS": "1",
-                "MODELMETER_REDIS_URL": settings.redis_url or "redis://127.0.0.1:6379/15", **extra})
-    return env
-
-
-def engine_status(url: str) -> dict[str, Any]:
-    found: dict[str, Any] = httpx.get(f"{url}/admin/engine", headers=ADMIN_HEADERS, timeout=10).json()
-    return found
-
 
 @pytest.fixture
 def two_fronts(settings: Settings, tmp_path: Path, client: TestClient) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``modelmeter serve --workers 2`` on a free port and the test database, its log kept in tmp_path."""
-    port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    command = [sys.executable, "-m", "modelmeter.cli", "serve", "--workers", "2", "--no-worker", "--port", str(port)]
-    process = subprocess.Popen(command, env=_env(settings, tmp_path), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/readyz").is_success and len(engine_status(url)["fronts"]) == 2, 180,
-              "one engine and two fronts")
-        yield url, process
-    finally:
-        stop(process)
-        log.close()
+    with gateways.two_fronts(settings, tmp_path, MODELMETER_TORCH_THREADS="1") as fronts:
+        yield fronts.url, fronts.process
 
 
 def _children(pid: int) -> list[int]:
@@ -91,14 +66,15 @@ def _embed(url: str, headers: dict[str, str], text: str) -> httpx.Response:
 
 
 def _ledger_rows(client: TestClient, tenant_id: str) -> int:
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     with services.sessions() as session:
         query = select(func.count()).select_from(UsageEvent).where(UsageEvent.tenant_id == tenant_id)
         return int(session.exec(query).one())
 
 
 def test_one_engine_two_fronts_share_batches_and_match_in_process(
-        two_fronts: tuple[str, subprocess.Popen[bytes]], client: TestClient, make_tenant: Any, make_key: Any) -> None:
+        shared_data: Path, two_fronts: tuple[str, subprocess.Popen[bytes]], client: TestClient, make_tenant: Any,
+        make_key: Any) -> None:
     url, process = two_fronts
     status = engine_status(url)
     assert len(status["engines"]) == 1
@@ -114,7 +90,7 @@ def test_one_engine_two_fronts_share_batches_and_match_in_process(
 
     tenant = make_tenant()
     headers = bearer(make_key(tenant["id"])["key"])
-    texts = [text for text, _ in sst2_rows(64, seed=7)]
+    texts = [text for text, _ in sst2_rows(shared_data, 64, seed=7)]
     with ThreadPoolExecutor(32) as pool:  # new connections each time: both fronts accept
         responses = list(pool.map(lambda t: _embed(url, headers, t), texts * 3))
     assert all(r.status_code == 200 for r in responses), {r.status_code for r in responses}
@@ -138,11 +114,12 @@ def test_one_engine_two_fronts_share_batches_and_match_in_process(
 
 
 def test_engine_killed_under_load_gives_503s_then_serves_again_and_bills_only_answers(  # noqa: C901
-        two_fronts: tuple[str, subprocess.Popen[bytes]], client: TestClient, make_tenant: Any, make_key: Any) -> None:
+        shared_data: Path, two_fronts: tuple[str, subprocess.Popen[bytes]], client: TestClient, make_tenant: Any,
+        make_key: Any) -> None:
     url, _ = two_fronts
     tenant = make_tenant()
     headers = bearer(make_key(tenant["id"])["key"])
-    texts = [text for text, _ in sst2_rows(32, seed=3)]
+    texts = [text for text, _ in sst2_rows(shared_data, 32, seed=3)]
     outcomes: Counter[int] = Counter()
     unavailable: list[httpx.Response] = []
     stop = threading.Event()

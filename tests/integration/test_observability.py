@@ -5,12 +5,10 @@ gateway, promtool on deploy/, and Grafana dashboards that query only exported me
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,13 +27,16 @@ from sqlmodel import select
 from modelmeter import clock
 from modelmeter.billing.tables import CreditDraw, StripeOutbox, UsageEvent
 from modelmeter.gateway.app import create_app
-from modelmeter.gateway.services import Services
+from modelmeter.gateway.services import Services, services_of
 from modelmeter.models.finetune.tables import FineTuningJob
 from modelmeter.money import MICRO_PER_CENT
 from modelmeter.settings import Settings
-from tests.binaries import free_port, require_binary
-from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, LiveServer, bearer
-from tests.processes import stop, wait_until
+from tests.binaries import require_binary
+from tests.conftest import ADMIN, ADMIN_TOKEN, FakeClock, bearer
+from tests.processes import wait_until
+from tests.support.gateways import two_fronts
+from tests.support.live_server import LiveServer
+from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -69,7 +70,7 @@ def classify(post: Callable[..., Any], headers: dict[str, str], model: str, text
 
 
 def ledger_tokens(client: TestClient) -> int:
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = services_of(client.app)
     with services.sessions() as session:
         return int(session.exec(select(func.coalesce(func.sum(UsageEvent.tokens), 0))).one())
 
@@ -277,33 +278,11 @@ def _per_process_tokens(metrics_dir: Path, scratch: Path) -> list[float]:
     return totals
 
 
-def _gateway_env(settings: Settings, metrics_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMETER_")}
-    env.update({"MODELMETER_DATA_DIR": str(settings.data_dir), "MODELMETER_DATABASE_URL": settings.database_url or "",
-                "MODELMETER_ADMIN_TOKEN": ADMIN_TOKEN, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-                "MODELMETER_LOG_LEVEL": "warning"})
-    # Several processes must share rate and quota counters: `serve --workers` refuses to run without Redis,
-    # which runs on every machine of this kind (and in CI) even when the suite itself runs on embedded defaults.
-    env["MODELMETER_REDIS_URL"] = settings.redis_url or "redis://127.0.0.1:6379/15"
-    return env
-
-
 @pytest.fixture
 def two_process_gateway(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """``modelmeter serve --workers 2`` on a free port, on the test database."""
-    port, metrics_dir = free_port(), tmp_path / "prometheus"
-    log = (tmp_path / "serve.log").open("wb")
-    command = [sys.executable, "-m", "modelmeter.cli", "serve", "--workers", "2", "--no-worker", "--port", str(port)]
-    process = subprocess.Popen(command, env=_gateway_env(settings, metrics_dir), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/readyz").is_success and len(httpx.get(
-            f"{url}/admin/engine", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["fronts"]) == 2,
-              180, "two fronts and their engine")
-        yield url, metrics_dir
-    finally:
-        stop(process, signum=signal.SIGINT, timeout=30)
-        log.close()
+    with two_fronts(settings, tmp_path, signum=signal.SIGINT, stop_timeout_s=30) as fronts:
+        yield fronts.url, fronts.metrics_dir
 
 
 def test_two_gateway_processes_aggregate(client: TestClient, caller: dict[str, Any],

@@ -9,10 +9,8 @@ import dataclasses
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,37 +22,20 @@ from click.testing import CliRunner
 from modelmeter.cli import main, quickstart
 from modelmeter.gateway.app import create_app
 from modelmeter.settings import Settings
-from tests.conftest import ADMIN, ADMIN_TOKEN, sst2_rows
+from tests.conftest import ADMIN, ADMIN_TOKEN
+from tests.support.live_server import serve_in_thread
+from tests.support.net import free_port
+from tests.support.shared_data import sst2_rows
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def serving(settings: Settings, port: int) -> Iterator[str]:
     """The gateway on ``settings`` (no worker) at ``port``, in a thread of this process."""
-    import uvicorn
-
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
-                            access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve_in_thread(create_app(settings), port) as server:
+        yield server.url
 
 
 def run_quickstart(settings: Settings, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -158,7 +139,7 @@ def test_quickstart_on_an_empty_data_dir_twice_then_its_examples_against_a_live_
     print(f"quickstart on an empty data dir: {first_s:.1f} s")
 
 
-def test_quickstart_through_a_running_server_whose_worker_is_off(settings: Settings, client: Any,
+def test_quickstart_through_a_running_server_whose_worker_is_off(shared_data: Path, settings: Settings, client: Any,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The admin and tenant API of a running server (started with --no-worker: the job is trained here), on a
     tenant and key made earlier: the key's secret is not known, so a short-lived setup key uploads and is revoked.
@@ -167,7 +148,7 @@ def test_quickstart_through_a_running_server_whose_worker_is_off(settings: Setti
                          headers=ADMIN).json()
     key = client.post(f"/admin/tenants/{tenant['id']}/keys", json={"name": "quickstart"}, headers=ADMIN).json()
     small = "".join(f'{{"text": "{t}", "label": "{["negative", "positive"][y]}"}}\n'
-                    for t, y in sst2_rows(60, seed=3) if '"' not in t and "\\" not in t)
+                    for t, y in sst2_rows(shared_data, 60, seed=3) if '"' not in t and "\\" not in t)
     monkeypatch.setattr(quickstart, "sample_bytes", lambda recipe=None: small.encode())
     monkeypatch.setattr(quickstart, "SENTIMENT", dataclasses.replace(quickstart.SENTIMENT, n_epochs=1))
     monkeypatch.setenv("MODELMETER_DATA_DIR", str(settings.data_dir))

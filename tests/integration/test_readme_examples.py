@@ -22,7 +22,9 @@ from typing import IO, Any
 import pytest
 
 from modelmeter.settings import Settings
-from tests.conftest import ADMIN_TOKEN, LiveServer, sst2_rows
+from tests.conftest import ADMIN_TOKEN
+from tests.support.live_server import LiveServer
+from tests.support.shared_data import sst2_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -161,13 +163,14 @@ def test_serving_examples(shell: Shell, make_tenant: Any, make_key: Any, registe
     assert {e.label for e in labels} == {"negative", "positive"}
 
 
-def test_fine_tuning_example(shell: Shell, monkeypatch: pytest.MonkeyPatch, make_tenant: Any, make_key: Any) -> None:
+def test_fine_tuning_example(shell: Shell, monkeypatch: pytest.MonkeyPatch, make_tenant: Any, make_key: Any,
+                             shared_data: Path) -> None:
     """No worker runs here (``start_worker=False``): the jobs stay queued, so ``fine_tuned_model`` is still None;
     training through the same objects is tested in test_clients.py and test_real_finetune.py."""
     shell.placeholders["mm_…"] = make_key(make_tenant(plan="pro")["id"])["key"]
     monkeypatch.chdir(shell.cwd)
-    Path("reviews.jsonl").write_text("".join(
-        json.dumps({"text": text, "label": ["negative", "positive"][label]}) + "\n" for text, label in sst2_rows(40)))
+    Path("reviews.jsonl").write_text("".join(json.dumps({"text": text, "label": ["negative", "positive"][label]}) + "\n"
+                                             for text, label in sst2_rows(shared_data, 40)))
     namespace, values = run_python(python_block("Fine-tuning"), shell.placeholders)
     status, events, fine_tuned_model, cancelled, full = values
     assert namespace["f"].purpose == "fine-tune"

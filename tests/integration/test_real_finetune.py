@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,14 +11,16 @@ from fastapi.testclient import TestClient
 
 from modelmeter.gateway.services import Services
 from modelmeter.trainer import build_worker
-from tests.conftest import bearer, sst2_rows
+from tests.conftest import bearer
+from tests.support.shared_data import sst2_rows
 
 pytestmark = pytest.mark.slow
 
 
-def test_sst2_fine_tune_end_to_end(client: TestClient, make_tenant: Any, make_key: Any, services: Services) -> None:
+def test_sst2_fine_tune_end_to_end(shared_data: Path, client: TestClient, make_tenant: Any, make_key: Any,
+                                   services: Services) -> None:
     headers = bearer(make_key(make_tenant()["id"])["key"])
-    rows = sst2_rows(600, seed=11)
+    rows = sst2_rows(shared_data, 600, seed=11)
     train = "\n".join(json.dumps({"text": s, "label": "positive" if y else "negative"}) for s, y in rows[:500])
     held_out = "\n".join(json.dumps({"text": s, "label": "positive" if y else "negative"}) for s, y in rows[500:])
     train_id = client.post("/v1/files", files={"file": ("sst2.jsonl", train.encode())},

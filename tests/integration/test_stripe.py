@@ -27,6 +27,7 @@ from modelmeter.billing.stripe.relay import LEASE_S, StripeRelay, backoff_s, rel
 from modelmeter.billing.stripe.webhooks import HANDLED_EVENTS
 from modelmeter.billing.tables import Invoice, StripeOutbox, StripePlan
 from modelmeter.gateway.app import create_app
+from modelmeter.gateway.services import services_of
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, ON_POSTGRES, FakeClock, assert_envelope
 from tests.integration.conftest import (
@@ -38,20 +39,19 @@ from tests.integration.conftest import (
     deliver,
     event,
     events_recorded,
-    free_port,
     invoice_of,
     live_subscriptions,
     new_tenant,
     our_lines,
     outbox,
     relay_of,
-    services_of,
     sign,
     stripe_invoices_of,
     tenant_row,
     ts,
     use,
 )
+from tests.support.net import free_port
 
 pytest.importorskip("localstripe")
 
@@ -221,7 +221,7 @@ def test_unreachable_stripe_loses_nothing(stripe_settings: Settings, october: Fa
                                           restart: Callable[[], StripeRelay], app: TestClient,
                                           api: stripe.StripeClient) -> None:
     down = stripe_settings.model_copy(update={"stripe_api_base": f"http://127.0.0.1:{free_port()}"})
-    services = services_of(app)
+    services = services_of(app.app)
     dead = relay_from_settings(down, sessions=services.sessions, catalog=services.plans)
     assert dead is not None
     tenant = billed_october(app, october)
@@ -477,14 +477,14 @@ def test_live_keys_need_live_mode(settings: Settings) -> None:
     live = settings.model_copy(update={"stripe_api_key": "sk_live_nope"})
     with pytest.raises(StripeConfigError, match="test-mode key"):
         create_app(live)
-    relay = create_app(live.model_copy(update={"stripe_live_mode": True})).state.services.stripe
+    relay = services_of(create_app(live.model_copy(update={"stripe_live_mode": True}))).stripe
     assert relay is not None
     relay.close()
 
 
 def test_no_outbox_without_stripe(client: TestClient) -> None:
     response = client.post("/admin/tenants", json={"name": "Off", "email": "off@example.com"}, headers=ADMIN)
-    with client.app.state.services.sessions() as session:  # type: ignore[attr-defined]
+    with services_of(client.app).sessions() as session:
         assert session.exec(select(StripeOutbox)).all() == []
     assert response.json()["stripe_customer_id"] is None
 
@@ -506,7 +506,7 @@ def test_concurrent_deliveries_apply_once_and_serialise_per_tenant(app: TestClie
 
 def test_run_once_drains_in_batches(app: TestClient) -> None:
     tenants = [new_tenant(app) for _ in range(3)]
-    services = services_of(app)
+    services = services_of(app.app)
     client, close_client = make_client(services.settings)
     relay = StripeRelay(client=client, sessions=services.sessions, catalog=services.plans, batch=2)
     try:

@@ -62,13 +62,11 @@ def grants(client: TestClient, tenant_id: str) -> list[CreditGrant]:
 
 
 def purchase_invoices(api: stripe.StripeClient, customer_id: str, purchase_id: str) -> list[stripe.Invoice]:
-    found = api.v1.invoices.list(params={"customer": customer_id, "limit": 100}).auto_paging_iter()
-    return [i for i in found if meta(i).get("mm_purchase_id") == purchase_id]
+    return stripe_invoices_of(api, customer_id, purchase_id, key="mm_purchase_id")
 
 
 def purchase_lines(api: stripe.StripeClient, stripe_invoice_id: str, purchase_id: str) -> list[Any]:
-    lines = api.v1.invoices.line_items.list(stripe_invoice_id, params={"limit": 100}).auto_paging_iter()
-    return [line for line in lines if meta(line).get("mm_purchase_id") == purchase_id]
+    return our_lines(api, stripe_invoice_id, purchase_id, key="mm_purchase_id")
 
 
 def pay_in_stripe(api: stripe.StripeClient, customer_id: str, stripe_invoice_id: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,6 @@ from modelmeter.models.finetune.tagged import (
     looks_tagged,
     parse_tagged,
 )
-from tests.conftest import shared_dir
 
 SENTENCE = "Anna Berg flew to New York, then Oslo."
 TOKENS = ["Anna", "Berg", "flew", "to", "New", "York", ",", "then", "Oslo", "."]
@@ -238,10 +238,8 @@ def test_looks_tagged_reads_the_first_row(data: bytes, expected: bool) -> None:
     assert looks_tagged(data) is expected
 
 
-def test_conll_2003_rows_parse() -> None:
-    path = shared_dir() / "data" / "conll2003" / "train.jsonl"
-    if not path.is_file():
-        pytest.skip(f"the shared CoNLL-2003 data is absent ({path})")
+def test_conll_2003_rows_parse(shared_data: Path) -> None:
+    path = shared_data / "conll2003" / "train.jsonl"
     with path.open("rb") as f:
         head = b"".join(next(f) for _ in range(200))
     parsed = parse(head, max_text_chars=10_000)

@@ -1,0 +1,1 @@
+"""One home per test scaffold: helpers that several test modules share (fixtures stay in the conftest.py files)."""
