@@ -47,6 +47,25 @@ def test_openai_errors_surface_as_sdk_exceptions(live_server: LiveServer, tenant
         bad.embeddings.create(model="all-MiniLM-L6-v2", input="x")
 
 
+def test_openai_batch_file_upload_and_content(live_server: LiveServer, tenant: Any) -> None:
+    """``client.files.create(purpose="batch")`` and ``client.files.content``, unchanged."""
+    import json
+
+    import openai
+
+    _, key = tenant
+    client = OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+    lines = [{"custom_id": f"ticket-{i}", "method": "POST", "url": "/v1/classify",
+              "body": {"model": "m", "input": f"ticket {i}"}} for i in range(3)]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    created = client.files.create(file=("tickets.jsonl", data), purpose="batch")
+    assert (created.purpose, created.filename) == ("batch", "tickets.jsonl")
+    assert client.files.content(created.id).read() == data
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.files.create(file=("bad.jsonl", data + data), purpose="batch")  # every custom_id twice
+    assert "line 4: custom_id 'ticket-0' repeats line 1" in refused.value.body["message"]  # type: ignore[index]
+
+
 def test_huggingface_inference_client(live_server: LiveServer, tenant: Any, register_model: Any) -> None:
     tenant_id, key = tenant
     classifier = register_model(tenant_id, labels=["negative", "positive"])

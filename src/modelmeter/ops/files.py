@@ -13,27 +13,34 @@ from sqlmodel import Session
 from modelmeter import clock
 from modelmeter.errors import ConflictError
 from modelmeter.ids import new_id
+from modelmeter.models.batchfile import BatchFile
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import ParsedDataset, parse_dataset
 from modelmeter.models.finetune.estimate import epoch_tokens, tokenizer_fingerprint
-from modelmeter.models.finetune.tables import TenantFile
+from modelmeter.models.finetune.tables import BATCH_TASK, TenantFile
 from modelmeter.models.finetune.tagged import TaggedDataset, parse_tagged
 
 
 def store_file(*, sessions: sessionmaker[Session], data_dir: Path, tenant_id: str, filename: str, data: bytes,
-               parsed: ParsedDataset | TaggedDataset, token_counts: dict[str, int] | None = None) -> TenantFile:
+               parsed: ParsedDataset | TaggedDataset | BatchFile, token_counts: dict[str, int] | None = None
+               ) -> TenantFile:
     """Write the file, then its row; if the row cannot be committed, the file is removed again. A
-    token-classification file's labels are its entity types."""
+    token-classification file's labels are its entity types; a batch file (``purpose="batch"``) has none, and
+    its rows are its requests."""
     file_id = new_id("file")
     relative = Path("files") / tenant_id / file_id
     _write_atomically(data_dir / relative, data)
-    labels = parsed.types if isinstance(parsed, TaggedDataset) else parsed.labels
+    if isinstance(parsed, BatchFile):
+        purpose, task, rows, labels = "batch", BATCH_TASK, len(parsed.lines), []
+    elif isinstance(parsed, TaggedDataset):
+        purpose, task, rows, labels = "fine-tune", "token-classification", len(parsed.examples), parsed.types
+    else:
+        purpose, task, rows, labels = "fine-tune", "text-classification", len(parsed.examples), parsed.labels
     row = TenantFile(
-        id=file_id, tenant_id=tenant_id, filename=filename, purpose="fine-tune", bytes=len(data),
-        format=Path(filename).suffix.lstrip(".").lower()[:8] or "jsonl", rows=len(parsed.examples),
+        id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose, bytes=len(data),
+        format=Path(filename).suffix.lstrip(".").lower()[:8] or "jsonl", rows=rows,
         labels_json=json.dumps(labels), path=str(relative),
-        created_at=clock.now_s(), token_counts_json=json.dumps(token_counts) if token_counts else None,
-        task="token-classification" if isinstance(parsed, TaggedDataset) else "text-classification",
+        created_at=clock.now_s(), token_counts_json=json.dumps(token_counts) if token_counts else None, task=task,
     )
     try:
         with sessions() as session:
@@ -90,3 +97,10 @@ def platform_token_counts(parsed: ParsedDataset | TaggedDataset, base_dirs: list
         if fingerprint not in counts:
             counts[fingerprint] = epoch_tokens(base_dir, texts)
     return counts
+
+
+def file_content(*, sessions: sessionmaker[Session], data_dir: Path, tenant_id: str, file_id: str) -> bytes:
+    """The bytes of the tenant's file as uploaded (404 for another tenant's)."""
+    with sessions() as session:
+        row = jobs.get_file(session=session, tenant_id=tenant_id, file_id=file_id)
+    return (data_dir / row.path).read_bytes()

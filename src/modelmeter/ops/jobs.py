@@ -41,6 +41,7 @@ def create_job(*, sessions: sessionmaker[Session], catalog: PlanCatalog, data_di
         with sessions() as session:
             validation = jobs.get_file(session=session, tenant_id=tenant_id, file_id=data.validation_file,
                                        param="validation_file")
+            jobs.check_file(validation, data.task, "validation_file")  # before reading it: not a batch file
         estimate += _estimate(sessions, data_dir, validation, artifact, 1)
     with sessions() as session:
         # One job creation per tenant at a time, so the active-job limit and the training quota hold.

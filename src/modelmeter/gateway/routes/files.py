@@ -1,16 +1,18 @@
-"""Training files, OpenAI-compatible: upload (validated at once, errors name the line), list, retrieve, delete."""
+"""Files, OpenAI-compatible: upload (validated at once, errors name the line), list, retrieve, content, delete.
+A ``fine-tune`` file is training data; a ``batch`` file holds one inference request per line (the Batch API's)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter.errors import InvalidRequestError, PayloadTooLargeError
 from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep
 from modelmeter.gateway.schemas import TENANT_READ, TENANT_WRITE, errors
+from modelmeter.models.batchfile import BatchFile, parse_batch_file
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import DatasetError, ParsedDataset, parse_dataset
 from modelmeter.models.finetune.tables import FileDeleted, FilePublic
@@ -23,16 +25,21 @@ from modelmeter.shapes import Page
 router = APIRouter(tags=["files"])
 
 
-def _parse(settings: Settings, data: bytes, filename: str) -> ParsedDataset | TaggedDataset:
-    """A classification file (text and label), or a token-classification one (tagged tokens, or text with
-    entity spans: ``tagged.looks_tagged`` tells them apart by the first row)."""
+def _parse(settings: Settings, data: bytes, filename: str, purpose: str) -> ParsedDataset | TaggedDataset | BatchFile:
+    """A batch file (``purpose="batch"``: a request per line); else a classification file (text and label), or a
+    token-classification one (tagged tokens, or text with entity spans: ``tagged.looks_tagged`` tells them apart
+    by the first row)."""
     try:
+        if purpose == "batch":
+            return parse_batch_file(data, max_inputs=settings.max_inputs_per_request,
+                                    max_text_chars=settings.max_text_chars)
         if looks_tagged(data):
             return parse_tagged(data, max_rows=settings.max_file_rows, max_text_chars=settings.max_text_chars)
         return parse_dataset(data, filename=filename, max_rows=settings.max_file_rows,
                              max_text_chars=settings.max_text_chars, max_labels=settings.max_labels)
     except DatasetError as exc:
-        raise InvalidRequestError(f"Invalid training file '{filename}': {exc}", code="invalid_file",
+        kind = "batch" if purpose == "batch" else "training"
+        raise InvalidRequestError(f"Invalid {kind} file '{filename}': {exc}", code="invalid_file",
                                   param="file") from exc
 
 
@@ -40,23 +47,26 @@ def _parse(settings: Settings, data: bytes, filename: str) -> ParsedDataset | Ta
 async def upload_file(
     principal: FineTunePrincipal,
     services: ServicesDep,
-    file: Annotated[UploadFile, File(description="JSONL, CSV or TSV of labeled text, or JSONL of tagged tokens "
-                                                 "or of text with entity spans (named entities)")],
-    purpose: Annotated[Literal["fine-tune"], Form()],
+    file: Annotated[UploadFile, File(description="fine-tune: JSONL, CSV or TSV of labeled text, or JSONL of tagged "
+                                                 "tokens or of text with entity spans (named entities); batch: JSONL "
+                                                 "of {custom_id, method, url, body}")],
+    purpose: Annotated[Literal["fine-tune", "batch"], Form()],
 ) -> FilePublic:
-    """Upload a labeled dataset (classification, or named entities); it is parsed and validated before anything
-    is stored, and errors name the line."""
+    """Upload a labeled dataset (classification, or named entities) or a batch of requests; it is parsed and
+    validated before anything is stored, and errors name the line."""
     settings = services.settings
     if file.size is not None and file.size > settings.max_file_bytes:
         raise PayloadTooLargeError(f"Files may be at most {settings.max_file_bytes} bytes.")
     data = await file.read()
     filename = Path(file.filename or "upload.jsonl").name[:255]
-    parsed = await run_in_threadpool(_parse, settings, data, filename)
-    visible = await services.models.visible(principal.tenant_id)
-    bases = [artifact_path(m.artifact, settings.data_dir) for m in visible
-             if m.owner_tenant_id is None and m.task == "feature-extraction"]
-    # The training tokens are counted here, once per file (a job's creation reads the count).
-    counts = await run_in_threadpool(files.platform_token_counts, parsed, bases)
+    parsed = await run_in_threadpool(_parse, settings, data, filename, purpose)
+    counts = None
+    if not isinstance(parsed, BatchFile):
+        visible = await services.models.visible(principal.tenant_id)
+        bases = [artifact_path(m.artifact, settings.data_dir) for m in visible
+                 if m.owner_tenant_id is None and m.task == "feature-extraction"]
+        # The training tokens are counted here, once per file (a job's creation reads the count).
+        counts = await run_in_threadpool(files.platform_token_counts, parsed, bases)
     row = await run_in_threadpool(
         lambda: files.store_file(sessions=services.sessions, data_dir=settings.data_dir,
                                  tenant_id=principal.tenant_id, filename=filename, data=data, parsed=parsed,
@@ -79,6 +89,16 @@ def list_files(
 @router.get("/v1/files/{file_id}", response_model=FilePublic, responses=errors(*TENANT_READ, 404))
 def get_file(file_id: str, principal: FineTunePrincipal, session: SessionDep) -> FilePublic:
     return FilePublic.of(jobs.get_file(session=session, tenant_id=principal.tenant_id, file_id=file_id))
+
+
+@router.get("/v1/files/{file_id}/content", response_class=Response, responses={
+    200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes, as uploaded."},
+    **errors(*TENANT_READ, 404)})
+def file_content(file_id: str, principal: FineTunePrincipal, services: ServicesDep) -> Response:
+    """The file's bytes, as uploaded (``client.files.content(id)`` in the openai SDK)."""
+    data = files.file_content(sessions=services.sessions, data_dir=services.settings.data_dir,
+                              tenant_id=principal.tenant_id, file_id=file_id)
+    return Response(data, media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted, responses=errors(*TENANT_READ, 404, 409))

@@ -36,44 +36,9 @@ from modelmeter.gateway.schemas import (
 from modelmeter.models.entities import aggregate
 from modelmeter.models.outputs import TOKEN_CLASSIFICATION, TokenScores
 from modelmeter.models.registry import ModelInfo, ModelPublic
+from modelmeter.models.requests import ClassifyRequest, EmbeddingsRequest, EntitiesRequest, Inputs, Strategy
 
 router = APIRouter(tags=["inference"])
-
-Text = Annotated[StrictStr, Field(min_length=1)]
-Inputs = Text | Annotated[list[Text], Field(min_length=1)]
-
-
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
-    input: Inputs
-    truncate: StrictBool = False
-
-
-Strategy = Literal["simple", "first", "average", "max", "none"]
-
-
-class EntitiesRequest(BaseModel):
-    """Named entities in each input, grouped as Hugging Face's ``aggregation_strategy`` says."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
-    input: Inputs
-    aggregation_strategy: Strategy = "simple"
-    truncate: StrictBool = False
-
-
-class EmbeddingsRequest(BaseModel):
-    """OpenAI's embeddings request; token-array inputs and ``dimensions`` other than the model's are refused."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
-    input: Inputs
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Strict(), Field(gt=0), INTEGRAL] | None = None
-    user: Annotated[StrictStr, Field(max_length=256)] | None = None
-    truncate: StrictBool = False
-
 
 class HFParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -76,7 +76,7 @@ class _Limits:
 def parse_dataset(data: bytes, *, filename: str, max_rows: int, max_text_chars: int, max_labels: int) -> ParsedDataset:
     """Parse and validate an uploaded dataset; raise :class:`DatasetError` on the first problem found."""
     limits = _Limits(max_rows=max_rows, max_text_chars=max_text_chars, max_labels=max_labels)
-    text = _decode(data)
+    text = decode_text(data)
     if not text.strip():
         raise DatasetError("file is empty")
     fmt = _detect_format(filename, text)
@@ -84,7 +84,7 @@ def parse_dataset(data: bytes, *, filename: str, max_rows: int, max_text_chars: 
     return _collect(rows, limits)
 
 
-def _decode(data: bytes) -> str:
+def decode_text(data: bytes) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

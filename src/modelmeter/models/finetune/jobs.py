@@ -213,17 +213,21 @@ def validate_job(*, session: Session, tenant_id: str, data: JobCreate, base_mode
             code="model_not_found", param="model",
         )
     training = get_file(session=session, tenant_id=tenant_id, file_id=data.training_file, param="training_file")
-    _check_task(training, data.task, "training_file")
+    check_file(training, data.task, "training_file")
     return training
 
 
-def _check_task(f: TenantFile, task: str, param: str) -> None:
+def check_file(f: TenantFile, task: str, param: str) -> None:
+    """A file a ``task`` job can train on: uploaded for fine-tuning, holding that task's rows (422 otherwise)."""
+    code = "invalid_training_file" if param == "training_file" else "invalid_validation_file"
+    if f.purpose != "fine-tune":
+        raise InvalidRequestError(f"The file '{f.id}' was uploaded with purpose \"{f.purpose}\"; a job trains on "
+                                  "a \"fine-tune\" file.", code=code, param=param)
     if f.task != task:
         rows = "tagged tokens or entity spans" if f.task == "token-classification" else "texts with labels"
         raise InvalidRequestError(
             f"The file '{f.id}' holds {rows} ({f.task}); a {task} job needs a {task} file. Set \"task\" to "
-            f"\"{f.task}\" to train on it.", code="invalid_training_file" if param == "training_file"
-            else "invalid_validation_file", param=param)
+            f"\"{f.task}\" to train on it.", code=code, param=param)
 
 
 def n_epochs_of(data: JobCreate) -> int:
@@ -247,7 +251,7 @@ def create_job(
     if data.validation_file:
         validation = get_file(session=session, tenant_id=tenant_id, file_id=data.validation_file,
                               param="validation_file")
-        _check_task(validation, data.task, "validation_file")
+        check_file(validation, data.task, "validation_file")
         unknown = sorted(set(validation.labels) - set(training.labels))
         if unknown:
             raise InvalidRequestError(

@@ -13,6 +13,7 @@ from modelmeter.shapes import Public
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 Task = Literal["text-classification", "token-classification"]
+BATCH_TASK = "batch"  # the task column of a batch input file (purpose "batch"): it trains nothing
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 
@@ -36,7 +37,7 @@ class TenantFile(SQLModel, table=True):
     # else at the first job on another base), so creating a job never tokenizes the file again (issue 21).
     token_counts_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     # "text-classification" (rows of text and label; labels the classes) or "token-classification" (rows of
-    # tagged tokens or of text with entity spans; labels the entity types)
+    # tagged tokens or of text with entity spans; labels the entity types); BATCH_TASK for a batch input file
     task: str = Field(default="text-classification", max_length=32,
                       sa_column_kwargs={"server_default": "text-classification"})
 
@@ -124,14 +125,14 @@ class FilePublic(Public):
     status: Literal["processed"]
     status_details: str | None  # at upload: what a named-entity file's parse read as IOB2 does (I- begins)
     rows: int
-    labels: list[str]  # the classes, or a token-classification file's entity types
-    task: Task
+    labels: list[str]  # the classes, or a token-classification file's entity types (none in a batch file)
+    task: Task | None  # what a fine-tune file trains; None for a batch file (its rows are requests)
 
     @classmethod
     def of(cls, f: TenantFile, *, status_details: str | None = None) -> FilePublic:
         return cls(id=f.id, object="file", bytes=f.bytes, created_at=f.created_at, filename=f.filename,
                    purpose=f.purpose, status="processed", status_details=status_details, rows=f.rows,
-                   labels=f.labels, task=f.task)
+                   labels=f.labels, task=None if f.task == BATCH_TASK else f.task)
 
 
 class FileDeleted(Public):

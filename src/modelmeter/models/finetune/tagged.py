@@ -25,7 +25,7 @@ from typing import Any
 
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
-from modelmeter.models.finetune.dataset import DatasetError, _decode, _json_type, json_object
+from modelmeter.models.finetune.dataset import DatasetError, _json_type, decode_text, json_object
 
 MAX_TYPES = 100
 MAX_TYPE_CHARS = 50
@@ -68,7 +68,7 @@ def looks_tagged(data: bytes) -> bool:
 
 def parse_tagged(data: bytes, *, max_rows: int, max_text_chars: int) -> TaggedDataset:
     """Parse and validate a named-entity file; raise :class:`DatasetError` on the first problem found."""
-    text = _decode(data)
+    text = decode_text(data)
     examples: list[TaggedExample] = []
     types: set[str] = set()
     notes = _Notes()
