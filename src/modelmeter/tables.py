@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def import_all_tables() -> None:
     import modelmeter.billing.tables
+    import modelmeter.models.batches
     import modelmeter.models.finetune.tables
     import modelmeter.models.registry
     import modelmeter.tenancy.idempotency

@@ -66,6 +66,40 @@ def test_openai_batch_file_upload_and_content(live_server: LiveServer, tenant: A
     assert "line 4: custom_id 'ticket-0' repeats line 1" in refused.value.body["message"]  # type: ignore[index]
 
 
+def test_openai_sdk_batches_round_trip(live_server: LiveServer, tenant: Any, register_model: Any) -> None:
+    """``client.batches.create/retrieve/list/cancel`` and the output file, unchanged; the server's own runner
+    serves the lines, and each answer equals the interactive one."""
+    import json
+    import time
+
+    tenant_id, key = tenant
+    model = register_model(tenant_id, task="feature-extraction")
+    client = OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+    texts = [f"ticket {i}: the parcel arrived damaged" for i in range(6)]
+    lines = [{"custom_id": f"t{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": model, "input": t}}
+             for i, t in enumerate(texts)]
+    upload = client.files.create(file=("b.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()),
+                                 purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    deadline = time.monotonic() + 60
+    while batch.status not in ("completed", "failed", "expired", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed"
+    assert batch.request_counts is not None
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (6, 6, 0)
+    assert batch.output_file_id is not None
+    answers = {a["custom_id"]: a for a in map(json.loads, client.files.content(batch.output_file_id).text.splitlines())}
+    for i, text in enumerate(texts):
+        interactive = client.embeddings.create(model=model, input=text).data[0].embedding
+        np.testing.assert_allclose(answers[f"t{i}"]["response"]["body"]["data"][0]["embedding"], interactive,
+                                   atol=1e-5)
+    assert batch.id in [b.id for b in client.batches.list()]
+    second = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    cancelled = client.batches.cancel(second.id)
+    assert cancelled.status in ("cancelling", "cancelled", "completed")  # the runner may have been quicker
+
+
 def test_huggingface_inference_client(live_server: LiveServer, tenant: Any, register_model: Any) -> None:
     tenant_id, key = tenant
     classifier = register_model(tenant_id, labels=["negative", "positive"])

@@ -27,7 +27,7 @@ _PERIOD_RE = re.compile(PERIOD)
 
 def parse_period(period: str) -> str:
     """``period`` if it names a month (``PERIOD``); a 422 ``invalid_period`` otherwise."""
-    if not _PERIOD_RE.match(period):
+    if not _PERIOD_RE.fullmatch(period):  # fullmatch: '$' alone would take a trailing newline
         raise InvalidRequestError("period must look like YYYY-MM.", code="invalid_period", param="period")
     return period
 

@@ -7,6 +7,7 @@ knows nothing of where they are kept.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ class ProgressDisplay:
 
     def show(self, event: FineTuningEventPublic) -> None:
         if self.as_json:
-            click.echo(event.model_dump_json(), file=self.out)
+            click.echo(json.dumps(event.model_dump(mode="json")), file=self.out)  # as the API's list writes it
             return
         if event.type == "metrics" and self.use_bar:
             self._advance(event.data)

@@ -21,6 +21,7 @@ from modelmeter.gateway.middleware import (
 )
 from modelmeter.gateway.routes import (
     admin,
+    batches,
     billing,
     dashboard,
     events,
@@ -40,7 +41,7 @@ __all__ = ["build_services", "create_app"]
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with running(app.state.services):
+    async with running(app.state.services, app=app):
         yield
 
 
@@ -53,7 +54,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app.state.services = build_services(settings, registry=registry)
     install_handlers(app)
     # Routes match in order: the inference routes, the hot path, go first (each route tried costs a regex match).
-    routers = (inference, health, metrics, admin, files, fine_tuning, usage, billing, events, dashboard, webhooks)
+    routers = (inference, health, metrics, admin, files, fine_tuning, batches, usage, billing, events, dashboard,
+               webhooks)
     for router in (module.router for module in routers):
         app.include_router(router)
     app.include_router(events.admin_router)

@@ -40,6 +40,8 @@ class Principal:
     tpm_limit: int | None = None
     monthly_budget_cents: int | None = None
     credits_epoch: int = 0
+    batch: bool = False  # a line of a batch, served in-process (``batch_runner``): no RPM/TPM limits
+
 
     def admitted_at(self, now: int) -> bool:
         """Whether ``check`` lets this principal through at ``now`` (unexpired key, active tenant)."""

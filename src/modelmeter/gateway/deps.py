@@ -16,7 +16,7 @@ from modelmeter.gateway.auth import (
     admin_token_matches,
     parse_bearer,
 )
-from modelmeter.gateway.middleware import refuse_media_type
+from modelmeter.gateway.middleware import INTERNAL_PRINCIPAL, refuse_media_type
 from modelmeter.gateway.services import Services
 from modelmeter.settings import Settings
 from modelmeter.tenancy.keys import well_formed
@@ -78,7 +78,12 @@ def _address(request: Request) -> str:
 
 async def current_principal(request: Request, services: ServicesDep) -> Principal:
     """Authenticate the tenant key: malformed, unknown, revoked and expired keys get one 401 message (and count
-    against the caller's address: past the limit, 429 before any lookup; a valid cached key is never held)."""
+    against the caller's address: past the limit, 429 before any lookup; a valid cached key is never held).
+    A batch line served in-process carries its principal in the scope instead (``auth.INTERNAL_PRINCIPAL``)."""
+    internal = request.scope.get(INTERNAL_PRINCIPAL)
+    if isinstance(internal, Principal):
+        request.state.principal = internal
+        return internal
     token = _bearer(request)
     hit, cached = services.auth.cached(token) if well_formed(token) else (False, None)
     if not (hit and cached is not None):

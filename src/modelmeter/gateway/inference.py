@@ -147,6 +147,8 @@ def _with_base(source: ModelSource, base: ModelSource) -> ModelSource:
 
 async def _take_request(services: Services, principal: Principal) -> None:
     """Count the request in RPM alone (its tokens are counted once known); 429 when RPM is spent."""
+    if principal.batch:  # batch lines are paced by the runner, not by the interactive limits
+        return
     plan = services.plans.get(principal.plan)
     decision = await services.rate.check(
         principal.tenant_id, rpm=principal.rpm_limit or plan.rpm_limit, tpm=principal.tpm_limit or plan.tpm_limit,
@@ -159,14 +161,17 @@ async def _take_request(services: Services, principal: Principal) -> None:
 
 async def _admit(services: Services, principal: Principal, tokens: int, now: int,
                  request_id: str, *, requests: int = 1) -> tuple[dict[str, str], Hold]:
-    """Rate limits (RPM and TPM), then quota and budget: the request's cost is known before compute."""
+    """Rate limits (RPM and TPM; not for a batch line), then quota and budget: the request's cost is known before
+    compute."""
     plan = services.plans.get(principal.plan)
-    decision = await services.rate.check(
+    headers: dict[str, str] = {}
+    decision = None if principal.batch else await services.rate.check(
         principal.tenant_id, rpm=principal.rpm_limit or plan.rpm_limit, tpm=principal.tpm_limit or plan.tpm_limit,
         tokens=tokens, requests=requests,
     )
-    headers = rate_headers(decision)
-    if not decision.allowed:
+    if decision is not None:
+        headers = rate_headers(decision)
+    if decision is not None and not decision.allowed:
         services.telemetry.rate_limited(principal.tenant_id, decision.reason)
         raise _rate_error(decision, headers, tokens)
     try:

@@ -16,6 +16,11 @@ from modelmeter.ids import new_id
 
 access_log = logging.getLogger("modelmeter.access")
 
+# ASGI scope keys only the batch runner sets, on requests it makes in-process (never reachable from the network:
+# uvicorn builds a network request's scope, and the runner's wrapper is not on that path).
+INTERNAL_PRINCIPAL = "modelmeter.principal"
+INTERNAL_REQUEST_ID = "modelmeter.request_id"
+
 
 class BodyLimitMiddleware:
     """Refuse bodies over the limit: at once from Content-Length, else while streaming."""
@@ -136,7 +141,8 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = new_id("req")
+        # A batch line's id derives from its batch and custom_id (``batches.line_request_id``): billed once, ever.
+        request_id = scope.get(INTERNAL_REQUEST_ID) or new_id("req")
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
@@ -24,6 +25,14 @@ from modelmeter.models.registry import ModelCache
 from modelmeter.models.text import TextEncoders
 from modelmeter.settings import Settings
 from modelmeter.telemetry import Telemetry
+
+
+class BatchRunning(Protocol):
+    """What the app keeps of its batch runner (``gateway.batch_runner.BatchRunner``)."""
+
+    owner: str
+
+    async def run_once(self) -> bool: ...
 
 
 @dataclass
@@ -48,6 +57,7 @@ class Services:
     alerts: AlertRelay | None = None  # the usage alerts relay (None when alerts_relay_interval_s is 0)
     failed_auth: FailedAuthThrottle = field(default_factory=lambda: FailedAuthThrottle(per_minute=30))
     invalidations: Invalidations | None = None  # set by wiring (key caches forgotten on every replica)
+    batch_runner: BatchRunning | None = None  # set by wiring when the app runs one (``batch_runner``)
 
     def forget_tenant(self, tenant_id: str) -> None:
         """Every replica's cached keys of ``tenant_id`` (credits, plan, limits or status changed)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp
 
 from modelmeter import db
 from modelmeter.billing.alert_relay import AlertRelay
@@ -26,6 +27,7 @@ from modelmeter.billing.ledger import LedgerWriter
 from modelmeter.billing.meter import Meter
 from modelmeter.billing.stripe.relay import StripeRelay, relay_from_settings
 from modelmeter.gateway.auth import FailedAuthThrottle, KeyAuthenticator
+from modelmeter.gateway.batch_runner import BatchRunner
 from modelmeter.gateway.invalidation import Invalidations
 from modelmeter.gateway.routes import metrics
 from modelmeter.gateway.services import Services, make_limiters
@@ -120,8 +122,9 @@ def _housekeeping(services: Services) -> None:
 
 
 @asynccontextmanager
-async def running(services: Services) -> AsyncIterator[None]:
-    """Start everything ``services`` runs, in order; stop it in reverse when the block ends."""
+async def running(services: Services, *, app: ASGIApp | None = None) -> AsyncIterator[None]:
+    """Start everything ``services`` runs, in order; stop it in reverse when the block ends. With ``app``, the
+    batch runner too (it serves batch lines through the app)."""
     settings = services.settings
     async with AsyncExitStack() as stack:
         await run_in_threadpool(prepare_database, services)
@@ -153,6 +156,11 @@ async def running(services: Services) -> AsyncIterator[None]:
             loops.append(refresh)
         for loop in loops:
             stack.push_async_callback(loop.stop)
+        if app is not None and settings.batch_interval_s > 0:
+            runner = BatchRunner(app, services)
+            runner.start(settings.batch_interval_s)
+            services.batch_runner = runner
+            stack.push_async_callback(runner.aclose)  # before the engines and the ledger close
         if settings.start_worker:
             worker = spawn_worker(settings)
             stack.push_async_callback(run_in_threadpool, stop_worker, worker)

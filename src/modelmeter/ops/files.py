@@ -25,13 +25,13 @@ def store_file(*, sessions: sessionmaker[Session], data_dir: Path, tenant_id: st
                parsed: ParsedDataset | TaggedDataset | BatchFile, token_counts: dict[str, int] | None = None
                ) -> TenantFile:
     """Write the file, then its row; if the row cannot be committed, the file is removed again. A
-    token-classification file's labels are its entity types; a batch file (``purpose="batch"``) has none, and
-    its rows are its requests."""
+    token-classification file's labels are its entity types; a batch file's (``purpose="batch"``) are the routes
+    its lines call, and its rows are its requests."""
     file_id = new_id("file")
     relative = Path("files") / tenant_id / file_id
     _write_atomically(data_dir / relative, data)
     if isinstance(parsed, BatchFile):
-        purpose, task, rows, labels = "batch", BATCH_TASK, len(parsed.lines), []
+        purpose, task, rows, labels = "batch", BATCH_TASK, len(parsed.lines), sorted(parsed.urls)
     elif isinstance(parsed, TaggedDataset):
         purpose, task, rows, labels = "fine-tune", "token-classification", len(parsed.examples), parsed.types
     else:

@@ -125,7 +125,7 @@ class FilePublic(Public):
     status: Literal["processed"]
     status_details: str | None  # at upload: what a named-entity file's parse read as IOB2 does (I- begins)
     rows: int
-    labels: list[str]  # the classes, or a token-classification file's entity types (none in a batch file)
+    labels: list[str]  # the classes, a token-classification file's entity types, or a batch file's routes
     task: Task | None  # what a fine-tune file trains; None for a batch file (its rows are requests)
 
     @classmethod

@@ -1,0 +1,261 @@
+"""The Batch API's runner: claims a batch with a lease and serves its lines through the app itself.
+
+Each line is a request to its route made in-process (an ASGI call, no socket), carrying the batch's principal
+and the line's request id in the scope (``middleware.INTERNAL_*``): the answer is byte for byte what the
+interactive route gives, metered by the same path (quota, budget, credits, the ledger's group commit), without
+the interactive RPM/TPM limits. A 2xx answer goes to the output file, any other to the error file, each line
+appended and flushed once its chunk is served.
+
+Crash safety: the lease is renewed after every chunk; a runner that dies lets it lapse and the next one resumes
+from the lines its files already hold (a torn last line is cut). A line served and billed whose answer was not yet
+written is served again; its request id is the same (``batches.line_request_id``), so the ledger keeps one usage
+row for it and the invoice bills it once. Stopping: a cancelled batch (``cancelling``) and one past its window
+finish after the chunk in flight, keeping what was served; a line refused for quota stops the batch (``failed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlmodel import col, update
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from modelmeter import clock
+from modelmeter.gateway.auth import Principal
+from modelmeter.gateway.middleware import INTERNAL_PRINCIPAL, INTERNAL_REQUEST_ID
+from modelmeter.gateway.services import Services
+from modelmeter.ids import new_id
+from modelmeter.models import batches
+from modelmeter.models.batches import Batch
+from modelmeter.models.batchfile import BatchLine, parse_batch_file
+from modelmeter.models.finetune.tables import BATCH_TASK, TenantFile
+from modelmeter.periodic import Periodic
+from modelmeter.tenancy.tenants import Tenant
+
+log = logging.getLogger("modelmeter.batches")
+_LINE_HEADER = "x-modelmeter-batch-line"  # read only by the runner's own wrapper, which is not on the network path
+OUTPUT_PURPOSE = "batch_output"
+
+
+class BatchRunner:
+    """One per front: a loop that claims a running batch (``batches.claim``) and serves it, chunk by chunk."""
+
+    def __init__(self, app: ASGIApp, services: Services, *, chunk: int = 64, concurrency: int = 16,
+                 lease_s: int = 60) -> None:
+        self._app = app
+        self._services = services
+        self._chunk = chunk
+        self._concurrency = concurrency
+        self._lease_s = lease_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._lines: dict[str, tuple[Principal, str]] = {}
+        self._loop = Periodic(self.run_once, name="batch runner", immediately=True)
+
+    def start(self, interval_s: float) -> None:  # float-ok: seconds
+        self._loop.start(interval_s)
+
+    async def aclose(self) -> None:
+        await self._loop.stop()
+
+    async def run_once(self) -> bool:
+        """Claim one batch and serve it to the end (or until stopped); whether there was one."""
+        batch = await asyncio.to_thread(self._claim)
+        if batch is None:
+            return False
+        try:
+            await self._run(batch)
+        except Exception:
+            log.exception("batch %s: the runner failed; the lease lapses and another pass resumes it", batch.id)
+        return True
+
+    # --- one batch -----------------------------------------------------------------------------------------
+
+    async def _run(self, batch: Batch) -> None:
+        settings = self._services.settings
+        directory = settings.data_dir / "batches" / batch.tenant_id / batch.id
+        output, errors = directory / "output.jsonl", directory / "errors.jsonl"
+        lines = await asyncio.to_thread(self._input_lines, batch)
+        done = await asyncio.to_thread(_written, [output, errors])
+        pending = [line for line in lines if line.custom_id not in done]
+        transport = httpx.ASGITransport(app=self._wrapped)
+        async with httpx.AsyncClient(transport=transport, base_url="http://batch.internal") as client:
+            for start in range(0, len(pending), self._chunk):
+                state = await asyncio.to_thread(self._state, batch.id)
+                if state is None or state.status == "cancelling" or clock.now_s() >= state.expires_at:
+                    break
+                principal = await asyncio.to_thread(self._principal, state)
+                if principal is None:  # the tenant is gone or suspended: wait, holding nothing
+                    return
+                chunk = pending[start:start + self._chunk]
+                limit = asyncio.Semaphore(self._concurrency)
+                answers = await asyncio.gather(*(self._serve(client, limit, principal, batch, line) for line in chunk))
+                await asyncio.to_thread(_append, output, [a for ok, a in answers if ok])
+                await asyncio.to_thread(_append, errors, [a for ok, a in answers if not ok])
+                refused = next(((line, a) for line, (ok, a) in zip(chunk, answers, strict=True)
+                                if not ok and a["error"]["code"] == "insufficient_quota"), None)
+                if not await asyncio.to_thread(self._progress, batch.id, output, errors):
+                    return  # the lease went to another runner
+                if refused is not None:
+                    line, answer = refused
+                    failure = {"code": "insufficient_quota", "message": answer["error"]["message"], "line": line.line}
+                    await asyncio.to_thread(self._finish, batch.id, "failed", output, errors, failure)
+                    return
+        state = await asyncio.to_thread(self._state, batch.id)
+        if state is None:
+            return
+        if state.status == "cancelling":
+            final = "cancelled"
+        elif clock.now_s() >= state.expires_at and len(_written_ids(output, errors)) < len(lines):
+            final = "expired"
+        else:
+            final = "completed"
+        await asyncio.to_thread(self._finish, batch.id, final, output, errors, None)
+
+    async def _serve(self, client: httpx.AsyncClient, limit: asyncio.Semaphore, principal: Principal,
+                     batch: Batch, line: BatchLine) -> tuple[bool, dict[str, Any]]:
+        request_id = batches.line_request_id(batch.id, line.custom_id)
+        token = secrets.token_hex(8)
+        self._lines[token] = (principal, request_id)
+        try:
+            async with limit:
+                response = await client.post(line.url, content=line.body.model_dump_json(exclude_unset=True),
+                                             headers={"content-type": "application/json", _LINE_HEADER: token})
+        finally:
+            self._lines.pop(token, None)
+        body = response.json()
+        answer: dict[str, Any] = {"id": f"batch_req_{request_id[5:29]}", "custom_id": line.custom_id,
+                                  "response": {"status_code": response.status_code, "request_id": request_id,
+                                               "body": body}, "error": None}
+        if 200 <= response.status_code < 300:
+            return True, answer
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        answer["error"] = {"code": error.get("code") or error.get("type") or "error",
+                           "message": error.get("message", "")}
+        return False, answer
+
+    async def _wrapped(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, for the runner's own requests: the line's principal and request id into the scope."""
+        headers = scope.get("headers", [])
+        token = next((v.decode() for k, v in headers if k == _LINE_HEADER.encode()), None)
+        found = self._lines.get(token or "")
+        if found is not None:
+            scope = {**scope, "headers": [(k, v) for k, v in headers if k != _LINE_HEADER.encode()],
+                     INTERNAL_PRINCIPAL: found[0], INTERNAL_REQUEST_ID: found[1]}
+        await self._app(scope, receive, send)
+
+    # --- the database side (in a thread) -----------------------------------------------------------------------
+
+    def _claim(self) -> Batch | None:
+        with self._services.sessions() as session:
+            return batches.claim(session=session, owner=self.owner, lease_s=self._lease_s, now=clock.now_s())
+
+    def _input_lines(self, batch: Batch) -> list[BatchLine]:
+        settings = self._services.settings
+        with self._services.sessions() as session:
+            f = session.get(TenantFile, batch.input_file_id)
+        if f is None:
+            raise RuntimeError(f"batch {batch.id}: its input file {batch.input_file_id} is gone")
+        data = (settings.data_dir / f.path).read_bytes()
+        # Validated at upload; parsed again with the same bounds (a line's body is the route's model).
+        return parse_batch_file(data, max_inputs=settings.max_inputs_per_request,
+                                max_text_chars=settings.max_text_chars).lines
+
+    def _state(self, batch_id: str) -> Batch | None:
+        with self._services.sessions() as session:
+            batch = session.get(Batch, batch_id)
+            return batch if batch is not None and batch.lease_owner == self.owner else None
+
+    def _principal(self, batch: Batch) -> Principal | None:
+        """The batch's tenant as the routes need it, read afresh for every chunk (a plan, budget or credits
+        change applies from the next chunk; a suspended tenant's batch waits)."""
+        with self._services.sessions() as session:
+            tenant = session.get(Tenant, batch.tenant_id)
+        if tenant is None or tenant.status != "active":
+            return None
+        return Principal(key_id=batch.key_id or "", tenant_id=tenant.id, scopes=frozenset({"inference"}),
+                         expires_at=None, tenant_status=tenant.status, plan=tenant.plan, rpm_limit=tenant.rpm_limit,
+                         tpm_limit=tenant.tpm_limit, monthly_budget_cents=tenant.monthly_budget_cents,
+                         credits_epoch=tenant.credits_epoch, batch=True)
+
+    def _progress(self, batch_id: str, output: Path, errors: Path) -> bool:
+        """Counts from the files, and the lease renewed; False if this runner no longer holds it."""
+        completed, failed = _count(output), _count(errors)
+        with self._services.sessions() as session:
+            renewed = session.exec(update(Batch).where(col(Batch.id) == batch_id, col(Batch.lease_owner) == self.owner)
+                                   .values(completed=completed, failed=failed,
+                                           lease_until=clock.now_s() + self._lease_s)).rowcount == 1
+            session.commit()
+        return renewed
+
+    def _finish(self, batch_id: str, status: str, output: Path, errors: Path,
+                failure: dict[str, Any] | None) -> None:
+        """Register the output and error files (purpose ``batch_output``) and end the batch in ``status``."""
+        now = clock.now_s()
+        with self._services.sessions() as session:
+            batch = session.get(Batch, batch_id)
+            if batch is None or batch.lease_owner != self.owner:
+                return
+            batch.finalizing_at = batch.finalizing_at or now
+            for path, field in ((output, "output_file_id"), (errors, "error_file_id")):
+                if path.exists() and path.stat().st_size and getattr(batch, field) is None:
+                    setattr(batch, field, self._register(session, batch, path))
+            batch.completed, batch.failed = _count(output), _count(errors)
+            batch.status = status
+            setattr(batch, f"{status}_at", now)
+            if failure is not None:
+                batch.errors_json = json.dumps([failure])
+            batch.lease_owner, batch.lease_until = None, None
+            session.add(batch)
+            session.commit()
+
+    def _register(self, session: Any, batch: Batch, path: Path) -> str:
+        relative = path.relative_to(self._services.settings.data_dir)
+        row = TenantFile(id=new_id("file"), tenant_id=batch.tenant_id, filename=f"{batch.id}_{path.name}",
+                         purpose=OUTPUT_PURPOSE, bytes=path.stat().st_size, format="jsonl", rows=_count(path),
+                         labels_json="[]", path=str(relative), created_at=clock.now_s(), task=BATCH_TASK)
+        session.add(row)
+        return row.id
+
+
+# --- the output files --------------------------------------------------------------------------------------------
+
+
+def _append(path: Path, answers: list[dict[str, Any]]) -> None:
+    if not answers:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as f:
+        f.write(b"".join(json.dumps(a, separators=(",", ":")).encode() + b"\n" for a in answers))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _written(paths: list[Path]) -> set[str]:
+    """The custom_ids the files hold; a torn last line (the runner died writing it) is cut off first."""
+    for path in paths:
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with path.open("r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+    return _written_ids(*paths)
+
+
+def _written_ids(*paths: Path) -> set[str]:
+    ids: set[str] = set()
+    for path in paths:
+        if path.exists():
+            ids.update(json.loads(line)["custom_id"] for line in path.read_bytes().splitlines() if line)
+    return ids
+
+
+def _count(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0

@@ -1,0 +1,209 @@
+"""Batches: a batch file's lines served in the background through the routes themselves, metered once per line,
+resumable after a crash, cancellable, bounded by their completion window, stopped by the quota."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import select
+
+from modelmeter.billing.tables import UsageEvent
+from modelmeter.gateway.batch_runner import BatchRunner
+from modelmeter.gateway.services import services_of
+from modelmeter.models.batches import Batch, line_request_id
+from modelmeter.settings import Settings
+from tests.conftest import ADMIN, assert_envelope, bearer
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """No runner in the background: each test drives one (``_run``) on the app's event loop."""
+    return settings.model_copy(update={"batch_interval_s": 0})
+
+
+@pytest.fixture
+def tenant(make_tenant: Any, make_key: Any) -> tuple[str, dict[str, str]]:
+    t = make_tenant()
+    return t["id"], bearer(make_key(t["id"])["key"])
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def _lines(model: str, n: int, url: str = "/v1/classify") -> list[dict[str, Any]]:
+    return [{"custom_id": f"row-{i}", "method": "POST", "url": url,
+             "body": {"model": model, "input": f"support ticket number {i}, please help"}} for i in range(n)]
+
+
+def _batch(client: TestClient, headers: dict[str, str], lines: list[dict[str, Any]],
+           endpoint: str = "/v1/classify") -> dict[str, Any]:
+    uploaded = client.post("/v1/files", files={"file": ("b.jsonl", _jsonl(lines))}, data={"purpose": "batch"},
+                           headers=headers)
+    assert uploaded.status_code == 200, uploaded.text
+    created = client.post("/v1/batches", json={"input_file_id": uploaded.json()["id"], "endpoint": endpoint,
+                                               "completion_window": "24h", "metadata": {"job": "nightly"}},
+                          headers=headers)
+    assert created.status_code == 200, created.text
+    return dict(created.json())
+
+
+def _run(client: TestClient, **options: Any) -> BatchRunner:
+    runner = BatchRunner(client.app, services_of(client.app), **options)
+    client.portal.call(runner.run_once)  # type: ignore[union-attr]  # the app's own event loop
+    return runner
+
+
+def _content(client: TestClient, headers: dict[str, str], file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    response = client.get(f"/v1/files/{file_id}/content", headers=headers)
+    assert response.status_code == 200
+    return [json.loads(line) for line in response.content.splitlines()]
+
+
+def _usage_rows(client: TestClient, batch_id: str) -> list[str]:
+    with services_of(client.app).sessions() as session:
+        rows = session.exec(select(UsageEvent.request_id).where(UsageEvent.request_id.startswith("breq_"))).all()
+    return sorted(rows)
+
+
+def _batch_dir(client: TestClient, tenant_id: str, batch_id: str) -> Path:
+    return services_of(client.app).settings.data_dir / "batches" / tenant_id / batch_id
+
+
+def test_every_line_is_answered_as_the_route_answers_it_and_billed_once(
+        client: TestClient, tenant: tuple[str, dict[str, str]], register_model: Any) -> None:
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    lines = _lines(model, 5)
+    lines[3]["body"]["model"] = "no-such-model"  # the route answers 404: the error file has it
+    created = _batch(client, headers, lines)
+    assert (created["status"], created["request_counts"], created["metadata"]) == (
+        "in_progress", {"total": 5, "completed": 0, "failed": 0}, {"job": "nightly"})
+    _run(client, chunk=2)
+    done = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
+    assert (done["status"], done["request_counts"]) == ("completed", {"total": 5, "completed": 4, "failed": 1})
+    assert done["completed_at"] is not None
+    output = _content(client, headers, done["output_file_id"])
+    errors = _content(client, headers, done["error_file_id"])
+    assert sorted(o["custom_id"] for o in output) == ["row-0", "row-1", "row-2", "row-4"]
+    for answer in output:
+        line = next(x for x in lines if x["custom_id"] == answer["custom_id"])
+        interactive = client.post("/v1/classify", json=line["body"], headers=headers).json()
+        assert answer["response"]["status_code"] == 200
+        assert answer["response"]["body"] == interactive  # byte for byte what the route answers
+        assert answer["response"]["request_id"] == line_request_id(created["id"], answer["custom_id"])
+        assert answer["error"] is None
+    [refused] = errors
+    assert (refused["custom_id"], refused["response"]["status_code"], refused["error"]["code"]) == (
+        "row-3", 404, "model_not_found")
+    billed = _usage_rows(client, created["id"])
+    assert billed == sorted(line_request_id(created["id"], f"row-{i}") for i in (0, 1, 2, 4))
+
+
+def test_a_runner_killed_mid_batch_is_resumed_without_serving_or_billing_a_line_twice(
+        client: TestClient, tenant: tuple[str, dict[str, str]], register_model: Any) -> None:
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    created = _batch(client, headers, _lines(model, 7))
+    first = BatchRunner(client.app, services_of(client.app), chunk=3)
+    first._progress = lambda *args: False  # type: ignore[method-assign]  # dies after its first chunk
+    client.portal.call(first.run_once)  # type: ignore[union-attr]
+    directory = _batch_dir(client, tenant_id, created["id"])
+    output = directory / "output.jsonl"
+    written = output.read_bytes().splitlines(keepends=True)
+    assert len(written) == 3
+    # The crash: the third answer was billed but its line never reached the disk, and a fourth was half written.
+    output.write_bytes(b"".join(written[:2]) + b'{"id": "batch_req_torn", "custom')
+    with services_of(client.app).sessions() as session:
+        batch = session.get(Batch, created["id"])
+        assert batch is not None
+        assert batch.status == "in_progress"
+        batch.lease_until = 0  # the dead runner's lease lapses
+        session.add(batch)
+        session.commit()
+    _run(client, chunk=3)
+    done = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
+    assert (done["status"], done["request_counts"]["completed"]) == ("completed", 7)
+    answers = _content(client, headers, done["output_file_id"])
+    assert sorted(a["custom_id"] for a in answers) == sorted(f"row-{i}" for i in range(7))  # each once
+    assert _usage_rows(client, created["id"]) == sorted(line_request_id(created["id"], f"row-{i}") for i in range(7))
+
+
+def test_cancel_stops_new_lines_and_keeps_what_was_served(
+        client: TestClient, tenant: tuple[str, dict[str, str]], register_model: Any) -> None:
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    created = _batch(client, headers, _lines(model, 3))
+    cancelled = client.post(f"/v1/batches/{created['id']}/cancel", headers=headers).json()
+    assert (cancelled["status"], cancelled["cancelling_at"] is not None) == ("cancelling", True)
+    _run(client)
+    done = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
+    assert (done["status"], done["request_counts"]["completed"], done["output_file_id"]) == ("cancelled", 0, None)
+    assert _usage_rows(client, created["id"]) == []
+    assert_envelope(client.post(f"/v1/batches/{created['id']}/cancel", headers=headers), 409,
+                    code="batch_not_cancellable")
+
+
+def test_a_batch_past_its_window_expires_keeping_what_was_served(
+        client: TestClient, tenant: tuple[str, dict[str, str]], register_model: Any) -> None:
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    created = _batch(client, headers, _lines(model, 2))
+    with services_of(client.app).sessions() as session:
+        batch = session.get(Batch, created["id"])
+        assert batch is not None
+        batch.expires_at = batch.created_at  # its 24 h are over
+        session.add(batch)
+        session.commit()
+    _run(client)
+    done = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
+    assert (done["status"], done["expired_at"] is not None, done["request_counts"]["completed"]) == (
+        "expired", True, 0)
+
+
+def test_a_line_refused_for_quota_stops_the_batch_having_billed_exactly_the_lines_served(
+        client: TestClient, tenant: tuple[str, dict[str, str]], register_model: Any) -> None:
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    assert client.patch(f"/admin/tenants/{tenant_id}", json={"monthly_budget_cents": 0}, headers=ADMIN).is_success
+    created = _batch(client, headers, _lines(model, 4))
+    _run(client, chunk=2)
+    done = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
+    assert done["status"] == "failed"
+    assert done["errors"]["data"][0]["code"] == "insufficient_quota"
+    assert done["errors"]["data"][0]["line"] == 1
+    errors = _content(client, headers, done["error_file_id"])
+    assert {e["error"]["code"] for e in errors} == {"insufficient_quota"}
+    assert len(errors) == 2  # the first chunk was in flight; nothing after it was served
+    assert _usage_rows(client, created["id"]) == []
+
+
+def test_batches_are_the_tenants_own_and_take_only_batch_files_of_their_endpoint(
+        client: TestClient, tenant: tuple[str, dict[str, str]], make_tenant: Any, make_key: Any,
+        register_model: Any) -> None:
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    created = _batch(client, headers, _lines(model, 1))
+    other = make_tenant()
+    other_headers = bearer(make_key(other["id"])["key"])
+    assert_envelope(client.get(f"/v1/batches/{created['id']}", headers=other_headers), 404, code="batch_not_found")
+    assert_envelope(client.post(f"/v1/batches/{created['id']}/cancel", headers=other_headers), 404)
+    assert client.get("/v1/batches", headers=other_headers).json()["data"] == []
+    body = {"input_file_id": created["input_file_id"], "endpoint": "/v1/classify", "completion_window": "24h"}
+    assert_envelope(client.post("/v1/batches", json=body, headers=other_headers), 404, code="file_not_found")
+    mismatched = assert_envelope(client.post("/v1/batches", json=body | {"endpoint": "/v1/embeddings"},
+                                             headers=headers), 422, code="invalid_input_file")
+    assert mismatched["param"] == "endpoint"
+    training = client.post("/v1/files", files={"file": ("t.jsonl", b'{"text": "a", "label": "x"}\n'
+                                                                    b'{"text": "b", "label": "y"}\n')},
+                           data={"purpose": "fine-tune"}, headers=headers).json()
+    assert_envelope(client.post("/v1/batches", json=body | {"input_file_id": training["id"]}, headers=headers),
+                    422, code="invalid_input_file")
+    assert_envelope(client.post("/v1/batches", json=body | {"completion_window": "1h"}, headers=headers), 422)
+    assert [b["id"] for b in client.get("/v1/batches", headers=headers).json()["data"]] == [created["id"]]
