@@ -207,3 +207,25 @@ def test_batches_are_the_tenants_own_and_take_only_batch_files_of_their_endpoint
                     422, code="invalid_input_file")
     assert_envelope(client.post("/v1/batches", json=body | {"completion_window": "1h"}, headers=headers), 422)
     assert [b["id"] for b in client.get("/v1/batches", headers=headers).json()["data"]] == [created["id"]]
+
+
+def test_a_big_batch_hands_its_runner_back_so_a_later_small_one_is_not_kept_waiting(
+        client: TestClient, make_tenant: Any, make_key: Any, register_model: Any) -> None:
+    big_tenant, small_tenant = make_tenant(), make_tenant()
+    big_headers, small_headers = (bearer(make_key(t["id"])["key"]) for t in (big_tenant, small_tenant))
+    big = _batch(client, big_headers, _lines(register_model(big_tenant["id"]), 6))
+    small = _batch(client, small_headers, _lines(register_model(small_tenant["id"]), 2))
+    runner = BatchRunner(client.app, services_of(client.app), chunk=2, share=2)
+
+    def status(headers: dict[str, str], batch: dict[str, Any]) -> tuple[str, int]:
+        body = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
+        return body["status"], body["request_counts"]["completed"]
+
+    client.portal.call(runner.run_once)  # type: ignore[union-attr]  # the older batch first: one share of it
+    assert (status(big_headers, big), status(small_headers, small)) == (("in_progress", 2), ("in_progress", 0))
+    client.portal.call(runner.run_once)  # type: ignore[union-attr]  # then the one never served
+    assert (status(big_headers, big), status(small_headers, small)) == (("in_progress", 2), ("completed", 2))
+    for _ in range(2):
+        client.portal.call(runner.run_once)  # type: ignore[union-attr]
+    assert status(big_headers, big) == ("completed", 6)
+    assert client.portal.call(runner.run_once) is False  # type: ignore[union-attr]  # nothing left to claim

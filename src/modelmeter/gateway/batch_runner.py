@@ -49,12 +49,13 @@ class BatchRunner:
     """One per front: a loop that claims a running batch (``batches.claim``) and serves it, chunk by chunk."""
 
     def __init__(self, app: ASGIApp, services: Services, *, chunk: int = 64, concurrency: int = 16,
-                 lease_s: int = 60) -> None:
+                 lease_s: int = 60, share: int = 1024) -> None:
         self._app = app
         self._services = services
         self._chunk = chunk
         self._concurrency = concurrency
         self._lease_s = lease_s
+        self._share = share  # lines served per claim before the batch is handed back (fairness between batches)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lines: dict[str, tuple[Principal, str]] = {}
         self._loop = Periodic(self.run_once, name="batch runner", immediately=True)
@@ -88,6 +89,9 @@ class BatchRunner:
         transport = httpx.ASGITransport(app=self._wrapped)
         async with httpx.AsyncClient(transport=transport, base_url="http://batch.internal") as client:
             for start in range(0, len(pending), self._chunk):
+                if start >= self._share:  # this claim's share is served: the batch goes back in line
+                    await asyncio.to_thread(self._release, batch.id)
+                    return
                 state = await asyncio.to_thread(self._state, batch.id)
                 if state is None or state.status == "cancelling" or clock.now_s() >= state.expires_at:
                     break
@@ -156,6 +160,10 @@ class BatchRunner:
     def _claim(self) -> Batch | None:
         with self._services.sessions() as session:
             return batches.claim(session=session, owner=self.owner, lease_s=self._lease_s, now=clock.now_s())
+
+    def _release(self, batch_id: str) -> None:
+        with self._services.sessions() as session:
+            batches.release(session=session, batch_id=batch_id, owner=self.owner, now=clock.now_s())
 
     def _input_lines(self, batch: Batch) -> list[BatchLine]:
         settings = self._services.settings

@@ -19,7 +19,7 @@ import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy import BigInteger, Column, Index, or_
+from sqlalchemy import BigInteger, Column, ColumnElement, Index, or_
 from sqlmodel import Field as SQLField
 from sqlmodel import Session, SQLModel, col, select, update
 
@@ -200,22 +200,32 @@ def cancel_batch(*, session: Session, batch: Batch) -> Batch:
     return batch
 
 
+def _free(now: int) -> ColumnElement[bool]:
+    return or_(col(Batch.lease_owner).is_(None), col(Batch.lease_until).is_(None), col(Batch.lease_until) <= now)
+
+
 def claim(*, session: Session, owner: str, lease_s: int, now: int) -> Batch | None:
-    """Lease the oldest running batch whose lease is free or lapsed (compare-and-set: one runner per batch);
-    committed."""
+    """Lease the running batch served least recently (never served first; a runner hands a batch back after a
+    share of its lines, ``release``, so one tenant's 50,000 lines do not hold a runner while another's wait),
+    compare-and-set: one runner per batch. Committed."""
     candidates = session.exec(
-        select(Batch.id).where(col(Batch.status).in_(RUNNING),
-                               or_(col(Batch.lease_until).is_(None), col(Batch.lease_until) <= now))
-        .order_by(col(Batch.created_at), col(Batch.id)).limit(8)).all()
+        select(Batch.id).where(col(Batch.status).in_(RUNNING), _free(now))
+        .order_by(col(Batch.lease_until).asc().nulls_first(), col(Batch.created_at), col(Batch.id)).limit(8)).all()
     for batch_id in candidates:
         taken = session.exec(
-            update(Batch).where(col(Batch.id) == batch_id, col(Batch.status).in_(RUNNING),
-                                or_(col(Batch.lease_until).is_(None), col(Batch.lease_until) <= now))
+            update(Batch).where(col(Batch.id) == batch_id, col(Batch.status).in_(RUNNING), _free(now))
             .values(lease_owner=owner, lease_until=now + lease_s)).rowcount == 1
         session.commit()
         if taken:
             return session.get(Batch, batch_id)
     return None
+
+
+def release(*, session: Session, batch_id: str, owner: str, now: int) -> None:
+    """Hand the batch back (its lines are not all served): the next claim takes the batch served least recently."""
+    session.exec(update(Batch).where(col(Batch.id) == batch_id, col(Batch.lease_owner) == owner)
+                 .values(lease_owner=None, lease_until=now))
+    session.commit()
 
 
 def page_of(rows: list[Batch], has_more: bool) -> Page[BatchPublic]:
