@@ -32,7 +32,7 @@ FINE_TUNED = "ft:all-MiniLM-L6-v2:reviews:1a2b3c4d"
 BLOCK = re.compile(r"^(?:#+ (?P<heading>[^\n]+)|```(?P<lang>\w*)\n(?P<code>.*?)^```)$", re.M | re.S)
 # The sections whose examples call the platform, all run here; the last test fails when another one appears.
 TENANT_SECTIONS = {"A first session", "Serving", "Fine-tuning", "Unit economics", "Idempotency-Key",
-                   "Prepaid credits"}
+                   "Prepaid credits", "Batch API (OpenAI-compatible; in progress)"}
 
 
 def blocks(lang: str) -> list[tuple[str, str]]:
@@ -196,6 +196,27 @@ def test_prepaid_credits_example(shell: Shell, make_tenant: Any, make_key: Any) 
     assert listed.rstrip().endswith("balance $30.00")
     assert (body["balance_cents"], [g["description"] for g in body["data"]]) == (3000, ["Launch credit",
                                                                                         "welcome credit"])
+
+
+def test_batch_api_example(shell: Shell, monkeypatch: pytest.MonkeyPatch, make_tenant: Any, make_key: Any,
+                           register_model: Any) -> None:
+    """The live server's own batch runner serves the file while the README's loop waits for it."""
+    tenant = make_tenant(plan="pro")["id"]
+    shell.placeholders["mm_…"] = make_key(tenant)["key"]
+    register_model(tenant, model_id=FINE_TUNED, labels=["negative", "positive"])
+    monkeypatch.chdir(shell.cwd)
+    tickets = ["Refund please, it broke", "Great service, thanks", "Where is my parcel?"]
+    Path("tickets.jsonl").write_text("".join(json.dumps({"custom_id": f"ticket-{i}", "method": "POST",
+                                                         "url": "/v1/classify",
+                                                         "body": {"model": FINE_TUNED, "input": text}}) + "\n"
+                                             for i, text in enumerate(tickets)))
+    namespace, [(status, counts)] = run_python(python_block("Batch API (OpenAI-compatible; in progress)"),
+                                               shell.placeholders)
+    assert status == "completed"
+    assert (counts.total, counts.completed, counts.failed) == (3, 3, 0)
+    answers = [json.loads(line) for line in namespace["answers"]]
+    assert sorted(a["custom_id"] for a in answers) == ["ticket-0", "ticket-1", "ticket-2"]
+    assert {a["response"]["status_code"] for a in answers} == {200}
 
 
 def test_every_example_that_calls_the_platform_is_run_here() -> None:
