@@ -229,3 +229,40 @@ def test_a_big_batch_hands_its_runner_back_so_a_later_small_one_is_not_kept_wait
         client.portal.call(runner.run_once)  # type: ignore[union-attr]
     assert status(big_headers, big) == ("completed", 6)
     assert client.portal.call(runner.run_once) is False  # type: ignore[union-attr]  # nothing left to claim
+
+
+def test_the_operator_lists_shows_and_follows_batches(client: TestClient, tenant: tuple[str, dict[str, str]],
+                                                      register_model: Any, settings: Settings,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from modelmeter.cli import main
+    from tests.conftest import ADMIN_TOKEN
+
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    lines = _lines(model, 3)
+    lines[1]["body"]["model"] = "no-such-model"
+    created = _batch(client, headers, lines)
+    pending = _batch(client, headers, _lines(model, 1))
+    client.post(f"/v1/batches/{pending['id']}/cancel", headers=headers)
+    _run(client)
+    _run(client)
+    for name, value in (("MODELMETER_DATA_DIR", str(settings.data_dir)), ("MODELMETER_DATABASE_URL",
+                        settings.database_url), ("MODELMETER_ADMIN_TOKEN", ADMIN_TOKEN)):
+        monkeypatch.setenv(name, value)
+    cli = CliRunner()
+    listed = cli.invoke(main, ["batches", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [b["id"] for b in json.loads(listed.output)["data"]] == [pending["id"], created["id"]]
+    shown = cli.invoke(main, ["batches", "show", created["id"]])
+    assert shown.exit_code == 0, shown.output
+    assert "completed" in shown.output
+    assert "3/3" in shown.output  # lines done (answered or refused) of all
+    assert "failed=1" in shown.output
+    followed = cli.invoke(main, ["batches", "show", created["id"], "--follow", "--json"])
+    assert followed.exit_code == 0  # finished: the bar closes at once, completed exits 0
+    assert json.loads(followed.output)["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    cancelled = cli.invoke(main, ["batches", "show", pending["id"], "--follow"])
+    assert cancelled.exit_code == 1  # followed to its end, which is not "completed"
+    assert cli.invoke(main, ["batches", "show", "batch_nosuch"]).exit_code != 0

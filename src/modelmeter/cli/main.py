@@ -7,7 +7,7 @@ import os
 
 import click
 
-from modelmeter.cli import admin, jobs, process, quickstart
+from modelmeter.cli import admin, batches, jobs, process, quickstart
 
 
 @click.group()
@@ -19,5 +19,5 @@ def main(verbose: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-for _command in (*process.COMMANDS, *admin.COMMANDS, *jobs.COMMANDS, *quickstart.COMMANDS):
+for _command in (*process.COMMANDS, *admin.COMMANDS, *jobs.COMMANDS, *batches.COMMANDS, *quickstart.COMMANDS):
     main.add_command(_command)
