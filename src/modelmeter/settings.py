@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     # Usage alerts: the relay POSTing events to tenants' URLs runs inside `serve` (0 switches it off)
     alerts_relay_interval_s: Annotated[float, Field(ge=0)] = 2.0
     batch_interval_s: Annotated[float, Field(ge=0)] = 1.0  # the batch runner's claim loop (0: no runner)
+    batch_lease_s: Annotated[int, Field(ge=1)] = 60  # a runner that stops renewing gives its batch up after this
     alerts_max_attempts: Annotated[int, Field(ge=1)] = 8  # then the delivery is `failed`
     alerts_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     alerts_refresh_s: Annotated[float, Field(gt=0)] = 1.0  # how soon a PUT on another replica takes effect here

@@ -157,7 +157,7 @@ async def running(services: Services, *, app: ASGIApp | None = None) -> AsyncIte
         for loop in loops:
             stack.push_async_callback(loop.stop)
         if app is not None and settings.batch_interval_s > 0:
-            runner = BatchRunner(app, services)
+            runner = BatchRunner(app, services, lease_s=settings.batch_lease_s)
             runner.start(settings.batch_interval_s)
             services.batch_runner = runner
             stack.push_async_callback(runner.aclose)  # before the engines and the ledger close
