@@ -266,3 +266,47 @@ def test_the_operator_lists_shows_and_follows_batches(client: TestClient, tenant
     cancelled = cli.invoke(main, ["batches", "show", pending["id"], "--follow"])
     assert cancelled.exit_code == 1  # followed to its end, which is not "completed"
     assert cli.invoke(main, ["batches", "show", "batch_nosuch"]).exit_code != 0
+
+
+def test_a_line_the_platform_could_not_serve_is_retried_not_written_off(
+        client: TestClient, tenant: tuple[str, dict[str, str]], register_model: Any) -> None:
+    tenant_id, headers = tenant
+    created = _batch(client, headers, _lines(register_model(tenant_id), 4))
+    runner = BatchRunner(client.app, services_of(client.app), chunk=4)
+    serve = runner._serve
+    failed_once: set[str] = set()
+
+    async def engine_down_once(*args: Any) -> tuple[bool, dict[str, Any]]:
+        ok, answer = await serve(*args)
+        if answer["custom_id"] == "row-2" and "row-2" not in failed_once:  # the engine was restarting
+            failed_once.add("row-2")
+            answer["response"]["status_code"] = 503
+            answer["error"] = {"code": "engine_unavailable", "message": "retry"}
+            return False, answer
+        return ok, answer
+
+    runner._serve = engine_down_once  # type: ignore[method-assign]
+    client.portal.call(runner.run_once)  # type: ignore[union-attr]
+    first = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
+    assert (first["status"], first["request_counts"]["completed"], first["request_counts"]["failed"]) == (
+        "in_progress", 3, 0)  # row-2 is neither an answer nor an error: the batch was handed back
+    client.portal.call(runner.run_once)  # type: ignore[union-attr]
+    done = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
+    assert (done["status"], done["request_counts"]) == ("completed", {"total": 4, "completed": 4, "failed": 0})
+    assert sorted(a["custom_id"] for a in _content(client, headers, done["output_file_id"])) == [
+        "row-0", "row-1", "row-2", "row-3"]
+
+
+def test_a_running_batchs_input_cannot_be_deleted_and_a_lost_one_fails_the_batch(
+        client: TestClient, tenant: tuple[str, dict[str, str]], register_model: Any) -> None:
+    tenant_id, headers = tenant
+    created = _batch(client, headers, _lines(register_model(tenant_id), 2))
+    assert_envelope(client.delete(f"/v1/files/{created['input_file_id']}", headers=headers), 409,
+                    code="file_in_use")
+    data_dir = services_of(client.app).settings.data_dir
+    for path in (data_dir / "files" / tenant_id).iterdir():  # lost from the volume behind the platform's back
+        path.unlink()
+    _run(client)
+    done = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
+    assert (done["status"], done["errors"]["data"][0]["code"]) == ("failed", "input_file_missing")
+    assert client.delete(f"/v1/files/{created['input_file_id']}", headers=headers).status_code == 200

@@ -84,6 +84,11 @@ class BatchRunner:
         directory = settings.data_dir / "batches" / batch.tenant_id / batch.id
         output, errors = directory / "output.jsonl", directory / "errors.jsonl"
         lines = await asyncio.to_thread(self._input_lines, batch)
+        if lines is None:
+            failure: dict[str, Any] = {"code": "input_file_missing", "line": None,
+                                       "message": f"The input file {batch.input_file_id} is gone."}
+            await asyncio.to_thread(self._finish, batch.id, "failed", output, errors, failure)
+            return
         done = await asyncio.to_thread(_written, [output, errors])
         pending = [line for line in lines if line.custom_id not in done]
         transport = httpx.ASGITransport(app=self._wrapped)
@@ -96,21 +101,10 @@ class BatchRunner:
                 if state is None or state.status == "cancelling" or clock.now_s() >= state.expires_at:
                     break
                 principal = await asyncio.to_thread(self._principal, state)
-                if principal is None:  # the tenant is gone or suspended: wait, holding nothing
+                if principal is None:  # the tenant is suspended: the lease lapses and a later pass looks again
                     return
-                chunk = pending[start:start + self._chunk]
-                limit = asyncio.Semaphore(self._concurrency)
-                answers = await asyncio.gather(*(self._serve(client, limit, principal, batch, line) for line in chunk))
-                await asyncio.to_thread(_append, output, [a for ok, a in answers if ok])
-                await asyncio.to_thread(_append, errors, [a for ok, a in answers if not ok])
-                refused = next(((line, a) for line, (ok, a) in zip(chunk, answers, strict=True)
-                                if not ok and a["error"]["code"] == "insufficient_quota"), None)
-                if not await asyncio.to_thread(self._progress, batch.id, output, errors):
-                    return  # the lease went to another runner
-                if refused is not None:
-                    line, answer = refused
-                    failure = {"code": "insufficient_quota", "message": answer["error"]["message"], "line": line.line}
-                    await asyncio.to_thread(self._finish, batch.id, "failed", output, errors, failure)
+                if not await self._serve_chunk(client, principal, batch, pending[start:start + self._chunk],
+                                               output, errors):
                     return
         state = await asyncio.to_thread(self._state, batch.id)
         if state is None:
@@ -122,6 +116,36 @@ class BatchRunner:
         else:
             final = "completed"
         await asyncio.to_thread(self._finish, batch.id, final, output, errors, None)
+
+    async def _serve_chunk(self, client: httpx.AsyncClient, principal: Principal, batch: Batch,
+                           chunk: list[BatchLine], output: Path, errors: Path) -> bool:
+        """Serve ``chunk``, write its answers, renew the lease; False when this pass must end here (the lease
+        went to another runner, a line was refused for quota, or a part the lines need is unavailable)."""
+        limit = asyncio.Semaphore(self._concurrency)
+        answers = await asyncio.gather(*(self._serve(client, limit, principal, batch, line) for line in chunk))
+        # A 5xx or a 429 other than insufficient_quota (engine down, overloaded) is not the line's answer: it is
+        # left unwritten, so a later pass serves it again (it was not billed).
+        later = [a for _, a in answers if _retryable(a)]
+        answers = [(ok, a) for ok, a in answers if not _retryable(a)]
+        kept = {a["custom_id"] for _, a in answers}
+        chunk = [line for line in chunk if line.custom_id in kept]
+        await asyncio.to_thread(_append, output, [a for ok, a in answers if ok])
+        await asyncio.to_thread(_append, errors, [a for ok, a in answers if not ok])
+        refused = next(((line, a) for line, (ok, a) in zip(chunk, answers, strict=True)
+                        if not ok and a["error"]["code"] == "insufficient_quota"), None)
+        if not await asyncio.to_thread(self._progress, batch.id, output, errors):
+            return False  # the lease went to another runner
+        if refused is not None:
+            line, answer = refused
+            failure = {"code": "insufficient_quota", "message": answer["error"]["message"], "line": line.line}
+            await asyncio.to_thread(self._finish, batch.id, "failed", output, errors, failure)
+            return False
+        if later:  # something the lines need is unavailable: hand the batch back and try again later
+            log.warning("batch %s: %d lines answered %s; retried on a later pass", batch.id, len(later),
+                        later[0]["response"]["status_code"])
+            await asyncio.to_thread(self._release, batch.id)
+            return False
+        return True
 
     async def _serve(self, client: httpx.AsyncClient, limit: asyncio.Semaphore, principal: Principal,
                      batch: Batch, line: BatchLine) -> tuple[bool, dict[str, Any]]:
@@ -165,13 +189,16 @@ class BatchRunner:
         with self._services.sessions() as session:
             batches.release(session=session, batch_id=batch_id, owner=self.owner, now=clock.now_s())
 
-    def _input_lines(self, batch: Batch) -> list[BatchLine]:
+    def _input_lines(self, batch: Batch) -> list[BatchLine] | None:
+        """The batch's lines; None when its input file is gone (deleted before the batch was created; a file a
+        running batch reads cannot be deleted)."""
         settings = self._services.settings
         with self._services.sessions() as session:
             f = session.get(TenantFile, batch.input_file_id)
-        if f is None:
-            raise RuntimeError(f"batch {batch.id}: its input file {batch.input_file_id} is gone")
-        data = (settings.data_dir / f.path).read_bytes()
+        path = settings.data_dir / f.path if f is not None else None
+        if path is None or not path.exists():
+            return None
+        data = path.read_bytes()
         # Validated at upload; parsed again with the same bounds (a line's body is the route's model).
         return parse_batch_file(data, max_inputs=settings.max_inputs_per_request,
                                 max_text_chars=settings.max_text_chars).lines
@@ -234,6 +261,11 @@ class BatchRunner:
 
 
 # --- the output files --------------------------------------------------------------------------------------------
+
+
+def _retryable(answer: dict[str, Any]) -> bool:
+    status = answer["response"]["status_code"]
+    return bool(status >= 500 or (status == 429 and answer["error"]["code"] != "insufficient_quota"))
 
 
 def _append(path: Path, answers: list[dict[str, Any]]) -> None:

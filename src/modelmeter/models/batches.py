@@ -221,6 +221,12 @@ def claim(*, session: Session, owner: str, lease_s: int, now: int) -> Batch | No
     return None
 
 
+def file_in_use(*, session: Session, file_id: str) -> bool:
+    """Whether a batch not yet finished reads ``file_id``."""
+    query = select(Batch.id).where(Batch.input_file_id == file_id, col(Batch.status).in_(RUNNING))
+    return session.exec(query.limit(1)).first() is not None
+
+
 def release(*, session: Session, batch_id: str, owner: str, now: int) -> None:
     """Hand the batch back (its lines are not all served): the next claim takes the batch served least recently."""
     session.exec(update(Batch).where(col(Batch.id) == batch_id, col(Batch.lease_owner) == owner)

@@ -13,6 +13,7 @@ from sqlmodel import Session
 from modelmeter import clock
 from modelmeter.errors import ConflictError
 from modelmeter.ids import new_id
+from modelmeter.models import batches
 from modelmeter.models.batchfile import BatchFile
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import ParsedDataset, parse_dataset
@@ -58,6 +59,9 @@ def delete_file(*, sessions: sessionmaker[Session], data_dir: Path, tenant_id: s
         row = jobs.get_file(session=session, tenant_id=tenant_id, file_id=file_id)
         if jobs.file_in_use(session=session, file_id=file_id):
             raise ConflictError("The file is used by an active fine-tuning job.", code="file_in_use",
+                                param="file_id")
+        if batches.file_in_use(session=session, file_id=file_id):
+            raise ConflictError("The file is the input of a batch still running.", code="file_in_use",
                                 param="file_id")
         session.delete(row)
         session.commit()
