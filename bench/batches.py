@@ -34,6 +34,10 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 async def _key(http: httpx.AsyncClient) -> str:
     tenant = (await http.post("/admin/tenants", json={"name": "b", "email": "b@b.co", "plan": "payg"},
                               headers=ADMIN)).json()
+    # The load is the engine's to measure, not the plan's RPM/TPM (batch lines have none).
+    limits = await http.patch(f"/admin/tenants/{tenant['id']}", json={"rpm_limit": 10**6, "tpm_limit": 10**9},
+                              headers=ADMIN)
+    assert limits.status_code == 200, limits.text
     return str((await http.post(f"/admin/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()["key"])
 
 
