@@ -58,6 +58,7 @@ class BatchRunner:
         self._share = share  # lines served per claim before the batch is handed back (fairness between batches)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lines: dict[str, tuple[Principal, str]] = {}
+        self._counts: dict[str, list[int]] = {}  # batch id -> [completed, failed] lines written
         self._loop = Periodic(self.run_once, name="batch runner", immediately=True)
 
     def start(self, interval_s: float) -> None:  # float-ok: seconds
@@ -75,6 +76,8 @@ class BatchRunner:
             await self._run(batch)
         except Exception:
             log.exception("batch %s: the runner failed; the lease lapses and another pass resumes it", batch.id)
+        finally:
+            self._counts.pop(batch.id, None)
         return True
 
     # --- one batch -----------------------------------------------------------------------------------------
@@ -91,6 +94,9 @@ class BatchRunner:
             return
         done = await asyncio.to_thread(_written, [output, errors])
         pending = [line for line in lines if line.custom_id not in done]
+        # Counted once from the files, then kept as lines are written (an embeddings batch's output reaches
+        # hundreds of MB: it must not be read again after every chunk).
+        self._counts[batch.id] = [_count(output), _count(errors)]
         transport = httpx.ASGITransport(app=self._wrapped)
         async with httpx.AsyncClient(transport=transport, base_url="http://batch.internal") as client:
             for start in range(0, len(pending), self._chunk):
@@ -129,11 +135,15 @@ class BatchRunner:
         answers = [(ok, a) for ok, a in answers if not _retryable(a)]
         kept = {a["custom_id"] for _, a in answers}
         chunk = [line for line in chunk if line.custom_id in kept]
-        await asyncio.to_thread(_append, output, [a for ok, a in answers if ok])
-        await asyncio.to_thread(_append, errors, [a for ok, a in answers if not ok])
+        written = [a for ok, a in answers if ok], [a for ok, a in answers if not ok]
+        await asyncio.to_thread(_append, output, written[0])
+        await asyncio.to_thread(_append, errors, written[1])
+        counts = self._counts[batch.id]
+        counts[0] += len(written[0])
+        counts[1] += len(written[1])
         refused = next(((line, a) for line, (ok, a) in zip(chunk, answers, strict=True)
                         if not ok and a["error"]["code"] == "insufficient_quota"), None)
-        if not await asyncio.to_thread(self._progress, batch.id, output, errors):
+        if not await asyncio.to_thread(self._progress, batch.id, counts[0], counts[1]):
             return False  # the lease went to another runner
         if refused is not None:
             line, answer = refused
@@ -158,7 +168,10 @@ class BatchRunner:
                                              headers={"content-type": "application/json", _LINE_HEADER: token})
         finally:
             self._lines.pop(token, None)
-        body = response.json()
+        try:
+            body = response.json()
+        except ValueError:  # every route answers JSON; anything else is the platform's fault, retried (5xx)
+            body = {"error": {"message": response.text[:1000], "type": "api_error", "code": "api_error"}}
         answer: dict[str, Any] = {"id": f"batch_req_{request_id[5:29]}", "custom_id": line.custom_id,
                                   "response": {"status_code": response.status_code, "request_id": request_id,
                                                "body": body}, "error": None}
@@ -220,9 +233,8 @@ class BatchRunner:
                          tpm_limit=tenant.tpm_limit, monthly_budget_cents=tenant.monthly_budget_cents,
                          credits_epoch=tenant.credits_epoch, batch=True)
 
-    def _progress(self, batch_id: str, output: Path, errors: Path) -> bool:
-        """Counts from the files, and the lease renewed; False if this runner no longer holds it."""
-        completed, failed = _count(output), _count(errors)
+    def _progress(self, batch_id: str, completed: int, failed: int) -> bool:
+        """The counts written, and the lease renewed; False if this runner no longer holds it."""
         with self._services.sessions() as session:
             renewed = session.exec(update(Batch).where(col(Batch.id) == batch_id, col(Batch.lease_owner) == self.owner)
                                    .values(completed=completed, failed=failed,
