@@ -310,3 +310,18 @@ def test_a_running_batchs_input_cannot_be_deleted_and_a_lost_one_fails_the_batch
     done = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
     assert (done["status"], done["errors"]["data"][0]["code"]) == ("failed", "input_file_missing")
     assert client.delete(f"/v1/files/{created['input_file_id']}", headers=headers).status_code == 200
+
+
+def test_a_stopping_front_hands_its_batch_back(client: TestClient, tenant: tuple[str, dict[str, str]],
+                                               register_model: Any) -> None:
+    tenant_id, headers = tenant
+    created = _batch(client, headers, _lines(register_model(tenant_id), 3))
+    runner = BatchRunner(client.app, services_of(client.app))
+    runner._loop._stop.set()  # SIGTERM: the front's loops are stopping
+    assert client.portal.call(runner.run_once) is True  # type: ignore[union-attr]
+    with services_of(client.app).sessions() as session:
+        batch = session.get(Batch, created["id"])
+        assert batch is not None
+        assert (batch.status, batch.completed, batch.lease_owner) == ("in_progress", 0, None)  # free for another
+    _run(client)
+    assert client.get(f"/v1/batches/{created['id']}", headers=headers).json()["status"] == "completed"

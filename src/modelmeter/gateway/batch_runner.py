@@ -100,7 +100,9 @@ class BatchRunner:
         transport = httpx.ASGITransport(app=self._wrapped)
         async with httpx.AsyncClient(transport=transport, base_url="http://batch.internal") as client:
             for start in range(0, len(pending), self._chunk):
-                if start >= self._share:  # this claim's share is served: the batch goes back in line
+                # This claim's share is served, or the front is stopping (SIGTERM waits for one chunk, not a
+                # share): the batch goes back in line.
+                if start >= self._share or self._loop.stopping:
                     await asyncio.to_thread(self._release, batch.id)
                     return
                 state = await asyncio.to_thread(self._state, batch.id)
