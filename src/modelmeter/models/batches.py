@@ -26,6 +26,7 @@ from sqlmodel import Session, SQLModel, col, select, update
 from modelmeter import clock
 from modelmeter.errors import ConflictError, InvalidRequestError, NotFoundError
 from modelmeter.ids import new_id
+from modelmeter.models.finetune.jobs import page
 from modelmeter.models.finetune.tables import TenantFile
 from modelmeter.shapes import Page, Public
 
@@ -185,8 +186,7 @@ def list_batches(*, session: Session, tenant_id: str, limit: int, after: str | N
     query = select(Batch).where(Batch.tenant_id == tenant_id).order_by(col(Batch.id).desc())
     if after:
         query = query.where(col(Batch.id) < after)
-    rows = list(session.exec(query.limit(limit + 1)).all())
-    return rows[:limit], len(rows) > limit
+    return page(session=session, query=query, limit=limit)
 
 
 def cancel_batch(*, session: Session, batch: Batch) -> Batch:
