@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
     max_padding_ratio: Annotated[float, Field(ge=1)] = 1.3
     max_queue_requests: Annotated[int, Field(gt=0)] = 1024
+    # Batch API lines run behind interactive rows: at most this share of a batch's rows beside interactive ones,
+    # and batches of at most this many rows when nothing interactive waits (one short forward pass to wait behind).
+    batch_share: Annotated[float, Field(ge=0, le=1)] = 0.25
+    batch_max_rows: Annotated[int, Field(ge=1)] = 8
     pool_memory_mb: Annotated[int, Field(gt=0)] = 4096  # full model copies (full fine-tunes)
     adapter_pool_mb: Annotated[int, Field(gt=0)] = 2048  # resident LoRA adapters, per base model
     # Device pages for adapters (two tiers, backed by host memory): unset = 1024 on CUDA, one tier on the CPU;

@@ -22,7 +22,7 @@ def test_admin_engine_reports_the_in_process_engine_and_its_counters(
     assert body["fronts"] == [{"pid": os.getpid()}]
     assert len(body["engines"]) == 1
     engine = body["engines"][0]
-    assert set(engine) == {"pid", "device", "simulated", "batches", "rows", "mixed_batches", "queue_rows",
+    assert set(engine) == {"pid", "device", "simulated", "batches", "rows", "mixed_batches", "low_rows", "queue_rows",
                            "adapters_resident", "dropped_messages"}
     assert engine["pid"] == os.getpid()
     assert engine["device"] == "cpu"

@@ -20,7 +20,7 @@ class Engines:
         self.error = error
         self.cancelled = False
 
-    async def submit(self, source: Any, ids: Any) -> str:
+    async def submit(self, source: Any, ids: Any, *, priority: int = 0) -> str:
         try:
             await asyncio.sleep(self.seconds)
         except asyncio.CancelledError:

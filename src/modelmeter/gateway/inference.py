@@ -92,7 +92,7 @@ async def serve(
     headers, hold = await _admit(services, principal, encoded.total_tokens, now, request.state.request_id,
                                  requests=0 if counted else 1)
     try:
-        submission = await _submit(request, services, source, encoded.ids)
+        submission = await _submit(request, services, source, encoded.ids, priority=1 if principal.batch else 0)
     except BaseException:
         await asyncio.shield(services.meter.release(hold))  # not served: not billed
         raise
@@ -227,10 +227,11 @@ async def _tokenize(encoder: TextEncoder, texts: list[str], truncate: bool, span
         ) from exc
 
 
-async def _submit(request: Request, services: Services, source: ModelSource,
-                  ids: list[list[int]]) -> Submission[Result]:
-    """Run the rows on the engine while watching the connection: a departed client's rows are dropped."""
-    work = asyncio.ensure_future(services.engines.submit(source, ids))
+async def _submit(request: Request, services: Services, source: ModelSource, ids: list[list[int]], *,
+                  priority: int = 0) -> Submission[Result]:
+    """Run the rows on the engine while watching the connection: a departed client's rows are dropped. A batch
+    line's rows go at ``priority`` 1: the engine serves them behind interactive rows (0)."""
+    work = asyncio.ensure_future(services.engines.submit(source, ids, priority=priority))
     watch = asyncio.ensure_future(_disconnected(request))
     # The watch cancels the work when the client leaves (a done callback: asyncio.wait's waiter and callbacks on
     # both tasks cost ~20 us a request in bench/fronts.py's profile).

@@ -14,15 +14,29 @@ When to dispatch: a request that finds the worker idle and the queue empty goes 
 queued by then (a lone request pays no wait). Requests that queued up while a batch was computing are
 dispatched as soon as the worker frees up if they fill a batch, otherwise after the oldest of them has
 waited ``max_wait_ms`` (which, under load, it usually already has).
+
+Priorities (the Batch API's contract: batch rows reach the engine behind interactive ones, and use what is left).
+A request is interactive (``priority=0``) or low (``priority>0``: a batch file's line). Low rows wait in a queue
+of their own with ``max_queue`` permits of their own, so a batch backlog never makes an interactive request meet
+:class:`QueueFull` and never lengthens the scans that form interactive batches. Everything above is the
+interactive rows' behaviour, unchanged: low rows are not counted in "the queue is empty", "a batch is full" or
+the ``max_wait_ms`` wait, so they never hold an interactive row back. A batch is chosen from the interactive rows
+exactly as without priorities; low rows then fill what is left of it under the same caps (size, padded tokens,
+padding ratio), at most ``floor(n * low_share / (1 - low_share))`` beside ``n`` interactive rows, i.e. at most
+``low_share`` of the batch (at the default 0.25: none beside one or two interactive rows, one beside three, two
+beside six). With no interactive row waiting, low rows go at once, at most ``low_max_rows`` a batch: an
+interactive request that arrives meanwhile waits for that one short forward pass at most. Under a load of
+interactive rows that never lets up, low rows wait; that is the contract (they use what is left).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
@@ -35,7 +49,7 @@ OnBatch = Callable[[int, int, int, float, float], None]
 
 
 class QueueFull(Exception):
-    """No permit is free: the batcher already holds ``max_queue`` requests."""
+    """No permit is free: the batcher already holds ``max_queue`` requests (of the request's priority)."""
 
 
 class BatcherClosed(Exception):
@@ -59,6 +73,7 @@ class _Request(Generic[R]):
     remaining: int
     enqueued: float
     origin: object = None
+    low: bool = False  # low priority: its rows wait in the low queue
     started: float | None = None
     finished: float = 0.0
     compute_s: float = 0.0
@@ -86,6 +101,47 @@ class _Item(Generic[R]):
     ready_at: float  # when waiting for a fuller batch stops being worth it
 
 
+class _Queue(Generic[R]):
+    """One priority's waiting inputs, oldest first, and their tokens; batches are taken from its first
+    ``lookahead`` inputs (enough to find neighbours in length, cheap when the queue is deep)."""
+
+    def __init__(self, lookahead: int) -> None:
+        self.items: deque[_Item[R]] = deque()
+        self.tokens = 0
+        self._lookahead = lookahead
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, items: list[_Item[R]]) -> None:
+        self.items.extend(items)
+        self.tokens += sum(len(item.ids) for item in items)
+
+    def window(self) -> list[_Item[R]]:
+        """Pop the first ``lookahead`` inputs; the live ones (a departed request's are left out)."""
+        window = [self.items.popleft() for _ in range(min(len(self.items), self._lookahead))]
+        self.tokens -= sum(len(item.ids) for item in window)
+        return [item for item in window if not item.request.future.done()]
+
+    def put_back(self, live: list[_Item[R]], chosen: list[_Item[R]]) -> None:
+        """Return the window's inputs that were not chosen to the front of the queue, in their order."""
+        picked = {id(item) for item in chosen}
+        rest = [item for item in live if id(item) not in picked]
+        self.items.extendleft(reversed(rest))
+        self.tokens += sum(len(item.ids) for item in rest)
+
+    def drop(self, request: _Request[R]) -> None:
+        kept = [item for item in self.items if item.request is not request]
+        self.items = deque(kept)
+        self.tokens = sum(len(item.ids) for item in kept)
+
+    def fail_all(self, error: BaseException) -> None:
+        for item in self.items:
+            item.request.fail(error)
+        self.items.clear()
+        self.tokens = 0
+
+
 class Batcher(Generic[R]):
     """Per-model queue and inference loop; ``run(ids, tags)`` is the backend's forward pass."""
 
@@ -102,25 +158,30 @@ class Batcher(Generic[R]):
         name: str = "batcher",
         executor: ThreadPoolExecutor | None = None,
         on_origins: Callable[[int], None] | None = None,
+        low_share: float = 0.25,
+        low_max_rows: int = 8,
     ) -> None:
         if min(max_batch_tokens, max_batch_size, max_queue) <= 0 or max_wait_ms < 0:
             raise ValueError("caps must be positive and max_wait_ms non-negative")
+        if not 0 <= low_share <= 1 or low_max_rows < 1:
+            raise ValueError("low_share must be within 0..1 and low_max_rows positive")
         self._run = run
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
         self.max_padding_ratio = max_padding_ratio
+        self.low_share = low_share
+        self.low_max_rows = low_max_rows
         self._on_batch = on_batch
         self._on_origins = on_origins  # distinct request origins (the engine's fronts) per batch
         self._name = name
-        # Grouping by length looks this far into the queue: enough to find neighbours, cheap when deep.
-        self._lookahead = max(4 * max_batch_size, 256)
-        self._pending: deque[_Item[R]] = deque()
-        self._pending_tokens = 0
+        lookahead = max(4 * max_batch_size, 256)
+        self._pending: _Queue[R] = _Queue(lookahead)  # interactive
+        self._low: _Queue[R] = _Queue(lookahead)
         self._running: list[_Item[R]] = []
         self._batch_done = asyncio.Event()  # set when the running batch's forward pass has returned
-        self._permits_used = 0
+        self._permits = [0, 0]  # held by interactive requests, by low ones (indexed by ``low``)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._owns_executor = executor is None
@@ -129,28 +190,43 @@ class Batcher(Generic[R]):
 
     @property
     def queue_depth(self) -> int:
-        """Inputs waiting for a batch (not counting the batch being computed)."""
-        return len(self._pending)
+        """Inputs waiting for a batch, of both priorities (not counting the batch being computed)."""
+        return len(self._pending) + len(self._low)
+
+    @property
+    def low_queue_depth(self) -> int:
+        """Low-priority inputs waiting for a batch."""
+        return len(self._low)
 
     @property
     def requests_in_flight(self) -> int:
-        """Requests holding a permit: queued or being computed."""
-        return self._permits_used
+        """Interactive requests holding a permit (of ``max_queue``): queued or being computed."""
+        return self._permits[0]
 
-    async def submit(self, ids: list[list[int]], tag: Any = None, *, origin: object = None) -> Submission[R]:
+    @property
+    def low_requests_in_flight(self) -> int:
+        """Low-priority requests holding a permit (``max_queue`` more, their own)."""
+        return self._permits[1]
+
+    async def submit(self, ids: list[list[int]], tag: Any = None, *, origin: object = None,
+                     priority: int = 0) -> Submission[R]:
         """Queue one request's inputs and wait for all their results; :class:`QueueFull` when no permit.
 
         ``tag`` goes to the forward pass with each of the request's rows; ``origin`` (opaque: the engine passes the
-        front a request came from) is only counted, per batch, for ``on_origins``."""
+        front a request came from) is only counted, per batch, for ``on_origins``. ``priority`` 0 is interactive,
+        above 0 low (served behind interactive rows, with permits of its own); below 0 is a ``ValueError``."""
         if self._closed:
             raise BatcherClosed(f"{self._name} is closed")
-        if self._permits_used >= self.max_queue:
-            raise QueueFull(f"{self._name} already holds {self.max_queue} requests")
-        self._permits_used += 1
+        if priority < 0:
+            raise ValueError(f"priority must be 0 (interactive) or more (low), not {priority}")
+        low = priority > 0
+        if self._permits[low] >= self.max_queue:
+            raise QueueFull(f"{self._name} already holds {self.max_queue} {'low' if low else 'interactive'} requests")
+        self._permits[low] += 1
         try:
-            return await self._serve(ids, tag, origin)
+            return await self._serve(ids, tag, origin, low)
         finally:
-            self._permits_used -= 1
+            self._permits[low] -= 1
 
     async def close(self) -> None:
         """Stop the loop; queued and computing requests fail with :class:`BatcherClosed`."""
@@ -160,10 +236,8 @@ class Batcher(Generic[R]):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         error = BatcherClosed(f"{self._name} was closed")
-        for item in self._pending:
-            item.request.fail(error)
-        self._pending.clear()
-        self._pending_tokens = 0
+        self._pending.fail_all(error)
+        self._low.fail_all(error)
         if self._owns_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -173,11 +247,11 @@ class Batcher(Generic[R]):
     async def __aexit__(self, *_: object) -> None:
         await self.close()
 
-    async def _serve(self, ids: list[list[int]], tag: Any, origin: object) -> Submission[R]:
+    async def _serve(self, ids: list[list[int]], tag: Any, origin: object, low: bool) -> Submission[R]:
         now = time.perf_counter()
         if not ids:
             return Submission(results=[], queue_s=0.0, inference_s=0.0)
-        request = self._enqueue(ids, tag, now, origin)
+        request = self._enqueue(ids, tag, now, origin, low)
         try:
             await request.future
         except asyncio.CancelledError:
@@ -199,24 +273,25 @@ class Batcher(Generic[R]):
         if any(item.request is request for item in self._running):
             await asyncio.shield(self._batch_done.wait())
 
-    def _enqueue(self, ids: list[list[int]], tag: Any, now: float, origin: object = None) -> _Request[R]:
+    def _enqueue(self, ids: list[list[int]], tag: Any, now: float, origin: object = None,
+                 low: bool = False) -> _Request[R]:
         loop = asyncio.get_running_loop()
-        request: _Request[R] = _Request(loop.create_future(), [None] * len(ids), len(ids), now, origin)
-        # A request that finds the worker idle and nothing queued goes at once: there is nothing to wait for.
-        idle = not self._pending and not self._running
-        ready_at = now if idle else now + self.max_wait_s
-        self._pending.extend(_Item(request, i, row, tag, now, ready_at) for i, row in enumerate(ids))
-        self._pending_tokens += sum(len(row) for row in ids)
+        request: _Request[R] = _Request(loop.create_future(), [None] * len(ids), len(ids), now, origin, low)
+        if low:  # never waited for: low rows go when the worker has nothing interactive to do
+            self._low.add([_Item(request, i, row, tag, now, now) for i, row in enumerate(ids)])
+        else:
+            # A request that finds the worker idle and nothing interactive queued goes at once: nothing to wait for.
+            idle = not self._pending and not self._running
+            ready_at = now if idle else now + self.max_wait_s
+            self._pending.add([_Item(request, i, row, tag, now, ready_at) for i, row in enumerate(ids)])
         if self._task is None:
             self._task = loop.create_task(self._loop(), name=f"{self._name}-loop")
         self._wakeup.set()
         return request
 
     def _drop(self, request: _Request[R]) -> None:
-        """Remove a departed or failed request's inputs from the queue."""
-        kept = [item for item in self._pending if item.request is not request]
-        self._pending = deque(kept)
-        self._pending_tokens = sum(len(item.ids) for item in kept)
+        """Remove a departed or failed request's inputs from its queue."""
+        (self._low if request.low else self._pending).drop(request)
 
     async def _loop(self) -> None:
         while True:
@@ -232,17 +307,17 @@ class Batcher(Generic[R]):
     async def _next_batch(self) -> list[_Item[R]]:
         if self._pending:
             await self._wait_to_fill()
-        else:
+        elif not self._low:
             await self._wait_for_work()
         return self._take()
 
     async def _wait_for_work(self) -> None:
-        while not self._pending:
+        while not self._pending and not self._low:
             self._wakeup.clear()
             await self._wakeup.wait()
 
     async def _wait_to_fill(self) -> None:
-        deadline = self._pending[0].ready_at
+        deadline = self._pending.items[0].ready_at
         while self._pending and not self._full():
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -255,30 +330,50 @@ class Batcher(Generic[R]):
                 return
 
     def _full(self) -> bool:
-        return len(self._pending) >= self.max_batch_size or self._pending_tokens >= self.max_batch_tokens
+        return len(self._pending) >= self.max_batch_size or self._pending.tokens >= self.max_batch_tokens
 
     def _take(self) -> list[_Item[R]]:
-        """Pop the oldest live input plus the queued inputs closest to it in length, within both caps."""
-        window = [self._pending.popleft() for _ in range(min(len(self._pending), self._lookahead))]
-        self._pending_tokens -= sum(len(item.ids) for item in window)
-        live = [item for item in window if not item.request.future.done()]
-        if not live:
+        """The next batch: the oldest live interactive input plus the interactive inputs closest to it in length,
+        within both caps; then low inputs in what the share leaves. With no interactive input: low ones alone."""
+        live = self._pending.window()
+        if live:
+            chosen = self._choose(live, self.max_batch_size)
+            self._pending.put_back(live, chosen)
+            room = self._low_room(len(chosen))
+            if room and self._low:
+                low = self._low.window()
+                joining = self._choose(low, room, chosen) if low else []
+                self._low.put_back(low, joining)
+                chosen += joining
+            return chosen
+        low = self._low.window()
+        if not low:
             return []
-        chosen = self._choose(live)
-        picked = {id(item) for item in chosen}
-        rest = [item for item in live if id(item) not in picked]
-        self._pending.extendleft(reversed(rest))
-        self._pending_tokens += sum(len(item.ids) for item in rest)
+        chosen = self._choose(low, self.low_max_rows)
+        self._low.put_back(low, chosen)
         return chosen
 
-    def _choose(self, live: list[_Item[R]]) -> list[_Item[R]]:
-        # The oldest input always goes (no starvation); neighbours in length waste the least padding.
-        anchor = len(live[0].ids)
-        order = sorted(range(len(live)), key=lambda i: (abs(len(live[i].ids) - anchor), i))
-        chosen: list[_Item[R]] = []
-        width = real = 0
+    def _low_room(self, interactive: int) -> int:
+        """How many low rows may join ``interactive`` interactive rows: ``low <= low_share * (low + interactive)``,
+        i.e. ``floor(interactive * low_share / (1 - low_share))``, within the size cap."""
+        room = self.max_batch_size - interactive
+        if self.low_share < 1:  # the epsilon keeps 3 * 0.25 / 0.75 at 1 whatever the float rounding
+            room = min(room, math.floor(interactive * self.low_share / (1 - self.low_share) + 1e-9))
+        return max(0, room)
+
+    def _choose(self, live: list[_Item[R]], limit: int, batch: Sequence[_Item[R]] = ()) -> list[_Item[R]]:
+        """Up to ``limit`` of ``live`` to join ``batch``: those closest in length first, within both caps and the
+        padding ratio. With no ``batch``, the oldest of ``live`` anchors a new one and always goes (no starvation);
+        neighbours in length waste the least padding."""
+        # Distance in length from the batch's lengths (rows within them add no width), or from the anchor's.
+        lengths = [len(item.ids) for item in batch] or [len(live[0].ids)]
+        lo, hi = min(lengths), max(lengths)
+        order = sorted(range(len(live)), key=lambda i: (max(lo - len(live[i].ids), len(live[i].ids) - hi, 0), i))
+        chosen = list(batch)
+        width = max(lengths) if batch else 0
+        real = sum(lengths) if batch else 0
         for i in order:
-            if len(chosen) == self.max_batch_size:
+            if len(chosen) - len(batch) == limit or len(chosen) == self.max_batch_size:
                 break
             n = len(live[i].ids)
             new_width = max(width, n)
@@ -289,7 +384,7 @@ class Batcher(Generic[R]):
                 continue
             chosen.append(live[i])
             width, real = new_width, real + n
-        return chosen
+        return chosen[len(batch):]
 
     async def _execute(self, batch: list[_Item[R]]) -> None:
         started = time.perf_counter()

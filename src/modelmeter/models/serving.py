@@ -48,6 +48,8 @@ class BatchCaps:
     max_wait_ms: float
     max_queue: int
     max_padding_ratio: float = 1.3
+    low_share: float = 0.25  # of a batch's rows, at most, for low-priority rows beside interactive ones
+    low_max_rows: int = 8  # a batch of low-priority rows alone, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +168,8 @@ class ModelServer:
             name=f"batcher:{model_id}",
             executor=self._lane,
             on_origins=self._on_origins,
+            low_share=self._caps.low_share,
+            low_max_rows=self._caps.low_max_rows,
         )
 
     def _forward(self, backend: BertBackend) -> Callable[..., list[Result]]:
@@ -285,7 +289,8 @@ def build_model_server(settings: Settings, *, device: torch.device, hooks: Serve
         device=device,
         memory_budget_bytes=settings.pool_memory_mb * MIB,
         caps=BatchCaps(settings.max_batch_tokens, settings.max_batch_size, settings.max_wait_ms,
-                       settings.max_queue_requests, settings.max_padding_ratio),
+                       settings.max_queue_requests, settings.max_padding_ratio, settings.batch_share,
+                       settings.batch_max_rows),
         adapters=adapters, on_batch=hooks.on_batch, on_load=hooks.on_load, on_evict=hooks.on_evict,
         adapter_hooks=hooks.adapters, simulated=simulated, on_origins=hooks.on_origins,
     )

@@ -43,6 +43,7 @@ class EngineReport(Public):
     batches: int
     rows: int
     mixed_batches: int  # batches carrying rows of more than one front
+    low_rows: int  # rows served at low priority (Batch API lines), behind interactive ones
     queue_rows: int
     adapters_resident: int
     dropped_messages: int

@@ -3,8 +3,9 @@
 It binds a ROUTER socket at ``ipc://<data dir>/run/engine-N.sock`` (the directory is 0700: nothing new is
 reachable from outside) and serves the fronts' DEALER sockets. Each :class:`~protocol.Infer` becomes a task that
 joins the model's batcher in the engine's :class:`~modelmeter.models.serving.ModelServer`, so one batch carries
-the rows of every front. A message that does not decode is dropped and counted, never fatal. The engine never
-touches the database: it answers rows, the front bills them.
+the rows of every front, at the request's priority (a batch line's rows are served behind interactive ones; see
+:mod:`~modelmeter.models.batching`). A message that does not decode is dropped and counted, never fatal. The engine
+never touches the database: it answers rows, the front bills them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class EngineCounters:
 
     batches: int = 0
     rows: int = 0
+    low_rows: int = 0  # rows of requests served at low priority (batch lines)
     mixed_batches: int = 0  # batches that carried rows of more than one front
     dropped_messages: int = 0
     fronts: dict[int, float] = field(default_factory=dict)  # pid -> last ping (loop time)
@@ -52,6 +54,11 @@ class EngineCounters:
     def on_origins(self, fronts: int) -> None:
         if fronts > 1:
             self.mixed_batches += 1
+
+
+def batch_priority(priority: int) -> int:
+    """The batcher's priority for a request's: a negative one (nothing is sooner than interactive) is interactive."""
+    return max(0, priority)
 
 
 def bind_path(path: Path) -> str:
@@ -153,9 +160,12 @@ class EngineCore:
             self._send(ident, p.Failed(rid, "engine_error", f"malformed request: {exc}"))
             return
         reply: msgspec.Struct
+        priority = batch_priority(message.priority)
         try:
             async with self.server.use(source) as lease:
-                submission = await lease.batcher.submit(ids, lease.tag, origin=self._origin(ident))
+                submission = await lease.batcher.submit(ids, lease.tag, origin=self._origin(ident), priority=priority)
+            if priority:
+                self.counters.low_rows += len(ids)
             reply = _done(rid, submission.results, submission.queue_s, submission.inference_s, submission.compute_s)
         except QueueFull as exc:
             reply = p.Failed(rid, "overloaded", str(exc))
@@ -182,11 +192,11 @@ class EngineCore:
         queue_rows, adapters = server_load(self.server)
         c = self.counters
         return p.Stats(rid, self._pid, self._device, self.simulated, c.batches, c.rows, c.mixed_batches, queue_rows,
-                       adapters, c.dropped_messages, sorted(fronts))
+                       adapters, c.dropped_messages, sorted(fronts), c.low_rows)
 
 
 def server_load(server: ModelServer) -> tuple[int, int]:
-    """Rows waiting in every batcher of ``server``, and adapters resident on its bases."""
+    """Rows waiting in every batcher of ``server`` (of both priorities), and adapters resident on its bases."""
     queue_rows = 0
     for pool in (server.pool, server.bases):
         for model_id in pool.loaded():

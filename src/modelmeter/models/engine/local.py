@@ -7,7 +7,7 @@ import os
 
 from modelmeter.models.batching import Submission
 from modelmeter.models.engine.client import EngineStats
-from modelmeter.models.engine.core import EngineCounters, server_load
+from modelmeter.models.engine.core import EngineCounters, batch_priority, server_load
 from modelmeter.models.outputs import Result
 from modelmeter.models.serving import ModelServer
 from modelmeter.models.source import ModelSource
@@ -34,14 +34,18 @@ class LocalEngine:
         return None
 
     async def submit(self, source: ModelSource, ids: list[list[int]], *, priority: int = 0) -> Submission[Result]:
+        priority = batch_priority(priority)
         async with self.server.use(source) as lease:
-            return await lease.batcher.submit(ids, lease.tag)
+            submission = await lease.batcher.submit(ids, lease.tag, priority=priority)
+        if priority:
+            self.counters.low_rows += len(ids)
+        return submission
 
     async def stats(self) -> tuple[list[int], list[EngineStats]]:
         server, c = self.server, self.counters
         queue_rows, adapters = server_load(server)
         engine = EngineStats(0, os.getpid(), self.device, server.simulated is not None, c.batches, c.rows,
-                             c.mixed_batches, queue_rows, adapters, c.dropped_messages, [os.getpid()])
+                             c.mixed_batches, queue_rows, adapters, c.dropped_messages, [os.getpid()], c.low_rows)
         return [os.getpid()], [engine]
 
     async def aclose(self) -> None:

@@ -107,6 +107,7 @@ class Stats(msgspec.Struct, tag=14, array_like=True):
     adapters_resident: int
     dropped_messages: int
     fronts: list[int]
+    low_rows: int = 0  # rows served at low priority (batch lines); last and defaulted: old and new sides still decode
 
 
 ToFront = Done | Failed | Pong | Stats
