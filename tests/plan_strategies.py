@@ -8,6 +8,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from modelmeter.billing.catalog import Plan
+from modelmeter.billing.pricing import Usage
 
 
 def price_text(micro_per_unit: int, per_units: int) -> str:
@@ -56,3 +57,23 @@ def tiered_plans(draw: st.DrawFn, *, request_step: int = 50, token_step: int = 5
 def has_volume_tiers(plan: Plan) -> bool:
     """Whether a dimension of the plan is priced in volume tiers (more usage may then cost less)."""
     return any(t is not None and t.tiers_mode == "volume" for t in (plan.token_tiers, plan.request_tiers))
+
+
+@st.composite
+def with_batch_discount(draw: st.DrawFn, plans: st.SearchStrategy[Plan]) -> Plan:
+    """A plan of ``plans`` with a random ``batch_discount_percent`` where its prices allow one (every discounted
+    price whole micro-cents, no volume tiers), else the plan as drawn."""
+    plan = draw(plans)
+    percent = draw(st.sampled_from([0, 50, 50, 20, 25, 100, 37]))
+    try:
+        return Plan.model_validate(plan.model_dump(mode="json") | {"batch_discount_percent": percent})
+    except ValueError:  # pydantic's ValidationError is one
+        return plan
+
+
+@st.composite
+def batch_usages(draw: st.DrawFn, *, max_requests: int = 10**6, max_tokens: int = 10**9) -> Usage:
+    """A ``Usage`` whose requests and tokens are partly (or wholly, or not at all) Batch API usage."""
+    requests, tokens = draw(st.integers(0, max_requests)), draw(st.integers(0, max_tokens))
+    return Usage(requests, tokens, draw(st.integers(0, 10**9)), draw(st.integers(0, requests)),
+                 draw(st.integers(0, tokens)))

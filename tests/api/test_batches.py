@@ -4,6 +4,7 @@ resumable after a crash, cancellable, bounded by their completion window, stoppe
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from modelmeter.gateway.services import services_of
 from modelmeter.models.batches import Batch, line_request_id
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, assert_envelope, bearer
+from tests.support.invoices import assert_upcoming_recomputes
 
 
 @pytest.fixture
@@ -325,3 +327,48 @@ def test_a_stopping_front_hands_its_batch_back(client: TestClient, tenant: tuple
         assert (batch.status, batch.completed, batch.lease_owner) == ("in_progress", 0, None)  # free for another
     _run(client)
     assert client.get(f"/v1/batches/{created['id']}", headers=headers).json()["status"] == "completed"
+
+
+def test_batch_lines_are_invoiced_apart_at_the_plans_discount(
+        client: TestClient, tenant: tuple[str, dict[str, str]], register_model: Any) -> None:
+    """A payg tenant's batch lines land on ``(batch)`` invoice lines at 50% of the prices, its interactive
+    requests on the usual ones; a client recomputes each to the cent from /admin/plans and /v1/usage."""
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    created = _batch(client, headers, _lines(model, 6))
+    _run(client, chunk=4)
+    assert client.get(f"/v1/batches/{created['id']}", headers=headers).json()["status"] == "completed"
+    for i in range(3):
+        assert client.post("/v1/classify", json={"model": model, "input": f"interactive {i}"},
+                           headers=headers).status_code == 200
+    with services_of(client.app).sessions() as session:
+        kinds = session.exec(select(UsageEvent.kind).where(UsageEvent.tenant_id == tenant_id)).all()
+    assert sorted(kinds) == ["batch"] * 6 + ["inference"] * 3
+    start = int(time.time()) - 40 * 86400  # the period's first day is within the last 40
+    billed = assert_upcoming_recomputes(client.get, headers, ADMIN, "payg", start, int(time.time()) + 1)
+    assert set(billed) == {"requests", "tokens", "batch_requests", "batch_tokens"}
+    lines = {x["code"]: x for x in client.get("/v1/billing/invoices/upcoming", headers=headers).json()["lines"]["data"]}
+    assert lines["batch_requests"]["description"] == "Requests (batch): 6 used, 50% batch discount"
+    assert lines["batch_requests"]["unit_amount_decimal"] == "0.025"  # half of payg's 0.05 cents a request
+    usage = client.get("/v1/usage", headers=headers, params={"start_time": start, "bucket_width": "1d"}).json()
+    assert sum(r["batch_requests"] for b in usage["data"] for r in b["results"]) == 6
+
+
+def test_a_budget_holds_batch_lines_at_their_discounted_price(
+        client: TestClient, tenant: tuple[str, dict[str, str]], register_model: Any) -> None:
+    """A budget that full-price lines would pass half-way through serves the whole batch at half price: the
+    reservation prices a batch line at the discount, atomically with the budget check, as the invoice does."""
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    lines = _lines(model, 20)
+    probe = client.post("/v1/classify", json=lines[0]["body"], headers=headers).json()["usage"]["total_tokens"]
+    # payg: 0.05 cents a request and 0.002 cents a token; the probe itself costs one full-price request.
+    full_micro = 50_000 + 2_000 * probe
+    budget_cents = -(-(full_micro * 11) // 10**6)  # the probe and ten more at full price; twenty at half
+    assert 10 * full_micro < budget_cents * 10**6 - full_micro < 20 * full_micro
+    assert client.patch(f"/admin/tenants/{tenant_id}", json={"monthly_budget_cents": budget_cents},
+                        headers=ADMIN).is_success
+    created = _batch(client, headers, lines)
+    _run(client, chunk=5)
+    done = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
+    assert (done["status"], done["request_counts"]["completed"]) == ("completed", 20), done

@@ -401,3 +401,26 @@ def test_page_shows_money_in_the_display_form(client: TestClient, make_tenant: A
     assert amounts
     assert all(re.fullmatch(r"\$[0-9]{1,3}(,[0-9]{3})*\.[0-9]{2}", a) for a in amounts), amounts
     assert " USD" not in text  # prices carry the currency's symbol, not its code
+
+
+def test_page_shows_batch_usage_apart(client: TestClient, make_tenant: Any, make_key: Any,
+                                      fake_clock: FakeClock) -> None:
+    """Batch API lines are counted in the period's tokens and requests, shown on a card of their own, and priced
+    on their own invoice lines at the plan's batch discount."""
+    fake_clock.t = ts(2026, 10, 20)
+    tenant = make_tenant(name="Bulk Tagging", plan="payg")
+    headers = bearer(make_key(tenant["id"])["key"])
+    rows = [UsageRecord(request_id=f"breq_dash{i}", tenant_id=tenant["id"], model_id="all-MiniLM-L6-v2",
+                        created=fake_clock.t, plan="payg", kind="batch", tokens=1000, requests=1) for i in range(3)]
+    rows.append(UsageRecord(request_id="req_dash", tenant_id=tenant["id"], model_id="all-MiniLM-L6-v2",
+                            created=fake_clock.t, plan="payg", tokens=500, requests=1))
+    with services_of(client.app).sessions() as session:
+        record_usage(session=session, records=rows)
+        session.commit()
+    page = client.get(page_path(new_link(client, headers)["url"])).text
+    assert "Batch API this period" in page
+    assert "3 lines" in page
+    assert "3,000 tokens · 50% batch discount" in page
+    assert "3,500" in page  # the period's tokens count both
+    assert "Tokens (batch): 3,000 used, 50% batch discount" in page
+    assert "Tokens: 500 used" in page

@@ -286,7 +286,8 @@ def test_bad_input_is_refused_naming_the_field(client: TestClient, services: Ser
 def test_extreme_candidate_plans_are_priced_exactly(client: TestClient, october: dict[str, str]) -> None:
     """The largest prices and fees a plan admits price in exact integers (no overflow, no float)."""
     pro = next(p for p in client.get("/admin/plans", headers=ADMIN).json()["data"] if p["id"] == "pro")
-    huge = pro | {"base_fee_cents": 10**30, "included_tokens": 0, "price_per_1k_tokens": "999999999.99999"}
+    huge = pro | {"base_fee_cents": 10**30, "included_tokens": 0, "price_per_1k_tokens": "999999999.99999",
+                  "batch_discount_percent": 0}  # an odd micro-cent price cannot be halved exactly
     rows = by_tenant(sim(client, period="2026-10", plans=[huge]))
     # 4.5M tokens: 4,500 x 99,999,999,999.999 cents = 449,999,999,999,995.5 -> half-up 449,999,999,999,996.
     assert rows[october["pro"]]["revenue_simulated_cents"] == 10**30 + 449_999_999_999_996
@@ -344,3 +345,23 @@ def test_cli_table_json_and_csv(client: TestClient, services: Services, october:
     result = CliRunner().invoke(main, ["billing", "simulate", "--period", "2026-10", "--plans", str(broken)])
     assert result.exit_code == 1
     assert "plans.0.included_tokens" in result.output
+
+
+def test_a_candidate_batch_discount_reprices_the_batch_usage_alone(client: TestClient, services: Services,
+                                                                   make_tenant: Any, fake_clock: FakeClock) -> None:
+    """``batch_discount_percent`` is a plan field like any other: simulating payg at 0% and at 100% off batches
+    moves the revenue by exactly the batch lines' charges, and leaves a tenant without batch usage as it was."""
+    fake_clock.t = OCT
+    bulk, plain = make_tenant(plan="payg")["id"], make_tenant(plan="payg")["id"]
+    add_usage(services, bulk, "payg", ts(2026, 10, 3), "breq_sim", kind="batch", requests=4000, tokens=400_000)
+    add_usage(services, bulk, "payg", ts(2026, 10, 4), "r_sim_bulk", requests=1000, tokens=100_000)
+    add_usage(services, plain, "payg", ts(2026, 10, 4), "r_sim_plain", requests=1000, tokens=100_000)
+    fake_clock.t = ts(2026, 10, 25)
+    payg = next(p for p in client.get("/admin/plans", headers=ADMIN).json()["data"] if p["id"] == "payg")
+    full = by_tenant(sim(client, period="2026-10", plans=[payg | {"batch_discount_percent": 0}]))
+    free = by_tenant(sim(client, period="2026-10", plans=[payg | {"batch_discount_percent": 100}]))
+    packaged = by_tenant(sim(client, period="2026-10"))
+    # 4,000 batch requests at 0.05 cents and 400,000 batch tokens at 0.002 cents: 200 + 800 cents at full price.
+    assert full[bulk]["revenue_simulated_cents"] - free[bulk]["revenue_simulated_cents"] == 1000
+    assert packaged[bulk]["revenue_simulated_cents"] - free[bulk]["revenue_simulated_cents"] == 500  # payg: 50%
+    assert full[plain]["revenue_simulated_cents"] == free[plain]["revenue_simulated_cents"]

@@ -135,10 +135,11 @@ def new_tenant(client: TestClient, plan: str = "payg") -> dict[str, Any]:
     return dict(response.json())
 
 
-def use(client: TestClient, tenant: dict[str, Any], at: int, *, tokens: int, requests_: int = 1) -> None:
+def use(client: TestClient, tenant: dict[str, Any], at: int, *, tokens: int, requests_: int = 1,
+        kind: str = "inference") -> None:
     services = services_of(client.app)
     records = [UsageRecord(request_id=uuid.uuid4().hex, tenant_id=tenant["id"], model_id="m", created=at,
-                           tokens=tokens, plan=tenant["plan"]) for _ in range(requests_)]
+                           tokens=tokens, plan=tenant["plan"], kind=kind) for _ in range(requests_)]
     with services.sessions() as session:
         record_usage(session=session, records=records)
         session.commit()

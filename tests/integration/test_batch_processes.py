@@ -1,5 +1,6 @@
 """A gateway process killed (SIGKILL) in the middle of a batch: another resumes it once the lease lapses, and
-every line is answered once in the output and billed once in the ledger."""
+every line is answered once in the output and billed once in the ledger. The first serves on its in-process
+engine, the second through an engine process: the invoice's batch lines recompute to the cent after both."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway.services import services_of
 from modelmeter.models.batches import line_request_id
 from modelmeter.settings import Settings
-from tests.conftest import bearer
+from tests.conftest import ADMIN, bearer
 from tests.support.gateways import start_gateway
+from tests.support.invoices import assert_upcoming_recomputes
 from tests.support.net import free_port, wait_ready
 from tests.support.tenants import tenant_with_model
 
@@ -66,7 +68,7 @@ def test_a_killed_gateway_leaves_its_batch_to_another_which_finishes_it_once(set
         assert 100 <= billed_at_kill < LINES, billed_at_kill  # killed in the middle
 
         port = free_port()
-        second = start_gateway(settings, port, GATEWAY_ENV)
+        second = start_gateway(settings, port, GATEWAY_ENV, ["--engine", "process"])  # the other engine
         base = f"http://127.0.0.1:{port}"
         try:
             wait_ready(base)
@@ -86,5 +88,9 @@ def test_a_killed_gateway_leaves_its_batch_to_another_which_finishes_it_once(set
         with services_of(client.app).sessions() as session:
             billed = session.exec(select(UsageEvent.request_id)).all()
         assert sorted(billed) == sorted(line_request_id(batch_id, f"line-{i}") for i in range(LINES))  # once each
+        # Served by engine processes this time: the invoice's batch lines still recompute to the cent.
+        now = int(time.time())
+        billed_lines = assert_upcoming_recomputes(client.get, bearer(key), ADMIN, "payg", now - 40 * 86400, now + 1)
+        assert set(billed_lines) == {"batch_requests", "batch_tokens"}
     finally:
         client.__exit__(None, None, None)

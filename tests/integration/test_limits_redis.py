@@ -19,7 +19,7 @@ from modelmeter.billing.pricing import metered_cost_micro, metered_prices
 from modelmeter.billing.quota import Amount, Caps, InProcessQuotaStore, RedisQuotaStore
 from modelmeter.gateway.ratelimit import InProcessRateLimiter, RedisRateLimiter
 from modelmeter.gateway.services import make_limiters
-from tests.plan_strategies import tiered_plans
+from tests.plan_strategies import tiered_plans, with_batch_discount
 
 REDIS_URL = os.environ.get("MODELMETER_REDIS_URL", "")
 pytestmark = [
@@ -227,7 +227,16 @@ async def test_factory_builds_redis_backends(replicas: Replicas) -> None:
 # Used totals stay below 1e8 and unit prices below 1e7 micro-cents, so every cost is below 2^53: Lua's doubles are
 # exact there (USAGE_COST_LUA says so).
 counts = st.integers(min_value=0, max_value=5 * 10**7)
-amounts = st.builds(Amount, counts, counts, counts, st.integers(min_value=0, max_value=10**6))
+
+
+@st.composite
+def amounts(draw: st.DrawFn) -> Amount:
+    """Random amounts, part of whose requests and tokens may be batch usage (priced at the plan's discount)."""
+    requests, tokens = draw(counts), draw(counts)
+    batch_requests, batch_tokens = draw(st.sampled_from([
+        (0, 0), (requests, tokens), (draw(st.integers(0, requests)), draw(st.integers(0, tokens)))]))
+    return Amount(requests, tokens, draw(counts), draw(st.integers(min_value=0, max_value=10**6)), batch_requests,
+                  batch_tokens)
 
 
 @st.composite
@@ -243,8 +252,8 @@ def flat_priced_plans(draw: st.DrawFn) -> Plan:
 
 
 # Flat prices, or token and request tiers (graduated and volume, with flat amounts) spread over the counts' range.
-priced_plans = st.one_of(flat_priced_plans(), tiered_plans(request_step=2 * 10**7, token_step=2 * 10**7,
-                                                           max_included=10**8))
+priced_plans = with_batch_discount(st.one_of(
+    flat_priced_plans(), tiered_plans(request_step=2 * 10**7, token_step=2 * 10**7, max_included=10**8)))
 
 
 @pytest.fixture
@@ -253,7 +262,7 @@ def budget_store(replicas: Replicas) -> RedisQuotaStore:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(plan=priced_plans, committed=amounts, amount=amounts)
+@given(plan=priced_plans, committed=amounts(), amount=amounts())
 async def test_lua_budget_cost_is_the_python_cost(
     budget_store: RedisQuotaStore, plan: Plan, committed: Amount, amount: Amount
 ) -> None:

@@ -121,6 +121,28 @@ def test_closed_invoice_reaches_stripe_with_our_amounts(app: TestClient, api: st
     assert public["stripe_customer_id"] == customer_id
 
 
+def test_batch_lines_reach_stripe_as_items_of_their_own(app: TestClient, api: stripe.StripeClient,
+                                                         october: FakeClock) -> None:
+    """Batch API usage closes into ``batch_*`` lines at the plan's discount, and each is an invoice item in Stripe
+    with our amount and its code."""
+    october.t = ts(2026, 10, 1)
+    tenant = new_tenant(app, "payg")
+    use(app, tenant, ts(2026, 10, 12), tokens=10_000, requests_=2)
+    use(app, tenant, ts(2026, 10, 13), tokens=10_000, requests_=4, kind="batch")
+    october.t = ts(2026, 11, 2)
+    close(app, "2026-10")
+    relay_of(app).tick()
+    invoice, lines = invoice_of(app, tenant["id"])
+    assert invoice.sync_status == "synced"
+    ours = {x.code: x.amount for x in lines}
+    # payg: 0.05 c a request, 0.002 c a token; batch at 50%: 4 x 0.025 = 0.1 -> 0 c, 40,000 x 0.001 = 40 c.
+    assert ours == {"requests": 0, "tokens": 40, "batch_requests": 0, "batch_tokens": 40}
+    (remote,) = stripe_invoices_of(api, str(tenant_row(app, tenant["id"]).stripe_customer_id), invoice.id)
+    remote_lines = our_lines(api, remote.id, invoice.id)
+    assert {x.metadata["code"]: x.amount for x in remote_lines} == ours
+    assert remote.total == invoice.total == 80
+
+
 def test_closing_twice_and_sending_again_creates_no_duplicate(app: TestClient, api: stripe.StripeClient,
                                                               october: FakeClock) -> None:
     tenant = billed_october(app, october)

@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,12 @@ def gateway_env(settings: Settings, extra: Mapping[str, str] | None = None) -> d
     return env | dict(extra or {})
 
 
-def start_gateway(settings: Settings, port: int, extra_env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """One gateway process at ``port`` (not waited for: see :func:`tests.support.net.wait_ready`)."""
-    return subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "serve", "--port", str(port), "--no-worker"],
+def start_gateway(settings: Settings, port: int, extra_env: Mapping[str, str] | None = None,
+                  args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """One gateway process at ``port`` (not waited for: see :func:`tests.support.net.wait_ready`); ``args`` go to
+    ``serve`` (``--engine process``: an engine process beside it)."""
+    return subprocess.Popen([sys.executable, "-m", "modelmeter.cli", "serve", "--port", str(port), "--no-worker",
+                             *args],
                             env=gateway_env(settings, extra_env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 

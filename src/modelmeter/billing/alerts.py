@@ -7,19 +7,23 @@ it does: a process killed after the commit loses nothing, and a replay or anothe
 (unique crossing, ``ON CONFLICT DO NOTHING``). A threshold fires once the period's usage has reached it and it
 has not fired yet (:func:`reached`), so a group that no replica checked is caught up by the next one. Each new
 event gets one delivery row per URL (the outbox the relay in :mod:`modelmeter.billing.alert_relay` sends).
+
+The same events, outbox and relay carry ``batch.completed`` and ``batch.failed`` (:func:`batch_ended`): written
+by the batch runner in the transaction that ends the batch, once per batch, whether or not alerts are set (a
+delivery only when they are).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy import update
@@ -32,7 +36,7 @@ from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.destinations import addresses, canonical_host, forbidden, is_local_name
 from modelmeter.billing.pricing import Usage
 from modelmeter.billing.spend import billed_spend_micro, usage_by_plan
-from modelmeter.billing.tables import AlertDelivery, AlertEvent, AlertSetting
+from modelmeter.billing.tables import BATCH_KIND, AlertDelivery, AlertEvent, AlertSetting
 from modelmeter.errors import ConflictError, NotFoundError
 from modelmeter.ids import new_id
 from modelmeter.money import MICRO_PER_CENT, micro_to_cents
@@ -44,6 +48,8 @@ if TYPE_CHECKING:
     from modelmeter.billing.ledger import UsageRecord
 
 EVENT_TYPE = "usage.threshold_crossed"
+BATCH_EVENT_TYPES = {"completed": "batch.completed", "failed": "batch.failed"}  # a batch's final status -> event
+EventType = Literal["usage.threshold_crossed", "batch.completed", "batch.failed"]
 MAX_THRESHOLDS = 10
 Resource = Literal["budget", "included_tokens"]
 
@@ -179,9 +185,13 @@ def retry_delivery(*, session: Session, delivery_id: int) -> AlertDelivery:
 
 
 
-def list_events(*, session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[list[AlertEvent], bool]:
-    """The tenant's events, newest first; ``after``: the id of the last event of the previous page."""
+def list_events(*, session: Session, tenant_id: str, limit: int, after: str | None,
+                types: Collection[str] | None = None) -> tuple[list[AlertEvent], bool]:
+    """The tenant's events (of ``types``, or all), newest first; ``after``: the id of the last event of the
+    previous page."""
     query = select(AlertEvent).where(AlertEvent.tenant_id == tenant_id)
+    if types is not None:
+        query = query.where(col(AlertEvent.type).in_(sorted(types)))
     if after is not None:
         query = query.where(col(AlertEvent.id) < after)
     rows = list(session.exec(query.order_by(col(AlertEvent.id).desc()).limit(limit + 1)).all())
@@ -227,6 +237,8 @@ class AlertSettingsCreated(AlertSettingsPublic):
 
 
 class EventData(Public):
+    """``usage.threshold_crossed``: the threshold crossed, and the usage that crossed it."""
+
     period: str
     resource: Literal["budget", "included_tokens"]
     threshold_percent: int
@@ -234,27 +246,55 @@ class EventData(Public):
     limit: int  # the budget in cents, or the included tokens
 
 
+class BatchRequestCounts(Public):
+    total: int
+    completed: int  # lines answered (the output file)
+    failed: int  # lines refused (the error file)
+
+
+class BatchEventData(Public):
+    """``batch.completed`` and ``batch.failed``: the batch as it ended (``GET /v1/batches/{id}`` has the rest)."""
+
+    id: str  # batch_…
+    status: Literal["completed", "failed"]
+    request_counts: BatchRequestCounts
+    output_file_id: str | None
+    error_file_id: str | None
+
+
 class EventPublic(Public):
     """An event, as ``GET /v1/events`` lists it and as the alert relay POSTs it to the tenant's URL (the body
-    the ``modelmeter-signature`` header signs: this model's compact JSON)."""
+    the ``modelmeter-signature`` header signs: this model's compact JSON). ``type`` says which ``data`` it carries:
+    ``EventData`` for ``usage.threshold_crossed``, ``BatchEventData`` for ``batch.completed`` and ``batch.failed``
+    (the two share no field and take no other, so a ``data`` matches exactly one)."""
 
     model_config = ConfigDict(title="Event")
 
     id: str
     object: Literal["event"]
-    type: Literal["usage.threshold_crossed"]
+    type: EventType
     created: int
-    data: EventData
+    data: EventData | BatchEventData
+
+    @model_validator(mode="after")
+    def _data_of_its_type(self) -> EventPublic:
+        if isinstance(self.data, BatchEventData) != self.type.startswith("batch."):
+            raise ValueError(f"a {self.type} event carries {type(self.data).__name__}")
+        return self
 
     @classmethod
     def of(cls, event: AlertEvent) -> EventPublic:
-        return cls(id=event.id, object="event",
-                   type=event.type,
-                   created=event.created,
-                   data=EventData(period=event.period,
-                                  resource=event.resource,
-                                  threshold_percent=event.threshold_percent, value=event.value,
-                                  limit=event.limit_value))
+        data: EventData | BatchEventData
+        if event.batch_id is not None:
+            data = BatchEventData(
+                id=event.batch_id, status=event.type.removeprefix("batch."),
+                request_counts=BatchRequestCounts(total=event.requests_total, completed=event.requests_completed,
+                                                  failed=event.requests_failed),
+                output_file_id=event.output_file_id, error_file_id=event.error_file_id)
+        else:
+            data = EventData(period=event.period, resource=event.resource, threshold_percent=event.threshold_percent,
+                             value=event.value, limit=event.limit_value)
+        return cls(id=event.id, object="event", type=event.type, created=event.created, data=data)
 
 
 class EventDeliveryPublic(Public):
@@ -307,6 +347,11 @@ class Crossing:
 _EVENT_INSERTS = {
     name: dialect.insert(AlertEvent).on_conflict_do_nothing(
         index_elements=["tenant_id", "period", "resource", "threshold_percent"]).returning(col(AlertEvent.id))
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_BATCH_EVENT_INSERTS = {
+    name: dialect.insert(AlertEvent).on_conflict_do_nothing(index_elements=["batch_id", "type"])
+    .returning(col(AlertEvent.id))
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 _DELIVERY_INSERT = sa_insert(AlertDelivery)
@@ -364,7 +409,9 @@ class Alerts:
         for r in written:
             if r.tenant_id in settings:
                 by_plan = added[(r.tenant_id, periods[r.request_id])]
-                by_plan[r.plan] += Usage(r.requests, r.tokens, r.training_tokens)
+                batch = r.kind == BATCH_KIND
+                by_plan[r.plan] += Usage(r.requests, r.tokens, r.training_tokens, r.requests if batch else 0,
+                                         r.tokens if batch else 0)
         crossings: list[Crossing] = []
         for tenant_id, period in added:
             thresholds, url, budget_cents, plan_id = settings[tenant_id]
@@ -396,7 +443,7 @@ class Alerts:
         query = sa_select(col(AlertEvent.threshold_percent)).where(
             col(AlertEvent.tenant_id) == tenant_id, col(AlertEvent.period) == period,
             col(AlertEvent.resource) == resource)
-        return set(conn.execute(query).scalars())
+        return {t for t in conn.execute(query).scalars() if t is not None}  # a crossing's is never NULL
 
     def _write(self, conn: Connection, crossings: list[Crossing]) -> int:
         if not crossings:
@@ -414,3 +461,36 @@ class Alerts:
             conn.execute(_DELIVERY_INSERT, deliveries)
         return len(new)
 
+
+# --- batch events, inside the transaction that ends the batch ---------------------------------------------------
+
+
+def batch_ended(conn: Connection, *, tenant_id: str, batch_id: str, status: str, total: int, completed: int,
+                failed: int, output_file_id: str | None, error_file_id: str | None) -> str | None:
+    """Write the event of a batch that ended in ``status`` (``batch.completed``, ``batch.failed``; no other status
+    has one) and its delivery to the tenant's alert URL, if it has one; returns the new event's id.
+
+    Called by the batch runner on the connection of the transaction that sets the final status, so the event
+    exists exactly when that status does; once per batch whatever runs it again (unique ``(batch_id, type)``,
+    ``ON CONFLICT DO NOTHING``: None then, and no second delivery). The values are the batch's as it ended (this
+    layer does not read batches)."""
+    event_type = BATCH_EVENT_TYPES.get(status)
+    if event_type is None:
+        return None
+    now = clock.now_s()
+    # The same width as a crossing's id (``Alerts._write``), so that ids of both kinds sort by time together.
+    values = {"id": f"{new_id('evt')}00", "type": event_type, "tenant_id": tenant_id, "created": now,
+              "batch_id": batch_id, "requests_total": total, "requests_completed": completed,
+              "requests_failed": failed, "output_file_id": output_file_id, "error_file_id": error_file_id}
+    event_id = conn.execute(_BATCH_EVENT_INSERTS[conn.dialect.name], values).scalar_one_or_none()
+    if event_id is None:
+        return None
+    query = sa_select(col(AlertSetting.url)).where(col(AlertSetting.tenant_id) == tenant_id)
+    if conn.dialect.name == "postgresql":  # as ``Alerts.fire``: a concurrent DELETE of the settings waits for us
+        query = query.with_for_update()
+    url = conn.execute(query).scalar_one_or_none()
+    if url is not None:
+        conn.execute(_DELIVERY_INSERT, [{"event_id": event_id, "tenant_id": tenant_id, "url": url,
+                                         "status": "pending", "attempts": 0, "next_attempt_at": now,
+                                         "created": now}])
+    return str(event_id)

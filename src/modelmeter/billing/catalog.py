@@ -169,6 +169,8 @@ class Plan(BaseModel):
     tpm_limit: Annotated[int, Field(ge=1)]
     hard_limit: bool = False
     prepaid: bool = False  # usage must be paid from prepaid credits as it is incurred (429 when they cannot)
+    # Batch API usage is priced at (100 - this)% of the request and token prices, on lines of its own.
+    batch_discount_percent: Annotated[int, Field(strict=True, ge=0, le=100)] = 0
 
     @field_validator("price_per_1k_tokens", "price_per_request", "price_per_1m_training_tokens", mode="before")
     @classmethod
@@ -196,7 +198,29 @@ class Plan(BaseModel):
                 price.unit_micro(self)
             except ValueError:
                 raise ValueError(_inexact(price.name, price.of(self), price.unit, price.per_units)) from None
+        self._batch_prices_exact()
         return self
+
+    def _batch_prices_exact(self) -> None:
+        """The discounted batch prices must stay whole micro-cents too, so that a batch line is still exactly
+        quantity x unit price; a volume-tiered dimension (every unit repriced at the period's tier) takes no
+        discount, since its batch usage has no price of its own to discount (its lines price both together)."""
+        keep = 100 - self.batch_discount_percent
+        if keep == 100:
+            return
+        for tiers, price in ((self.request_tiers, REQUEST_PRICE), (self.token_tiers, TOKEN_PRICE)):
+            if tiers is not None and tiers.tiers_mode == "volume":
+                raise ValueError(f"batch_discount_percent must be 0 on a plan with volume {price.unit} tiers: "
+                                 "volume tiers reprice every unit of the period at one tier")
+            units = [price.unit_micro(self)] if tiers is None else [
+                unit_micro_cents(tier.unit_amount_decimal, price.per_units) for tier in tiers.tiers]
+            flats = [] if tiers is None else [tier.flat_amount_cents * 10**6 for tier in tiers.tiers]
+            for micro in units + flats:
+                if micro * keep % 100:
+                    raise ValueError(
+                        f"with batch_discount_percent {self.batch_discount_percent}, a {price.unit} price of "
+                        f"{micro} micro-cents is not a whole number of micro-cents once discounted: choose a "
+                        "discount or prices that divide evenly")
 
     @field_serializer("price_per_1k_tokens", "price_per_request", "price_per_1m_training_tokens")
     def _price_out(self, value: Decimal) -> str:

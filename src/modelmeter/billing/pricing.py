@@ -22,6 +22,15 @@ Rounding
     Each line is rounded once, half-up (not banker's), to the cent; nothing is rounded before that, so a
     client recomputes any line as ``quantity * unit_amount_decimal`` rounded half-up.
 
+Batch usage (``batch_requests``, ``batch_tokens``: the part of ``requests`` and ``tokens`` served by the Batch API)
+    Priced at (100 - ``batch_discount_percent``)% of the plan's request and token prices, on lines of its own
+    (codes ``batch_requests``, ``batch_tokens``). Interactive usage takes the allowance and the tiers first, batch
+    usage what follows: a dimension's cost is ``C(interactive) + keep% x (C(all) - C(interactive))``, ``C`` its
+    allowance- and tier-aware cost. A flat price gives one batch line (quantity = the batch units beyond the
+    allowance, unit = the discounted price); graduated tiers a line per tier the batch units reach. ``Plan``
+    checks that every discounted price is still whole micro-cents (so lines stay exact), and refuses a discount
+    on volume tiers; there, batch usage is priced with the interactive on the same lines.
+
 Plan changes within a period (``price_period``)
     Usage is priced by the plan in force when it was served; base fees are prorated by time on each plan;
     allowances are per plan, not prorated. Segments on the same plan are merged first (their seconds and
@@ -50,7 +59,7 @@ from modelmeter.money import (
 )
 
 SECONDS_PER_DAY = 86_400
-LINE_CODES = ("base_fee", "requests", "tokens", "training_tokens")
+LINE_CODES = ("base_fee", "requests", "tokens", "training_tokens", "batch_requests", "batch_tokens")
 
 
 def _check_count(name: str, value: int) -> None:
@@ -60,15 +69,20 @@ def _check_count(name: str, value: int) -> None:
 
 @dataclass(frozen=True)
 class Usage:
-    """What was served: requests, inference tokens and training tokens."""
+    """What was served: requests, inference tokens and training tokens; of the requests and tokens, those served
+    by the Batch API (``batch_*``, included in ``requests`` and ``tokens``)."""
 
     requests: int = 0
     tokens: int = 0
     training_tokens: int = 0
+    batch_requests: int = 0
+    batch_tokens: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("requests", "tokens", "training_tokens"):
+        for name in ("requests", "tokens", "training_tokens", "batch_requests", "batch_tokens"):
             _check_count(name, getattr(self, name))
+        if self.batch_requests > self.requests or self.batch_tokens > self.tokens:
+            raise ValueError(f"batch usage is part of the usage, not more than it: {self}")
 
     def __add__(self, other: object) -> Usage:
         if not isinstance(other, Usage):
@@ -137,6 +151,16 @@ class MeteredPrices:
     requests: MeteredPrice
     tokens: MeteredPrice
     training_tokens: MeteredPrice
+    batch_discount_percent: int = 0
+
+    def batch_cost_micro(self, price: MeteredPrice, used: int, batch: int) -> int:
+        """The exact cost of ``used`` units of which ``batch`` were served by batches (see the module docstring);
+        exact integers because ``Plan`` checks that the discounted prices are whole micro-cents."""
+        whole = price.cost_micro(used)
+        if not batch:
+            return whole
+        own = price.cost_micro(used - batch)
+        return own + (whole - own) * (100 - self.batch_discount_percent) // 100
 
 
 def _price(plan: Plan, included: int, price: PlanPrice, tiers: Tiers | None) -> MeteredPrice:
@@ -156,6 +180,7 @@ def metered_prices(plan: Plan) -> MeteredPrices:
         requests=_price(plan, plan.included_requests, REQUEST_PRICE, plan.request_tiers),
         tokens=_price(plan, plan.included_tokens, TOKEN_PRICE, plan.token_tiers),
         training_tokens=_price(plan, plan.included_training_tokens, TRAINING_TOKEN_PRICE, None),
+        batch_discount_percent=plan.batch_discount_percent,
     )
 
 
@@ -167,6 +192,7 @@ class MeteredCharge:
     label: str
     price: Callable[[MeteredPrices], MeteredPrice]
     used: Callable[[Usage], int]
+    batch: Callable[[Usage], int] = lambda usage: 0  # the part of ``used`` served by batches
 
     def unit_micro(self, plan: Plan) -> int:
         """The plan's exact flat price per single unit, in micro-cents (0 when the charge is priced in tiers)."""
@@ -174,8 +200,10 @@ class MeteredCharge:
 
 
 METERED_CHARGES = (
-    MeteredCharge("requests", "Requests", lambda prices: prices.requests, lambda usage: usage.requests),
-    MeteredCharge("tokens", "Tokens", lambda prices: prices.tokens, lambda usage: usage.tokens),
+    MeteredCharge("requests", "Requests", lambda prices: prices.requests, lambda usage: usage.requests,
+                  lambda usage: usage.batch_requests),
+    MeteredCharge("tokens", "Tokens", lambda prices: prices.tokens, lambda usage: usage.tokens,
+                  lambda usage: usage.batch_tokens),
     MeteredCharge("training_tokens", "Training tokens", lambda prices: prices.training_tokens,
                   lambda usage: usage.training_tokens),
 )
@@ -189,7 +217,8 @@ def metered_cost_micro(prices: MeteredPrices, usage: Usage) -> int:
     The Redis quota store's Lua (``billing/quota/lua/usage_cost.lua``) mirrors it (tiers included): change both
     together.
     """
-    return sum(charge.price(prices).cost_micro(charge.used(usage)) for charge in METERED_CHARGES)
+    return sum(prices.batch_cost_micro(charge.price(prices), charge.used(usage), charge.batch(usage))
+               for charge in METERED_CHARGES)
 
 
 def _days(seconds: int, *, whole: bool) -> str:
@@ -259,13 +288,61 @@ def tiered(plan: Plan, *, code: str, used: int, price: MeteredPrice, label: str)
     return lines
 
 
+def _interactive(charge: MeteredCharge, price: MeteredPrice, usage: Usage) -> int:
+    """The units the charge's own lines price: all but the batch ones (a volume-tiered dimension: all of them)."""
+    return charge.used(usage) - (0 if price.mode == "volume" else charge.batch(usage))
+
+
 def _metered_lines(charge: MeteredCharge, plan: Plan, prices: MeteredPrices, usage: Usage) -> list[Line]:
     price = charge.price(prices)
+    used = _interactive(charge, price, usage)
     if price.mode is not None:
-        return tiered(plan, code=charge.code, used=charge.used(usage), price=price, label=charge.label)
-    line = metered(plan, code=charge.code, used=charge.used(usage), included=price.included,
+        return tiered(plan, code=charge.code, used=used, price=price, label=charge.label)
+    line = metered(plan, code=charge.code, used=used, included=price.included,
                    unit_micro=price.unit_micro, label=charge.label)
     return [] if line is None else [line]
+
+
+def _discounted(micro: int, keep: int) -> int:
+    return micro * keep // 100  # exact: ``Plan`` checks that every discounted price is whole micro-cents
+
+
+def batch_lines(charge: MeteredCharge, plan: Plan, prices: MeteredPrices, usage: Usage) -> list[Line]:
+    """The batch lines of a charge: the batch units after the interactive ones, at the discounted prices (see the
+    module docstring); none without batch usage, or on volume tiers (their lines price both)."""
+    price, batch = charge.price(prices), charge.batch(usage)
+    if not batch or price.mode == "volume":
+        return []
+    code, label, keep = f"batch_{charge.code}", f"{charge.label} (batch)", 100 - prices.batch_discount_percent
+    used, own = charge.used(usage), charge.used(usage) - batch
+    note = f"{batch:,} used" + (f", {prices.batch_discount_percent}% batch discount"
+                                if prices.batch_discount_percent else "")
+    if price.mode is None:
+        unit = _discounted(price.unit_micro, keep)
+        quantity = price.billable(used) - price.billable(own)
+        return [Line(code=code, description=f"{label}: {note}", quantity=quantity,
+                     unit_amount_decimal=cents_decimal(unit), amount=micro_to_cents(quantity * unit), plan=plan.id)]
+    before = {part.index: part for part in price.parts(own)}
+    lines = []
+    for part in price.parts(used):
+        tier = f"{label} {_tier_range(part)} (tier {part.index + 1} of {part.count}, {price.mode})"
+        earlier = before.get(part.index)
+        quantity = part.quantity - (earlier.quantity if earlier else 0)
+        if quantity or earlier is None:
+            unit = _discounted(part.unit_micro, keep)
+            lines.append(Line(code=code, description=f"{tier}: {note}", quantity=quantity,
+                              unit_amount_decimal=cents_decimal(unit), amount=micro_to_cents(quantity * unit),
+                              plan=plan.id))
+        if part.flat_micro and earlier is None:  # a tier first reached by batch units: its flat amount is theirs
+            flat = _discounted(part.flat_micro, keep)
+            lines.append(Line(code=code, description=f"{tier}: flat fee", quantity=1,
+                              unit_amount_decimal=cents_decimal(flat), amount=micro_to_cents(flat), plan=plan.id))
+    if not lines:  # every batch unit fell in the tier the interactive ones had reached, within its allowance
+        last = price.parts(used)[-1]
+        lines.append(Line(code=code, description=f"{label} (tier {last.index + 1} of {last.count}, {price.mode}): "
+                          f"{note}", quantity=0, unit_amount_decimal=cents_decimal(_discounted(last.unit_micro, keep)),
+                          amount=0, plan=plan.id))
+    return lines
 
 
 @dataclass(frozen=True)
@@ -289,15 +366,18 @@ def _flat_prorated(plan: Plan, segment: Segment) -> list[Line]:
     return [] if line is None else [line]
 
 
-def _metered_model(charge: MeteredCharge) -> ChargeFn:
+def _metered_model(charge: MeteredCharge, *, batch: bool = False) -> ChargeFn:
+    lines = batch_lines if batch else _metered_lines
+
     def price(plan: Plan, segment: Segment) -> list[Line]:
-        return _metered_lines(charge, plan, metered_prices(plan), segment.usage)
+        return lines(charge, plan, metered_prices(plan), segment.usage)
 
     return price
 
 
 CHARGE_MODELS: Mapping[str, ChargeFn] = MappingProxyType(
     {"base_fee": _flat_prorated} | {charge.code: _metered_model(charge) for charge in METERED_CHARGES}
+    | {f"batch_{charge.code}": _metered_model(charge, batch=True) for charge in METERED_CHARGES[:2]}
 )
 
 
@@ -312,7 +392,8 @@ def charge_model(code: str) -> ChargeFn:
 def price_usage(plan: Plan, usage: Usage) -> list[Line]:
     """The requests, tokens and training-token lines for usage served on one plan (no base fee)."""
     prices = metered_prices(plan)
-    return [line for charge in METERED_CHARGES for line in _metered_lines(charge, plan, prices, usage)]
+    return [line for charge in METERED_CHARGES for line in _metered_lines(charge, plan, prices, usage)] + [
+        line for charge in METERED_CHARGES[:2] for line in batch_lines(charge, plan, prices, usage)]
 
 
 def _merge(segments: Iterable[tuple[Plan, int, Usage]]) -> dict[Plan, tuple[int, Usage]]:

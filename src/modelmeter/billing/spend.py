@@ -17,33 +17,46 @@ more: ``billed`` = 1,000 + 1,000 = 2,000 cents; ``budget`` = 1,500,000 x 0.002 =
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import case, func
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Connection
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 
 from modelmeter.billing.catalog import Plan, PlanCatalog
 from modelmeter.billing.pricing import Usage, usage_cost_micro
-from modelmeter.billing.tables import UsageEvent
+from modelmeter.billing.tables import BATCH_KIND, UsageEvent
+
+
+def usage_sums() -> list[Any]:
+    """The ledger aggregates that make a ``Usage`` (read back with :func:`usage_of`), batch lines apart: the one
+    place a query says what usage is."""
+    batch = col(UsageEvent.kind) == BATCH_KIND
+    return [func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens),
+            func.sum(case((batch, col(UsageEvent.requests)), else_=0)),
+            func.sum(case((batch, col(UsageEvent.tokens)), else_=0))]
+
+
+def usage_of(sums: Iterable[Any]) -> Usage:
+    """The ``Usage`` of a row's :func:`usage_sums` columns (NULL sums of no rows are 0)."""
+    return Usage(*(int(value or 0) for value in sums))
 
 
 def period_usage(*, session: Session, tenant_id: str, period: str) -> Usage:
     """Committed usage of a tenant's period, from the ledger, whatever plan it was served under."""
-    query = select(func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens))
-    r, t, tr = session.exec(query.where(UsageEvent.tenant_id == tenant_id, UsageEvent.period == period)).one()
-    return Usage(int(r or 0), int(t or 0), int(tr or 0))
+    query = sa_select(*usage_sums()).where(col(UsageEvent.tenant_id) == tenant_id, col(UsageEvent.period) == period)
+    return usage_of(session.execute(query).one())
 
 
 def usage_by_plan(conn: Connection, *, tenant_id: str, period: str) -> dict[str, Usage]:
     """Committed usage of a tenant's period, per plan it was served under (``session.connection()`` from a
     session; the ledger's alert hook passes the connection of the rows it just wrote)."""
-    query = (sa_select(col(UsageEvent.plan), func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens),
-                       func.sum(UsageEvent.training_tokens))
+    query = (sa_select(col(UsageEvent.plan), *usage_sums())
              .where(col(UsageEvent.tenant_id) == tenant_id, col(UsageEvent.period) == period)
              .group_by(col(UsageEvent.plan)))
-    return {plan: Usage(int(r or 0), int(t or 0), int(tr or 0)) for plan, r, t, tr in conn.execute(query).all()}
+    return {row[0]: usage_of(row[1:]) for row in conn.execute(query).all()}
 
 
 def budget_spend_micro(plan: Plan, used: Usage) -> int:

@@ -10,6 +10,9 @@ from sqlmodel import Field, SQLModel
 UsageKind = Literal["inference", "training"]
 
 
+BATCH_KIND = "batch"  # ``UsageEvent.kind`` of a Batch API line (priced at the plan's batch discount)
+
+
 class UsageEvent(SQLModel, table=True):
     """One billable event. ``request_id`` is unique: recording the same request twice is a no-op.
 
@@ -238,25 +241,42 @@ class AlertSetting(SQLModel, table=True):
 
 
 class AlertEvent(SQLModel, table=True):
-    """A threshold crossed: written in the ledger transaction of the usage that crossed it, once per
-    (tenant, period, resource, threshold) whatever replays or replicas do (unique, ``ON CONFLICT DO NOTHING``).
-    ``value`` and ``limit_value`` are cents (``budget``) or tokens (``included_tokens``)."""
+    """An event of the tenant's (``GET /v1/events``, and POSTed to its alert URL), of one of two kinds:
+
+    - ``usage.threshold_crossed``: a threshold crossed, written in the ledger transaction of the usage that crossed
+      it, once per (tenant, period, resource, threshold) whatever replays or replicas do (unique, ``ON CONFLICT DO
+      NOTHING``). ``value`` and ``limit_value`` are cents (``budget``) or tokens (``included_tokens``).
+    - ``batch.completed`` / ``batch.failed``: a batch ended, written in the transaction that sets its final status,
+      once per batch (unique ``(batch_id, type)``, ``ON CONFLICT DO NOTHING``); the ``requests_*`` counts and the
+      file ids are the batch's when it ended.
+
+    The columns of the other kind are NULL (distinct in a unique constraint, so neither kind's constraint holds the
+    other's rows)."""
 
     __tablename__ = "alert_event"
     __table_args__ = (
         UniqueConstraint("tenant_id", "period", "resource", "threshold_percent", name="uq_alert_event_crossing"),
+        Index("uq_alert_event_batch", "batch_id", "type", unique=True),
         Index("ix_alert_event_tenant_id", "tenant_id", "id"),
     )
 
     id: str = Field(primary_key=True, max_length=40)
     type: str = Field(default="usage.threshold_crossed", max_length=64)
     tenant_id: str = Field(max_length=40)
-    period: str = Field(max_length=7)
-    resource: str = Field(max_length=32)  # budget | included_tokens
-    threshold_percent: int
-    value: int = Field(sa_column=Column(BigInteger, nullable=False))
-    limit_value: int = Field(sa_column=Column(BigInteger, nullable=False))
     created: int
+    # usage.threshold_crossed
+    period: str | None = Field(default=None, max_length=7)
+    resource: str | None = Field(default=None, max_length=32)  # budget | included_tokens
+    threshold_percent: int | None = None
+    value: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    limit_value: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    # batch.completed, batch.failed
+    batch_id: str | None = Field(default=None, max_length=40)
+    requests_total: int | None = None
+    requests_completed: int | None = None
+    requests_failed: int | None = None
+    output_file_id: str | None = Field(default=None, max_length=40)
+    error_file_id: str | None = Field(default=None, max_length=40)
 
 
 class AlertDelivery(SQLModel, table=True):

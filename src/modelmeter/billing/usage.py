@@ -12,13 +12,14 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from sqlalchemy import func, literal_column
+from sqlalchemy import literal_column
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col
 
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.periods import period_bounds, period_of
 from modelmeter.billing.pricing import Usage, marginal_cost_micro
+from modelmeter.billing.spend import usage_of, usage_sums
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.errors import InvalidRequestError
 from modelmeter.fields import INT32_MAX
@@ -64,8 +65,7 @@ def _rows(*, session: Session, tenant_id: str, q: UsageQuery) -> list[tuple[Any,
     bucket = (col(UsageEvent.created) // width * width).label("bucket")
     group = _group_column(q.group_by).label("grp")
     query = (
-        sa_select(bucket, group, col(UsageEvent.period), col(UsageEvent.plan), func.sum(UsageEvent.requests),
-               func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens))
+        sa_select(bucket, group, col(UsageEvent.period), col(UsageEvent.plan), *usage_sums())
         .where(col(UsageEvent.tenant_id) == tenant_id)
         .where(col(UsageEvent.created) >= first, col(UsageEvent.created) < q.end)
         .group_by("bucket", "grp", col(UsageEvent.period), col(UsageEvent.plan))
@@ -80,8 +80,8 @@ def usage_buckets(*, session: Session, catalog: PlanCatalog, tenant_id: str, q: 
     width = WIDTHS[q.bucket_width]
     consumed: dict[tuple[str, str], Usage] = defaultdict(Usage)
     results: dict[int, dict[Any, dict[str, int]]] = defaultdict(dict)
-    for bucket, group, period, plan, requests, tokens, training in _rows(session=session, tenant_id=tenant_id, q=q):
-        amount = Usage(int(requests or 0), int(tokens or 0), int(training or 0))
+    for bucket, group, period, plan, *sums in _rows(session=session, tenant_id=tenant_id, q=q):
+        amount = usage_of(sums)
         plan_obj = catalog.get(plan or current_plan)
         before = consumed[(period, plan)]
         consumed[(period, plan)] = before + amount
@@ -100,6 +100,8 @@ class UsageResult(Public):
     requests: int
     tokens: int
     training_tokens: int
+    batch_requests: int  # of ``requests``, those served by the Batch API (priced at the plan's batch discount)
+    batch_tokens: int  # of ``tokens``, those of batch requests
     cost_cents: int
     cost_cents_decimal: str
     model: str | None = None  # with group_by=model
@@ -124,6 +126,7 @@ def _bucket(start: int, width: int, group_by: GroupBy | None, groups: dict[Any, 
         # Only the grouping's own field is set (the route answers with ``exclude_unset``).
         grouping = {_GROUP_FIELD[group_by]: group} if group_by is not None else {}
         out.append(UsageResult(object="usage.result", requests=slot["requests"], tokens=slot["tokens"],
-                               training_tokens=slot["training_tokens"], cost_cents=micro_to_cents(cost),
+                               training_tokens=slot["training_tokens"], batch_requests=slot["batch_requests"],
+                               batch_tokens=slot["batch_tokens"], cost_cents=micro_to_cents(cost),
                                cost_cents_decimal=cents_text(cost), **grouping))
     return UsageBucket(object="bucket", start_time=start, end_time=start + width, results=out)

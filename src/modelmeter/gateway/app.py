@@ -61,6 +61,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app.include_router(events.admin_router)
     # Documented, not served: the body the alert relay POSTs to a tenant's URL (OpenAPI 3.1 ``webhooks``).
     app.webhooks.post("usage.threshold_crossed", tags=["events"])(events.usage_threshold_crossed)
+    app.webhooks.post("batch.completed", tags=["events"])(events.batch_completed)
+    app.webhooks.post("batch.failed", tags=["events"])(events.batch_failed)
     openapi.install(app, plan_ids=(p.id for p in app.state.services.plans.all()),
                     max_inputs=settings.max_inputs_per_request)
     app.add_middleware(IdempotencyMiddleware, services=app.state.services)  # inside: sees the body as routes do

@@ -29,6 +29,7 @@ from sqlmodel import col, update
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelmeter import clock
+from modelmeter.billing import alerts
 from modelmeter.gateway.auth import Principal
 from modelmeter.gateway.middleware import INTERNAL_PRINCIPAL, INTERNAL_REQUEST_ID
 from modelmeter.gateway.services import Services
@@ -246,10 +247,13 @@ class BatchRunner:
 
     def _finish(self, batch_id: str, status: str, output: Path, errors: Path,
                 failure: dict[str, Any] | None) -> None:
-        """Register the output and error files (purpose ``batch_output``) and end the batch in ``status``."""
+        """Register the output and error files (purpose ``batch_output``) and end the batch in ``status``, with
+        its event (``batch.completed``, ``batch.failed``) in the same transaction: a crash loses neither, and a
+        second call (this runner's or another's) writes neither again. The row is locked (PostgreSQL) so that a
+        runner whose lease lapsed cannot end a batch another runner has claimed since."""
         now = clock.now_s()
         with self._services.sessions() as session:
-            batch = session.get(Batch, batch_id)
+            batch = session.get(Batch, batch_id, with_for_update=True)
             if batch is None or batch.lease_owner != self.owner:
                 return
             batch.finalizing_at = batch.finalizing_at or now
@@ -263,6 +267,9 @@ class BatchRunner:
                 batch.errors_json = json.dumps([failure])
             batch.lease_owner, batch.lease_until = None, None
             session.add(batch)
+            alerts.batch_ended(session.connection(), tenant_id=batch.tenant_id, batch_id=batch.id, status=status,
+                               total=batch.total, completed=batch.completed, failed=batch.failed,
+                               output_file_id=batch.output_file_id, error_file_id=batch.error_file_id)
             session.commit()
 
     def _register(self, session: Any, batch: Batch, path: Path) -> str:

@@ -159,5 +159,6 @@ def load_page(*, session: Session, catalog: PlanCatalog, tenant_id: str, expires
         days=daily_usage(session=session, catalog=catalog, tenant=tenant, now=now), expires_at=expires_at, now=now,
         credits=credits.credits_page(session=session, tenant_id=tenant.id, limit=CREDIT_ROWS, after=None, live=live),
         alerts=[EventPublic.of(e) for e in alerts.list_events(session=session, tenant_id=tenant.id,
-                                                               limit=ALERT_ROWS, after=None)[0]],
+                                                               limit=ALERT_ROWS, after=None,
+                                                               types=(alerts.EVENT_TYPE,))[0]],
     )

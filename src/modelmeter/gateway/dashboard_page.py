@@ -99,7 +99,8 @@ def _card(label: str, value: str, sub: str, meter: str = "") -> str:
 
 
 def cards(data: PageData) -> str:
-    """Upcoming invoice, spend against budget, tokens and requests against the plan's allowances."""
+    """Upcoming invoice, spend against budget, tokens and requests against the plan's allowances (batch lines
+    included), and of them the Batch API's, at the plan's batch discount (its invoice lines are apart too)."""
     cur, plan, budget = data.plan.currency, data.plan, data.tenant.monthly_budget_cents
     spend_sub = f"of {amount_text(budget, cur)} monthly budget" if budget is not None else "no budget set"
     tokens_sub = f"of {plan.included_tokens:,} included" if plan.included_tokens else "no allowance: all billed"
@@ -111,6 +112,9 @@ def cards(data: PageData) -> str:
               _meter(data.used.tokens, plan.included_tokens)),
         _card("Requests this period", f"{data.used.requests:,}", requests_sub,
               _meter(data.used.requests, plan.included_requests)),
+        _card("Batch API this period", f"{data.used.batch_requests:,} lines",
+              f"{data.used.batch_tokens:,} tokens · " + (f"{plan.batch_discount_percent}% batch discount"
+                                                         if plan.batch_discount_percent else "no batch discount")),
     ))
 
 
@@ -206,10 +210,10 @@ def alerts_panel(data: PageData) -> str:
 
     names = {"budget": "budget", "included_tokens": "included tokens"}
     rows = "".join(
-        f'<tr class="alert"><td>{day(e.created, "%Y-%m-%d %H:%M")} UTC</td><td>{escape(e.data.period)}</td>'
-        f'<td>{e.data.threshold_percent}% of {names.get(e.data.resource, "?")}</td>'
-        f'<td class="num">{figure(e.data, e.data.value)}</td><td class="num">{figure(e.data, e.data.limit)}</td></tr>'
-        for e in data.alerts
+        f'<tr class="alert"><td>{day(e.created, "%Y-%m-%d %H:%M")} UTC</td><td>{escape(d.period)}</td>'
+        f'<td>{d.threshold_percent}% of {names.get(d.resource, "?")}</td>'
+        f'<td class="num">{figure(d, d.value)}</td><td class="num">{figure(d, d.limit)}</td></tr>'
+        for e in data.alerts if isinstance(d := e.data, EventData)  # usage alerts (the page loads no others)
     )
     return (f'<table id="alerts"><tr><th>When</th><th>Period</th><th>Threshold</th><th class="num">Value</th>'
             f'<th class="num">Limit</th></tr>{rows}</table>')

@@ -177,13 +177,21 @@ async def _admit(services: Services, principal: Principal, tokens: int, now: int
     try:
         hold = await services.meter.reserve(tenant_id=principal.tenant_id, plan=plan,
                                             budget_cents=principal.monthly_budget_cents,
-                                            amount=Amount(requests=1, tokens=tokens), at=now,
+                                            amount=_amount(principal, tokens), at=now,
                                             credits_epoch=principal.credits_epoch, request_id=request_id)
     except InsufficientQuotaError as exc:
         services.telemetry.quota_refused(principal.tenant_id)
         exc.headers.update(headers)
         raise
     return headers, hold
+
+
+def _amount(principal: Principal, tokens: int) -> Amount:
+    """What a request holds: one request and its tokens, counted as batch usage too for a batch line (priced at
+    the plan's batch discount, under the same caps)."""
+    if principal.batch:
+        return Amount(requests=1, tokens=tokens, batch_requests=1, batch_tokens=tokens)
+    return Amount(requests=1, tokens=tokens)
 
 
 def _rate_error(decision: RateDecision, headers: dict[str, str], tokens: int) -> RateLimitError:
@@ -285,6 +293,7 @@ def _record(
         model_id=info.id,
         created=created,
         plan=principal.plan,
+        kind="batch" if principal.batch else "inference",
         endpoint=endpoint,
         device=device,
         inputs=len(encoded.ids),

@@ -28,10 +28,8 @@ _RELEASE_LUA = lua("prelude", "release")
 _ADD_COMMITTED_LUA = lua("prelude", "add_committed")
 _RESOLVE_LUA = lua("resolve")
 
-_COUNTER_FIELDS = (
-    *(f"c_{name}" for name in ("requests", "tokens", "training_tokens", "cost_micro")),
-    *(f"r_{name}" for name in ("requests", "tokens", "training_tokens", "cost_micro")),
-)
+_DIMENSIONS = ("requests", "tokens", "training_tokens", "cost_micro", "batch_requests", "batch_tokens")
+_COUNTER_FIELDS = (*(f"c_{name}" for name in _DIMENSIONS), *(f"r_{name}" for name in _DIMENSIONS))
 
 
 def _amount_args(amount: Amount) -> list[str]:
@@ -47,7 +45,7 @@ def _text(value: bytes | str) -> str:
 
 
 def _credit_args(credits: CreditTerms | None, grants: list[GrantBalance] | None) -> str:
-    """ARGV 17 of the reserve script: the credit terms as JSON, with the grants when the script asked for them."""
+    """ARGV 23 of the reserve script: the credit terms as JSON, with the grants when the script asked for them."""
     if credits is None:
         return ""
     terms: dict[str, object] = {"epoch": credits.epoch, "now": credits.now, "prepaid": credits.prepaid}
@@ -67,13 +65,15 @@ def _dimension_words(price: MeteredPrice) -> list[str]:
 
 @lru_cache(maxsize=256)
 def _price_args(prices: MeteredPrices | None) -> tuple[str]:
-    """ARGV 18 of the reserve script ('' = not priced): for requests, tokens, training tokens in turn, the
-    allowance, the mode (``g`` graduated or ``v`` volume), the number of tiers, then each tier's up_to (``-``: no
-    bound), unit micro-cents and flat micro-cents, all separated by spaces. Cached: plans are few and frozen."""
+    """ARGV 24 of the reserve script ('' = not priced): the batch discount percent, then for requests, tokens,
+    training tokens in turn, the allowance, the mode (``g`` graduated or ``v`` volume), the number of tiers, then
+    each tier's up_to (``-``: no bound), unit micro-cents and flat micro-cents, all separated by spaces. Cached:
+    plans are few and frozen."""
     if prices is None:
         return ("",)
     dimensions = (prices.requests, prices.tokens, prices.training_tokens)
-    return (" ".join(word for price in dimensions for word in _dimension_words(price)),)
+    words = [str(prices.batch_discount_percent)] + [word for price in dimensions for word in _dimension_words(price)]
+    return (" ".join(words),)
 
 
 class RedisQuotaStore(QuotaStore):
@@ -188,7 +188,7 @@ class RedisQuotaStore(QuotaStore):
         if all(v is None for v in values):
             return None
         counts = [int(v or 0) for v in values]
-        return Amount(*counts[:4]), Amount(*counts[4:])
+        return Amount(*counts[:len(_DIMENSIONS)]), Amount(*counts[len(_DIMENSIONS):])
 
     async def aclose(self) -> None:
         """Close the client if this store created it."""

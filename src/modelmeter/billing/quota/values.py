@@ -1,4 +1,4 @@
-"""The quota's value types: an ``Amount`` of usage in four dimensions and the ``Caps`` it must stay within."""
+"""The quota's value types: an ``Amount`` of usage in six dimensions and the ``Caps`` it must stay within."""
 
 from __future__ import annotations
 
@@ -13,20 +13,25 @@ HOLD_TTL_S = 900.0  # float-ok: seconds a reservation may stay in flight before 
 
 @dataclass(frozen=True)
 class Amount:
-    """Usage in the four quota dimensions; ``cost_micro`` is in micro-cents (1e-6 cent)."""
+    """Usage in the quota dimensions; ``cost_micro`` is in micro-cents (1e-6 cent). ``batch_requests`` and
+    ``batch_tokens`` are the part of ``requests`` and ``tokens`` served by the Batch API (priced at its discount;
+    the caps on requests and tokens count both)."""
 
     requests: int = 0
     tokens: int = 0
     training_tokens: int = 0
     cost_micro: int = 0
+    batch_requests: int = 0
+    batch_tokens: int = 0
 
     def __post_init__(self) -> None:
         if min(self.values()) < 0:
             raise ValueError(f"amounts must not be negative: {self}")
 
-    def values(self) -> tuple[int, int, int, int]:
-        """The four dimensions, in field order."""
-        return (self.requests, self.tokens, self.training_tokens, self.cost_micro)
+    def values(self) -> tuple[int, int, int, int, int, int]:
+        """The dimensions, in field order (the Redis scripts' order too)."""
+        return (self.requests, self.tokens, self.training_tokens, self.cost_micro, self.batch_requests,
+                self.batch_tokens)
 
     def __add__(self, other: Amount) -> Amount:
         return fieldwise(self, other)
@@ -36,7 +41,7 @@ class Amount:
 
     def usage(self) -> Usage:
         """The metered dimensions (requests, tokens, training tokens), as pricing's ``Usage``."""
-        return Usage(self.requests, self.tokens, self.training_tokens)
+        return Usage(self.requests, self.tokens, self.training_tokens, self.batch_requests, self.batch_tokens)
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,9 @@ class Caps:
     max_cost_micro: int | None = None
     prices: MeteredPrices | None = None
 
-    def values(self) -> tuple[int | None, int | None, int | None, int | None]:
-        """The four caps, in ``Amount`` field order."""
-        return (self.max_requests, self.max_tokens, self.max_training_tokens, self.max_cost_micro)
+    def values(self) -> tuple[int | None, ...]:
+        """The caps, in ``Amount`` field order (the batch dimensions are capped with requests and tokens)."""
+        return (self.max_requests, self.max_tokens, self.max_training_tokens, self.max_cost_micro, None, None)
 
     def cost_of(self, total: Amount) -> int:
         """The usage cost of ``total`` in micro-cents (the summed ``cost_micro`` when not priced)."""
@@ -68,7 +73,7 @@ class Caps:
 
     def admit(self, total: Amount) -> bool:
         """Whether ``total`` is within every capped dimension."""
-        values = (*total.values()[:3], self.cost_of(total))
+        values = (*total.values()[:3], self.cost_of(total), *total.values()[4:])
         return all(cap is None or value <= cap for value, cap in zip(values, self.values(), strict=True))
 
     def marginal_cost(self, before: Amount, amount: Amount) -> int:

@@ -1,4 +1,6 @@
-"""Usage alerts: the tenant's settings (``/v1/billing/alerts``) and the events they fired (``GET /v1/events``)."""
+"""Usage alerts and events: the tenant's settings (``/v1/billing/alerts``), and its events (``GET /v1/events``): the
+thresholds its usage crossed, and its batches that ended. Each event is also POSTed to the alert URL, if one is set
+(the ``webhooks`` of the OpenAPI document, declared in ``app.py`` with the functions at the end of this module)."""
 
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def get_alerts(principal: BillingPrincipal, session: SessionDep) -> AlertSetting
 
 @router.get("/v1/events", response_model=Page[EventPublic], responses=errors(*TENANT_READ))
 def list_events(principal: BillingPrincipal, session: SessionDep, page: ListDep) -> Page[EventPublic]:
-    """The tenant's events (``usage.threshold_crossed``), newest first."""
+    """The tenant's events (``usage.threshold_crossed``, ``batch.completed``, ``batch.failed``), newest first."""
     rows, has_more = alerts.list_events(session=session, tenant_id=principal.tenant_id, limit=page.limit,
                                         after=page.after)
     return Page.of([EventPublic.of(row) for row in rows], has_more)
@@ -83,3 +85,15 @@ def usage_threshold_crossed(body: EventPublic) -> None:
     ``GET /v1/events`` lists it (one model), as compact JSON. The ``modelmeter-signature`` header signs the body
     (``t=<unix seconds>,v1=<hex HMAC-SHA256 of "t.body">`` with the secret shown when the alerts were set); a 2xx
     answer is a delivery, anything else is retried with backoff."""
+
+
+def batch_completed(body: EventPublic) -> None:
+    """What the alert relay POSTs to the tenant's URL (when one is set) when a batch completes: the event as
+    ``GET /v1/events`` lists it, ``data`` the batch's id, status, request counts and output and error files. Signed
+    and retried as ``usage.threshold_crossed`` is."""
+
+
+def batch_failed(body: EventPublic) -> None:
+    """What the alert relay POSTs to the tenant's URL (when one is set) when a batch fails (a line refused for
+    quota, or its input file lost): ``data`` as for ``batch.completed``; ``GET /v1/batches/{id}`` says why. Signed
+    and retried as ``usage.threshold_crossed`` is."""

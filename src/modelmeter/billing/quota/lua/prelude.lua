@@ -1,11 +1,14 @@
 -- Shared by the scripts that touch one (tenant, period)'s counters. KEYS: the counters hash, the holds hash
--- (id -> "requests tokens training cost"; "d:" id -> "grant micro grant micro ..."), the deadlines zset (id by
+-- (id -> "requests tokens training cost batch_requests batch_tokens"; "d:" id -> "grant micro grant micro ..."), the deadlines zset (id by
 -- expiry ms), the tenant's credits hash ("epoch"; "r:" grant -> micro-cents left; "m:" grant -> "rank expires_at",
 -- expires_at 0 = never). ARGV[1] is always the keys' TTL. Amounts travel as decimal strings and are added with
 -- HINCRBY: a Lua number passed back to Redis may be formatted with 14 significant digits, which would corrupt
 -- large costs.
-local C = {'c_requests', 'c_tokens', 'c_training_tokens', 'c_cost_micro'}
-local R = {'r_requests', 'r_tokens', 'r_training_tokens', 'r_cost_micro'}
+-- The dimensions, in ``Amount.values()`` order: requests, tokens, training tokens, cost, and of the requests and
+-- tokens those served by batches (a hash written before they existed lacks the last two: HMGET gives nil, read 0).
+local C = {'c_requests', 'c_tokens', 'c_training_tokens', 'c_cost_micro', 'c_batch_requests', 'c_batch_tokens'}
+local R = {'r_requests', 'r_tokens', 'r_training_tokens', 'r_cost_micro', 'r_batch_requests', 'r_batch_tokens'}
+local N = #C
 local function touch()
   for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 end
