@@ -119,3 +119,35 @@ def test_a_job_cannot_train_on_a_batch_file(client: TestClient, tenant: tuple[st
                             code="invalid_validation_file")
     assert "purpose \"batch\"" in error["message"]
     assert client.get("/v1/fine_tuning/jobs", headers=headers).json()["data"] == []
+
+
+def test_a_files_purpose_decides_the_scope_its_routes_need(client: TestClient, make_tenant: Any,
+                                                           make_key: Any) -> None:
+    """An ``inference`` key runs batches end to end (its files up and down) but never touches training data; a
+    ``fine-tune`` key the reverse. Another tenant's file stays a 404 whatever the scope."""
+    tenant_id = make_tenant()["id"]
+    full = bearer(make_key(tenant_id)["key"])
+    inference = bearer(make_key(tenant_id, scopes=["inference"])["key"])
+    fine_tune = bearer(make_key(tenant_id, scopes=["fine-tune"])["key"])
+    training = upload(client, full, _jsonl({"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}))
+    assert training.status_code == 200, training.text
+    batch = _upload_batch(client, inference, _jsonl(_line("a")))
+    assert batch.status_code == 200, batch.text
+    training_id, batch_id = training.json()["id"], batch.json()["id"]
+
+    assert client.get(f"/v1/files/{batch_id}/content", headers=inference).status_code == 200
+    assert client.get(f"/v1/files/{batch_id}", headers=inference).status_code == 200
+    listed = client.get("/v1/files", headers=inference).json()["data"]
+    assert [f["id"] for f in listed] == [batch_id]  # the training file is not shown to an inference key
+    for method, path in (("GET", f"/v1/files/{training_id}"), ("GET", f"/v1/files/{training_id}/content"),
+                         ("DELETE", f"/v1/files/{training_id}"), ("GET", "/v1/files?purpose=fine-tune")):
+        assert_envelope(client.request(method, path, headers=inference), 403, code="insufficient_scope")
+    assert upload(client, inference, _jsonl({"text": "x", "label": "y"})).status_code == 403
+
+    assert _upload_batch(client, fine_tune, _jsonl(_line("b"))).status_code == 403
+    assert client.get(f"/v1/files/{batch_id}/content", headers=fine_tune).status_code == 403
+    assert [f["id"] for f in client.get("/v1/files", headers=fine_tune).json()["data"]] == [training_id]
+    assert {f["id"] for f in client.get("/v1/files", headers=full).json()["data"]} == {training_id, batch_id}
+
+    other = bearer(make_key(make_tenant()["id"], scopes=["inference"])["key"])
+    assert client.get(f"/v1/files/{training_id}", headers=other).status_code == 404  # not a 403: no existence leak

@@ -7,7 +7,10 @@ the interactive RPM/TPM limits. A 2xx answer goes to the output file, any other 
 appended and flushed once its chunk is served.
 
 Crash safety: the lease is renewed after every chunk; a runner that dies lets it lapse and the next one resumes
-from the lines its files already hold (a torn last line is cut). A line served and billed whose answer was not yet
+from the lines its files already hold (a torn last line is cut). Which lines those are is read from an index
+(``done.idx``: per chunk, one JSON line of the two files' sizes after it and its custom_ids), plus the files' tails
+past the last size it records, so a claim never parses the whole output (an embeddings batch's reaches hundreds
+of MB, and a batch is claimed again every ``share`` lines). A line served and billed whose answer was not yet
 written is served again; its request id is the same (``batches.line_request_id``), so the ledger keeps one usage
 row for it and the invoice bills it once. Stopping: a cancelled batch (``cancelling``) and one past its window
 finish after the chunk in flight, keeping what was served; a line refused for quota stops the batch (``failed``).
@@ -44,6 +47,7 @@ from modelmeter.tenancy.tenants import Tenant
 log = logging.getLogger("modelmeter.batches")
 _LINE_HEADER = "x-modelmeter-batch-line"  # read only by the runner's own wrapper, which is not on the network path
 OUTPUT_PURPOSE = "batch_output"
+INDEX = "done.idx"  # beside a batch's output and error files: which lines they hold (see the module docstring)
 
 
 class BatchRunner:
@@ -60,6 +64,9 @@ class BatchRunner:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lines: dict[str, tuple[Principal, str]] = {}
         self._counts: dict[str, list[int]] = {}  # batch id -> [completed, failed] lines written
+        # The last batch's parsed input, kept across its claims (parsing 50,000 lines again every ``share`` lines
+        # would cost more than the lines' own routing); one batch at a time, so it is bounded by the file limit.
+        self._input: tuple[str, list[BatchLine]] | None = None
         self._loop = Periodic(self.run_once, name="batch runner", immediately=True)
 
     def start(self, interval_s: float) -> None:  # float-ok: seconds
@@ -86,18 +93,17 @@ class BatchRunner:
     async def _run(self, batch: Batch) -> None:
         settings = self._services.settings
         directory = settings.data_dir / "batches" / batch.tenant_id / batch.id
-        output, errors = directory / "output.jsonl", directory / "errors.jsonl"
+        output, errors, index = directory / "output.jsonl", directory / "errors.jsonl", directory / INDEX
         lines = await asyncio.to_thread(self._input_lines, batch)
         if lines is None:
             failure: dict[str, Any] = {"code": "input_file_missing", "line": None,
                                        "message": f"The input file {batch.input_file_id} is gone."}
             await asyncio.to_thread(self._finish, batch.id, "failed", output, errors, failure)
             return
-        done = await asyncio.to_thread(_written, [output, errors])
+        done, counts = await asyncio.to_thread(_written, output, errors, index)
         pending = [line for line in lines if line.custom_id not in done]
-        # Counted once from the files, then kept as lines are written (an embeddings batch's output reaches
-        # hundreds of MB: it must not be read again after every chunk).
-        self._counts[batch.id] = [_count(output), _count(errors)]
+        # Counted once per claim, then kept as lines are written.
+        self._counts[batch.id] = counts
         transport = httpx.ASGITransport(app=self._wrapped)
         async with httpx.AsyncClient(transport=transport, base_url="http://batch.internal") as client:
             for start in range(0, len(pending), self._chunk):
@@ -113,21 +119,22 @@ class BatchRunner:
                 if principal is None:  # the tenant is suspended: the lease lapses and a later pass looks again
                     return
                 if not await self._serve_chunk(client, principal, batch, pending[start:start + self._chunk],
-                                               output, errors):
+                                               output, errors, index):
                     return
+                done.update(line.custom_id for line in pending[start:start + self._chunk])
         state = await asyncio.to_thread(self._state, batch.id)
         if state is None:
             return
         if state.status == "cancelling":
             final = "cancelled"
-        elif clock.now_s() >= state.expires_at and len(_written_ids(output, errors)) < len(lines):
+        elif clock.now_s() >= state.expires_at and len(done) < len(lines):
             final = "expired"
         else:
             final = "completed"
         await asyncio.to_thread(self._finish, batch.id, final, output, errors, None)
 
     async def _serve_chunk(self, client: httpx.AsyncClient, principal: Principal, batch: Batch,
-                           chunk: list[BatchLine], output: Path, errors: Path) -> bool:
+                           chunk: list[BatchLine], output: Path, errors: Path, index: Path) -> bool:
         """Serve ``chunk``, write its answers, renew the lease; False when this pass must end here (the lease
         went to another runner, a line was refused for quota, or a part the lines need is unavailable)."""
         limit = asyncio.Semaphore(self._concurrency)
@@ -139,8 +146,7 @@ class BatchRunner:
         kept = {a["custom_id"] for _, a in answers}
         chunk = [line for line in chunk if line.custom_id in kept]
         written = [a for ok, a in answers if ok], [a for ok, a in answers if not ok]
-        await asyncio.to_thread(_append, output, written[0])
-        await asyncio.to_thread(_append, errors, written[1])
+        await asyncio.to_thread(_append_chunk, output, errors, index, written)
         counts = self._counts[batch.id]
         counts[0] += len(written[0])
         counts[1] += len(written[1])
@@ -214,10 +220,14 @@ class BatchRunner:
         path = settings.data_dir / f.path if f is not None else None
         if path is None or not path.exists():
             return None
+        if self._input is not None and self._input[0] == batch.id:
+            return self._input[1]
         data = path.read_bytes()
         # Validated at upload; parsed again with the same bounds (a line's body is the route's model).
-        return parse_batch_file(data, max_inputs=settings.max_inputs_per_request,
-                                max_text_chars=settings.max_text_chars).lines
+        lines = parse_batch_file(data, max_inputs=settings.max_inputs_per_request,
+                                 max_text_chars=settings.max_text_chars).lines
+        self._input = (batch.id, lines)
+        return lines
 
     def _state(self, batch_id: str) -> Batch | None:
         with self._services.sessions() as session:
@@ -289,34 +299,72 @@ def _retryable(answer: dict[str, Any]) -> bool:
     return bool(status >= 500 or (status == 429 and answer["error"]["code"] != "insufficient_quota"))
 
 
-def _append(path: Path, answers: list[dict[str, Any]]) -> None:
-    if not answers:
+def _append(path: Path, answers: list[dict[str, Any]]) -> int:
+    """Append the answers, durably; the file's size after them."""
+    if answers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as f:
+            f.write(b"".join(json.dumps(a, separators=(",", ":")).encode() + b"\n" for a in answers))
+            f.flush()
+            os.fsync(f.fileno())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _append_chunk(output: Path, errors: Path, index: Path,
+                  written: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> None:
+    """A chunk's answers into their files, then one index line (the files' sizes after them and the chunk's
+    custom_ids). A crash between the two leaves answers the index does not name: ``_written`` reads them from
+    the files' tails past the last sizes the index records."""
+    sizes = _append(output, written[0]), _append(errors, written[1])
+    _append(index, [{"sizes": sizes, "ids": [a["custom_id"] for a in written[0] + written[1]]}])
+
+
+def _cut_torn(path: Path) -> None:
+    """Cut a torn last line (the runner died writing it); only the file's end is read."""
+    if not path.exists() or path.stat().st_size == 0:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("ab") as f:
-        f.write(b"".join(json.dumps(a, separators=(",", ":")).encode() + b"\n" for a in answers))
-        f.flush()
-        os.fsync(f.fileno())
+    with path.open("r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        size, step = f.seek(0, os.SEEK_END), 1 << 16
+        at = size
+        while at > 0:  # back to the last newline, a block at a time
+            at = max(0, at - step)
+            f.seek(at)
+            block = f.read(min(step, size - at))
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(at + newline + 1)
+                return
+        f.truncate(0)
 
 
-def _written(paths: list[Path]) -> set[str]:
-    """The custom_ids the files hold; a torn last line (the runner died writing it) is cut off first."""
-    for path in paths:
-        if path.exists():
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with path.open("r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
-    return _written_ids(*paths)
-
-
-def _written_ids(*paths: Path) -> set[str]:
+def _written(output: Path, errors: Path, index: Path) -> tuple[set[str], list[int]]:
+    """The custom_ids the two files hold and their line counts: from the index, then from the files' tails past
+    the sizes it last recorded (torn last lines cut first). An index older than the files (or none, a batch begun
+    before there was one) just means a longer tail to read."""
+    for path in (output, errors, index):
+        _cut_torn(path)
     ids: set[str] = set()
-    for path in paths:
+    sizes = [0, 0]
+    if index.exists():
+        with index.open("rb") as f:
+            for raw in f:
+                entry = json.loads(raw)
+                ids.update(entry["ids"])
+                sizes = entry["sizes"]
+    for path, start in zip((output, errors), sizes, strict=True):
         if path.exists():
-            ids.update(json.loads(line)["custom_id"] for line in path.read_bytes().splitlines() if line)
-    return ids
+            with path.open("rb") as f:
+                f.seek(min(start, path.stat().st_size))
+                ids.update(json.loads(raw)["custom_id"] for raw in f if raw.strip())
+    return ids, [_count(output), _count(errors)]
 
 
 def _count(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
+    """Lines in the file, counted a block at a time (the output of an embeddings batch is large)."""
+    if not path.exists():
+        return 0
+    with path.open("rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))

@@ -1,5 +1,8 @@
 """Files, OpenAI-compatible: upload (validated at once, errors name the line), list, retrieve, content, delete.
-A ``fine-tune`` file is training data; a ``batch`` file holds one inference request per line (the Batch API's)."""
+A ``fine-tune`` file is training data; a ``batch`` file holds one inference request per line (the Batch API's),
+and a ``batch_output`` file a batch's answers. A file's purpose decides the scope its routes need: ``fine-tune``
+for training data, ``inference`` for batch files (the scope that creates batches), so a key that may only call
+the models can still run a batch end to end, and never reads training data."""
 
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from modelmeter.errors import InvalidRequestError, PayloadTooLargeError
-from modelmeter.gateway.deps import FineTunePrincipal, ListDep, ServicesDep, SessionDep
+from modelmeter.gateway.auth import Principal
+from modelmeter.gateway.deps import CurrentPrincipal, ListDep, ServicesDep, SessionDep
 from modelmeter.gateway.schemas import TENANT_READ, TENANT_WRITE, errors
 from modelmeter.models.batchfile import BatchFile, parse_batch_file
 from modelmeter.models.finetune import jobs
 from modelmeter.models.finetune.dataset import DatasetError, ParsedDataset, parse_dataset
-from modelmeter.models.finetune.tables import FileDeleted, FilePublic
+from modelmeter.models.finetune.tables import FileDeleted, FilePublic, TenantFile
 from modelmeter.models.finetune.tagged import TaggedDataset, looks_tagged, parse_tagged
 from modelmeter.models.registry import artifact_path
 from modelmeter.ops import files
@@ -23,6 +27,18 @@ from modelmeter.settings import Settings
 from modelmeter.shapes import Page
 
 router = APIRouter(tags=["files"])
+BATCH_PURPOSES = ("batch", "batch_output")
+
+
+def _scope(purpose: str) -> str:
+    return "inference" if purpose in BATCH_PURPOSES else "fine-tune"
+
+
+def _own_file(principal: Principal, session: SessionDep, file_id: str) -> TenantFile:
+    """The tenant's file: 404 unless it has it, then 403 unless the key has the scope its purpose needs."""
+    row = jobs.get_file(session=session, tenant_id=principal.tenant_id, file_id=file_id)
+    principal.require(_scope(row.purpose))
+    return row
 
 
 def _parse(settings: Settings, data: bytes, filename: str, purpose: str) -> ParsedDataset | TaggedDataset | BatchFile:
@@ -45,7 +61,7 @@ def _parse(settings: Settings, data: bytes, filename: str, purpose: str) -> Pars
 
 @router.post("/v1/files", response_model=FilePublic, responses=errors(*TENANT_WRITE))
 async def upload_file(
-    principal: FineTunePrincipal,
+    principal: CurrentPrincipal,
     services: ServicesDep,
     file: Annotated[UploadFile, File(description="fine-tune: JSONL, CSV or TSV of labeled text, or JSONL of tagged "
                                                  "tokens or of text with entity spans (named entities); batch: JSONL "
@@ -54,6 +70,7 @@ async def upload_file(
 ) -> FilePublic:
     """Upload a labeled dataset (classification, or named entities) or a batch of requests; it is parsed and
     validated before anything is stored, and errors name the line."""
+    principal.require(_scope(purpose))
     settings = services.settings
     if file.size is not None and file.size > settings.max_file_bytes:
         raise PayloadTooLargeError(f"Files may be at most {settings.max_file_bytes} bytes.")
@@ -78,32 +95,45 @@ async def upload_file(
 
 @router.get("/v1/files", response_model=Page[FilePublic], responses=errors(*TENANT_READ))
 def list_files(
-    principal: FineTunePrincipal, session: SessionDep, page: ListDep,
+    principal: CurrentPrincipal, session: SessionDep, page: ListDep,
     purpose: Annotated[str | None, Query(max_length=32)] = None,
 ) -> Page[FilePublic]:
+    """The tenant's files of the purposes the key may read (``purpose``: of one)."""
+    if purpose is not None:
+        principal.require(_scope(purpose))
+        purposes: tuple[str, ...] | None = (purpose,)
+    elif "fine-tune" in principal.scopes and "inference" in principal.scopes:
+        purposes = None
+    elif "inference" in principal.scopes:
+        purposes = BATCH_PURPOSES
+    else:
+        principal.require("fine-tune")
+        purposes = ("fine-tune",)
     rows, has_more = jobs.list_files(session=session, tenant_id=principal.tenant_id, limit=page.limit,
-                                     after=page.after, purpose=purpose)
+                                     after=page.after, purposes=purposes)
     return Page.of([FilePublic.of(f) for f in rows], has_more)
 
 
 @router.get("/v1/files/{file_id}", response_model=FilePublic, responses=errors(*TENANT_READ, 404))
-def get_file(file_id: str, principal: FineTunePrincipal, session: SessionDep) -> FilePublic:
-    return FilePublic.of(jobs.get_file(session=session, tenant_id=principal.tenant_id, file_id=file_id))
+def get_file(file_id: str, principal: CurrentPrincipal, session: SessionDep) -> FilePublic:
+    return FilePublic.of(_own_file(principal, session, file_id))
 
 
 @router.get("/v1/files/{file_id}/content", response_class=Response, responses={
     200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes, as uploaded."},
     **errors(*TENANT_READ, 404)})
-def file_content(file_id: str, principal: FineTunePrincipal, services: ServicesDep) -> Response:
+def file_content(file_id: str, principal: CurrentPrincipal, services: ServicesDep, session: SessionDep) -> Response:
     """The file's bytes, as uploaded (``client.files.content(id)`` in the openai SDK)."""
+    _own_file(principal, session, file_id)
     data = files.file_content(sessions=services.sessions, data_dir=services.settings.data_dir,
                               tenant_id=principal.tenant_id, file_id=file_id)
     return Response(data, media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted, responses=errors(*TENANT_READ, 404, 409))
-def delete_file(file_id: str, principal: FineTunePrincipal, services: ServicesDep) -> FileDeleted:
+def delete_file(file_id: str, principal: CurrentPrincipal, services: ServicesDep, session: SessionDep) -> FileDeleted:
     """Delete a file not used by an active job (409 otherwise)."""
+    _own_file(principal, session, file_id)
     files.delete_file(sessions=services.sessions, data_dir=services.settings.data_dir,
                       tenant_id=principal.tenant_id, file_id=file_id)
     return FileDeleted.of(file_id)

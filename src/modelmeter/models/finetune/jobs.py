@@ -143,11 +143,12 @@ def page(*, session: Session, query: Any, limit: int) -> tuple[list[Any], bool]:
 
 
 def list_files(
-    *, session: Session, tenant_id: str, limit: int, after: str | None, purpose: str | None = None
+    *, session: Session, tenant_id: str, limit: int, after: str | None, purposes: tuple[str, ...] | None = None
 ) -> tuple[list[TenantFile], bool]:
+    """The tenant's files, newest first, of ``purposes`` (None: all)."""
     query = select(TenantFile).where(TenantFile.tenant_id == tenant_id).order_by(col(TenantFile.id).desc())
-    if purpose is not None:
-        query = query.where(TenantFile.purpose == purpose)
+    if purposes is not None:
+        query = query.where(col(TenantFile.purpose).in_(purposes))
     if after:
         query = query.where(col(TenantFile.id) < after)
     return page(session=session, query=query, limit=limit)
