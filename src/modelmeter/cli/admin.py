@@ -166,7 +166,7 @@ def plans(as_json: bool) -> None:
                 f"{p.id:<6} {p.name:<16} fee={amount_text(p.base_fee_cents, p.currency)} "
                 f"incl_tokens={p.included_tokens} per_1k={price(p.price_per_1k_tokens, p.token_tiers, p.currency)} "
                 f"per_req={price(p.price_per_request, p.request_tiers, p.currency)} rpm={p.rpm_limit} "
-                f"tpm={p.tpm_limit} hard_limit={p.hard_limit}")
+                f"tpm={p.tpm_limit} hard_limit={p.hard_limit} batch_discount={p.batch_discount_percent}%")
             for name, tiers in (("token_tiers", p.token_tiers), ("request_tiers", p.request_tiers)):
                 if tiers is not None:
                     lines.append(f"       {name}: {tiers.summary(p.currency)}")

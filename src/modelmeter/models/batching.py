@@ -22,11 +22,15 @@ of their own with ``max_queue`` permits of their own, so a batch backlog never m
 interactive rows' behaviour, unchanged: low rows are not counted in "the queue is empty", "a batch is full" or
 the ``max_wait_ms`` wait, so they never hold an interactive row back. A batch is chosen from the interactive rows
 exactly as without priorities; low rows then fill what is left of it under the same caps (size, padded tokens,
-padding ratio), at most ``floor(n * low_share / (1 - low_share))`` beside ``n`` interactive rows, i.e. at most
-``low_share`` of the batch (at the default 0.25: none beside one or two interactive rows, one beside three, two
-beside six). With no interactive row waiting, low rows go at once, at most ``low_max_rows`` a batch: an
-interactive request that arrives meanwhile waits for that one short forward pass at most. Under a load of
-interactive rows that never lets up, low rows wait; that is the contract (they use what is left).
+padding ratio), up to ``low_share`` of the rows served: each interactive row earns ``low_share / (1 - low_share)``
+of a low row's place, and a low row takes one place (at the default 0.2, one low row per four interactive rows,
+also when every batch holds only one or two; what is earned carries over by less than one row, so no burst of
+low rows ever lands on one batch). With no interactive row waiting, low rows go alone, at most ``low_max_rows`` a
+batch, once no interactive row has been queued or computed for ``low_idle_ms``: clients that just got their
+answers are usually about to send again, and a low batch started in that gap would hold their next rows back
+(measured on the 2-core CPU, where a pass of 8 rows costs ~50 ms, in ``bench/batches.py``). Under a load of
+interactive rows that never lets up, low rows get their share of the rows and no more; that is the contract
+(they use what is left).
 """
 
 from __future__ import annotations
@@ -158,13 +162,14 @@ class Batcher(Generic[R]):
         name: str = "batcher",
         executor: ThreadPoolExecutor | None = None,
         on_origins: Callable[[int], None] | None = None,
-        low_share: float = 0.25,
+        low_share: float = 0.2,
         low_max_rows: int = 8,
+        low_idle_ms: float = 20.0,
     ) -> None:
         if min(max_batch_tokens, max_batch_size, max_queue) <= 0 or max_wait_ms < 0:
             raise ValueError("caps must be positive and max_wait_ms non-negative")
-        if not 0 <= low_share <= 1 or low_max_rows < 1:
-            raise ValueError("low_share must be within 0..1 and low_max_rows positive")
+        if not 0 <= low_share <= 1 or low_max_rows < 1 or low_idle_ms < 0:
+            raise ValueError("low_share must be within 0..1, low_max_rows positive, low_idle_ms non-negative")
         self._run = run
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -173,6 +178,9 @@ class Batcher(Generic[R]):
         self.max_padding_ratio = max_padding_ratio
         self.low_share = low_share
         self.low_max_rows = low_max_rows
+        self.low_idle_s = low_idle_ms / 1000
+        self._low_credit = 0.0  # low rows' places earned by interactive rows, not yet taken (less than one carries)
+        self._interactive_at = -math.inf  # when an interactive row was last queued or computed
         self._on_batch = on_batch
         self._on_origins = on_origins  # distinct request origins (the engine's fronts) per batch
         self._name = name
@@ -284,6 +292,7 @@ class Batcher(Generic[R]):
             idle = not self._pending and not self._running
             ready_at = now if idle else now + self.max_wait_s
             self._pending.add([_Item(request, i, row, tag, now, ready_at) for i, row in enumerate(ids)])
+            self._interactive_at = now
         if self._task is None:
             self._task = loop.create_task(self._loop(), name=f"{self._name}-loop")
         self._wakeup.set()
@@ -305,11 +314,27 @@ class Batcher(Generic[R]):
                 log.exception("%s: batch loop error", self._name)
 
     async def _next_batch(self) -> list[_Item[R]]:
+        if not self._pending and not self._low:
+            await self._wait_for_work()
+        if not self._pending:
+            await self._wait_for_idle()
         if self._pending:
             await self._wait_to_fill()
-        elif not self._low:
-            await self._wait_for_work()
         return self._take()
+
+    async def _wait_for_idle(self) -> None:
+        """Low rows alone wait until no interactive row has been seen for ``low_idle_s`` (an interactive arrival
+        ends the wait: it goes first)."""
+        while not self._pending:
+            remaining = self._interactive_at + self.low_idle_s - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
 
     async def _wait_for_work(self) -> None:
         while not self._pending and not self._low:
@@ -340,12 +365,13 @@ class Batcher(Generic[R]):
             chosen = self._choose(live, self.max_batch_size)
             self._pending.put_back(live, chosen)
             room = self._low_room(len(chosen))
+            joining: list[_Item[R]] = []
             if room and self._low:
                 low = self._low.window()
                 joining = self._choose(low, room, chosen) if low else []
                 self._low.put_back(low, joining)
-                chosen += joining
-            return chosen
+            self._spend_low(len(joining))
+            return chosen + joining
         low = self._low.window()
         if not low:
             return []
@@ -354,12 +380,18 @@ class Batcher(Generic[R]):
         return chosen
 
     def _low_room(self, interactive: int) -> int:
-        """How many low rows may join ``interactive`` interactive rows: ``low <= low_share * (low + interactive)``,
-        i.e. ``floor(interactive * low_share / (1 - low_share))``, within the size cap."""
+        """How many low rows may join ``interactive`` interactive rows: the places earned so far (each interactive
+        row earns ``low_share / (1 - low_share)``, so that over time ``low <= low_share * (low + interactive)``),
+        within the size cap."""
         room = self.max_batch_size - interactive
         if self.low_share < 1:  # the epsilon keeps 3 * 0.25 / 0.75 at 1 whatever the float rounding
-            room = min(room, math.floor(interactive * self.low_share / (1 - self.low_share) + 1e-9))
+            self._low_credit += interactive * self.low_share / (1 - self.low_share)
+            room = min(room, math.floor(self._low_credit + 1e-9))
         return max(0, room)
+
+    def _spend_low(self, joined: int) -> None:
+        """``joined`` low rows took their places; less than one place carries over to the next batch (no burst)."""
+        self._low_credit = min(self._low_credit - joined, 0.999)
 
     def _choose(self, live: list[_Item[R]], limit: int, batch: Sequence[_Item[R]] = ()) -> list[_Item[R]]:
         """Up to ``limit`` of ``live`` to join ``batch``: those closest in length first, within both caps and the
@@ -407,6 +439,8 @@ class Batcher(Generic[R]):
         finally:
             self._running = []
             self._batch_done.set()
+        if any(not item.request.low for item in batch):
+            self._interactive_at = time.perf_counter()  # their clients are about to send again
         self._deliver(batch, results, compute_s)
         self._report(batch, started, compute_s)
 

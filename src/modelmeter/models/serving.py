@@ -48,8 +48,9 @@ class BatchCaps:
     max_wait_ms: float
     max_queue: int
     max_padding_ratio: float = 1.3
-    low_share: float = 0.25  # of a batch's rows, at most, for low-priority rows beside interactive ones
+    low_share: float = 0.2  # of the rows served, at most, for low-priority rows beside interactive ones
     low_max_rows: int = 8  # a batch of low-priority rows alone, at most
+    low_idle_ms: float = 20.0  # float-ok: how long no interactive row was seen before low rows go alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,7 @@ class ModelServer:
             on_origins=self._on_origins,
             low_share=self._caps.low_share,
             low_max_rows=self._caps.low_max_rows,
+            low_idle_ms=self._caps.low_idle_ms,
         )
 
     def _forward(self, backend: BertBackend) -> Callable[..., list[Result]]:
@@ -290,7 +292,7 @@ def build_model_server(settings: Settings, *, device: torch.device, hooks: Serve
         memory_budget_bytes=settings.pool_memory_mb * MIB,
         caps=BatchCaps(settings.max_batch_tokens, settings.max_batch_size, settings.max_wait_ms,
                        settings.max_queue_requests, settings.max_padding_ratio, settings.batch_share,
-                       settings.batch_max_rows),
+                       settings.batch_max_rows, settings.batch_idle_ms),
         adapters=adapters, on_batch=hooks.on_batch, on_load=hooks.on_load, on_evict=hooks.on_evict,
         adapter_hooks=hooks.adapters, simulated=simulated, on_origins=hooks.on_origins,
     )
