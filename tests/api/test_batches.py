@@ -3,8 +3,10 @@ resumable after a crash, cancellable, bounded by their completion window, stoppe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
+from modelmeter.billing.meter import ledger_totals, quota_caps
+from modelmeter.billing.periods import period_of
 from modelmeter.billing.tables import UsageEvent
 from modelmeter.gateway.batch_runner import BatchRunner
 from modelmeter.gateway.services import services_of
@@ -372,3 +376,44 @@ def test_a_budget_holds_batch_lines_at_their_discounted_price(
     _run(client, chunk=5)
     done = client.get(f"/v1/batches/{created['id']}", headers=headers).json()
     assert (done["status"], done["request_counts"]["completed"]) == ("completed", 20), done
+
+
+def test_counters_rebuilt_from_the_ledger_keep_the_batch_part(
+        client: TestClient, tenant: tuple[str, dict[str, str]], register_model: Any) -> None:
+    """The quota's baseline (read from the ledger when counters start: a restart, an evicted Redis key) keeps
+    the batch part, so the budget goes on pricing those lines at the discount."""
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    _batch(client, headers, _lines(model, 5))
+    _run(client)
+    services = services_of(client.app)
+    baseline = ledger_totals(sessions=services.sessions, tenant_id=tenant_id, period=period_of(int(time.time())))
+    assert (baseline.requests, baseline.batch_requests) == (5, 5)
+    assert baseline.tokens == baseline.batch_tokens > 0
+    payg = services.plans.get("payg")
+    caps = quota_caps(payg, budget_cents=10**6)
+    assert caps is not None
+    # 5 requests at half of 0.05 c and the tokens at half of 0.002 c: half what they would cost interactive.
+    assert 2 * caps.cost_of(baseline) == caps.cost_of(replace(baseline, batch_requests=0, batch_tokens=0))
+
+
+def test_a_slow_chunk_keeps_its_lease(client: TestClient, tenant: tuple[str, dict[str, str]],
+                                      register_model: Any) -> None:
+    """Batch rows wait behind interactive ones, so a chunk can outlast the lease: it is renewed while the chunk is
+    served, so no other front claims the batch and serves the same lines."""
+    tenant_id, headers = tenant
+    model = register_model(tenant_id)
+    created = _batch(client, headers, _lines(model, 2))
+    runner = BatchRunner(client.app, services_of(client.app), lease_s=3)
+    serve, seen = runner._serve, []
+
+    async def slow(*args: Any) -> Any:
+        await asyncio.sleep(2.5)  # most of the lease
+        with services_of(client.app).sessions() as session:
+            seen.append(session.get(Batch, created["id"]).lease_until - int(time.time()))  # type: ignore[union-attr]
+        return await serve(*args)
+
+    runner._serve = slow  # type: ignore[method-assign]
+    client.portal.call(runner.run_once)  # type: ignore[union-attr]
+    assert min(seen) >= 2  # renewed meanwhile: a lease taken 2.5 s ago for 3 s would have a second left at most
+    assert client.get(f"/v1/batches/{created['id']}", headers=headers).json()["status"] == "completed"

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from modelmeter.billing.catalog import PRICES, Plan
 from modelmeter.billing.pricing import metered_cost_micro, metered_prices
 from modelmeter.billing.quota import Amount, Caps, InProcessQuotaStore, RedisQuotaStore
+from modelmeter.billing.quota.redis import KEY_PREFIX
 from modelmeter.gateway.ratelimit import InProcessRateLimiter, RedisRateLimiter
 from modelmeter.gateway.services import make_limiters
 from tests.plan_strategies import tiered_plans, with_batch_discount
@@ -218,7 +219,7 @@ async def test_factory_builds_redis_backends(replicas: Replicas) -> None:
     finally:
         await limiter.aclose()
         await quotas.aclose()
-        quota_key = f"mm:quota:{{{tenant}|{PERIOD}}}"
+        quota_key = f"{KEY_PREFIX}{{{tenant}|{PERIOD}}}"
         await replicas.client().delete(f"mm:rl:{tenant}", quota_key, f"{quota_key}:holds", f"{quota_key}:deadlines")
 
 

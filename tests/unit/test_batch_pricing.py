@@ -196,13 +196,15 @@ def test_the_cost_is_interactive_first_and_the_batch_share_discounted(plan: Plan
 
 
 @given(discounted_plans, st.lists(batch_usages(max_requests=10**4, max_tokens=10**7), max_size=12))
-def test_marginal_costs_with_batches_sum_to_the_total(plan: Plan, steps: list[Usage]) -> None:
-    total, marginal_sum = Usage(), 0
+def test_more_usage_never_costs_less_and_batch_never_more_than_interactive(plan: Plan, steps: list[Usage]) -> None:
+    """Usage added, batch or not, never lowers the cost (volume tiers aside), and the same usage served as batch
+    lines never costs more than served interactively."""
+    total = Usage()
     for step in steps:
-        marginal = pricing.marginal_cost_micro(plan, total, step)
-        assert marginal >= 0 or has_volume_tiers(plan)
-        marginal_sum, total = marginal_sum + marginal, total + step
-    assert marginal_sum == pricing.usage_cost_micro(plan, total)
+        assert pricing.marginal_cost_micro(plan, total, step) >= 0 or has_volume_tiers(plan)
+        total = total + step
+    interactive = Usage(total.requests, total.tokens, total.training_tokens)
+    assert pricing.usage_cost_micro(plan, total) <= pricing.usage_cost_micro(plan, interactive)
 
 
 def test_lines_are_json_with_their_batch_codes() -> None:

@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 
 from modelmeter.gateway.batch_runner import BatchRunner
 from modelmeter.gateway.services import services_of
-from modelmeter.models.batching import Batcher, BatcherClosed, QueueFull
+from modelmeter.models.batching import Activity, Batcher, BatcherClosed, QueueFull
 from modelmeter.models.engine import protocol as p
 from modelmeter.models.engine.client import RemoteEngine
 from modelmeter.models.engine.core import EngineCore, EngineCounters
@@ -124,10 +124,14 @@ async def test_interactive_rows_go_before_older_low_rows(model: Model) -> None:
         model.release()
         await asyncio.gather(blocker, *lows, *inters)
     kinds = model.kinds()[1:]
-    # The size cap leaves no room for a low row beside four interactive ones: two interactive batches, then the low.
-    assert kinds[:2] == [["int"] * 4, ["int"] * 4]
-    assert all(set(batch) == {"low"} for batch in kinds[2:])
-    assert sum(map(len, kinds[2:])) == 8
+    # The older low rows wait: the first batch is all interactive (nothing earned yet); then each batch of four
+    # keeps the one place its predecessor's interactive rows earned (0.2: one per four), until the interactive
+    # rows are all served, in the first three batches.
+    assert kinds[0] == ["int"] * 4
+    assert [batch.count("low") for batch in kinds[1:3]] == [1, 1]
+    assert sum(batch.count("int") for batch in kinds[:3]) == 8
+    assert all(set(batch) == {"low"} for batch in kinds[3:])
+    assert sum(batch.count("low") for batch in kinds) == 8
 
 
 @pytest.mark.parametrize(("share", "joining"), [(0.0, 0), (0.25, 2), (0.5, 6), (1.0, 10)])
@@ -175,7 +179,7 @@ def test_small_batches_earn_their_share_over_time_without_a_burst(share: float) 
         room = batcher._low_room(n)
         assert room <= math.floor(n * share / (1 - share)) + 1
         joined = room if turn % 5 else 0  # now and then no low row is waiting: what it earned is not hoarded
-        batcher._spend_low(joined)
+        batcher._spend_low(joined, waiting=bool(turn % 5))
         interactive, low = interactive + n, low + joined
         assert low <= share * (low + interactive) + 1
     assert low >= 0.8 * 0.8 * share * (low + interactive)  # four turns in five took all they could
@@ -461,3 +465,43 @@ async def test_low_rows_alone_wait_until_interactive_traffic_has_paused(model: M
             await interactive(batcher, [seq(2, 200)], "second")
             await asyncio.wait_for(waiting, 5)
         assert model.kinds() == expected, idle_ms
+
+
+async def test_interactive_batches_that_fill_up_still_leave_low_rows_their_places(model: Model) -> None:
+    """Interactive rows enough to fill every batch: the places low rows earned are kept out of the next batches'
+    interactive rows, so low rows get their share instead of waiting for a pause that never comes."""
+    async with make(model, max_batch_size=8, low_share=0.2, low_idle_ms=10_000.0) as batcher:
+        blocker = await blocked(batcher, model)
+        inters = [interactive(batcher, [seq(2, 1000 + 10 * i)], f"{i}") for i in range(40)]
+        lows = [low(batcher, [seq(2, 100 * i)], f"{i}") for i in range(4)]
+        await until(lambda: batcher.queue_depth == 44)
+        model.release()
+        await asyncio.wait_for(asyncio.gather(blocker, *inters, *lows), 5)
+    kinds = model.kinds()[1:]
+    assert all(len(batch) <= 8 for batch in kinds)
+    first_low = next(i for i, batch in enumerate(kinds) if "low" in batch)
+    assert first_low <= 2  # earned within the first batches of 8 interactive rows, not after all 40
+    served = [kind for batch in kinds[: first_low + 4] for kind in batch]
+    assert served.count("low") <= 0.2 * len(served) + 1  # and no more than their share
+
+
+async def test_low_rows_wait_for_another_models_interactive_requests_on_the_same_device() -> None:
+    """Models on one device share its forward thread: a model's low rows alone wait while another model's
+    interactive request is in flight (they would otherwise take turns with its batches on the thread)."""
+    shared = Activity()
+    batch_model, busy_model = Model(), Model()
+    try:
+        async with make(batch_model, low_idle_ms=50.0, activity=shared) as quiet, \
+                make(busy_model, activity=shared) as busy:
+            busy_model.hold()
+            held = interactive(busy, [seq(2)], "other-model")
+            await until(busy_model.entered.is_set)
+            waiting = low(quiet, [seq(2, 100)], "batch")
+            await asyncio.sleep(0.3)  # six pauses' worth: an unshared batcher would have gone long ago
+            assert batch_model.batches == []
+            busy_model.release()
+            await asyncio.wait_for(asyncio.gather(held, waiting), 5)
+        assert batch_model.kinds() == [["low"]]
+    finally:
+        batch_model.release()
+        busy_model.release()

@@ -44,6 +44,7 @@ from modelmeter.billing import credits, invoicing, periods
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.counts import add_into
 from modelmeter.billing.periods import period_bounds
+from modelmeter.billing.spend import usage_of, usage_sums
 from modelmeter.billing.tables import Invoice, UsageEvent
 from modelmeter.errors import ConflictError
 from modelmeter.money import MICRO_PER_CENT, decimal_text, quantize_half_up, round_half_up_div, unit_micro_cents
@@ -98,6 +99,8 @@ class Tally:
     cpu_us: int = 0
     gpu_us: int = 0
     cost_units: int = 0
+    batch_requests: int = 0  # of ``requests``, Batch API lines
+    batch_tokens: int = 0
 
     def add(self, other: Tally) -> None:
         """Add ``other`` field by field."""
@@ -175,18 +178,16 @@ class UnitEconomics(Public):
 def ledger_tallies(*, session: Session, period: str, prices: ComputePrices) -> dict[tuple[str, str], Tally]:
     """Usage and compute of a period per (tenant, plan it was served under), from the ledger."""
     query = (
-        sa_select(col(UsageEvent.tenant_id), col(UsageEvent.plan), col(UsageEvent.device),
-                  func.sum(UsageEvent.requests), func.sum(UsageEvent.tokens), func.sum(UsageEvent.training_tokens),
+        sa_select(col(UsageEvent.tenant_id), col(UsageEvent.plan), col(UsageEvent.device), *usage_sums(),
                   func.sum(UsageEvent.compute_us))
         .where(col(UsageEvent.period) == period)
         .group_by(col(UsageEvent.tenant_id), col(UsageEvent.plan), col(UsageEvent.device))
     )
     tallies: dict[tuple[str, str], Tally] = {}
-    for tenant_id, plan, device, requests, tokens, training, compute_us in session.execute(query).all():
-        us = int(compute_us or 0)
-        cpu = device == "cpu"
-        tally = Tally(int(requests or 0), int(tokens or 0), int(training or 0), us if cpu else 0,
-                      0 if cpu else us, prices.cost_units(device, us))
+    for tenant_id, plan, device, *sums, compute_us in session.execute(query).all():
+        us, cpu, used = int(compute_us or 0), device == "cpu", usage_of(sums)
+        tally = Tally(used.requests, used.tokens, used.training_tokens, us if cpu else 0, 0 if cpu else us,
+                      prices.cost_units(device, us), used.batch_requests, used.batch_tokens)
         tallies.setdefault((tenant_id, plan), Tally()).add(tally)
     return tallies
 

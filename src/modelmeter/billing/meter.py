@@ -57,7 +57,9 @@ def served_requests(*, sessions: sessionmaker[Session], request_ids: Sequence[st
 
 
 def as_amount(usage: Usage) -> Amount:
-    return Amount(requests=usage.requests, tokens=usage.tokens, training_tokens=usage.training_tokens)
+    """The quota's amount of a usage, its batch part included (the budget prices that part at the discount)."""
+    return Amount(requests=usage.requests, tokens=usage.tokens, training_tokens=usage.training_tokens,
+                  batch_requests=usage.batch_requests, batch_tokens=usage.batch_tokens)
 
 
 def ledger_totals(*, sessions: sessionmaker[Session], tenant_id: str, period: str) -> Amount:

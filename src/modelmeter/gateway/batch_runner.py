@@ -6,14 +6,15 @@ interactive route gives, metered by the same path (quota, budget, credits, the l
 the interactive RPM/TPM limits. A 2xx answer goes to the output file, any other to the error file, each line
 appended and flushed once its chunk is served.
 
-Crash safety: the lease is renewed after every chunk; a runner that dies lets it lapse and the next one resumes
-from the lines its files already hold (a torn last line is cut). Which lines those are is read from an index
-(``done.idx``: per chunk, one JSON line of the two files' sizes after it and its custom_ids), plus the files' tails
-past the last size it records, so a claim never parses the whole output (an embeddings batch's reaches hundreds
-of MB, and a batch is claimed again every ``share`` lines). A line served and billed whose answer was not yet
-written is served again; its request id is the same (``batches.line_request_id``), so the ledger keeps one usage
-row for it and the invoice bills it once. Stopping: a cancelled batch (``cancelling``) and one past its window
-finish after the chunk in flight, keeping what was served; a line refused for quota stops the batch (``failed``).
+Crash safety: the lease is renewed while a chunk is served and after it; a runner that dies lets it lapse and
+the next one resumes from the lines its files already hold (a torn last line is cut). Which lines those are is
+read from an index (``done.idx``: per chunk, one JSON line of the two files' sizes and line counts after it and
+its custom_ids), plus the files' tails past the last sizes the files bear out, so a claim never reads the whole
+output (an embeddings batch's reaches hundreds of MB, and a batch is claimed again every ``share`` lines). A
+line served and billed whose answer was not yet written is served again; its request id is the same
+(``batches.line_request_id``), so the ledger keeps one usage row for it and the invoice bills it once.
+Stopping: a cancelled batch (``cancelling``) and one past its window finish after the chunk in flight, keeping
+what was served; a line refused for quota stops the batch (``failed``).
 """
 
 from __future__ import annotations
@@ -138,7 +139,15 @@ class BatchRunner:
         """Serve ``chunk``, write its answers, renew the lease; False when this pass must end here (the lease
         went to another runner, a line was refused for quota, or a part the lines need is unavailable)."""
         limit = asyncio.Semaphore(self._concurrency)
-        answers = await asyncio.gather(*(self._serve(client, limit, principal, batch, line) for line in chunk))
+        # Batch rows wait behind interactive ones, so a chunk may take long under load: the lease is renewed
+        # while it is served, not only after, or another front would claim the batch and serve the same lines.
+        beat = asyncio.create_task(self._heartbeat(batch.id))
+        try:
+            answers = await asyncio.gather(*(self._serve(client, limit, principal, batch, line) for line in chunk))
+        finally:
+            beat.cancel()
+        if await asyncio.to_thread(self._state, batch.id) is None:
+            return False  # the lease went to another runner meanwhile: it serves these lines, this one writes none
         # A 5xx or a 429 other than insufficient_quota (engine down, overloaded) is not the line's answer: it is
         # left unwritten, so a later pass serves it again (it was not billed).
         later = [a for _, a in answers if _retryable(a)]
@@ -146,10 +155,10 @@ class BatchRunner:
         kept = {a["custom_id"] for _, a in answers}
         chunk = [line for line in chunk if line.custom_id in kept]
         written = [a for ok, a in answers if ok], [a for ok, a in answers if not ok]
-        await asyncio.to_thread(_append_chunk, output, errors, index, written)
         counts = self._counts[batch.id]
         counts[0] += len(written[0])
         counts[1] += len(written[1])
+        await asyncio.to_thread(_append_chunk, output, errors, index, written, counts)
         refused = next(((line, a) for line, (ok, a) in zip(chunk, answers, strict=True)
                         if not ok and a["error"]["code"] == "insufficient_quota"), None)
         if not await asyncio.to_thread(self._progress, batch.id, counts[0], counts[1]):
@@ -246,6 +255,19 @@ class BatchRunner:
                          tpm_limit=tenant.tpm_limit, monthly_budget_cents=tenant.monthly_budget_cents,
                          credits_epoch=tenant.credits_epoch, batch=True)
 
+    async def _heartbeat(self, batch_id: str) -> None:
+        """Renew the lease every third of it while a chunk is served (cancelled when the chunk is done)."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            await asyncio.to_thread(self._renew, batch_id)
+
+    def _renew(self, batch_id: str) -> bool:
+        with self._services.sessions() as session:
+            renewed = session.exec(update(Batch).where(col(Batch.id) == batch_id, col(Batch.lease_owner) == self.owner)
+                                   .values(lease_until=clock.now_s() + self._lease_s)).rowcount == 1
+            session.commit()
+        return renewed
+
     def _progress(self, batch_id: str, completed: int, failed: int) -> bool:
         """The counts written, and the lease renewed; False if this runner no longer holds it."""
         with self._services.sessions() as session:
@@ -311,12 +333,12 @@ def _append(path: Path, answers: list[dict[str, Any]]) -> int:
 
 
 def _append_chunk(output: Path, errors: Path, index: Path,
-                  written: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> None:
-    """A chunk's answers into their files, then one index line (the files' sizes after them and the chunk's
-    custom_ids). A crash between the two leaves answers the index does not name: ``_written`` reads them from
-    the files' tails past the last sizes the index records."""
+                  written: tuple[list[dict[str, Any]], list[dict[str, Any]]], lines: list[int]) -> None:
+    """A chunk's answers into their files, then one index line: the files' sizes and line counts after them, and
+    the chunk's custom_ids. A crash between the two leaves answers the index does not name: ``_written`` reads
+    them from the files' tails past the last sizes the index records, and names them in a catch-up line."""
     sizes = _append(output, written[0]), _append(errors, written[1])
-    _append(index, [{"sizes": sizes, "ids": [a["custom_id"] for a in written[0] + written[1]]}])
+    _append(index, [{"sizes": sizes, "lines": lines, "ids": [a["custom_id"] for a in written[0] + written[1]]}])
 
 
 def _cut_torn(path: Path) -> None:
@@ -340,26 +362,55 @@ def _cut_torn(path: Path) -> None:
         f.truncate(0)
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _indexed(index: Path, actual: tuple[int, int]) -> tuple[set[str], list[int], list[int]]:
+    """The ids, sizes and line counts of the index up to its last line the files' ``actual`` sizes bear out; the
+    index is cut after that line."""
+    ids: set[str] = set()
+    sizes, lines, kept = [0, 0], [0, 0], 0
+    if not index.exists():
+        return ids, sizes, lines
+    with index.open("rb") as f:
+        for raw in f:
+            entry = json.loads(raw)
+            if entry["sizes"][0] > actual[0] or entry["sizes"][1] > actual[1]:
+                break  # the files end before this line's answers: they are served again
+            ids.update(entry["ids"])
+            sizes, lines, kept = entry["sizes"], list(entry["lines"]), kept + len(raw)
+    if kept < index.stat().st_size:
+        with index.open("r+b") as f:
+            f.truncate(kept)
+    return ids, sizes, lines
+
+
 def _written(output: Path, errors: Path, index: Path) -> tuple[set[str], list[int]]:
-    """The custom_ids the two files hold and their line counts: from the index, then from the files' tails past
-    the sizes it last recorded (torn last lines cut first). An index older than the files (or none, a batch begun
-    before there was one) just means a longer tail to read."""
+    """The custom_ids the two files hold and their line counts, without reading what the index covers.
+
+    Torn last lines are cut first. The index is read up to its last line that the files bear out (sizes no larger
+    than theirs: a file cut shorter than the index says is believed over the index, which is cut to match); the
+    files are read only past the sizes that line records, and what is found there (answers written by a runner
+    that died before their index line, or by one that kept no index) is named in a catch-up index line, so the
+    next claim does not read it again."""
     for path in (output, errors, index):
         _cut_torn(path)
-    ids: set[str] = set()
-    sizes = [0, 0]
-    if index.exists():
-        with index.open("rb") as f:
-            for raw in f:
-                entry = json.loads(raw)
-                ids.update(entry["ids"])
-                sizes = entry["sizes"]
-    for path, start in zip((output, errors), sizes, strict=True):
-        if path.exists():
+    actual = (_size(output), _size(errors))
+    ids, sizes, lines = _indexed(index, actual)
+    found: list[str] = []
+    for i, (path, start) in enumerate(zip((output, errors), sizes, strict=True)):
+        if path.exists() and start < actual[i]:
             with path.open("rb") as f:
-                f.seek(min(start, path.stat().st_size))
-                ids.update(json.loads(raw)["custom_id"] for raw in f if raw.strip())
-    return ids, [_count(output), _count(errors)]
+                f.seek(start)
+                for raw in f:
+                    if raw.strip():
+                        found.append(json.loads(raw)["custom_id"])
+                        lines[i] += 1
+    if found:
+        ids.update(found)
+        _append(index, [{"sizes": list(actual), "lines": lines, "ids": found}])
+    return ids, list(lines)
 
 
 def _count(path: Path) -> int:

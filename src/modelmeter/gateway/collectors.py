@@ -201,7 +201,8 @@ class DatabaseCollector(Collector):
         ratios: dict[str, dict[str, float]] = {}
         for tenant in tenants:
             tally = used.get(tenant.id)
-            usage = Usage(tally.requests, tally.tokens, tally.training_tokens) if tally else Usage()
+            usage = Usage(tally.requests, tally.tokens, tally.training_tokens, tally.batch_requests,
+                          tally.batch_tokens) if tally else Usage()
             ratios[tenant.id] = quota_utilisation(self._catalog, tenant, usage)
         capped = [t for t in ratios if ratios[t]]
         top = sorted(capped, key=lambda t: (-max(ratios[t].values()), t))[: self._max_tenants]

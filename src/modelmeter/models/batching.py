@@ -36,6 +36,7 @@ interactive rows that never lets up, low rows get their share of the rows and no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -146,6 +147,16 @@ class _Queue(Generic[R]):
         self.tokens = 0
 
 
+@dataclass(slots=True)
+class Activity:
+    """Interactive traffic on one device, shared by every batcher whose forward passes run there (one forward
+    thread): a model's low rows alone wait for the *device* to pause, not just their own model, or they would take
+    turns on the thread with another model's interactive batches."""
+
+    interactive_at: float = -math.inf  # when an interactive row was last queued or computed, on any batcher
+    interactive_requests: int = 0  # interactive requests queued or computing, on any batcher
+
+
 class Batcher(Generic[R]):
     """Per-model queue and inference loop; ``run(ids, tags)`` is the backend's forward pass."""
 
@@ -165,6 +176,7 @@ class Batcher(Generic[R]):
         low_share: float = 0.2,
         low_max_rows: int = 8,
         low_idle_ms: float = 20.0,
+        activity: Activity | None = None,
     ) -> None:
         if min(max_batch_tokens, max_batch_size, max_queue) <= 0 or max_wait_ms < 0:
             raise ValueError("caps must be positive and max_wait_ms non-negative")
@@ -179,8 +191,9 @@ class Batcher(Generic[R]):
         self.low_share = low_share
         self.low_max_rows = low_max_rows
         self.low_idle_s = low_idle_ms / 1000
-        self._low_credit = 0.0  # low rows' places earned by interactive rows, not yet taken (less than one carries)
-        self._interactive_at = -math.inf  # when an interactive row was last queued or computed
+        self._low_credit = 0.0  # low rows' places earned by interactive rows, not yet taken
+        self._low_cap = max(1, math.floor(max_batch_size * low_share))  # the most places kept for later
+        self._activity = activity or Activity()  # the device's interactive traffic (its own when not shared)
         self._on_batch = on_batch
         self._on_origins = on_origins  # distinct request origins (the engine's fronts) per batch
         self._name = name
@@ -231,10 +244,15 @@ class Batcher(Generic[R]):
         if self._permits[low] >= self.max_queue:
             raise QueueFull(f"{self._name} already holds {self.max_queue} {'low' if low else 'interactive'} requests")
         self._permits[low] += 1
+        if not low:
+            self._activity.interactive_requests += 1
         try:
             return await self._serve(ids, tag, origin, low)
         finally:
             self._permits[low] -= 1
+            if not low:
+                self._activity.interactive_requests -= 1
+                self._activity.interactive_at = time.perf_counter()  # its client is about to send again
 
     async def close(self) -> None:
         """Stop the loop; queued and computing requests fail with :class:`BatcherClosed`."""
@@ -292,7 +310,7 @@ class Batcher(Generic[R]):
             idle = not self._pending and not self._running
             ready_at = now if idle else now + self.max_wait_s
             self._pending.add([_Item(request, i, row, tag, now, ready_at) for i, row in enumerate(ids)])
-            self._interactive_at = now
+            self._activity.interactive_at = now
         if self._task is None:
             self._task = loop.create_task(self._loop(), name=f"{self._name}-loop")
         self._wakeup.set()
@@ -323,18 +341,21 @@ class Batcher(Generic[R]):
         return self._take()
 
     async def _wait_for_idle(self) -> None:
-        """Low rows alone wait until no interactive row has been seen for ``low_idle_s`` (an interactive arrival
-        ends the wait: it goes first)."""
+        """Low rows alone wait until the device has had no interactive request in flight and none seen for
+        ``low_idle_s`` (an interactive arrival on this batcher ends the wait: it goes first)."""
+        if self.low_idle_s == 0:
+            return
         while not self._pending:
-            remaining = self._interactive_at + self.low_idle_s - time.perf_counter()
+            activity = self._activity
+            remaining = activity.interactive_at + self.low_idle_s - time.perf_counter()
+            if activity.interactive_requests > 0:  # another model's, queued or computing: look again shortly
+                remaining = max(remaining, self.low_idle_s or 0.001)
             if remaining <= 0:
                 return
             self._wakeup.clear()
-            try:
+            with contextlib.suppress(TimeoutError):  # then look again: the device may have been busy meanwhile
                 async with asyncio.timeout(remaining):
                     await self._wakeup.wait()
-            except TimeoutError:
-                return
 
     async def _wait_for_work(self) -> None:
         while not self._pending and not self._low:
@@ -362,7 +383,10 @@ class Batcher(Generic[R]):
         within both caps; then low inputs in what the share leaves. With no interactive input: low ones alone."""
         live = self._pending.window()
         if live:
-            chosen = self._choose(live, self.max_batch_size)
+            # Places the low rows have earned are kept free of interactive rows while low rows wait: otherwise
+            # interactive load that fills every batch would never let them in.
+            reserved = min(math.floor(self._low_credit + 1e-9), self._low_cap) if self._low else 0
+            chosen = self._choose(live, max(1, self.max_batch_size - reserved))
             self._pending.put_back(live, chosen)
             room = self._low_room(len(chosen))
             joining: list[_Item[R]] = []
@@ -370,7 +394,7 @@ class Batcher(Generic[R]):
                 low = self._low.window()
                 joining = self._choose(low, room, chosen) if low else []
                 self._low.put_back(low, joining)
-            self._spend_low(len(joining))
+            self._spend_low(len(joining), waiting=bool(self._low))
             return chosen + joining
         low = self._low.window()
         if not low:
@@ -389,9 +413,11 @@ class Batcher(Generic[R]):
             room = min(room, math.floor(self._low_credit + 1e-9))
         return max(0, room)
 
-    def _spend_low(self, joined: int) -> None:
-        """``joined`` low rows took their places; less than one place carries over to the next batch (no burst)."""
-        self._low_credit = min(self._low_credit - joined, 0.999)
+    def _spend_low(self, joined: int, *, waiting: bool = False) -> None:
+        """``joined`` low rows took their places. With none left waiting, less than one place carries over (no
+        burst when a batch arrives later); with some still waiting (a cap kept them out), the places are kept, up
+        to a full batch's share."""
+        self._low_credit = min(self._low_credit - joined, self._low_cap if waiting else 0.999)
 
     def _choose(self, live: list[_Item[R]], limit: int, batch: Sequence[_Item[R]] = ()) -> list[_Item[R]]:
         """Up to ``limit`` of ``live`` to join ``batch``: those closest in length first, within both caps and the
@@ -440,7 +466,7 @@ class Batcher(Generic[R]):
             self._running = []
             self._batch_done.set()
         if any(not item.request.low for item in batch):
-            self._interactive_at = time.perf_counter()  # their clients are about to send again
+            self._activity.interactive_at = time.perf_counter()  # their clients are about to send again
         self._deliver(batch, results, compute_s)
         self._report(batch, started, compute_s)
 

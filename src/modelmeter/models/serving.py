@@ -27,7 +27,7 @@ import torch
 
 from modelmeter.models.adapters.backend import AdapterBackend, OnAdapterBatch, ResidentAdapter
 from modelmeter.models.backends import BertBackend, Result, Task
-from modelmeter.models.batching import Batcher, OnBatch
+from modelmeter.models.batching import Activity, Batcher, OnBatch
 from modelmeter.models.pool import ModelPool
 from modelmeter.models.simulated import SimulatedDevice
 from modelmeter.models.source import ModelSource
@@ -138,6 +138,7 @@ class ModelServer:
         self._sources: dict[str, ModelSource] = {}
         self._closing: set[asyncio.Task[Any]] = set()
         self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{device.type}")
+        self._activity = Activity()  # every batcher here shares the lane: batch rows wait for the device's pauses
         self.pool: ModelPool[ServedModel] = ModelPool(
             self._load, memory_budget_bytes, on_load=on_load, on_evict=self._evicted
         )
@@ -172,6 +173,7 @@ class ModelServer:
             low_share=self._caps.low_share,
             low_max_rows=self._caps.low_max_rows,
             low_idle_ms=self._caps.low_idle_ms,
+            activity=self._activity,
         )
 
     def _forward(self, backend: BertBackend) -> Callable[..., list[Result]]:

@@ -15,6 +15,12 @@ from modelmeter.billing.pricing import MeteredPrice, MeteredPrices
 from modelmeter.billing.quota.store import Baseline, QuotaStore
 from modelmeter.billing.quota.values import HOLD_TTL_S, QUOTA_TTL_S, Amount, Caps
 
+# The layout's version is in the prefix: a change to what the scripts keep (v2: six dimensions, the batch part of
+# requests and tokens) moves to new keys, so replicas of two versions never run each other's scripts on one hash
+# (an old script dropping a new six-figure hold would stop half-way). During a rolling deploy each version counts
+# apart, from the ledger's baseline: limits hold per version, and the ledger (the invoice) is exact throughout.
+KEY_PREFIX = "mm:quota:v2:"
+
 
 def lua(*names: str) -> str:
     """The named scripts of ``lua/`` (package data), joined in order: a script and the pieces it builds on."""
@@ -87,7 +93,7 @@ class RedisQuotaStore(QuotaStore):
     def __init__(
         self,
         client: redis.Redis,
-        prefix: str = "mm:quota:",
+        prefix: str = KEY_PREFIX,
         *,
         ttl_s: int = QUOTA_TTL_S,
         hold_ttl_s: float = HOLD_TTL_S,  # float-ok
