@@ -32,7 +32,7 @@ FINE_TUNED = "ft:all-MiniLM-L6-v2:reviews:1a2b3c4d"
 BLOCK = re.compile(r"^(?:#+ (?P<heading>[^\n]+)|```(?P<lang>\w*)\n(?P<code>.*?)^```)$", re.M | re.S)
 # The sections whose examples call the platform, all run here; the last test fails when another one appears.
 TENANT_SECTIONS = {"A first session", "Serving", "Fine-tuning", "Unit economics", "Idempotency-Key",
-                   "Prepaid credits", "Batch API (OpenAI-compatible; in progress)"}
+                   "Prepaid credits", "Batch API (OpenAI-compatible)"}
 
 
 def blocks(lang: str) -> list[tuple[str, str]]:
@@ -210,7 +210,7 @@ def test_batch_api_example(shell: Shell, monkeypatch: pytest.MonkeyPatch, make_t
                                                          "url": "/v1/classify",
                                                          "body": {"model": FINE_TUNED, "input": text}}) + "\n"
                                              for i, text in enumerate(tickets)))
-    namespace, [(status, counts)] = run_python(python_block("Batch API (OpenAI-compatible; in progress)"),
+    namespace, [(status, counts)] = run_python(python_block("Batch API (OpenAI-compatible)"),
                                                shell.placeholders)
     assert status == "completed"
     assert (counts.total, counts.completed, counts.failed) == (3, 3, 0)
