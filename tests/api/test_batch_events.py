@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import col, select
 
 from modelmeter import clock
-from modelmeter.billing import alerts
+from modelmeter.billing import alerts, batch_events
 from modelmeter.billing.alert_relay import AlertRelay
 from modelmeter.billing.tables import AlertDelivery, AlertEvent
 from modelmeter.gateway import batch_runner
@@ -175,7 +175,7 @@ def test_ending_a_batch_again_writes_no_second_event_or_delivery(
     assert (delivery.event_id, delivery.status) == (event["id"], "pending")
     # The billing layer's own guarantee, called as the runner calls it.
     with services.sessions() as session:
-        again = alerts.batch_ended(session.connection(), tenant_id=tenant_id, batch_id=created["id"],
+        again = batch_events.batch_ended(session.connection(), tenant_id=tenant_id, batch_id=created["id"],
                                    status="completed", total=2, completed=2, failed=0, output_file_id=None,
                                    error_file_id=None)
         session.commit()
@@ -189,17 +189,17 @@ def test_the_event_is_written_with_the_final_status_or_not_at_all(
         monkeypatch: pytest.MonkeyPatch) -> None:
     tenant_id, headers = tenant
     created = _batch(client, headers, _lines(register_model(tenant_id), 2))
-    real = alerts.batch_ended
+    real = batch_events.batch_ended
 
     def written_then_crash(*args: Any, **kwargs: Any) -> str | None:
         real(*args, **kwargs)
         raise RuntimeError("the process died before the commit")
 
-    monkeypatch.setattr(batch_runner.alerts, "batch_ended", written_then_crash)
+    monkeypatch.setattr(batch_runner.batch_events, "batch_ended", written_then_crash)
     _run(client)  # the runner logs the failure; its lease lapses
     assert _get(client, headers, created["id"])["status"] == "in_progress"
     assert _rows(services, AlertEvent) == []  # rolled back with the status
-    monkeypatch.setattr(batch_runner.alerts, "batch_ended", real)
+    monkeypatch.setattr(batch_runner.batch_events, "batch_ended", real)
     with services.sessions() as session:
         row = session.get(Batch, created["id"])
         assert row is not None
@@ -303,7 +303,7 @@ def test_an_event_carries_the_data_of_its_type() -> None:
              "output_file_id": None, "error_file_id": "file_y"}
     base = {"id": "evt_x", "object": "event", "created": 1}
     assert isinstance(alerts.EventPublic.model_validate({**base, "type": "batch.failed", "data": batch}).data,
-                      alerts.BatchEventData)
+                      batch_events.BatchEventData)
     assert isinstance(alerts.EventPublic.model_validate(
         {**base, "type": "usage.threshold_crossed", "data": usage}).data, alerts.EventData)
     for wrong in ({"type": "batch.failed", "data": usage}, {"type": "usage.threshold_crossed", "data": batch},

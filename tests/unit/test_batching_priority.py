@@ -28,7 +28,8 @@ from fastapi.testclient import TestClient
 
 from modelmeter.gateway.batch_runner import BatchRunner
 from modelmeter.gateway.services import services_of
-from modelmeter.models.batching import Activity, Batcher, BatcherClosed, QueueFull
+from modelmeter.models.batching import Batcher, BatcherClosed, QueueFull
+from modelmeter.models.batchqueue import Activity
 from modelmeter.models.engine import protocol as p
 from modelmeter.models.engine.client import RemoteEngine
 from modelmeter.models.engine.core import EngineCore, EngineCounters

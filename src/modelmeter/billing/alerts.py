@@ -8,9 +8,8 @@ it does: a process killed after the commit loses nothing, and a replay or anothe
 has not fired yet (:func:`reached`), so a group that no replica checked is caught up by the next one. Each new
 event gets one delivery row per URL (the outbox the relay in :mod:`modelmeter.billing.alert_relay` sends).
 
-The same events, outbox and relay carry ``batch.completed`` and ``batch.failed`` (:func:`batch_ended`): written
-by the batch runner in the transaction that ends the batch, once per batch, whether or not alerts are set (a
-delivery only when they are).
+The same events, outbox and relay carry ``batch.completed`` and ``batch.failed``
+(:mod:`modelmeter.billing.batch_events`); ``EventPublic`` here is the shape of both kinds.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, select
 
 from modelmeter import clock
+from modelmeter.billing.batch_events import BatchEventData, BatchRequestCounts
 from modelmeter.billing.catalog import PlanCatalog
 from modelmeter.billing.destinations import addresses, canonical_host, forbidden, is_local_name
 from modelmeter.billing.pricing import Usage
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from modelmeter.billing.ledger import UsageRecord
 
 EVENT_TYPE = "usage.threshold_crossed"
-BATCH_EVENT_TYPES = {"completed": "batch.completed", "failed": "batch.failed"}  # a batch's final status -> event
 EventType = Literal["usage.threshold_crossed", "batch.completed", "batch.failed"]
 MAX_THRESHOLDS = 10
 Resource = Literal["budget", "included_tokens"]
@@ -246,22 +245,6 @@ class EventData(Public):
     limit: int  # the budget in cents, or the included tokens
 
 
-class BatchRequestCounts(Public):
-    total: int
-    completed: int  # lines answered (the output file)
-    failed: int  # lines refused (the error file)
-
-
-class BatchEventData(Public):
-    """``batch.completed`` and ``batch.failed``: the batch as it ended (``GET /v1/batches/{id}`` has the rest)."""
-
-    id: str  # batch_…
-    status: Literal["completed", "failed"]
-    request_counts: BatchRequestCounts
-    output_file_id: str | None
-    error_file_id: str | None
-
-
 class EventPublic(Public):
     """An event, as ``GET /v1/events`` lists it and as the alert relay POSTs it to the tenant's URL (the body
     the ``modelmeter-signature`` header signs: this model's compact JSON). ``type`` says which ``data`` it carries:
@@ -347,11 +330,6 @@ class Crossing:
 _EVENT_INSERTS = {
     name: dialect.insert(AlertEvent).on_conflict_do_nothing(
         index_elements=["tenant_id", "period", "resource", "threshold_percent"]).returning(col(AlertEvent.id))
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
-_BATCH_EVENT_INSERTS = {
-    name: dialect.insert(AlertEvent).on_conflict_do_nothing(index_elements=["batch_id", "type"])
-    .returning(col(AlertEvent.id))
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 _DELIVERY_INSERT = sa_insert(AlertDelivery)
@@ -460,37 +438,3 @@ class Alerts:
         if deliveries:
             conn.execute(_DELIVERY_INSERT, deliveries)
         return len(new)
-
-
-# --- batch events, inside the transaction that ends the batch ---------------------------------------------------
-
-
-def batch_ended(conn: Connection, *, tenant_id: str, batch_id: str, status: str, total: int, completed: int,
-                failed: int, output_file_id: str | None, error_file_id: str | None) -> str | None:
-    """Write the event of a batch that ended in ``status`` (``batch.completed``, ``batch.failed``; no other status
-    has one) and its delivery to the tenant's alert URL, if it has one; returns the new event's id.
-
-    Called by the batch runner on the connection of the transaction that sets the final status, so the event
-    exists exactly when that status does; once per batch whatever runs it again (unique ``(batch_id, type)``,
-    ``ON CONFLICT DO NOTHING``: None then, and no second delivery). The values are the batch's as it ended (this
-    layer does not read batches)."""
-    event_type = BATCH_EVENT_TYPES.get(status)
-    if event_type is None:
-        return None
-    now = clock.now_s()
-    # The same width as a crossing's id (``Alerts._write``), so that ids of both kinds sort by time together.
-    values = {"id": f"{new_id('evt')}00", "type": event_type, "tenant_id": tenant_id, "created": now,
-              "batch_id": batch_id, "requests_total": total, "requests_completed": completed,
-              "requests_failed": failed, "output_file_id": output_file_id, "error_file_id": error_file_id}
-    event_id = conn.execute(_BATCH_EVENT_INSERTS[conn.dialect.name], values).scalar_one_or_none()
-    if event_id is None:
-        return None
-    query = sa_select(col(AlertSetting.url)).where(col(AlertSetting.tenant_id) == tenant_id)
-    if conn.dialect.name == "postgresql":  # as ``Alerts.fire``: a concurrent DELETE of the settings waits for us
-        query = query.with_for_update()
-    url = conn.execute(query).scalar_one_or_none()
-    if url is not None:
-        conn.execute(_DELIVERY_INSERT, [{"event_id": event_id, "tenant_id": tenant_id, "url": url,
-                                         "status": "pending", "attempts": 0, "next_attempt_at": now,
-                                         "created": now}])
-    return str(event_id)

@@ -33,7 +33,7 @@ from sqlmodel import col, update
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelmeter import clock
-from modelmeter.billing import alerts
+from modelmeter.billing import batch_events
 from modelmeter.gateway.auth import Principal
 from modelmeter.gateway.middleware import INTERNAL_PRINCIPAL, INTERNAL_REQUEST_ID
 from modelmeter.gateway.services import Services
@@ -299,7 +299,7 @@ class BatchRunner:
                 batch.errors_json = json.dumps([failure])
             batch.lease_owner, batch.lease_until = None, None
             session.add(batch)
-            alerts.batch_ended(session.connection(), tenant_id=batch.tenant_id, batch_id=batch.id, status=status,
+            batch_events.batch_ended(session.connection(), tenant_id=batch.tenant_id, batch_id=batch.id, status=status,
                                total=batch.total, completed=batch.completed, failed=batch.failed,
                                output_file_id=batch.output_file_id, error_file_id=batch.error_file_id)
             session.commit()

@@ -40,11 +40,12 @@ import contextlib
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
+
+from modelmeter.models.batchqueue import Activity, Item, Request, RowQueue
 
 log = logging.getLogger("modelmeter.models.batching")
 
@@ -69,92 +70,6 @@ class Submission(Generic[R]):
     queue_s: float  # from submit until the first of its inputs started computing
     inference_s: float  # from then until its last input was computed
     compute_s: float = 0.0  # this request's share of its batches' forward time, by tokens
-
-
-@dataclass(eq=False, slots=True)
-class _Request(Generic[R]):
-    future: asyncio.Future[None]
-    results: list[R | None]
-    remaining: int
-    enqueued: float
-    origin: object = None
-    low: bool = False  # low priority: its rows wait in the low queue
-    started: float | None = None
-    finished: float = 0.0
-    compute_s: float = 0.0
-
-    def deliver(self, index: int, result: R, now: float, compute_share: float) -> None:
-        self.results[index] = result
-        self.compute_s += compute_share
-        self.remaining -= 1
-        if self.remaining == 0 and not self.future.done():
-            self.finished = now
-            self.future.set_result(None)
-
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
-@dataclass(eq=False, slots=True)
-class _Item(Generic[R]):
-    request: _Request[R]
-    index: int
-    ids: list[int]
-    tag: Any
-    enqueued: float
-    ready_at: float  # when waiting for a fuller batch stops being worth it
-
-
-class _Queue(Generic[R]):
-    """One priority's waiting inputs, oldest first, and their tokens; batches are taken from its first
-    ``lookahead`` inputs (enough to find neighbours in length, cheap when the queue is deep)."""
-
-    def __init__(self, lookahead: int) -> None:
-        self.items: deque[_Item[R]] = deque()
-        self.tokens = 0
-        self._lookahead = lookahead
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def add(self, items: list[_Item[R]]) -> None:
-        self.items.extend(items)
-        self.tokens += sum(len(item.ids) for item in items)
-
-    def window(self) -> list[_Item[R]]:
-        """Pop the first ``lookahead`` inputs; the live ones (a departed request's are left out)."""
-        window = [self.items.popleft() for _ in range(min(len(self.items), self._lookahead))]
-        self.tokens -= sum(len(item.ids) for item in window)
-        return [item for item in window if not item.request.future.done()]
-
-    def put_back(self, live: list[_Item[R]], chosen: list[_Item[R]]) -> None:
-        """Return the window's inputs that were not chosen to the front of the queue, in their order."""
-        picked = {id(item) for item in chosen}
-        rest = [item for item in live if id(item) not in picked]
-        self.items.extendleft(reversed(rest))
-        self.tokens += sum(len(item.ids) for item in rest)
-
-    def drop(self, request: _Request[R]) -> None:
-        kept = [item for item in self.items if item.request is not request]
-        self.items = deque(kept)
-        self.tokens = sum(len(item.ids) for item in kept)
-
-    def fail_all(self, error: BaseException) -> None:
-        for item in self.items:
-            item.request.fail(error)
-        self.items.clear()
-        self.tokens = 0
-
-
-@dataclass(slots=True)
-class Activity:
-    """Interactive traffic on one device, shared by every batcher whose forward passes run there (one forward
-    thread): a model's low rows alone wait for the *device* to pause, not just their own model, or they would take
-    turns on the thread with another model's interactive batches."""
-
-    interactive_at: float = -math.inf  # when an interactive row was last queued or computed, on any batcher
-    interactive_requests: int = 0  # interactive requests queued or computing, on any batcher
 
 
 class Batcher(Generic[R]):
@@ -198,9 +113,9 @@ class Batcher(Generic[R]):
         self._on_origins = on_origins  # distinct request origins (the engine's fronts) per batch
         self._name = name
         lookahead = max(4 * max_batch_size, 256)
-        self._pending: _Queue[R] = _Queue(lookahead)  # interactive
-        self._low: _Queue[R] = _Queue(lookahead)
-        self._running: list[_Item[R]] = []
+        self._pending: RowQueue[R] = RowQueue(lookahead)  # interactive
+        self._low: RowQueue[R] = RowQueue(lookahead)
+        self._running: list[Item[R]] = []
         self._batch_done = asyncio.Event()  # set when the running batch's forward pass has returned
         self._permits = [0, 0]  # held by interactive requests, by low ones (indexed by ``low``)
         self._wakeup = asyncio.Event()
@@ -293,30 +208,30 @@ class Batcher(Generic[R]):
             compute_s=request.compute_s,
         )
 
-    async def _settle(self, request: _Request[R]) -> None:
+    async def _settle(self, request: Request[R]) -> None:
         """A departed request whose rows are being computed waits for that forward pass to end: ``submit`` never
         returns while a forward pass still reads its rows' tags (an adapter's pages may be reused once it does)."""
         if any(item.request is request for item in self._running):
             await asyncio.shield(self._batch_done.wait())
 
     def _enqueue(self, ids: list[list[int]], tag: Any, now: float, origin: object = None,
-                 low: bool = False) -> _Request[R]:
+                 low: bool = False) -> Request[R]:
         loop = asyncio.get_running_loop()
-        request: _Request[R] = _Request(loop.create_future(), [None] * len(ids), len(ids), now, origin, low)
+        request: Request[R] = Request(loop.create_future(), [None] * len(ids), len(ids), now, origin, low)
         if low:  # never waited for: low rows go when the worker has nothing interactive to do
-            self._low.add([_Item(request, i, row, tag, now, now) for i, row in enumerate(ids)])
+            self._low.add([Item(request, i, row, tag, now, now) for i, row in enumerate(ids)])
         else:
             # A request that finds the worker idle and nothing interactive queued goes at once: nothing to wait for.
             idle = not self._pending and not self._running
             ready_at = now if idle else now + self.max_wait_s
-            self._pending.add([_Item(request, i, row, tag, now, ready_at) for i, row in enumerate(ids)])
+            self._pending.add([Item(request, i, row, tag, now, ready_at) for i, row in enumerate(ids)])
             self._activity.interactive_at = now
         if self._task is None:
             self._task = loop.create_task(self._loop(), name=f"{self._name}-loop")
         self._wakeup.set()
         return request
 
-    def _drop(self, request: _Request[R]) -> None:
+    def _drop(self, request: Request[R]) -> None:
         """Remove a departed or failed request's inputs from its queue."""
         (self._low if request.low else self._pending).drop(request)
 
@@ -331,7 +246,7 @@ class Batcher(Generic[R]):
             except Exception:  # the loop must outlive any one bad batch
                 log.exception("%s: batch loop error", self._name)
 
-    async def _next_batch(self) -> list[_Item[R]]:
+    async def _next_batch(self) -> list[Item[R]]:
         if not self._pending and not self._low:
             await self._wait_for_work()
         if not self._pending:
@@ -378,7 +293,7 @@ class Batcher(Generic[R]):
     def _full(self) -> bool:
         return len(self._pending) >= self.max_batch_size or self._pending.tokens >= self.max_batch_tokens
 
-    def _take(self) -> list[_Item[R]]:
+    def _take(self) -> list[Item[R]]:
         """The next batch: the oldest live interactive input plus the interactive inputs closest to it in length,
         within both caps; then low inputs in what the share leaves. With no interactive input: low ones alone."""
         live = self._pending.window()
@@ -389,7 +304,7 @@ class Batcher(Generic[R]):
             chosen = self._choose(live, max(1, self.max_batch_size - reserved))
             self._pending.put_back(live, chosen)
             room = self._low_room(len(chosen))
-            joining: list[_Item[R]] = []
+            joining: list[Item[R]] = []
             if room and self._low:
                 low = self._low.window()
                 joining = self._choose(low, room, chosen) if low else []
@@ -419,7 +334,7 @@ class Batcher(Generic[R]):
         to a full batch's share."""
         self._low_credit = min(self._low_credit - joined, self._low_cap if waiting else 0.999)
 
-    def _choose(self, live: list[_Item[R]], limit: int, batch: Sequence[_Item[R]] = ()) -> list[_Item[R]]:
+    def _choose(self, live: list[Item[R]], limit: int, batch: Sequence[Item[R]] = ()) -> list[Item[R]]:
         """Up to ``limit`` of ``live`` to join ``batch``: those closest in length first, within both caps and the
         padding ratio. With no ``batch``, the oldest of ``live`` anchors a new one and always goes (no starvation);
         neighbours in length waste the least padding."""
@@ -444,7 +359,7 @@ class Batcher(Generic[R]):
             width, real = new_width, real + n
         return chosen[len(batch):]
 
-    async def _execute(self, batch: list[_Item[R]]) -> None:
+    async def _execute(self, batch: list[Item[R]]) -> None:
         started = time.perf_counter()
         for item in batch:
             if item.request.started is None:
@@ -470,19 +385,19 @@ class Batcher(Generic[R]):
         self._deliver(batch, results, compute_s)
         self._report(batch, started, compute_s)
 
-    def _deliver(self, batch: list[_Item[R]], results: list[R], compute_s: float) -> None:
+    def _deliver(self, batch: list[Item[R]], results: list[R], compute_s: float) -> None:
         now = time.perf_counter()
         per_token = compute_s / max(1, sum(len(item.ids) for item in batch))
         for item, result in zip(batch, results, strict=True):
             item.request.deliver(item.index, result, now, per_token * len(item.ids))
 
-    def _fail(self, batch: list[_Item[R]], error: Exception) -> None:
+    def _fail(self, batch: list[Item[R]], error: Exception) -> None:
         log.warning("%s: batch of %d failed: %r", self._name, len(batch), error)
         for request in {id(item.request): item.request for item in batch}.values():
             request.fail(error)
             self._drop(request)
 
-    def _report(self, batch: list[_Item[R]], started: float, compute_s: float) -> None:
+    def _report(self, batch: list[Item[R]], started: float, compute_s: float) -> None:
         if self._on_origins is not None:
             self._on_origins(len({id(item.request.origin) for item in batch}))
         if self._on_batch is None:

@@ -27,7 +27,8 @@ import torch
 
 from modelmeter.models.adapters.backend import AdapterBackend, OnAdapterBatch, ResidentAdapter
 from modelmeter.models.backends import BertBackend, Result, Task
-from modelmeter.models.batching import Activity, Batcher, OnBatch
+from modelmeter.models.batching import Batcher, OnBatch
+from modelmeter.models.batchqueue import Activity
 from modelmeter.models.pool import ModelPool
 from modelmeter.models.simulated import SimulatedDevice
 from modelmeter.models.source import ModelSource
