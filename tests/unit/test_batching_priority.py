@@ -13,10 +13,8 @@ import asyncio
 import json
 import math
 import random
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,41 +36,10 @@ from modelmeter.models.serving import AdapterConfig, BatchCaps, ModelServer
 from modelmeter.models.source import ModelSource
 from modelmeter.settings import Settings
 from tests.conftest import ADMIN, bearer
+from tests.support.batching import Model
 from tests.tiny_bert import make_tiny_bert
 
 pytestmark = pytest.mark.anyio
-
-
-@dataclass
-class Model:
-    """A fake forward pass: each row's result is its ids as a tuple; records every batch's rows and tags.
-    ``hold()`` makes the next batch wait inside ``run`` until ``release()``."""
-
-    batches: list[list[list[int]]] = field(default_factory=list)
-    tags: list[list[Any]] = field(default_factory=list)
-    gate: threading.Event = field(default_factory=threading.Event)
-    entered: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.gate.set()
-
-    def __call__(self, ids: list[list[int]], tags: list[Any]) -> list[tuple[int, ...]]:
-        self.batches.append(ids)
-        self.tags.append(list(tags))
-        self.entered.set()
-        self.gate.wait(timeout=5)
-        return [tuple(row) for row in ids]
-
-    def hold(self) -> None:
-        self.gate.clear()
-        self.entered.clear()
-
-    def release(self) -> None:
-        self.gate.set()
-
-    def kinds(self) -> list[list[str]]:
-        """Each batch's rows as "low" / "int" (tags start with the request's kind)."""
-        return [[str(tag).split("-")[0] for tag in tags] for tags in self.tags]
 
 
 @pytest.fixture
